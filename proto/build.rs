@@ -1,0 +1,21 @@
+//! Compiles the .proto contracts with protox (pure Rust), so a fresh machine
+//! needs no system `protoc`.
+
+use prost::Message;
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &["sovra/vault/v1/vault.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for p in PROTOS {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(PROTOS, ["."])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("sovra_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,15 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+/// `sovra.vault.v1`: the vault service.
+pub mod vault {
+    /// Version 1 of the vault API.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        include!(concat!(env!("OUT_DIR"), "/sovra.vault.v1.rs"));
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every Sovra proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sovra_descriptor.bin"));

@@ -1,0 +1,69 @@
+//! A small gRPC client helper for the CLI, the demo, tests and load tools:
+//! connects (optionally over TLS) and attaches the bearer token to every
+//! call.
+
+use sovra_proto::vault::v1::vault_client::VaultClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+use crate::error::{Result, VaultError};
+
+/// Adds `authorization: Bearer <token>` to each call.
+#[derive(Clone)]
+pub struct BearerAuth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for BearerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerAuth(<redacted>)")
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A vault client with its token.
+pub type Client = VaultClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Opens a channel to `server` (`http://…` or `https://…`); `ca_pem` trusts
+/// a private CA for TLS.
+pub async fn channel(server: &str, ca_pem: Option<Vec<u8>>) -> Result<Channel> {
+    let mut ep = Endpoint::from_shared(server.to_owned())
+        .map_err(|e| VaultError::invalid("server", format!("`{server}` is not a URL: {e}")))?
+        .tcp_nodelay(true);
+    if let Some(ca) = ca_pem {
+        ep = ep
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .map_err(|e| VaultError::invalid("ca_cert", format!("invalid CA certificate: {e}")))?;
+    }
+    ep.connect().await.map_err(|e| {
+        VaultError::invalid(
+            "server",
+            format!("cannot connect to {server}: {e} (is `sovra serve` running?)"),
+        )
+    })
+}
+
+/// A client on `channel` presenting `token` (none: calls are unauthenticated).
+pub fn with_token(channel: Channel, token: Option<&str>) -> Result<Client> {
+    let value = match token {
+        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+            VaultError::invalid("token", "contains characters not allowed in metadata")
+        })?),
+        None => None,
+    };
+    Ok(VaultClient::with_interceptor(channel, BearerAuth(value))
+        .max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// Connects to `server` with `token`.
+pub async fn connect(server: &str, token: Option<&str>, ca_pem: Option<Vec<u8>>) -> Result<Client> {
+    with_token(channel(server, ca_pem).await?, token)
+}

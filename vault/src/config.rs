@@ -1,0 +1,336 @@
+//! The server configuration file (`config.toml`), and `sovra init`.
+//!
+//! Guarantees: relative paths resolve against the configuration file's
+//! directory, unknown keys are rejected (a typo never silently falls back to a
+//! default), and the file holds token hashes, never tokens or keys.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{issue_token, Authenticator, IssuedToken, Principal, Role};
+use crate::engine::validate_id;
+use crate::error::{Result, VaultError};
+use crate::keys::RootKey;
+use crate::schema::{Schema, DEFAULT_SCHEMA};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default cap on one request, in bytes.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// The configuration, as written in `config.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Directory of the database (relative to the config file).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Schema file; the embedded default CRM schema if absent.
+    #[serde(default)]
+    pub schema: Option<PathBuf>,
+    /// Root key file (0600); `SOVRA_ROOT_KEY` overrides it.
+    #[serde(default = "default_root_key_file")]
+    pub root_key_file: PathBuf,
+    /// Largest accepted request message, in bytes.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// `text` or `json` logs.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+    /// Optional TLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Who may call, by token hash.
+    #[serde(default)]
+    pub principals: Vec<PrincipalConfig>,
+    /// Directory the file was read from (not serialised).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+}
+
+/// One principal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalConfig {
+    /// Name, for logs and errors.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Tenant it acts for.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Hex SHA-256 of its bearer token.
+    pub token_sha256: String,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.into()
+}
+fn default_data_dir() -> PathBuf {
+    "data".into()
+}
+fn default_root_key_file() -> PathBuf {
+    "root.key".into()
+}
+fn default_max_request_bytes() -> usize {
+    DEFAULT_MAX_REQUEST_BYTES
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+/// The tenant used when none is named.
+pub fn default_tenant() -> String {
+    "default".into()
+}
+
+impl Config {
+    /// Parses a configuration; `base_dir` resolves relative paths.
+    pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Config> {
+        let mut c: Config = toml::from_str(text)
+            .map_err(|e| VaultError::config(origin, format!("invalid configuration: {e}")))?;
+        c.base_dir = base_dir.to_path_buf();
+        c.listen_addr().map_err(|_| {
+            VaultError::config(
+                origin,
+                format!(
+                    "listen: `{}` is not an address like 127.0.0.1:50051",
+                    c.listen
+                ),
+            )
+        })?;
+        if !(1024..=64 * 1024 * 1024).contains(&c.max_request_bytes) {
+            return Err(VaultError::config(
+                origin,
+                "max_request_bytes must be 1 KiB..=64 MiB",
+            ));
+        }
+        if !matches!(c.log_format.as_str(), "text" | "json") {
+            return Err(VaultError::config(
+                origin,
+                "log_format must be `text` or `json`",
+            ));
+        }
+        c.authenticator()
+            .map_err(|e| VaultError::config(origin, e.to_string()))?;
+        Ok(c)
+    }
+
+    /// Loads `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| VaultError::config(&shown, format!("cannot read configuration: {e}")))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &shown, &base)
+    }
+
+    /// Resolves a path relative to the config file.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The listen address.
+    pub fn listen_addr(&self) -> std::result::Result<SocketAddr, std::net::AddrParseError> {
+        self.listen.parse()
+    }
+
+    /// The schema in force.
+    pub fn load_schema(&self) -> Result<Schema> {
+        match &self.schema {
+            Some(p) => Schema::load(&self.resolve(p)),
+            None => Schema::parse(DEFAULT_SCHEMA, "embedded default schema"),
+        }
+    }
+
+    /// The root key.
+    pub fn load_root_key(&self) -> Result<RootKey> {
+        RootKey::load(&self.resolve(&self.root_key_file))
+    }
+
+    /// The principals, by token hash.
+    pub fn authenticator(&self) -> Result<Authenticator> {
+        let mut a = Authenticator::default();
+        for p in &self.principals {
+            validate_id("principals.name", &p.name, 64)?;
+            validate_id("principals.tenant", &p.tenant, 64)?;
+            a.add(
+                &p.token_sha256,
+                Principal {
+                    name: p.name.clone(),
+                    role: p.role,
+                    tenant: p.tenant.clone(),
+                },
+            )?;
+        }
+        Ok(a)
+    }
+
+    /// Serialises the configuration (with a header comment).
+    pub fn to_toml(&self) -> Result<String> {
+        let body = toml::to_string_pretty(self)
+            .map_err(|e| VaultError::config("config", format!("cannot serialise: {e}")))?;
+        Ok(format!(
+            "# Sovra server configuration. Relative paths are relative to this file.\n\
+             # Principals hold SHA-256 hashes of bearer tokens, never the tokens.\n\
+             # Add one with `sovra token add --config <this file> --name NAME --role ROLE`.\n{body}"
+        ))
+    }
+
+    /// Issues a token for a new principal and adds it.
+    pub fn add_principal(&mut self, name: &str, role: Role, tenant: &str) -> Result<IssuedToken> {
+        validate_id("name", name, 64)?;
+        validate_id("tenant", tenant, 64)?;
+        if self.principals.iter().any(|p| p.name == name) {
+            return Err(VaultError::invalid(
+                "name",
+                format!("a principal named `{name}` already exists"),
+            ));
+        }
+        let t = issue_token();
+        self.principals.push(PrincipalConfig {
+            name: name.into(),
+            role,
+            tenant: tenant.into(),
+            token_sha256: t.sha256_hex.clone(),
+        });
+        Ok(t)
+    }
+}
+
+/// What `sovra init` created.
+#[derive(Debug)]
+pub struct Initialised {
+    /// The configuration file.
+    pub config_path: PathBuf,
+    /// The first admin's token (shown once).
+    pub admin_token: IssuedToken,
+}
+
+/// Creates a data directory: root key (0600), `config.toml` with one admin
+/// principal, and `schema.toml` (the default schema, to edit). Refuses a
+/// directory that already holds a configuration or key.
+pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
+    let shown = dir.display().to_string();
+    std::fs::create_dir_all(dir)
+        .map_err(|e| VaultError::config(&shown, format!("cannot create: {e}")))?;
+    let config_path = dir.join("config.toml");
+    if config_path.exists() || dir.join("root.key").exists() {
+        return Err(VaultError::config(
+            &shown,
+            "already initialised (config.toml or root.key exists); refusing to overwrite",
+        ));
+    }
+    RootKey::generate().write_new(&dir.join("root.key"))?;
+    std::fs::write(dir.join("schema.toml"), DEFAULT_SCHEMA)
+        .map_err(|e| VaultError::config(&shown, format!("cannot write schema.toml: {e}")))?;
+    let mut cfg = Config {
+        listen: listen.into(),
+        data_dir: default_data_dir(),
+        schema: Some("schema.toml".into()),
+        root_key_file: default_root_key_file(),
+        max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        log_format: default_log_format(),
+        tls: None,
+        principals: Vec::new(),
+        base_dir: dir.to_path_buf(),
+    };
+    let admin_token = cfg.add_principal("admin", Role::Admin, &default_tenant())?;
+    write_config(&cfg, &config_path)?;
+    Ok(Initialised {
+        config_path,
+        admin_token,
+    })
+}
+
+/// Writes `cfg` to `path` atomically (temporary file, fsync, rename).
+pub fn write_config(cfg: &Config, path: &Path) -> Result<()> {
+    let shown = path.display().to_string();
+    let text = cfg.to_toml()?;
+    let tmp = path.with_extension("toml.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| VaultError::config(&shown, format!("cannot write: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_then_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let i = init(dir.path(), DEFAULT_LISTEN).unwrap();
+        let c = Config::load(&i.config_path).unwrap();
+        assert_eq!(c.principals.len(), 1);
+        let text = std::fs::read_to_string(&i.config_path).unwrap();
+        assert!(!text.contains(i.admin_token.token.as_str()));
+        assert!(c.load_root_key().is_ok());
+        assert!(c.load_schema().is_ok());
+        assert!(
+            init(dir.path(), DEFAULT_LISTEN).is_err(),
+            "never re-initialises"
+        );
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        let base = Path::new("/tmp");
+        for (text, needle) in [
+            ("listen = 5", "listen"),
+            ("listen = 'nope'", "listen"),
+            ("bogus = 1", "bogus"),
+            ("max_request_bytes = 1", "max_request_bytes"),
+            ("log_format = 'xml'", "log_format"),
+            (
+                "[[principals]]\nname='a'\nrole='root'\ntoken_sha256='00'",
+                "role",
+            ),
+            (
+                &format!(
+                    "[[principals]]\nname='a'\nrole='admin'\ntoken_sha256='{}'",
+                    "zz".repeat(32)
+                ),
+                "token_sha256",
+            ),
+            (
+                &format!(
+                    "[[principals]]\nname='a b'\nrole='admin'\ntoken_sha256='{}'",
+                    "00".repeat(32)
+                ),
+                "principals.name",
+            ),
+        ] {
+            let e = Config::parse(text, "config.toml", base)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("config.toml") && e.contains(needle),
+                "{text}: {e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! The vault engine: writes, reads, blind-index search and crypto-shredding
+//! over the [`Store`], with the [`KeyRing`].
+//!
+//! Guarantees:
+//! - Every value is sealed under its customer's data key with its place bound
+//!   in (see `envelope.rs`); no plaintext value and no unwrapped key is ever
+//!   written to storage.
+//! - A put or an erasure of one customer is applied atomically across the
+//!   records, data-key and index trees (one sled transaction), and writers of
+//!   the same customer are serialised, so versions never go backwards and a
+//!   customer never gets two data keys.
+//! - Nothing is durable until [`Engine::commit`] returns; callers acknowledge
+//!   only after it.
+//!
+//! Does not guarantee: authorisation. The engine trusts its caller; the
+//! service layer checks roles before calling it.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use prost::Message;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::envelope::{self, FieldContext};
+use crate::error::{Result, VaultError};
+use crate::keys::{DataKey, KeyRing, RootKey, WrappedKey};
+use crate::rotation::KeyStates;
+use crate::schema::{FieldDef, FieldValue, Schema};
+use crate::store::{self, Store, StoredField};
+
+/// Longest customer id accepted.
+pub const MAX_CUSTOMER_ID_LEN: usize = 128;
+/// Most ids a search returns.
+pub const MAX_SEARCH_LIMIT: u32 = 1000;
+const STRIPES: usize = 256;
+
+/// Where a value was collected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    /// Collection channel.
+    pub channel: String,
+    /// Collector.
+    pub collector: String,
+    /// Consent reference (may be empty).
+    pub consent_ref: String,
+}
+
+/// What a put did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// True if the customer was created by this put.
+    pub created: bool,
+    /// New version per field written, sorted by field name.
+    pub versions: Vec<(String, u64)>,
+}
+
+/// A decrypted field with its metadata.
+#[derive(Debug)]
+pub struct Revealed<'s> {
+    /// The field.
+    pub def: &'s FieldDef,
+    /// The plaintext value (zeroized on drop).
+    pub value: FieldValue,
+    /// The value version.
+    pub version: u64,
+    /// Where it was collected.
+    pub source: Source,
+    /// When it was written.
+    pub collected_at_ms: i64,
+}
+
+/// What an erasure did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EraseOutcome {
+    /// Field records removed.
+    pub fields_erased: u32,
+    /// Blind-index entries removed.
+    pub index_entries_removed: u32,
+    /// The KEK version the destroyed data key was wrapped under.
+    pub wrap_version: u32,
+    /// When the erasure was applied.
+    pub erased_at_ms: i64,
+}
+
+/// The vault engine.
+pub struct Engine {
+    pub(crate) store: Store,
+    pub(crate) keyring: KeyRing,
+    schema: Arc<Schema>,
+    pub(crate) states: KeyStates,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Engine")
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Checks an id (tenant, customer, channel…): 1..=`max` bytes of
+/// `[A-Za-z0-9._:-]`.
+pub fn validate_id(subject: &str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() {
+        return Err(VaultError::invalid(subject, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(VaultError::invalid(
+            subject,
+            format!("is {} bytes long; the limit is {max}", value.len()),
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        return Err(VaultError::invalid(
+            subject,
+            "may only contain letters, digits and . _ : -",
+        ));
+    }
+    Ok(())
+}
+
+fn tx_err(e: TransactionError<VaultError>) -> VaultError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+fn decode_field(bytes: &[u8], what: &str) -> Result<StoredField> {
+    StoredField::decode(bytes).map_err(|_| VaultError::integrity(what.to_owned()))
+}
+
+impl Engine {
+    /// Opens the engine on `dir` with `root` and `schema`.
+    pub fn open(dir: &Path, root: RootKey, schema: Schema) -> Result<Engine> {
+        let store = Store::open(dir)?;
+        let states = KeyStates::load(&store)?;
+        Ok(Engine {
+            store,
+            keyring: KeyRing::new(root),
+            schema: Arc::new(schema),
+            states,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// The schema in force.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Waits until every write made so far is durable.
+    pub async fn commit(&self) -> Result<()> {
+        self.store.commit().await
+    }
+
+    pub(crate) fn lock(&self, tenant: &str, customer: &str) -> MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (tenant, customer).hash(&mut h);
+        let i = (h.finish() as usize) % STRIPES;
+        // A poisoned stripe only means another writer panicked; the data it
+        // guards is in sled, not behind the mutex, so continuing is sound.
+        self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Unwraps the data key of a stored wrapped key, refusing retired KEKs.
+    pub(crate) fn unwrap_dek(
+        &self,
+        tenant: &str,
+        customer: &str,
+        w: &WrappedKey,
+    ) -> Result<DataKey> {
+        let min = self.states.get(tenant).min_version;
+        if w.kek_version < min {
+            return Err(VaultError::precondition(format!(
+                "the data key of customer `{customer}` is wrapped under tenant key version {}, \
+                 which was retired (minimum decryption version is {min}); its data cannot be read",
+                w.kek_version
+            )));
+        }
+        self.keyring.unwrap(tenant, customer, w)
+    }
+
+    fn load_wrapped(&self, tenant: &str, customer: &str) -> Result<Option<WrappedKey>> {
+        match self
+            .store
+            .data_keys
+            .get(store::data_key_key(tenant, customer))?
+        {
+            None => Ok(None),
+            Some(b) => WrappedKey::decode(&b[..]).map(Some).map_err(|_| {
+                VaultError::integrity(format!("the data key of customer `{customer}`"))
+            }),
+        }
+    }
+
+    /// Writes `values` for `customer`. Not durable until [`Engine::commit`].
+    pub fn put(
+        &self,
+        tenant: &str,
+        customer: &str,
+        values: &[(&FieldDef, FieldValue)],
+        source: &Source,
+    ) -> Result<PutOutcome> {
+        validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
+        if values.is_empty() {
+            return Err(VaultError::invalid(
+                "fields",
+                "at least one field is required",
+            ));
+        }
+        let _guard = self.lock(tenant, customer);
+        let now = now_ms();
+        let dek_k = store::data_key_key(tenant, customer);
+        let (dek, new_wrapped, dek_version) = match self.load_wrapped(tenant, customer)? {
+            Some(w) => (self.unwrap_dek(tenant, customer, &w)?, None, w.dek_version),
+            None => {
+                let active = self.states.get(tenant).active_version;
+                let kek = self.keyring.kek(tenant, active);
+                let dek = DataKey::generate();
+                let w = self.keyring.wrap(&kek, tenant, customer, &dek, 1, now)?;
+                (dek, Some(w.encode_to_vec()), 1)
+            }
+        };
+        let cipher = dek.cipher();
+        let index_key = self.keyring.index_key(tenant);
+        struct Write {
+            key: Vec<u8>,
+            bytes: Vec<u8>,
+            old_entry: Option<Vec<u8>>,
+            new_entry: Option<Vec<u8>>,
+        }
+        let mut writes = Vec::with_capacity(values.len());
+        let mut versions = Vec::with_capacity(values.len());
+        for (def, value) in values {
+            let key = store::record_key(tenant, customer, &def.name);
+            let prev = match self.store.records.get(&key)? {
+                Some(b) => Some(decode_field(
+                    &b,
+                    &format!("field `{}` of customer `{customer}`", def.name),
+                )?),
+                None => None,
+            };
+            let version = prev.as_ref().map_or(0, |p| p.version) + 1;
+            let ctx = FieldContext {
+                tenant,
+                customer,
+                field: &def.name,
+                version,
+                dek_version,
+            };
+            let sealed = envelope::seal(&cipher, &ctx, &value.to_bytes())?;
+            let token = if def.indexed {
+                index_key.token(&def.name, &value.index_bytes()).to_vec()
+            } else {
+                Vec::new()
+            };
+            let old_entry = prev
+                .filter(|p| !p.index_token.is_empty())
+                .map(|p| store::index_entry(tenant, &def.name, &p.index_token, customer));
+            let new_entry = (!token.is_empty())
+                .then(|| store::index_entry(tenant, &def.name, &token, customer));
+            let rec = StoredField {
+                version,
+                nonce: sealed.nonce.to_vec(),
+                ciphertext: sealed.ciphertext,
+                channel: source.channel.clone(),
+                collector: source.collector.clone(),
+                consent_ref: source.consent_ref.clone(),
+                collected_at_ms: now,
+                index_token: token,
+                dek_version,
+            };
+            writes.push(Write {
+                key,
+                bytes: rec.encode_to_vec(),
+                old_entry,
+                new_entry,
+            });
+            versions.push((def.name.clone(), version));
+        }
+        versions.sort();
+        (
+            &self.store.records,
+            &self.store.data_keys,
+            &self.store.index,
+        )
+            .transaction(|(r, k, i)| {
+                if let Some(w) = &new_wrapped {
+                    k.insert(dek_k.as_slice(), w.as_slice())?;
+                }
+                for w in &writes {
+                    r.insert(w.key.as_slice(), w.bytes.as_slice())?;
+                    if let Some(old) = &w.old_entry {
+                        i.remove(old.as_slice())?;
+                    }
+                    if let Some(new) = &w.new_entry {
+                        i.insert(new.as_slice(), &[][..])?;
+                    }
+                }
+                Ok::<_, ConflictableTransactionError<VaultError>>(())
+            })
+            .map_err(tx_err)?;
+        Ok(PutOutcome {
+            created: new_wrapped.is_some(),
+            versions,
+        })
+    }
+
+    /// Whether the customer exists.
+    pub fn exists(&self, tenant: &str, customer: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .data_keys
+            .contains_key(store::data_key_key(tenant, customer))?)
+    }
+
+    /// Decrypts `fields` of `customer` (all of the schema's fields if empty).
+    /// Fields never written are left out. NOT_FOUND if the customer does not
+    /// exist.
+    pub fn get<'s>(
+        &'s self,
+        tenant: &str,
+        customer: &str,
+        fields: &[&'s FieldDef],
+    ) -> Result<Vec<Revealed<'s>>> {
+        validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
+        let wrapped = self
+            .load_wrapped(tenant, customer)?
+            .ok_or_else(|| VaultError::not_found(format!("customer `{customer}`")))?;
+        let dek = self.unwrap_dek(tenant, customer, &wrapped)?;
+        let cipher = dek.cipher();
+        let all: Vec<&FieldDef>;
+        let fields = if fields.is_empty() {
+            all = self.schema.fields().iter().collect();
+            &all[..]
+        } else {
+            fields
+        };
+        let mut out = Vec::with_capacity(fields.len());
+        for def in fields {
+            let Some(bytes) = self
+                .store
+                .records
+                .get(store::record_key(tenant, customer, &def.name))?
+            else {
+                continue;
+            };
+            let what = format!("field `{}` of customer `{customer}`", def.name);
+            let rec = decode_field(&bytes, &what)?;
+            let ctx = FieldContext {
+                tenant,
+                customer,
+                field: &def.name,
+                version: rec.version,
+                dek_version: rec.dek_version,
+            };
+            let plain = envelope::open(&cipher, &ctx, &rec.nonce, &rec.ciphertext)?;
+            let value = FieldValue::from_bytes(&plain)
+                .ok_or_else(|| VaultError::integrity(format!("{what} (undecodable plaintext)")))?;
+            out.push(Revealed {
+                def,
+                value,
+                version: rec.version,
+                source: Source {
+                    channel: rec.channel,
+                    collector: rec.collector,
+                    consent_ref: rec.consent_ref,
+                },
+                collected_at_ms: rec.collected_at_ms,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Customers whose `field` equals `value`, by blind index. Returns at
+    /// most `limit` ids and whether more matched.
+    pub fn search(
+        &self,
+        tenant: &str,
+        field: &FieldDef,
+        value: &FieldValue,
+        limit: u32,
+    ) -> Result<(Vec<String>, bool)> {
+        if !field.indexed {
+            return Err(VaultError::invalid(
+                "field",
+                format!(
+                    "field `{}` has no blind index; only indexed fields can be searched",
+                    field.name
+                ),
+            ));
+        }
+        let limit = match limit {
+            0 => 100,
+            n if n > MAX_SEARCH_LIMIT => {
+                return Err(VaultError::invalid(
+                    "limit",
+                    format!("at most {MAX_SEARCH_LIMIT}"),
+                ));
+            }
+            n => n,
+        } as usize;
+        let token = self
+            .keyring
+            .index_key(tenant)
+            .token(&field.name, &value.index_bytes());
+        let prefix = store::index_prefix(tenant, &field.name, &token);
+        let mut ids = Vec::new();
+        let mut truncated = false;
+        for item in self.store.index.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            if ids.len() == limit {
+                truncated = true;
+                break;
+            }
+            let id = String::from_utf8(k[prefix.len()..].to_vec())
+                .map_err(|_| VaultError::integrity("a blind-index entry"))?;
+            ids.push(id);
+        }
+        Ok((ids, truncated))
+    }
+
+    /// Crypto-shreds `customer`: removes the wrapped data key, every record
+    /// and every index entry in one transaction. Not durable until
+    /// [`Engine::commit`].
+    pub fn erase(&self, tenant: &str, customer: &str) -> Result<EraseOutcome> {
+        validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
+        let _guard = self.lock(tenant, customer);
+        let wrapped = self
+            .load_wrapped(tenant, customer)?
+            .ok_or_else(|| VaultError::not_found(format!("customer `{customer}`")))?;
+        let mut record_keys = Vec::new();
+        let mut entries = Vec::new();
+        let prefix = store::customer_prefix(tenant, customer);
+        for item in self.store.records.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            // A corrupted record must not block erasure: its key is enough.
+            if let Ok(rec) = StoredField::decode(&v[..]) {
+                if !rec.index_token.is_empty() {
+                    let field = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                    entries.push(store::index_entry(
+                        tenant,
+                        &field,
+                        &rec.index_token,
+                        customer,
+                    ));
+                }
+            }
+            record_keys.push(k);
+        }
+        let dek_k = store::data_key_key(tenant, customer);
+        (
+            &self.store.records,
+            &self.store.data_keys,
+            &self.store.index,
+        )
+            .transaction(|(r, k, i)| {
+                k.remove(dek_k.as_slice())?;
+                for key in &record_keys {
+                    r.remove(key)?;
+                }
+                for e in &entries {
+                    i.remove(e.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<VaultError>>(())
+            })
+            .map_err(tx_err)?;
+        Ok(EraseOutcome {
+            fields_erased: u32::try_from(record_keys.len()).unwrap_or(u32::MAX),
+            index_entries_removed: u32::try_from(entries.len()).unwrap_or(u32::MAX),
+            wrap_version: wrapped.kek_version,
+            erased_at_ms: now_ms(),
+        })
+    }
+}

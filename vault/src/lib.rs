@@ -1,0 +1,21 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod auth;
+pub mod blind_index;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod envelope;
+pub mod error;
+pub mod keys;
+pub mod rotation;
+pub mod schema;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod synthetic;
+
+pub use error::{Result, VaultError};

@@ -1,0 +1,341 @@
+//! Tenant key versions, rotation and retirement.
+//!
+//! Guarantees:
+//! - After [`Engine::rotate`] returns, every new data key is wrapped under the
+//!   new version. A background job re-wraps every existing data key to it,
+//!   never touching field ciphertexts (the data keys themselves do not
+//!   change). The job persists its cursor after every batch, so a restart
+//!   resumes where it stopped ([`Engine::resume_rotations`]).
+//! - Reads keep working during the job: any version at or above the minimum
+//!   decryption version unwraps.
+//! - After [`Engine::retire`], data keys wrapped under a version below the
+//!   new minimum are refused with an explicit error naming both versions.
+//!
+//! Does not guarantee: that old KEK versions become underivable. They derive
+//! from the root key; retirement is a policy enforced by the vault, and
+//! re-keying the root is a separate (offline) operation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use prost::Message;
+
+use crate::engine::{now_ms, Engine};
+use crate::error::{Result, VaultError};
+use crate::keys::WrappedKey;
+use crate::store::{self, Store};
+
+/// Data keys re-wrapped per batch (one cursor write and flush per batch).
+const BATCH: usize = 512;
+
+/// Progress of a rotation job.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RotationJob {
+    /// Version being rotated to.
+    #[prost(uint32, tag = "1")]
+    pub target_version: u32,
+    /// Data keys processed.
+    #[prost(uint64, tag = "2")]
+    pub rewrapped: u64,
+    /// Data keys present when the job started.
+    #[prost(uint64, tag = "3")]
+    pub total: u64,
+    /// Whether the job finished.
+    #[prost(bool, tag = "4")]
+    pub done: bool,
+    /// Start time.
+    #[prost(int64, tag = "5")]
+    pub started_at_ms: i64,
+    /// End time (0 while running).
+    #[prost(int64, tag = "6")]
+    pub finished_at_ms: i64,
+    /// Last data-key entry processed (resume point).
+    #[prost(bytes = "vec", tag = "7")]
+    pub cursor: Vec<u8>,
+}
+
+/// A tenant's key state.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyState {
+    /// Version used for new wraps.
+    #[prost(uint32, tag = "1")]
+    pub active_version: u32,
+    /// Lowest version accepted for unwrapping.
+    #[prost(uint32, tag = "2")]
+    pub min_version: u32,
+    /// The latest rotation job.
+    #[prost(message, optional, tag = "3")]
+    pub job: Option<RotationJob>,
+}
+
+impl KeyState {
+    fn initial() -> Self {
+        KeyState {
+            active_version: 1,
+            min_version: 1,
+            job: None,
+        }
+    }
+}
+
+/// The key state of every tenant, cached in memory and persisted in `meta`.
+pub(crate) struct KeyStates {
+    map: RwLock<HashMap<String, KeyState>>,
+    // Serialises state changes (rotate, retire, job progress); they are rare,
+    // so one lock for all tenants is enough.
+    change: std::sync::Mutex<()>,
+}
+
+impl KeyStates {
+    pub(crate) fn load(store: &Store) -> Result<KeyStates> {
+        let mut map = HashMap::new();
+        for item in store.meta.scan_prefix(b"keystate\0") {
+            let (k, v) = item?;
+            let tenant = String::from_utf8(k[b"keystate\0".len()..].to_vec())
+                .map_err(|_| VaultError::integrity("a tenant key state"))?;
+            let st = KeyState::decode(&v[..]).map_err(|_| {
+                VaultError::integrity(format!("the key state of tenant `{tenant}`"))
+            })?;
+            map.insert(tenant, st);
+        }
+        Ok(KeyStates {
+            map: RwLock::new(map),
+            change: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// The tenant's state (the initial state if it has none yet).
+    pub(crate) fn get(&self, tenant: &str) -> KeyState {
+        self.map
+            .read()
+            .ok()
+            .and_then(|m| m.get(tenant).cloned())
+            .unwrap_or_else(KeyState::initial)
+    }
+
+    fn set(&self, store: &Store, tenant: &str, st: KeyState) -> Result<()> {
+        store
+            .meta
+            .insert(store::keystate_key(tenant), st.encode_to_vec())?;
+        if let Ok(mut m) = self.map.write() {
+            m.insert(tenant.to_owned(), st);
+        }
+        Ok(())
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.change.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unfinished(&self) -> Vec<String> {
+        self.map
+            .read()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, s)| s.job.as_ref().is_some_and(|j| !j.done))
+                    .map(|(t, _)| t.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A tenant's key status, as reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyStatus {
+    /// The tenant's state.
+    pub state: KeyState,
+    /// Data keys per wrapping version.
+    pub by_version: BTreeMap<u32, u64>,
+}
+
+impl Engine {
+    /// Starts a rotation: the next version becomes active at once and a
+    /// re-wrap job is recorded. Run the job with [`Engine::run_rotation`]
+    /// (the server spawns it). Durable when this returns.
+    pub async fn rotate(&self, tenant: &str) -> Result<KeyState> {
+        let st = {
+            let _g = self.states.guard();
+            let mut st = self.states.get(tenant);
+            if let Some(j) = st.job.as_ref().filter(|j| !j.done) {
+                return Err(VaultError::precondition(format!(
+                    "a rotation to version {} is still running ({} of {} data keys re-wrapped); wait for it to finish",
+                    j.target_version, j.rewrapped, j.total
+                )));
+            }
+            let total = self
+                .store
+                .data_keys
+                .scan_prefix(store::tenant_prefix(tenant))
+                .count() as u64;
+            st.active_version = st
+                .active_version
+                .checked_add(1)
+                .ok_or_else(|| VaultError::precondition("no tenant key version left"))?;
+            st.job = Some(RotationJob {
+                target_version: st.active_version,
+                rewrapped: 0,
+                total,
+                done: total == 0,
+                started_at_ms: now_ms(),
+                finished_at_ms: if total == 0 { now_ms() } else { 0 },
+                cursor: Vec::new(),
+            });
+            self.states.set(&self.store, tenant, st.clone())?;
+            st
+        };
+        self.commit().await?;
+        Ok(st)
+    }
+
+    /// Runs (or resumes) the tenant's rotation job to completion, one batch
+    /// at a time, persisting progress after each batch.
+    pub async fn run_rotation(self: &Arc<Self>, tenant: &str) -> Result<()> {
+        loop {
+            let this = self.clone();
+            let t = tenant.to_owned();
+            let done = tokio::task::spawn_blocking(move || this.rotation_batch(&t))
+                .await
+                .map_err(|e| VaultError::storage(format!("rotation task failed: {e}")))??;
+            self.commit().await?;
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Resumes every unfinished rotation job in the background.
+    pub fn resume_rotations(self: &Arc<Self>) {
+        for tenant in self.states.unfinished() {
+            self.spawn_rotation(tenant);
+        }
+    }
+
+    /// Runs the tenant's rotation job on a background task.
+    pub fn spawn_rotation(self: &Arc<Self>, tenant: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tracing::info!(tenant = %tenant, "tenant key rotation job running");
+            match this.run_rotation(&tenant).await {
+                Ok(()) => tracing::info!(tenant = %tenant, "tenant key rotation job finished"),
+                Err(e) => {
+                    tracing::error!(tenant = %tenant, error = %e, "tenant key rotation job stopped; it resumes at the next start")
+                }
+            }
+        });
+    }
+
+    /// Re-wraps one batch. Returns true when the job is done.
+    fn rotation_batch(&self, tenant: &str) -> Result<bool> {
+        let st = self.states.get(tenant);
+        let Some(mut job) = st.job.clone().filter(|j| !j.done) else {
+            return Ok(true);
+        };
+        let prefix = store::tenant_prefix(tenant);
+        let start = if job.cursor.is_empty() {
+            prefix.clone()
+        } else {
+            let mut c = job.cursor.clone();
+            c.push(0); // the smallest key after the cursor
+            c
+        };
+        let kek = self.keyring.kek(tenant, job.target_version);
+        let mut processed = 0usize;
+        for item in self.store.data_keys.range(start..) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let customer = String::from_utf8(k[prefix.len()..].to_vec())
+                .map_err(|_| VaultError::integrity("a data-key entry"))?;
+            {
+                let _g = self.lock(tenant, &customer);
+                // Re-read under the lock: the customer may have been erased
+                // or written since the scan.
+                if let Some(cur) = self.store.data_keys.get(&k)? {
+                    let w = WrappedKey::decode(&cur[..]).map_err(|_| {
+                        VaultError::integrity(format!("the data key of customer `{customer}`"))
+                    })?;
+                    if w.kek_version < job.target_version {
+                        let dek = self.unwrap_dek(tenant, &customer, &w)?;
+                        let nw = self.keyring.wrap(
+                            &kek,
+                            tenant,
+                            &customer,
+                            &dek,
+                            w.dek_version,
+                            w.created_at_ms,
+                        )?;
+                        self.store.data_keys.insert(&k, nw.encode_to_vec())?;
+                    }
+                }
+            }
+            job.cursor = k.to_vec();
+            job.rewrapped += 1;
+            processed += 1;
+            if processed == BATCH {
+                break;
+            }
+        }
+        if processed < BATCH {
+            job.done = true;
+            job.finished_at_ms = now_ms();
+            job.rewrapped = job.rewrapped.max(job.total);
+        }
+        let done = job.done;
+        let _g = self.states.guard();
+        let mut st = self.states.get(tenant);
+        st.job = Some(job);
+        self.states.set(&self.store, tenant, st)?;
+        Ok(done)
+    }
+
+    /// The tenant's key state and data keys per wrapping version.
+    pub fn key_status(&self, tenant: &str) -> Result<KeyStatus> {
+        let mut by_version = BTreeMap::new();
+        for item in self
+            .store
+            .data_keys
+            .scan_prefix(store::tenant_prefix(tenant))
+        {
+            let (_, v) = item?;
+            let w = WrappedKey::decode(&v[..])
+                .map_err(|_| VaultError::integrity("a data-key entry"))?;
+            *by_version.entry(w.kek_version).or_insert(0) += 1;
+        }
+        Ok(KeyStatus {
+            state: self.states.get(tenant),
+            by_version,
+        })
+    }
+
+    /// Retires versions below `min_version`. Refused while data keys remain
+    /// under them, unless `force`.
+    pub async fn retire(&self, tenant: &str, min_version: u32, force: bool) -> Result<KeyStatus> {
+        {
+            let _g = self.states.guard();
+            let mut st = self.states.get(tenant);
+            if min_version < st.min_version || min_version > st.active_version {
+                return Err(VaultError::invalid(
+                    "min_version",
+                    format!(
+                        "must be between the current minimum {} and the active version {}",
+                        st.min_version, st.active_version
+                    ),
+                ));
+            }
+            let status = self.key_status(tenant)?;
+            let remaining: u64 = status.by_version.range(..min_version).map(|(_, n)| n).sum();
+            if remaining > 0 && !force {
+                return Err(VaultError::precondition(format!(
+                    "{remaining} data keys are still wrapped under versions below {min_version}; \
+                     wait for the rotation job to finish, or force (their data becomes unreadable)"
+                )));
+            }
+            st.min_version = min_version;
+            self.states.set(&self.store, tenant, st)?;
+        }
+        self.commit().await?;
+        self.key_status(tenant)
+    }
+}

@@ -1,0 +1,154 @@
+//! Assembles and runs the gRPC server: the `Vault` service, gRPC health and
+//! reflection, optional TLS, and graceful shutdown.
+//!
+//! Guarantees: the database is opened (and its lock taken) before the port
+//! accepts calls; unfinished key-rotation jobs resume at start; on shutdown
+//! in-flight calls finish and the database is flushed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sovra_proto::vault::v1::vault_server::VaultServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::error::{Result, VaultError};
+use crate::service::VaultService;
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The engine behind the server.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Stops accepting calls, lets in-flight calls finish, flushes.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let served = (&mut self.join).await;
+        self.engine.store().flush()?;
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(VaultError::storage(format!("server error: {e}"))),
+            Err(e) => Err(VaultError::storage(format!("server task failed: {e}"))),
+        }
+    }
+
+    /// Waits until the server stops (after [`ServerHandle::shutdown`] from
+    /// elsewhere, or an error).
+    pub async fn wait(mut self) -> Result<()> {
+        let served = (&mut self.join).await;
+        self.engine.store().flush()?;
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(VaultError::storage(format!("server error: {e}"))),
+            Err(e) => Err(VaultError::storage(format!("server task failed: {e}"))),
+        }
+    }
+}
+
+/// Starts a server for `cfg`. With `listener` it serves there (tests bind
+/// 127.0.0.1:0); otherwise it binds `cfg.listen`. `stop` ends it gracefully.
+pub async fn start(
+    cfg: &Config,
+    listener: Option<TcpListener>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<ServerHandle> {
+    let schema = cfg.load_schema()?;
+    let root = cfg.load_root_key()?;
+    let auth = Arc::new(cfg.authenticator()?);
+    let data_dir = cfg.resolve(&cfg.data_dir);
+    let engine = Arc::new(Engine::open(&data_dir, root, schema)?);
+    engine.resume_rotations();
+
+    let listener = match listener {
+        Some(l) => l,
+        None => {
+            let addr = cfg.listen_addr().map_err(|_| {
+                VaultError::config("listen", format!("`{}` is not an address", cfg.listen))
+            })?;
+            TcpListener::bind(addr).await.map_err(|e| {
+                VaultError::config("listen", format!("cannot listen on {addr}: {e}"))
+            })?
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map_err(|e| VaultError::config("listen", format!("no local address: {e}")))?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<VaultServer<VaultService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| VaultError::config("reflection", e.to_string()))?;
+
+    let vault = VaultServer::new(VaultService::new(engine.clone(), auth))
+        .max_decoding_message_size(cfg.max_request_bytes)
+        .max_encoding_message_size(64 * 1024 * 1024);
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &cfg.tls {
+        let cert_path = cfg.resolve(&tls.cert_file);
+        let key_path = cfg.resolve(&tls.key_file);
+        let cert = std::fs::read(&cert_path).map_err(|e| {
+            VaultError::config(
+                cert_path.display().to_string(),
+                format!("cannot read TLS certificate: {e}"),
+            )
+        })?;
+        let key = std::fs::read(&key_path).map_err(|e| {
+            VaultError::config(
+                key_path.display().to_string(),
+                format!("cannot read TLS key: {e}"),
+            )
+        })?;
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(|e| {
+                VaultError::config("tls", format!("invalid TLS certificate or key: {e}"))
+            })?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(vault);
+
+    let (tx, rx) = oneshot::channel::<()>();
+    let join = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async move {
+            tokio::select! {
+                _ = rx => {},
+                () = stop => {},
+            }
+        },
+    ));
+    tracing::info!(%addr, tls = cfg.tls.is_some(), data_dir = %data_dir.display(), "sovra vault serving");
+    Ok(ServerHandle {
+        addr,
+        engine,
+        shutdown: Some(tx),
+        join,
+    })
+}

@@ -1,0 +1,461 @@
+//! The gRPC `Vault` service: authentication, the role table, input
+//! validation, and the one place where [`VaultError`] becomes a gRPC status.
+//!
+//! Guarantees: every RPC authenticates, then authorises, then validates
+//! before it touches data; a write is answered only after it is durable;
+//! status messages name the offending input but never contain a value, a
+//! token or key material.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{FutureExt, Stream};
+use rand::RngCore;
+use sovra_proto::vault::v1 as pb;
+use sovra_proto::vault::v1::vault_server::Vault;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::access::{authorize, disclosure, Action, Disclosure};
+use crate::auth::{Authenticator, Principal};
+use crate::engine::{validate_id, Engine, Source};
+use crate::error::VaultError;
+use crate::rotation::KeyStatus;
+use crate::schema::{FieldDef, FieldValue, RawValue};
+
+/// Most fields one write may carry.
+pub const MAX_FIELDS_PER_WRITE: usize = 64;
+/// Most field names one read may ask for.
+pub const MAX_FIELDS_PER_READ: usize = 256;
+/// Items applied per group commit in a BatchPut stream.
+const BATCH_CHUNK: usize = 256;
+
+/// Maps a vault error to its gRPC status. Storage and configuration failures
+/// are logged in full and reported without internals.
+pub fn to_status(e: VaultError) -> Status {
+    match &e {
+        VaultError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+        VaultError::NotFound(_) => Status::not_found(e.to_string()),
+        VaultError::Integrity(_) => {
+            tracing::error!(error = %e, "integrity failure");
+            Status::data_loss(e.to_string())
+        }
+        VaultError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        VaultError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+        VaultError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
+        VaultError::Storage(_) | VaultError::Config(_) => {
+            tracing::error!(error = %e, "internal error");
+            Status::internal("internal storage error; the server log has details")
+        }
+    }
+}
+
+/// The `Vault` service.
+#[derive(Debug, Clone)]
+pub struct VaultService {
+    engine: Arc<Engine>,
+    auth: Arc<Authenticator>,
+}
+
+impl VaultService {
+    /// A service over `engine`, authenticating with `auth`.
+    pub fn new(engine: Arc<Engine>, auth: Arc<Authenticator>) -> Self {
+        Self { engine, auth }
+    }
+
+    fn principal<T>(&self, req: &Request<T>, action: Action) -> Result<Arc<Principal>, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let p = self.auth.authenticate(header).map_err(to_status)?;
+        authorize(&p, action).map_err(to_status)?;
+        Ok(p)
+    }
+
+    fn parse_put(
+        &self,
+        req: pb::PutRecordRequest,
+    ) -> Result<(String, Vec<(&FieldDef, FieldValue)>, Source), VaultError> {
+        let schema = self.engine.schema();
+        validate_id(
+            "customer_id",
+            &req.customer_id,
+            crate::engine::MAX_CUSTOMER_ID_LEN,
+        )?;
+        if req.fields.is_empty() {
+            return Err(VaultError::invalid(
+                "fields",
+                "at least one field is required",
+            ));
+        }
+        if req.fields.len() > MAX_FIELDS_PER_WRITE {
+            return Err(VaultError::invalid(
+                "fields",
+                format!(
+                    "{} fields in one write; the limit is {MAX_FIELDS_PER_WRITE}",
+                    req.fields.len()
+                ),
+            ));
+        }
+        let source = req
+            .source
+            .ok_or_else(|| VaultError::invalid("source", "the collection source is required"))?;
+        validate_id("source.channel", &source.channel, 64)?;
+        validate_id("source.collector", &source.collector, 64)?;
+        if !source.consent_ref.is_empty() {
+            validate_id("source.consent_ref", &source.consent_ref, 128)?;
+        }
+        let mut values = Vec::with_capacity(req.fields.len());
+        for (name, value) in req.fields {
+            let def = schema.field(&name)?;
+            values.push((def, schema.normalise(def, raw_value(value))?));
+        }
+        values.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok((
+            req.customer_id,
+            values,
+            Source {
+                channel: source.channel,
+                collector: source.collector,
+                consent_ref: source.consent_ref,
+            },
+        ))
+    }
+
+    fn apply_put(
+        &self,
+        tenant: &str,
+        req: pb::PutRecordRequest,
+    ) -> Result<pb::PutRecordResponse, VaultError> {
+        let (customer, values, source) = self.parse_put(req)?;
+        let out = self.engine.put(tenant, &customer, &values, &source)?;
+        Ok(pb::PutRecordResponse {
+            customer_id: customer,
+            created: out.created,
+            versions: out
+                .versions
+                .into_iter()
+                .map(|(field, version)| pb::FieldVersion { field, version })
+                .collect(),
+        })
+    }
+}
+
+fn raw_value(v: pb::Value) -> RawValue {
+    match v.kind {
+        Some(pb::value::Kind::Text(s)) => RawValue::Text(s),
+        Some(pb::value::Kind::Integer(i)) => RawValue::Integer(i),
+        Some(pb::value::Kind::TimestampMs(t)) => RawValue::Timestamp(t),
+        None => RawValue::Missing,
+    }
+}
+
+fn proto_value(v: &FieldValue) -> pb::Value {
+    let kind = match v {
+        // The copy into the response leaves zeroizing custody here: prost
+        // owns it until it is encoded and dropped.
+        FieldValue::Text(s) => pb::value::Kind::Text(s.clone()),
+        FieldValue::Integer(i) => pb::value::Kind::Integer(*i),
+        FieldValue::Timestamp(t) => pb::value::Kind::TimestampMs(*t),
+    };
+    pb::Value { kind: Some(kind) }
+}
+
+fn key_status(tenant: &str, s: KeyStatus) -> pb::KeyStatus {
+    pb::KeyStatus {
+        tenant: tenant.to_owned(),
+        active_version: s.state.active_version,
+        min_version: s.state.min_version,
+        data_keys_by_version: s.by_version.into_iter().collect(),
+        job: s.state.job.map(|j| pb::RotationJob {
+            target_version: j.target_version,
+            rewrapped: j.rewrapped,
+            total: j.total,
+            done: j.done,
+            started_at_ms: j.started_at_ms,
+            finished_at_ms: j.finished_at_ms,
+        }),
+    }
+}
+
+type BatchStream = Pin<Box<dyn Stream<Item = Result<pb::BatchPutResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Vault for VaultService {
+    async fn put_record(
+        &self,
+        req: Request<pb::PutRecordRequest>,
+    ) -> Result<Response<pb::PutRecordResponse>, Status> {
+        let p = self.principal(&req, Action::Write)?;
+        let resp = self
+            .apply_put(&p.tenant, req.into_inner())
+            .map_err(to_status)?;
+        self.engine.commit().await.map_err(to_status)?;
+        Ok(Response::new(resp))
+    }
+
+    type BatchPutStream = BatchStream;
+
+    async fn batch_put(
+        &self,
+        req: Request<Streaming<pb::PutRecordRequest>>,
+    ) -> Result<Response<Self::BatchPutStream>, Status> {
+        let p = self.principal(&req, Action::Write)?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(BATCH_CHUNK);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut index = 0u64;
+            let mut ended = false;
+            while !ended {
+                let mut chunk = Vec::new();
+                match inbound.message().await {
+                    Ok(Some(m)) => chunk.push(m),
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                }
+                // Take whatever else has already arrived, so one commit
+                // covers it all.
+                while chunk.len() < BATCH_CHUNK {
+                    match inbound.message().now_or_never() {
+                        Some(Ok(Some(m))) => chunk.push(m),
+                        Some(Ok(None)) => {
+                            ended = true;
+                            break;
+                        }
+                        Some(Err(s)) => {
+                            let _ = tx.send(Err(s)).await;
+                            ended = true;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let mut results = Vec::with_capacity(chunk.len());
+                for m in chunk {
+                    let customer_id = m.customer_id.clone();
+                    let r = match this.apply_put(&p.tenant, m) {
+                        Ok(resp) => pb::BatchPutResult {
+                            index,
+                            customer_id,
+                            code: Code::Ok as i32,
+                            message: String::new(),
+                            versions: resp.versions,
+                        },
+                        Err(e) => {
+                            let s = to_status(e);
+                            pb::BatchPutResult {
+                                index,
+                                customer_id,
+                                code: s.code() as i32,
+                                message: s.message().to_owned(),
+                                versions: Vec::new(),
+                            }
+                        }
+                    };
+                    index += 1;
+                    results.push(r);
+                }
+                if results.iter().any(|r| r.code == Code::Ok as i32) {
+                    if let Err(e) = this.engine.commit().await {
+                        let s = to_status(e);
+                        for r in results.iter_mut().filter(|r| r.code == Code::Ok as i32) {
+                            r.code = s.code() as i32;
+                            r.message = s.message().to_owned();
+                            r.versions.clear();
+                        }
+                    }
+                }
+                for r in results {
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_fields(
+        &self,
+        req: Request<pb::GetFieldsRequest>,
+    ) -> Result<Response<pb::GetFieldsResponse>, Status> {
+        let p = self.principal(&req, Action::Read)?;
+        let req = req.into_inner();
+        let schema = self.engine.schema();
+        validate_id(
+            "customer_id",
+            &req.customer_id,
+            crate::engine::MAX_CUSTOMER_ID_LEN,
+        )
+        .map_err(to_status)?;
+        schema.check_purpose(&req.purpose).map_err(to_status)?;
+        if req.fields.len() > MAX_FIELDS_PER_READ {
+            return Err(Status::invalid_argument(format!(
+                "invalid `fields`: {} names; the limit is {MAX_FIELDS_PER_READ}",
+                req.fields.len()
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        let mut defs = Vec::with_capacity(req.fields.len());
+        for name in &req.fields {
+            let def = schema.field(name).map_err(to_status)?;
+            if seen.insert(def.name.as_str()) {
+                defs.push(def);
+            }
+        }
+        let revealed = self
+            .engine
+            .get(&p.tenant, &req.customer_id, &defs)
+            .map_err(to_status)?;
+        let fields = revealed
+            .into_iter()
+            .map(|r| pb::FieldReading {
+                field: r.def.name.clone(),
+                disclosure: Some(match disclosure(p.role, r.def) {
+                    Disclosure::Reveal => {
+                        pb::field_reading::Disclosure::Revealed(proto_value(&r.value))
+                    }
+                    Disclosure::Mask => {
+                        pb::field_reading::Disclosure::Masked(r.def.mask.apply(&r.value))
+                    }
+                }),
+                version: r.version,
+                source: Some(pb::CollectionSource {
+                    channel: r.source.channel,
+                    collector: r.source.collector,
+                    consent_ref: r.source.consent_ref,
+                }),
+                collected_at_ms: r.collected_at_ms,
+            })
+            .collect();
+        tracing::debug!(principal = %p.name, purpose = %req.purpose, "fields read");
+        Ok(Response::new(pb::GetFieldsResponse {
+            customer_id: req.customer_id,
+            fields,
+        }))
+    }
+
+    async fn search(
+        &self,
+        req: Request<pb::SearchRequest>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        let p = self.principal(&req, Action::Search)?;
+        let req = req.into_inner();
+        let schema = self.engine.schema();
+        let def = schema.field(&req.field).map_err(|_| {
+            let shown: String = req.field.chars().take(64).collect();
+            Status::invalid_argument(format!("invalid `field`: unknown field `{shown}`"))
+        })?;
+        let value = req
+            .value
+            .ok_or_else(|| Status::invalid_argument("invalid `value`: required"))?;
+        let value = schema.normalise(def, raw_value(value)).map_err(to_status)?;
+        let (customer_ids, truncated) = self
+            .engine
+            .search(&p.tenant, def, &value, req.limit)
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SearchResponse {
+            customer_ids,
+            truncated,
+        }))
+    }
+
+    async fn erase_customer(
+        &self,
+        req: Request<pb::EraseCustomerRequest>,
+    ) -> Result<Response<pb::ErasureReceipt>, Status> {
+        let p = self.principal(&req, Action::Erase)?;
+        let req = req.into_inner();
+        validate_id("reason", &req.reason, 64).map_err(to_status)?;
+        let out = self
+            .engine
+            .erase(&p.tenant, &req.customer_id)
+            .map_err(to_status)?;
+        self.engine.commit().await.map_err(to_status)?;
+        let mut id = [0u8; 16];
+        aes_gcm::aead::OsRng.fill_bytes(&mut id);
+        let receipt_id = hex::encode(id);
+        tracing::info!(principal = %p.name, receipt = %receipt_id, reason = %req.reason, "customer erased");
+        Ok(Response::new(pb::ErasureReceipt {
+            receipt_id,
+            customer_id: req.customer_id,
+            reason: req.reason,
+            erased_at_ms: out.erased_at_ms,
+            fields_erased: out.fields_erased,
+            index_entries_removed: out.index_entries_removed,
+            data_key_wrap_version: out.wrap_version,
+        }))
+    }
+
+    async fn rotate_tenant_key(
+        &self,
+        req: Request<pb::RotateTenantKeyRequest>,
+    ) -> Result<Response<pb::KeyStatus>, Status> {
+        let p = self.principal(&req, Action::ManageKeys)?;
+        let st = self.engine.rotate(&p.tenant).await.map_err(to_status)?;
+        tracing::info!(principal = %p.name, version = st.active_version, "tenant key rotated");
+        self.engine.spawn_rotation(p.tenant.clone());
+        let s = self.engine.key_status(&p.tenant).map_err(to_status)?;
+        Ok(Response::new(key_status(&p.tenant, s)))
+    }
+
+    async fn get_key_status(
+        &self,
+        req: Request<pb::GetKeyStatusRequest>,
+    ) -> Result<Response<pb::KeyStatus>, Status> {
+        let p = self.principal(&req, Action::ManageKeys)?;
+        let s = self.engine.key_status(&p.tenant).map_err(to_status)?;
+        Ok(Response::new(key_status(&p.tenant, s)))
+    }
+
+    async fn retire_tenant_key_versions(
+        &self,
+        req: Request<pb::RetireTenantKeyVersionsRequest>,
+    ) -> Result<Response<pb::KeyStatus>, Status> {
+        let p = self.principal(&req, Action::ManageKeys)?;
+        let r = req.into_inner();
+        let s = self
+            .engine
+            .retire(&p.tenant, r.min_version, r.force)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(principal = %p.name, min_version = r.min_version, force = r.force, "tenant key versions retired");
+        Ok(Response::new(key_status(&p.tenant, s)))
+    }
+
+    async fn describe_schema(
+        &self,
+        req: Request<pb::DescribeSchemaRequest>,
+    ) -> Result<Response<pb::DescribeSchemaResponse>, Status> {
+        self.principal(&req, Action::DescribeSchema)?;
+        let s = self.engine.schema();
+        Ok(Response::new(pb::DescribeSchemaResponse {
+            name: s.name().to_owned(),
+            version: s.version(),
+            fields: s
+                .fields()
+                .iter()
+                .map(|f| pb::FieldSpec {
+                    name: f.name.clone(),
+                    r#type: f.ty.as_str().into(),
+                    sensitivity: f.sensitivity.as_str().into(),
+                    indexed: f.indexed,
+                    mask: f.mask.name(),
+                    max_len: f.max_len,
+                    format: f.format_name().into(),
+                    min: f.min,
+                    max: f.max,
+                    description: f.description.clone(),
+                })
+                .collect(),
+            purposes: s.purposes().map(str::to_owned).collect(),
+        }))
+    }
+}
