@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
 /// `sovra.vault.v1`: the vault service.
 pub mod vault {
     /// Version 1 of the vault API.

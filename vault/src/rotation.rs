@@ -256,7 +256,9 @@ impl Engine {
                     let w = WrappedKey::decode(&cur[..]).map_err(|_| {
                         VaultError::integrity(format!("the data key of customer `{customer}`"))
                     })?;
-                    if w.kek_version < job.target_version {
+                    // Keys under a retired version cannot be unwrapped; they
+                    // stay as they are (their data is unreadable by design).
+                    if w.kek_version < job.target_version && w.kek_version >= st.min_version {
                         let dek = self.unwrap_dek(tenant, &customer, &w)?;
                         let nw = self.keyring.wrap(
                             &kek,

@@ -302,14 +302,16 @@ impl Vault for VaultService {
                 req.fields.len()
             )));
         }
-        let mut seen = BTreeSet::new();
-        let mut defs = Vec::with_capacity(req.fields.len());
+        let mut wanted = BTreeSet::new();
         for name in &req.fields {
-            let def = schema.field(name).map_err(to_status)?;
-            if seen.insert(def.name.as_str()) {
-                defs.push(def);
-            }
+            wanted.insert(schema.field(name).map_err(to_status)?.name.as_str());
         }
+        // Schema order, duplicates collapsed.
+        let defs: Vec<&FieldDef> = schema
+            .fields()
+            .iter()
+            .filter(|f| wanted.contains(f.name.as_str()))
+            .collect();
         let revealed = self
             .engine
             .get(&p.tenant, &req.customer_id, &defs)

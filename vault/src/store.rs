@@ -70,7 +70,22 @@ pub struct Store {
     pub(crate) data_keys: sled::Tree,
     pub(crate) index: sled::Tree,
     pub(crate) meta: sled::Tree,
-    committer: mpsc::Sender<oneshot::Sender<std::result::Result<(), String>>>,
+    committer: Option<mpsc::Sender<Waiter>>,
+    commit_thread: Option<thread::JoinHandle<()>>,
+}
+
+type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing the queue ends the commit thread; joining it releases its
+        // handle on the database, so the directory's lock is free once the
+        // store is gone.
+        self.committer.take();
+        if let Some(t) = self.commit_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -97,14 +112,15 @@ impl Store {
         let data_keys = db.open_tree("data_keys")?;
         let index = db.open_tree("blind_index")?;
         let meta = db.open_tree("meta")?;
-        let committer = spawn_committer(db.clone());
+        let (committer, commit_thread) = spawn_committer(db.clone())?;
         Ok(Store {
             db,
             records,
             data_keys,
             index,
             meta,
-            committer,
+            committer: Some(committer),
+            commit_thread: Some(commit_thread),
         })
     }
 
@@ -112,6 +128,8 @@ impl Store {
     pub async fn commit(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.committer
+            .as_ref()
+            .ok_or_else(|| VaultError::storage("the store is closing"))?
             .send(tx)
             .map_err(|_| VaultError::storage("the commit thread has stopped"))?;
         match rx.await {
@@ -135,9 +153,9 @@ impl Store {
 
 /// The group-commit thread: it takes every waiter queued while the previous
 /// flush ran, flushes once, and answers them all.
-fn spawn_committer(db: sled::Db) -> mpsc::Sender<oneshot::Sender<std::result::Result<(), String>>> {
-    let (tx, rx) = mpsc::channel::<oneshot::Sender<std::result::Result<(), String>>>();
-    let spawned = thread::Builder::new()
+fn spawn_committer(db: sled::Db) -> Result<(mpsc::Sender<Waiter>, thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Waiter>();
+    let handle = thread::Builder::new()
         .name("sovra-commit".into())
         .spawn(move || {
             while let Ok(first) = rx.recv() {
@@ -150,13 +168,9 @@ fn spawn_committer(db: sled::Db) -> mpsc::Sender<oneshot::Sender<std::result::Re
                     let _ = w.send(r.clone());
                 }
             }
-        });
-    if let Err(e) = spawned {
-        // Without the thread every commit reports "the commit thread has
-        // stopped", so writes fail loudly instead of going unflushed.
-        tracing::error!(error = %e, "cannot start the commit thread");
-    }
-    tx
+        })
+        .map_err(|e| VaultError::storage(format!("cannot start the commit thread: {e}")))?;
+    Ok((tx, handle))
 }
 
 /// `tenant 0 customer 0`: prefix of every record of a customer.

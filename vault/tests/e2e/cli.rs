@@ -1,0 +1,253 @@
+//! The `sovra` command as a person uses it: init, token add, serve, and the
+//! client subcommands against the real server process; the demo.
+
+use std::process::{Command, Output};
+
+use crate::common::*;
+
+fn sovra(args: &[&str], token: Option<&str>, server: Option<&str>) -> Output {
+    let mut c = Command::new(SOVRA);
+    c.args(args)
+        .env_remove("SOVRA_TOKEN")
+        .env_remove("SOVRA_SERVER");
+    if let Some(t) = token {
+        c.env("SOVRA_TOKEN", t);
+    }
+    if let Some(s) = server {
+        c.env("SOVRA_SERVER", s);
+    }
+    c.output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_serve_and_client_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vault");
+    let d = dir.to_str().unwrap();
+    let o = sovra(&["init", "--dir", d], None, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let admin = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("sovra_")
+                .map(|t| format!("sovra_{t}"))
+        })
+        .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("root.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let cfg_text = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(
+        !cfg_text.contains(&admin),
+        "only the token's hash is stored"
+    );
+    // Re-running init refuses to overwrite.
+    let o = sovra(&["init", "--dir", d], None, None);
+    assert!(
+        !o.status.success() && stderr(&o).contains("already initialised"),
+        "{}",
+        stderr(&o)
+    );
+
+    let cfg = dir.join("config.toml");
+    let c = cfg.to_str().unwrap();
+    let o = sovra(
+        &[
+            "token", "add", "--config", c, "--name", "crm", "--role", "service",
+        ],
+        None,
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let svc = stdout(&o)
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("sovra_")
+                .map(|t| format!("sovra_{t}"))
+        })
+        .unwrap();
+    let o = sovra(
+        &[
+            "token", "add", "--config", c, "--name", "crm", "--role", "service",
+        ],
+        None,
+        None,
+    );
+    assert!(!o.status.success() && stderr(&o).contains("already exists"));
+    let o = sovra(
+        &[
+            "token", "add", "--config", c, "--name", "x", "--role", "root",
+        ],
+        None,
+        None,
+    );
+    assert!(!o.status.success() && stderr(&o).contains("role"));
+
+    // Serve it as a real process.
+    let port = free_port();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text = text.replace("127.0.0.1:50051", &format!("127.0.0.1:{port}"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(SOVRA)
+        .args(["serve", "--config", c])
+        .stderr(std::fs::File::create(tmp.path().join("serve.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..200 {
+        if sovra(&["schema"], Some(&svc), Some(&url)).status.success() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(up, "server did not start");
+    let s = Some(url.as_str());
+
+    let o = sovra(
+        &[
+            "put",
+            "--customer",
+            "c-42",
+            "phone=138 0013 8000",
+            "email=Li.Wei@Example.com",
+            "budget=250000",
+            "name=Li Wei",
+        ],
+        Some(&svc),
+        s,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("created c-42"));
+    let o = sovra(
+        &["get", "--customer", "c-42", "--purpose", "customer_service"],
+        Some(&svc),
+        s,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("+8613800138000")
+            && out.contains("li.wei@example.com")
+            && out.contains("[redacted] (masked)"),
+        "{out}"
+    );
+    let o = sovra(
+        &[
+            "search",
+            "--field",
+            "email",
+            "--value",
+            "LI.WEI@example.com",
+        ],
+        Some(&svc),
+        s,
+    );
+    assert_eq!(stdout(&o).trim(), "c-42");
+
+    // Bad input on the command line: clear errors, distinct exit codes.
+    let o = sovra(&["put", "--customer", "c-42", "budget=lots"], Some(&svc), s);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("integer"));
+    let o = sovra(&["put", "--customer", "c-42", "nonsense"], Some(&svc), s);
+    assert!(stderr(&o).contains("FIELD=VALUE"));
+    let o = sovra(&["put", "--customer", "c-42", "shoe=1"], Some(&svc), s);
+    assert!(stderr(&o).contains("unknown field"));
+    let o = sovra(
+        &["get", "--customer", "c-42", "--purpose", "curiosity"],
+        Some(&svc),
+        s,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("InvalidArgument") && stderr(&o).contains("curiosity"),
+        "{}",
+        stderr(&o)
+    );
+    let o = sovra(
+        &["get", "--customer", "c-42", "--purpose", "billing"],
+        None,
+        s,
+    );
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("SOVRA_TOKEN"));
+    let o = sovra(
+        &["get", "--customer", "c-42", "--purpose", "billing"],
+        Some("sovra_wrong"),
+        s,
+    );
+    assert!(stderr(&o).contains("Unauthenticated"));
+    let o = sovra(&["schema"], Some(&svc), Some("http://127.0.0.1:1"));
+    assert!(
+        !o.status.success() && stderr(&o).contains("cannot connect"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Key rotation with progress, then erasure.
+    let o = sovra(&["keys", "rotate", "--wait"], Some(&admin), s);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("v2: 1 data keys"), "{}", stdout(&o));
+    let o = sovra(
+        &[
+            "erase",
+            "--customer",
+            "c-42",
+            "--reason",
+            "gdpr_art17_request",
+        ],
+        Some(&admin),
+        s,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("erased c-42"));
+    let o = sovra(
+        &["get", "--customer", "c-42", "--purpose", "billing"],
+        Some(&svc),
+        s,
+    );
+    assert!(stderr(&o).contains("NotFound"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A broken configuration refuses to start, naming the problem.
+    std::fs::write(&cfg, "listen = 'nowhere'\n").unwrap();
+    let o = sovra(&["serve", "--config", c], None, None);
+    assert!(
+        !o.status.success() && stderr(&o).contains("listen"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let o = sovra(&["demo", "--customers", "120"], None, None);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("Summary: 120 written, 2 rejected"), "{out}");
+    assert!(
+        out.contains("PermissionDenied") && out.contains("NotFound"),
+        "{out}"
+    );
+    let o = sovra(&["demo", "--customers", "0"], None, None);
+    assert_eq!(o.status.code(), Some(64));
+}

@@ -1,0 +1,132 @@
+//! Stored ciphertexts are bound to their place: moved or altered bytes are
+//! reported as DATA_LOSS and never returned as data.
+
+use prost::Message;
+use sovra_vault::store::StoredField;
+use tonic::Code;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn moved_or_flipped_ciphertexts_fail_integrity() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    for (id, phone, email) in [
+        ("alice", "13800000001", "a@example.com"),
+        ("bob", "13800000002", "b@example.com"),
+        ("carol", "13800000003", "c@example.com"),
+    ] {
+        svc.put_record(put(
+            id,
+            &[
+                ("phone", text(phone)),
+                ("email", text(email)),
+                ("name", text(id)),
+            ],
+        ))
+        .await
+        .unwrap();
+    }
+    srv.stop().await;
+
+    {
+        let db = open_raw(&env.data_dir());
+        let records = db.open_tree("records").unwrap();
+        let alice_phone = records.get(record_key("alice", "phone")).unwrap().unwrap();
+        // Alice's phone ciphertext copied onto Bob's phone, and onto Alice's email.
+        records
+            .insert(record_key("bob", "phone"), alice_phone.clone())
+            .unwrap();
+        records
+            .insert(record_key("alice", "email"), alice_phone)
+            .unwrap();
+        // One flipped byte in Carol's name ciphertext.
+        let mut rec =
+            StoredField::decode(&records.get(record_key("carol", "name")).unwrap().unwrap()[..])
+                .unwrap();
+        rec.ciphertext[0] ^= 0x01;
+        records
+            .insert(record_key("carol", "name"), rec.encode_to_vec())
+            .unwrap();
+        // Garbage where a record belongs.
+        records
+            .insert(record_key("carol", "email"), &b"\xff\xff\xff"[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    for (id, field) in [
+        ("bob", "phone"),
+        ("alice", "email"),
+        ("carol", "name"),
+        ("carol", "email"),
+    ] {
+        let e = svc
+            .get_fields(get(id, &[field], "customer_service"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::DataLoss, "{id}.{field}: {e:?}");
+        assert!(
+            e.message().contains("integrity check failed") && e.message().contains(field),
+            "{}",
+            e.message()
+        );
+        assert!(!e.message().contains("1380000"), "no value in the message");
+    }
+    // Untouched fields still read.
+    let ok = svc
+        .get_fields(get("alice", &["phone", "name"], "customer_service"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        revealed(&ok.fields[1]),
+        Some(&sovra_proto::vault::v1::value::Kind::Text(
+            "+8613800000001".into()
+        ))
+    );
+    let ok = svc
+        .get_fields(get("bob", &["email"], "customer_service"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.fields.len(), 1);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_data_key_moved_to_another_customer_does_not_unwrap() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    svc.put_record(put("alice", &[("phone", text("13800000001"))]))
+        .await
+        .unwrap();
+    svc.put_record(put("bob", &[("phone", text("13800000002"))]))
+        .await
+        .unwrap();
+    srv.stop().await;
+    {
+        let db = open_raw(&env.data_dir());
+        let keys = db.open_tree("data_keys").unwrap();
+        let a = keys.get(b"default\0alice").unwrap().unwrap();
+        keys.insert(b"default\0bob", a).unwrap();
+        db.flush().unwrap();
+    }
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    let e = svc
+        .get_fields(get("bob", &[], "customer_service"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss);
+    assert!(
+        e.message().contains("data key of customer `bob`"),
+        "{}",
+        e.message()
+    );
+    srv.stop().await;
+}

@@ -1,0 +1,15 @@
+//! End-to-end tests of the vault: a real server on an ephemeral loopback
+//! port (in-process, or the real `sovra` binary where a process must die),
+//! driven through the real tonic client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+mod api;
+mod bad_input;
+mod cli;
+mod durability;
+mod erasure;
+mod integrity;
+mod rotation;
