@@ -1,1 +1,42 @@
-fn main() {}
+//! Field encryption and decryption, data-key wrapping and blind-index tokens.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sovra_vault::envelope::{open, seal, FieldContext};
+use sovra_vault::keys::{DataKey, KeyRing, RootKey};
+
+fn bench(c: &mut Criterion) {
+    let dek = DataKey::generate();
+    let cipher = dek.cipher();
+    let ctx = FieldContext {
+        tenant: "default",
+        customer: "cust-000001",
+        field: "phone",
+        version: 3,
+        dek_version: 1,
+    };
+    let value = b"\x01+8613800138000";
+    let sealed = seal(&cipher, &ctx, value).unwrap_or_else(|e| panic!("{e}"));
+    let mut g = c.benchmark_group("envelope");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("seal_field_15B", |b| b.iter(|| seal(&cipher, &ctx, value)));
+    g.bench_function("open_field_15B", |b| {
+        b.iter(|| open(&cipher, &ctx, &sealed.nonce, &sealed.ciphertext))
+    });
+    g.bench_function("data_key_cipher_init", |b| b.iter(|| dek.cipher()));
+    let ring = KeyRing::new(RootKey::generate());
+    let kek = ring.kek("default", 1);
+    let wrapped = ring
+        .wrap(&kek, "default", "cust-000001", &dek, 1, 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    g.bench_function("unwrap_data_key", |b| {
+        b.iter(|| ring.unwrap("default", "cust-000001", &wrapped))
+    });
+    let ik = ring.index_key("default");
+    g.bench_function("blind_index_token", |b| {
+        b.iter(|| ik.token("phone", b"+8613800138000"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

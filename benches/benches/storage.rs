@@ -1,1 +1,98 @@
-fn main() {}
+//! Put and get of one customer record (11 fields) through the storage layer
+//! (engine over sled), without gRPC; durable put includes the group commit.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sovra_vault::engine::{Engine, Source};
+use sovra_vault::keys::RootKey;
+use sovra_vault::schema::{FieldDef, FieldValue, RawValue, Schema};
+use sovra_vault::synthetic;
+
+fn values<'s>(schema: &'s Schema, c: &synthetic::Customer) -> Vec<(&'s FieldDef, FieldValue)> {
+    c.to_request("bench")
+        .fields
+        .into_iter()
+        .map(|(k, v)| {
+            let def = schema.field(&k).unwrap_or_else(|e| panic!("{e}"));
+            let raw = match v.kind {
+                Some(sovra_proto::vault::v1::value::Kind::Text(s)) => RawValue::Text(s),
+                Some(sovra_proto::vault::v1::value::Kind::Integer(i)) => RawValue::Integer(i),
+                Some(sovra_proto::vault::v1::value::Kind::TimestampMs(t)) => RawValue::Timestamp(t),
+                None => RawValue::Missing,
+            };
+            (
+                def,
+                schema.normalise(def, raw).unwrap_or_else(|e| panic!("{e}")),
+            )
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let engine = Engine::open(dir.path(), RootKey::generate(), Schema::default_crm())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let schema = Schema::default_crm();
+    let people = synthetic::generate(9, 2000);
+    let src = Source {
+        channel: "bench".into(),
+        collector: "bench".into(),
+        consent_ref: String::new(),
+    };
+    for p in &people {
+        engine
+            .put("default", &p.id, &values(&schema, p), &src)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    engine.store().flush().unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut g = c.benchmark_group("storage");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("put_record_11_fields_unflushed", |b| {
+        b.iter(|| {
+            i += 1;
+            let p = &people[i % people.len()];
+            engine.put("default", &p.id, &values(&schema, p), &src)
+        })
+    });
+    g.bench_function("put_record_11_fields_durable", |b| {
+        b.iter(|| {
+            i += 1;
+            let p = &people[i % people.len()];
+            engine
+                .put("default", &p.id, &values(&schema, p), &src)
+                .unwrap_or_else(|e| panic!("{e}"));
+            rt.block_on(engine.commit())
+        })
+    });
+    let phone = engine
+        .schema()
+        .field("phone")
+        .unwrap_or_else(|e| panic!("{e}"));
+    g.bench_function("get_1_field", |b| {
+        b.iter(|| {
+            i += 1;
+            engine
+                .get("default", &people[i % people.len()].id, &[phone])
+                .map(|v| v.len())
+        })
+    });
+    g.bench_function("get_11_fields", |b| {
+        b.iter(|| {
+            i += 1;
+            engine
+                .get("default", &people[i % people.len()].id, &[])
+                .map(|v| v.len())
+        })
+    });
+    let pv = FieldValue::Text(people[5].phone_e164.clone());
+    g.bench_function("search_phone", |b| {
+        b.iter(|| engine.search("default", phone, &pv, 10))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -24,9 +24,10 @@ use sled::Transactional;
 
 use crate::envelope::{self, FieldContext};
 use crate::error::{Result, VaultError};
-use crate::keys::{DataKey, KeyRing, RootKey, WrappedKey};
+use crate::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
 use crate::rotation::KeyStates;
 use crate::schema::{FieldDef, FieldValue, Schema};
+use crate::shred::Pad;
 use crate::store::{self, Store, StoredField};
 
 /// Longest customer id accepted.
@@ -90,6 +91,8 @@ pub struct Engine {
     schema: Arc<Schema>,
     pub(crate) states: KeyStates,
     stripes: Vec<Mutex<()>>,
+    // Shred slots zeroed by erasures, reusable once the erasure is durable.
+    pending_release: Mutex<Vec<u64>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -146,13 +149,63 @@ impl Engine {
     pub fn open(dir: &Path, root: RootKey, schema: Schema) -> Result<Engine> {
         let store = Store::open(dir)?;
         let states = KeyStates::load(&store)?;
-        Ok(Engine {
+        let engine = Engine {
             store,
             keyring: KeyRing::new(root),
             schema: Arc::new(schema),
             states,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-        })
+            pending_release: Mutex::new(Vec::new()),
+        };
+        engine.recover()?;
+        Ok(engine)
+    }
+
+    /// Reconciles the shred slots with the data keys after a crash:
+    /// - a data key whose pad is zero belongs to a customer whose erasure
+    ///   zeroed the pad but did not reach sled, or whose creation reached sled
+    ///   but not its pad (never acknowledged): its data is unrecoverable
+    ///   either way, so its remains are removed;
+    /// - a pad no data key references (a creation that never reached sled) is
+    ///   zeroed;
+    /// - every zero, unreferenced slot becomes reusable.
+    fn recover(&self) -> Result<()> {
+        let mut referenced = std::collections::HashSet::new();
+        let mut orphans = Vec::new();
+        for item in self.store.data_keys.iter() {
+            let (k, v) = item?;
+            let w = WrappedKey::decode(&v[..])
+                .map_err(|_| VaultError::integrity("a data-key entry"))?;
+            if self.store.slots.read(w.slot)?.is_none() {
+                orphans.push(k.to_vec());
+            } else {
+                referenced.insert(w.slot);
+            }
+        }
+        for k in &orphans {
+            let Some(pos) = k.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            let tenant = String::from_utf8_lossy(&k[..pos]).into_owned();
+            let customer = String::from_utf8_lossy(&k[pos + 1..]).into_owned();
+            self.remove_customer(&tenant, &customer)?;
+        }
+        let mut free = Vec::new();
+        for slot in 0..self.store.slots.len() {
+            if referenced.contains(&slot) {
+                continue;
+            }
+            if self.store.slots.read(slot)?.is_some() {
+                self.store.slots.shred(slot)?;
+            }
+            free.push(slot);
+        }
+        self.store.flush()?;
+        self.store.slots.release(free);
+        if !orphans.is_empty() {
+            tracing::warn!(customers = orphans.len(), "removed the remains of customers whose pad was destroyed (interrupted erasure or unacknowledged creation)");
+        }
+        Ok(())
     }
 
     /// The schema in force.
@@ -167,7 +220,25 @@ impl Engine {
 
     /// Waits until every write made so far is durable.
     pub async fn commit(&self) -> Result<()> {
-        self.store.commit().await
+        let releasable = std::mem::take(
+            &mut *self
+                .pending_release
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        // INVARIANT: every slot taken above was queued after its erasure was
+        // applied, so this commit makes the erasure durable before the slot
+        // can carry another customer's pad.
+        let r = self.store.commit().await;
+        match r {
+            Ok(()) => self.store.slots.release(releasable),
+            Err(_) => self
+                .pending_release
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(releasable),
+        }
+        r
     }
 
     pub(crate) fn lock(&self, tenant: &str, customer: &str) -> MutexGuard<'_, ()> {
@@ -178,6 +249,14 @@ impl Engine {
         // A poisoned stripe only means another writer panicked; the data it
         // guards is in sled, not behind the mutex, so continuing is sound.
         self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The customer's pad; NOT_FOUND once it was shredded.
+    fn pad(&self, customer: &str, w: &WrappedKey) -> Result<Pad> {
+        self.store
+            .slots
+            .read(w.slot)?
+            .ok_or_else(|| VaultError::not_found(format!("customer `{customer}`")))
     }
 
     /// Unwraps the data key of a stored wrapped key, refusing retired KEKs.
@@ -195,7 +274,8 @@ impl Engine {
                 w.kek_version
             )));
         }
-        self.keyring.unwrap(tenant, customer, w)
+        let pad = self.pad(customer, w)?;
+        self.keyring.unwrap(tenant, customer, w, &pad)
     }
 
     fn load_wrapped(&self, tenant: &str, customer: &str) -> Result<Option<WrappedKey>> {
@@ -228,17 +308,56 @@ impl Engine {
         }
         let _guard = self.lock(tenant, customer);
         let now = now_ms();
-        let dek_k = store::data_key_key(tenant, customer);
         let (dek, new_wrapped, dek_version) = match self.load_wrapped(tenant, customer)? {
             Some(w) => (self.unwrap_dek(tenant, customer, &w)?, None, w.dek_version),
             None => {
                 let active = self.states.get(tenant).active_version;
                 let kek = self.keyring.kek(tenant, active);
                 let dek = DataKey::generate();
-                let w = self.keyring.wrap(&kek, tenant, customer, &dek, 1, now)?;
-                (dek, Some(w.encode_to_vec()), 1)
+                let (slot, pad) = self.store.slots.allocate()?;
+                let place = KeyPlace {
+                    tenant,
+                    customer,
+                    slot,
+                    dek_version: 1,
+                };
+                let w = self.keyring.wrap(&kek, &place, &dek, &pad, now)?;
+                (dek, Some((slot, w.encode_to_vec())), 1)
             }
         };
+        let result = self.apply_put(
+            tenant,
+            customer,
+            &dek,
+            dek_version,
+            new_wrapped.as_ref().map(|(_, w)| w.as_slice()),
+            values,
+            source,
+            now,
+        );
+        if result.is_err() {
+            if let Some((slot, _)) = new_wrapped {
+                // Nothing references the new pad: destroy and reuse it.
+                self.store.slots.shred(slot)?;
+                self.store.slots.release([slot]);
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_put(
+        &self,
+        tenant: &str,
+        customer: &str,
+        dek: &DataKey,
+        dek_version: u32,
+        new_wrapped: Option<&[u8]>,
+        values: &[(&FieldDef, FieldValue)],
+        source: &Source,
+        now: i64,
+    ) -> Result<PutOutcome> {
+        let dek_k = store::data_key_key(tenant, customer);
         let cipher = dek.cipher();
         let index_key = self.keyring.index_key(tenant);
         struct Write {
@@ -303,8 +422,8 @@ impl Engine {
             &self.store.index,
         )
             .transaction(|(r, k, i)| {
-                if let Some(w) = &new_wrapped {
-                    k.insert(dek_k.as_slice(), w.as_slice())?;
+                if let Some(w) = new_wrapped {
+                    k.insert(dek_k.as_slice(), w)?;
                 }
                 for w in &writes {
                     r.insert(w.key.as_slice(), w.bytes.as_slice())?;
@@ -447,6 +566,25 @@ impl Engine {
         let wrapped = self
             .load_wrapped(tenant, customer)?
             .ok_or_else(|| VaultError::not_found(format!("customer `{customer}`")))?;
+        // The shred comes first: from here on the customer's data is gone,
+        // whatever happens to the rest of this erasure.
+        self.store.slots.shred(wrapped.slot)?;
+        let (fields_erased, index_entries_removed) = self.remove_customer(tenant, customer)?;
+        self.pending_release
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(wrapped.slot);
+        Ok(EraseOutcome {
+            fields_erased,
+            index_entries_removed,
+            wrap_version: wrapped.kek_version,
+            erased_at_ms: now_ms(),
+        })
+    }
+
+    /// Removes a customer's data key, records and index entries in one
+    /// transaction. Returns (records, index entries) removed.
+    fn remove_customer(&self, tenant: &str, customer: &str) -> Result<(u32, u32)> {
         let mut record_keys = Vec::new();
         let mut entries = Vec::new();
         let prefix = store::customer_prefix(tenant, customer);
@@ -483,11 +621,9 @@ impl Engine {
                 Ok::<_, ConflictableTransactionError<VaultError>>(())
             })
             .map_err(tx_err)?;
-        Ok(EraseOutcome {
-            fields_erased: u32::try_from(record_keys.len()).unwrap_or(u32::MAX),
-            index_entries_removed: u32::try_from(entries.len()).unwrap_or(u32::MAX),
-            wrap_version: wrapped.kek_version,
-            erased_at_ms: now_ms(),
-        })
+        Ok((
+            u32::try_from(record_keys.len()).unwrap_or(u32::MAX),
+            u32::try_from(entries.len()).unwrap_or(u32::MAX),
+        ))
     }
 }

@@ -8,8 +8,10 @@
 //!   HKDF-SHA256 (ring), domain-separated by purpose, tenant and version, so
 //!   they are never stored anywhere.
 //! - A data key is stored only wrapped (AES-256-GCM) under a tenant KEK, with
-//!   associated data binding tenant, customer id and KEK version: a wrapped
-//!   key copied to another customer or tenant fails to unwrap.
+//!   associated data binding tenant, customer id, shred slot and versions: a
+//!   wrapped key copied to another customer or tenant fails to unwrap. What
+//!   is wrapped is the data key XOR the customer's shred pad (`shred.rs`), so
+//!   once the pad is destroyed no key can recover the data key.
 //!
 //! Not guaranteed: protection against an attacker who reads process memory
 //! while the server runs, or who holds the root key and a copy of the data
@@ -28,6 +30,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::blind_index::BlindIndexKey;
 use crate::error::{Result, VaultError};
+use crate::shred::{Pad, PAD_LEN};
 
 /// Length of every symmetric key in the hierarchy.
 pub const KEY_LEN: usize = 32;
@@ -215,6 +218,9 @@ pub struct WrappedKey {
     /// When the data key was created (ms since the epoch).
     #[prost(int64, tag = "5")]
     pub created_at_ms: i64,
+    /// The customer's shred slot, holding the pad the data key is masked with.
+    #[prost(uint64, tag = "6")]
+    pub slot: u64,
 }
 
 /// Length-prefixed concatenation, so that no two different tuples of parts
@@ -232,17 +238,41 @@ pub(crate) fn encode_aad(label: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-fn wrap_aad(tenant: &str, customer: &str, kek_version: u32, dek_version: u32) -> Vec<u8> {
+/// Where a data key belongs; bound into its wrapping.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyPlace<'a> {
+    /// The tenant.
+    pub tenant: &'a str,
+    /// The customer.
+    pub customer: &'a str,
+    /// The customer's shred slot.
+    pub slot: u64,
+    /// The data key's generation.
+    pub dek_version: u32,
+}
+
+fn wrap_aad(place: &KeyPlace<'_>, kek_version: u32) -> Vec<u8> {
     encode_aad(
         b"sovra/v1/dek-wrap",
         &[
-            tenant.as_bytes(),
-            customer.as_bytes(),
+            place.tenant.as_bytes(),
+            place.customer.as_bytes(),
+            &place.slot.to_be_bytes(),
             &kek_version.to_be_bytes(),
-            &dek_version.to_be_bytes(),
+            &place.dek_version.to_be_bytes(),
         ],
     )
 }
+
+fn masked(dek: &[u8; KEY_LEN], pad: &Pad) -> Zeroizing<[u8; KEY_LEN]> {
+    // INVARIANT: KEY_LEN == PAD_LEN, checked at compile time below.
+    let mut out = Zeroizing::new([0u8; KEY_LEN]);
+    for (o, (d, p)) in out.iter_mut().zip(dek.iter().zip(pad.0.iter())) {
+        *o = d ^ p;
+    }
+    out
+}
+const _: () = assert!(KEY_LEN == PAD_LEN);
 
 /// Derives and caches tenant KEKs and index keys from the root key.
 pub struct KeyRing {
@@ -308,24 +338,24 @@ impl KeyRing {
         key
     }
 
-    /// Wraps `dek` for `customer` of `tenant` under `kek`.
+    /// Wraps `dek` for `place` under `kek`, masked with the customer's pad.
     pub fn wrap(
         &self,
         kek: &Kek,
-        tenant: &str,
-        customer: &str,
+        place: &KeyPlace<'_>,
         dek: &DataKey,
-        dek_version: u32,
+        pad: &Pad,
         created_at_ms: i64,
     ) -> Result<WrappedKey> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let aad = wrap_aad(tenant, customer, kek.version, dek_version);
+        let aad = wrap_aad(place, kek.version);
+        let m = masked(&dek.0, pad);
         let ciphertext = kek
             .cipher
             .encrypt(
                 &nonce,
                 Payload {
-                    msg: &dek.0,
+                    msg: m.as_ref(),
                     aad: &aad,
                 },
             )
@@ -334,21 +364,33 @@ impl KeyRing {
             kek_version: kek.version,
             nonce: nonce.to_vec(),
             ciphertext,
-            dek_version,
+            dek_version: place.dek_version,
             created_at_ms,
+            slot: place.slot,
         })
     }
 
-    /// Unwraps a stored data key. The caller checks the KEK version is not
-    /// retired before calling.
-    pub fn unwrap(&self, tenant: &str, customer: &str, wrapped: &WrappedKey) -> Result<DataKey> {
+    /// Unwraps a stored data key with the customer's pad. The caller checks
+    /// the KEK version is not retired before calling.
+    pub fn unwrap(
+        &self,
+        tenant: &str,
+        customer: &str,
+        wrapped: &WrappedKey,
+        pad: &Pad,
+    ) -> Result<DataKey> {
+        let what = || format!("the data key of customer `{customer}`");
         let kek = self.kek(tenant, wrapped.kek_version);
         if wrapped.nonce.len() != 12 {
-            return Err(VaultError::integrity(format!(
-                "the data key of customer `{customer}` (malformed nonce)"
-            )));
+            return Err(VaultError::integrity(what()));
         }
-        let aad = wrap_aad(tenant, customer, wrapped.kek_version, wrapped.dek_version);
+        let place = KeyPlace {
+            tenant,
+            customer,
+            slot: wrapped.slot,
+            dek_version: wrapped.dek_version,
+        };
+        let aad = wrap_aad(&place, wrapped.kek_version);
         let plain = Zeroizing::new(
             kek.cipher
                 .decrypt(
@@ -358,18 +400,15 @@ impl KeyRing {
                         aad: &aad,
                     },
                 )
-                .map_err(|_| {
-                    VaultError::integrity(format!("the data key of customer `{customer}`"))
-                })?,
+                .map_err(|_| VaultError::integrity(what()))?,
         );
-        let mut k = [0u8; KEY_LEN];
+        let mut m = Zeroizing::new([0u8; KEY_LEN]);
         if plain.len() != KEY_LEN {
-            return Err(VaultError::integrity(format!(
-                "the data key of customer `{customer}` (wrong length)"
-            )));
+            return Err(VaultError::integrity(what()));
         }
-        k.copy_from_slice(&plain);
-        Ok(DataKey(k))
+        m.copy_from_slice(&plain);
+        let k = masked(&m, pad);
+        Ok(DataKey(*k))
     }
 }
 
@@ -377,39 +416,58 @@ impl KeyRing {
 mod tests {
     use super::*;
 
+    fn place<'a>(tenant: &'a str, customer: &'a str) -> KeyPlace<'a> {
+        KeyPlace {
+            tenant,
+            customer,
+            slot: 3,
+            dek_version: 1,
+        }
+    }
+
     #[test]
     fn wrap_roundtrip_and_binding() {
         let ring = KeyRing::new(RootKey::generate());
         let kek = ring.kek("t1", 1);
         let dek = DataKey::generate();
-        let w = ring.wrap(&kek, "t1", "c1", &dek, 1, 0).unwrap();
-        let back = ring.unwrap("t1", "c1", &w).unwrap();
+        let pad = Pad([9u8; PAD_LEN]);
+        let w = ring.wrap(&kek, &place("t1", "c1"), &dek, &pad, 0).unwrap();
+        let back = ring.unwrap("t1", "c1", &w, &pad).unwrap();
         assert_eq!(back.expose_for_tests(), dek.expose_for_tests());
         // Moved to another customer or tenant: refused.
         assert!(matches!(
-            ring.unwrap("t1", "c2", &w),
+            ring.unwrap("t1", "c2", &w, &pad),
             Err(VaultError::Integrity(_))
         ));
         assert!(matches!(
-            ring.unwrap("t2", "c1", &w),
+            ring.unwrap("t2", "c1", &w, &pad),
             Err(VaultError::Integrity(_))
         ));
-        // Claimed under another KEK version: refused.
+        // Claimed under another KEK version or slot: refused.
         let mut w2 = w.clone();
         w2.kek_version = 2;
-        assert!(ring.unwrap("t1", "c1", &w2).is_err());
+        assert!(ring.unwrap("t1", "c1", &w2, &pad).is_err());
+        let mut w4 = w.clone();
+        w4.slot = 4;
+        assert!(ring.unwrap("t1", "c1", &w4, &pad).is_err());
+        // Without the pad, the root key alone yields a different key.
+        let other = ring.unwrap("t1", "c1", &w, &Pad([0u8; PAD_LEN])).unwrap();
+        assert_ne!(other.expose_for_tests(), dek.expose_for_tests());
         let mut w3 = w;
         w3.ciphertext[0] ^= 1;
-        assert!(ring.unwrap("t1", "c1", &w3).is_err());
+        assert!(ring.unwrap("t1", "c1", &w3, &pad).is_err());
     }
 
     #[test]
     fn kek_versions_and_tenants_differ() {
         let ring = KeyRing::new(RootKey::from_hex(&"11".repeat(32)).unwrap());
         let dek = DataKey::generate();
-        let w = ring.wrap(&ring.kek("t", 1), "t", "c", &dek, 1, 0).unwrap();
+        let pad = Pad([1u8; PAD_LEN]);
+        let w = ring
+            .wrap(&ring.kek("t", 1), &place("t", "c"), &dek, &pad, 0)
+            .unwrap();
         let other = KeyRing::new(RootKey::from_hex(&"12".repeat(32)).unwrap());
-        assert!(other.unwrap("t", "c", &w).is_err());
+        assert!(other.unwrap("t", "c", &w, &pad).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod rotation;
 pub mod schema;
 pub mod server;
 pub mod service;
+pub mod shred;
 pub mod store;
 pub mod synthetic;
 

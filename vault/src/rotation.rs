@@ -22,7 +22,7 @@ use prost::Message;
 
 use crate::engine::{now_ms, Engine};
 use crate::error::{Result, VaultError};
-use crate::keys::WrappedKey;
+use crate::keys::{KeyPlace, WrappedKey};
 use crate::store::{self, Store};
 
 /// Data keys re-wrapped per batch (one cursor write and flush per batch).
@@ -259,16 +259,20 @@ impl Engine {
                     // Keys under a retired version cannot be unwrapped; they
                     // stay as they are (their data is unreadable by design).
                     if w.kek_version < job.target_version && w.kek_version >= st.min_version {
-                        let dek = self.unwrap_dek(tenant, &customer, &w)?;
-                        let nw = self.keyring.wrap(
-                            &kek,
-                            tenant,
-                            &customer,
-                            &dek,
-                            w.dek_version,
-                            w.created_at_ms,
-                        )?;
-                        self.store.data_keys.insert(&k, nw.encode_to_vec())?;
+                        // A shredded pad means the customer is being erased.
+                        if let Some(pad) = self.store.slots.read(w.slot)? {
+                            let dek = self.keyring.unwrap(tenant, &customer, &w, &pad)?;
+                            let place = KeyPlace {
+                                tenant,
+                                customer: &customer,
+                                slot: w.slot,
+                                dek_version: w.dek_version,
+                            };
+                            let nw =
+                                self.keyring
+                                    .wrap(&kek, &place, &dek, &pad, w.created_at_ms)?;
+                            self.store.data_keys.insert(&k, nw.encode_to_vec())?;
+                        }
                     }
                 }
             }

@@ -6,8 +6,10 @@
 //! - `blind_index`: `tenant 0 field 0 token customer` → empty
 //! - `meta`: `keystate 0 tenant` → tenant key state
 //!
+//! Beside it, `shred.slots` holds each customer's pad (see `shred.rs`).
+//!
 //! Guarantees: [`Store::commit`] returns only once every write made before
-//! it was called is on disk (sled flush, i.e. fsync). Concurrent callers share
+//! it was called is on disk (the shred slots fsynced, then the sled flush). Concurrent callers share
 //! one flush (group commit), so durable writes cost one fsync per group, not
 //! per write.
 //!
@@ -16,12 +18,13 @@
 //! until the segment is reused (SECURITY.md discusses what this means for
 //! erasure).
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 
 use tokio::sync::oneshot;
 
 use crate::error::{Result, VaultError};
+use crate::shred::ShredSlots;
 
 // INVARIANT: tenants, customer ids and field names are validated to contain
 // no 0 byte (see `validate_id` and the schema's identifier rule), so the 0
@@ -70,6 +73,7 @@ pub struct Store {
     pub(crate) data_keys: sled::Tree,
     pub(crate) index: sled::Tree,
     pub(crate) meta: sled::Tree,
+    pub(crate) slots: Arc<ShredSlots>,
     committer: Option<mpsc::Sender<Waiter>>,
     commit_thread: Option<thread::JoinHandle<()>>,
 }
@@ -97,6 +101,12 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) the database under `dir`.
     pub fn open(dir: &std::path::Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            VaultError::config(
+                dir.display().to_string(),
+                format!("cannot create the data directory: {e}"),
+            )
+        })?;
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
@@ -112,13 +122,16 @@ impl Store {
         let data_keys = db.open_tree("data_keys")?;
         let index = db.open_tree("blind_index")?;
         let meta = db.open_tree("meta")?;
-        let (committer, commit_thread) = spawn_committer(db.clone())?;
+        // Opened after sled, whose lock keeps a second server out.
+        let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
+        let (committer, commit_thread) = spawn_committer(db.clone(), slots.clone())?;
         Ok(Store {
             db,
             records,
             data_keys,
             index,
             meta,
+            slots,
             committer: Some(committer),
             commit_thread: Some(commit_thread),
         })
@@ -141,6 +154,7 @@ impl Store {
 
     /// Flushes synchronously (for callers without an async runtime).
     pub fn flush(&self) -> Result<()> {
+        self.slots.sync()?;
         self.db.flush()?;
         Ok(())
     }
@@ -153,7 +167,10 @@ impl Store {
 
 /// The group-commit thread: it takes every waiter queued while the previous
 /// flush ran, flushes once, and answers them all.
-fn spawn_committer(db: sled::Db) -> Result<(mpsc::Sender<Waiter>, thread::JoinHandle<()>)> {
+fn spawn_committer(
+    db: sled::Db,
+    slots: Arc<ShredSlots>,
+) -> Result<(mpsc::Sender<Waiter>, thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<Waiter>();
     let handle = thread::Builder::new()
         .name("sovra-commit".into())
@@ -163,7 +180,12 @@ fn spawn_committer(db: sled::Db) -> Result<(mpsc::Sender<Waiter>, thread::JoinHa
                 while let Ok(w) = rx.try_recv() {
                     waiters.push(w);
                 }
-                let r = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                // Pads first: a durable record must never reference a pad
+                // that is not durable.
+                let r = slots
+                    .sync()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| db.flush().map(|_| ()).map_err(|e| e.to_string()));
                 for w in waiters {
                     let _ = w.send(r.clone());
                 }

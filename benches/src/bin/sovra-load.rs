@@ -1,1 +1,192 @@
-fn main() {}
+//! `sovra-load`: drives a real Sovra server with N concurrent clients, each
+//! on its own connection, and reports throughput and latency percentiles.
+//!
+//! Against a running server:
+//!   sovra-load --server http://127.0.0.1:50051 --token $SOVRA_TOKEN --mode read
+//! Or against an embedded server in this process:
+//!   sovra-load --embedded --mode write
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use sovra_proto::vault::v1 as pb;
+use sovra_vault::client;
+use sovra_vault::synthetic;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Mode {
+    /// GetFields of one field of a random preloaded customer.
+    Read,
+    /// PutRecord of one field of a new customer (durable before the reply).
+    Write,
+    /// PutRecord of a whole 11-field record of a new customer.
+    WriteRecord,
+}
+
+#[derive(Parser)]
+struct Args {
+    /// Server URL (ignored with --embedded).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// A `service` token (ignored with --embedded).
+    #[arg(long, env = "SOVRA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Start an embedded server in this process instead.
+    #[arg(long)]
+    embedded: bool,
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "read")]
+    mode: Mode,
+    /// Concurrent clients, one connection each.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Seconds to measure (after one second of warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Customers to preload for reads.
+    #[arg(long, default_value_t = 10_000)]
+    preload: usize,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if args.clients == 0 || args.clients > 1024 || args.seconds == 0 || args.seconds > 600 {
+        return Err("--clients must be 1..=1024 and --seconds 1..=600".into());
+    }
+    let mut _embedded = None;
+    let (url, token) = if args.embedded {
+        let e = sovra_benches::embedded().await?;
+        let r = (e.url.clone(), e.service_token.clone());
+        _embedded = Some(e);
+        r
+    } else {
+        (
+            args.server.clone(),
+            args.token
+                .clone()
+                .ok_or("--token or SOVRA_TOKEN is required")?,
+        )
+    };
+    let run_id = std::process::id();
+
+    let people = Arc::new(synthetic::generate(u64::from(run_id), args.preload.max(1)));
+    if args.mode == Mode::Read {
+        eprintln!("preloading {} customers…", people.len());
+        let mut c = client::connect(&url, Some(&token), None).await?;
+        let reqs: Vec<_> = people
+            .iter()
+            .map(|p| {
+                let mut r = p.to_request("load");
+                r.customer_id = format!("{}-{run_id}", p.id);
+                r
+            })
+            .collect();
+        let mut s = c.batch_put(tokio_stream::iter(reqs)).await?.into_inner();
+        while let Some(r) = s.message().await? {
+            if r.code != 0 {
+                return Err(format!("preload failed: {}", r.message).into());
+            }
+        }
+    }
+
+    let start = Instant::now();
+    let warmup = Duration::from_secs(1);
+    let end = warmup + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    for w in 0..args.clients {
+        let url = url.clone();
+        let token = token.clone();
+        let people = people.clone();
+        let mode = args.mode;
+        tasks.push(tokio::spawn(async move {
+            let mut c = client::connect(&url, Some(&token), None).await?;
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut errors = 0u64;
+            let mut i = 0usize;
+            loop {
+                let elapsed = start.elapsed();
+                if elapsed >= end {
+                    break;
+                }
+                let t = Instant::now();
+                let ok = match mode {
+                    Mode::Read => {
+                        let p = &people[(i * 7919 + w * 104_729) % people.len()];
+                        c.get_fields(pb::GetFieldsRequest {
+                            customer_id: format!("{}-{run_id}", p.id),
+                            fields: vec!["phone".into()],
+                            purpose: "customer_service".into(),
+                        })
+                        .await
+                        .is_ok()
+                    }
+                    Mode::Write => {
+                        let mut fields = std::collections::HashMap::new();
+                        fields.insert(
+                            "purchase_count".to_owned(),
+                            pb::Value {
+                                kind: Some(pb::value::Kind::Integer(i as i64)),
+                            },
+                        );
+                        c.put_record(pb::PutRecordRequest {
+                            customer_id: format!("lw-{run_id}-{w}-{i}"),
+                            fields,
+                            source: Some(pb::CollectionSource {
+                                channel: "load".into(),
+                                collector: "sovra-load".into(),
+                                consent_ref: String::new(),
+                            }),
+                        })
+                        .await
+                        .is_ok()
+                    }
+                    Mode::WriteRecord => {
+                        let mut r = people[i % people.len()].to_request("load");
+                        r.customer_id = format!("lr-{run_id}-{w}-{i}");
+                        c.put_record(r).await.is_ok()
+                    }
+                };
+                i += 1;
+                if elapsed >= warmup {
+                    if ok {
+                        h.record(t.elapsed().as_micros().max(1) as u64)?;
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((h, errors))
+        }));
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await?.map_err(|e| e.to_string())?;
+        all.add(h)?;
+        errors += e;
+    }
+    let secs = args.seconds as f64;
+    println!(
+        "mode={:?} clients={} seconds={} ops={} errors={} throughput={:.0}/s p50={}us p90={}us p99={}us p999={}us max={}us",
+        args.mode,
+        args.clients,
+        args.seconds,
+        all.len(),
+        errors,
+        all.len() as f64 / secs,
+        all.value_at_quantile(0.50),
+        all.value_at_quantile(0.90),
+        all.value_at_quantile(0.99),
+        all.value_at_quantile(0.999),
+        all.max()
+    );
+    if let Some(e) = _embedded {
+        e.handle.shutdown().await?;
+    }
+    Ok(())
+}

@@ -1,15 +1,34 @@
 //! Crypto-shredding: after an erasure, the raw data directory holds none of
-//! the customer's plaintext values and not their data key.
+//! the customer's plaintext values, not their data key, and not the pad
+//! without which the wrapped key sled may still hold is useless, even to
+//! someone holding the root key.
 
 use prost::Message;
+use sovra_proto::vault::v1 as pb;
 use sovra_vault::config::Config;
 use sovra_vault::keys::{KeyRing, WrappedKey};
 use sovra_vault::synthetic;
+use tonic::Code;
 
 use crate::common::*;
 
+/// (wrapped key, pad) of a customer, read from a stopped server's files.
+fn key_material(env: &Env, customer: &str) -> (WrappedKey, Vec<u8>) {
+    let db = open_raw(&env.data_dir());
+    let w = db
+        .open_tree("data_keys")
+        .unwrap()
+        .get(format!("default\0{customer}"))
+        .unwrap()
+        .unwrap();
+    let w = WrappedKey::decode(&w[..]).unwrap();
+    let slots = std::fs::read(env.data_dir().join("shred.slots")).unwrap();
+    let off = 16 + w.slot as usize * 32;
+    (w, slots[off..off + 32].to_vec())
+}
+
 #[tokio::test]
-async fn erased_customer_leaves_no_plaintext_and_no_data_key_on_disk() {
+async fn erased_customer_leaves_no_plaintext_no_data_key_and_no_pad_on_disk() {
     let env = Env::new();
     let people = synthetic::generate(11, 40);
     let victim = &people[17];
@@ -20,23 +39,18 @@ async fn erased_customer_leaves_no_plaintext_and_no_data_key_on_disk() {
     }
     srv.stop().await;
 
-    // Recover the victim's data key the way an attacker with the root key
-    // would, to look for it on disk afterwards.
+    // Recover the victim's data key the way an attacker holding the root key
+    // and a copy of the disk would, to look for it afterwards.
+    let (wrapped, pad) = key_material(&env, &victim.id);
+    let root = Config::load(&env.config_path)
+        .unwrap()
+        .load_root_key()
+        .unwrap();
+    let pad_arr: [u8; 32] = pad.clone().try_into().unwrap();
     let dek = {
-        let db = open_raw(&env.data_dir());
-        let w = db
-            .open_tree("data_keys")
-            .unwrap()
-            .get(format!("default\0{}", victim.id))
-            .unwrap()
-            .unwrap();
-        let w = WrappedKey::decode(&w[..]).unwrap();
-        let root = Config::load(&env.config_path)
-            .unwrap()
-            .load_root_key()
-            .unwrap();
-        KeyRing::new(root)
-            .unwrap("default", &victim.id, &w)
+        let ring = KeyRing::new(root);
+        let p = sovra_vault::shred::Pad::from_bytes_for_tests(pad_arr);
+        ring.unwrap("default", &victim.id, &wrapped, &p)
             .unwrap()
             .expose_for_tests()
             .to_vec()
@@ -44,7 +58,7 @@ async fn erased_customer_leaves_no_plaintext_and_no_data_key_on_disk() {
 
     let srv = env.start().await;
     let mut adm = srv.client(Some(&env.admin)).await;
-    adm.erase_customer(sovra_proto::vault::v1::EraseCustomerRequest {
+    adm.erase_customer(pb::EraseCustomerRequest {
         customer_id: victim.id.clone(),
         reason: "test".into(),
     })
@@ -53,7 +67,7 @@ async fn erased_customer_leaves_no_plaintext_and_no_data_key_on_disk() {
     srv.stop().await; // flushes
 
     let data = env.data_dir();
-    assert!(!files_under(&data).is_empty());
+    assert!(files_under(&data).len() >= 3);
     let mut needles: Vec<Vec<u8>> = victim
         .secrets()
         .into_iter()
@@ -69,10 +83,85 @@ async fn erased_customer_leaves_no_plaintext_and_no_data_key_on_disk() {
         );
     }
     assert_eq!(occurs_in(&data, &dek), None, "the data key is on disk");
+    // sled may keep the old wrapped key in an unreclaimed segment; without
+    // the pad it decrypts (with the root key) only to data key XOR pad.
+    assert_eq!(occurs_in(&data, &pad), None, "the pad survived the erasure");
 
-    // And the values of customers never erased are not on disk either:
-    // nothing is ever stored in the clear.
+    // Nothing is ever stored in the clear, erased or not.
     for n in people[3].secrets() {
         assert_eq!(occurs_in(&data, n.as_bytes()), None);
     }
+}
+
+#[tokio::test]
+async fn an_interrupted_erasure_is_completed_at_start() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    svc.put_record(put(
+        "gone",
+        &[
+            ("phone", text("13800000077")),
+            ("email", text("gone@example.com")),
+        ],
+    ))
+    .await
+    .unwrap();
+    svc.put_record(put("kept", &[("phone", text("13800000078"))]))
+        .await
+        .unwrap();
+    srv.stop().await;
+    // The pad was shredded, then the process died before sled saw the rest.
+    let (w, _) = key_material(&env, "gone");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(env.data_dir().join("shred.slots"))
+            .unwrap();
+        f.write_all_at(&[0u8; 32], 16 + w.slot * 32).unwrap();
+        f.sync_all().unwrap();
+    }
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    let e = svc
+        .get_fields(get("gone", &[], "billing"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let s = svc
+        .search(pb::SearchRequest {
+            field: "email".into(),
+            value: Some(text("gone@example.com")),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.customer_ids.is_empty(), "index entries were removed too");
+    assert_eq!(
+        svc.get_fields(get("kept", &[], "billing"))
+            .await
+            .unwrap()
+            .into_inner()
+            .fields
+            .len(),
+        1
+    );
+    // The slot is reused by the next customer, with a fresh pad.
+    svc.put_record(put("new", &[("phone", text("13800000079"))]))
+        .await
+        .unwrap();
+    assert_eq!(
+        svc.get_fields(get("new", &[], "billing"))
+            .await
+            .unwrap()
+            .into_inner()
+            .fields
+            .len(),
+        1
+    );
+    srv.stop().await;
+    let (w2, _) = key_material(&env, "new");
+    assert_eq!(w2.slot, w.slot);
 }
