@@ -1,8 +1,12 @@
 //! Field encryption and decryption, data-key wrapping and blind-index tokens.
 
+// Benchmark harness code: a failed setup should abort the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sovra_vault::envelope::{open, seal, FieldContext};
-use sovra_vault::keys::{DataKey, KeyRing, RootKey};
+use sovra_vault::keys::{DataKey, KeyPlace, KeyRing, RootKey};
+use sovra_vault::shred::Pad;
 
 fn bench(c: &mut Criterion) {
     let dek = DataKey::generate();
@@ -25,11 +29,18 @@ fn bench(c: &mut Criterion) {
     g.bench_function("data_key_cipher_init", |b| b.iter(|| dek.cipher()));
     let ring = KeyRing::new(RootKey::generate());
     let kek = ring.kek("default", 1);
+    let pad = Pad::from_bytes_for_tests([7u8; 32]);
+    let place = KeyPlace {
+        tenant: "default",
+        customer: "cust-000001",
+        slot: 1,
+        dek_version: 1,
+    };
     let wrapped = ring
-        .wrap(&kek, "default", "cust-000001", &dek, 1, 0)
+        .wrap(&kek, &place, &dek, &pad, 0)
         .unwrap_or_else(|e| panic!("{e}"));
     g.bench_function("unwrap_data_key", |b| {
-        b.iter(|| ring.unwrap("default", "cust-000001", &wrapped))
+        b.iter(|| ring.unwrap("default", "cust-000001", &wrapped, &pad))
     });
     let ik = ring.index_key("default");
     g.bench_function("blind_index_token", |b| {

@@ -1,6 +1,9 @@
 //! gRPC round trips on loopback against the embedded server: put and get of
 //! one 10-field record, and a one-field get.
 
+// Benchmark harness code: a failed setup should abort the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sovra_proto::vault::v1 as pb;
 use sovra_vault::client;

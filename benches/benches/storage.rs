@@ -1,6 +1,9 @@
 //! Put and get of one customer record (11 fields) through the storage layer
 //! (engine over sled), without gRPC; durable put includes the group commit.
 
+// Benchmark harness code: a failed setup should abort the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sovra_vault::engine::{Engine, Source};
 use sovra_vault::keys::RootKey;

@@ -75,10 +75,7 @@ impl VaultService {
         Ok(p)
     }
 
-    fn parse_put(
-        &self,
-        req: pb::PutRecordRequest,
-    ) -> Result<(String, Vec<(&FieldDef, FieldValue)>, Source), VaultError> {
+    fn parse_put(&self, req: pb::PutRecordRequest) -> Result<ParsedPut<'_>, VaultError> {
         let schema = self.engine.schema();
         validate_id(
             "customer_id",
@@ -180,6 +177,9 @@ fn key_status(tenant: &str, s: KeyStatus) -> pb::KeyStatus {
         }),
     }
 }
+
+/// A validated write: customer id, normalised values, source.
+type ParsedPut<'s> = (String, Vec<(&'s FieldDef, FieldValue)>, Source);
 
 type BatchStream = Pin<Box<dyn Stream<Item = Result<pb::BatchPutResult, Status>> + Send>>;
 

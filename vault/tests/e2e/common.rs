@@ -180,7 +180,9 @@ pub fn set_listen(env: &Env, port: u16) {
     sovra_vault::config::write_config(&cfg, &env.config_path).unwrap();
 }
 
-/// Starts `sovra serve` as a real process and waits until it answers.
+/// Starts `sovra serve` as a real process and waits until it answers. The
+/// caller kills and waits for it.
+#[allow(clippy::zombie_processes)]
 pub async fn spawn_server(env: &Env, port: u16) -> std::process::Child {
     set_listen(env, port);
     let log = std::fs::File::create(env.dir.path().join(format!("serve-{port}.log"))).unwrap();

@@ -73,7 +73,7 @@ async fn erased_customer_leaves_no_plaintext_no_data_key_and_no_pad_on_disk() {
         .into_iter()
         .map(String::into_bytes)
         .collect();
-    needles.push(victim.phone_e164[3..].as_bytes().to_vec()); // national number
+    needles.push(victim.phone_e164.as_bytes()[3..].to_vec()); // national number
     for n in &needles {
         assert_eq!(
             occurs_in(&data, n),
