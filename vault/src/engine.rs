@@ -140,8 +140,8 @@ fn tx_err(e: TransactionError<VaultError>) -> VaultError {
     }
 }
 
-fn decode_field(bytes: &[u8], what: &str) -> Result<StoredField> {
-    StoredField::decode(bytes).map_err(|_| VaultError::integrity(what.to_owned()))
+fn decode_field(bytes: &[u8], what: impl FnOnce() -> String) -> Result<StoredField> {
+    StoredField::decode(bytes).map_err(|_| VaultError::integrity(what()))
 }
 
 impl Engine {
@@ -371,10 +371,9 @@ impl Engine {
         for (def, value) in values {
             let key = store::record_key(tenant, customer, &def.name);
             let prev = match self.store.records.get(&key)? {
-                Some(b) => Some(decode_field(
-                    &b,
-                    &format!("field `{}` of customer `{customer}`", def.name),
-                )?),
+                Some(b) => Some(decode_field(&b, || {
+                    format!("field `{}` of customer `{customer}`", def.name)
+                })?),
                 None => None,
             };
             let version = prev.as_ref().map_or(0, |p| p.version) + 1;
@@ -482,8 +481,8 @@ impl Engine {
             else {
                 continue;
             };
-            let what = format!("field `{}` of customer `{customer}`", def.name);
-            let rec = decode_field(&bytes, &what)?;
+            let what = || format!("field `{}` of customer `{customer}`", def.name);
+            let rec = decode_field(&bytes, what)?;
             let ctx = FieldContext {
                 tenant,
                 customer,
@@ -493,7 +492,7 @@ impl Engine {
             };
             let plain = envelope::open(&cipher, &ctx, &rec.nonce, &rec.ciphertext)?;
             let value = FieldValue::from_bytes(&plain)
-                .ok_or_else(|| VaultError::integrity(format!("{what} (undecodable plaintext)")))?;
+                .ok_or_else(|| VaultError::integrity(format!("{} (undecodable plaintext)", what())))?;
             out.push(Revealed {
                 def,
                 value,

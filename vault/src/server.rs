@@ -12,7 +12,7 @@ use sovra_proto::vault::v1::vault_server::VaultServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::config::Config;
@@ -136,7 +136,8 @@ pub async fn start(
 
     let (tx, rx) = oneshot::channel::<()>();
     let join = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        // Small request/response pairs: Nagle's algorithm would only add latency.
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
         async move {
             tokio::select! {
                 _ = rx => {},

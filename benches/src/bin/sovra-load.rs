@@ -17,6 +17,9 @@ use sovra_proto::vault::v1 as pb;
 use sovra_vault::client;
 use sovra_vault::synthetic;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Mode {
     /// GetFields of one field of a random preloaded customer.
