@@ -491,8 +491,9 @@ impl Engine {
                 dek_version: rec.dek_version,
             };
             let plain = envelope::open(&cipher, &ctx, &rec.nonce, &rec.ciphertext)?;
-            let value = FieldValue::from_bytes(&plain)
-                .ok_or_else(|| VaultError::integrity(format!("{} (undecodable plaintext)", what())))?;
+            let value = FieldValue::from_bytes(&plain).ok_or_else(|| {
+                VaultError::integrity(format!("{} (undecodable plaintext)", what()))
+            })?;
             out.push(Revealed {
                 def,
                 value,

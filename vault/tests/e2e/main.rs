@@ -13,3 +13,4 @@ mod durability;
 mod erasure;
 mod integrity;
 mod rotation;
+mod tls;
