@@ -67,3 +67,18 @@ pub fn with_token(channel: Channel, token: Option<&str>) -> Result<Client> {
 pub async fn connect(server: &str, token: Option<&str>, ca_pem: Option<Vec<u8>>) -> Result<Client> {
     with_token(channel(server, ca_pem).await?, token)
 }
+
+/// A field reading as a person reads it: the value, or the mask marked as
+/// such.
+pub fn display(r: &sovra_proto::vault::v1::FieldReading) -> String {
+    use sovra_proto::vault::v1::{field_reading::Disclosure, value::Kind};
+    match &r.disclosure {
+        Some(Disclosure::Revealed(v)) => match &v.kind {
+            Some(Kind::Text(s)) => s.clone(),
+            Some(Kind::Integer(i)) | Some(Kind::TimestampMs(i)) => i.to_string(),
+            None => String::new(),
+        },
+        Some(Disclosure::Masked(m)) => format!("{m} (masked)"),
+        None => String::new(),
+    }
+}

@@ -77,20 +77,6 @@ fn check(cond: bool, what: &str) -> Result<()> {
     }
 }
 
-fn show(r: &pb::FieldReading) -> String {
-    match &r.disclosure {
-        Some(pb::field_reading::Disclosure::Revealed(v)) => match &v.kind {
-            Some(pb::value::Kind::Text(s)) => s.clone(),
-            Some(pb::value::Kind::Integer(i)) | Some(pb::value::Kind::TimestampMs(i)) => {
-                i.to_string()
-            }
-            None => String::new(),
-        },
-        Some(pb::field_reading::Disclosure::Masked(m)) => format!("{m}  (masked)"),
-        None => String::new(),
-    }
-}
-
 /// Runs the demo, printing to `out`.
 pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoSummary> {
     let io = |e: std::io::Error| VaultError::storage(format!("cannot print: {e}"));
@@ -217,7 +203,14 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
             Some(pb::field_reading::Disclosure::Masked(_)) => sum.masked += 1,
             _ => sum.revealed += 1,
         }
-        writeln!(out, "     {:<20} v{} {}", f.field, f.version, show(f)).map_err(io)?;
+        writeln!(
+            out,
+            "     {:<20} v{} {}",
+            f.field,
+            f.version,
+            client::display(f)
+        )
+        .map_err(io)?;
     }
     check(
         sum.masked == 2 && sum.revealed == 9,

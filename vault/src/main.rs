@@ -321,20 +321,6 @@ async fn schema_map(c: &mut Client) -> Result<HashMap<String, pb::FieldSpec>, Fa
     Ok(s.fields.into_iter().map(|f| (f.name.clone(), f)).collect())
 }
 
-fn show_value(r: &pb::FieldReading) -> String {
-    match &r.disclosure {
-        Some(pb::field_reading::Disclosure::Revealed(v)) => match &v.kind {
-            Some(pb::value::Kind::Text(s)) => s.clone(),
-            Some(pb::value::Kind::Integer(i)) | Some(pb::value::Kind::TimestampMs(i)) => {
-                i.to_string()
-            }
-            None => String::new(),
-        },
-        Some(pb::field_reading::Disclosure::Masked(m)) => format!("{m} (masked)"),
-        None => String::new(),
-    }
-}
-
 fn print_status(s: &pb::KeyStatus) {
     println!(
         "tenant {}: active v{}, minimum decryption v{}",
@@ -461,7 +447,7 @@ async fn run(cmd: Cmd) -> CmdResult {
                     "  {:<20} v{:<3} {}   [{}]",
                     f.field,
                     f.version,
-                    show_value(f),
+                    client::display(f),
                     src
                 );
             }

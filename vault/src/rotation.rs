@@ -22,7 +22,7 @@ use prost::Message;
 
 use crate::engine::{now_ms, Engine};
 use crate::error::{Result, VaultError};
-use crate::keys::{KeyPlace, WrappedKey};
+use crate::keys::{Kek, KeyPlace, WrappedKey};
 use crate::store::{self, Store};
 
 /// Data keys re-wrapped per batch (one cursor write and flush per batch).
@@ -248,33 +248,22 @@ impl Engine {
             }
             let customer = String::from_utf8(k[prefix.len()..].to_vec())
                 .map_err(|_| VaultError::integrity("a data-key entry"))?;
-            {
-                let _g = self.lock(tenant, &customer);
-                // Re-read under the lock: the customer may have been erased
-                // or written since the scan.
-                if let Some(cur) = self.store.data_keys.get(&k)? {
-                    let w = WrappedKey::decode(&cur[..]).map_err(|_| {
-                        VaultError::integrity(format!("the data key of customer `{customer}`"))
-                    })?;
-                    // Keys under a retired version cannot be unwrapped; they
-                    // stay as they are (their data is unreadable by design).
-                    if w.kek_version < job.target_version && w.kek_version >= st.min_version {
-                        // A shredded pad means the customer is being erased.
-                        if let Some(pad) = self.store.slots.read(w.slot)? {
-                            let dek = self.keyring.unwrap(tenant, &customer, &w, &pad)?;
-                            let place = KeyPlace {
-                                tenant,
-                                customer: &customer,
-                                slot: w.slot,
-                                dek_version: w.dek_version,
-                            };
-                            let nw =
-                                self.keyring
-                                    .wrap(&kek, &place, &dek, &pad, w.created_at_ms)?;
-                            self.store.data_keys.insert(&k, nw.encode_to_vec())?;
-                        }
-                    }
+            match self.rewrap_one(
+                tenant,
+                &customer,
+                &k,
+                &kek,
+                job.target_version,
+                st.min_version,
+            ) {
+                Ok(()) => {}
+                // A key that fails authentication cannot be re-wrapped; it
+                // must not stall the job for everyone else. Reads of it
+                // report DATA_LOSS.
+                Err(e @ VaultError::Integrity(_)) => {
+                    tracing::warn!(tenant, customer = %customer, error = %e, "rotation skips a data key that fails authentication");
                 }
+                Err(e) => return Err(e),
             }
             job.cursor = k.to_vec();
             job.rewrapped += 1;
@@ -294,6 +283,47 @@ impl Engine {
         st.job = Some(job);
         self.states.set(&self.store, tenant, st)?;
         Ok(done)
+    }
+
+    /// Re-wraps one data key to `kek`, under the customer's lock.
+    fn rewrap_one(
+        &self,
+        tenant: &str,
+        customer: &str,
+        key: &[u8],
+        kek: &Kek,
+        target: u32,
+        min: u32,
+    ) -> Result<()> {
+        let _g = self.lock(tenant, customer);
+        // Re-read under the lock: the customer may have been erased or
+        // written since the scan.
+        let Some(cur) = self.store.data_keys.get(key)? else {
+            return Ok(());
+        };
+        let w = WrappedKey::decode(&cur[..])
+            .map_err(|_| VaultError::integrity(format!("the data key of customer `{customer}`")))?;
+        // Keys under a retired version cannot be unwrapped; they stay as they
+        // are (their data is unreadable by design).
+        if w.kek_version >= target || w.kek_version < min {
+            return Ok(());
+        }
+        // A shredded pad means the customer is being erased.
+        let Some(pad) = self.store.slots.read(w.slot)? else {
+            return Ok(());
+        };
+        let dek = self.keyring.unwrap(tenant, customer, &w, &pad)?;
+        let place = KeyPlace {
+            tenant,
+            customer,
+            slot: w.slot,
+            dek_version: w.dek_version,
+        };
+        let nw = self
+            .keyring
+            .wrap(kek, &place, &dek, &pad, w.created_at_ms)?;
+        self.store.data_keys.insert(key, nw.encode_to_vec())?;
+        Ok(())
     }
 
     /// The tenant's key state and data keys per wrapping version.

@@ -45,17 +45,11 @@ impl ServerHandle {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let served = (&mut self.join).await;
-        self.engine.store().flush()?;
-        match served {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(VaultError::storage(format!("server error: {e}"))),
-            Err(e) => Err(VaultError::storage(format!("server task failed: {e}"))),
-        }
+        self.wait().await
     }
 
-    /// Waits until the server stops (after [`ServerHandle::shutdown`] from
-    /// elsewhere, or an error).
+    /// Waits until the server stops (after [`ServerHandle::shutdown`] or the
+    /// `stop` future given to [`start`], or an error), then flushes.
     pub async fn wait(mut self) -> Result<()> {
         let served = (&mut self.join).await;
         self.engine.store().flush()?;

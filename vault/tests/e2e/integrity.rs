@@ -128,5 +128,39 @@ async fn a_data_key_moved_to_another_customer_does_not_unwrap() {
         "{}",
         e.message()
     );
+    // A rotation skips the damaged key instead of stalling on it.
+    let mut adm = srv.client(Some(&env.admin)).await;
+    adm.rotate_tenant_key(sovra_proto::vault::v1::RotateTenantKeyRequest {})
+        .await
+        .unwrap();
+    let mut done = None;
+    for _ in 0..500 {
+        let s = adm
+            .get_key_status(sovra_proto::vault::v1::GetKeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.job.as_ref().is_some_and(|j| j.done) {
+            done = Some(s);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let s = done.expect("rotation finished");
+    assert_eq!(
+        s.data_keys_by_version.get(&2),
+        Some(&1),
+        "alice re-wrapped: {:?}",
+        s.data_keys_by_version
+    );
+    assert_eq!(
+        s.data_keys_by_version.get(&1),
+        Some(&1),
+        "bob's damaged key left as it was"
+    );
+    assert!(svc
+        .get_fields(get("alice", &[], "customer_service"))
+        .await
+        .is_ok());
     srv.stop().await;
 }
