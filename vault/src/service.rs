@@ -122,6 +122,88 @@ impl VaultService {
         ))
     }
 
+    /// Applies one BatchPut chunk across the cores. Items of one customer go
+    /// to the same worker, in stream order, so per-customer order holds.
+    async fn apply_chunk(
+        &self,
+        tenant: &str,
+        first: u64,
+        chunk: Vec<pb::PutRecordRequest>,
+    ) -> Vec<pb::BatchPutResult> {
+        let n = chunk.len();
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |w| w.get())
+            .clamp(1, n.max(1));
+        let mut groups: Vec<Vec<(u64, pb::PutRecordRequest)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for (i, m) in chunk.into_iter().enumerate() {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            m.customer_id.hash(&mut h);
+            groups[(h.finish() as usize) % workers].push((first + i as u64, m));
+        }
+        let tasks: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                let this = self.clone();
+                let tenant = tenant.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    g.into_iter()
+                        .map(|(index, m)| this.item_result(&tenant, index, m))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut out: Vec<pb::BatchPutResult> = Vec::with_capacity(n);
+        for t in futures::future::join_all(tasks).await {
+            match t {
+                Ok(rs) => out.extend(rs),
+                Err(e) => tracing::error!(error = %e, "a BatchPut worker failed"),
+            }
+        }
+        out.sort_by_key(|r| r.index);
+        // A worker that died leaves holes: report those items as failed.
+        let mut full = Vec::with_capacity(n);
+        let mut it = out.into_iter().peekable();
+        for index in first..first + n as u64 {
+            match it.next_if(|r| r.index == index) {
+                Some(r) => full.push(r),
+                None => full.push(pb::BatchPutResult {
+                    index,
+                    customer_id: String::new(),
+                    code: Code::Internal as i32,
+                    message: "internal error while writing this item; the server log has details"
+                        .into(),
+                    versions: Vec::new(),
+                }),
+            }
+        }
+        full
+    }
+
+    fn item_result(&self, tenant: &str, index: u64, m: pb::PutRecordRequest) -> pb::BatchPutResult {
+        let customer_id = m.customer_id.clone();
+        match self.apply_put(tenant, m) {
+            Ok(resp) => pb::BatchPutResult {
+                index,
+                customer_id,
+                code: Code::Ok as i32,
+                message: String::new(),
+                versions: resp.versions,
+            },
+            Err(e) => {
+                let s = to_status(e);
+                pb::BatchPutResult {
+                    index,
+                    customer_id,
+                    code: s.code() as i32,
+                    message: s.message().to_owned(),
+                    versions: Vec::new(),
+                }
+            }
+        }
+    }
+
     fn apply_put(
         &self,
         tenant: &str,
@@ -237,31 +319,9 @@ impl Vault for VaultService {
                         None => break,
                     }
                 }
-                let mut results = Vec::with_capacity(chunk.len());
-                for m in chunk {
-                    let customer_id = m.customer_id.clone();
-                    let r = match this.apply_put(&p.tenant, m) {
-                        Ok(resp) => pb::BatchPutResult {
-                            index,
-                            customer_id,
-                            code: Code::Ok as i32,
-                            message: String::new(),
-                            versions: resp.versions,
-                        },
-                        Err(e) => {
-                            let s = to_status(e);
-                            pb::BatchPutResult {
-                                index,
-                                customer_id,
-                                code: s.code() as i32,
-                                message: s.message().to_owned(),
-                                versions: Vec::new(),
-                            }
-                        }
-                    };
-                    index += 1;
-                    results.push(r);
-                }
+                let n = chunk.len() as u64;
+                let mut results = this.apply_chunk(&p.tenant, index, chunk).await;
+                index += n;
                 if results.iter().any(|r| r.code == Code::Ok as i32) {
                     if let Err(e) = this.engine.commit().await {
                         let s = to_status(e);
