@@ -344,6 +344,10 @@ async fn batch_put_reports_each_item() {
         .collect();
     reqs[10].fields.insert("budget".into(), text("lots"));
     reqs[200].customer_id = "bad/id".into();
+    // Several updates of one customer in one stream apply in stream order.
+    for k in 0..5 {
+        reqs.push(put("same-customer", &[("purchase_count", int(k))]));
+    }
     let mut stream = svc
         .batch_put(tokio_stream::iter(reqs))
         .await
@@ -353,8 +357,27 @@ async fn batch_put_reports_each_item() {
     while let Some(r) = stream.message().await.unwrap() {
         results.push(r);
     }
-    assert_eq!(results.len(), 300);
-    for (i, r) in results.iter().enumerate() {
+    assert_eq!(results.len(), 305);
+    for (k, r) in results[300..].iter().enumerate() {
+        assert_eq!(
+            r.versions,
+            vec![pb::FieldVersion {
+                field: "purchase_count".into(),
+                version: k as u64 + 1
+            }]
+        );
+    }
+    let last = svc
+        .get_fields(get("same-customer", &["purchase_count"], "billing"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        revealed(&last.fields[0]),
+        Some(&pb::value::Kind::Integer(4))
+    );
+    assert_eq!(last.fields[0].version, 5);
+    for (i, r) in results.iter().take(300).enumerate() {
         assert_eq!(r.index, i as u64);
         if i == 10 || i == 200 {
             assert_eq!(r.code, Code::InvalidArgument as i32, "{r:?}");
