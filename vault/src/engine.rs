@@ -172,10 +172,14 @@ impl Engine {
     fn recover(&self) -> Result<()> {
         let mut referenced = std::collections::HashSet::new();
         let mut orphans = Vec::new();
+        let mut damaged = 0usize;
         for item in self.store.data_keys.iter() {
             let (k, v) = item?;
-            let w = WrappedKey::decode(&v[..])
-                .map_err(|_| VaultError::integrity("a data-key entry"))?;
+            let Ok(w) = WrappedKey::decode(&v[..]) else {
+                // Its reads report DATA_LOSS; it must not keep the vault down.
+                damaged += 1;
+                continue;
+            };
             if self.store.slots.read(w.slot)?.is_none() {
                 orphans.push(k.to_vec());
             } else {
@@ -196,9 +200,17 @@ impl Engine {
                 continue;
             }
             if self.store.slots.read(slot)?.is_some() {
+                // A damaged entry might reference this pad: keep it for
+                // repair from a backup rather than destroy it.
+                if damaged > 0 {
+                    continue;
+                }
                 self.store.slots.shred(slot)?;
             }
             free.push(slot);
+        }
+        if damaged > 0 {
+            tracing::error!(entries = damaged, "data-key entries fail to decode; unreferenced pads are kept until they are repaired");
         }
         self.store.flush()?;
         self.store.slots.release(free);
