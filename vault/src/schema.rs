@@ -668,6 +668,43 @@ impl FieldDef {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Hostile input never panics: every field either normalises within
+        // its limits or is rejected with an error naming it.
+        #[test]
+        fn normalise_never_panics(s in "\\PC{0,300}", bytes in proptest::collection::vec(any::<u8>(), 0..64), i in any::<i64>()) {
+            let schema = Schema::default_crm();
+            let lossy = String::from_utf8_lossy(&bytes).into_owned();
+            for f in schema.fields() {
+                for raw in [RawValue::Text(s.clone()), RawValue::Text(lossy.clone()), RawValue::Text(format!("+{s}")), RawValue::Integer(i), RawValue::Timestamp(i)] {
+                    match schema.normalise(f, raw) {
+                        Ok(v) => {
+                            if let FieldValue::Text(t) = &v {
+                                prop_assert!(t.len() <= f.max_len as usize);
+                            }
+                            prop_assert_eq!(FieldValue::from_bytes(&v.to_bytes()), Some(v.clone()));
+                            let _ = f.mask.apply(&v);
+                        }
+                        Err(e) => prop_assert!(e.to_string().contains(&f.name)),
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn masks_never_panic_and_hide_half(s in "\\PC{0,40}", n in 1u8..16) {
+            let v = FieldValue::Text(s.clone());
+            for m in [Mask::First(n), Mask::Last(n)] {
+                let out = m.apply(&v);
+                prop_assert_eq!(out.chars().count(), s.chars().count());
+                let hidden = out.chars().filter(|&c| c == '*').count();
+                prop_assert!(hidden * 2 >= s.chars().count());
+            }
+            let _ = Mask::Email.apply(&v);
+        }
+    }
 
     #[test]
     fn default_schema_is_valid_and_complete() {

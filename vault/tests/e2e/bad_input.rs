@@ -314,3 +314,40 @@ async fn reads_searches_and_admin_calls_reject_bad_input() {
     assert_eq!(got.fields.len(), 1);
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn batch_put_with_an_oversized_item_keeps_what_came_before() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    let reqs = vec![
+        put("first", &[("phone", text("13800138001"))]),
+        put("huge", &[("name", text(&"x".repeat(5 * 1024 * 1024)))]),
+        put("after", &[("phone", text("13800138002"))]),
+    ];
+    let mut stream = svc
+        .batch_put(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ok = Vec::new();
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(r)) => ok.push(r),
+            Ok(None) => panic!("the stream must end with an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    // Whatever was answered OK is durable and readable.
+    for r in ok.iter().filter(|r| r.code == 0) {
+        svc.get_fields(get(&r.customer_id, &[], "billing"))
+            .await
+            .unwrap();
+    }
+    svc.put_record(put("still-up", &[("phone", text("13800138003"))]))
+        .await
+        .unwrap();
+    srv.stop().await;
+}
