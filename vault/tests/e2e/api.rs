@@ -88,21 +88,13 @@ async fn write_read_search_erase_through_grpc() {
         }]
     );
     let s = svc
-        .search(pb::SearchRequest {
-            field: "phone".into(),
-            value: Some(text("13900000001")),
-            limit: 0,
-        })
+        .search(search_req("phone", "13900000001", 0))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(s.customer_ids, vec![c.id.clone()]);
     let s = svc
-        .search(pb::SearchRequest {
-            field: "phone".into(),
-            value: Some(text(&c.phone)),
-            limit: 0,
-        })
+        .search(search_req("phone", &c.phone, 0))
         .await
         .unwrap()
         .into_inner();
@@ -111,21 +103,13 @@ async fn write_read_search_erase_through_grpc() {
     // Search by phone and email (normalised like writes).
     let d = &people[5];
     let s = svc
-        .search(pb::SearchRequest {
-            field: "phone".into(),
-            value: Some(text(&d.phone)),
-            limit: 0,
-        })
+        .search(search_req("phone", &d.phone, 0))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(s.customer_ids, vec![d.id.clone()]);
     let s = svc
-        .search(pb::SearchRequest {
-            field: "email".into(),
-            value: Some(text(&d.email.to_uppercase())),
-            limit: 0,
-        })
+        .search(search_req("email", &d.email.to_uppercase(), 0))
         .await
         .unwrap()
         .into_inner();
@@ -137,11 +121,7 @@ async fn write_read_search_erase_through_grpc() {
             .unwrap();
     }
     let s = svc
-        .search(pb::SearchRequest {
-            field: "email".into(),
-            value: Some(text("shared@example.com")),
-            limit: 2,
-        })
+        .search(search_req("email", "shared@example.com", 2))
         .await
         .unwrap()
         .into_inner();
@@ -170,11 +150,7 @@ async fn write_read_search_erase_through_grpc() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let s = svc
-        .search(pb::SearchRequest {
-            field: "phone".into(),
-            value: Some(text(&d.phone)),
-            limit: 0,
-        })
+        .search(search_req("phone", &d.phone, 0))
         .await
         .unwrap()
         .into_inner();
@@ -238,11 +214,7 @@ async fn authentication_and_role_table() {
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("partner"), "{}", e.message());
     let e = partner
-        .search(pb::SearchRequest {
-            field: "phone".into(),
-            value: Some(text("13800138000")),
-            limit: 0,
-        })
+        .search(search_req("phone", "13800138000", 0))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);

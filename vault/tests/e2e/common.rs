@@ -210,3 +210,27 @@ pub async fn spawn_server(env: &Env, port: u16) -> std::process::Child {
         env.dir.path().display()
     );
 }
+
+pub fn search_req(field: &str, value: &str, limit: u32) -> pb::SearchRequest {
+    pb::SearchRequest {
+        field: field.into(),
+        value: Some(text(value)),
+        limit,
+    }
+}
+
+/// Polls the key status until the rotation job is done.
+pub async fn wait_rotation(adm: &mut Client) -> pb::KeyStatus {
+    for _ in 0..3000 {
+        let s = adm
+            .get_key_status(pb::GetKeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.job.as_ref().is_some_and(|j| j.done) {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("rotation did not finish");
+}

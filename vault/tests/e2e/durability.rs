@@ -92,11 +92,7 @@ async fn acknowledged_writes_survive_sigkill() {
     };
     let phone = format!("1380000{:04}", (w * 1000 + i) % 10_000);
     let s = c
-        .search(pb::SearchRequest {
-            field: "phone".into(),
-            value: Some(text(&phone)),
-            limit: 0,
-        })
+        .search(search_req("phone", &phone, 0))
         .await
         .unwrap()
         .into_inner();

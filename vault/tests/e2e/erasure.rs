@@ -130,11 +130,7 @@ async fn an_interrupted_erasure_is_completed_at_start() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let s = svc
-        .search(pb::SearchRequest {
-            field: "email".into(),
-            value: Some(text("gone@example.com")),
-            limit: 0,
-        })
+        .search(search_req("email", "gone@example.com", 0))
         .await
         .unwrap()
         .into_inner();

@@ -133,20 +133,7 @@ async fn a_data_key_moved_to_another_customer_does_not_unwrap() {
     adm.rotate_tenant_key(sovra_proto::vault::v1::RotateTenantKeyRequest {})
         .await
         .unwrap();
-    let mut done = None;
-    for _ in 0..500 {
-        let s = adm
-            .get_key_status(sovra_proto::vault::v1::GetKeyStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if s.job.as_ref().is_some_and(|j| j.done) {
-            done = Some(s);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let s = done.expect("rotation finished");
+    let s = wait_rotation(&mut adm).await;
     assert_eq!(
         s.data_keys_by_version.get(&2),
         Some(&1),
