@@ -454,14 +454,6 @@ impl Engine {
         })
     }
 
-    /// Whether the customer exists.
-    pub fn exists(&self, tenant: &str, customer: &str) -> Result<bool> {
-        Ok(self
-            .store
-            .data_keys
-            .contains_key(store::data_key_key(tenant, customer))?)
-    }
-
     /// Decrypts `fields` of `customer` (all of the schema's fields if empty).
     /// Fields never written are left out. NOT_FOUND if the customer does not
     /// exist.

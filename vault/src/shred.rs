@@ -47,11 +47,6 @@ impl std::fmt::Debug for Pad {
 }
 
 impl Pad {
-    /// The raw bytes, for tests that look for pads on disk.
-    pub fn expose_for_tests(&self) -> &[u8; PAD_LEN] {
-        &self.0
-    }
-
     /// A pad from raw bytes, for tests that play an attacker reading disks.
     pub fn from_bytes_for_tests(bytes: [u8; PAD_LEN]) -> Pad {
         Pad(bytes)

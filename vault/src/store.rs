@@ -158,11 +158,6 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
-
-    /// Bytes sled reports for the database on disk.
-    pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.db.size_on_disk()?)
-    }
 }
 
 /// The group-commit thread: it takes every waiter queued while the previous
