@@ -1,0 +1,732 @@
+//! Ledger entries and their canonical binary encoding (docs/ledger-format.md
+//! describes it byte by byte).
+//!
+//! Guarantees:
+//! - One entry has exactly one encoding: [`Entry::decode`] accepts only what
+//!   [`Entry::encode`] produces (no trailing bytes, no overlong strings, no
+//!   unknown enum values inside known kinds), so the Merkle leaf hash of an
+//!   entry identifies it.
+//! - Decoding never panics and never allocates more than the input's length
+//!   implies.
+//! - Entries carry no personal data by construction: the customer appears
+//!   only as a [`Pseudonym`] and evidence only as a SHA-256 digest. Free-text
+//!   fields are bounded identifiers (purposes, channels, principal names).
+//!
+//! Not guaranteed: that the strings callers put in are not personal data; the
+//! vault validates them as identifiers before they get here.
+
+use serde::Serialize;
+
+use crate::error::{LedgerError, Result};
+
+/// Version byte that starts every entry encoded by this crate.
+pub const FORMAT_VERSION: u8 = 1;
+/// Longest encoded entry accepted.
+pub const MAX_ENTRY_LEN: usize = 64 * 1024;
+/// Longest string inside an entry.
+pub const MAX_STRING_LEN: usize = 256;
+/// Most fields one reveal entry lists.
+pub const MAX_FIELDS: usize = 256;
+const HEADER_LEN: usize = 1 + 1 + 8 + 8 + 32 + 4;
+
+/// A 32-byte value shown as hex (hashes, pseudonyms).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Parses exactly 64 hex digits.
+    pub fn from_hex(s: &str) -> Result<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| {
+            LedgerError::invalid(format!("digest `{s:.80}`: expected 64 hex digits"))
+        })?;
+        Ok(Self(out))
+    }
+    /// Takes exactly 32 bytes.
+    pub fn from_slice(what: &str, b: &[u8]) -> Result<Self> {
+        <[u8; 32]>::try_from(b).map(Self).map_err(|_| {
+            LedgerError::invalid(format!("{what}: expected 32 bytes, got {}", b.len()))
+        })
+    }
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+/// A customer's pseudonym: an HMAC of the customer id under a per-customer
+/// salt the vault destroys at erasure. Not personal data once the salt is
+/// gone; until then only the vault can link it to the customer.
+pub type Pseudonym = Digest;
+
+/// Whether a consent entry grants or withdraws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentAction {
+    /// Consent given.
+    Grant,
+    /// Consent withdrawn.
+    Withdraw,
+}
+
+/// A consent grant or withdrawal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Consent {
+    /// Tenant the customer belongs to.
+    pub tenant: String,
+    /// The customer.
+    pub subject: Pseudonym,
+    /// The purpose consented to (or withdrawn).
+    pub purpose: String,
+    /// Collection channel (web, call-centre, branch…).
+    pub channel: String,
+    /// Legal basis (GDPR Art. 6 / PIPL Art. 13 term).
+    pub legal_basis: String,
+    /// Version of the privacy notice shown.
+    pub notice_version: String,
+    /// SHA-256 of the evidence (signed form, recording); never the evidence.
+    pub evidence_sha256: Digest,
+    /// Principal that recorded it.
+    pub actor: String,
+}
+
+/// The outcome of an access decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// The access went ahead.
+    Allowed,
+    /// The access was refused.
+    Denied,
+}
+
+/// How one field was disclosed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disclosure {
+    /// The plaintext value was returned.
+    Plaintext,
+    /// Only a masked form was returned.
+    Masked,
+    /// Nothing of the value was returned.
+    Withheld,
+}
+
+/// One field of a reveal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldAccess {
+    /// The schema field name.
+    pub field: String,
+    /// How it was disclosed.
+    pub disclosure: Disclosure,
+}
+
+/// A read of field values (allowed or denied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reveal {
+    /// Tenant.
+    pub tenant: String,
+    /// The customer.
+    pub subject: Pseudonym,
+    /// Principal that asked.
+    pub actor: String,
+    /// Its role.
+    pub role: String,
+    /// Declared purpose.
+    pub purpose: String,
+    /// Outcome.
+    pub decision: Decision,
+    /// Why (policy ids, or the consent entry that refused it); may be empty.
+    pub reason: String,
+    /// Fields and how each was disclosed.
+    pub fields: Vec<FieldAccess>,
+}
+
+/// A crypto-shredding erasure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Erasure {
+    /// Tenant.
+    pub tenant: String,
+    /// The customer (its salt is destroyed by this erasure).
+    pub subject: Pseudonym,
+    /// Principal that ordered it.
+    pub actor: String,
+}
+
+/// A tenant key rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyRotation {
+    /// Tenant.
+    pub tenant: String,
+    /// Principal that ordered it.
+    pub actor: String,
+    /// Version active before.
+    pub from_version: u32,
+    /// Version active after.
+    pub to_version: u32,
+}
+
+/// A change of the active policy set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyChange {
+    /// Principal (or `startup`) that installed it.
+    pub actor: String,
+    /// SHA-256 of the policy set.
+    pub policy_sha256: Digest,
+    /// Short description (file names, reason).
+    pub summary: String,
+}
+
+/// The kind-specific body of an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Body {
+    /// Kind 1.
+    ConsentGranted(Consent),
+    /// Kind 2.
+    ConsentWithdrawn(Consent),
+    /// Kind 3.
+    FieldRevealed(Reveal),
+    /// Kind 4.
+    CustomerErased(Erasure),
+    /// Kind 5.
+    TenantKeyRotated(KeyRotation),
+    /// Kind 6.
+    PolicyChanged(PolicyChange),
+    /// A kind this version does not know (kind 7, sandbox job run, is
+    /// reserved for the sandbox): kept as bytes so that old verifiers still
+    /// verify newer logs.
+    Unknown {
+        /// The kind byte.
+        code: u8,
+        /// The raw body, hex in JSON.
+        #[serde(serialize_with = "hex_bytes")]
+        body: Vec<u8>,
+    },
+}
+
+fn hex_bytes<S: serde::Serializer>(b: &[u8], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(b))
+}
+
+impl Body {
+    /// The kind byte.
+    pub fn code(&self) -> u8 {
+        match self {
+            Body::ConsentGranted(_) => 1,
+            Body::ConsentWithdrawn(_) => 2,
+            Body::FieldRevealed(_) => 3,
+            Body::CustomerErased(_) => 4,
+            Body::TenantKeyRotated(_) => 5,
+            Body::PolicyChanged(_) => 6,
+            Body::Unknown { code, .. } => *code,
+        }
+    }
+
+    /// The customer this entry is about, if any.
+    pub fn subject(&self) -> Option<&Pseudonym> {
+        match self {
+            Body::ConsentGranted(c) | Body::ConsentWithdrawn(c) => Some(&c.subject),
+            Body::FieldRevealed(r) => Some(&r.subject),
+            Body::CustomerErased(e) => Some(&e.subject),
+            _ => None,
+        }
+    }
+
+    /// The consent this entry sets, if it is a consent entry.
+    pub fn consent(&self) -> Option<(&Consent, ConsentAction)> {
+        match self {
+            Body::ConsentGranted(c) => Some((c, ConsentAction::Grant)),
+            Body::ConsentWithdrawn(c) => Some((c, ConsentAction::Withdraw)),
+            _ => None,
+        }
+    }
+
+    fn encode_into(&self, w: &mut Writer) -> Result<()> {
+        match self {
+            Body::ConsentGranted(c) | Body::ConsentWithdrawn(c) => {
+                w.str("tenant", &c.tenant)?;
+                w.digest(&c.subject);
+                w.str("purpose", &c.purpose)?;
+                w.str("channel", &c.channel)?;
+                w.str("legal_basis", &c.legal_basis)?;
+                w.str("notice_version", &c.notice_version)?;
+                w.digest(&c.evidence_sha256);
+                w.str("actor", &c.actor)?;
+            }
+            Body::FieldRevealed(r) => {
+                w.str("tenant", &r.tenant)?;
+                w.digest(&r.subject);
+                w.str("actor", &r.actor)?;
+                w.str("role", &r.role)?;
+                w.str("purpose", &r.purpose)?;
+                w.u8(match r.decision {
+                    Decision::Allowed => 1,
+                    Decision::Denied => 2,
+                });
+                w.str("reason", &r.reason)?;
+                if r.fields.len() > MAX_FIELDS {
+                    return Err(LedgerError::invalid(format!(
+                        "entry: {} fields; at most {MAX_FIELDS}",
+                        r.fields.len()
+                    )));
+                }
+                // INVARIANT: MAX_FIELDS fits in u16.
+                w.u16(r.fields.len() as u16);
+                for f in &r.fields {
+                    w.str("field", &f.field)?;
+                    w.u8(match f.disclosure {
+                        Disclosure::Plaintext => 1,
+                        Disclosure::Masked => 2,
+                        Disclosure::Withheld => 3,
+                    });
+                }
+            }
+            Body::CustomerErased(e) => {
+                w.str("tenant", &e.tenant)?;
+                w.digest(&e.subject);
+                w.str("actor", &e.actor)?;
+            }
+            Body::TenantKeyRotated(k) => {
+                w.str("tenant", &k.tenant)?;
+                w.str("actor", &k.actor)?;
+                w.u32(k.from_version);
+                w.u32(k.to_version);
+            }
+            Body::PolicyChanged(p) => {
+                w.str("actor", &p.actor)?;
+                w.digest(&p.policy_sha256);
+                w.str("summary", &p.summary)?;
+            }
+            Body::Unknown { code, body } => {
+                if (1..=6).contains(code) {
+                    return Err(LedgerError::invalid(format!(
+                        "entry: kind {code} is known and must not be written as unknown"
+                    )));
+                }
+                w.buf.extend_from_slice(body);
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(code: u8, b: &[u8]) -> Result<Body> {
+        let mut r = Reader { b, at: 0 };
+        let body = match code {
+            1 | 2 => {
+                let c = Consent {
+                    tenant: r.str("tenant")?,
+                    subject: r.digest("subject")?,
+                    purpose: r.str("purpose")?,
+                    channel: r.str("channel")?,
+                    legal_basis: r.str("legal_basis")?,
+                    notice_version: r.str("notice_version")?,
+                    evidence_sha256: r.digest("evidence_sha256")?,
+                    actor: r.str("actor")?,
+                };
+                if code == 1 {
+                    Body::ConsentGranted(c)
+                } else {
+                    Body::ConsentWithdrawn(c)
+                }
+            }
+            3 => {
+                let tenant = r.str("tenant")?;
+                let subject = r.digest("subject")?;
+                let actor = r.str("actor")?;
+                let role = r.str("role")?;
+                let purpose = r.str("purpose")?;
+                let decision = match r.u8("decision")? {
+                    1 => Decision::Allowed,
+                    2 => Decision::Denied,
+                    d => return Err(malformed(format!("unknown decision {d}"))),
+                };
+                let reason = r.str("reason")?;
+                let n = usize::from(r.u16("field count")?);
+                if n > MAX_FIELDS {
+                    return Err(malformed(format!("{n} fields; at most {MAX_FIELDS}")));
+                }
+                let mut fields = Vec::with_capacity(n.min(b.len()));
+                for _ in 0..n {
+                    let field = r.str("field")?;
+                    let disclosure = match r.u8("disclosure")? {
+                        1 => Disclosure::Plaintext,
+                        2 => Disclosure::Masked,
+                        3 => Disclosure::Withheld,
+                        d => return Err(malformed(format!("unknown disclosure {d}"))),
+                    };
+                    fields.push(FieldAccess { field, disclosure });
+                }
+                Body::FieldRevealed(Reveal {
+                    tenant,
+                    subject,
+                    actor,
+                    role,
+                    purpose,
+                    decision,
+                    reason,
+                    fields,
+                })
+            }
+            4 => Body::CustomerErased(Erasure {
+                tenant: r.str("tenant")?,
+                subject: r.digest("subject")?,
+                actor: r.str("actor")?,
+            }),
+            5 => Body::TenantKeyRotated(KeyRotation {
+                tenant: r.str("tenant")?,
+                actor: r.str("actor")?,
+                from_version: r.u32("from_version")?,
+                to_version: r.u32("to_version")?,
+            }),
+            6 => Body::PolicyChanged(PolicyChange {
+                actor: r.str("actor")?,
+                policy_sha256: r.digest("policy_sha256")?,
+                summary: r.str("summary")?,
+            }),
+            0 => return Err(malformed("kind 0 is not a kind".to_string())),
+            code => {
+                r.at = b.len();
+                Body::Unknown {
+                    code,
+                    body: b.to_vec(),
+                }
+            }
+        };
+        if r.at != b.len() {
+            return Err(malformed(format!(
+                "{} trailing bytes after the body",
+                b.len() - r.at
+            )));
+        }
+        Ok(body)
+    }
+}
+
+/// One entry of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// Position in the log (0-based); equals its Merkle leaf index.
+    pub seq: u64,
+    /// When it was appended (ms since the Unix epoch).
+    pub timestamp_ms: u64,
+    /// RFC 9162 leaf hash of the previous entry; zero for the first.
+    pub prev_hash: Digest,
+    /// What happened.
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+fn malformed(m: String) -> LedgerError {
+    LedgerError::invalid(format!("entry encoding: {m}"))
+}
+
+impl Entry {
+    /// The canonical encoding.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut w = Writer {
+            buf: Vec::with_capacity(160),
+        };
+        w.u8(FORMAT_VERSION);
+        w.u8(self.body.code());
+        w.u64(self.seq);
+        w.u64(self.timestamp_ms);
+        w.digest(&self.prev_hash);
+        w.u32(0); // body length, patched below
+        self.body.encode_into(&mut w)?;
+        let body_len = w.buf.len() - HEADER_LEN;
+        if w.buf.len() > MAX_ENTRY_LEN {
+            return Err(LedgerError::invalid(format!(
+                "entry: {} bytes encoded; at most {MAX_ENTRY_LEN}",
+                w.buf.len()
+            )));
+        }
+        // INVARIANT: body_len <= MAX_ENTRY_LEN, far below u32::MAX.
+        w.buf[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&(body_len as u32).to_be_bytes());
+        Ok(w.buf)
+    }
+
+    /// Decodes an entry, accepting only the canonical encoding.
+    pub fn decode(b: &[u8]) -> Result<Entry> {
+        if b.len() > MAX_ENTRY_LEN {
+            return Err(malformed(format!(
+                "{} bytes; at most {MAX_ENTRY_LEN}",
+                b.len()
+            )));
+        }
+        if b.len() < HEADER_LEN {
+            return Err(malformed(format!(
+                "{} bytes is shorter than the {HEADER_LEN}-byte header",
+                b.len()
+            )));
+        }
+        let mut r = Reader { b, at: 0 };
+        let version = r.u8("version")?;
+        if version != FORMAT_VERSION {
+            return Err(malformed(format!(
+                "format version {version}; this build reads version {FORMAT_VERSION}"
+            )));
+        }
+        let code = r.u8("kind")?;
+        let seq = r.u64("seq")?;
+        let timestamp_ms = r.u64("timestamp")?;
+        let prev_hash = r.digest("prev_hash")?;
+        let len = r.u32("body length")? as usize;
+        if len != b.len() - HEADER_LEN {
+            return Err(malformed(format!(
+                "body length says {len} bytes but {} follow",
+                b.len() - HEADER_LEN
+            )));
+        }
+        let body = Body::decode(code, &b[HEADER_LEN..])?;
+        Ok(Entry {
+            seq,
+            timestamp_ms,
+            prev_hash,
+            body,
+        })
+    }
+}
+
+struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+    fn digest(&mut self, d: &Digest) {
+        self.buf.extend_from_slice(&d.0);
+    }
+    fn str(&mut self, what: &str, s: &str) -> Result<()> {
+        if s.len() > MAX_STRING_LEN {
+            return Err(LedgerError::invalid(format!(
+                "entry field `{what}`: {} bytes; at most {MAX_STRING_LEN}",
+                s.len()
+            )));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(LedgerError::invalid(format!(
+                "entry field `{what}`: control characters are not allowed"
+            )));
+        }
+        // INVARIANT: MAX_STRING_LEN fits in u16.
+        self.u16(s.len() as u16);
+        self.buf.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, what: &str, n: usize) -> Result<&[u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| malformed(format!("truncated at `{what}`")))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8> {
+        Ok(self.take(what, 1)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16> {
+        let s = self.take(what, 2)?;
+        Ok(u16::from_be_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        let s = self.take(what, 4)?;
+        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        let s = self.take(what, 8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn digest(&mut self, what: &str) -> Result<Digest> {
+        let s = self.take(what, 32)?;
+        let mut a = [0u8; 32];
+        a.copy_from_slice(s);
+        Ok(Digest(a))
+    }
+    fn str(&mut self, what: &str) -> Result<String> {
+        let n = usize::from(self.u16(what)?);
+        if n > MAX_STRING_LEN {
+            return Err(malformed(format!(
+                "`{what}` is {n} bytes; at most {MAX_STRING_LEN}"
+            )));
+        }
+        let s = self.take(what, n)?;
+        let s = std::str::from_utf8(s).map_err(|_| malformed(format!("`{what}` is not UTF-8")))?;
+        if s.chars().any(char::is_control) {
+            return Err(malformed(format!("`{what}` holds control characters")));
+        }
+        Ok(s.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn consent(purpose: &str) -> Body {
+        Body::ConsentGranted(Consent {
+            tenant: "acme".into(),
+            subject: Digest([7; 32]),
+            purpose: purpose.into(),
+            channel: "web".into(),
+            legal_basis: "consent".into(),
+            notice_version: "2026-01".into(),
+            evidence_sha256: Digest([9; 32]),
+            actor: "crm".into(),
+        })
+    }
+
+    #[test]
+    fn round_trips_every_kind() {
+        let bodies = vec![
+            consent("marketing"),
+            Body::FieldRevealed(Reveal {
+                tenant: "acme".into(),
+                subject: Digest([1; 32]),
+                actor: "crm".into(),
+                role: "service".into(),
+                purpose: "support".into(),
+                decision: Decision::Allowed,
+                reason: String::new(),
+                fields: vec![
+                    FieldAccess {
+                        field: "phone".into(),
+                        disclosure: Disclosure::Plaintext,
+                    },
+                    FieldAccess {
+                        field: "national_id".into(),
+                        disclosure: Disclosure::Masked,
+                    },
+                ],
+            }),
+            Body::CustomerErased(Erasure {
+                tenant: "acme".into(),
+                subject: Digest([2; 32]),
+                actor: "admin".into(),
+            }),
+            Body::TenantKeyRotated(KeyRotation {
+                tenant: "acme".into(),
+                actor: "admin".into(),
+                from_version: 1,
+                to_version: 2,
+            }),
+            Body::PolicyChanged(PolicyChange {
+                actor: "startup".into(),
+                policy_sha256: Digest([3; 32]),
+                summary: "default".into(),
+            }),
+            Body::Unknown {
+                code: 7,
+                body: vec![1, 2, 3],
+            },
+        ];
+        for (i, body) in bodies.into_iter().enumerate() {
+            let e = Entry {
+                seq: i as u64,
+                timestamp_ms: 1_700_000_000_000,
+                prev_hash: Digest([i as u8; 32]),
+                body,
+            };
+            let b = e.encode().unwrap();
+            assert_eq!(Entry::decode(&b).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn rejects_non_canonical_and_hostile_bytes() {
+        let e = Entry {
+            seq: 3,
+            timestamp_ms: 5,
+            prev_hash: Digest::default(),
+            body: consent("marketing"),
+        };
+        let b = e.encode().unwrap();
+        let mut trailing = b.clone();
+        trailing.push(0);
+        assert!(Entry::decode(&trailing).is_err());
+        assert!(Entry::decode(&b[..b.len() - 1]).is_err());
+        let mut v2 = b.clone();
+        v2[0] = 2;
+        assert!(Entry::decode(&v2)
+            .unwrap_err()
+            .to_string()
+            .contains("version 2"));
+        let mut k0 = b.clone();
+        k0[1] = 0;
+        assert!(Entry::decode(&k0).is_err());
+        assert!(Entry::decode(&[]).is_err());
+        assert!(Entry::decode(&vec![1u8; MAX_ENTRY_LEN + 1]).is_err());
+        // A string longer than the limit cannot be written.
+        assert!(Entry {
+            body: consent(&"x".repeat(MAX_STRING_LEN + 1)),
+            ..e.clone()
+        }
+        .encode()
+        .is_err());
+        assert!(Entry {
+            body: consent("a\nb"),
+            ..e
+        }
+        .encode()
+        .is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Entry::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_of_mutated_entry_is_canonical_or_error(i in 0usize..150, bit in 0u8..8, purpose in "[a-z_]{1,40}") {
+            let e = Entry { seq: 1, timestamp_ms: 2, prev_hash: Digest([4; 32]), body: consent(&purpose) };
+            let mut b = e.encode().unwrap();
+            let i = i % b.len();
+            b[i] ^= 1 << bit;
+            if let Ok(d) = Entry::decode(&b) {
+                // Whatever decodes re-encodes to the same bytes.
+                prop_assert_eq!(d.encode().unwrap(), b);
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod checkpoint;
+pub mod entry;
+pub mod error;
+pub mod log;
+pub mod proof;
+pub mod receipt;
+
+pub use bundle::{verify_bundle, AuditBundle, ConsistencyProof, Verdict, VerifyOptions};
+pub use checkpoint::{verify_checkpoint, LogKey, SignedCheckpoint};
+pub use entry::{Body, ConsentAction, Digest, Entry, Pseudonym};
+pub use error::{LedgerError, Result};
+pub use log::{Appended, ConsentStatus, Ledger, LedgerOptions, Receipt};
+pub use proof::{leaf_hash, verify_consistency, verify_inclusion, TlogProof};
+pub use receipt::verify_receipt;
