@@ -102,7 +102,7 @@ fn bench(c: &mut Criterion) {
             i += 1;
             engine
                 .get("default", &people[i % people.len()].id, &[phone])
-                .map(|v| v.len())
+                .map(|(_, v)| v.len())
         })
     });
     g.bench_function("get_11_fields", |b| {
@@ -110,7 +110,7 @@ fn bench(c: &mut Criterion) {
             i += 1;
             engine
                 .get("default", &people[i % people.len()].id, &[])
-                .map(|v| v.len())
+                .map(|(_, v)| v.len())
         })
     });
     let pv = FieldValue::Text(people[5].phone_e164.clone());

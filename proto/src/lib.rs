@@ -12,6 +12,15 @@ pub mod vault {
     }
 }
 
+/// `sovra.ledger.v1`: the consent and audit ledger service.
+pub mod ledger {
+    /// Version 1 of the ledger API.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        include!(concat!(env!("OUT_DIR"), "/sovra.ledger.v1.rs"));
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every Sovra proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sovra_descriptor.bin"));

@@ -7,10 +7,10 @@
 //!
 //! | role    | may                                                          |
 //! |---------|--------------------------------------------------------------|
-//! | service | write, read (sensitive fields masked), search                |
-//! | officer | describe the schema; never field values                      |
+//! | service | write, read (sensitive fields masked), search, record and read consent |
+//! | officer | read consent state, checkpoints, proofs, entries, bundles; never field values |
 //! | partner | describe the schema; never field values                      |
-//! | admin   | erase, manage keys, describe the schema; never field values  |
+//! | admin   | erase, manage keys, rebuild the consent view; never field values |
 
 use crate::auth::{Principal, Role};
 use crate::error::{PermissionDenied, Result};
@@ -31,6 +31,14 @@ pub enum Action {
     ManageKeys,
     /// Describe the schema.
     DescribeSchema,
+    /// Record a consent grant or withdrawal.
+    RecordConsent,
+    /// Read a customer's consent state.
+    ReadConsent,
+    /// Read checkpoints, proofs, entries and audit bundles.
+    ReadAudit,
+    /// Rebuild the consent view.
+    RebuildConsent,
 }
 
 impl Action {
@@ -42,6 +50,10 @@ impl Action {
             Action::Erase => "erase customers",
             Action::ManageKeys => "manage keys",
             Action::DescribeSchema => "describe the schema",
+            Action::RecordConsent => "record consent",
+            Action::ReadConsent => "read consent state",
+            Action::ReadAudit => "read the audit ledger",
+            Action::RebuildConsent => "rebuild the consent view",
         }
     }
 }
@@ -51,8 +63,19 @@ pub fn authorize(p: &Principal, action: Action) -> Result<()> {
     let allowed = matches!(
         (p.role, action),
         (_, Action::DescribeSchema)
-            | (Role::Service, Action::Write | Action::Read | Action::Search)
-            | (Role::Admin, Action::Erase | Action::ManageKeys)
+            | (
+                Role::Service,
+                Action::Write
+                    | Action::Read
+                    | Action::Search
+                    | Action::RecordConsent
+                    | Action::ReadConsent
+            )
+            | (Role::Officer, Action::ReadConsent | Action::ReadAudit)
+            | (
+                Role::Admin,
+                Action::Erase | Action::ManageKeys | Action::RebuildConsent
+            )
     );
     if allowed {
         Ok(())

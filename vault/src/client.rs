@@ -53,14 +53,41 @@ pub async fn channel(server: &str, ca_pem: Option<Vec<u8>>) -> Result<Channel> {
 
 /// A client on `channel` presenting `token` (none: calls are unauthenticated).
 pub fn with_token(channel: Channel, token: Option<&str>) -> Result<Client> {
-    let value = match token {
+    Ok(VaultClient::with_interceptor(channel, bearer(token)?)
+        .max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A ledger client with its token.
+pub type LedgerClient =
+    sovra_proto::ledger::v1::ledger_client::LedgerClient<InterceptedService<Channel, BearerAuth>>;
+
+fn bearer(token: Option<&str>) -> Result<BearerAuth> {
+    Ok(BearerAuth(match token {
         Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
             VaultError::invalid("token", "contains characters not allowed in metadata")
         })?),
         None => None,
-    };
-    Ok(VaultClient::with_interceptor(channel, BearerAuth(value))
-        .max_decoding_message_size(64 * 1024 * 1024))
+    }))
+}
+
+/// A ledger client on `channel` presenting `token`.
+pub fn ledger_with_token(channel: Channel, token: Option<&str>) -> Result<LedgerClient> {
+    Ok(
+        sovra_proto::ledger::v1::ledger_client::LedgerClient::with_interceptor(
+            channel,
+            bearer(token)?,
+        )
+        .max_decoding_message_size(256 * 1024 * 1024),
+    )
+}
+
+/// Connects a ledger client to `server` with `token`.
+pub async fn connect_ledger(
+    server: &str,
+    token: Option<&str>,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<LedgerClient> {
+    ledger_with_token(channel(server, ca_pem).await?, token)
 }
 
 /// Connects to `server` with `token`.

@@ -14,6 +14,7 @@ use crate::engine::validate_id;
 use crate::error::{Result, VaultError};
 use crate::keys::RootKey;
 use crate::schema::{Schema, DEFAULT_SCHEMA};
+use sovra_ledger::{Ledger, LedgerOptions, LogKey};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -45,6 +46,9 @@ pub struct Config {
     /// Optional TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// The consent and audit ledger.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
     /// Who may call, by token hash.
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
@@ -61,6 +65,42 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key.
     pub key_file: PathBuf,
+}
+
+/// Ledger settings (`[ledger]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// The log's Ed25519 signing key (0600, 64 hex digits of seed).
+    #[serde(default = "default_ledger_key_file")]
+    pub key_file: PathBuf,
+    /// The log origin: the first line of every checkpoint and the key name
+    /// (no spaces or `+`).
+    #[serde(default = "default_origin")]
+    pub origin: String,
+    /// A checkpoint is signed at least this often while entries arrive.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            key_file: default_ledger_key_file(),
+            origin: default_origin(),
+            checkpoint_interval_ms: default_checkpoint_interval_ms(),
+        }
+    }
+}
+
+fn default_ledger_key_file() -> PathBuf {
+    "ledger.key".into()
+}
+fn default_origin() -> String {
+    "sovra.local/ledger".into()
+}
+fn default_checkpoint_interval_ms() -> u64 {
+    1000
 }
 
 /// One principal.
@@ -166,6 +206,32 @@ impl Config {
         RootKey::load(&self.resolve(&self.root_key_file))
     }
 
+    /// Opens the ledger in `<data_dir>/ledger`. A missing key file is
+    /// created only for a ledger that does not exist yet; an existing log
+    /// without its key is refused (its checkpoints could not be verified).
+    pub fn open_ledger(&self) -> Result<Ledger> {
+        let key_path = self.resolve(&self.ledger.key_file);
+        let dir = self.resolve(&self.data_dir).join("ledger");
+        if !key_path.exists() {
+            if dir.exists() {
+                return Err(VaultError::config(
+                    key_path.display().to_string(),
+                    "the ledger key file is missing but the ledger exists; restore the key from backup",
+                ));
+            }
+            LogKey::write_new(&key_path)?;
+            tracing::warn!(path = %key_path.display(), "created a new ledger signing key");
+        }
+        let key = LogKey::load_file(&self.ledger.origin, &key_path)?;
+        let opts = LedgerOptions {
+            checkpoint_interval: std::time::Duration::from_millis(
+                self.ledger.checkpoint_interval_ms.clamp(10, 3_600_000),
+            ),
+            verify_on_open: true,
+        };
+        Ok(Ledger::open(&dir, key, opts)?)
+    }
+
     /// The principals, by token hash.
     pub fn authenticator(&self) -> Result<Authenticator> {
         let mut a = Authenticator::default();
@@ -240,6 +306,11 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
         ));
     }
     RootKey::generate().write_new(&dir.join("root.key"))?;
+    if !dir.join(default_ledger_key_file()).exists() {
+        LogKey::write_new(&dir.join(default_ledger_key_file()))?;
+    }
+    let mut suffix = [0u8; 4];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut suffix);
     std::fs::write(dir.join("schema.toml"), DEFAULT_SCHEMA)
         .map_err(|e| VaultError::config(&shown, format!("cannot write schema.toml: {e}")))?;
     let mut cfg = Config {
@@ -250,6 +321,10 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         log_format: default_log_format(),
         tls: None,
+        ledger: LedgerConfig {
+            origin: format!("sovra.local/ledger/{}", hex::encode(suffix)),
+            ..LedgerConfig::default()
+        },
         principals: Vec::new(),
         base_dir: dir.to_path_buf(),
     };

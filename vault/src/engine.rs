@@ -29,6 +29,7 @@ use crate::rotation::KeyStates;
 use crate::schema::{FieldDef, FieldValue, Schema};
 use crate::shred::Pad;
 use crate::store::{self, Store, StoredField};
+use sovra_ledger::{Digest, Pseudonym};
 
 /// Longest customer id accepted.
 pub const MAX_CUSTOMER_ID_LEN: usize = 128;
@@ -83,6 +84,9 @@ pub struct EraseOutcome {
     /// When the erasure was applied.
     pub erased_at_ms: i64,
 }
+
+/// A data key created but not stored yet: its shred slot and wrapped form.
+type NewKey = (u64, Vec<u8>);
 
 /// The vault engine.
 pub struct Engine {
@@ -320,23 +324,7 @@ impl Engine {
         }
         let _guard = self.lock(tenant, customer);
         let now = now_ms();
-        let (dek, new_wrapped, dek_version) = match self.load_wrapped(tenant, customer)? {
-            Some(w) => (self.unwrap_dek(tenant, customer, &w)?, None, w.dek_version),
-            None => {
-                let active = self.states.get(tenant).active_version;
-                let kek = self.keyring.kek(tenant, active);
-                let dek = DataKey::generate();
-                let (slot, pad) = self.store.slots.allocate()?;
-                let place = KeyPlace {
-                    tenant,
-                    customer,
-                    slot,
-                    dek_version: 1,
-                };
-                let w = self.keyring.wrap(&kek, &place, &dek, &pad, now)?;
-                (dek, Some((slot, w.encode_to_vec())), 1)
-            }
-        };
+        let (dek, new_wrapped, dek_version) = self.load_or_new_key(tenant, customer, now)?;
         let result = self.apply_put(
             tenant,
             customer,
@@ -355,6 +343,63 @@ impl Engine {
             }
         }
         result
+    }
+
+    /// The customer's data key, or a new one (with its pad slot and wrapped
+    /// form, not yet stored). Callers hold the customer's lock.
+    fn load_or_new_key(
+        &self,
+        tenant: &str,
+        customer: &str,
+        now: i64,
+    ) -> Result<(DataKey, Option<NewKey>, u32)> {
+        match self.load_wrapped(tenant, customer)? {
+            Some(w) => Ok((self.unwrap_dek(tenant, customer, &w)?, None, w.dek_version)),
+            None => {
+                let active = self.states.get(tenant).active_version;
+                let kek = self.keyring.kek(tenant, active);
+                let dek = DataKey::generate();
+                let (slot, pad) = self.store.slots.allocate()?;
+                let place = KeyPlace {
+                    tenant,
+                    customer,
+                    slot,
+                    dek_version: 1,
+                };
+                let w = self.keyring.wrap(&kek, &place, &dek, &pad, now)?;
+                Ok((dek, Some((slot, w.encode_to_vec())), 1))
+            }
+        }
+    }
+
+    /// The customer's ledger pseudonym. With `create`, a customer the vault
+    /// has not seen gets a data key (and so a pseudonym) now, so that consent
+    /// can be recorded before any field is; not durable until
+    /// [`Engine::commit`]. Without it, NOT_FOUND for an unknown or erased
+    /// customer: an erased customer's pseudonym cannot be recomputed.
+    pub fn pseudonym(&self, tenant: &str, customer: &str, create: bool) -> Result<Pseudonym> {
+        validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
+        if !create {
+            let w = self
+                .load_wrapped(tenant, customer)?
+                .ok_or_else(|| VaultError::not_found(format!("customer `{customer}`")))?;
+            let dek = self.unwrap_dek(tenant, customer, &w)?;
+            return Ok(Digest(dek.pseudonym(tenant, customer)));
+        }
+        let _guard = self.lock(tenant, customer);
+        let (dek, new_wrapped, _) = self.load_or_new_key(tenant, customer, now_ms())?;
+        if let Some((slot, w)) = new_wrapped {
+            if let Err(e) = self
+                .store
+                .data_keys
+                .insert(store::data_key_key(tenant, customer), w)
+            {
+                self.store.slots.shred(slot)?;
+                self.store.slots.release([slot]);
+                return Err(e.into());
+            }
+        }
+        Ok(Digest(dek.pseudonym(tenant, customer)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -454,20 +499,21 @@ impl Engine {
         })
     }
 
-    /// Decrypts `fields` of `customer` (all of the schema's fields if empty).
-    /// Fields never written are left out. NOT_FOUND if the customer does not
-    /// exist.
+    /// Decrypts `fields` of `customer` (all of the schema's fields if empty),
+    /// with the customer's ledger pseudonym. Fields never written are left
+    /// out. NOT_FOUND if the customer does not exist.
     pub fn get<'s>(
         &'s self,
         tenant: &str,
         customer: &str,
         fields: &[&'s FieldDef],
-    ) -> Result<Vec<Revealed<'s>>> {
+    ) -> Result<(Pseudonym, Vec<Revealed<'s>>)> {
         validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
         let wrapped = self
             .load_wrapped(tenant, customer)?
             .ok_or_else(|| VaultError::not_found(format!("customer `{customer}`")))?;
         let dek = self.unwrap_dek(tenant, customer, &wrapped)?;
+        let subject = Digest(dek.pseudonym(tenant, customer));
         let cipher = dek.cipher();
         let all: Vec<&FieldDef>;
         let fields = if fields.is_empty() {
@@ -510,7 +556,7 @@ impl Engine {
                 collected_at_ms: rec.collected_at_ms,
             });
         }
-        Ok(out)
+        Ok((subject, out))
     }
 
     /// Customers whose `field` equals `value`, by blind index. Returns at

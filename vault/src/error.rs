@@ -37,6 +37,9 @@ pub enum VaultError {
     /// A configuration, schema or key file is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The consent and audit ledger refused or failed.
+    #[error(transparent)]
+    Ledger(#[from] sovra_ledger::LedgerError),
 }
 
 /// Result alias for the vault.
@@ -255,5 +258,12 @@ impl VaultError {
     }
     pub(crate) fn config(path: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::new(path, reason).into()
+    }
+    pub(crate) fn denied(
+        principal: impl Into<String>,
+        role: impl Into<String>,
+        action: impl Into<String>,
+    ) -> Self {
+        PermissionDenied::new(principal, role, action).into()
     }
 }

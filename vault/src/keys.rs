@@ -194,6 +194,29 @@ impl DataKey {
         Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&self.0))
     }
 
+    /// The customer's ledger pseudonym: HMAC-SHA256 of tenant and customer
+    /// id under a salt derived from this data key. The salt exists only
+    /// while the data key does, so crypto-shredding the key at erasure makes
+    /// the pseudonym impossible to recompute: ledger entries stay
+    /// verifiable but can no longer be linked to the person.
+    pub fn pseudonym(&self, tenant: &str, customer: &str) -> [u8; 32] {
+        let salt = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0),
+            b"sovra/v1/pseudonym-salt",
+        );
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, salt.as_ref());
+        let tag = ring::hmac::sign(
+            &key,
+            &encode_aad(
+                b"sovra/v1/pseudonym",
+                &[tenant.as_bytes(), customer.as_bytes()],
+            ),
+        );
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
     /// The raw bytes, for tests that scan storage for leaked keys.
     pub fn expose_for_tests(&self) -> &[u8; KEY_LEN] {
         &self.0

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod envelope;
 pub mod error;
 pub mod keys;
+pub mod ledger_service;
 pub mod rotation;
 pub mod schema;
 pub mod server;

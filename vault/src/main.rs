@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use sovra_proto::ledger::v1 as lpb;
 use sovra_proto::vault::v1 as pb;
 use sovra_vault::auth::Role;
 use sovra_vault::client::{self, Client};
@@ -130,6 +131,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Record or read customers' consent (the consent ledger).
+    Consent {
+        #[command(subcommand)]
+        cmd: ConsentCmd,
+    },
+    /// Checkpoints, audit bundles and their offline verification.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Show the schema.
     Schema {
         #[command(flatten)]
@@ -193,10 +204,120 @@ enum KeysCmd {
     },
 }
 
+#[derive(Args, Clone)]
+struct ConsentArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Customer id.
+    #[arg(long)]
+    customer: String,
+    /// Purpose (see `sovra schema`).
+    #[arg(long)]
+    purpose: String,
+    /// Collection channel.
+    #[arg(long, default_value = "cli")]
+    channel: String,
+    /// Legal basis: consent, contract, legal_obligation, vital_interests, public_task, legitimate_interests.
+    #[arg(long, default_value = "consent")]
+    legal_basis: String,
+    /// Version of the privacy notice shown.
+    #[arg(long, default_value = "v1")]
+    notice_version: String,
+    /// Evidence file (signed form, recording): only its SHA-256 is sent.
+    #[arg(long, conflicts_with = "evidence_sha256")]
+    evidence: Option<PathBuf>,
+    /// SHA-256 of the evidence, 64 hex digits.
+    #[arg(long)]
+    evidence_sha256: Option<String>,
+    /// Write the receipt (entry and tlog-proof) to this file.
+    #[arg(long)]
+    receipt_out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ConsentCmd {
+    /// Record that a customer gives consent to a purpose; prints the ledger receipt.
+    Grant(ConsentArgs),
+    /// Record that a customer withdraws consent; reads for the purpose are refused from the next request on.
+    Withdraw(ConsentArgs),
+    /// Show a customer's current consent per purpose.
+    State {
+        #[command(flatten)]
+        conn: Conn,
+        /// Customer id.
+        #[arg(long)]
+        customer: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Fetch the latest signed checkpoint (keep it: later bundles must be consistent with it).
+    Checkpoint {
+        #[command(flatten)]
+        conn: Conn,
+        /// Write the signed checkpoint note to this file.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+    /// Export a customer's audit bundle (JSON) for offline verification.
+    Bundle {
+        #[command(flatten)]
+        conn: Conn,
+        /// Customer id.
+        #[arg(long)]
+        customer: String,
+        /// Only entries at or after this time (ms since the epoch).
+        #[arg(long)]
+        from_ms: Option<u64>,
+        /// Only entries before this time (ms since the epoch).
+        #[arg(long)]
+        to_ms: Option<u64>,
+        /// An older checkpoint file: include a consistency proof from it.
+        #[arg(long)]
+        since: Option<PathBuf>,
+        /// Output file.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Fetch a consistency proof from an older checkpoint to a newer tree size.
+    Consistency {
+        #[command(flatten)]
+        conn: Conn,
+        /// The older checkpoint file.
+        #[arg(long)]
+        since: PathBuf,
+        /// The newer tree size (default: the bundle's with --bundle, else the latest checkpoint's).
+        #[arg(long)]
+        to_size: Option<u64>,
+        /// Take the newer tree size from this bundle.
+        #[arg(long, conflicts_with = "to_size")]
+        bundle: Option<PathBuf>,
+        /// Output file.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Verify an audit bundle offline, with no server; exits non-zero naming what failed.
+    Verify {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// The log's verifier key (or a file holding it); without it the bundle's own key is used.
+        #[arg(long)]
+        key: Option<String>,
+        /// An older checkpoint file the bundle's log must be consistent with.
+        #[arg(long)]
+        since: Option<PathBuf>,
+        /// A consistency proof file (from `sovra audit consistency`), if the bundle has none.
+        #[arg(long)]
+        consistency: Option<PathBuf>,
+    },
+}
+
 enum Failure {
     Vault(VaultError),
     Rpc(tonic::Status),
     Usage(String),
+    Verify(String),
 }
 
 impl From<VaultError> for Failure {
@@ -238,6 +359,10 @@ fn main() -> ExitCode {
             eprintln!("error: {m}");
             ExitCode::from(64)
         }
+        Err(Failure::Verify(m)) => {
+            println!("FAILED: {m}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -252,6 +377,333 @@ fn init_logs(json: bool) {
     } else {
         b.init();
     }
+}
+
+fn read_file(p: &std::path::Path, limit: u64) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    let f = std::fs::File::open(p)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", p.display())))?;
+    let mut buf = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", p.display())))?;
+    if buf.len() as u64 > limit {
+        return Err(Failure::Usage(format!(
+            "{} is larger than {limit} bytes",
+            p.display()
+        )));
+    }
+    Ok(buf)
+}
+
+fn write_file(p: &std::path::Path, data: &[u8]) -> Result<(), Failure> {
+    std::fs::write(p, data)
+        .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", p.display())))
+}
+
+async fn connect_ledger(conn: &Conn) -> Result<client::LedgerClient, Failure> {
+    let ca = match &conn.ca_cert {
+        Some(p) => Some(read_file(p, 1 << 20)?),
+        None => None,
+    };
+    let token = conn
+        .token
+        .as_ref()
+        .map(|t| Zeroizing::new(t.clone()))
+        .ok_or_else(|| Failure::Usage("no token: set SOVRA_TOKEN or pass --token".into()))?;
+    Ok(client::connect_ledger(&conn.server, Some(token.as_str()), ca).await?)
+}
+
+fn consent_request(
+    a: &ConsentArgs,
+    action: lpb::ConsentAction,
+) -> Result<lpb::RecordConsentRequest, Failure> {
+    use sha2::Digest as _;
+    let evidence = match (&a.evidence, &a.evidence_sha256) {
+        (Some(p), _) => sha2::Sha256::digest(read_file(p, 1 << 30)?).to_vec(),
+        (None, Some(h)) => hex::decode(h.trim())
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| Failure::Usage("--evidence-sha256 must be 64 hex digits".into()))?,
+        (None, None) => {
+            return Err(Failure::Usage(
+                "give the consent evidence: --evidence FILE (only its SHA-256 is sent) or --evidence-sha256 HEX".into(),
+            ))
+        }
+    };
+    Ok(lpb::RecordConsentRequest {
+        customer_id: a.customer.clone(),
+        purpose: a.purpose.clone(),
+        action: action as i32,
+        channel: a.channel.clone(),
+        legal_basis: a.legal_basis.clone(),
+        notice_version: a.notice_version.clone(),
+        evidence_sha256: evidence,
+    })
+}
+
+async fn run_consent(cmd: ConsentCmd) -> CmdResult {
+    let (a, action) = match cmd {
+        ConsentCmd::Grant(a) => (a, lpb::ConsentAction::Grant),
+        ConsentCmd::Withdraw(a) => (a, lpb::ConsentAction::Withdraw),
+        ConsentCmd::State { conn, customer } => {
+            let mut c = connect_ledger(&conn).await?;
+            let s = c
+                .get_consent_state(lpb::GetConsentStateRequest {
+                    customer_id: customer,
+                })
+                .await?
+                .into_inner();
+            println!("customer {} (pseudonym {})", s.customer_id, s.subject);
+            if s.purposes.is_empty() {
+                println!("  no consent recorded");
+            }
+            for p in &s.purposes {
+                let what = if p.action == lpb::ConsentAction::Grant as i32 {
+                    "granted"
+                } else {
+                    "withdrawn"
+                };
+                println!(
+                    "  {:<16} {:<9} ledger entry {} at {} ms",
+                    p.purpose, what, p.index, p.timestamp_ms
+                );
+            }
+            return Ok(());
+        }
+    };
+    let req = consent_request(&a, action)?;
+    let mut c = connect_ledger(&a.conn).await?;
+    let r = c.record_consent(req).await?.into_inner();
+    println!(
+        "recorded: consent {} for `{}` (customer {}) is ledger entry {}",
+        if action == lpb::ConsentAction::Grant {
+            "granted"
+        } else {
+            "withdrawn"
+        },
+        a.purpose,
+        a.customer,
+        r.index
+    );
+    let (_, cp) = sovra_ledger::verify_receipt(&r.entry, r.proof.as_bytes(), &r.verifier_key)
+        .map_err(|e| Failure::Verify(format!("the server's receipt does not verify: {e}")))?;
+    println!(
+        "  receipt verified against checkpoint of tree size {}",
+        cp.size
+    );
+    if let Some(out) = &a.receipt_out {
+        let doc = serde_json::json!({
+            "entry": base64::Engine::encode(&base64::prelude::BASE64_STANDARD, &r.entry),
+            "proof": r.proof,
+            "verifier_key": r.verifier_key,
+        });
+        write_file(out, doc.to_string().as_bytes())?;
+        println!("  receipt written to {}", out.display());
+    }
+    Ok(())
+}
+
+fn read_key(key: &str) -> Result<String, Failure> {
+    let p = std::path::Path::new(key);
+    if !key.contains('+') && p.exists() {
+        return Ok(String::from_utf8_lossy(&read_file(p, 4096)?)
+            .trim()
+            .to_owned());
+    }
+    Ok(key.trim().to_owned())
+}
+
+fn verify_offline(
+    bundle: &std::path::Path,
+    key: Option<&str>,
+    since: Option<&std::path::Path>,
+    consistency: Option<&std::path::Path>,
+) -> CmdResult {
+    let json = read_file(bundle, sovra_ledger::bundle::MAX_BUNDLE_BYTES as u64)?;
+    let key = key.map(read_key).transpose()?;
+    let since = since.map(|p| read_file(p, 1 << 20)).transpose()?;
+    let proof = match consistency {
+        Some(p) => Some(
+            sovra_ledger::ConsistencyProof::parse(&read_file(p, 1 << 20)?)
+                .map_err(|e| Failure::Verify(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let v = sovra_ledger::verify_bundle(
+        &json,
+        sovra_ledger::VerifyOptions {
+            trusted_key: key.as_deref(),
+            since: since.as_deref(),
+            consistency: proof.as_ref(),
+        },
+    )
+    .map_err(|e| Failure::Verify(e.to_string()))?;
+    println!("VERIFIED: {}", bundle.display());
+    println!(
+        "  checkpoint: origin {}, tree size {}, signature valid ({})",
+        v.checkpoint.origin,
+        v.checkpoint.size,
+        if v.key_pinned {
+            "with the key you gave"
+        } else {
+            "with the bundle's own key: pass --key to prove it is from the log you trust"
+        }
+    );
+    println!(
+        "  {} entries included in that tree; hash chain checked across {} adjacent pairs",
+        v.entries, v.chain_links
+    );
+    if let Some(old) = v.consistent_since {
+        println!("  the log is consistent with your older checkpoint of tree size {old}");
+    }
+    if let Ok(b) = serde_json::from_slice::<sovra_ledger::AuditBundle>(&json) {
+        for e in &b.entries {
+            let d = &e.decoded;
+            let mut line = format!("  #{:<6} {}", e.index, d["kind"].as_str().unwrap_or("?"));
+            for k in ["purpose", "decision", "actor"] {
+                if let Some(v) = d[k].as_str() {
+                    line.push_str(&format!(" {k}={v}"));
+                }
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+async fn run_audit(cmd: AuditCmd) -> CmdResult {
+    match cmd {
+        AuditCmd::Verify {
+            bundle,
+            key,
+            since,
+            consistency,
+        } => verify_offline(
+            &bundle,
+            key.as_deref(),
+            since.as_deref(),
+            consistency.as_deref(),
+        ),
+        AuditCmd::Checkpoint { conn, out } => {
+            let mut c = connect_ledger(&conn).await?;
+            let cp = c
+                .get_checkpoint(lpb::GetCheckpointRequest {})
+                .await?
+                .into_inner();
+            sovra_ledger::verify_checkpoint(cp.note.as_bytes(), &cp.verifier_key).map_err(|e| {
+                Failure::Verify(format!("the server's checkpoint does not verify: {e}"))
+            })?;
+            match out {
+                Some(p) => {
+                    write_file(&p, cp.note.as_bytes())?;
+                    println!(
+                        "checkpoint of tree size {} written to {}",
+                        cp.tree_size,
+                        p.display()
+                    );
+                }
+                None => print!("{}", cp.note),
+            }
+            println!("verifier key: {}", cp.verifier_key);
+            Ok(())
+        }
+        AuditCmd::Bundle {
+            conn,
+            customer,
+            from_ms,
+            to_ms,
+            since,
+            out,
+        } => {
+            let since_size = match since {
+                Some(p) => checkpoint_size(&read_file(&p, 1 << 20)?)?,
+                None => 0,
+            };
+            let mut c = connect_ledger(&conn).await?;
+            let b = c
+                .export_audit_bundle(lpb::ExportAuditBundleRequest {
+                    customer_id: customer.clone(),
+                    from_ms: from_ms.unwrap_or(0),
+                    to_ms: to_ms.unwrap_or(0),
+                    consistency_from_size: since_size,
+                })
+                .await?
+                .into_inner();
+            write_file(&out, b.json.as_bytes())?;
+            println!(
+                "audit bundle of customer {customer}: {} entries against tree size {}, written to {}",
+                b.entries,
+                b.tree_size,
+                out.display()
+            );
+            println!(
+                "verify it offline: sovra audit verify {} --key <verifier key>",
+                out.display()
+            );
+            Ok(())
+        }
+        AuditCmd::Consistency {
+            conn,
+            since,
+            to_size,
+            bundle,
+            out,
+        } => {
+            let from = checkpoint_size(&read_file(&since, 1 << 20)?)?;
+            let to = match (to_size, bundle) {
+                (Some(n), _) => n,
+                (None, Some(b)) => {
+                    let b: sovra_ledger::AuditBundle = serde_json::from_slice(&read_file(
+                        &b,
+                        sovra_ledger::bundle::MAX_BUNDLE_BYTES as u64,
+                    )?)
+                    .map_err(|e| Failure::Usage(format!("not an audit bundle: {e}")))?;
+                    checkpoint_size(b.checkpoint.as_bytes())?
+                }
+                (None, None) => 0,
+            };
+            let mut c = connect_ledger(&conn).await?;
+            let p = c
+                .get_consistency_proof(lpb::GetConsistencyProofRequest {
+                    from_size: from,
+                    to_size: to,
+                })
+                .await?
+                .into_inner();
+            let hashes = p
+                .hashes
+                .iter()
+                .map(|h| <[u8; 32]>::try_from(h.as_slice()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    Failure::Verify("the server sent a hash that is not 32 bytes".into())
+                })?;
+            let doc = sovra_ledger::ConsistencyProof::new(p.from_size, p.to_size, &hashes);
+            let json = serde_json::to_string_pretty(&doc)
+                .map_err(|e| Failure::Usage(format!("cannot render the proof: {e}")))?;
+            write_file(&out, json.as_bytes())?;
+            println!(
+                "consistency proof from tree size {} to {} written to {}",
+                p.from_size,
+                p.to_size,
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The tree size of a checkpoint note, read without checking its signature
+/// (the verifier checks it).
+fn checkpoint_size(note: &[u8]) -> Result<u64, Failure> {
+    std::str::from_utf8(note)
+        .ok()
+        .and_then(|t| t.lines().nth(1))
+        .and_then(|l| l.parse().ok())
+        .ok_or_else(|| {
+            Failure::Usage("not a checkpoint: its second line must be the tree size".into())
+        })
 }
 
 async fn connect(conn: &Conn) -> Result<Client, Failure> {
@@ -565,6 +1017,8 @@ async fn run(cmd: Cmd) -> CmdResult {
                 print_status(&s);
             }
         },
+        Cmd::Consent { cmd } => run_consent(cmd).await?,
+        Cmd::Audit { cmd } => run_audit(cmd).await?,
         Cmd::Schema { conn } => {
             let mut c = connect(&conn).await?;
             let s = c

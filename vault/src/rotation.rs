@@ -153,7 +153,15 @@ impl Engine {
     /// Starts a rotation: the next version becomes active at once and a
     /// re-wrap job is recorded. Run the job with [`Engine::run_rotation`]
     /// (the server spawns it). Durable when this returns.
-    pub async fn rotate(&self, tenant: &str) -> Result<KeyState> {
+    ///
+    /// `audit(from, to)` runs once the new version is decided and before it
+    /// is stored; if it fails, nothing changes (the server appends the
+    /// ledger entry there, so no rotation goes unaudited).
+    pub async fn rotate(
+        &self,
+        tenant: &str,
+        audit: impl FnOnce(u32, u32) -> Result<()>,
+    ) -> Result<KeyState> {
         let st = {
             let _g = self.states.guard();
             let mut st = self.states.get(tenant);
@@ -168,10 +176,12 @@ impl Engine {
                 .data_keys
                 .scan_prefix(store::tenant_prefix(tenant))
                 .count() as u64;
+            let from = st.active_version;
             st.active_version = st
                 .active_version
                 .checked_add(1)
                 .ok_or_else(|| VaultError::precondition("no tenant key version left"))?;
+            audit(from, st.active_version)?;
             st.job = Some(RotationJob {
                 target_version: st.active_version,
                 rewrapped: 0,

@@ -1,13 +1,15 @@
-//! Assembles and runs the gRPC server: the `Vault` service, gRPC health and
-//! reflection, optional TLS, and graceful shutdown.
+//! Assembles and runs the gRPC server: the `Vault` and `Ledger` services,
+//! gRPC health and reflection, optional TLS, and graceful shutdown.
 //!
-//! Guarantees: the database is opened (and its lock taken) before the port
-//! accepts calls; unfinished key-rotation jobs resume at start; on shutdown
+//! Guarantees: the database and the ledger are opened (their locks taken,
+//! the ledger verified against its entries) before the port accepts calls; unfinished key-rotation jobs resume at start; on shutdown
 //! in-flight calls finish and the database is flushed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use sovra_ledger::Ledger;
+use sovra_proto::ledger::v1::ledger_server::LedgerServer;
 use sovra_proto::vault::v1::vault_server::VaultServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -18,6 +20,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::{Result, VaultError};
+use crate::ledger_service::LedgerService;
 use crate::service::VaultService;
 
 /// A running server.
@@ -25,6 +28,7 @@ use crate::service::VaultService;
 pub struct ServerHandle {
     addr: SocketAddr,
     engine: Arc<Engine>,
+    ledger: Arc<Ledger>,
     shutdown: Option<oneshot::Sender<()>>,
     join: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
 }
@@ -40,6 +44,11 @@ impl ServerHandle {
         &self.engine
     }
 
+    /// The ledger behind the server.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
     /// Stops accepting calls, lets in-flight calls finish, flushes.
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {
@@ -53,6 +62,7 @@ impl ServerHandle {
     pub async fn wait(mut self) -> Result<()> {
         let served = (&mut self.join).await;
         self.engine.store().flush()?;
+        self.ledger.flush()?;
         match served {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(VaultError::storage(format!("server error: {e}"))),
@@ -73,6 +83,7 @@ pub async fn start(
     let auth = Arc::new(cfg.authenticator()?);
     let data_dir = cfg.resolve(&cfg.data_dir);
     let engine = Arc::new(Engine::open(&data_dir, root, schema)?);
+    let ledger = Arc::new(cfg.open_ledger()?);
     engine.resume_rotations();
 
     let listener = match listener {
@@ -92,14 +103,22 @@ pub async fn start(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<VaultServer<VaultService>>().await;
+    health.set_serving::<LedgerServer<LedgerService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| VaultError::config("reflection", e.to_string()))?;
 
-    let vault = VaultServer::new(VaultService::new(engine.clone(), auth))
+    let vault = VaultServer::new(VaultService::new(
+        engine.clone(),
+        auth.clone(),
+        ledger.clone(),
+    ))
+    .max_decoding_message_size(cfg.max_request_bytes)
+    .max_encoding_message_size(64 * 1024 * 1024);
+    let ledger_svc = LedgerServer::new(LedgerService::new(engine.clone(), auth, ledger.clone()))
         .max_decoding_message_size(cfg.max_request_bytes)
-        .max_encoding_message_size(64 * 1024 * 1024);
+        .max_encoding_message_size(256 * 1024 * 1024);
 
     let mut builder = Server::builder();
     if let Some(tls) = &cfg.tls {
@@ -126,7 +145,8 @@ pub async fn start(
     let router = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(vault);
+        .add_service(vault)
+        .add_service(ledger_svc);
 
     let (tx, rx) = oneshot::channel::<()>();
     let join = tokio::spawn(router.serve_with_incoming_shutdown(
@@ -143,6 +163,7 @@ pub async fn start(
     Ok(ServerHandle {
         addr,
         engine,
+        ledger,
         shutdown: Some(tx),
         join,
     })

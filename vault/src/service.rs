@@ -24,6 +24,10 @@ use crate::engine::{validate_id, Engine, Source};
 use crate::error::VaultError;
 use crate::rotation::KeyStatus;
 use crate::schema::{FieldDef, FieldValue, RawValue};
+use sovra_ledger::entry::{
+    Decision, Disclosure as LedgerDisclosure, Erasure, FieldAccess, KeyRotation, Reveal,
+};
+use sovra_ledger::{Body, ConsentAction, Ledger, LedgerError};
 
 /// Most fields one write may carry.
 pub const MAX_FIELDS_PER_WRITE: usize = 64;
@@ -49,6 +53,21 @@ pub fn to_status(e: VaultError) -> Status {
             tracing::error!(error = %e, "internal error");
             Status::internal("internal storage error; the server log has details")
         }
+        VaultError::Ledger(l) => match l {
+            LedgerError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+            LedgerError::OutOfRange(_) => Status::out_of_range(e.to_string()),
+            LedgerError::Verification(_) => Status::failed_precondition(e.to_string()),
+            LedgerError::Integrity(_) => {
+                tracing::error!(error = %e, "ledger integrity failure");
+                Status::data_loss(e.to_string())
+            }
+            LedgerError::Storage(_) | LedgerError::Config(_) => {
+                tracing::error!(error = %e, "ledger failure");
+                Status::unavailable(
+                    "the audit ledger cannot be written; the operation was not performed (the server log has details)",
+                )
+            }
+        },
     }
 }
 
@@ -57,12 +76,18 @@ pub fn to_status(e: VaultError) -> Status {
 pub struct VaultService {
     engine: Arc<Engine>,
     auth: Arc<Authenticator>,
+    ledger: Arc<Ledger>,
 }
 
 impl VaultService {
-    /// A service over `engine`, authenticating with `auth`.
-    pub fn new(engine: Arc<Engine>, auth: Arc<Authenticator>) -> Self {
-        Self { engine, auth }
+    /// A service over `engine`, authenticating with `auth` and auditing to
+    /// `ledger`.
+    pub fn new(engine: Arc<Engine>, auth: Arc<Authenticator>, ledger: Arc<Ledger>) -> Self {
+        Self {
+            engine,
+            auth,
+            ledger,
+        }
     }
 
     fn principal<T>(&self, req: &Request<T>, action: Action) -> Result<Arc<Principal>, Status> {
@@ -73,6 +98,16 @@ impl VaultService {
         let p = self.auth.authenticate(header).map_err(to_status)?;
         authorize(&p, action).map_err(to_status)?;
         Ok(p)
+    }
+
+    /// Appends one entry and waits until it is durable; returns its index.
+    async fn audit(&self, body: Body) -> Result<u64, Status> {
+        let a = self
+            .ledger
+            .append_durable(std::slice::from_ref(&body))
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        Ok(a.first().map_or(0, |a| a.index))
     }
 
     fn parse_put(&self, req: pb::PutRecordRequest) -> Result<ParsedPut<'_>, VaultError> {
@@ -372,10 +407,53 @@ impl Vault for VaultService {
             .iter()
             .filter(|f| wanted.contains(f.name.as_str()))
             .collect();
-        let revealed = self
+        let (subject, revealed) = self
             .engine
             .get(&p.tenant, &req.customer_id, &defs)
             .map_err(to_status)?;
+        let mut reveal = Reveal {
+            tenant: p.tenant.clone(),
+            subject,
+            actor: p.name.clone(),
+            role: p.role.as_str().to_owned(),
+            purpose: req.purpose.clone(),
+            decision: Decision::Allowed,
+            reason: String::new(),
+            fields: Vec::with_capacity(revealed.len()),
+        };
+        let consent = self
+            .ledger
+            .consent(&subject, &req.purpose)
+            .map_err(|e| to_status(e.into()))?;
+        if let Some(c) = consent.filter(|c| c.action == ConsentAction::Withdraw) {
+            let why = format!(
+                "read customer `{}` for purpose `{}`: the customer withdrew consent for it (ledger entry {})",
+                req.customer_id, req.purpose, c.index
+            );
+            reveal.decision = Decision::Denied;
+            reveal.reason = format!("consent withdrawn at ledger entry {}", c.index);
+            reveal.fields = revealed
+                .iter()
+                .map(|r| FieldAccess {
+                    field: r.def.name.clone(),
+                    disclosure: LedgerDisclosure::Withheld,
+                })
+                .collect();
+            self.audit(Body::FieldRevealed(reveal)).await?;
+            return Err(to_status(VaultError::denied(&p.name, p.role.as_str(), why)));
+        }
+        for r in &revealed {
+            reveal.fields.push(FieldAccess {
+                field: r.def.name.clone(),
+                disclosure: match disclosure(p.role, r.def) {
+                    Disclosure::Reveal => LedgerDisclosure::Plaintext,
+                    Disclosure::Mask => LedgerDisclosure::Masked,
+                },
+            });
+        }
+        // INVARIANT: the reveal is durable in the ledger before any value
+        // leaves the server; if the ledger fails, nothing is returned.
+        self.audit(Body::FieldRevealed(reveal)).await?;
         let fields = revealed
             .into_iter()
             .map(|r| pb::FieldReading {
@@ -436,6 +514,20 @@ impl Vault for VaultService {
         let p = self.principal(&req, Action::Erase)?;
         let req = req.into_inner();
         validate_id("reason", &req.reason, 64).map_err(to_status)?;
+        // The pseudonym must be taken before the erasure destroys its salt.
+        let subject = self
+            .engine
+            .pseudonym(&p.tenant, &req.customer_id, false)
+            .map_err(to_status)?;
+        // Write-ahead: the erasure is in the ledger, durably, before the data
+        // goes; if the ledger fails, nothing is erased.
+        let ledger_index = self
+            .audit(Body::CustomerErased(Erasure {
+                tenant: p.tenant.clone(),
+                subject,
+                actor: p.name.clone(),
+            }))
+            .await?;
         let out = self
             .engine
             .erase(&p.tenant, &req.customer_id)
@@ -453,6 +545,8 @@ impl Vault for VaultService {
             fields_erased: out.fields_erased,
             index_entries_removed: out.index_entries_removed,
             data_key_wrap_version: out.wrap_version,
+            ledger_index,
+            subject: subject.to_hex(),
         }))
     }
 
@@ -461,7 +555,25 @@ impl Vault for VaultService {
         req: Request<pb::RotateTenantKeyRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let p = self.principal(&req, Action::ManageKeys)?;
-        let st = self.engine.rotate(&p.tenant).await.map_err(to_status)?;
+        let ledger = self.ledger.clone();
+        let (tenant, actor) = (p.tenant.clone(), p.name.clone());
+        let st = self
+            .engine
+            .rotate(&p.tenant, move |from_version, to_version| {
+                ledger.append(&[Body::TenantKeyRotated(KeyRotation {
+                    tenant,
+                    actor,
+                    from_version,
+                    to_version,
+                })])?;
+                Ok(())
+            })
+            .await
+            .map_err(to_status)?;
+        self.ledger
+            .commit()
+            .await
+            .map_err(|e| to_status(e.into()))?;
         tracing::info!(principal = %p.name, version = st.active_version, "tenant key rotated");
         self.engine.spawn_rotation(p.tenant.clone());
         let s = self.engine.key_status(&p.tenant).map_err(to_status)?;

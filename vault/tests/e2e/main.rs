@@ -12,5 +12,6 @@ mod cli;
 mod durability;
 mod erasure;
 mod integrity;
+mod ledger;
 mod rotation;
 mod tls;

@@ -91,7 +91,7 @@ async fn rotation_rewraps_thousands_resumes_and_retires() {
     // call) is resumed by the next start.
     {
         let engine = open_engine(&env);
-        let st = engine.rotate("default").await.unwrap();
+        let st = engine.rotate("default", |_, _| Ok(())).await.unwrap();
         assert_eq!(st.active_version, 2);
         assert!(!st.job.unwrap().done);
     }
@@ -154,7 +154,7 @@ async fn rotation_rewraps_thousands_resumes_and_retires() {
     // and with force their data becomes an explicit error.
     {
         let engine = open_engine(&env);
-        engine.rotate("default").await.unwrap(); // job not run
+        engine.rotate("default", |_, _| Ok(())).await.unwrap(); // job not run
         let e = engine
             .retire("default", active + 1, false)
             .await
