@@ -4,12 +4,16 @@
 //! a loopback port, and through the real client: loads a synthetic CRM data
 //! set with BatchPut, reads a customer back (revealed and masked), shows the
 //! role table refusing a partner, finds customers by phone and email through
-//! the blind index, rotates the tenant key while reading, erases a customer
-//! and shows that nothing of them remains reachable.
+//! the blind index, records consents on the ledger (withdrawing some, showing
+//! a read refused after withdrawal, and verifying an audit bundle offline),
+//! rotates the tenant key while reading, erases a customer and shows that
+//! nothing of them remains reachable.
 
 use std::io::Write;
 use std::time::Instant;
 
+use sha2::{Digest as _, Sha256};
+use sovra_proto::ledger::v1 as lpb;
 use sovra_proto::vault::v1 as pb;
 use tonic::Code;
 
@@ -57,6 +61,14 @@ pub struct DemoSummary {
     pub erased_gone: bool,
     /// Data keys re-wrapped by the rotation.
     pub rewrapped: u64,
+    /// Consents granted through the ledger.
+    pub consents: usize,
+    /// Consents then withdrawn.
+    pub withdrawn: usize,
+    /// Whether a read for a withdrawn purpose was refused.
+    pub withdrawn_read_refused: bool,
+    /// Whether the audit bundle verified offline.
+    pub bundle_verified: bool,
 }
 
 fn demo_err(step: &str, s: tonic::Status) -> VaultError {
@@ -86,6 +98,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     let mut cfg = Config::load(&init.config_path)?;
     let service = cfg.add_principal("crm-backend", Role::Service, &default_tenant())?;
     let partner = cfg.add_principal("insurer-partner", Role::Partner, &default_tenant())?;
+    let officer = cfg.add_principal("dpo", Role::Officer, &default_tenant())?;
     config::write_config(&cfg, &init.config_path)?;
     let cfg = Config::load(&init.config_path)?;
 
@@ -103,7 +116,9 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     let ch = client::channel(&url, None).await?;
     let mut svc: Client = client::with_token(ch.clone(), Some(&service.token))?;
     let mut adm: Client = client::with_token(ch.clone(), Some(&init.admin_token.token))?;
-    let mut prt: Client = client::with_token(ch, Some(&partner.token))?;
+    let mut prt: Client = client::with_token(ch.clone(), Some(&partner.token))?;
+    let mut consent_svc = client::ledger_with_token(ch.clone(), Some(&service.token))?;
+    let mut dpo = client::ledger_with_token(ch, Some(&officer.token))?;
 
     // 1. Load the data set, with a few invalid items mixed in.
     let customers = synthetic::generate(opts.seed, opts.customers);
@@ -277,7 +292,108 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         "search finds the customer by phone and email",
     )?;
 
-    // 5. Rotate the tenant key while reading.
+    // 5. Consent on the ledger: grants, withdrawals, a refused read, and an
+    // audit bundle verified offline against a checkpoint kept earlier.
+    let old_cp = dpo
+        .get_checkpoint(lpb::GetCheckpointRequest {})
+        .await
+        .map_err(|s| demo_err("checkpoint", s))?
+        .into_inner();
+    let consenting: Vec<&synthetic::Customer> = customers.iter().take(100).collect();
+    let t = Instant::now();
+    let mut withdrawn_id = None;
+    for (i, cust) in consenting.iter().enumerate() {
+        let mut req = lpb::RecordConsentRequest {
+            customer_id: cust.id.clone(),
+            purpose: "marketing".into(),
+            action: lpb::ConsentAction::Grant as i32,
+            channel: "web_form".into(),
+            legal_basis: "consent".into(),
+            notice_version: "2026-11".into(),
+            evidence_sha256: Sha256::digest(format!("signed form of {}", cust.id)).to_vec(),
+        };
+        let r = consent_svc
+            .record_consent(req.clone())
+            .await
+            .map_err(|s| demo_err("record consent", s))?
+            .into_inner();
+        sovra_ledger::verify_receipt(&r.entry, r.proof.as_bytes(), &old_cp.verifier_key)?;
+        sum.consents += 1;
+        if i % 10 == 3 {
+            req.action = lpb::ConsentAction::Withdraw as i32;
+            consent_svc
+                .record_consent(req)
+                .await
+                .map_err(|s| demo_err("withdraw consent", s))?;
+            sum.withdrawn += 1;
+            withdrawn_id.get_or_insert_with(|| cust.id.clone());
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    writeln!(
+        out,
+        "5. Consent ledger: {} grants and {} withdrawals recorded durably in {:.2} s, each with a receipt verified against a signed checkpoint",
+        sum.consents, sum.withdrawn, secs
+    )
+    .map_err(io)?;
+    let Some(wid) = withdrawn_id else {
+        return Err(VaultError::invalid(
+            "customers",
+            "the demo needs at least 4 customers",
+        ));
+    };
+    let refused = svc
+        .get_fields(pb::GetFieldsRequest {
+            customer_id: wid.clone(),
+            fields: vec!["email".into()],
+            purpose: "marketing".into(),
+        })
+        .await
+        .err();
+    sum.withdrawn_read_refused = refused
+        .as_ref()
+        .is_some_and(|s| s.code() == Code::PermissionDenied);
+    writeln!(
+        out,
+        "   read of {wid}'s email for marketing after withdrawal: {}",
+        refused.map_or("ALLOWED (unexpected)".into(), |s| format!(
+            "{:?}: {}",
+            s.code(),
+            s.message()
+        ))
+    )
+    .map_err(io)?;
+    check(sum.withdrawn_read_refused, "read refused after withdrawal")?;
+    let bundle = dpo
+        .export_audit_bundle(lpb::ExportAuditBundleRequest {
+            customer_id: wid.clone(),
+            consistency_from_size: old_cp.tree_size,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| demo_err("audit bundle", s))?
+        .into_inner();
+    let verdict = sovra_ledger::verify_bundle(
+        bundle.json.as_bytes(),
+        sovra_ledger::VerifyOptions {
+            trusted_key: Some(&old_cp.verifier_key),
+            since: Some(old_cp.note.as_bytes()),
+            consistency: None,
+        },
+    )?;
+    sum.bundle_verified = verdict.entries == usize::try_from(bundle.entries).unwrap_or(0);
+    writeln!(
+        out,
+        "   audit bundle of {wid}: {} entries (grant, withdrawal, refused read) verified offline against checkpoint {} and consistent with the officer's earlier checkpoint {}",
+        verdict.entries, verdict.checkpoint.size, old_cp.tree_size
+    )
+    .map_err(io)?;
+    check(
+        sum.bundle_verified && verdict.entries == 3,
+        "audit bundle verified",
+    )?;
+
+    // 6. Rotate the tenant key while reading.
     let st = adm
         .rotate_tenant_key(pb::RotateTenantKeyRequest {})
         .await
@@ -306,7 +422,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     sum.rewrapped = status.job.as_ref().map_or(0, |j| j.rewrapped);
     writeln!(
         out,
-        "5. RotateTenantKey: v{} active; {} data keys re-wrapped ({} reads served meanwhile); keys by version {:?}",
+        "6. RotateTenantKey: v{} active; {} data keys re-wrapped ({} reads served meanwhile); keys by version {:?}",
         st.active_version, sum.rewrapped, reads, status.data_keys_by_version
     )
     .map_err(io)?;
@@ -325,7 +441,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     )
     .map_err(io)?;
 
-    // 6. Erase the customer.
+    // 7. Erase the customer.
     let receipt = adm
         .erase_customer(pb::EraseCustomerRequest {
             customer_id: c.id.clone(),
@@ -357,9 +473,10 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         && search_after.customer_ids.is_empty();
     writeln!(
         out,
-        "6. EraseCustomer {}: receipt {} ({} fields, {} index entries, data key destroyed); read afterwards: {}; search: {:?}",
+        "7. EraseCustomer {}: receipt {} (ledger entry {}; {} fields, {} index entries, data key and pseudonym salt destroyed); read afterwards: {}; search: {:?}",
         c.id,
         receipt.receipt_id,
+        receipt.ledger_index,
         receipt.fields_erased,
         receipt.index_entries_removed,
         after.map_or("found (unexpected)".into(), |s| format!("{:?}", s.code())),
@@ -371,8 +488,8 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     srv.shutdown().await?;
     writeln!(
         out,
-        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, rotation re-wrapped {}, erasure verified.",
-        sum.written, sum.rejected, sum.revealed, sum.masked, sum.rewrapped
+        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, erasure verified.",
+        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped
     )
     .map_err(io)?;
     Ok(sum)

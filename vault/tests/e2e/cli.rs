@@ -245,6 +245,11 @@ fn demo_runs_end_to_end() {
     let out = stdout(&o);
     assert!(out.contains("Summary: 120 written, 2 rejected"), "{out}");
     assert!(
+        out.contains("100 consents (10 withdrawn, refusal and audit bundle verified)"),
+        "{out}"
+    );
+    assert!(out.contains("withdrew consent"), "{out}");
+    assert!(
         out.contains("PermissionDenied") && out.contains("NotFound"),
         "{out}"
     );
