@@ -325,7 +325,9 @@ pub fn verify_bundle(json: &[u8], opts: VerifyOptions<'_>) -> Result<Verdict> {
         Some(old_note) => {
             let old = verify_checkpoint(old_note, key)
                 .map_err(|e| LedgerError::verification(format!("older checkpoint: {e}")))?;
-            check_consistency(&old, &cp, b.consistency.as_ref().or(opts.consistency))?;
+            // A proof the officer fetched for this very checkpoint wins over
+            // whatever the bundle carries.
+            check_consistency(&old, &cp, opts.consistency.or(b.consistency.as_ref()))?;
             Some(old.size)
         }
     };
@@ -357,7 +359,13 @@ pub fn check_consistency(
         )));
     }
     if old.size == 0 {
-        return Ok(());
+        return if old.root == crate::proof::EMPTY_ROOT {
+            Ok(())
+        } else {
+            Err(LedgerError::verification(
+                "the older checkpoint claims an empty tree with a root that is not the empty-tree root",
+            ))
+        };
     }
     if old.size == new.size {
         return if old.root == new.root {
@@ -375,6 +383,12 @@ pub fn check_consistency(
             old.size, new.size
         ))
     })?;
+    if p.format != CONSISTENCY_FORMAT {
+        return Err(LedgerError::verification(format!(
+            "the consistency proof's format is `{:.40}`, expected `{CONSISTENCY_FORMAT}`",
+            p.format
+        )));
+    }
     if p.from_size != old.size || p.to_size != new.size {
         return Err(LedgerError::verification(format!(
             "the consistency proof is from size {} to {}, but the checkpoints are {} and {}",

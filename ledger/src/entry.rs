@@ -315,9 +315,9 @@ impl Body {
                 w.str("summary", &p.summary)?;
             }
             Body::Unknown { code, body } => {
-                if (1..=6).contains(code) {
+                if (0..=6).contains(code) {
                     return Err(LedgerError::invalid(format!(
-                        "entry: kind {code} is known and must not be written as unknown"
+                        "entry: kind {code} is not an unknown kind (0 is invalid, 1..=6 are known)"
                     )));
                 }
                 w.buf.extend_from_slice(body);

@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod checkpoint;
 pub mod entry;
 pub mod error;
+mod hashes;
 pub mod log;
 pub mod proof;
 pub mod receipt;

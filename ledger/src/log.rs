@@ -4,15 +4,15 @@
 //! Layout of the `log` tree (one tree, so that one `apply_batch` makes an
 //! append atomic):
 //! - `e` ‖ seq (u64 BE) → entry bytes
-//! - `h` ‖ stored-hash index (u64 BE) → 32-byte hash (the `tlog` stored-hash
-//!   order of Crosby and Wallach: every complete subtree's hash, written
-//!   once, so proofs read O(log n) hashes and appends hash two nodes on
-//!   average)
 //! - `s` ‖ pseudonym ‖ seq → empty (the entries about one customer)
 //! - `c` ‖ pseudonym ‖ purpose → consent view (action, seq, timestamp)
 //! - `m/size` → number of entries (u64 BE)
 //!
-//! The `checkpoints` tree maps tree size (u64 BE) → signed note.
+//! The `checkpoints` tree maps tree size (u64 BE) → signed note. Beside the
+//! database, `hashes.dat` holds the Merkle tree's stored hashes (the `tlog`
+//! stored-hash order of Crosby and Wallach: every complete subtree's hash,
+//! written once, so proofs read O(log n) hashes and appends hash two nodes
+//! on average; see `hashes.rs`).
 //!
 //! Guarantees:
 //! - Appends are serialised: sequence numbers are dense, every entry's
@@ -44,6 +44,7 @@ use tokio::sync::oneshot;
 use crate::checkpoint::{LogKey, SignedCheckpoint};
 use crate::entry::{Body, ConsentAction, Digest, Entry, Pseudonym};
 use crate::error::{LedgerError, Result};
+use crate::hashes::HashFile;
 use crate::proof::{leaf_hash, TlogProof};
 
 const META_SIZE: &[u8] = b"m/size";
@@ -51,11 +52,6 @@ const META_SIZE: &[u8] = b"m/size";
 fn entry_key(seq: u64) -> [u8; 9] {
     let mut k = [b'e'; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-fn hash_key(index: u64) -> [u8; 9] {
-    let mut k = [b'h'; 9];
-    k[1..].copy_from_slice(&index.to_be_bytes());
     k
 }
 fn subject_prefix(s: &Pseudonym) -> Vec<u8> {
@@ -222,13 +218,13 @@ impl Frontier {
         h.0
     }
 
-    fn load(tree: &sled::Tree, size: u64) -> Result<Frontier> {
+    fn load(tree: &HashFile, size: u64) -> Result<Frontier> {
         let mut f = Vec::new();
         let mut lo = 0u64;
         for level in (0..64u8).rev() {
             if size & (1 << level) != 0 {
                 let idx = tlog_tiles::stored_hash_index(level, lo >> level);
-                f.push((idx, read_hash(tree, idx)?));
+                f.push((idx, tree.read(idx)?));
                 lo += 1 << level;
             }
         }
@@ -236,24 +232,17 @@ impl Frontier {
     }
 }
 
-fn read_hash(tree: &sled::Tree, idx: u64) -> Result<Hash> {
-    let v = tree
-        .get(hash_key(idx))?
-        .ok_or_else(|| LedgerError::integrity(format!("stored Merkle hash {idx} is missing")))?;
-    <[u8; 32]>::try_from(&v[..])
-        .map(Hash)
-        .map_err(|_| LedgerError::integrity(format!("stored Merkle hash {idx} is not 32 bytes")))
-}
-
-/// Reads stored hashes from sled, for proofs over any size up to the log's.
-struct Stored<'a>(&'a sled::Tree);
+/// Reads stored hashes, for proofs over any size up to the log's.
+struct Stored<'a>(&'a HashFile);
 
 impl HashReader for Stored<'_> {
     fn read_hashes(&self, indexes: &[u64]) -> std::result::Result<Vec<Hash>, tlog_tiles::Error> {
         indexes
             .iter()
             .map(|&i| {
-                read_hash(self.0, i).map_err(|e| tlog_tiles::Error::InvalidInput(e.to_string()))
+                self.0
+                    .read(i)
+                    .map_err(|e| tlog_tiles::Error::InvalidInput(e.to_string()))
             })
             .collect()
     }
@@ -270,6 +259,7 @@ struct Inner {
     db: sled::Db,
     log: sled::Tree,
     checkpoints: sled::Tree,
+    hashes: HashFile,
     key: LogKey,
     applied: AtomicU64,
     durable: AtomicU64,
@@ -314,7 +304,7 @@ fn be_u64(v: &[u8]) -> Option<u64> {
 
 impl Inner {
     fn tree_hash(&self, size: u64) -> Result<[u8; 32]> {
-        tlog_tiles::tree_hash(size, &Stored(&self.log))
+        tlog_tiles::tree_hash(size, &Stored(&self.hashes))
             .map(|h| h.0)
             .map_err(|e| {
                 LedgerError::integrity(format!("cannot compute the root at size {size}: {e}"))
@@ -342,6 +332,9 @@ impl Inner {
 
     fn flush(&self) -> std::result::Result<u64, String> {
         let target = self.applied.load(Ordering::Acquire);
+        // Hashes first: a durable entry should find its hashes durable too
+        // (and if not, open rebuilds them from the entries).
+        self.hashes.sync().map_err(|e| e.to_string())?;
         self.db.flush().map_err(|e| e.to_string())?;
         self.durable.fetch_max(target, Ordering::AcqRel);
         Ok(target)
@@ -375,10 +368,17 @@ impl Ledger {
             Some(v) => be_u64(&v)
                 .ok_or_else(|| LedgerError::integrity("the stored log size is damaged"))?,
         };
+        let hashes = HashFile::open(&dir.join("hashes.dat"))?;
+        let needed = tlog_tiles::stored_hash_count(size);
+        if hashes.len() > needed {
+            // Hashes of appends whose entries never reached sled.
+            hashes.truncate(needed)?;
+        }
         let inner = Arc::new(Inner {
             db,
             log,
             checkpoints,
+            hashes,
             key,
             applied: AtomicU64::new(size),
             durable: AtomicU64::new(size),
@@ -403,7 +403,7 @@ impl Ledger {
                 size,
                 last_leaf,
                 last_ts,
-                frontier: Frontier::load(&inner.log, size)?,
+                frontier: Frontier::load(&inner.hashes, size)?,
             }
         };
         if let Some(item) = inner.checkpoints.iter().next_back() {
@@ -479,6 +479,8 @@ impl Ledger {
         let ts = now_ms().max(head.last_ts);
         let mut batch = sled::Batch::default();
         let mut out = Vec::with_capacity(bodies.len());
+        let first_hash = tlog_tiles::stored_hash_index(0, size);
+        let mut new_hashes = Vec::with_capacity(bodies.len() * 2 + 1);
         for body in bodies {
             let entry = Entry {
                 seq: size,
@@ -488,11 +490,7 @@ impl Ledger {
             };
             let bytes = entry.encode()?;
             let leaf = leaf_hash(&bytes);
-            let hashes = frontier.push(size, Hash(leaf))?;
-            let base = tlog_tiles::stored_hash_index(0, size);
-            for (i, h) in (base..).zip(hashes.iter()) {
-                batch.insert(&hash_key(i), &h.0);
-            }
+            new_hashes.extend(frontier.push(size, Hash(leaf))?);
             if let Some(s) = body.subject() {
                 batch.insert(subject_key(s, size), &[][..]);
             }
@@ -515,6 +513,9 @@ impl Ledger {
             size += 1;
         }
         batch.insert(META_SIZE, &size.to_be_bytes());
+        // INVARIANT: stored hashes are dense and written in index order, so
+        // this batch's hashes start where the file ends.
+        self.inner.hashes.write(first_hash, &new_hashes)?;
         self.inner.log.apply_batch(batch)?;
         // INVARIANT: the head moves only after sled accepted the batch, so a
         // failed append leaves no gap and no half-built tree.
@@ -600,7 +601,10 @@ impl Ledger {
                 LedgerError::integrity(format!("entry {index} is missing from storage"))
             })?
             .to_vec();
-        let stored = read_hash(&self.inner.log, tlog_tiles::stored_hash_index(0, index))?;
+        let stored = self
+            .inner
+            .hashes
+            .read(tlog_tiles::stored_hash_index(0, index))?;
         if stored.0 != leaf_hash(&bytes) {
             return Err(LedgerError::integrity(format!(
                 "entry {index} does not match its Merkle leaf hash: it was altered or replaced"
@@ -636,7 +640,7 @@ impl Ledger {
     pub fn inclusion_proof(&self, index: u64, tree_size: u64) -> Result<Vec<[u8; 32]>> {
         self.check_sizes(index, tree_size)?;
         self.entry(index)?;
-        tlog_tiles::prove_record(tree_size, index, &Stored(&self.inner.log))
+        tlog_tiles::prove_record(tree_size, index, &Stored(&self.inner.hashes))
             .map(|p| p.into_iter().map(|h| h.0).collect())
             .map_err(|e| LedgerError::integrity(format!("proof of entry {index}: {e}")))
     }
@@ -654,7 +658,7 @@ impl Ledger {
             )));
         }
         self.check_sizes(size1 - 1, size2)?;
-        tlog_tiles::prove_tree(size2, size1, &Stored(&self.inner.log))
+        tlog_tiles::prove_tree(size2, size1, &Stored(&self.inner.hashes))
             .map(|p| p.into_iter().map(|h| h.0).collect())
             .map_err(|e| LedgerError::integrity(format!("consistency proof {size1}→{size2}: {e}")))
     }
@@ -789,6 +793,7 @@ fn verify_stored(inner: &Inner, size: u64) -> Result<Head> {
     let mut frontier = Frontier::default();
     let mut prev = [0u8; 32];
     let mut last_ts = 0;
+    let mut continue_rebuild = false;
     for seq in 0..size {
         let bytes = inner.log.get(entry_key(seq))?.ok_or_else(|| {
             LedgerError::integrity(format!("entry {seq} is missing: entries were deleted"))
@@ -811,15 +816,29 @@ fn verify_stored(inner: &Inner, size: u64) -> Result<Head> {
         let leaf = leaf_hash(&bytes);
         let hashes = frontier.push(seq, Hash(leaf))?;
         let base = tlog_tiles::stored_hash_index(0, seq);
-        for (i, h) in (base..).zip(hashes.iter()) {
-            if read_hash(&inner.log, i)? != *h {
-                return Err(LedgerError::integrity(format!(
-                    "stored Merkle hash {i} disagrees with entry {seq}: the entry or the tree was altered"
-                )));
+        if inner.hashes.len() <= base {
+            // A tail lost in a crash (the entries reached disk, the hash
+            // file did not): the hashes are derived data, so rebuild it.
+            inner.hashes.write(base, &hashes)?;
+            continue_rebuild = true;
+        } else {
+            for (i, h) in (base..).zip(hashes.iter()) {
+                if inner.hashes.read(i)? != *h {
+                    return Err(LedgerError::integrity(format!(
+                        "stored Merkle hash {i} disagrees with entry {seq}: the entry or the tree was altered"
+                    )));
+                }
             }
         }
         prev = leaf;
         last_ts = e.timestamp_ms;
+    }
+    if continue_rebuild {
+        tracing::warn!("rebuilt the tail of the Merkle hash file from the entries");
+        inner
+            .hashes
+            .sync()
+            .map_err(|e| LedgerError::storage(format!("hash file: sync: {e}")))?;
     }
     Ok(Head {
         size,
@@ -926,6 +945,29 @@ mod tests {
         crate::proof::verify_consistency(37, 38, &p, &cp.root, &cp2.root).unwrap();
         // The frontier root always equals the stored-tree root.
         assert_eq!(l.head().frontier.root(), cp2.root);
+    }
+
+    #[test]
+    fn lost_hash_tail_is_rebuilt_and_altered_hashes_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path(), key(), LedgerOptions::default()).unwrap();
+        let bodies: Vec<Body> = (0..20u8).map(|i| consent(i, "a", true)).collect();
+        l.append(&bodies).unwrap();
+        l.flush().unwrap();
+        let root = l.checkpoint().unwrap().root;
+        drop(l);
+        let path = dir.path().join("hashes.dat");
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(10 * 32).unwrap();
+        drop(f);
+        let l = Ledger::open(dir.path(), key(), LedgerOptions::default()).unwrap();
+        assert_eq!(l.tree_root(20).unwrap(), root);
+        drop(l);
+        let mut b = std::fs::read(&path).unwrap();
+        b[5 * 32] ^= 1;
+        std::fs::write(&path, b).unwrap();
+        let e = Ledger::open(dir.path(), key(), LedgerOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("stored Merkle hash 5"), "{e}");
     }
 
     #[test]

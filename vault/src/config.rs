@@ -289,6 +289,8 @@ pub struct Initialised {
     pub config_path: PathBuf,
     /// The first admin's token (shown once).
     pub admin_token: IssuedToken,
+    /// The ledger's verifier key, for officers to pin.
+    pub verifier_key: String,
 }
 
 /// Creates a data directory: root key (0600), `config.toml` with one admin
@@ -330,9 +332,12 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
     };
     let admin_token = cfg.add_principal("admin", Role::Admin, &default_tenant())?;
     write_config(&cfg, &config_path)?;
+    let verifier_key =
+        LogKey::load_file(&cfg.ledger.origin, &dir.join(default_ledger_key_file()))?.verifier_key();
     Ok(Initialised {
         config_path,
         admin_token,
+        verifier_key,
     })
 }
 

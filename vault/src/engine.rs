@@ -386,8 +386,16 @@ impl Engine {
             let dek = self.unwrap_dek(tenant, customer, &w)?;
             return Ok(Digest(dek.pseudonym(tenant, customer)));
         }
+        self.ensure_pseudonym(tenant, customer).map(|(p, _)| p)
+    }
+
+    /// Like [`Engine::pseudonym`] with `create`; also says whether the
+    /// customer's data key was created now (and so needs a commit).
+    pub fn ensure_pseudonym(&self, tenant: &str, customer: &str) -> Result<(Pseudonym, bool)> {
+        validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
         let _guard = self.lock(tenant, customer);
         let (dek, new_wrapped, _) = self.load_or_new_key(tenant, customer, now_ms())?;
+        let created = new_wrapped.is_some();
         if let Some((slot, w)) = new_wrapped {
             if let Err(e) = self
                 .store
@@ -399,7 +407,7 @@ impl Engine {
                 return Err(e.into());
             }
         }
-        Ok(Digest(dek.pseudonym(tenant, customer)))
+        Ok((Digest(dek.pseudonym(tenant, customer)), created))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -81,11 +81,13 @@ impl LedgerService {
         Ok(p)
     }
 
+    /// The consent entry, and whether the customer's data key was created
+    /// for it.
     fn parse_consent(
         &self,
         p: &Principal,
         r: &pb::RecordConsentRequest,
-    ) -> Result<(Body, ConsentAction), VaultError> {
+    ) -> Result<(Body, bool), VaultError> {
         validate_id("customer_id", &r.customer_id, MAX_CUSTOMER_ID_LEN)?;
         self.engine.schema().check_purpose(&r.purpose)?;
         let action = match pb::ConsentAction::try_from(r.action) {
@@ -119,7 +121,7 @@ impl LedgerService {
                 ),
             )
         })?;
-        let subject = self.engine.pseudonym(&p.tenant, &r.customer_id, true)?;
+        let (subject, created) = self.engine.ensure_pseudonym(&p.tenant, &r.customer_id)?;
         let c = Consent {
             tenant: p.tenant.clone(),
             subject,
@@ -131,8 +133,8 @@ impl LedgerService {
             actor: p.name.clone(),
         };
         Ok(match action {
-            ConsentAction::Grant => (Body::ConsentGranted(c), action),
-            ConsentAction::Withdraw => (Body::ConsentWithdrawn(c), action),
+            ConsentAction::Grant => (Body::ConsentGranted(c), created),
+            ConsentAction::Withdraw => (Body::ConsentWithdrawn(c), created),
         })
     }
 
@@ -162,11 +164,13 @@ impl LedgerRpc for LedgerService {
     ) -> Result<Response<pb::ConsentReceipt>, Status> {
         let p = self.principal(&req, Action::RecordConsent)?;
         let r = req.into_inner();
-        let (body, _) = self.parse_consent(&p, &r).map_err(to_status)?;
+        let (body, created) = self.parse_consent(&p, &r).map_err(to_status)?;
         let subject = body.subject().copied().unwrap_or_default();
-        // A customer first seen here got a data key: make it durable before
-        // the entry that names its pseudonym.
-        self.engine.commit().await.map_err(to_status)?;
+        if created {
+            // A customer first seen here got a data key: make it durable
+            // before the entry that names its pseudonym.
+            self.engine.commit().await.map_err(to_status)?;
+        }
         let appended = self
             .ledger
             .append_durable(std::slice::from_ref(&body))

@@ -800,6 +800,13 @@ async fn run(cmd: Cmd) -> CmdResult {
             println!("  configuration: {}", i.config_path.display());
             println!("  root key:      {} (mode 0600; back it up offline: without it nothing can be decrypted)", dir.join("root.key").display());
             println!("  schema:        {}", dir.join("schema.toml").display());
+            println!(
+                "  ledger key:    {} (mode 0600; signs the audit log's checkpoints)",
+                dir.join("ledger.key").display()
+            );
+            println!();
+            println!("Ledger verifier key (give it to compliance officers to pin for `sovra audit verify --key`):");
+            println!("  {}", i.verifier_key);
             println!();
             println!("Admin token (shown once, only its hash is stored):");
             println!("  {}", i.admin_token.token.as_str());

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
+use sovra_proto::ledger::v1 as lpb;
 use sovra_proto::vault::v1 as pb;
 use sovra_vault::client;
 use sovra_vault::synthetic;
@@ -28,6 +29,9 @@ enum Mode {
     Write,
     /// PutRecord of a whole 11-field record of a new customer.
     WriteRecord,
+    /// RecordConsent (grant) for a random preloaded customer: one durable
+    /// ledger append, a signed checkpoint and a receipt per call.
+    Consent,
 }
 
 #[derive(Parser)]
@@ -78,7 +82,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let run_id = std::process::id();
 
     let people = Arc::new(synthetic::generate(u64::from(run_id), args.preload.max(1)));
-    if args.mode == Mode::Read {
+    if matches!(args.mode, Mode::Read | Mode::Consent) {
         eprintln!("preloading {} customers…", people.len());
         let mut c = client::connect(&url, Some(&token), None).await?;
         let reqs: Vec<_> = people
@@ -108,6 +112,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mode = args.mode;
         tasks.push(tokio::spawn(async move {
             let mut c = client::connect(&url, Some(&token), None).await?;
+            let mut l = client::connect_ledger(&url, Some(&token), None).await?;
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut errors = 0u64;
             let mut i = 0usize;
@@ -144,6 +149,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 collector: "sovra-load".into(),
                                 consent_ref: String::new(),
                             }),
+                        })
+                        .await
+                        .is_ok()
+                    }
+                    Mode::Consent => {
+                        let p = &people[(i * 7919 + w * 104_729) % people.len()];
+                        l.record_consent(lpb::RecordConsentRequest {
+                            customer_id: format!("{}-{run_id}", p.id),
+                            purpose: "marketing".into(),
+                            action: lpb::ConsentAction::Grant as i32,
+                            channel: "load".into(),
+                            legal_basis: "consent".into(),
+                            notice_version: "v1".into(),
+                            evidence_sha256: vec![(i % 251) as u8; 32],
                         })
                         .await
                         .is_ok()
