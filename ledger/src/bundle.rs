@@ -358,6 +358,21 @@ pub fn check_consistency(
             old.size, new.size
         )));
     }
+    // A proof given for other sizes is wrong even where none is needed.
+    if let Some(p) = proof {
+        if p.format != CONSISTENCY_FORMAT {
+            return Err(LedgerError::verification(format!(
+                "the consistency proof's format is `{:.40}`, expected `{CONSISTENCY_FORMAT}`",
+                p.format
+            )));
+        }
+        if p.from_size != old.size || p.to_size != new.size {
+            return Err(LedgerError::verification(format!(
+                "the consistency proof is from size {} to {}, but the checkpoints are {} and {}",
+                p.from_size, p.to_size, old.size, new.size
+            )));
+        }
+    }
     if old.size == 0 {
         return if old.root == crate::proof::EMPTY_ROOT {
             Ok(())
@@ -383,18 +398,6 @@ pub fn check_consistency(
             old.size, new.size
         ))
     })?;
-    if p.format != CONSISTENCY_FORMAT {
-        return Err(LedgerError::verification(format!(
-            "the consistency proof's format is `{:.40}`, expected `{CONSISTENCY_FORMAT}`",
-            p.format
-        )));
-    }
-    if p.from_size != old.size || p.to_size != new.size {
-        return Err(LedgerError::verification(format!(
-            "the consistency proof is from size {} to {}, but the checkpoints are {} and {}",
-            p.from_size, p.to_size, old.size, new.size
-        )));
-    }
     let hashes = decode_hashes("consistency proof", &p.proof)?;
     verify_consistency(old.size, new.size, &hashes, &old.root, &new.root)
 }
