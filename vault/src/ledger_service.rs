@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::access::{authorize, Action};
+use crate::access::Action;
 use crate::auth::{Authenticator, Principal};
 use crate::engine::{validate_id, Engine, MAX_CUSTOMER_ID_LEN};
 use crate::error::VaultError;
@@ -72,13 +72,7 @@ impl LedgerService {
     }
 
     fn principal<T>(&self, req: &Request<T>, action: Action) -> Result<Arc<Principal>, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let p = self.auth.authenticate(header).map_err(to_status)?;
-        authorize(&p, action).map_err(to_status)?;
-        Ok(p)
+        crate::service::principal(&self.auth, req, action)
     }
 
     /// The consent entry, and whether the customer's data key was created

@@ -71,6 +71,22 @@ pub fn to_status(e: VaultError) -> Status {
     }
 }
 
+/// Authenticates the bearer token of `req` and authorises `action`: the one
+/// check every RPC of every service makes before it touches data.
+pub(crate) fn principal<T>(
+    auth: &Authenticator,
+    req: &Request<T>,
+    action: Action,
+) -> Result<Arc<Principal>, Status> {
+    let header = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let p = auth.authenticate(header).map_err(to_status)?;
+    authorize(&p, action).map_err(to_status)?;
+    Ok(p)
+}
+
 /// The `Vault` service.
 #[derive(Debug, Clone)]
 pub struct VaultService {
@@ -91,13 +107,7 @@ impl VaultService {
     }
 
     fn principal<T>(&self, req: &Request<T>, action: Action) -> Result<Arc<Principal>, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let p = self.auth.authenticate(header).map_err(to_status)?;
-        authorize(&p, action).map_err(to_status)?;
-        Ok(p)
+        principal(&self.auth, req, action)
     }
 
     /// Appends one entry and waits until it is durable; returns its index.
