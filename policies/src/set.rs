@@ -1,0 +1,358 @@
+//! Loading and validating a policy set.
+//!
+//! Guarantees: a [`Policies`] value exists only if every file parsed, every
+//! policy carries a unique `@id`, no file holds a template, and the whole
+//! set passed Cedar's strict validation against `sovra.cedarschema`. Every
+//! problem found is reported with its file, line and column. The set's
+//! SHA-256 covers the schema and every file's name and bytes, so two sets
+//! with the same hash are the same policies.
+//!
+//! Does not guarantee: that the policies say what their authors meant; the
+//! table-driven tests and `sovra policy explain` are for that.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use cedar_policy::{PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use miette::Diagnostic;
+use sha2::{Digest, Sha256};
+
+use crate::error::{InvalidPolicies, PolicyIo, Problem, Result};
+
+/// The Cedar schema every policy set is validated against.
+pub const SCHEMA: &str = include_str!("../sovra.cedarschema");
+/// The schema's file name, for messages.
+pub const SCHEMA_FILE: &str = "sovra.cedarschema";
+
+/// The default policy set, compiled in: (file name, text).
+pub const DEFAULT_FILES: &[(&str, &str)] = &[
+    ("00-purpose.cedar", include_str!("../default/00-purpose.cedar")),
+    ("10-consent.cedar", include_str!("../default/10-consent.cedar")),
+    ("20-sensitive.cedar", include_str!("../default/20-sensitive.cedar")),
+    ("30-service.cedar", include_str!("../default/30-service.cedar")),
+    ("40-officer.cedar", include_str!("../default/40-officer.cedar")),
+    ("50-partner.cedar", include_str!("../default/50-partner.cedar")),
+    ("60-admin.cedar", include_str!("../default/60-admin.cedar")),
+    ("70-schema.cedar", include_str!("../default/70-schema.cedar")),
+    ("80-export.cedar", include_str!("../default/80-export.cedar")),
+    ("90-sandbox.cedar", include_str!("../default/90-sandbox.cedar")),
+];
+
+/// Largest policy file accepted.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+/// Most policy files in one set.
+pub const MAX_FILES: usize = 256;
+/// Longest policy id.
+const MAX_ID_LEN: usize = 128;
+
+/// Where a policy came from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// Its file.
+    pub file: String,
+    /// The line its text starts on (1-based; 0 when unknown).
+    pub line: usize,
+}
+
+/// A validated policy set, ready to evaluate.
+#[derive(Debug)]
+pub struct Policies {
+    pub(crate) set: PolicySet,
+    pub(crate) schema: Schema,
+    pub(crate) actions: Vec<cedar_policy::EntityUid>,
+    origins: BTreeMap<String, Origin>,
+    files: Vec<String>,
+    sha256: [u8; 32],
+    warnings: Vec<String>,
+}
+
+impl Policies {
+    /// The default policy set compiled into the binary.
+    pub fn embedded() -> Result<Policies> {
+        Policies::from_files(
+            DEFAULT_FILES
+                .iter()
+                .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+                .collect(),
+        )
+    }
+
+    /// Loads every `*.cedar` file of `dir` (other files are ignored), in
+    /// name order.
+    pub fn load_dir(dir: &Path) -> Result<Policies> {
+        let rd = std::fs::read_dir(dir).map_err(|e| PolicyIo::new(dir, e))?;
+        let mut paths = Vec::new();
+        for e in rd {
+            let e = e.map_err(|e| PolicyIo::new(dir, e))?;
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "cedar") && p.is_file() {
+                paths.push(p);
+            }
+        }
+        if paths.len() > MAX_FILES {
+            return Err(PolicyIo::new(
+                dir,
+                format!("{} policy files; the limit is {MAX_FILES}", paths.len()),
+            )
+            .into());
+        }
+        paths.sort();
+        let mut files = Vec::with_capacity(paths.len());
+        for p in paths {
+            let meta = std::fs::metadata(&p).map_err(|e| PolicyIo::new(&p, e))?;
+            if meta.len() > MAX_FILE_BYTES as u64 {
+                return Err(PolicyIo::new(
+                    &p,
+                    format!(
+                        "{} bytes; the limit is {MAX_FILE_BYTES}",
+                        meta.len()
+                    ),
+                )
+                .into());
+            }
+            let bytes = std::fs::read(&p).map_err(|e| PolicyIo::new(&p, e))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|e| PolicyIo::new(&p, format!("not UTF-8 text ({e})")))?;
+            let name = p
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            files.push((name, text));
+        }
+        Policies::from_files(files)
+    }
+
+    /// Parses and validates a set given as (file name, text) pairs.
+    pub fn from_files(files: Vec<(String, String)>) -> Result<Policies> {
+        let (schema, _) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| {
+            InvalidPolicies::new(vec![Problem::new(
+                SCHEMA_FILE,
+                SCHEMA,
+                first_offset(&e),
+                e.to_string(),
+            )])
+        })?;
+        let mut problems = Vec::new();
+        if files.is_empty() {
+            problems.push(Problem::new(
+                "(policy directory)",
+                "",
+                None,
+                "no `.cedar` files: with no policies everything would be denied".into(),
+            ));
+        }
+        if files.len() > MAX_FILES {
+            problems.push(Problem::new(
+                "(policy directory)",
+                "",
+                None,
+                format!("{} files; the limit is {MAX_FILES}", files.len()),
+            ));
+            return Err(InvalidPolicies::new(problems).into());
+        }
+        let mut set = PolicySet::new();
+        let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
+        // For validation messages: policy id -> (file, text).
+        let mut texts: BTreeMap<String, usize> = BTreeMap::new();
+        let mut hasher = Sha256::new();
+        hasher.update(b"sovra-policy-set v1\n");
+        hash_part(&mut hasher, SCHEMA_FILE.as_bytes());
+        hash_part(&mut hasher, SCHEMA.as_bytes());
+        for (fi, (file, text)) in files.iter().enumerate() {
+            hash_part(&mut hasher, file.as_bytes());
+            hash_part(&mut hasher, text.as_bytes());
+            if text.len() > MAX_FILE_BYTES {
+                problems.push(Problem::new(
+                    file,
+                    "",
+                    None,
+                    format!("{} bytes; the limit is {MAX_FILE_BYTES}", text.len()),
+                ));
+                continue;
+            }
+            let parsed = match PolicySet::from_str(text) {
+                Ok(s) => s,
+                Err(errs) => {
+                    for e in errs.iter() {
+                        problems.push(Problem::new(file, text, first_offset(e), e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            if parsed.templates().next().is_some() {
+                problems.push(Problem::new(
+                    file,
+                    text,
+                    None,
+                    "templates (policies with ?principal or ?resource slots) are not supported"
+                        .into(),
+                ));
+            }
+            for p in parsed.policies() {
+                let start = policy_offset(p, text);
+                let Some(id) = p.annotation("id") else {
+                    problems.push(Problem::new(
+                        file,
+                        text,
+                        start,
+                        "policy has no `@id(\"...\")` annotation; every policy needs a unique id"
+                            .into(),
+                    ));
+                    continue;
+                };
+                if id.is_empty()
+                    || id.len() > MAX_ID_LEN
+                    || !id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
+                    problems.push(Problem::new(
+                        file,
+                        text,
+                        start,
+                        format!(
+                            "policy id must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, `-`, `_`, `.`"
+                        ),
+                    ));
+                    continue;
+                }
+                if let Some(o) = origins.get(id) {
+                    problems.push(Problem::new(
+                        file,
+                        text,
+                        start,
+                        format!("duplicate policy id `{id}` (first in {}:{})", o.file, o.line),
+                    ));
+                    continue;
+                }
+                let line = Problem::new(file, text, start, String::new()).line();
+                origins.insert(
+                    id.to_owned(),
+                    Origin {
+                        file: file.clone(),
+                        line,
+                    },
+                );
+                texts.insert(id.to_owned(), fi);
+                if let Err(e) = set.add(p.new_id(PolicyId::new(id))) {
+                    problems.push(Problem::new(file, text, start, e.to_string()));
+                }
+            }
+        }
+        if problems.is_empty() {
+            let v = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+            for e in v.validation_errors() {
+                let (file, text) = texts
+                    .get(e.policy_id().to_string().as_str())
+                    .and_then(|i| files.get(*i))
+                    .map_or(("(unknown file)", ""), |(f, t)| (f.as_str(), t.as_str()));
+                problems.push(Problem::new(
+                    file,
+                    text,
+                    first_offset(e),
+                    format!("policy `{}`: {e}", e.policy_id()),
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(InvalidPolicies::new(problems).into());
+        }
+        let v = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+        let warnings = v
+            .validation_warnings()
+            .map(|w| {
+                let (file, text) = texts
+                    .get(w.policy_id().to_string().as_str())
+                    .and_then(|i| files.get(*i))
+                    .map_or(("(unknown file)", ""), |(f, t)| (f.as_str(), t.as_str()));
+                Problem::new(file, text, first_offset(w), format!("policy `{}`: {w}", w.policy_id()))
+                    .to_string()
+            })
+            .collect();
+        let mut actions = Vec::with_capacity(crate::Action::ALL.len());
+        for a in crate::Action::ALL {
+            actions.push(crate::authorize::action_uid(a)?);
+        }
+        Ok(Policies {
+            set,
+            schema,
+            actions,
+            origins,
+            files: files.into_iter().map(|(f, _)| f).collect(),
+            sha256: hasher.finalize().into(),
+            warnings,
+        })
+    }
+
+    /// Hex SHA-256 of the set (schema, file names and contents).
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+
+    /// The files the set was loaded from, in load order.
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+
+    /// Policy ids with their origin, by id.
+    pub fn policies(&self) -> impl Iterator<Item = (&str, &Origin)> {
+        self.origins.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Number of policies.
+    pub fn len(&self) -> usize {
+        self.origins.len()
+    }
+
+    /// Whether the set holds no policies (never true for a loaded set).
+    pub fn is_empty(&self) -> bool {
+        self.origins.is_empty()
+    }
+
+    /// Validator warnings (e.g. a policy that can never apply), located.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+fn hash_part(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_be_bytes());
+    h.update(bytes);
+}
+
+/// The offset of a diagnostic's first label, if it has one.
+fn first_offset(d: &dyn Diagnostic) -> Option<usize> {
+    d.labels()
+        .and_then(|mut l| l.next())
+        .map(|l| l.offset())
+        .or_else(|| d.related().and_then(|mut r| r.find_map(first_offset)))
+}
+
+/// Where a parsed policy's text starts in its file. Cedar does not expose a
+/// policy's source span, but a policy parsed from text displays as that
+/// text, so it can be found again.
+fn policy_offset(p: &cedar_policy::Policy, text: &str) -> Option<usize> {
+    let shown = p.to_string();
+    let shown = shown.trim();
+    if shown.is_empty() {
+        return None;
+    }
+    text.find(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_set_is_valid_and_stable() {
+        let a = Policies::embedded().unwrap();
+        let b = Policies::embedded().unwrap();
+        assert_eq!(a.sha256_hex(), b.sha256_hex());
+        assert!(a.len() >= 15, "{}", a.len());
+        assert!(a.warnings().is_empty(), "{:?}", a.warnings());
+        for (id, o) in a.policies() {
+            assert!(o.line > 0, "{id} has no line");
+        }
+    }
+}
