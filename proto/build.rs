@@ -4,7 +4,11 @@
 use prost::Message;
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["sovra/vault/v1/vault.proto", "sovra/ledger/v1/ledger.proto"];
+const PROTOS: &[&str] = &[
+    "sovra/vault/v1/vault.proto",
+    "sovra/ledger/v1/ledger.proto",
+    "sovra/policy/v1/policy.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in PROTOS {

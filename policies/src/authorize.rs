@@ -249,9 +249,11 @@ impl Policies {
                 let name = field.ok_or_else(|| {
                     BadRequest::new(format!("action `{}` needs a field", action.name()))
                 })?;
-                scope.fields.get(name).cloned().ok_or_else(|| {
-                    BadRequest::new("the field is not in the request's scope")
-                })?
+                scope
+                    .fields
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| BadRequest::new("the field is not in the request's scope"))?
             }
         };
         let context = CedarContext::from_pairs([

@@ -27,16 +27,43 @@ pub const SCHEMA_FILE: &str = "sovra.cedarschema";
 
 /// The default policy set, compiled in: (file name, text).
 pub const DEFAULT_FILES: &[(&str, &str)] = &[
-    ("00-purpose.cedar", include_str!("../default/00-purpose.cedar")),
-    ("10-consent.cedar", include_str!("../default/10-consent.cedar")),
-    ("20-sensitive.cedar", include_str!("../default/20-sensitive.cedar")),
-    ("30-service.cedar", include_str!("../default/30-service.cedar")),
-    ("40-officer.cedar", include_str!("../default/40-officer.cedar")),
-    ("50-partner.cedar", include_str!("../default/50-partner.cedar")),
+    (
+        "00-purpose.cedar",
+        include_str!("../default/00-purpose.cedar"),
+    ),
+    (
+        "10-consent.cedar",
+        include_str!("../default/10-consent.cedar"),
+    ),
+    (
+        "20-sensitive.cedar",
+        include_str!("../default/20-sensitive.cedar"),
+    ),
+    (
+        "30-service.cedar",
+        include_str!("../default/30-service.cedar"),
+    ),
+    (
+        "40-officer.cedar",
+        include_str!("../default/40-officer.cedar"),
+    ),
+    (
+        "50-partner.cedar",
+        include_str!("../default/50-partner.cedar"),
+    ),
     ("60-admin.cedar", include_str!("../default/60-admin.cedar")),
-    ("70-schema.cedar", include_str!("../default/70-schema.cedar")),
-    ("80-export.cedar", include_str!("../default/80-export.cedar")),
-    ("90-sandbox.cedar", include_str!("../default/90-sandbox.cedar")),
+    (
+        "70-schema.cedar",
+        include_str!("../default/70-schema.cedar"),
+    ),
+    (
+        "80-export.cedar",
+        include_str!("../default/80-export.cedar"),
+    ),
+    (
+        "90-sandbox.cedar",
+        include_str!("../default/90-sandbox.cedar"),
+    ),
 ];
 
 /// Largest policy file accepted.
@@ -104,10 +131,7 @@ impl Policies {
             if meta.len() > MAX_FILE_BYTES as u64 {
                 return Err(PolicyIo::new(
                     &p,
-                    format!(
-                        "{} bytes; the limit is {MAX_FILE_BYTES}",
-                        meta.len()
-                    ),
+                    format!("{} bytes; the limit is {MAX_FILE_BYTES}", meta.len()),
                 )
                 .into());
             }
@@ -221,7 +245,10 @@ impl Policies {
                         file,
                         text,
                         start,
-                        format!("duplicate policy id `{id}` (first in {}:{})", o.file, o.line),
+                        format!(
+                            "duplicate policy id `{id}` (first in {}:{})",
+                            o.file, o.line
+                        ),
                     ));
                     continue;
                 }
@@ -265,8 +292,13 @@ impl Policies {
                     .get(w.policy_id().to_string().as_str())
                     .and_then(|i| files.get(*i))
                     .map_or(("(unknown file)", ""), |(f, t)| (f.as_str(), t.as_str()));
-                Problem::new(file, text, first_offset(w), format!("policy `{}`: {w}", w.policy_id()))
-                    .to_string()
+                Problem::new(
+                    file,
+                    text,
+                    first_offset(w),
+                    format!("policy `{}`: {w}", w.policy_id()),
+                )
+                .to_string()
             })
             .collect();
         let mut actions = Vec::with_capacity(crate::Action::ALL.len());

@@ -75,7 +75,10 @@ fn ids_are_required_unique_and_plain() {
     assert_eq!(p.len(), 3, "{p:?}");
     assert!(p[0].2.contains("no `@id"), "{p:?}");
     assert_eq!(p[0].1, 1);
-    assert!(p[1].2.contains("duplicate policy id `service-read`"), "{p:?}");
+    assert!(
+        p[1].2.contains("duplicate policy id `service-read`"),
+        "{p:?}"
+    );
     assert_eq!(p[1].1, 3);
     assert!(p[2].2.contains("policy id must be"), "{p:?}");
 }
@@ -103,7 +106,9 @@ fn directories_load_in_name_order_and_hash_their_contents() {
     assert_eq!(a.files().len(), DEFAULT_FILES.len());
     std::fs::write(
         dir.path().join("20-sensitive.cedar"),
-        DEFAULT_FILES[2].1.replace("// Least privilege", "//  Least privilege"),
+        DEFAULT_FILES[2]
+            .1
+            .replace("// Least privilege", "//  Least privilege"),
     )
     .unwrap();
     let b = Policies::load_dir(dir.path()).unwrap();
@@ -145,7 +150,11 @@ fn government_export_needs_three_approvals() {
         ..CustomerAttrs::default()
     };
     let scope = pol.scope(&svc, "t", &gov, &[&f]).unwrap();
-    for (approvals, expect) in [(0, Disclosure::Denied), (2, Disclosure::Denied), (3, Disclosure::Plaintext)] {
+    for (approvals, expect) in [
+        (0, Disclosure::Denied),
+        (2, Disclosure::Denied),
+        (3, Disclosure::Plaintext),
+    ] {
         let ctx = Context {
             purpose: "export".into(),
             approvals,
@@ -180,9 +189,13 @@ fn government_export_needs_three_approvals() {
 fn a_field_outside_the_scope_is_an_error_not_an_allow() {
     let pol = Policies::embedded().unwrap();
     let svc = principal(PrincipalKind::Service, "sales", &["billing"]);
-    let scope = pol.scope(&svc, "t", &CustomerAttrs::default(), &[]).unwrap();
+    let scope = pol
+        .scope(&svc, "t", &CustomerAttrs::default(), &[])
+        .unwrap();
     let ctx = Context::default();
-    assert!(pol.decide(&scope, Action::Read, Some("phone"), &ctx).is_err());
+    assert!(pol
+        .decide(&scope, Action::Read, Some("phone"), &ctx)
+        .is_err());
     assert!(pol.decide(&scope, Action::Read, None, &ctx).is_err());
 }
 

@@ -21,6 +21,15 @@ pub mod ledger {
     }
 }
 
+/// `sovra.policy.v1`: policy status, reload and explanation.
+pub mod policy {
+    /// Version 1 of the policy API.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        include!(concat!(env!("OUT_DIR"), "/sovra.policy.v1.rs"));
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every Sovra proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sovra_descriptor.bin"));

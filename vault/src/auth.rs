@@ -65,6 +65,18 @@ impl std::str::FromStr for Role {
     }
 }
 
+impl Role {
+    /// The policy engine's principal type for the role.
+    pub fn kind(self) -> sovra_policy::PrincipalKind {
+        match self {
+            Role::Service => sovra_policy::PrincipalKind::Service,
+            Role::Officer => sovra_policy::PrincipalKind::Officer,
+            Role::Partner => sovra_policy::PrincipalKind::Partner,
+            Role::Admin => sovra_policy::PrincipalKind::Admin,
+        }
+    }
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -74,6 +86,32 @@ pub struct Principal {
     pub role: Role,
     /// The tenant it acts for.
     pub tenant: String,
+    /// The caller as the policy engine sees it (kind, name, department,
+    /// purposes).
+    pub policy: sovra_policy::Principal,
+}
+
+impl Principal {
+    /// A principal with its policy attributes.
+    pub fn new(
+        name: &str,
+        role: Role,
+        tenant: &str,
+        department: &str,
+        purposes: impl IntoIterator<Item = String>,
+    ) -> Principal {
+        Principal {
+            name: name.to_owned(),
+            role,
+            tenant: tenant.to_owned(),
+            policy: sovra_policy::Principal {
+                kind: role.kind(),
+                name: name.to_owned(),
+                department: department.to_owned(),
+                purposes: purposes.into_iter().collect(),
+            },
+        }
+    }
 }
 
 /// A freshly issued token: shown once, then only its hash is kept.
@@ -127,6 +165,11 @@ impl Authenticator {
         Ok(())
     }
 
+    /// The principal configured under `name`, if any (for explanations).
+    pub fn by_name(&self, name: &str) -> Option<Arc<Principal>> {
+        self.by_hash.values().find(|p| p.name == name).cloned()
+    }
+
     /// Authenticates the value of an `authorization` header.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Arc<Principal>> {
         let header = header.ok_or(Unauthenticated::new(
@@ -157,11 +200,7 @@ mod tests {
         assert!(t.token.starts_with(TOKEN_PREFIX));
         assert!(!format!("{t:?}").contains(t.token.as_str()));
         let mut a = Authenticator::default();
-        let p = Principal {
-            name: "svc".into(),
-            role: Role::Service,
-            tenant: "default".into(),
-        };
+        let p = Principal::new("svc", Role::Service, "default", "sales", []);
         a.add(&t.sha256_hex, p.clone()).unwrap();
         assert_eq!(
             *a.authenticate(Some(&format!("Bearer {}", t.token.as_str())))

@@ -109,3 +109,21 @@ pub fn display(r: &sovra_proto::vault::v1::FieldReading) -> String {
         None => String::new(),
     }
 }
+
+/// A policy client with its token.
+pub type PolicyClient =
+    sovra_proto::policy::v1::policy_client::PolicyClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Connects a policy client to `server` with `token`.
+pub async fn connect_policy(
+    server: &str,
+    token: Option<&str>,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<PolicyClient> {
+    Ok(
+        sovra_proto::policy::v1::policy_client::PolicyClient::with_interceptor(
+            channel(server, ca_pem).await?,
+            bearer(token)?,
+        ),
+    )
+}

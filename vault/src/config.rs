@@ -49,6 +49,9 @@ pub struct Config {
     /// The consent and audit ledger.
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// The policy set.
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// Who may call, by token hash.
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
@@ -116,6 +119,22 @@ pub struct PrincipalConfig {
     pub tenant: String,
     /// Hex SHA-256 of its bearer token.
     pub token_sha256: String,
+    /// Its department (policies compare it with a field's owning
+    /// department); empty for none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub department: String,
+    /// The purposes it may declare (least privilege: none by default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purposes: Vec<String>,
+}
+
+/// Policy settings (`[policy]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of `*.cedar` files; the compiled-in default set when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -238,13 +257,21 @@ impl Config {
         for p in &self.principals {
             validate_id("principals.name", &p.name, 64)?;
             validate_id("principals.tenant", &p.tenant, 64)?;
+            if !p.department.is_empty() {
+                validate_id("principals.department", &p.department, 64)?;
+            }
+            for purpose in &p.purposes {
+                validate_id("principals.purposes", purpose, 64)?;
+            }
             a.add(
                 &p.token_sha256,
-                Principal {
-                    name: p.name.clone(),
-                    role: p.role,
-                    tenant: p.tenant.clone(),
-                },
+                Principal::new(
+                    &p.name,
+                    p.role,
+                    &p.tenant,
+                    &p.department,
+                    p.purposes.iter().cloned(),
+                ),
             )?;
         }
         Ok(a)
@@ -261,8 +288,40 @@ impl Config {
         ))
     }
 
-    /// Issues a token for a new principal and adds it.
+    /// The policy directory, resolved against the file's directory.
+    pub fn policy_dir(&self) -> Option<PathBuf> {
+        self.policy.dir.as_ref().map(|d| self.base_dir.join(d))
+    }
+
+    /// Loads and validates the configured policy set.
+    pub fn policies(&self) -> Result<sovra_policy::Policies> {
+        match self.policy_dir() {
+            Some(d) => Ok(sovra_policy::Policies::load_dir(&d)?),
+            None => Ok(sovra_policy::Policies::embedded()?),
+        }
+    }
+
+    /// Issues a token for a new principal with no department and no
+    /// purposes, and adds it.
     pub fn add_principal(&mut self, name: &str, role: Role, tenant: &str) -> Result<IssuedToken> {
+        self.add_principal_with(name, role, tenant, "", &[])
+    }
+
+    /// Issues a token for a new principal and adds it.
+    pub fn add_principal_with(
+        &mut self,
+        name: &str,
+        role: Role,
+        tenant: &str,
+        department: &str,
+        purposes: &[&str],
+    ) -> Result<IssuedToken> {
+        if !department.is_empty() {
+            validate_id("department", department, 64)?;
+        }
+        for p in purposes {
+            validate_id("purpose", p, 64)?;
+        }
         validate_id("name", name, 64)?;
         validate_id("tenant", tenant, 64)?;
         if self.principals.iter().any(|p| p.name == name) {
@@ -277,6 +336,8 @@ impl Config {
             role,
             tenant: tenant.into(),
             token_sha256: t.sha256_hex.clone(),
+            department: department.into(),
+            purposes: purposes.iter().map(|p| (*p).to_owned()).collect(),
         });
         Ok(t)
     }
@@ -315,6 +376,14 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut suffix);
     std::fs::write(dir.join("schema.toml"), DEFAULT_SCHEMA)
         .map_err(|e| VaultError::config(&shown, format!("cannot write schema.toml: {e}")))?;
+    let policy_dir = dir.join("policies");
+    std::fs::create_dir_all(&policy_dir)
+        .map_err(|e| VaultError::config(&shown, format!("cannot create policies/: {e}")))?;
+    for (name, text) in sovra_policy::DEFAULT_FILES {
+        std::fs::write(policy_dir.join(name), text).map_err(|e| {
+            VaultError::config(&shown, format!("cannot write policies/{name}: {e}"))
+        })?;
+    }
     let mut cfg = Config {
         listen: listen.into(),
         data_dir: default_data_dir(),
@@ -326,6 +395,9 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
         ledger: LedgerConfig {
             origin: format!("sovra.local/ledger/{}", hex::encode(suffix)),
             ..LedgerConfig::default()
+        },
+        policy: PolicyConfig {
+            dir: Some("policies".into()),
         },
         principals: Vec::new(),
         base_dir: dir.to_path_buf(),

@@ -96,9 +96,28 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     let dir = tempfile::tempdir().map_err(|e| VaultError::config("tempdir", e.to_string()))?;
     let init = config::init(dir.path(), "127.0.0.1:0")?;
     let mut cfg = Config::load(&init.config_path)?;
-    let service = cfg.add_principal("crm-backend", Role::Service, &default_tenant())?;
-    let partner = cfg.add_principal("insurer-partner", Role::Partner, &default_tenant())?;
-    let officer = cfg.add_principal("dpo", Role::Officer, &default_tenant())?;
+    let service = cfg.add_principal_with(
+        "crm-backend",
+        Role::Service,
+        &default_tenant(),
+        "sales",
+        &[
+            "customer_service",
+            "sales_followup",
+            "marketing",
+            "billing",
+            "analytics",
+        ],
+    )?;
+    let partner = cfg.add_principal_with(
+        "insurer-partner",
+        Role::Partner,
+        &default_tenant(),
+        "partners",
+        &["lead_scoring"],
+    )?;
+    let officer =
+        cfg.add_principal_with("dpo", Role::Officer, &default_tenant(), "compliance", &[])?;
     config::write_config(&cfg, &init.config_path)?;
     let cfg = Config::load(&init.config_path)?;
 
@@ -264,6 +283,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
                 kind: Some(pb::value::Kind::Text(c.phone_e164.clone())),
             }),
             limit: 0,
+            purpose: "customer_service".into(),
         })
         .await
         .map_err(|s| demo_err("search", s))?
@@ -275,6 +295,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
                 kind: Some(pb::value::Kind::Text(c.email.to_uppercase())),
             }),
             limit: 0,
+            purpose: "customer_service".into(),
         })
         .await
         .map_err(|s| demo_err("search", s))?
@@ -465,6 +486,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
                 kind: Some(pb::value::Kind::Text(c.phone_e164.clone())),
             }),
             limit: 0,
+            purpose: "customer_service".into(),
         })
         .await
         .map_err(|s| demo_err("search", s))?

@@ -40,6 +40,9 @@ pub enum VaultError {
     /// The consent and audit ledger refused or failed.
     #[error(transparent)]
     Ledger(#[from] sovra_ledger::LedgerError),
+    /// The policy set is invalid or could not be evaluated.
+    #[error(transparent)]
+    Policy(#[from] sovra_policy::PolicyError),
 }
 
 /// Result alias for the vault.

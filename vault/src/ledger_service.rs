@@ -1,7 +1,7 @@
 //! The gRPC `Ledger` service: consent recording, consent state, checkpoints,
 //! proofs, entries and audit bundles.
 //!
-//! Guarantees: every RPC authenticates and authorises (see `access.rs`)
+//! Guarantees: every RPC authenticates and asks the policy layer (see `policy.rs`)
 //! before it reads or writes; a consent receipt is returned only once its
 //! entry is durable and covered by a signed checkpoint; inputs are validated
 //! as identifiers before they reach an entry, so no free text (and so no
@@ -23,11 +23,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::access::Action;
 use crate::auth::{Authenticator, Principal};
 use crate::engine::{validate_id, Engine, MAX_CUSTOMER_ID_LEN};
 use crate::error::VaultError;
+use crate::policy::PolicyGate;
 use crate::service::to_status;
+use sovra_policy::Action;
 
 /// Legal bases accepted for a consent record (GDPR Art. 6(1); PIPL Art. 13
 /// maps onto them).
@@ -59,20 +60,28 @@ pub struct LedgerService {
     engine: Arc<Engine>,
     auth: Arc<Authenticator>,
     ledger: Arc<Ledger>,
+    gate: Arc<PolicyGate>,
 }
 
 impl LedgerService {
-    /// A service over the vault's `engine` (for pseudonyms) and `ledger`.
-    pub fn new(engine: Arc<Engine>, auth: Arc<Authenticator>, ledger: Arc<Ledger>) -> Self {
+    /// A service over the vault's `engine` (for pseudonyms) and `ledger`,
+    /// authorising with `gate`.
+    pub fn new(
+        engine: Arc<Engine>,
+        auth: Arc<Authenticator>,
+        ledger: Arc<Ledger>,
+        gate: Arc<PolicyGate>,
+    ) -> Self {
         Self {
             engine,
             auth,
             ledger,
+            gate,
         }
     }
 
     fn principal<T>(&self, req: &Request<T>, action: Action) -> Result<Arc<Principal>, Status> {
-        crate::service::principal(&self.auth, req, action)
+        crate::service::principal(&self.auth, &self.gate, req, action)
     }
 
     /// The consent entry, and whether the customer's data key was created

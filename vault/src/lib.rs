@@ -1,7 +1,6 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
-pub mod access;
 pub mod auth;
 pub mod blind_index;
 pub mod client;
@@ -12,6 +11,8 @@ pub mod envelope;
 pub mod error;
 pub mod keys;
 pub mod ledger_service;
+pub mod policy;
+pub mod policy_service;
 pub mod rotation;
 pub mod schema;
 pub mod server;

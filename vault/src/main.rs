@@ -114,6 +114,9 @@ enum Cmd {
         /// Most ids to return.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Declared purpose of the search (one of the schema's purposes).
+        #[arg(long)]
+        purpose: String,
     },
     /// Crypto-shred a customer.
     Erase {
@@ -141,6 +144,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Validate, inspect, reload and explain Cedar policies.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Show the schema.
     Schema {
         #[command(flatten)]
@@ -154,6 +162,69 @@ enum Cmd {
         /// Seed of the synthetic data set.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+    },
+}
+
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate a policy directory offline (exit 1 naming file, line and problem).
+    Validate {
+        /// Directory of `*.cedar` files.
+        dir: PathBuf,
+    },
+    /// Show the policy set in force on the server (officer).
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make the server re-read its policy directory (admin); SIGHUP does the same.
+    Reload {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// May principal P do action A on field F of customer C for purpose X, and why?
+    /// Asks the running server (officer token), or evaluates offline with --dir.
+    Explain {
+        #[command(flatten)]
+        conn: Conn,
+        /// The principal's configured name.
+        #[arg(long)]
+        principal: String,
+        /// The action (read, reveal, write, search, erase, read_audit, ...).
+        #[arg(long)]
+        action: String,
+        /// The field, for field actions.
+        #[arg(long, default_value = "")]
+        field: String,
+        /// The customer whose consents apply (server mode).
+        #[arg(long, default_value = "")]
+        customer: String,
+        /// The declared purpose.
+        #[arg(long, default_value = "")]
+        purpose: String,
+        /// Approvals to assume.
+        #[arg(long, default_value_t = 0)]
+        approvals: u32,
+        /// Offline: evaluate the policy files in this directory instead of asking a server.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Offline: the configuration that names the principal and the schema.
+        #[arg(long, default_value = "sovra-data/config.toml")]
+        config: PathBuf,
+        /// Offline: a purpose the customer consented to (repeat).
+        #[arg(long = "consent")]
+        consents: Vec<String>,
+        /// Offline: a purpose the customer withdrew (repeat).
+        #[arg(long = "withdrawn")]
+        withdrawn: Vec<String>,
+        /// Offline: the customer's kind (e.g. government).
+        #[arg(long, default_value = "")]
+        kind: String,
+        /// Offline: the customer's contract value.
+        #[arg(long, default_value_t = 0)]
+        contract_value: i64,
     },
 }
 
@@ -173,6 +244,13 @@ enum TokenCmd {
         /// Tenant.
         #[arg(long, default_value = "default")]
         tenant: String,
+        /// Department (policies reveal sensitive fields only to the owning
+        /// department).
+        #[arg(long, default_value = "")]
+        department: String,
+        /// A purpose the principal may declare (repeat; none by default).
+        #[arg(long = "purpose")]
+        purposes: Vec<String>,
     },
 }
 
@@ -399,6 +477,140 @@ fn read_file(p: &std::path::Path, limit: u64) -> Result<Vec<u8>, Failure> {
 fn write_file(p: &std::path::Path, data: &[u8]) -> Result<(), Failure> {
     std::fs::write(p, data)
         .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", p.display())))
+}
+
+async fn connect_policy(conn: &Conn) -> Result<client::PolicyClient, Failure> {
+    let ca = match &conn.ca_cert {
+        Some(p) => Some(read_file(p, 1 << 20)?),
+        None => None,
+    };
+    let token = conn
+        .token
+        .as_ref()
+        .map(|t| Zeroizing::new(t.clone()))
+        .ok_or_else(|| Failure::Usage("no token: set SOVRA_TOKEN or pass --token".into()))?;
+    Ok(client::connect_policy(&conn.server, Some(token.as_str()), ca).await?)
+}
+
+fn print_policy_status(s: &sovra_proto::policy::v1::PolicyStatus) {
+    println!("policy set sha256 {}", s.sha256);
+    println!("source            {}", s.source);
+    println!("files             {}", s.files.join(", "));
+    println!("policies          {}", s.policy_ids.len());
+    match s.ledger_index {
+        Some(i) => println!("recorded in ledger entry {i}"),
+        None => println!("recorded in the ledger by an earlier start"),
+    }
+}
+
+async fn run_policy(cmd: PolicyCmd) -> CmdResult {
+    use sovra_proto::policy::v1 as ppb;
+    match cmd {
+        PolicyCmd::Validate { dir } => match sovra_policy::Policies::load_dir(&dir) {
+            Ok(p) => {
+                for w in p.warnings() {
+                    eprintln!("warning: {w}");
+                }
+                println!(
+                    "OK: {} policies in {} files, sha256 {}",
+                    p.len(),
+                    p.files().len(),
+                    p.sha256_hex()
+                );
+            }
+            Err(sovra_policy::PolicyError::Invalid(e)) => {
+                let lines: Vec<String> = e.problems().iter().map(|p| format!("  {p}")).collect();
+                return Err(Failure::Verify(format!(
+                    "{} problem(s) in {}:\n{}",
+                    lines.len(),
+                    dir.display(),
+                    lines.join("\n")
+                )));
+            }
+            Err(e) => return Err(Failure::Verify(e.to_string())),
+        },
+        PolicyCmd::Status { conn } => {
+            let mut c = connect_policy(&conn).await?;
+            let s = c
+                .get_policy_status(ppb::GetPolicyStatusRequest {})
+                .await?
+                .into_inner();
+            print_policy_status(&s);
+        }
+        PolicyCmd::Reload { conn } => {
+            let mut c = connect_policy(&conn).await?;
+            let r = c
+                .reload_policies(ppb::ReloadPoliciesRequest {})
+                .await?
+                .into_inner();
+            println!(
+                "{}",
+                if r.changed {
+                    "reloaded: a new policy set is in force"
+                } else {
+                    "unchanged: the files are the set already in force"
+                }
+            );
+            if let Some(s) = &r.status {
+                print_policy_status(s);
+            }
+        }
+        PolicyCmd::Explain {
+            conn,
+            principal,
+            action,
+            field,
+            customer,
+            purpose,
+            approvals,
+            dir,
+            config,
+            consents,
+            withdrawn,
+            kind,
+            contract_value,
+        } => {
+            let e = match dir {
+                None => {
+                    let mut c = connect_policy(&conn).await?;
+                    c.explain(ppb::ExplainRequest {
+                        principal,
+                        action,
+                        field,
+                        customer_id: customer,
+                        purpose,
+                        approvals,
+                    })
+                    .await?
+                    .into_inner()
+                }
+                Some(dir) => sovra_vault::policy::explain_offline(
+                    &dir,
+                    &config,
+                    &sovra_vault::policy::OfflineQuestion {
+                        principal,
+                        action,
+                        field,
+                        purpose,
+                        approvals,
+                        customer: sovra_policy::CustomerAttrs {
+                            consents: consents.into_iter().collect(),
+                            withdrawn: withdrawn.into_iter().collect(),
+                            kind,
+                            contract_value,
+                        },
+                    },
+                )?,
+            };
+            println!("{}", if e.allowed { "ALLOW" } else { "DENY" });
+            if !e.disclosure.is_empty() {
+                println!("disclosure  {}", e.disclosure);
+            }
+            println!("because     {}", e.summary);
+            println!("policy set  {}", e.policy_sha256);
+        }
+    }
+    Ok(())
 }
 
 async fn connect_ledger(conn: &Conn) -> Result<client::LedgerClient, Failure> {
@@ -826,15 +1038,19 @@ async fn run(cmd: Cmd) -> CmdResult {
                     name,
                     role,
                     tenant,
+                    department,
+                    purposes,
                 },
         } => {
             let role: Role = role.parse()?;
             let mut cfg = Config::load(&config)?;
-            let t = cfg.add_principal(&name, role, &tenant)?;
+            let purposes: Vec<&str> = purposes.iter().map(String::as_str).collect();
+            let t = cfg.add_principal_with(&name, role, &tenant, &department, &purposes)?;
             config::write_config(&cfg, &config)?;
             println!(
-                "Added principal `{name}` (role {}, tenant {tenant}). Token, shown once:",
-                role.as_str()
+                "Added principal `{name}` (role {}, tenant {tenant}, department `{department}`, purposes [{}]). Token, shown once:",
+                role.as_str(),
+                purposes.join(", ")
             );
             println!("  {}", t.token.as_str());
             println!("Restart the server to apply.");
@@ -916,6 +1132,7 @@ async fn run(cmd: Cmd) -> CmdResult {
             field,
             value,
             limit,
+            purpose,
         } => {
             let mut c = connect(&conn).await?;
             let specs = schema_map(&mut c).await?;
@@ -928,6 +1145,7 @@ async fn run(cmd: Cmd) -> CmdResult {
                     field,
                     value: Some(v),
                     limit,
+                    purpose,
                 })
                 .await?
                 .into_inner();
@@ -1026,6 +1244,7 @@ async fn run(cmd: Cmd) -> CmdResult {
         },
         Cmd::Consent { cmd } => run_consent(cmd).await?,
         Cmd::Audit { cmd } => run_audit(cmd).await?,
+        Cmd::Policy { cmd } => run_policy(cmd).await?,
         Cmd::Schema { conn } => {
             let mut c = connect(&conn).await?;
             let s = c

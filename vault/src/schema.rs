@@ -270,6 +270,13 @@ pub struct FieldDef {
     pub max: i64,
     /// Human description.
     pub description: String,
+    /// The department that owns the field ("" for none; never "" for
+    /// sensitive fields).
+    pub department: String,
+    /// The purposes the field may be used for.
+    pub purposes: BTreeSet<String>,
+    /// The field as the policy engine sees it.
+    pub policy: sovra_policy::FieldAttrs,
 }
 
 /// A tenant schema.
@@ -316,6 +323,9 @@ struct RawField {
     max: Option<i64>,
     #[serde(default)]
     description: String,
+    #[serde(default)]
+    department: String,
+    purposes: Option<Vec<String>>,
 }
 
 fn default_mask() -> String {
@@ -422,11 +432,42 @@ impl Schema {
                     (0, min, max)
                 }
             };
+            if !f.department.is_empty() && !is_identifier(&f.department, 64) {
+                return Err(bad(format!(
+                    "field `{}`: department `{}` must be 1 to 64 characters of [a-z0-9_], starting with a letter",
+                    f.name, f.department
+                )));
+            }
+            // INVARIANT: sensitive fields have an owning department, so the
+            // policy "revealed only to the owning department" never matches
+            // a principal that has no department ("").
+            if f.sensitivity == Sensitivity::Sensitive && f.department.is_empty() {
+                return Err(bad(format!(
+                    "field `{}`: sensitive fields need an owning `department`",
+                    f.name
+                )));
+            }
+            let field_purposes: BTreeSet<String> = match f.purposes {
+                None => purposes.clone(),
+                Some(list) => {
+                    let mut set = BTreeSet::new();
+                    for p in list {
+                        if !purposes.contains(&p) {
+                            return Err(bad(format!(
+                                "field `{}`: purpose `{p}` is not among the schema's purposes",
+                                f.name
+                            )));
+                        }
+                        set.insert(p);
+                    }
+                    set
+                }
+            };
             if by_name.insert(f.name.clone(), fields.len()).is_some() {
                 return Err(bad(format!("field `{}` is declared twice", f.name)));
             }
             fields.push(FieldDef {
-                name: f.name,
+                name: f.name.clone(),
                 ty: f.ty,
                 sensitivity: f.sensitivity,
                 indexed: f.indexed,
@@ -436,6 +477,14 @@ impl Schema {
                 min,
                 max,
                 description: f.description,
+                policy: sovra_policy::FieldAttrs {
+                    name: f.name.clone(),
+                    sensitivity: f.sensitivity.as_str().to_owned(),
+                    department: f.department.clone(),
+                    purposes: field_purposes.clone(),
+                },
+                department: f.department,
+                purposes: field_purposes,
             });
         }
         Ok(Schema {

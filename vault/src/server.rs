@@ -21,7 +21,10 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::{Result, VaultError};
 use crate::ledger_service::LedgerService;
+use crate::policy::PolicyGate;
+use crate::policy_service::PolicyService;
 use crate::service::VaultService;
+use sovra_proto::policy::v1::policy_server::PolicyServer;
 
 /// A running server.
 #[derive(Debug)]
@@ -84,6 +87,17 @@ pub async fn start(
     let data_dir = cfg.resolve(&cfg.data_dir);
     let engine = Arc::new(Engine::open(&data_dir, root, schema)?);
     let ledger = Arc::new(cfg.open_ledger()?);
+    // An invalid policy set refuses to start, naming file, line and problem.
+    let policies = cfg.policies()?;
+    let gate = Arc::new(
+        PolicyGate::start(
+            policies,
+            cfg.policy_dir(),
+            ledger.clone(),
+            &engine.store().meta,
+        )
+        .await?,
+    );
     engine.resume_rotations();
 
     let listener = match listener {
@@ -104,6 +118,7 @@ pub async fn start(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<VaultServer<VaultService>>().await;
     health.set_serving::<LedgerServer<LedgerService>>().await;
+    health.set_serving::<PolicyServer<PolicyService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -113,12 +128,50 @@ pub async fn start(
         engine.clone(),
         auth.clone(),
         ledger.clone(),
+        gate.clone(),
     ))
     .max_decoding_message_size(cfg.max_request_bytes)
     .max_encoding_message_size(64 * 1024 * 1024);
-    let ledger_svc = LedgerServer::new(LedgerService::new(engine.clone(), auth, ledger.clone()))
-        .max_decoding_message_size(cfg.max_request_bytes)
-        .max_encoding_message_size(256 * 1024 * 1024);
+    let ledger_svc = LedgerServer::new(LedgerService::new(
+        engine.clone(),
+        auth.clone(),
+        ledger.clone(),
+        gate.clone(),
+    ))
+    .max_decoding_message_size(cfg.max_request_bytes)
+    .max_encoding_message_size(256 * 1024 * 1024);
+    let policy_svc = PolicyServer::new(PolicyService::new(
+        engine.clone(),
+        auth,
+        ledger.clone(),
+        gate.clone(),
+    ))
+    .max_decoding_message_size(cfg.max_request_bytes);
+    // SIGHUP reloads the policy directory, as ReloadPolicies does.
+    #[cfg(unix)]
+    {
+        // Weak references: the watcher must not keep the database and the
+        // ledger open after the server stops.
+        let gate = Arc::downgrade(&gate);
+        let engine = Arc::downgrade(&engine);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| VaultError::config("signals", format!("cannot watch SIGHUP: {e}")))?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let (Some(gate), Some(engine)) = (gate.upgrade(), engine.upgrade()) else {
+                    return;
+                };
+                match gate.reload("sighup", &engine.store().meta).await {
+                    Ok(r) => {
+                        tracing::info!(changed = r.changed, policy_sha256 = %r.active.policies.sha256_hex(), "SIGHUP: policies reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: policy reload refused; the previous set stays in force")
+                    }
+                }
+            }
+        });
+    }
 
     let mut builder = Server::builder();
     if let Some(tls) = &cfg.tls {
@@ -146,7 +199,8 @@ pub async fn start(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(vault)
-        .add_service(ledger_svc);
+        .add_service(ledger_svc)
+        .add_service(policy_svc);
 
     let (tx, rx) = oneshot::channel::<()>();
     let join = tokio::spawn(router.serve_with_incoming_shutdown(

@@ -1,10 +1,11 @@
-//! The gRPC `Vault` service: authentication, the role table, input
+//! The gRPC `Vault` service: authentication, the policy check, input
 //! validation, and the one place where [`VaultError`] becomes a gRPC status.
 //!
-//! Guarantees: every RPC authenticates, then authorises, then validates
-//! before it touches data; a write is answered only after it is durable;
-//! status messages name the offending input but never contain a value, a
-//! token or key material.
+//! Guarantees: every RPC authenticates and asks the policy layer
+//! ([`crate::policy`]) before it touches data; field reads and writes are
+//! decided per field; a write is answered only after it is durable; status
+//! messages name the offending input and the determining policies but never
+//! contain a value, a token or key material.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -18,19 +19,24 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::access::{authorize, disclosure, Action, Disclosure};
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{Authenticator, Principal, Role};
 use crate::engine::{validate_id, Engine, Source};
 use crate::error::VaultError;
+use crate::policy::{self, PolicyGate};
 use crate::rotation::KeyStatus;
 use crate::schema::{FieldDef, FieldValue, RawValue};
 use sovra_ledger::entry::{
     Decision, Disclosure as LedgerDisclosure, Erasure, FieldAccess, KeyRotation, Reveal,
 };
 use sovra_ledger::{Body, ConsentAction, Ledger, LedgerError};
+use sovra_policy::{Action, CustomerAttrs, Disclosure, FieldAttrs, PolicyError};
 
 /// Most fields one write may carry.
 pub const MAX_FIELDS_PER_WRITE: usize = 64;
+/// The field whose value is the policy attribute `Customer.kind`.
+pub const CUSTOMER_KIND_FIELD: &str = "customer_kind";
+/// The field whose value is the policy attribute `Customer.contract_value`.
+pub const CONTRACT_VALUE_FIELD: &str = "contract_value";
 /// Most field names one read may ask for.
 pub const MAX_FIELDS_PER_READ: usize = 256;
 /// Items applied per group commit in a BatchPut stream.
@@ -53,6 +59,11 @@ pub fn to_status(e: VaultError) -> Status {
             tracing::error!(error = %e, "internal error");
             Status::internal("internal storage error; the server log has details")
         }
+        VaultError::Policy(PolicyError::Invalid(_)) => Status::failed_precondition(e.to_string()),
+        VaultError::Policy(_) => {
+            tracing::error!(error = %e, "policy failure");
+            Status::internal("the policy layer could not decide; the request was denied (the server log has details)")
+        }
         VaultError::Ledger(l) => match l {
             LedgerError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
             LedgerError::OutOfRange(_) => Status::out_of_range(e.to_string()),
@@ -71,20 +82,75 @@ pub fn to_status(e: VaultError) -> Status {
     }
 }
 
-/// Authenticates the bearer token of `req` and authorises `action`: the one
-/// check every RPC of every service makes before it touches data.
-pub(crate) fn principal<T>(
+/// Authenticates the bearer token of `req`.
+pub(crate) fn authenticate<T>(
     auth: &Authenticator,
     req: &Request<T>,
-    action: Action,
 ) -> Result<Arc<Principal>, Status> {
     let header = req
         .metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok());
-    let p = auth.authenticate(header).map_err(to_status)?;
-    authorize(&p, action).map_err(to_status)?;
+    auth.authenticate(header).map_err(to_status)
+}
+
+/// Authenticates the bearer token of `req` and asks the policy set in force
+/// whether it may do the tenant or customer `action`: the check every RPC
+/// without fields makes before it touches data.
+pub(crate) fn principal<T>(
+    auth: &Authenticator,
+    gate: &PolicyGate,
+    req: &Request<T>,
+    action: Action,
+) -> Result<Arc<Principal>, Status> {
+    let p = authenticate(auth, req)?;
+    policy::check(&gate.current(), &p, action, &policy::context("", 0)).map_err(to_status)?;
     Ok(p)
+}
+
+/// Most approval tokens one call may carry.
+const MAX_APPROVALS: usize = 16;
+
+/// Counts the distinct approvers whose bearer tokens came in the
+/// `x-sovra-approvals` metadata (comma-separated): officers or admins of the
+/// caller's tenant other than the caller. An unknown token is refused.
+pub(crate) fn approvals<T>(
+    auth: &Authenticator,
+    req: &Request<T>,
+    caller: &Principal,
+) -> Result<i64, Status> {
+    let Some(v) = req.metadata().get("x-sovra-approvals") else {
+        return Ok(0);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| Status::invalid_argument("invalid `x-sovra-approvals`: not ASCII"))?;
+    let tokens: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if tokens.len() > MAX_APPROVALS {
+        return Err(Status::invalid_argument(format!(
+            "invalid `x-sovra-approvals`: {} tokens; at most {MAX_APPROVALS}",
+            tokens.len()
+        )));
+    }
+    let mut names = BTreeSet::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let a = auth
+            .authenticate(Some(&format!("Bearer {t}")))
+            .map_err(|_| {
+                Status::unauthenticated(format!("approval {} is not a valid token", i + 1))
+            })?;
+        if a.tenant == caller.tenant
+            && a.name != caller.name
+            && matches!(a.role, Role::Officer | Role::Admin)
+        {
+            names.insert(a.name.clone());
+        }
+    }
+    Ok(names.len() as i64)
 }
 
 /// The `Vault` service.
@@ -93,21 +159,28 @@ pub struct VaultService {
     engine: Arc<Engine>,
     auth: Arc<Authenticator>,
     ledger: Arc<Ledger>,
+    gate: Arc<PolicyGate>,
 }
 
 impl VaultService {
-    /// A service over `engine`, authenticating with `auth` and auditing to
-    /// `ledger`.
-    pub fn new(engine: Arc<Engine>, auth: Arc<Authenticator>, ledger: Arc<Ledger>) -> Self {
+    /// A service over `engine`, authenticating with `auth`, authorising with
+    /// `gate` and auditing to `ledger`.
+    pub fn new(
+        engine: Arc<Engine>,
+        auth: Arc<Authenticator>,
+        ledger: Arc<Ledger>,
+        gate: Arc<PolicyGate>,
+    ) -> Self {
         Self {
             engine,
             auth,
             ledger,
+            gate,
         }
     }
 
     fn principal<T>(&self, req: &Request<T>, action: Action) -> Result<Arc<Principal>, Status> {
-        principal(&self.auth, req, action)
+        principal(&self.auth, &self.gate, req, action)
     }
 
     /// Appends one entry and waits until it is durable; returns its index.
@@ -171,7 +244,7 @@ impl VaultService {
     /// to the same worker, in stream order, so per-customer order holds.
     async fn apply_chunk(
         &self,
-        tenant: &str,
+        p: &Arc<Principal>,
         first: u64,
         chunk: Vec<pb::PutRecordRequest>,
     ) -> Vec<pb::BatchPutResult> {
@@ -191,10 +264,10 @@ impl VaultService {
             .into_iter()
             .map(|g| {
                 let this = self.clone();
-                let tenant = tenant.to_owned();
+                let p = p.clone();
                 tokio::task::spawn_blocking(move || {
                     g.into_iter()
-                        .map(|(index, m)| this.item_result(&tenant, index, m))
+                        .map(|(index, m)| this.item_result(&p, index, m))
                         .collect::<Vec<_>>()
                 })
             })
@@ -226,9 +299,14 @@ impl VaultService {
         full
     }
 
-    fn item_result(&self, tenant: &str, index: u64, m: pb::PutRecordRequest) -> pb::BatchPutResult {
+    fn item_result(
+        &self,
+        p: &Principal,
+        index: u64,
+        m: pb::PutRecordRequest,
+    ) -> pb::BatchPutResult {
         let customer_id = m.customer_id.clone();
-        match self.apply_put(tenant, m) {
+        match self.apply_put(p, m) {
             Ok(resp) => pb::BatchPutResult {
                 index,
                 customer_id,
@@ -249,13 +327,24 @@ impl VaultService {
         }
     }
 
+    /// Validates a write, asks the policy layer about each field (`write`),
+    /// then stores it.
     fn apply_put(
         &self,
-        tenant: &str,
+        p: &Principal,
         req: pb::PutRecordRequest,
     ) -> Result<pb::PutRecordResponse, VaultError> {
         let (customer, values, source) = self.parse_put(req)?;
-        let out = self.engine.put(tenant, &customer, &values, &source)?;
+        let attrs: Vec<&FieldAttrs> = values.iter().map(|(d, _)| &d.policy).collect();
+        policy::check_fields(
+            &self.gate.current(),
+            p,
+            Action::Write,
+            &CustomerAttrs::default(),
+            &attrs,
+            &policy::context("", 0),
+        )?;
+        let out = self.engine.put(&p.tenant, &customer, &values, &source)?;
         Ok(pb::PutRecordResponse {
             customer_id: customer,
             created: out.created,
@@ -316,10 +405,8 @@ impl Vault for VaultService {
         &self,
         req: Request<pb::PutRecordRequest>,
     ) -> Result<Response<pb::PutRecordResponse>, Status> {
-        let p = self.principal(&req, Action::Write)?;
-        let resp = self
-            .apply_put(&p.tenant, req.into_inner())
-            .map_err(to_status)?;
+        let p = authenticate(&self.auth, &req)?;
+        let resp = self.apply_put(&p, req.into_inner()).map_err(to_status)?;
         self.engine.commit().await.map_err(to_status)?;
         Ok(Response::new(resp))
     }
@@ -330,7 +417,8 @@ impl Vault for VaultService {
         &self,
         req: Request<Streaming<pb::PutRecordRequest>>,
     ) -> Result<Response<Self::BatchPutStream>, Status> {
-        let p = self.principal(&req, Action::Write)?;
+        // Each item's fields are authorised as it is applied.
+        let p = authenticate(&self.auth, &req)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(BATCH_CHUNK);
         let this = self.clone();
@@ -365,7 +453,7 @@ impl Vault for VaultService {
                     }
                 }
                 let n = chunk.len() as u64;
-                let mut results = this.apply_chunk(&p.tenant, index, chunk).await;
+                let mut results = this.apply_chunk(&p, index, chunk).await;
                 index += n;
                 if results.iter().any(|r| r.code == Code::Ok as i32) {
                     if let Err(e) = this.engine.commit().await {
@@ -391,7 +479,8 @@ impl Vault for VaultService {
         &self,
         req: Request<pb::GetFieldsRequest>,
     ) -> Result<Response<pb::GetFieldsResponse>, Status> {
-        let p = self.principal(&req, Action::Read)?;
+        let p = authenticate(&self.auth, &req)?;
+        let approvals = approvals(&self.auth, &req, &p)?;
         let req = req.into_inner();
         let schema = self.engine.schema();
         validate_id(
@@ -407,6 +496,9 @@ impl Vault for VaultService {
                 req.fields.len()
             )));
         }
+        // No names: every field the caller may read for the purpose; the
+        // others are withheld rather than failing the whole read.
+        let all = req.fields.is_empty();
         let mut wanted = BTreeSet::new();
         for name in &req.fields {
             wanted.insert(schema.field(name).map_err(to_status)?.name.as_str());
@@ -415,12 +507,98 @@ impl Vault for VaultService {
         let defs: Vec<&FieldDef> = schema
             .fields()
             .iter()
-            .filter(|f| wanted.contains(f.name.as_str()))
+            .filter(|f| all || wanted.contains(f.name.as_str()))
             .collect();
+        let attrs: Vec<&FieldAttrs> = defs.iter().map(|d| &d.policy).collect();
+        let active = self.gate.current();
+        let pol = &active.policies;
+        let ctx = policy::context(&req.purpose, approvals);
+        let refuse = |decisions: &[sovra_policy::FieldDecision]| {
+            if all {
+                decisions.iter().all(|d| d.disclosure == Disclosure::Denied)
+            } else {
+                decisions.iter().any(|d| d.disclosure == Disclosure::Denied)
+            }
+        };
+        let first_denial = |decisions: &[sovra_policy::FieldDecision]| {
+            decisions
+                .iter()
+                .find(|d| d.disclosure == Disclosure::Denied)
+                .map(|d| {
+                    policy::denied(
+                        &p,
+                        Action::Read,
+                        Some(&d.field),
+                        &ctx,
+                        d.read.as_ref().unwrap_or(&d.reveal),
+                    )
+                })
+                .unwrap_or_else(|| {
+                    VaultError::denied(&p.name, p.role.as_str(), "read these fields")
+                })
+        };
+        // Before touching data: would the read be allowed even for a
+        // customer who consented to the purpose? Principals that may never
+        // read (officers, partners, admins) stop here, and learn nothing
+        // about whether the customer exists.
+        let optimistic = CustomerAttrs {
+            consents: [req.purpose.clone()].into(),
+            ..CustomerAttrs::default()
+        };
+        let pre = pol
+            .scope(&p.policy, &p.tenant, &optimistic, &attrs)
+            .and_then(|s| pol.read_fields(&s, &attrs, &ctx))
+            .map_err(|e| to_status(e.into()))?;
+        if defs.is_empty() || refuse(&pre) {
+            return Err(to_status(first_denial(&pre)));
+        }
+        // The customer's kind and contract value are policy attributes:
+        // read them with the fields, never return them unless asked.
+        let mut fetch = defs.clone();
+        for name in [CUSTOMER_KIND_FIELD, CONTRACT_VALUE_FIELD] {
+            if let Ok(d) = schema.field(name) {
+                if !fetch.iter().any(|f| f.name == d.name) {
+                    fetch.push(d);
+                }
+            }
+        }
         let (subject, revealed) = self
             .engine
-            .get(&p.tenant, &req.customer_id, &defs)
+            .get(&p.tenant, &req.customer_id, &fetch)
             .map_err(to_status)?;
+        let mut customer = CustomerAttrs::default();
+        for r in &revealed {
+            match (r.def.name.as_str(), &r.value) {
+                (CUSTOMER_KIND_FIELD, FieldValue::Text(t)) => customer.kind = t.to_string(),
+                (CONTRACT_VALUE_FIELD, FieldValue::Integer(v)) => customer.contract_value = *v,
+                _ => {}
+            }
+        }
+        let mut withdrawn_at = None;
+        for c in self
+            .ledger
+            .consent_state(&subject)
+            .map_err(|e| to_status(e.into()))?
+        {
+            if c.action == ConsentAction::Withdraw {
+                if c.purpose == req.purpose {
+                    withdrawn_at = Some(c.index);
+                }
+                customer.withdrawn.insert(c.purpose);
+            } else {
+                customer.consents.insert(c.purpose);
+            }
+        }
+        let decisions = pol
+            .scope(&p.policy, &p.tenant, &customer, &attrs)
+            .and_then(|s| pol.read_fields(&s, &attrs, &ctx))
+            .map_err(|e| to_status(e.into()))?;
+        let decision_of = |name: &str| decisions.iter().find(|d| d.field == name);
+        // Only asked-for fields the record holds are read or withheld.
+        let present: Vec<_> = revealed
+            .into_iter()
+            .filter(|r| decision_of(&r.def.name).is_some())
+            .collect();
         let mut reveal = Reveal {
             tenant: p.tenant.clone(),
             subject,
@@ -429,20 +607,17 @@ impl Vault for VaultService {
             purpose: req.purpose.clone(),
             decision: Decision::Allowed,
             reason: String::new(),
-            fields: Vec::with_capacity(revealed.len()),
+            fields: Vec::with_capacity(present.len()),
         };
-        let consent = self
-            .ledger
-            .consent(&subject, &req.purpose)
-            .map_err(|e| to_status(e.into()))?;
-        if let Some(c) = consent.filter(|c| c.action == ConsentAction::Withdraw) {
-            let why = format!(
-                "read customer `{}` for purpose `{}`: the customer withdrew consent for it (ledger entry {})",
-                req.customer_id, req.purpose, c.index
-            );
+        if refuse(&decisions) {
             reveal.decision = Decision::Denied;
-            reveal.reason = format!("consent withdrawn at ledger entry {}", c.index);
-            reveal.fields = revealed
+            reveal.reason = policy::reason(
+                decisions
+                    .iter()
+                    .filter(|d| d.disclosure == Disclosure::Denied)
+                    .flat_map(|d| d.determining()),
+            );
+            reveal.fields = present
                 .iter()
                 .map(|r| FieldAccess {
                     field: r.def.name.clone(),
@@ -450,39 +625,64 @@ impl Vault for VaultService {
                 })
                 .collect();
             self.audit(Body::FieldRevealed(reveal)).await?;
-            return Err(to_status(VaultError::denied(&p.name, p.role.as_str(), why)));
+            let mut e = first_denial(&decisions);
+            if let Some(index) = withdrawn_at {
+                e = VaultError::denied(
+                    &p.name,
+                    p.role.as_str(),
+                    format!(
+                        "read customer `{}` for purpose `{}`: the customer withdrew consent for it (ledger entry {index}; {})",
+                        req.customer_id,
+                        req.purpose,
+                        e
+                    ),
+                );
+            }
+            return Err(to_status(e));
         }
-        for r in &revealed {
+        reveal.reason = policy::reason(
+            present
+                .iter()
+                .filter_map(|r| decision_of(&r.def.name))
+                .flat_map(|d| d.determining()),
+        );
+        for r in &present {
+            let d = decision_of(&r.def.name).map_or(Disclosure::Denied, |d| d.disclosure);
             reveal.fields.push(FieldAccess {
                 field: r.def.name.clone(),
-                disclosure: match disclosure(p.role, r.def) {
-                    Disclosure::Reveal => LedgerDisclosure::Plaintext,
-                    Disclosure::Mask => LedgerDisclosure::Masked,
+                disclosure: match d {
+                    Disclosure::Plaintext => LedgerDisclosure::Plaintext,
+                    Disclosure::Masked => LedgerDisclosure::Masked,
+                    Disclosure::Denied => LedgerDisclosure::Withheld,
                 },
             });
         }
         // INVARIANT: the reveal is durable in the ledger before any value
         // leaves the server; if the ledger fails, nothing is returned.
         self.audit(Body::FieldRevealed(reveal)).await?;
-        let fields = revealed
+        let fields = present
             .into_iter()
-            .map(|r| pb::FieldReading {
-                field: r.def.name.clone(),
-                disclosure: Some(match disclosure(p.role, r.def) {
-                    Disclosure::Reveal => {
+            .filter_map(|r| {
+                let shown = match decision_of(&r.def.name)?.disclosure {
+                    Disclosure::Plaintext => {
                         pb::field_reading::Disclosure::Revealed(proto_value(&r.value))
                     }
-                    Disclosure::Mask => {
+                    Disclosure::Masked => {
                         pb::field_reading::Disclosure::Masked(r.def.mask.apply(&r.value))
                     }
-                }),
-                version: r.version,
-                source: Some(pb::CollectionSource {
-                    channel: r.source.channel,
-                    collector: r.source.collector,
-                    consent_ref: r.source.consent_ref,
-                }),
-                collected_at_ms: r.collected_at_ms,
+                    Disclosure::Denied => return None,
+                };
+                Some(pb::FieldReading {
+                    field: r.def.name.clone(),
+                    disclosure: Some(shown),
+                    version: r.version,
+                    source: Some(pb::CollectionSource {
+                        channel: r.source.channel,
+                        collector: r.source.collector,
+                        consent_ref: r.source.consent_ref,
+                    }),
+                    collected_at_ms: r.collected_at_ms,
+                })
             })
             .collect();
         tracing::debug!(principal = %p.name, purpose = %req.purpose, "fields read");
@@ -496,13 +696,25 @@ impl Vault for VaultService {
         &self,
         req: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
-        let p = self.principal(&req, Action::Search)?;
+        let p = authenticate(&self.auth, &req)?;
         let req = req.into_inner();
         let schema = self.engine.schema();
         let def = schema.field(&req.field).map_err(|_| {
             let shown: String = req.field.chars().take(64).collect();
             Status::invalid_argument(format!("invalid `field`: unknown field `{shown}`"))
         })?;
+        schema.check_purpose(&req.purpose).map_err(to_status)?;
+        // A search spans customers, so no one customer's consents apply:
+        // consent-based purposes cannot search personal fields.
+        policy::check_fields(
+            &self.gate.current(),
+            &p,
+            Action::Search,
+            &CustomerAttrs::default(),
+            &[&def.policy],
+            &policy::context(&req.purpose, 0),
+        )
+        .map_err(to_status)?;
         let value = req
             .value
             .ok_or_else(|| Status::invalid_argument("invalid `value`: required"))?;

@@ -61,7 +61,7 @@ async fn write_read_search_erase_through_grpc() {
 
     // Only the fields asked for, in schema order; duplicates collapse.
     let some = svc
-        .get_fields(get(&c.id, &["email", "phone", "email"], "marketing"))
+        .get_fields(get(&c.id, &["email", "phone", "email"], "billing"))
         .await
         .unwrap()
         .into_inner();
@@ -244,7 +244,7 @@ async fn authentication_and_role_table() {
             .into_inner()
             .fields
             .len(),
-        11
+        13
     );
 
     let mut admin = srv.client(Some(&env.admin)).await;

@@ -225,6 +225,7 @@ async fn reads_searches_and_admin_calls_reject_bad_input() {
         field: field.into(),
         value,
         limit,
+        purpose: "customer_service".into(),
     };
     expect(
         svc.search(s("name", Some(text("Li Wei")), 0)).await,

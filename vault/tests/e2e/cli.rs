@@ -69,7 +69,20 @@ async fn init_serve_and_client_commands() {
     let c = cfg.to_str().unwrap();
     let o = sovra(
         &[
-            "token", "add", "--config", c, "--name", "crm", "--role", "service",
+            "token",
+            "add",
+            "--config",
+            c,
+            "--name",
+            "crm",
+            "--role",
+            "service",
+            "--department",
+            "sales",
+            "--purpose",
+            "customer_service",
+            "--purpose",
+            "marketing",
         ],
         None,
         None,
@@ -157,6 +170,8 @@ async fn init_serve_and_client_commands() {
             "email",
             "--value",
             "LI.WEI@example.com",
+            "--purpose",
+            "customer_service",
         ],
         Some(&svc),
         s,
@@ -220,11 +235,11 @@ async fn init_serve_and_client_commands() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("erased c-42"));
     let o = sovra(
-        &["get", "--customer", "c-42", "--purpose", "billing"],
+        &["get", "--customer", "c-42", "--purpose", "customer_service"],
         Some(&svc),
         s,
     );
-    assert!(stderr(&o).contains("NotFound"));
+    assert!(stderr(&o).contains("NotFound"), "{}", stderr(&o));
     child.kill().unwrap();
     child.wait().unwrap();
 

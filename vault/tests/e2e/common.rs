@@ -6,6 +6,19 @@ use sovra_vault::client::{self, Client};
 use sovra_vault::config::{self, Config};
 use sovra_vault::server::{self, ServerHandle};
 
+/// The purposes the test service principal may declare.
+pub const SERVICE_PURPOSES: &[&str] = &[
+    "customer_service",
+    "sales_followup",
+    "marketing",
+    "lead_scoring",
+    "billing",
+    "fraud_prevention",
+    "legal_obligation",
+    "analytics",
+    "export",
+];
+
 /// An initialised data directory with one principal per role.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -21,10 +34,20 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let init = config::init(dir.path(), "127.0.0.1:0").unwrap();
         let mut cfg = Config::load(&init.config_path).unwrap();
-        let service = cfg.add_principal("svc", Role::Service, "default").unwrap();
-        let officer = cfg.add_principal("dpo", Role::Officer, "default").unwrap();
+        let service = cfg
+            .add_principal_with("svc", Role::Service, "default", "sales", SERVICE_PURPOSES)
+            .unwrap();
+        let officer = cfg
+            .add_principal_with("dpo", Role::Officer, "default", "compliance", &[])
+            .unwrap();
         let partner = cfg
-            .add_principal("partner", Role::Partner, "default")
+            .add_principal_with(
+                "partner",
+                Role::Partner,
+                "default",
+                "partners",
+                &["lead_scoring"],
+            )
             .unwrap();
         config::write_config(&cfg, &init.config_path).unwrap();
         Env {
@@ -216,6 +239,7 @@ pub fn search_req(field: &str, value: &str, limit: u32) -> pb::SearchRequest {
         field: field.into(),
         value: Some(text(value)),
         limit,
+        purpose: "customer_service".into(),
     }
 }
 

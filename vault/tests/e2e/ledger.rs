@@ -507,7 +507,9 @@ async fn tampered_ledger_is_detected_at_start_naming_the_entry() {
         let env = Env::new();
         let srv = env.start().await;
         let mut led = ledger(&srv.url, &env.service).await;
-        for i in 0..6 {
+        // Entry 0 records the policy set in force at start-up; 1..=5 are
+        // consents.
+        for i in 0..5 {
             led.record_consent(consent(&format!("t-{i}"), "marketing", true))
                 .await
                 .unwrap();

@@ -7,6 +7,7 @@
 mod common;
 
 mod api;
+mod authz;
 mod bad_input;
 mod cli;
 mod durability;

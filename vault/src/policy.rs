@@ -1,0 +1,367 @@
+//! The one authorization layer every RPC of every service goes through: the
+//! active Cedar policy set, how a call becomes a policy request, and policy
+//! reloads.
+//!
+//! Guarantees:
+//! - deny by default, per field: a field read is plaintext only if `reveal`
+//!   is permitted, masked only if `read` is, and withheld otherwise;
+//! - a denial names its determining policy ids and never a value;
+//! - a reload validates the new set completely before it swaps it in,
+//!   atomically; an invalid set is refused and the old one stays in force;
+//! - every change of the active set (at start-up or reload) is in the
+//!   ledger, durably, before the new set decides anything.
+//!
+//! Does not guarantee: tenant isolation, which the services enforce by
+//! scoping every call to the caller's own tenant before asking here.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use sovra_ledger::entry::{Digest, PolicyChange};
+use sovra_ledger::{Body, Ledger};
+use sovra_policy::{
+    Action, Context, CustomerAttrs, Decision, Disclosure, FieldAttrs, Policies, Scope,
+};
+
+use crate::auth::Principal;
+use crate::error::{PermissionDenied, Result, VaultError};
+
+/// The active policy set and where it came from.
+#[derive(Debug)]
+pub struct Active {
+    /// The validated set.
+    pub policies: Policies,
+    /// When it took effect (ms since the epoch).
+    pub loaded_at_ms: u64,
+    /// The ledger entry that recorded it (None if it was already recorded
+    /// by an earlier start).
+    pub ledger_index: Option<u64>,
+}
+
+/// The result of a reload.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The set now in force.
+    pub active: Arc<Active>,
+    /// Whether it differs from the one before.
+    pub changed: bool,
+}
+
+/// Holds the active set; shared by every service.
+#[derive(Debug)]
+pub struct PolicyGate {
+    current: RwLock<Arc<Active>>,
+    dir: Option<PathBuf>,
+    ledger: Arc<Ledger>,
+    reloading: tokio::sync::Mutex<()>,
+}
+
+const META_KEY: &[u8] = b"policy_sha256";
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl PolicyGate {
+    /// Puts `policies` in force, recording it in the ledger first if it is
+    /// not the set the previous start recorded (kept in `meta`).
+    pub async fn start(
+        policies: Policies,
+        dir: Option<PathBuf>,
+        ledger: Arc<Ledger>,
+        meta: &sled::Tree,
+    ) -> Result<PolicyGate> {
+        let hash = policies.sha256_hex();
+        let recorded = meta.get(META_KEY)?;
+        let ledger_index = if recorded.as_deref() == Some(hash.as_bytes()) {
+            None
+        } else {
+            let i = record(&ledger, "startup", &policies, "in force at start-up").await?;
+            meta.insert(META_KEY, hash.as_bytes())?;
+            meta.flush_async().await?;
+            Some(i)
+        };
+        tracing::info!(policy_sha256 = %hash, policies = policies.len(), "policy set in force");
+        Ok(PolicyGate {
+            current: RwLock::new(Arc::new(Active {
+                policies,
+                loaded_at_ms: now_ms(),
+                ledger_index,
+            })),
+            dir,
+            ledger,
+            reloading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The set in force.
+    pub fn current(&self) -> Arc<Active> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            // A panic while holding the lock cannot leave a half-written
+            // Arc behind; the value is still whole.
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Where reloads read from (None: the compiled-in set).
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_deref()
+    }
+
+    /// Re-reads the policy directory. A valid new set is recorded in the
+    /// ledger (durably) and then swapped in; an invalid one is refused with
+    /// every problem located, and the set in force stays.
+    pub async fn reload(&self, actor: &str, meta: &sled::Tree) -> Result<Reloaded> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let policies = match &self.dir {
+            Some(d) => {
+                let d = d.clone();
+                tokio::task::spawn_blocking(move || Policies::load_dir(&d))
+                    .await
+                    .map_err(|e| VaultError::storage(format!("policy load task failed: {e}")))??
+            }
+            None => Policies::embedded()?,
+        };
+        let old = self.current();
+        if old.policies.sha256_hex() == policies.sha256_hex() {
+            return Ok(Reloaded {
+                active: old,
+                changed: false,
+            });
+        }
+        let summary = format!(
+            "reloaded: {} policies in {} files",
+            policies.len(),
+            policies.files().len()
+        );
+        // INVARIANT: the change is durable in the ledger before the new set
+        // decides anything.
+        let index = record(&self.ledger, actor, &policies, &summary).await?;
+        meta.insert(META_KEY, policies.sha256_hex().as_bytes())?;
+        let active = Arc::new(Active {
+            policies,
+            loaded_at_ms: now_ms(),
+            ledger_index: Some(index),
+        });
+        match self.current.write() {
+            Ok(mut g) => *g = active.clone(),
+            Err(p) => *p.into_inner() = active.clone(),
+        }
+        tracing::info!(actor, policy_sha256 = %active.policies.sha256_hex(), ledger_index = index, "policy set reloaded");
+        Ok(Reloaded {
+            active,
+            changed: true,
+        })
+    }
+}
+
+async fn record(ledger: &Ledger, actor: &str, p: &Policies, summary: &str) -> Result<u64> {
+    let mut h = [0u8; 32];
+    hex::decode_to_slice(p.sha256_hex(), &mut h)
+        .map_err(|e| VaultError::storage(format!("policy hash: {e}")))?;
+    let a = ledger
+        .append_durable(&[Body::PolicyChanged(PolicyChange {
+            actor: actor.to_owned(),
+            policy_sha256: Digest(h),
+            summary: summary.to_owned(),
+        })])
+        .await?;
+    Ok(a.first().map_or(0, |a| a.index))
+}
+
+/// The policy context of a call.
+pub fn context(purpose: &str, approvals: i64) -> Context {
+    Context {
+        purpose: purpose.to_owned(),
+        time_ms: now_ms() as i64,
+        approvals,
+        cohort_size: 0,
+    }
+}
+
+/// Checks a tenant or customer action (customer attributes empty: these
+/// actions do not look at consents).
+pub fn check(active: &Active, p: &Principal, action: Action, ctx: &Context) -> Result<Decision> {
+    let scope = active
+        .policies
+        .scope(&p.policy, &p.tenant, &CustomerAttrs::default(), &[])?;
+    let d = active.policies.decide(&scope, action, None, ctx)?;
+    if d.allowed() {
+        Ok(d)
+    } else {
+        Err(denied(p, action, None, ctx, &d))
+    }
+}
+
+/// Checks a field action on each of `fields`; fails on the first denial.
+pub fn check_fields(
+    active: &Active,
+    p: &Principal,
+    action: Action,
+    customer: &CustomerAttrs,
+    fields: &[&FieldAttrs],
+    ctx: &Context,
+) -> Result<Scope> {
+    let scope = active
+        .policies
+        .scope(&p.policy, &p.tenant, customer, fields)?;
+    for f in fields {
+        let d = active.policies.decide(&scope, action, Some(&f.name), ctx)?;
+        if !d.allowed() {
+            return Err(denied(p, action, Some(&f.name), ctx, &d));
+        }
+    }
+    Ok(scope)
+}
+
+/// The PERMISSION_DENIED error for a decision: who, what, which field and
+/// purpose, and the determining policies; never a value.
+pub fn denied(
+    p: &Principal,
+    action: Action,
+    field: Option<&str>,
+    ctx: &Context,
+    d: &Decision,
+) -> VaultError {
+    let what = match field {
+        Some(f) => format!("{} field `{f}`", action.name()),
+        None => action.name().to_owned(),
+    };
+    let purpose = if ctx.purpose.is_empty() {
+        String::new()
+    } else {
+        format!(" for purpose `{}`", ctx.purpose)
+    };
+    PermissionDenied::new(
+        &p.name,
+        p.role.as_str(),
+        format!("{what}{purpose} ({})", d.summary()),
+    )
+    .into()
+}
+
+/// Explains a decision: for `read` and `reveal` how a read would disclose
+/// the field, for other actions whether it is allowed; with the
+/// determining policies either way.
+pub fn explain(
+    pol: &Policies,
+    subject: &Principal,
+    action: Action,
+    field: Option<&FieldAttrs>,
+    customer: &CustomerAttrs,
+    ctx: &Context,
+) -> Result<sovra_proto::policy::v1::Explanation> {
+    let fields: Vec<&FieldAttrs> = field.into_iter().collect();
+    let scope = pol.scope(&subject.policy, &subject.tenant, customer, &fields)?;
+    if matches!(action, Action::Read | Action::Reveal) {
+        let d = pol
+            .read_fields(&scope, &fields, ctx)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| VaultError::invalid("field", "read and reveal need a field"))?;
+        let allowed = match action {
+            Action::Reveal => d.disclosure == Disclosure::Plaintext,
+            _ => d.disclosure != Disclosure::Denied,
+        };
+        Ok(sovra_proto::policy::v1::Explanation {
+            allowed,
+            policies: d.determining(),
+            disclosure: match d.disclosure {
+                Disclosure::Plaintext => "plaintext",
+                Disclosure::Masked => "masked",
+                Disclosure::Denied => "denied",
+            }
+            .into(),
+            summary: d.summary(),
+            policy_sha256: pol.sha256_hex(),
+        })
+    } else {
+        let d = pol.decide(&scope, action, field.map(|f| f.name.as_str()), ctx)?;
+        Ok(sovra_proto::policy::v1::Explanation {
+            allowed: d.allowed(),
+            policies: d.policies().to_vec(),
+            disclosure: String::new(),
+            summary: d.summary(),
+            policy_sha256: pol.sha256_hex(),
+        })
+    }
+}
+
+/// A question for [`explain_offline`].
+#[derive(Debug, Clone)]
+pub struct OfflineQuestion {
+    /// The principal's configured name.
+    pub principal: String,
+    /// The Cedar action id.
+    pub action: String,
+    /// The field ("" for none).
+    pub field: String,
+    /// The declared purpose ("" for none).
+    pub purpose: String,
+    /// Approvals to assume.
+    pub approvals: u32,
+    /// The customer's attributes, as given.
+    pub customer: CustomerAttrs,
+}
+
+/// Explains a decision from files alone: the policies in `dir`, the
+/// principal and schema named by the configuration at `config_path`.
+pub fn explain_offline(
+    dir: &std::path::Path,
+    config_path: &std::path::Path,
+    q: &OfflineQuestion,
+) -> Result<sovra_proto::policy::v1::Explanation> {
+    let pol = Policies::load_dir(dir)?;
+    let cfg = crate::config::Config::load(config_path)?;
+    let schema = cfg.load_schema()?;
+    let auth = cfg.authenticator()?;
+    let subject = auth.by_name(&q.principal).ok_or_else(|| {
+        VaultError::invalid(
+            "principal",
+            format!(
+                "no principal named `{}` in {}",
+                q.principal,
+                config_path.display()
+            ),
+        )
+    })?;
+    let action = Action::from_name(&q.action).ok_or_else(|| {
+        VaultError::invalid(
+            "action",
+            format!(
+                "unknown action; one of {}",
+                Action::ALL.map(Action::name).join(", ")
+            ),
+        )
+    })?;
+    if !q.purpose.is_empty() {
+        schema.check_purpose(&q.purpose)?;
+    }
+    let field = match action.target() {
+        sovra_policy::Target::Field => Some(&schema.field(&q.field)?.policy),
+        _ => None,
+    };
+    let ctx = context(&q.purpose, i64::from(q.approvals));
+    explain(&pol, &subject, action, field, &q.customer, &ctx)
+}
+
+/// Distinct policy ids, joined and bounded for a ledger `reason` field.
+pub fn reason(ids: impl IntoIterator<Item = String>) -> String {
+    let ids: std::collections::BTreeSet<String> = ids.into_iter().collect();
+    let mut out = String::from("policies:");
+    let total = ids.len();
+    for (n, id) in ids.into_iter().enumerate() {
+        let sep = if n == 0 { " " } else { "," };
+        // INVARIANT: the ledger bounds strings to 256 bytes.
+        if out.len() + sep.len() + id.len() + 16 > sovra_ledger::entry::MAX_STRING_LEN {
+            out.push_str(&format!(" +{} more", total - n));
+            break;
+        }
+        out.push_str(sep);
+        out.push_str(&id);
+    }
+    out
+}

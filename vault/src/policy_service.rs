@@ -1,0 +1,173 @@
+//! The gRPC `Policy` service: status, reload and explanation of the policy
+//! set in force.
+//!
+//! Guarantees: each RPC is itself authorised by the set in force
+//! (`read_audit` for status and explanations, `manage_policies` for
+//! reloads); an explanation reads the customer's consent state and policy
+//! attributes but returns only the decision, never a value.
+
+use std::sync::Arc;
+
+use sovra_ledger::{ConsentAction, Ledger};
+use sovra_policy::{Action, CustomerAttrs, FieldAttrs, Target};
+use sovra_proto::policy::v1 as pb;
+use sovra_proto::policy::v1::policy_server::Policy;
+use tonic::{Request, Response, Status};
+
+use crate::auth::Authenticator;
+use crate::engine::{validate_id, Engine, MAX_CUSTOMER_ID_LEN};
+use crate::policy::{self, Active, PolicyGate};
+use crate::schema::FieldValue;
+use crate::service::{principal, to_status, CONTRACT_VALUE_FIELD, CUSTOMER_KIND_FIELD};
+
+/// The `Policy` service.
+#[derive(Debug, Clone)]
+pub struct PolicyService {
+    engine: Arc<Engine>,
+    auth: Arc<Authenticator>,
+    ledger: Arc<Ledger>,
+    gate: Arc<PolicyGate>,
+}
+
+impl PolicyService {
+    /// A service over the shared gate.
+    pub fn new(
+        engine: Arc<Engine>,
+        auth: Arc<Authenticator>,
+        ledger: Arc<Ledger>,
+        gate: Arc<PolicyGate>,
+    ) -> Self {
+        Self {
+            engine,
+            auth,
+            ledger,
+            gate,
+        }
+    }
+
+    fn status(&self, a: &Active) -> pb::PolicyStatus {
+        pb::PolicyStatus {
+            sha256: a.policies.sha256_hex(),
+            files: a.policies.files().to_vec(),
+            policy_ids: a.policies.policies().map(|(id, _)| id.to_owned()).collect(),
+            loaded_at_ms: a.loaded_at_ms,
+            ledger_index: a.ledger_index,
+            source: self.gate.dir().map_or_else(
+                || "(compiled-in default)".to_owned(),
+                |d| d.display().to_string(),
+            ),
+        }
+    }
+
+    /// The customer's policy attributes: consents from the ledger, kind and
+    /// contract value from the record.
+    fn customer(&self, tenant: &str, customer_id: &str) -> Result<CustomerAttrs, Status> {
+        let mut c = CustomerAttrs::default();
+        if customer_id.is_empty() {
+            return Ok(c);
+        }
+        validate_id("customer_id", customer_id, MAX_CUSTOMER_ID_LEN).map_err(to_status)?;
+        let schema = self.engine.schema();
+        let defs: Vec<_> = [CUSTOMER_KIND_FIELD, CONTRACT_VALUE_FIELD]
+            .into_iter()
+            .filter_map(|n| schema.field(n).ok())
+            .collect();
+        let (subject, values) = self
+            .engine
+            .get(tenant, customer_id, &defs)
+            .map_err(to_status)?;
+        for r in values {
+            match (r.def.name.as_str(), &r.value) {
+                (CUSTOMER_KIND_FIELD, FieldValue::Text(t)) => c.kind = t.to_string(),
+                (CONTRACT_VALUE_FIELD, FieldValue::Integer(v)) => c.contract_value = *v,
+                _ => {}
+            }
+        }
+        for s in self
+            .ledger
+            .consent_state(&subject)
+            .map_err(|e| to_status(e.into()))?
+        {
+            if s.action == ConsentAction::Withdraw {
+                c.withdrawn.insert(s.purpose);
+            } else {
+                c.consents.insert(s.purpose);
+            }
+        }
+        Ok(c)
+    }
+}
+
+#[tonic::async_trait]
+impl Policy for PolicyService {
+    async fn get_policy_status(
+        &self,
+        req: Request<pb::GetPolicyStatusRequest>,
+    ) -> Result<Response<pb::PolicyStatus>, Status> {
+        principal(&self.auth, &self.gate, &req, Action::ReadAudit)?;
+        Ok(Response::new(self.status(&self.gate.current())))
+    }
+
+    async fn reload_policies(
+        &self,
+        req: Request<pb::ReloadPoliciesRequest>,
+    ) -> Result<Response<pb::ReloadPoliciesResponse>, Status> {
+        let p = principal(&self.auth, &self.gate, &req, Action::ManagePolicies)?;
+        let r = self
+            .gate
+            .reload(&p.name, &self.engine.store().meta)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ReloadPoliciesResponse {
+            status: Some(self.status(&r.active)),
+            changed: r.changed,
+        }))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::Explanation>, Status> {
+        let caller = principal(&self.auth, &self.gate, &req, Action::ReadAudit)?;
+        let r = req.into_inner();
+        let shown = |s: &str| s.chars().take(64).collect::<String>();
+        let subject = self
+            .auth
+            .by_name(&r.principal)
+            .filter(|s| s.tenant == caller.tenant)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no principal named `{}` in tenant `{}`",
+                    shown(&r.principal),
+                    caller.tenant
+                ))
+            })?;
+        let action = Action::from_name(&r.action).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "invalid `action`: unknown action `{}`; one of {}",
+                shown(&r.action),
+                Action::ALL.map(Action::name).join(", ")
+            ))
+        })?;
+        let schema = self.engine.schema();
+        if !r.purpose.is_empty() {
+            schema.check_purpose(&r.purpose).map_err(to_status)?;
+        }
+        let field: Option<&FieldAttrs> = match action.target() {
+            Target::Field => Some(&schema.field(&r.field).map_err(to_status)?.policy),
+            _ if !r.field.is_empty() => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid `field`: action `{}` is not a field action",
+                    action.name()
+                )))
+            }
+            _ => None,
+        };
+        let customer = self.customer(&caller.tenant, &r.customer_id)?;
+        let active = self.gate.current();
+        let ctx = policy::context(&r.purpose, i64::from(r.approvals));
+        let out = policy::explain(&active.policies, &subject, action, field, &customer, &ctx)
+            .map_err(to_status)?;
+        Ok(Response::new(out))
+    }
+}
