@@ -14,5 +14,6 @@ mod durability;
 mod erasure;
 mod integrity;
 mod ledger;
+mod policy;
 mod rotation;
 mod tls;
