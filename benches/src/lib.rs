@@ -26,7 +26,13 @@ pub async fn embedded() -> Result<Embedded, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let init = config::init(dir.path(), "127.0.0.1:0")?;
     let mut cfg = Config::load(&init.config_path)?;
-    let svc = cfg.add_principal("bench", Role::Service, "default")?;
+    let svc = cfg.add_principal_with(
+        "bench",
+        Role::Service,
+        "default",
+        "sales",
+        &["customer_service", "marketing", "billing"],
+    )?;
     config::write_config(&cfg, &init.config_path)?;
     let cfg = Config::load(&init.config_path)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::str::FromStr;
+use std::sync::RwLock;
 
 use cedar_policy::{
     Authorizer, Context as CedarContext, Decision as CedarDecision, Entities, Entity, EntityId,
@@ -125,9 +126,105 @@ fn strings<'a>(it: impl IntoIterator<Item = &'a String>) -> RestrictedExpression
 /// The fixed id of the one customer in a request's entity store.
 const CUSTOMER_ID: &str = "customer";
 
+/// Most principals or fields whose entities are kept.
+const CACHE_LIMIT: usize = 4096;
+
+/// Principal and field entities, built once: they depend only on the
+/// configuration and the schema (a field's `customer` is always the one
+/// fixed customer id), and building one costs several microseconds.
+#[derive(Default)]
+pub(crate) struct EntityCache {
+    principals: RwLock<HashMap<Principal, (EntityUid, Entity)>>,
+    fields: RwLock<HashMap<FieldAttrs, (EntityUid, Entity)>>,
+}
+
+impl std::fmt::Debug for EntityCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EntityCache")
+    }
+}
+
+fn cached<K: std::hash::Hash + Eq + Clone>(
+    map: &RwLock<HashMap<K, (EntityUid, Entity)>>,
+    key: &K,
+    build: impl FnOnce() -> Result<(EntityUid, Entity)>,
+) -> Result<(EntityUid, Entity)> {
+    // A poisoned lock still holds whole entries: only inserts happen under it.
+    let hit = match map.read() {
+        Ok(g) => g.get(key).cloned(),
+        Err(p) => p.into_inner().get(key).cloned(),
+    };
+    if let Some(e) = hit {
+        return Ok(e);
+    }
+    let built = build()?;
+    let mut g = match map.write() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if g.len() < CACHE_LIMIT {
+        g.insert(key.clone(), built.clone());
+    }
+    Ok(built)
+}
+
+impl EntityCache {
+    fn principal(&self, p: &Principal) -> Result<(EntityUid, Entity)> {
+        cached(&self.principals, p, || {
+            let u = uid(p.kind.type_name(), &p.name)?;
+            let e = Entity::new(
+                u.clone(),
+                HashMap::from([
+                    (
+                        "department".to_owned(),
+                        RestrictedExpression::new_string(p.department.clone()),
+                    ),
+                    ("purposes".to_owned(), strings(&p.purposes)),
+                ]),
+                HashSet::new(),
+            )
+            .map_err(BadRequest::new)?;
+            Ok((u, e))
+        })
+    }
+
+    fn field(&self, f: &FieldAttrs) -> Result<(EntityUid, Entity)> {
+        cached(&self.fields, f, || {
+            let u = uid("Field", &f.name)?;
+            let c = uid("Customer", CUSTOMER_ID)?;
+            let e = Entity::new(
+                u.clone(),
+                HashMap::from([
+                    (
+                        "name".to_owned(),
+                        RestrictedExpression::new_string(f.name.clone()),
+                    ),
+                    (
+                        "sensitivity".to_owned(),
+                        RestrictedExpression::new_string(f.sensitivity.clone()),
+                    ),
+                    (
+                        "department".to_owned(),
+                        RestrictedExpression::new_string(f.department.clone()),
+                    ),
+                    ("purposes".to_owned(), strings(&f.purposes)),
+                    (
+                        "customer".to_owned(),
+                        RestrictedExpression::new_entity_uid(c),
+                    ),
+                ]),
+                HashSet::new(),
+            )
+            .map_err(BadRequest::new)?;
+            Ok((u, e))
+        })
+    }
+}
+
 /// The entities of one request: the principal, the tenant, the customer and
 /// any fields. Built once and shared by every per-field evaluation.
 pub struct Scope {
+    kind: crate::PrincipalKind,
     principal: EntityUid,
     tenant: EntityUid,
     customer: EntityUid,
@@ -151,25 +248,26 @@ impl Policies {
         customer: &CustomerAttrs,
         fields: &[&FieldAttrs],
     ) -> Result<Scope> {
-        let p_uid = uid(principal.kind.type_name(), &principal.name)?;
+        self.scope_checked(principal, tenant, customer, fields, false)
+    }
+
+    /// Per request the entities and the request are not re-validated
+    /// against the schema (it costs more than the decision); their shape is
+    /// fixed by this module and checked once per load by [`Self::self_check`].
+    fn scope_checked(
+        &self,
+        principal: &Principal,
+        tenant: &str,
+        customer: &CustomerAttrs,
+        fields: &[&FieldAttrs],
+        validate: bool,
+    ) -> Result<Scope> {
+        let bad = |e: &dyn std::fmt::Display| BadRequest::new(e);
+        let (p_uid, p_entity) = self.cache.principal(principal)?;
         let t_uid = uid("Tenant", tenant)?;
         let c_uid = uid("Customer", CUSTOMER_ID)?;
         let mut entities = Vec::with_capacity(3 + fields.len());
-        let bad = |e: &dyn std::fmt::Display| BadRequest::new(e);
-        entities.push(
-            Entity::new(
-                p_uid.clone(),
-                HashMap::from([
-                    (
-                        "department".to_owned(),
-                        RestrictedExpression::new_string(principal.department.clone()),
-                    ),
-                    ("purposes".to_owned(), strings(&principal.purposes)),
-                ]),
-                HashSet::new(),
-            )
-            .map_err(|e| bad(&e))?,
-        );
+        entities.push(p_entity);
         entities.push(Entity::new_no_attrs(t_uid.clone(), HashSet::new()));
         entities.push(
             Entity::new(
@@ -192,38 +290,14 @@ impl Policies {
         );
         let mut field_uids = HashMap::with_capacity(fields.len());
         for f in fields {
-            let f_uid = uid("Field", &f.name)?;
-            entities.push(
-                Entity::new(
-                    f_uid.clone(),
-                    HashMap::from([
-                        (
-                            "name".to_owned(),
-                            RestrictedExpression::new_string(f.name.clone()),
-                        ),
-                        (
-                            "sensitivity".to_owned(),
-                            RestrictedExpression::new_string(f.sensitivity.clone()),
-                        ),
-                        (
-                            "department".to_owned(),
-                            RestrictedExpression::new_string(f.department.clone()),
-                        ),
-                        ("purposes".to_owned(), strings(&f.purposes)),
-                        (
-                            "customer".to_owned(),
-                            RestrictedExpression::new_entity_uid(c_uid.clone()),
-                        ),
-                    ]),
-                    HashSet::new(),
-                )
-                .map_err(|e| bad(&e))?,
-            );
+            let (f_uid, f_entity) = self.cache.field(f)?;
+            entities.push(f_entity);
             field_uids.insert(f.name.clone(), f_uid);
         }
-        let entities =
-            Entities::from_entities(entities, Some(&self.schema)).map_err(|e| bad(&e))?;
+        let entities = Entities::from_entities(entities, validate.then_some(&self.schema))
+            .map_err(|e| bad(&e))?;
         Ok(Scope {
+            kind: principal.kind,
             principal: p_uid,
             tenant: t_uid,
             customer: c_uid,
@@ -241,6 +315,19 @@ impl Policies {
         action: Action,
         field: Option<&str>,
         ctx: &Context,
+    ) -> Result<Decision> {
+        self.decide_in(scope, action, field, ctx, None)
+    }
+
+    /// [`Self::decide`], against the whole set and with schema validation
+    /// of the request when `whole` is given (self-check and tests).
+    fn decide_in(
+        &self,
+        scope: &Scope,
+        action: Action,
+        field: Option<&str>,
+        ctx: &Context,
+        whole: Option<&cedar_policy::PolicySet>,
     ) -> Result<Decision> {
         let resource = match action.target() {
             Target::Tenant => scope.tenant.clone(),
@@ -285,10 +372,17 @@ impl Policies {
             action_uid,
             resource,
             context,
-            Some(&self.schema),
+            whole.map(|_| &self.schema),
         )
         .map_err(BadRequest::new)?;
-        let resp = Authorizer::new().is_authorized(&req, &self.set, &scope.entities);
+        let set = match whole {
+            Some(w) => w,
+            None => self
+                .sliced
+                .get(crate::set::slice_index(action, scope.kind))
+                .ok_or_else(|| BadRequest::new("no policy slice for the request"))?,
+        };
+        let resp = Authorizer::new().is_authorized(&req, set, &scope.entities);
         let mut policies: Vec<String> = resp
             .diagnostics()
             .reason()
@@ -311,6 +405,40 @@ impl Policies {
             policies,
             errors,
         })
+    }
+
+    /// Checks, once per load, that the entities and requests this module
+    /// builds conform to the schema for every principal kind and action.
+    pub(crate) fn self_check(&self) -> Result<()> {
+        let field = FieldAttrs {
+            name: "f".into(),
+            sensitivity: "personal".into(),
+            department: "d".into(),
+            purposes: ["p".to_owned()].into(),
+        };
+        let customer = CustomerAttrs {
+            consents: ["p".to_owned()].into(),
+            withdrawn: ["q".to_owned()].into(),
+            kind: "k".into(),
+            contract_value: 1,
+        };
+        let ctx = Context {
+            purpose: "p".into(),
+            ..Context::default()
+        };
+        for kind in crate::PrincipalKind::ALL {
+            let p = Principal {
+                kind,
+                name: "n".into(),
+                department: "d".into(),
+                purposes: ["p".to_owned()].into(),
+            };
+            let scope = self.scope_checked(&p, "t", &customer, &[&field], true)?;
+            for a in Action::ALL {
+                self.decide_in(&scope, a, Some("f"), &ctx, Some(&self.set))?;
+            }
+        }
+        Ok(())
     }
 
     /// Decides how a read discloses each field of `scope`: plaintext if
@@ -346,5 +474,69 @@ impl Policies {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PrincipalKind;
+
+    /// Every slice decides exactly as the whole set, across principal
+    /// kinds, actions, sensitivities, departments, purposes and consents.
+    #[test]
+    fn slices_decide_as_the_whole_set() {
+        let pol = Policies::embedded().unwrap();
+        let mut n = 0;
+        for kind in PrincipalKind::ALL {
+            for dept in ["sales", "legal", ""] {
+                let p = Principal {
+                    kind,
+                    name: "n".into(),
+                    department: dept.into(),
+                    purposes: ["marketing".to_owned(), "billing".to_owned()].into(),
+                };
+                for sens in ["internal", "personal", "sensitive"] {
+                    let f = FieldAttrs {
+                        name: "f".into(),
+                        sensitivity: sens.into(),
+                        department: "legal".into(),
+                        purposes: ["marketing".to_owned(), "billing".to_owned()].into(),
+                    };
+                    for (consents, withdrawn, kind_s, value) in [
+                        (vec![], vec![], "", 0),
+                        (vec!["marketing"], vec![], "government", 9_000_000),
+                        (vec![], vec!["billing"], "government", 9_000_000),
+                    ] {
+                        let c = CustomerAttrs {
+                            consents: consents.iter().map(|s| (*s).to_owned()).collect(),
+                            withdrawn: withdrawn.iter().map(|s| (*s).to_owned()).collect(),
+                            kind: kind_s.into(),
+                            contract_value: value,
+                        };
+                        let scope = pol.scope(&p, "t", &c, &[&f]).unwrap();
+                        for purpose in ["marketing", "billing", "export", ""] {
+                            for approvals in [0, 3] {
+                                let ctx = Context {
+                                    purpose: purpose.into(),
+                                    approvals,
+                                    cohort_size: 5,
+                                    ..Context::default()
+                                };
+                                for a in Action::ALL {
+                                    let sliced = pol.decide(&scope, a, Some("f"), &ctx).unwrap();
+                                    let whole = pol
+                                        .decide_in(&scope, a, Some("f"), &ctx, Some(&pol.set))
+                                        .unwrap();
+                                    assert_eq!(sliced, whole, "{kind:?} {a:?} {sens} {purpose}");
+                                    n += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(n > 5000, "{n}");
     }
 }

@@ -52,7 +52,7 @@ impl PrincipalKind {
 }
 
 /// Who asks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal {
     /// Its kind.
     pub kind: PrincipalKind,
@@ -182,7 +182,7 @@ pub struct CustomerAttrs {
 }
 
 /// What the policies may know about a field (from the tenant schema).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FieldAttrs {
     /// Its name.
     pub name: String,

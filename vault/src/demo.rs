@@ -3,7 +3,7 @@
 //! It initialises a temporary data directory, starts the real gRPC server on
 //! a loopback port, and through the real client: loads a synthetic CRM data
 //! set with BatchPut, reads a customer back (revealed and masked), shows the
-//! role table refusing a partner, finds customers by phone and email through
+//! policies refusing a partner, finds customers by phone and email through
 //! the blind index, records consents on the ledger (withdrawing some, showing
 //! a read refused after withdrawal, and verifying an audit bundle offline),
 //! rotates the tenant key while reading, erases a customer and shows that
@@ -251,7 +251,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         "sensitive fields masked, the rest revealed",
     )?;
 
-    // 3. The role table at work.
+    // 3. The policies at work: partners never read field values.
     let denied = prt
         .get_fields(pb::GetFieldsRequest {
             customer_id: c.id.clone(),

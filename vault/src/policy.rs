@@ -25,6 +25,7 @@ use sovra_policy::{
 
 use crate::auth::Principal;
 use crate::error::{PermissionDenied, Result, VaultError};
+use crate::schema::FieldValue;
 
 /// The active policy set and where it came from.
 #[derive(Debug)]
@@ -180,6 +181,36 @@ pub fn context(purpose: &str, approvals: i64) -> Context {
         approvals,
         cohort_size: 0,
     }
+}
+
+/// The field whose value is the policy attribute `Customer.kind`.
+pub const CUSTOMER_KIND_FIELD: &str = "customer_kind";
+/// The field whose value is the policy attribute `Customer.contract_value`.
+pub const CONTRACT_VALUE_FIELD: &str = "contract_value";
+
+/// A customer's policy attributes: kind and contract value from its record
+/// (`values` may hold other fields too), consents from its ledger consent
+/// state.
+pub fn customer_attrs(
+    values: &[crate::engine::Revealed<'_>],
+    consent: Vec<sovra_ledger::log::ConsentStatus>,
+) -> CustomerAttrs {
+    let mut c = CustomerAttrs::default();
+    for r in values {
+        match (r.def.name.as_str(), &r.value) {
+            (CUSTOMER_KIND_FIELD, FieldValue::Text(t)) => c.kind = t.to_string(),
+            (CONTRACT_VALUE_FIELD, FieldValue::Integer(v)) => c.contract_value = *v,
+            _ => {}
+        }
+    }
+    for s in consent {
+        if s.action == sovra_ledger::ConsentAction::Withdraw {
+            c.withdrawn.insert(s.purpose);
+        } else {
+            c.consents.insert(s.purpose);
+        }
+    }
+    c
 }
 
 /// Checks a tenant or customer action (customer attributes empty: these

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use sovra_ledger::{ConsentAction, Ledger};
+use sovra_ledger::Ledger;
 use sovra_policy::{Action, CustomerAttrs, FieldAttrs, Target};
 use sovra_proto::policy::v1 as pb;
 use sovra_proto::policy::v1::policy_server::Policy;
@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status};
 use crate::auth::Authenticator;
 use crate::engine::{validate_id, Engine, MAX_CUSTOMER_ID_LEN};
 use crate::policy::{self, Active, PolicyGate};
-use crate::schema::FieldValue;
-use crate::service::{principal, to_status, CONTRACT_VALUE_FIELD, CUSTOMER_KIND_FIELD};
+use crate::policy::{CONTRACT_VALUE_FIELD, CUSTOMER_KIND_FIELD};
+use crate::service::{principal, to_status};
 
 /// The `Policy` service.
 #[derive(Debug, Clone)]
@@ -62,9 +62,8 @@ impl PolicyService {
     /// The customer's policy attributes: consents from the ledger, kind and
     /// contract value from the record.
     fn customer(&self, tenant: &str, customer_id: &str) -> Result<CustomerAttrs, Status> {
-        let mut c = CustomerAttrs::default();
         if customer_id.is_empty() {
-            return Ok(c);
+            return Ok(CustomerAttrs::default());
         }
         validate_id("customer_id", customer_id, MAX_CUSTOMER_ID_LEN).map_err(to_status)?;
         let schema = self.engine.schema();
@@ -76,25 +75,11 @@ impl PolicyService {
             .engine
             .get(tenant, customer_id, &defs)
             .map_err(to_status)?;
-        for r in values {
-            match (r.def.name.as_str(), &r.value) {
-                (CUSTOMER_KIND_FIELD, FieldValue::Text(t)) => c.kind = t.to_string(),
-                (CONTRACT_VALUE_FIELD, FieldValue::Integer(v)) => c.contract_value = *v,
-                _ => {}
-            }
-        }
-        for s in self
+        let consent = self
             .ledger
             .consent_state(&subject)
-            .map_err(|e| to_status(e.into()))?
-        {
-            if s.action == ConsentAction::Withdraw {
-                c.withdrawn.insert(s.purpose);
-            } else {
-                c.consents.insert(s.purpose);
-            }
-        }
-        Ok(c)
+            .map_err(|e| to_status(e.into()))?;
+        Ok(policy::customer_attrs(&values, consent))
     }
 }
 

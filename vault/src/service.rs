@@ -33,10 +33,6 @@ use sovra_policy::{Action, CustomerAttrs, Disclosure, FieldAttrs, PolicyError};
 
 /// Most fields one write may carry.
 pub const MAX_FIELDS_PER_WRITE: usize = 64;
-/// The field whose value is the policy attribute `Customer.kind`.
-pub const CUSTOMER_KIND_FIELD: &str = "customer_kind";
-/// The field whose value is the policy attribute `Customer.contract_value`.
-pub const CONTRACT_VALUE_FIELD: &str = "contract_value";
 /// Most field names one read may ask for.
 pub const MAX_FIELDS_PER_READ: usize = 256;
 /// Items applied per group commit in a BatchPut stream.
@@ -555,7 +551,7 @@ impl Vault for VaultService {
         // The customer's kind and contract value are policy attributes:
         // read them with the fields, never return them unless asked.
         let mut fetch = defs.clone();
-        for name in [CUSTOMER_KIND_FIELD, CONTRACT_VALUE_FIELD] {
+        for name in [policy::CUSTOMER_KIND_FIELD, policy::CONTRACT_VALUE_FIELD] {
             if let Ok(d) = schema.field(name) {
                 if !fetch.iter().any(|f| f.name == d.name) {
                     fetch.push(d);
@@ -566,29 +562,15 @@ impl Vault for VaultService {
             .engine
             .get(&p.tenant, &req.customer_id, &fetch)
             .map_err(to_status)?;
-        let mut customer = CustomerAttrs::default();
-        for r in &revealed {
-            match (r.def.name.as_str(), &r.value) {
-                (CUSTOMER_KIND_FIELD, FieldValue::Text(t)) => customer.kind = t.to_string(),
-                (CONTRACT_VALUE_FIELD, FieldValue::Integer(v)) => customer.contract_value = *v,
-                _ => {}
-            }
-        }
-        let mut withdrawn_at = None;
-        for c in self
+        let consent = self
             .ledger
             .consent_state(&subject)
-            .map_err(|e| to_status(e.into()))?
-        {
-            if c.action == ConsentAction::Withdraw {
-                if c.purpose == req.purpose {
-                    withdrawn_at = Some(c.index);
-                }
-                customer.withdrawn.insert(c.purpose);
-            } else {
-                customer.consents.insert(c.purpose);
-            }
-        }
+            .map_err(|e| to_status(e.into()))?;
+        let withdrawn_at = consent
+            .iter()
+            .find(|c| c.purpose == req.purpose && c.action == ConsentAction::Withdraw)
+            .map(|c| c.index);
+        let customer = policy::customer_attrs(&revealed, consent);
         let decisions = pol
             .scope(&p.policy, &p.tenant, &customer, &attrs)
             .and_then(|s| pol.read_fields(&s, &attrs, &ctx))

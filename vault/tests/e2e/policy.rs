@@ -398,3 +398,142 @@ async fn cli_validates_and_explains() {
     assert!(text(&o).contains("PermissionDenied"), "{}", text(&o));
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_policy_inputs_get_clear_errors_and_never_allow() {
+    let env = Env::new();
+    let mut cfg = env.config();
+    let dpo2 = cfg
+        .add_principal_with(
+            "dpo2",
+            sovra_vault::auth::Role::Officer,
+            "default",
+            "compliance",
+            &[],
+        )
+        .unwrap();
+    sovra_vault::config::write_config(&cfg, &env.config_path).unwrap();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    svc.put_record(put(
+        "gov-1",
+        &[
+            ("company", text("Ministry")),
+            ("customer_kind", text("government")),
+            ("contract_value", int(8_000_000)),
+        ],
+    ))
+    .await
+    .unwrap();
+
+    // Unknown, empty and huge purposes: INVALID_ARGUMENT, never a value.
+    for purpose in [
+        "",
+        "world_domination",
+        &"p".repeat(1 << 20),
+        "customer_service\0",
+    ] {
+        let e = svc
+            .get_fields(get("gov-1", &["company"], purpose))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
+            ),
+            "{:?}: {}",
+            e.code(),
+            e.message()
+        );
+        assert!(e.message().len() < 1024, "message echoes the input");
+    }
+    // Unknown principals.
+    let mut nobody = srv.client(Some("sovra_not-a-token")).await;
+    let e = nobody
+        .get_fields(get("gov-1", &["company"], "customer_service"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // Export of a government customer over 5,000,000 needs three approvals.
+    let export = |approvals: &[&str]| {
+        let mut r = tonic::Request::new(get("gov-1", &["company"], "export"));
+        if !approvals.is_empty() {
+            r.metadata_mut()
+                .insert("x-sovra-approvals", approvals.join(",").parse().unwrap());
+        }
+        r
+    };
+    let e = svc.get_fields(export(&[])).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("government-export-three-approvals"),
+        "{}",
+        e.message()
+    );
+    // Two distinct approvers, or the same one three times, are not three.
+    let e = svc
+        .get_fields(export(&[&env.officer, &dpo2.token, &env.officer]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    // The caller cannot approve itself, and partners are not approvers.
+    let e = svc
+        .get_fields(export(&[
+            &env.officer,
+            &dpo2.token,
+            &env.service,
+            &env.partner,
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    // A forged approval is refused outright.
+    let e = svc
+        .get_fields(export(&[&env.officer, "sovra_forged"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    let r = svc
+        .get_fields(export(&[&env.officer, &dpo2.token, &env.admin]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revealed(&r.fields[0]).is_some());
+
+    // The reveal's ledger entry names the determining policies.
+    let mut led = client::connect_ledger(&srv.url, Some(&env.officer), None)
+        .await
+        .unwrap();
+    let size = led
+        .get_checkpoint(lpb::GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tree_size;
+    let mut s = led
+        .get_entries(lpb::GetEntriesRequest {
+            start: 0,
+            end: size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut reveals = Vec::new();
+    while let Some(e) = s.message().await.unwrap() {
+        if e.decoded_json.contains("field_revealed") || e.decoded_json.contains("FieldRevealed") {
+            reveals.push(e.decoded_json);
+        }
+    }
+    let last = reveals.last().expect("reveal entries");
+    assert!(last.contains("service-reveal"), "{last}");
+    assert!(!last.contains("Ministry"), "no values in the ledger");
+    assert!(
+        reveals
+            .iter()
+            .any(|r| r.contains("government-export-three-approvals")),
+        "denied exports are recorded with their policy: {reveals:?}"
+    );
+    srv.stop().await;
+}
