@@ -479,7 +479,8 @@ fn write_file(p: &std::path::Path, data: &[u8]) -> Result<(), Failure> {
         .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", p.display())))
 }
 
-async fn connect_policy(conn: &Conn) -> Result<client::PolicyClient, Failure> {
+/// The CA certificate and token a client command connects with.
+fn credentials(conn: &Conn) -> Result<(Option<Vec<u8>>, Zeroizing<String>), Failure> {
     let ca = match &conn.ca_cert {
         Some(p) => Some(read_file(p, 1 << 20)?),
         None => None,
@@ -489,6 +490,11 @@ async fn connect_policy(conn: &Conn) -> Result<client::PolicyClient, Failure> {
         .as_ref()
         .map(|t| Zeroizing::new(t.clone()))
         .ok_or_else(|| Failure::Usage("no token: set SOVRA_TOKEN or pass --token".into()))?;
+    Ok((ca, token))
+}
+
+async fn connect_policy(conn: &Conn) -> Result<client::PolicyClient, Failure> {
+    let (ca, token) = credentials(conn)?;
     Ok(client::connect_policy(&conn.server, Some(token.as_str()), ca).await?)
 }
 
@@ -614,15 +620,7 @@ async fn run_policy(cmd: PolicyCmd) -> CmdResult {
 }
 
 async fn connect_ledger(conn: &Conn) -> Result<client::LedgerClient, Failure> {
-    let ca = match &conn.ca_cert {
-        Some(p) => Some(read_file(p, 1 << 20)?),
-        None => None,
-    };
-    let token = conn
-        .token
-        .as_ref()
-        .map(|t| Zeroizing::new(t.clone()))
-        .ok_or_else(|| Failure::Usage("no token: set SOVRA_TOKEN or pass --token".into()))?;
+    let (ca, token) = credentials(conn)?;
     Ok(client::connect_ledger(&conn.server, Some(token.as_str()), ca).await?)
 }
 

@@ -183,7 +183,69 @@ async fn reload_changes_the_next_request_and_a_broken_file_keeps_the_old_set() {
             .unwrap_err();
         assert_eq!(e.code(), code, "{bad:?}: {}", e.message());
     }
+    for (purpose, customer, code) in [
+        ("world_domination", "", Code::InvalidArgument),
+        ("billing", "not an id", Code::InvalidArgument),
+        ("billing", "no-such-customer", Code::NotFound),
+    ] {
+        let e = officer
+            .explain(ppb::ExplainRequest {
+                principal: "svc".into(),
+                action: "read".into(),
+                field: "phone".into(),
+                customer_id: customer.into(),
+                purpose: purpose.into(),
+                approvals: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{purpose} {customer}: {}", e.message());
+    }
     srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_policy_configuration_is_refused_clearly() {
+    // A policy directory that does not exist.
+    let env = Env::new();
+    let mut cfg = env.config();
+    cfg.policy.dir = Some("no-such-dir".into());
+    sovra_vault::config::write_config(&cfg, &env.config_path).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = sovra_vault::server::start(&env.config(), Some(l), std::future::pending())
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot read policies") && e.contains("no-such-dir"),
+        "{e}"
+    );
+
+    // Principal attributes that are not identifiers.
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    for (bad, needle) in [
+        ("department = \"sales dept\"", "principals.department"),
+        ("purposes = [\"billing\", \"\"]", "principals.purposes"),
+    ] {
+        let t = text.replacen("[[principals]]\n", &format!("[[principals]]\n{bad}\n"), 1);
+        std::fs::write(&env.config_path, &t).unwrap();
+        let e = sovra_vault::config::Config::load(&env.config_path)
+            .and_then(|c| c.authenticator().map(|_| ()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{bad}: {e}");
+    }
+    std::fs::write(&env.config_path, &text).unwrap();
+    let o = Command::new(SOVRA)
+        .args(["token", "add", "--config"])
+        .arg(&env.config_path)
+        .args(["--name", "x", "--role", "service", "--department", "a b"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("department"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,6 +551,10 @@ async fn hostile_policy_inputs_get_clear_errors_and_never_allow() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    // Too many approval tokens.
+    let many: Vec<&str> = std::iter::repeat_n(env.officer.as_str(), 17).collect();
+    let e = svc.get_fields(export(&many)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     // A forged approval is refused outright.
     let e = svc
         .get_fields(export(&[&env.officer, "sovra_forged"]))
