@@ -171,6 +171,13 @@ impl PermissionDenied {
         }
     }
 }
+impl PermissionDenied {
+    /// Appends an explanation (e.g. where consent was withdrawn).
+    pub(crate) fn noted(mut self, note: &str) -> Self {
+        self.action.push_str(note);
+        self
+    }
+}
 impl fmt::Display for PermissionDenied {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

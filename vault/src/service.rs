@@ -607,19 +607,14 @@ impl Vault for VaultService {
                 })
                 .collect();
             self.audit(Body::FieldRevealed(reveal)).await?;
-            let mut e = first_denial(&decisions);
-            if let Some(index) = withdrawn_at {
-                e = VaultError::denied(
-                    &p.name,
-                    p.role.as_str(),
-                    format!(
-                        "read customer `{}` for purpose `{}`: the customer withdrew consent for it (ledger entry {index}; {})",
-                        req.customer_id,
-                        req.purpose,
-                        e
-                    ),
-                );
-            }
+            let e = match (withdrawn_at, first_denial(&decisions)) {
+                (Some(index), VaultError::PermissionDenied(d)) => d
+                    .noted(&format!(
+                        "; the customer withdrew consent for it (ledger entry {index})"
+                    ))
+                    .into(),
+                (_, e) => e,
+            };
             return Err(to_status(e));
         }
         reveal.reason = policy::reason(
