@@ -136,6 +136,8 @@ const CACHE_LIMIT: usize = 4096;
 pub(crate) struct EntityCache {
     principals: RwLock<HashMap<Principal, (EntityUid, Entity)>>,
     fields: RwLock<HashMap<FieldAttrs, (EntityUid, Entity)>>,
+    tenants: RwLock<HashMap<String, (EntityUid, Entity)>>,
+    customer: std::sync::OnceLock<EntityUid>,
 }
 
 impl std::fmt::Debug for EntityCache {
@@ -169,6 +171,21 @@ fn cached<K: std::hash::Hash + Eq + Clone>(
 }
 
 impl EntityCache {
+    fn tenant(&self, tenant: &str) -> Result<(EntityUid, Entity)> {
+        cached(&self.tenants, &tenant.to_owned(), || {
+            let u = uid("Tenant", tenant)?;
+            Ok((u.clone(), Entity::new_no_attrs(u, HashSet::new())))
+        })
+    }
+
+    fn customer(&self) -> Result<EntityUid> {
+        if let Some(u) = self.customer.get() {
+            return Ok(u.clone());
+        }
+        let u = uid("Customer", CUSTOMER_ID)?;
+        Ok(self.customer.get_or_init(|| u).clone())
+    }
+
     fn principal(&self, p: &Principal) -> Result<(EntityUid, Entity)> {
         cached(&self.principals, p, || {
             let u = uid(p.kind.type_name(), &p.name)?;
@@ -191,7 +208,7 @@ impl EntityCache {
     fn field(&self, f: &FieldAttrs) -> Result<(EntityUid, Entity)> {
         cached(&self.fields, f, || {
             let u = uid("Field", &f.name)?;
-            let c = uid("Customer", CUSTOMER_ID)?;
+            let c = self.customer()?;
             let e = Entity::new(
                 u.clone(),
                 HashMap::from([
@@ -264,11 +281,11 @@ impl Policies {
     ) -> Result<Scope> {
         let bad = |e: &dyn std::fmt::Display| BadRequest::new(e);
         let (p_uid, p_entity) = self.cache.principal(principal)?;
-        let t_uid = uid("Tenant", tenant)?;
-        let c_uid = uid("Customer", CUSTOMER_ID)?;
+        let (t_uid, t_entity) = self.cache.tenant(tenant)?;
+        let c_uid = self.cache.customer()?;
         let mut entities = Vec::with_capacity(3 + fields.len());
         entities.push(p_entity);
-        entities.push(Entity::new_no_attrs(t_uid.clone(), HashSet::new()));
+        entities.push(t_entity);
         entities.push(
             Entity::new(
                 c_uid.clone(),

@@ -168,8 +168,10 @@ impl Action {
     }
 }
 
-/// What the policies may know about a customer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What the policies may know about a customer. `kind` and
+/// `contract_value` are values of the customer's record: `Debug` does not
+/// print them.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct CustomerAttrs {
     /// Purposes with consent in force.
     pub consents: BTreeSet<String>,
@@ -179,6 +181,17 @@ pub struct CustomerAttrs {
     pub kind: String,
     /// The customer's contract value, 0 when unknown.
     pub contract_value: i64,
+}
+
+impl std::fmt::Debug for CustomerAttrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CustomerAttrs")
+            .field("consents", &self.consents)
+            .field("withdrawn", &self.withdrawn)
+            .field("kind", &"<redacted>")
+            .field("contract_value", &"<redacted>")
+            .finish()
+    }
 }
 
 /// What the policies may know about a field (from the tenant schema).
@@ -205,4 +218,23 @@ pub struct Context {
     pub approvals: i64,
     /// Customers in the cohort (sandbox; 0 otherwise).
     pub cohort_size: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn customer_values_stay_out_of_debug() {
+        let c = CustomerAttrs {
+            kind: "government".into(),
+            contract_value: 8_765_432,
+            ..CustomerAttrs::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("government") && !shown.contains("8765432"),
+            "{shown}"
+        );
+    }
 }

@@ -16,18 +16,17 @@ use std::sync::Arc;
 
 use futures::Stream;
 use sovra_ledger::entry::Consent;
-use sovra_ledger::{Body, ConsentAction, Digest, Ledger, LedgerError};
+use sovra_ledger::{Body, ConsentAction, Digest, LedgerError};
 use sovra_proto::ledger::v1 as pb;
 use sovra_proto::ledger::v1::ledger_server::Ledger as LedgerRpc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Authenticator, Principal};
-use crate::engine::{validate_id, Engine, MAX_CUSTOMER_ID_LEN};
+use crate::auth::Principal;
+use crate::engine::{validate_id, MAX_CUSTOMER_ID_LEN};
 use crate::error::VaultError;
-use crate::policy::PolicyGate;
-use crate::service::to_status;
+use crate::service::{to_status, Shared};
 use sovra_policy::Action;
 
 /// Legal bases accepted for a consent record (GDPR Art. 6(1); PIPL Art. 13
@@ -57,31 +56,17 @@ fn action_pb(a: ConsentAction) -> i32 {
 /// The `Ledger` service.
 #[derive(Debug, Clone)]
 pub struct LedgerService {
-    engine: Arc<Engine>,
-    auth: Arc<Authenticator>,
-    ledger: Arc<Ledger>,
-    gate: Arc<PolicyGate>,
+    shared: Shared,
 }
 
 impl LedgerService {
-    /// A service over the vault's `engine` (for pseudonyms) and `ledger`,
-    /// authorising with `gate`.
-    pub fn new(
-        engine: Arc<Engine>,
-        auth: Arc<Authenticator>,
-        ledger: Arc<Ledger>,
-        gate: Arc<PolicyGate>,
-    ) -> Self {
-        Self {
-            engine,
-            auth,
-            ledger,
-            gate,
-        }
+    /// A service over the vault's engine (for pseudonyms) and ledger.
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
     }
 
     fn principal<T>(&self, req: &Request<T>, action: Action) -> Result<Arc<Principal>, Status> {
-        crate::service::principal(&self.auth, &self.gate, req, action)
+        self.shared.principal(req, action)
     }
 
     /// The consent entry, and whether the customer's data key was created
@@ -92,7 +77,7 @@ impl LedgerService {
         r: &pb::RecordConsentRequest,
     ) -> Result<(Body, bool), VaultError> {
         validate_id("customer_id", &r.customer_id, MAX_CUSTOMER_ID_LEN)?;
-        self.engine.schema().check_purpose(&r.purpose)?;
+        self.shared.engine.schema().check_purpose(&r.purpose)?;
         let action = match pb::ConsentAction::try_from(r.action) {
             Ok(pb::ConsentAction::Grant) => ConsentAction::Grant,
             Ok(pb::ConsentAction::Withdraw) => ConsentAction::Withdraw,
@@ -124,7 +109,10 @@ impl LedgerService {
                 ),
             )
         })?;
-        let (subject, created) = self.engine.ensure_pseudonym(&p.tenant, &r.customer_id)?;
+        let (subject, created) = self
+            .shared
+            .engine
+            .ensure_pseudonym(&p.tenant, &r.customer_id)?;
         let c = Consent {
             tenant: p.tenant.clone(),
             subject,
@@ -142,7 +130,7 @@ impl LedgerService {
     }
 
     fn linked_subject(&self, p: &Principal, customer: &str) -> Result<Digest, Status> {
-        self.engine
+        self.shared.engine
             .pseudonym(&p.tenant, customer, false)
             .map_err(|e| match e {
                 VaultError::NotFound(_) => Status::not_found(format!(
@@ -153,7 +141,7 @@ impl LedgerService {
     }
 
     fn latest_size(&self) -> Result<u64, Status> {
-        Ok(self.ledger.checkpoint().map_err(ledger_status)?.size)
+        Ok(self.shared.ledger.checkpoint().map_err(ledger_status)?.size)
     }
 }
 
@@ -172,21 +160,22 @@ impl LedgerRpc for LedgerService {
         if created {
             // A customer first seen here got a data key: make it durable
             // before the entry that names its pseudonym.
-            self.engine.commit().await.map_err(to_status)?;
+            self.shared.engine.commit().await.map_err(to_status)?;
         }
         let appended = self
+            .shared
             .ledger
             .append_durable(std::slice::from_ref(&body))
             .await
             .map_err(ledger_status)?;
         let index = appended.first().map_or(0, |a| a.index);
-        let receipt = self.ledger.receipt(index).map_err(ledger_status)?;
+        let receipt = self.shared.ledger.receipt(index).map_err(ledger_status)?;
         tracing::info!(principal = %p.name, index, purpose = %r.purpose, "consent recorded");
         Ok(Response::new(pb::ConsentReceipt {
             index,
             entry: receipt.entry,
             proof: receipt.proof.to_text(),
-            verifier_key: self.ledger.verifier_key(),
+            verifier_key: self.shared.ledger.verifier_key(),
             subject: subject.to_hex(),
         }))
     }
@@ -200,6 +189,7 @@ impl LedgerRpc for LedgerService {
         validate_id("customer_id", &r.customer_id, MAX_CUSTOMER_ID_LEN).map_err(to_status)?;
         let subject = self.linked_subject(&p, &r.customer_id)?;
         let purposes = self
+            .shared
             .ledger
             .consent_state(&subject)
             .map_err(ledger_status)?
@@ -223,12 +213,12 @@ impl LedgerRpc for LedgerService {
         req: Request<pb::GetCheckpointRequest>,
     ) -> Result<Response<pb::Checkpoint>, Status> {
         self.principal(&req, Action::ReadAudit)?;
-        let cp = self.ledger.checkpoint().map_err(ledger_status)?;
+        let cp = self.shared.ledger.checkpoint().map_err(ledger_status)?;
         Ok(Response::new(pb::Checkpoint {
             note: String::from_utf8_lossy(&cp.note).into_owned(),
             tree_size: cp.size,
             root_hash: cp.root.to_vec(),
-            verifier_key: self.ledger.verifier_key(),
+            verifier_key: self.shared.ledger.verifier_key(),
             origin: cp.origin,
         }))
     }
@@ -245,10 +235,11 @@ impl LedgerRpc for LedgerService {
             r.tree_size
         };
         let hashes = self
+            .shared
             .ledger
             .inclusion_proof(r.index, size)
             .map_err(ledger_status)?;
-        let (entry, _) = self.ledger.entry(r.index).map_err(ledger_status)?;
+        let (entry, _) = self.shared.ledger.entry(r.index).map_err(ledger_status)?;
         Ok(Response::new(pb::InclusionProof {
             index: r.index,
             tree_size: size,
@@ -269,6 +260,7 @@ impl LedgerRpc for LedgerService {
             r.to_size
         };
         let hashes = self
+            .shared
             .ledger
             .consistency_proof(r.from_size, to)
             .map_err(ledger_status)?;
@@ -287,7 +279,7 @@ impl LedgerRpc for LedgerService {
     ) -> Result<Response<Self::GetEntriesStream>, Status> {
         self.principal(&req, Action::ReadAudit)?;
         let r = req.into_inner();
-        let size = self.ledger.durable_size();
+        let size = self.shared.ledger.durable_size();
         let end = if r.end == 0 { size } else { r.end };
         if end > size {
             return Err(Status::out_of_range(format!(
@@ -307,7 +299,7 @@ impl LedgerRpc for LedgerService {
             )));
         }
         let (tx, rx) = mpsc::channel(64);
-        let ledger = self.ledger.clone();
+        let ledger = self.shared.ledger.clone();
         tokio::task::spawn_blocking(move || {
             for i in r.start..end {
                 let item = ledger
@@ -341,7 +333,7 @@ impl LedgerRpc for LedgerService {
         validate_id("customer_id", &r.customer_id, MAX_CUSTOMER_ID_LEN).map_err(to_status)?;
         let subject = self.linked_subject(&p, &r.customer_id)?;
         let nz = |v: u64| (v != 0).then_some(v);
-        let ledger = self.ledger.clone();
+        let ledger = self.shared.ledger.clone();
         let tenant = p.tenant.clone();
         let bundle = tokio::task::spawn_blocking(move || {
             ledger.export_bundle(
@@ -375,7 +367,7 @@ impl LedgerRpc for LedgerService {
         req: Request<pb::RebuildConsentStateRequest>,
     ) -> Result<Response<pb::RebuildConsentStateResponse>, Status> {
         let p = self.principal(&req, Action::RebuildConsent)?;
-        let ledger = self.ledger.clone();
+        let ledger = self.shared.ledger.clone();
         let (corrected, entries) = tokio::task::spawn_blocking(move || {
             ledger
                 .rebuild_consent_view()

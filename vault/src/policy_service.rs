@@ -6,43 +6,26 @@
 //! reloads); an explanation reads the customer's consent state and policy
 //! attributes but returns only the decision, never a value.
 
-use std::sync::Arc;
-
-use sovra_ledger::Ledger;
 use sovra_policy::{Action, CustomerAttrs, FieldAttrs, Target};
 use sovra_proto::policy::v1 as pb;
 use sovra_proto::policy::v1::policy_server::Policy;
 use tonic::{Request, Response, Status};
 
-use crate::auth::Authenticator;
-use crate::engine::{validate_id, Engine, MAX_CUSTOMER_ID_LEN};
-use crate::policy::{self, Active, PolicyGate};
+use crate::engine::{validate_id, MAX_CUSTOMER_ID_LEN};
+use crate::policy::{self, Active};
 use crate::policy::{CONTRACT_VALUE_FIELD, CUSTOMER_KIND_FIELD};
-use crate::service::{principal, to_status};
+use crate::service::{to_status, Shared};
 
 /// The `Policy` service.
 #[derive(Debug, Clone)]
 pub struct PolicyService {
-    engine: Arc<Engine>,
-    auth: Arc<Authenticator>,
-    ledger: Arc<Ledger>,
-    gate: Arc<PolicyGate>,
+    shared: Shared,
 }
 
 impl PolicyService {
     /// A service over the shared gate.
-    pub fn new(
-        engine: Arc<Engine>,
-        auth: Arc<Authenticator>,
-        ledger: Arc<Ledger>,
-        gate: Arc<PolicyGate>,
-    ) -> Self {
-        Self {
-            engine,
-            auth,
-            ledger,
-            gate,
-        }
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
     }
 
     fn status(&self, a: &Active) -> pb::PolicyStatus {
@@ -52,7 +35,7 @@ impl PolicyService {
             policy_ids: a.policies.policies().map(|(id, _)| id.to_owned()).collect(),
             loaded_at_ms: a.loaded_at_ms,
             ledger_index: a.ledger_index,
-            source: self.gate.dir().map_or_else(
+            source: self.shared.gate.dir().map_or_else(
                 || "(compiled-in default)".to_owned(),
                 |d| d.display().to_string(),
             ),
@@ -66,16 +49,18 @@ impl PolicyService {
             return Ok(CustomerAttrs::default());
         }
         validate_id("customer_id", customer_id, MAX_CUSTOMER_ID_LEN).map_err(to_status)?;
-        let schema = self.engine.schema();
+        let schema = self.shared.engine.schema();
         let defs: Vec<_> = [CUSTOMER_KIND_FIELD, CONTRACT_VALUE_FIELD]
             .into_iter()
             .filter_map(|n| schema.field(n).ok())
             .collect();
         let (subject, values) = self
+            .shared
             .engine
             .get(tenant, customer_id, &defs)
             .map_err(to_status)?;
         let consent = self
+            .shared
             .ledger
             .consent_state(&subject)
             .map_err(|e| to_status(e.into()))?;
@@ -89,18 +74,19 @@ impl Policy for PolicyService {
         &self,
         req: Request<pb::GetPolicyStatusRequest>,
     ) -> Result<Response<pb::PolicyStatus>, Status> {
-        principal(&self.auth, &self.gate, &req, Action::ReadAudit)?;
-        Ok(Response::new(self.status(&self.gate.current())))
+        self.shared.principal(&req, Action::ReadAudit)?;
+        Ok(Response::new(self.status(&self.shared.gate.current())))
     }
 
     async fn reload_policies(
         &self,
         req: Request<pb::ReloadPoliciesRequest>,
     ) -> Result<Response<pb::ReloadPoliciesResponse>, Status> {
-        let p = principal(&self.auth, &self.gate, &req, Action::ManagePolicies)?;
+        let p = self.shared.principal(&req, Action::ManagePolicies)?;
         let r = self
+            .shared
             .gate
-            .reload(&p.name, &self.engine.store().meta)
+            .reload(&p.name, &self.shared.engine.store().meta)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ReloadPoliciesResponse {
@@ -113,10 +99,11 @@ impl Policy for PolicyService {
         &self,
         req: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::Explanation>, Status> {
-        let caller = principal(&self.auth, &self.gate, &req, Action::ReadAudit)?;
+        let caller = self.shared.principal(&req, Action::ReadAudit)?;
         let r = req.into_inner();
         let shown = |s: &str| s.chars().take(64).collect::<String>();
         let subject = self
+            .shared
             .auth
             .by_name(&r.principal)
             .filter(|s| s.tenant == caller.tenant)
@@ -134,7 +121,7 @@ impl Policy for PolicyService {
                 Action::ALL.map(Action::name).join(", ")
             ))
         })?;
-        let schema = self.engine.schema();
+        let schema = self.shared.engine.schema();
         if !r.purpose.is_empty() {
             schema.check_purpose(&r.purpose).map_err(to_status)?;
         }
@@ -149,7 +136,7 @@ impl Policy for PolicyService {
             _ => None,
         };
         let customer = self.customer(&caller.tenant, &r.customer_id)?;
-        let active = self.gate.current();
+        let active = self.shared.gate.current();
         let ctx = policy::context(&r.purpose, i64::from(r.approvals));
         let out = policy::explain(&active.policies, &subject, action, field, &customer, &ctx)
             .map_err(to_status)?;

@@ -23,6 +23,7 @@ use crate::error::{Result, VaultError};
 use crate::ledger_service::LedgerService;
 use crate::policy::PolicyGate;
 use crate::policy_service::PolicyService;
+use crate::service::Shared;
 use crate::service::VaultService;
 use sovra_proto::policy::v1::policy_server::PolicyServer;
 
@@ -124,29 +125,20 @@ pub async fn start(
         .build_v1()
         .map_err(|e| VaultError::config("reflection", e.to_string()))?;
 
-    let vault = VaultServer::new(VaultService::new(
-        engine.clone(),
-        auth.clone(),
-        ledger.clone(),
-        gate.clone(),
-    ))
-    .max_decoding_message_size(cfg.max_request_bytes)
-    .max_encoding_message_size(64 * 1024 * 1024);
-    let ledger_svc = LedgerServer::new(LedgerService::new(
-        engine.clone(),
-        auth.clone(),
-        ledger.clone(),
-        gate.clone(),
-    ))
-    .max_decoding_message_size(cfg.max_request_bytes)
-    .max_encoding_message_size(256 * 1024 * 1024);
-    let policy_svc = PolicyServer::new(PolicyService::new(
-        engine.clone(),
+    let shared = Shared {
+        engine: engine.clone(),
         auth,
-        ledger.clone(),
-        gate.clone(),
-    ))
-    .max_decoding_message_size(cfg.max_request_bytes);
+        ledger: ledger.clone(),
+        gate: gate.clone(),
+    };
+    let vault = VaultServer::new(VaultService::new(shared.clone()))
+        .max_decoding_message_size(cfg.max_request_bytes)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let ledger_svc = LedgerServer::new(LedgerService::new(shared.clone()))
+        .max_decoding_message_size(cfg.max_request_bytes)
+        .max_encoding_message_size(256 * 1024 * 1024);
+    let policy_svc = PolicyServer::new(PolicyService::new(shared))
+        .max_decoding_message_size(cfg.max_request_bytes);
     // SIGHUP reloads the policy directory, as ReloadPolicies does.
     #[cfg(unix)]
     {

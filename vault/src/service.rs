@@ -149,39 +149,51 @@ pub(crate) fn approvals<T>(
     Ok(names.len() as i64)
 }
 
+/// What every service shares: the engine, authentication, the audit ledger
+/// and the policy gate.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// The storage engine.
+    pub engine: Arc<Engine>,
+    /// Bearer-token authentication.
+    pub auth: Arc<Authenticator>,
+    /// The consent and audit ledger.
+    pub ledger: Arc<Ledger>,
+    /// The policy set in force.
+    pub gate: Arc<PolicyGate>,
+}
+
+impl Shared {
+    /// [`principal`] for this service set.
+    pub(crate) fn principal<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+    ) -> Result<Arc<Principal>, Status> {
+        principal(&self.auth, &self.gate, req, action)
+    }
+}
+
 /// The `Vault` service.
 #[derive(Debug, Clone)]
 pub struct VaultService {
-    engine: Arc<Engine>,
-    auth: Arc<Authenticator>,
-    ledger: Arc<Ledger>,
-    gate: Arc<PolicyGate>,
+    shared: Shared,
 }
 
 impl VaultService {
-    /// A service over `engine`, authenticating with `auth`, authorising with
-    /// `gate` and auditing to `ledger`.
-    pub fn new(
-        engine: Arc<Engine>,
-        auth: Arc<Authenticator>,
-        ledger: Arc<Ledger>,
-        gate: Arc<PolicyGate>,
-    ) -> Self {
-        Self {
-            engine,
-            auth,
-            ledger,
-            gate,
-        }
+    /// A service over the shared engine, authentication, ledger and gate.
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
     }
 
     fn principal<T>(&self, req: &Request<T>, action: Action) -> Result<Arc<Principal>, Status> {
-        principal(&self.auth, &self.gate, req, action)
+        self.shared.principal(req, action)
     }
 
     /// Appends one entry and waits until it is durable; returns its index.
     async fn audit(&self, body: Body) -> Result<u64, Status> {
         let a = self
+            .shared
             .ledger
             .append_durable(std::slice::from_ref(&body))
             .await
@@ -190,7 +202,7 @@ impl VaultService {
     }
 
     fn parse_put(&self, req: pb::PutRecordRequest) -> Result<ParsedPut<'_>, VaultError> {
-        let schema = self.engine.schema();
+        let schema = self.shared.engine.schema();
         validate_id(
             "customer_id",
             &req.customer_id,
@@ -333,14 +345,17 @@ impl VaultService {
         let (customer, values, source) = self.parse_put(req)?;
         let attrs: Vec<&FieldAttrs> = values.iter().map(|(d, _)| &d.policy).collect();
         policy::check_fields(
-            &self.gate.current(),
+            &self.shared.gate.current(),
             p,
             Action::Write,
             &CustomerAttrs::default(),
             &attrs,
             &policy::context("", 0),
         )?;
-        let out = self.engine.put(&p.tenant, &customer, &values, &source)?;
+        let out = self
+            .shared
+            .engine
+            .put(&p.tenant, &customer, &values, &source)?;
         Ok(pb::PutRecordResponse {
             customer_id: customer,
             created: out.created,
@@ -401,9 +416,9 @@ impl Vault for VaultService {
         &self,
         req: Request<pb::PutRecordRequest>,
     ) -> Result<Response<pb::PutRecordResponse>, Status> {
-        let p = authenticate(&self.auth, &req)?;
+        let p = authenticate(&self.shared.auth, &req)?;
         let resp = self.apply_put(&p, req.into_inner()).map_err(to_status)?;
-        self.engine.commit().await.map_err(to_status)?;
+        self.shared.engine.commit().await.map_err(to_status)?;
         Ok(Response::new(resp))
     }
 
@@ -414,7 +429,7 @@ impl Vault for VaultService {
         req: Request<Streaming<pb::PutRecordRequest>>,
     ) -> Result<Response<Self::BatchPutStream>, Status> {
         // Each item's fields are authorised as it is applied.
-        let p = authenticate(&self.auth, &req)?;
+        let p = authenticate(&self.shared.auth, &req)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(BATCH_CHUNK);
         let this = self.clone();
@@ -452,7 +467,7 @@ impl Vault for VaultService {
                 let mut results = this.apply_chunk(&p, index, chunk).await;
                 index += n;
                 if results.iter().any(|r| r.code == Code::Ok as i32) {
-                    if let Err(e) = this.engine.commit().await {
+                    if let Err(e) = this.shared.engine.commit().await {
                         let s = to_status(e);
                         for r in results.iter_mut().filter(|r| r.code == Code::Ok as i32) {
                             r.code = s.code() as i32;
@@ -475,10 +490,10 @@ impl Vault for VaultService {
         &self,
         req: Request<pb::GetFieldsRequest>,
     ) -> Result<Response<pb::GetFieldsResponse>, Status> {
-        let p = authenticate(&self.auth, &req)?;
-        let approvals = approvals(&self.auth, &req, &p)?;
+        let p = authenticate(&self.shared.auth, &req)?;
+        let approvals = approvals(&self.shared.auth, &req, &p)?;
         let req = req.into_inner();
-        let schema = self.engine.schema();
+        let schema = self.shared.engine.schema();
         validate_id(
             "customer_id",
             &req.customer_id,
@@ -506,7 +521,7 @@ impl Vault for VaultService {
             .filter(|f| all || wanted.contains(f.name.as_str()))
             .collect();
         let attrs: Vec<&FieldAttrs> = defs.iter().map(|d| &d.policy).collect();
-        let active = self.gate.current();
+        let active = self.shared.gate.current();
         let pol = &active.policies;
         let ctx = policy::context(&req.purpose, approvals);
         let refuse = |decisions: &[sovra_policy::FieldDecision]| {
@@ -559,10 +574,12 @@ impl Vault for VaultService {
             }
         }
         let (subject, revealed) = self
+            .shared
             .engine
             .get(&p.tenant, &req.customer_id, &fetch)
             .map_err(to_status)?;
         let consent = self
+            .shared
             .ledger
             .consent_state(&subject)
             .map_err(|e| to_status(e.into()))?;
@@ -673,9 +690,9 @@ impl Vault for VaultService {
         &self,
         req: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
-        let p = authenticate(&self.auth, &req)?;
+        let p = authenticate(&self.shared.auth, &req)?;
         let req = req.into_inner();
-        let schema = self.engine.schema();
+        let schema = self.shared.engine.schema();
         let def = schema.field(&req.field).map_err(|_| {
             let shown: String = req.field.chars().take(64).collect();
             Status::invalid_argument(format!("invalid `field`: unknown field `{shown}`"))
@@ -684,7 +701,7 @@ impl Vault for VaultService {
         // A search spans customers, so no one customer's consents apply:
         // consent-based purposes cannot search personal fields.
         policy::check_fields(
-            &self.gate.current(),
+            &self.shared.gate.current(),
             &p,
             Action::Search,
             &CustomerAttrs::default(),
@@ -697,6 +714,7 @@ impl Vault for VaultService {
             .ok_or_else(|| Status::invalid_argument("invalid `value`: required"))?;
         let value = schema.normalise(def, raw_value(value)).map_err(to_status)?;
         let (customer_ids, truncated) = self
+            .shared
             .engine
             .search(&p.tenant, def, &value, req.limit)
             .map_err(to_status)?;
@@ -715,6 +733,7 @@ impl Vault for VaultService {
         validate_id("reason", &req.reason, 64).map_err(to_status)?;
         // The pseudonym must be taken before the erasure destroys its salt.
         let subject = self
+            .shared
             .engine
             .pseudonym(&p.tenant, &req.customer_id, false)
             .map_err(to_status)?;
@@ -728,10 +747,11 @@ impl Vault for VaultService {
             }))
             .await?;
         let out = self
+            .shared
             .engine
             .erase(&p.tenant, &req.customer_id)
             .map_err(to_status)?;
-        self.engine.commit().await.map_err(to_status)?;
+        self.shared.engine.commit().await.map_err(to_status)?;
         let mut id = [0u8; 16];
         aes_gcm::aead::OsRng.fill_bytes(&mut id);
         let receipt_id = hex::encode(id);
@@ -754,9 +774,10 @@ impl Vault for VaultService {
         req: Request<pb::RotateTenantKeyRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let p = self.principal(&req, Action::ManageKeys)?;
-        let ledger = self.ledger.clone();
+        let ledger = self.shared.ledger.clone();
         let (tenant, actor) = (p.tenant.clone(), p.name.clone());
         let st = self
+            .shared
             .engine
             .rotate(&p.tenant, move |from_version, to_version| {
                 ledger.append(&[Body::TenantKeyRotated(KeyRotation {
@@ -769,13 +790,18 @@ impl Vault for VaultService {
             })
             .await
             .map_err(to_status)?;
-        self.ledger
+        self.shared
+            .ledger
             .commit()
             .await
             .map_err(|e| to_status(e.into()))?;
         tracing::info!(principal = %p.name, version = st.active_version, "tenant key rotated");
-        self.engine.spawn_rotation(p.tenant.clone());
-        let s = self.engine.key_status(&p.tenant).map_err(to_status)?;
+        self.shared.engine.spawn_rotation(p.tenant.clone());
+        let s = self
+            .shared
+            .engine
+            .key_status(&p.tenant)
+            .map_err(to_status)?;
         Ok(Response::new(key_status(&p.tenant, s)))
     }
 
@@ -784,7 +810,11 @@ impl Vault for VaultService {
         req: Request<pb::GetKeyStatusRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let p = self.principal(&req, Action::ManageKeys)?;
-        let s = self.engine.key_status(&p.tenant).map_err(to_status)?;
+        let s = self
+            .shared
+            .engine
+            .key_status(&p.tenant)
+            .map_err(to_status)?;
         Ok(Response::new(key_status(&p.tenant, s)))
     }
 
@@ -795,6 +825,7 @@ impl Vault for VaultService {
         let p = self.principal(&req, Action::ManageKeys)?;
         let r = req.into_inner();
         let s = self
+            .shared
             .engine
             .retire(&p.tenant, r.min_version, r.force)
             .await
@@ -808,7 +839,7 @@ impl Vault for VaultService {
         req: Request<pb::DescribeSchemaRequest>,
     ) -> Result<Response<pb::DescribeSchemaResponse>, Status> {
         self.principal(&req, Action::DescribeSchema)?;
-        let s = self.engine.schema();
+        let s = self.shared.engine.schema();
         Ok(Response::new(pb::DescribeSchemaResponse {
             name: s.name().to_owned(),
             version: s.version(),

@@ -510,6 +510,19 @@ async fn hostile_policy_inputs_get_clear_errors_and_never_allow() {
         );
         assert!(e.message().len() < 1024, "message echoes the input");
     }
+    // Searches declare a purpose too.
+    for purpose in ["", "world_domination"] {
+        let mut r = search_req("phone", "+8613800138000", 1);
+        r.purpose = purpose.into();
+        let e = svc.search(r).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::InvalidArgument,
+            "{purpose}: {}",
+            e.message()
+        );
+        assert!(e.message().contains("purpose"), "{}", e.message());
+    }
     // Unknown principals.
     let mut nobody = srv.client(Some("sovra_not-a-token")).await;
     let e = nobody
