@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "sovra/vault/v1/vault.proto",
     "sovra/ledger/v1/ledger.proto",
     "sovra/policy/v1/policy.proto",
+    "sovra/lineage/v1/lineage.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::error::{LedgerError, Result};
 
 /// Version byte that starts every entry encoded by this crate.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Longest encoded entry accepted.
 pub const MAX_ENTRY_LEN: usize = 64 * 1024;
 /// Longest string inside an entry.
@@ -28,6 +28,8 @@ pub const MAX_STRING_LEN: usize = 256;
 /// Most fields one reveal entry lists.
 pub const MAX_FIELDS: usize = 256;
 const HEADER_LEN: usize = 1 + 1 + 8 + 8 + 32 + 4;
+/// The highest kind byte this version knows.
+pub const LAST_KNOWN_KIND: u8 = 8;
 
 /// A 32-byte value shown as hex (hashes, pseudonyms).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -156,6 +158,9 @@ pub struct Reveal {
     pub reason: String,
     /// Fields and how each was disclosed.
     pub fields: Vec<FieldAccess>,
+    /// SHA-256 of the lineage activity that recorded this read (zero if
+    /// none): the anchor that makes the vault's lineage record tamper-evident.
+    pub lineage: Digest,
 }
 
 /// A crypto-shredding erasure.
@@ -167,6 +172,55 @@ pub struct Erasure {
     pub subject: Pseudonym,
     /// Principal that ordered it.
     pub actor: String,
+    /// SHA-256 of the lineage activity that recorded the erasure.
+    pub lineage: Digest,
+}
+
+/// One field version a write produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WrittenField {
+    /// The schema field name.
+    pub field: String,
+    /// The value version the write created.
+    pub version: u64,
+}
+
+/// A write of field values (collection or update).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Write {
+    /// Tenant.
+    pub tenant: String,
+    /// The customer.
+    pub subject: Pseudonym,
+    /// Principal that wrote.
+    pub actor: String,
+    /// Collection channel.
+    pub channel: String,
+    /// The field versions written.
+    pub fields: Vec<WrittenField>,
+    /// SHA-256 of the lineage activity that recorded the write.
+    pub lineage: Digest,
+}
+
+/// A sandbox job whose output was released.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobRun {
+    /// Tenant.
+    pub tenant: String,
+    /// Principal the output was released to.
+    pub actor: String,
+    /// The job id.
+    pub job_id: String,
+    /// SHA-256 of the job spec.
+    pub spec_sha256: Digest,
+    /// The job's purpose.
+    pub purpose: String,
+    /// Customers in the cohort.
+    pub cohort_size: u64,
+    /// SHA-256 of the released output.
+    pub output_sha256: Digest,
+    /// SHA-256 of the lineage activity that recorded the job.
+    pub lineage: Digest,
 }
 
 /// A tenant key rotation.
@@ -209,9 +263,12 @@ pub enum Body {
     TenantKeyRotated(KeyRotation),
     /// Kind 6.
     PolicyChanged(PolicyChange),
-    /// A kind this version does not know (kind 7, sandbox job run, is
-    /// reserved for the sandbox): kept as bytes so that old verifiers still
-    /// verify newer logs.
+    /// Kind 7.
+    JobRun(JobRun),
+    /// Kind 8.
+    FieldsWritten(Write),
+    /// A kind this version does not know: kept as bytes so that old
+    /// verifiers still verify newer logs.
     Unknown {
         /// The kind byte.
         code: u8,
@@ -235,6 +292,8 @@ impl Body {
             Body::CustomerErased(_) => 4,
             Body::TenantKeyRotated(_) => 5,
             Body::PolicyChanged(_) => 6,
+            Body::JobRun(_) => 7,
+            Body::FieldsWritten(_) => 8,
             Body::Unknown { code, .. } => *code,
         }
     }
@@ -245,8 +304,21 @@ impl Body {
             Body::ConsentGranted(c) | Body::ConsentWithdrawn(c) => Some(&c.subject),
             Body::FieldRevealed(r) => Some(&r.subject),
             Body::CustomerErased(e) => Some(&e.subject),
+            Body::FieldsWritten(w) => Some(&w.subject),
             _ => None,
         }
+    }
+
+    /// The lineage activity this entry anchors, if any.
+    pub fn lineage(&self) -> Option<&Digest> {
+        let d = match self {
+            Body::FieldRevealed(r) => &r.lineage,
+            Body::CustomerErased(e) => &e.lineage,
+            Body::JobRun(j) => &j.lineage,
+            Body::FieldsWritten(w) => &w.lineage,
+            _ => return None,
+        };
+        (d.0 != [0; 32]).then_some(d)
     }
 
     /// The consent this entry sets, if it is a consent entry.
@@ -297,11 +369,42 @@ impl Body {
                         Disclosure::Withheld => 3,
                     });
                 }
+                w.digest(&r.lineage);
             }
             Body::CustomerErased(e) => {
                 w.str("tenant", &e.tenant)?;
                 w.digest(&e.subject);
                 w.str("actor", &e.actor)?;
+                w.digest(&e.lineage);
+            }
+            Body::JobRun(j) => {
+                w.str("tenant", &j.tenant)?;
+                w.str("actor", &j.actor)?;
+                w.str("job_id", &j.job_id)?;
+                w.digest(&j.spec_sha256);
+                w.str("purpose", &j.purpose)?;
+                w.u64(j.cohort_size);
+                w.digest(&j.output_sha256);
+                w.digest(&j.lineage);
+            }
+            Body::FieldsWritten(x) => {
+                w.str("tenant", &x.tenant)?;
+                w.digest(&x.subject);
+                w.str("actor", &x.actor)?;
+                w.str("channel", &x.channel)?;
+                if x.fields.len() > MAX_FIELDS {
+                    return Err(LedgerError::invalid(format!(
+                        "entry: {} fields; at most {MAX_FIELDS}",
+                        x.fields.len()
+                    )));
+                }
+                // INVARIANT: MAX_FIELDS fits in u16.
+                w.u16(x.fields.len() as u16);
+                for f in &x.fields {
+                    w.str("field", &f.field)?;
+                    w.u64(f.version);
+                }
+                w.digest(&x.lineage);
             }
             Body::TenantKeyRotated(k) => {
                 w.str("tenant", &k.tenant)?;
@@ -315,9 +418,9 @@ impl Body {
                 w.str("summary", &p.summary)?;
             }
             Body::Unknown { code, body } => {
-                if (0..=6).contains(code) {
+                if (0..=LAST_KNOWN_KIND).contains(code) {
                     return Err(LedgerError::invalid(format!(
-                        "entry: kind {code} is not an unknown kind (0 is invalid, 1..=6 are known)"
+                        "entry: kind {code} is not an unknown kind (0 is invalid, 1..={LAST_KNOWN_KIND} are known)"
                     )));
                 }
                 w.buf.extend_from_slice(body);
@@ -382,13 +485,50 @@ impl Body {
                     decision,
                     reason,
                     fields,
+                    lineage: r.digest("lineage")?,
                 })
             }
             4 => Body::CustomerErased(Erasure {
                 tenant: r.str("tenant")?,
                 subject: r.digest("subject")?,
                 actor: r.str("actor")?,
+                lineage: r.digest("lineage")?,
             }),
+            7 => Body::JobRun(JobRun {
+                tenant: r.str("tenant")?,
+                actor: r.str("actor")?,
+                job_id: r.str("job_id")?,
+                spec_sha256: r.digest("spec_sha256")?,
+                purpose: r.str("purpose")?,
+                cohort_size: r.u64("cohort_size")?,
+                output_sha256: r.digest("output_sha256")?,
+                lineage: r.digest("lineage")?,
+            }),
+            8 => {
+                let tenant = r.str("tenant")?;
+                let subject = r.digest("subject")?;
+                let actor = r.str("actor")?;
+                let channel = r.str("channel")?;
+                let n = usize::from(r.u16("field count")?);
+                if n > MAX_FIELDS {
+                    return Err(malformed(format!("{n} fields; at most {MAX_FIELDS}")));
+                }
+                let mut fields = Vec::with_capacity(n.min(b.len()));
+                for _ in 0..n {
+                    fields.push(WrittenField {
+                        field: r.str("field")?,
+                        version: r.u64("version")?,
+                    });
+                }
+                Body::FieldsWritten(Write {
+                    tenant,
+                    subject,
+                    actor,
+                    channel,
+                    fields,
+                    lineage: r.digest("lineage")?,
+                })
+            }
             5 => Body::TenantKeyRotated(KeyRotation {
                 tenant: r.str("tenant")?,
                 actor: r.str("actor")?,
@@ -638,11 +778,34 @@ mod tests {
                         disclosure: Disclosure::Masked,
                     },
                 ],
+                lineage: Digest([5; 32]),
             }),
             Body::CustomerErased(Erasure {
                 tenant: "acme".into(),
                 subject: Digest([2; 32]),
                 actor: "admin".into(),
+                lineage: Digest([6; 32]),
+            }),
+            Body::JobRun(JobRun {
+                tenant: "acme".into(),
+                actor: "crm".into(),
+                job_id: "job-1".into(),
+                spec_sha256: Digest([7; 32]),
+                purpose: "lead_scoring".into(),
+                cohort_size: 42,
+                output_sha256: Digest([8; 32]),
+                lineage: Digest([9; 32]),
+            }),
+            Body::FieldsWritten(Write {
+                tenant: "acme".into(),
+                subject: Digest([3; 32]),
+                actor: "crm".into(),
+                channel: "web".into(),
+                fields: vec![WrittenField {
+                    field: "phone".into(),
+                    version: 2,
+                }],
+                lineage: Digest([4; 32]),
             }),
             Body::TenantKeyRotated(KeyRotation {
                 tenant: "acme".into(),
@@ -656,7 +819,7 @@ mod tests {
                 summary: "default".into(),
             }),
             Body::Unknown {
-                code: 7,
+                code: 9,
                 body: vec![1, 2, 3],
             },
         ];
@@ -685,12 +848,12 @@ mod tests {
         trailing.push(0);
         assert!(Entry::decode(&trailing).is_err());
         assert!(Entry::decode(&b[..b.len() - 1]).is_err());
-        let mut v2 = b.clone();
-        v2[0] = 2;
-        assert!(Entry::decode(&v2)
+        let mut v1 = b.clone();
+        v1[0] = 1;
+        assert!(Entry::decode(&v1)
             .unwrap_err()
             .to_string()
-            .contains("version 2"));
+            .contains("version 1"));
         let mut k0 = b.clone();
         k0[1] = 0;
         assert!(Entry::decode(&k0).is_err());

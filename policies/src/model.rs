@@ -106,11 +106,13 @@ pub enum Action {
     DescribeSchema,
     /// Rebuild the consent view from the ledger.
     RebuildConsent,
+    /// Read or export field lineage.
+    ReadLineage,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::Write,
         Action::Read,
         Action::Reveal,
@@ -125,6 +127,7 @@ impl Action {
         Action::SubmitJob,
         Action::DescribeSchema,
         Action::RebuildConsent,
+        Action::ReadLineage,
     ];
 
     /// The Cedar action id.
@@ -144,6 +147,7 @@ impl Action {
             Action::SubmitJob => "submit_job",
             Action::DescribeSchema => "describe_schema",
             Action::RebuildConsent => "rebuild_consent",
+            Action::ReadLineage => "read_lineage",
         }
     }
 

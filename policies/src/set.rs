@@ -48,6 +48,10 @@ pub const DEFAULT_FILES: &[(&str, &str)] = &[
         include_str!("../default/40-officer.cedar"),
     ),
     (
+        "45-lineage.cedar",
+        include_str!("../default/45-lineage.cedar"),
+    ),
+    (
         "50-partner.cedar",
         include_str!("../default/50-partner.cedar"),
     ),

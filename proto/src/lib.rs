@@ -30,6 +30,15 @@ pub mod policy {
     }
 }
 
+/// `sovra.lineage.v1`: field lineage queries and export.
+pub mod lineage {
+    /// Version 1 of the lineage API.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        include!(concat!(env!("OUT_DIR"), "/sovra.lineage.v1.rs"));
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every Sovra proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sovra_descriptor.bin"));

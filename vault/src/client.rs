@@ -127,3 +127,23 @@ pub async fn connect_policy(
         ),
     )
 }
+
+/// A lineage client with its token.
+pub type LineageClient = sovra_proto::lineage::v1::lineage_client::LineageClient<
+    InterceptedService<Channel, BearerAuth>,
+>;
+
+/// Connects a lineage client to `server` with `token`.
+pub async fn connect_lineage(
+    server: &str,
+    token: Option<&str>,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<LineageClient> {
+    Ok(
+        sovra_proto::lineage::v1::lineage_client::LineageClient::with_interceptor(
+            channel(server, ca_pem).await?,
+            bearer(token)?,
+        )
+        .max_decoding_message_size(64 * 1024 * 1024),
+    )
+}

@@ -25,6 +25,8 @@ use sled::Transactional;
 use crate::envelope::{self, FieldContext};
 use crate::error::{Result, VaultError};
 use crate::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
+use crate::lineage::{self, Agent, Anchor};
+use sovra_proto::lineage::v1 as lpb;
 use crate::rotation::KeyStates;
 use crate::schema::{FieldDef, FieldValue, Schema};
 use crate::shred::Pad;
@@ -46,6 +48,25 @@ pub struct Source {
     pub collector: String,
     /// Consent reference (may be empty).
     pub consent_ref: String,
+}
+
+/// The lineage of a write: who wrote, which inputs the vault normalised, and
+/// how to anchor the activity in the ledger.
+pub struct WriteLineage<'a> {
+    /// The writer and the policies that allowed the write.
+    pub agent: &'a Agent,
+    /// Field names whose input the vault changed while normalising it.
+    pub transformed: &'a [&'a str],
+    /// Appends the write's ledger entry carrying the activity hash.
+    pub anchor: Box<Anchor<'a>>,
+}
+
+impl std::fmt::Debug for WriteLineage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteLineage")
+            .field("agent", self.agent)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a put did.
@@ -137,7 +158,7 @@ pub fn validate_id(subject: &str, value: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-fn tx_err(e: TransactionError<VaultError>) -> VaultError {
+pub(crate) fn tx_err(e: TransactionError<VaultError>) -> VaultError {
     match e {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => e.into(),
@@ -196,7 +217,7 @@ impl Engine {
             };
             let tenant = String::from_utf8_lossy(&k[..pos]).into_owned();
             let customer = String::from_utf8_lossy(&k[pos + 1..]).into_owned();
-            self.remove_customer(&tenant, &customer)?;
+            self.remove_customer(&tenant, &customer, None)?;
         }
         let mut free = Vec::new();
         for slot in 0..self.store.slots.len() {
@@ -307,13 +328,16 @@ impl Engine {
         }
     }
 
-    /// Writes `values` for `customer`. Not durable until [`Engine::commit`].
+    /// Writes `values` for `customer` and records the write's lineage
+    /// (anchored by `lineage.anchor` before anything is stored). Not durable
+    /// until [`Engine::commit`].
     pub fn put(
         &self,
         tenant: &str,
         customer: &str,
         values: &[(&FieldDef, FieldValue)],
         source: &Source,
+        lineage: WriteLineage<'_>,
     ) -> Result<PutOutcome> {
         validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
         if values.is_empty() {
@@ -334,6 +358,7 @@ impl Engine {
             values,
             source,
             now,
+            lineage,
         );
         if result.is_err() {
             if let Some((slot, _)) = new_wrapped {
@@ -421,8 +446,12 @@ impl Engine {
         values: &[(&FieldDef, FieldValue)],
         source: &Source,
         now: i64,
+        lineage: WriteLineage<'_>,
     ) -> Result<PutOutcome> {
         let dek_k = store::data_key_key(tenant, customer);
+        let subject = Digest(dek.pseudonym(tenant, customer));
+        let mut updated = false;
+        let mut generated = Vec::with_capacity(values.len());
         let cipher = dek.cipher();
         let index_key = self.keyring.index_key(tenant);
         struct Write {
@@ -442,6 +471,7 @@ impl Engine {
                 None => None,
             };
             let version = prev.as_ref().map_or(0, |p| p.version) + 1;
+            updated |= prev.is_some();
             let ctx = FieldContext {
                 tenant,
                 customer,
@@ -478,14 +508,57 @@ impl Engine {
                 new_entry,
             });
             versions.push((def.name.clone(), version));
+            let t = if lineage.transformed.contains(&def.name.as_str()) {
+                lineage::transformation(
+                    lpb::TransformationType::Direct,
+                    lpb::TransformationSubtype::Transformation,
+                    false,
+                    "normalised",
+                )
+            } else {
+                lineage::transformation(
+                    lpb::TransformationType::Direct,
+                    lpb::TransformationSubtype::Identity,
+                    false,
+                    "",
+                )
+            };
+            generated.push(lpb::Generation {
+                field: def.name.clone(),
+                version,
+                value_hash: hex::encode(self.value_hash(tenant, &def.name, &value.to_bytes())),
+                derived_from: Vec::new(),
+                transformation: Some(t),
+            });
         }
         versions.sort();
+        let kind = if updated {
+            lpb::ActivityKind::Update
+        } else {
+            lpb::ActivityKind::Collect
+        };
+        let mut activity = lineage.agent.activity(kind, tenant);
+        activity.time_ms = now;
+        activity.subject = subject.0.to_vec();
+        activity.origin = Some(lpb::Origin {
+            channel: source.channel.clone(),
+            collector: source.collector.clone(),
+            consent_ref: source.consent_ref.clone(),
+        });
+        activity.generated = generated;
+        let record = self.stage_write(tenant, customer, &subject, activity, lineage.anchor)?;
+        let s = &self.store;
         (
-            &self.store.records,
-            &self.store.data_keys,
-            &self.store.index,
+            &s.records,
+            &s.data_keys,
+            &s.index,
+            &s.lineage,
+            &s.lineage_index,
+            &s.lineage_subjects,
+            &s.lineage_stats,
         )
-            .transaction(|(r, k, i)| {
+            .transaction(|(r, k, i, la, li, ls, lt)| {
+                record.staged.apply((la, li, ls, lt))?;
                 if let Some(w) = new_wrapped {
                     k.insert(dek_k.as_slice(), w)?;
                 }
@@ -615,10 +688,18 @@ impl Engine {
         Ok((ids, truncated))
     }
 
-    /// Crypto-shreds `customer`: removes the wrapped data key, every record
-    /// and every index entry in one transaction. Not durable until
+    /// Crypto-shreds `customer`: removes the wrapped data key, every record,
+    /// every index entry and the customer's lineage in one transaction, and
+    /// stores `activity`, the erasure's own customer-free lineage activity
+    /// anchored at ledger entry `ledger_index`. Not durable until
     /// [`Engine::commit`].
-    pub fn erase(&self, tenant: &str, customer: &str) -> Result<EraseOutcome> {
+    pub fn erase(
+        &self,
+        tenant: &str,
+        customer: &str,
+        activity: &lineage::Pending,
+        ledger_index: u64,
+    ) -> Result<EraseOutcome> {
         validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
         let _guard = self.lock(tenant, customer);
         let wrapped = self
@@ -627,7 +708,8 @@ impl Engine {
         // The shred comes first: from here on the customer's data is gone,
         // whatever happens to the rest of this erasure.
         self.store.slots.shred(wrapped.slot)?;
-        let (fields_erased, index_entries_removed) = self.remove_customer(tenant, customer)?;
+        let (fields_erased, index_entries_removed) =
+            self.remove_customer(tenant, customer, Some((activity, ledger_index)))?;
         self.pending_release
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -640,9 +722,26 @@ impl Engine {
         })
     }
 
-    /// Removes a customer's data key, records and index entries in one
-    /// transaction. Returns (records, index entries) removed.
-    fn remove_customer(&self, tenant: &str, customer: &str) -> Result<(u32, u32)> {
+    /// The names of the fields `customer` holds a value for.
+    pub fn fields_held(&self, tenant: &str, customer: &str) -> Result<Vec<String>> {
+        let prefix = store::customer_prefix(tenant, customer);
+        let mut out = Vec::new();
+        for item in self.store.records.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Removes a customer's data key, records, index entries and lineage in
+    /// one transaction, storing the erasure's activity if given. Returns
+    /// (records, index entries) removed.
+    fn remove_customer(
+        &self,
+        tenant: &str,
+        customer: &str,
+        erase: Option<(&lineage::Pending, u64)>,
+    ) -> Result<(u32, u32)> {
         let mut record_keys = Vec::new();
         let mut entries = Vec::new();
         let prefix = store::customer_prefix(tenant, customer);
@@ -663,12 +762,19 @@ impl Engine {
             record_keys.push(k);
         }
         let dek_k = store::data_key_key(tenant, customer);
+        let staged = self.stage_lineage_removal(tenant, customer, erase)?;
+        let s = &self.store;
         (
-            &self.store.records,
-            &self.store.data_keys,
-            &self.store.index,
+            &s.records,
+            &s.data_keys,
+            &s.index,
+            &s.lineage,
+            &s.lineage_index,
+            &s.lineage_subjects,
+            &s.lineage_stats,
         )
-            .transaction(|(r, k, i)| {
+            .transaction(|(r, k, i, la, li, ls, lt)| {
+                staged.apply((la, li, ls, lt))?;
                 k.remove(dek_k.as_slice())?;
                 for key in &record_keys {
                     r.remove(key)?;

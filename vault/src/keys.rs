@@ -302,6 +302,7 @@ pub struct KeyRing {
     root: RootKey,
     keks: RwLock<HashMap<(String, u32), Arc<Kek>>>,
     index_keys: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
+    lineage_keys: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
 }
 
 impl fmt::Debug for KeyRing {
@@ -317,6 +318,7 @@ impl KeyRing {
             root,
             keks: RwLock::new(HashMap::new()),
             index_keys: RwLock::new(HashMap::new()),
+            lineage_keys: RwLock::new(HashMap::new()),
         }
     }
 
@@ -356,6 +358,27 @@ impl KeyRing {
         let raw = self.root.hkdf(&[b"blind-index\0", tenant.as_bytes()]);
         let key = Arc::new(BlindIndexKey::new(raw.as_ref()));
         if let Ok(mut m) = self.index_keys.write() {
+            m.insert(tenant.to_owned(), key.clone());
+        }
+        key
+    }
+
+    /// The tenant's lineage key: value hashes in lineage records are keyed
+    /// hashes under it, so they can be compared within the tenant but not
+    /// tested by anyone without the root key. Separate from the blind-index
+    /// key, so lineage hashes and index tokens of one value differ.
+    pub fn lineage_key(&self, tenant: &str) -> Arc<BlindIndexKey> {
+        if let Some(k) = self
+            .lineage_keys
+            .read()
+            .ok()
+            .and_then(|m| m.get(tenant).cloned())
+        {
+            return k;
+        }
+        let raw = self.root.hkdf(&[b"lineage-value\0", tenant.as_bytes()]);
+        let key = Arc::new(BlindIndexKey::new(raw.as_ref()));
+        if let Ok(mut m) = self.lineage_keys.write() {
             m.insert(tenant.to_owned(), key.clone());
         }
         key

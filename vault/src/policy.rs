@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use sovra_ledger::entry::{Digest, PolicyChange};
 use sovra_ledger::{Body, Ledger};
 use sovra_policy::{
-    Action, Context, CustomerAttrs, Decision, Disclosure, FieldAttrs, Policies, Scope,
+    Action, Context, CustomerAttrs, Decision, Disclosure, FieldAttrs, Policies,
 };
 
 use crate::auth::Principal;
@@ -228,6 +228,7 @@ pub fn check(active: &Active, p: &Principal, action: Action, ctx: &Context) -> R
 }
 
 /// Checks a field action on each of `fields`; fails on the first denial.
+/// Returns the determining policy ids of the allowed decisions.
 pub fn check_fields(
     active: &Active,
     p: &Principal,
@@ -235,17 +236,21 @@ pub fn check_fields(
     customer: &CustomerAttrs,
     fields: &[&FieldAttrs],
     ctx: &Context,
-) -> Result<Scope> {
+) -> Result<Vec<String>> {
     let scope = active
         .policies
         .scope(&p.policy, &p.tenant, customer, fields)?;
+    let mut ids = Vec::new();
     for f in fields {
         let d = active.policies.decide(&scope, action, Some(&f.name), ctx)?;
         if !d.allowed() {
             return Err(denied(p, action, Some(&f.name), ctx, &d));
         }
+        ids.extend(d.policies().iter().cloned());
     }
-    Ok(scope)
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
 }
 
 /// The PERMISSION_DENIED error for a decision: who, what, which field and

@@ -568,6 +568,12 @@ impl Schema {
 
     /// Validates and normalises a typed input for `field`.
     pub fn normalise(&self, field: &FieldDef, input: RawValue) -> Result<FieldValue> {
+        self.normalise_ref(field, &input)
+    }
+
+    /// [`Schema::normalise`] without taking the input, so the caller can
+    /// tell whether normalisation changed it.
+    pub fn normalise_ref(&self, field: &FieldDef, input: &RawValue) -> Result<FieldValue> {
         let subject = format!("fields.{}", field.name);
         let wrong = |got: &str| {
             VaultError::invalid(
@@ -575,7 +581,7 @@ impl Schema {
                 format!("expected a {} value, got {got}", field.ty.as_str()),
             )
         };
-        match (field.ty, &input) {
+        match (field.ty, input) {
             (FieldType::String, RawValue::Text(s)) => {
                 let v = self.normalise_text(field, s.trim(), &subject)?;
                 if v.len() > field.max_len as usize {

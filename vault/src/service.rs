@@ -20,13 +20,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::{Authenticator, Principal, Role};
-use crate::engine::{validate_id, Engine, Source};
+use crate::engine::{validate_id, Engine, Source, WriteLineage};
+use crate::lineage::{self, Agent};
+use sovra_proto::lineage::v1 as lpb;
 use crate::error::VaultError;
 use crate::policy::{self, PolicyGate};
 use crate::rotation::KeyStatus;
 use crate::schema::{FieldDef, FieldValue, RawValue};
 use sovra_ledger::entry::{
-    Decision, Disclosure as LedgerDisclosure, Erasure, FieldAccess, KeyRotation, Reveal,
+    Decision, Disclosure as LedgerDisclosure, Erasure, FieldAccess, KeyRotation, Reveal, Write,
 };
 use sovra_ledger::{Body, ConsentAction, Ledger, LedgerError};
 use sovra_policy::{Action, CustomerAttrs, Disclosure, FieldAttrs, PolicyError};
@@ -35,6 +37,8 @@ use sovra_policy::{Action, CustomerAttrs, Disclosure, FieldAttrs, PolicyError};
 pub const MAX_FIELDS_PER_WRITE: usize = 64;
 /// Most field names one read may ask for.
 pub const MAX_FIELDS_PER_READ: usize = 256;
+/// Reads for this purpose are recorded as export activities.
+const EXPORT_PURPOSE: &str = "export";
 /// Items applied per group commit in a BatchPut stream.
 const BATCH_CHUNK: usize = 256;
 
@@ -99,9 +103,20 @@ pub(crate) fn principal<T>(
     req: &Request<T>,
     action: Action,
 ) -> Result<Arc<Principal>, Status> {
+    authorized(auth, gate, req, action).map(|(p, _)| p)
+}
+
+/// [`principal`], also returning the determining policy ids.
+pub(crate) fn authorized<T>(
+    auth: &Authenticator,
+    gate: &PolicyGate,
+    req: &Request<T>,
+    action: Action,
+) -> Result<(Arc<Principal>, Vec<String>), Status> {
     let p = authenticate(auth, req)?;
-    policy::check(&gate.current(), &p, action, &policy::context("", 0)).map_err(to_status)?;
-    Ok(p)
+    let d = policy::check(&gate.current(), &p, action, &policy::context("", 0))
+        .map_err(to_status)?;
+    Ok((p, d.policies().to_vec()))
 }
 
 /// Most approval tokens one call may carry.
@@ -190,6 +205,77 @@ impl VaultService {
         self.shared.principal(req, action)
     }
 
+    /// Waits until the engine's and the ledger's writes are durable (both
+    /// flushes run at once).
+    async fn commit_both(&self) -> Result<(), Status> {
+        let (e, l) = tokio::join!(self.shared.engine.commit(), self.shared.ledger.commit());
+        e.map_err(to_status)?;
+        l.map_err(|e| to_status(e.into()))?;
+        Ok(())
+    }
+
+    /// Records a read of `customer` in the lineage and the ledger (the
+    /// reveal entry carries the activity's hash), durably.
+    async fn record_read(
+        &self,
+        p: &Principal,
+        customer: &str,
+        mut reveal: Reveal,
+        versions: &[u64],
+        policies: Vec<String>,
+    ) -> Result<u64, Status> {
+        let kind = if reveal.purpose == EXPORT_PURPOSE {
+            lpb::ActivityKind::Export
+        } else {
+            lpb::ActivityKind::Reveal
+        };
+        let agent = Agent {
+            name: p.name.clone(),
+            role: p.role.as_str().to_owned(),
+            purpose: reveal.purpose.clone(),
+            policies,
+        };
+        let mut activity = agent.activity(kind, &p.tenant);
+        if reveal.decision == Decision::Denied {
+            activity.decision = lpb::Decision::Denied as i32;
+        }
+        activity.used = reveal
+            .fields
+            .iter()
+            .zip(versions.iter().chain(std::iter::repeat(&0)))
+            .map(|(f, version)| {
+                let (masking, disclosure) = match f.disclosure {
+                    LedgerDisclosure::Plaintext => (false, "plaintext"),
+                    LedgerDisclosure::Masked => (true, "masked"),
+                    LedgerDisclosure::Withheld => (true, "withheld"),
+                };
+                lpb::Usage {
+                    field: f.field.clone(),
+                    version: *version,
+                    transformation: Some(lineage::transformation(
+                        lpb::TransformationType::Direct,
+                        lpb::TransformationSubtype::Identity,
+                        masking,
+                        "",
+                    )),
+                    disclosure: disclosure.to_owned(),
+                }
+            })
+            .collect();
+        let ledger = &self.shared.ledger;
+        let index = self
+            .shared
+            .engine
+            .record_access(&p.tenant, customer, activity, |_, hash| {
+                reveal.lineage = *hash;
+                let a = ledger.append(&[Body::FieldRevealed(reveal)])?;
+                Ok(a.first().map_or(0, |a| a.index))
+            })
+            .map_err(to_status)?;
+        self.commit_both().await?;
+        Ok(index)
+    }
+
     /// Appends one entry and waits until it is durable; returns its index.
     async fn audit(&self, body: Body) -> Result<u64, Status> {
         let a = self
@@ -232,14 +318,25 @@ impl VaultService {
             validate_id("source.consent_ref", &source.consent_ref, 128)?;
         }
         let mut values = Vec::with_capacity(req.fields.len());
+        let mut transformed = Vec::new();
         for (name, value) in req.fields {
             let def = schema.field(&name)?;
-            values.push((def, schema.normalise(def, raw_value(value))?));
+            let raw = raw_value(value);
+            let v = schema.normalise_ref(def, &raw)?;
+            // The vault changed the input (trimmed, E.164, lower case): the
+            // stored value is a transformation of what was collected.
+            if let (RawValue::Text(r), FieldValue::Text(n)) = (&raw, &v) {
+                if r.as_str() != n.as_str() {
+                    transformed.push(def.name.as_str());
+                }
+            }
+            values.push((def, v));
         }
         values.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         Ok((
             req.customer_id,
             values,
+            transformed,
             Source {
                 channel: source.channel,
                 collector: source.collector,
@@ -342,9 +439,9 @@ impl VaultService {
         p: &Principal,
         req: pb::PutRecordRequest,
     ) -> Result<pb::PutRecordResponse, VaultError> {
-        let (customer, values, source) = self.parse_put(req)?;
+        let (customer, values, transformed, source) = self.parse_put(req)?;
         let attrs: Vec<&FieldAttrs> = values.iter().map(|(d, _)| &d.policy).collect();
-        policy::check_fields(
+        let policies = policy::check_fields(
             &self.shared.gate.current(),
             p,
             Action::Write,
@@ -352,10 +449,35 @@ impl VaultService {
             &attrs,
             &policy::context("", 0),
         )?;
-        let out = self
-            .shared
-            .engine
-            .put(&p.tenant, &customer, &values, &source)?;
+        let agent = Agent {
+            name: p.name.clone(),
+            role: p.role.as_str().to_owned(),
+            purpose: String::new(),
+            policies,
+        };
+        let ledger = &self.shared.ledger;
+        let (tenant, channel, actor) = (&p.tenant, &source.channel, &p.name);
+        let out = self.shared.engine.put(
+            &p.tenant,
+            &customer,
+            &values,
+            &source,
+            WriteLineage {
+                agent: &agent,
+                transformed: &transformed,
+                anchor: Box::new(move |subject, hash, fields| {
+                    let a = ledger.append(&[Body::FieldsWritten(Write {
+                        tenant: tenant.clone(),
+                        subject: *subject,
+                        actor: actor.clone(),
+                        channel: channel.clone(),
+                        fields,
+                        lineage: *hash,
+                    })])?;
+                    Ok(a.first().map_or(0, |a| a.index))
+                }),
+            },
+        )?;
         Ok(pb::PutRecordResponse {
             customer_id: customer,
             created: out.created,
@@ -405,8 +527,9 @@ fn key_status(tenant: &str, s: KeyStatus) -> pb::KeyStatus {
     }
 }
 
-/// A validated write: customer id, normalised values, source.
-type ParsedPut<'s> = (String, Vec<(&'s FieldDef, FieldValue)>, Source);
+/// A validated write: customer id, normalised values, the fields whose input
+/// normalisation changed, source.
+type ParsedPut<'s> = (String, Vec<(&'s FieldDef, FieldValue)>, Vec<&'s str>, Source);
 
 type BatchStream = Pin<Box<dyn Stream<Item = Result<pb::BatchPutResult, Status>> + Send>>;
 
@@ -418,7 +541,7 @@ impl Vault for VaultService {
     ) -> Result<Response<pb::PutRecordResponse>, Status> {
         let p = authenticate(&self.shared.auth, &req)?;
         let resp = self.apply_put(&p, req.into_inner()).map_err(to_status)?;
-        self.shared.engine.commit().await.map_err(to_status)?;
+        self.commit_both().await?;
         Ok(Response::new(resp))
     }
 
@@ -467,8 +590,7 @@ impl Vault for VaultService {
                 let mut results = this.apply_chunk(&p, index, chunk).await;
                 index += n;
                 if results.iter().any(|r| r.code == Code::Ok as i32) {
-                    if let Err(e) = this.shared.engine.commit().await {
-                        let s = to_status(e);
+                    if let Err(s) = this.commit_both().await {
                         for r in results.iter_mut().filter(|r| r.code == Code::Ok as i32) {
                             r.code = s.code() as i32;
                             r.message = s.message().to_owned();
@@ -607,15 +729,17 @@ impl Vault for VaultService {
             decision: Decision::Allowed,
             reason: String::new(),
             fields: Vec::with_capacity(present.len()),
+            lineage: sovra_ledger::Digest::default(),
         };
+        let versions: Vec<u64> = present.iter().map(|r| r.version).collect();
         if refuse(&decisions) {
             reveal.decision = Decision::Denied;
-            reveal.reason = policy::reason(
-                decisions
-                    .iter()
-                    .filter(|d| d.disclosure == Disclosure::Denied)
-                    .flat_map(|d| d.determining()),
-            );
+            let ids: Vec<String> = decisions
+                .iter()
+                .filter(|d| d.disclosure == Disclosure::Denied)
+                .flat_map(|d| d.determining())
+                .collect();
+            reveal.reason = policy::reason(ids.iter().cloned());
             reveal.fields = present
                 .iter()
                 .map(|r| FieldAccess {
@@ -623,7 +747,8 @@ impl Vault for VaultService {
                     disclosure: LedgerDisclosure::Withheld,
                 })
                 .collect();
-            self.audit(Body::FieldRevealed(reveal)).await?;
+            self.record_read(&p, &req.customer_id, reveal, &versions, ids)
+                .await?;
             let e = match (withdrawn_at, first_denial(&decisions)) {
                 (Some(index), VaultError::PermissionDenied(d)) => d
                     .noted(&format!(
@@ -634,12 +759,12 @@ impl Vault for VaultService {
             };
             return Err(to_status(e));
         }
-        reveal.reason = policy::reason(
-            present
-                .iter()
-                .filter_map(|r| decision_of(&r.def.name))
-                .flat_map(|d| d.determining()),
-        );
+        let ids: Vec<String> = present
+            .iter()
+            .filter_map(|r| decision_of(&r.def.name))
+            .flat_map(|d| d.determining())
+            .collect();
+        reveal.reason = policy::reason(ids.iter().cloned());
         for r in &present {
             let d = decision_of(&r.def.name).map_or(Disclosure::Denied, |d| d.disclosure);
             reveal.fields.push(FieldAccess {
@@ -651,9 +776,11 @@ impl Vault for VaultService {
                 },
             });
         }
-        // INVARIANT: the reveal is durable in the ledger before any value
-        // leaves the server; if the ledger fails, nothing is returned.
-        self.audit(Body::FieldRevealed(reveal)).await?;
+        // INVARIANT: the reveal is durable in the ledger and the lineage
+        // before any value leaves the server; if either fails, nothing is
+        // returned.
+        self.record_read(&p, &req.customer_id, reveal, &versions, ids)
+            .await?;
         let fields = present
             .into_iter()
             .filter_map(|r| {
@@ -728,7 +855,7 @@ impl Vault for VaultService {
         &self,
         req: Request<pb::EraseCustomerRequest>,
     ) -> Result<Response<pb::ErasureReceipt>, Status> {
-        let p = self.principal(&req, Action::Erase)?;
+        let (p, policies) = authorized(&self.shared.auth, &self.shared.gate, &req, Action::Erase)?;
         let req = req.into_inner();
         validate_id("reason", &req.reason, 64).map_err(to_status)?;
         // The pseudonym must be taken before the erasure destroys its salt.
@@ -737,6 +864,36 @@ impl Vault for VaultService {
             .engine
             .pseudonym(&p.tenant, &req.customer_id, false)
             .map_err(to_status)?;
+        // The erasure's own lineage names the fields erased, never the
+        // customer: it outlives them.
+        let agent = Agent {
+            name: p.name.clone(),
+            role: p.role.as_str().to_owned(),
+            purpose: req.reason.clone(),
+            policies,
+        };
+        let mut activity = agent.activity(lpb::ActivityKind::Erase, &p.tenant);
+        let fields = self
+            .shared
+            .engine
+            .fields_held(&p.tenant, &req.customer_id)
+            .map_err(to_status)?;
+        activity.count = fields.len() as u64;
+        activity.used = fields
+            .into_iter()
+            .map(|field| lpb::Usage {
+                field,
+                version: 0,
+                transformation: Some(lineage::transformation(
+                    lpb::TransformationType::Indirect,
+                    lpb::TransformationSubtype::Filter,
+                    false,
+                    "erased",
+                )),
+                disclosure: String::new(),
+            })
+            .collect();
+        let activity = lineage::Pending::new(activity);
         // Write-ahead: the erasure is in the ledger, durably, before the data
         // goes; if the ledger fails, nothing is erased.
         let ledger_index = self
@@ -744,12 +901,13 @@ impl Vault for VaultService {
                 tenant: p.tenant.clone(),
                 subject,
                 actor: p.name.clone(),
+                lineage: activity.hash,
             }))
             .await?;
         let out = self
             .shared
             .engine
-            .erase(&p.tenant, &req.customer_id)
+            .erase(&p.tenant, &req.customer_id, &activity, ledger_index)
             .map_err(to_status)?;
         self.shared.engine.commit().await.map_err(to_status)?;
         let mut id = [0u8; 16];

@@ -5,6 +5,8 @@
 //! - `data_keys`: `tenant 0 customer` → [`WrappedKey`](crate::keys::WrappedKey)
 //! - `blind_index`: `tenant 0 field 0 token customer` → empty
 //! - `meta`: `keystate 0 tenant` → tenant key state
+//! - `lineage`, `lineage_index`, `lineage_subjects`, `lineage_stats`: field
+//!   lineage (see `lineage.rs` for their layouts)
 //!
 //! Beside it, `shred.slots` holds each customer's pad (see `shred.rs`).
 //!
@@ -73,6 +75,10 @@ pub struct Store {
     pub(crate) data_keys: sled::Tree,
     pub(crate) index: sled::Tree,
     pub(crate) meta: sled::Tree,
+    pub(crate) lineage: sled::Tree,
+    pub(crate) lineage_index: sled::Tree,
+    pub(crate) lineage_subjects: sled::Tree,
+    pub(crate) lineage_stats: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
     committer: Option<mpsc::Sender<Waiter>>,
     commit_thread: Option<thread::JoinHandle<()>>,
@@ -122,6 +128,10 @@ impl Store {
         let data_keys = db.open_tree("data_keys")?;
         let index = db.open_tree("blind_index")?;
         let meta = db.open_tree("meta")?;
+        let lineage = db.open_tree("lineage")?;
+        let lineage_index = db.open_tree("lineage_index")?;
+        let lineage_subjects = db.open_tree("lineage_subjects")?;
+        let lineage_stats = db.open_tree("lineage_stats")?;
         // Opened after sled, whose lock keeps a second server out.
         let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
         let (committer, commit_thread) = spawn_committer(db.clone(), slots.clone())?;
@@ -131,6 +141,10 @@ impl Store {
             data_keys,
             index,
             meta,
+            lineage,
+            lineage_index,
+            lineage_subjects,
+            lineage_stats,
             slots,
             committer: Some(committer),
             commit_thread: Some(commit_thread),

@@ -1,0 +1,1042 @@
+//! Field lineage: W3C-PROV-shaped records of where each field value came
+//! from, what was derived from it and who used it, stored in the vault's
+//! sled database and anchored in the ledger.
+//!
+//! Model: a field version (customer, field, version, HMAC of the value under
+//! the tenant's lineage key) is an entity; an [`pb::Activity`] (collect,
+//! update, transform, compute, reveal, export, erase) `used` and `generated`
+//! field versions, and a generated version points at what it was
+//! `derived_from`, each edge with an OpenLineage transformation type.
+//!
+//! Layout (`S` is the customer's 32-byte ledger pseudonym, never the id):
+//! - `lineage`: `tenant 0 id` → [`StoredActivity`] (the activity's exact
+//!   encoding and the index of the ledger entry that carries its hash)
+//! - `lineage_index`, all per customer, under `tenant 0 S`:
+//!   `v field 0 version` → generating activity id (versions),
+//!   `a field 0 time id` → empty (accesses, by time),
+//!   `d field 0 id` → empty (what was computed from the field),
+//!   `x id` → empty (the customer's own activities, for erasure)
+//! - `lineage_subjects`: `tenant 0 customer` → S, so that an erasure
+//!   interrupted by a crash can still find the customer's lineage once the
+//!   pseudonym can no longer be computed
+//! - `lineage_stats`: `tenant 0 job` → [`pb::JobLineage`]: the aggregated,
+//!   customer-free lineage of erased customers' activities
+//!
+//! Guarantees:
+//! - Every activity's SHA-256 (over its stored bytes) is carried by the ledger
+//!   entry of the same operation, and every query checks each activity it
+//!   returns against that entry: an altered record fails with DATA_LOSS.
+//! - Recording is part of the operation: activities are written in the same
+//!   sled transaction as the data they describe (writes, erasures) or before
+//!   the operation's answer leaves the server (reads); if recording fails the
+//!   operation fails.
+//! - Queries read per-customer index ranges; none scans the whole store
+//!   (the tenant export excepted).
+//! - Erasure removes every per-customer record, index entry and value hash
+//!   in the erasure's transaction, after folding the customer's activities
+//!   into customer-free per-job aggregates.
+//!
+//! Does not guarantee: that an activity deleted from the store is noticed by
+//! a query that does not return it (the ledger still holds its anchor, so an
+//! audit of the subject's ledger entries finds it), nor that sled overwrites
+//! removed bytes on disk (see `store.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+use sled::transaction::TransactionalTree;
+use sled::Transactional;
+use sovra_ledger::entry::WrittenField;
+use sovra_ledger::{Digest, Ledger, Pseudonym};
+use sovra_proto::lineage::v1 as pb;
+
+use crate::engine::{now_ms, validate_id, Engine, MAX_CUSTOMER_ID_LEN};
+use crate::error::{Result, VaultError};
+
+/// Domain separation of activity hashes.
+const ACTIVITY_DOMAIN: &[u8] = b"sovra/v1/lineage-activity\0";
+/// Most accesses one page returns.
+pub const MAX_PAGE: u32 = 1000;
+/// How far in the future a range may end.
+const FUTURE_SLACK_MS: i64 = 24 * 3600 * 1000;
+
+const SEP: u8 = 0;
+const VERSIONS: u8 = b'v';
+const ACCESSES: u8 = b'a';
+const DERIVED: u8 = b'd';
+const OWNED: u8 = b'x';
+
+/// An activity as stored: its exact encoding (what the ledger anchors) and
+/// the ledger entry that anchors it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredActivity {
+    /// The activity's protobuf encoding, hashed as it is.
+    #[prost(bytes = "vec", tag = "1")]
+    pub body: Vec<u8>,
+    /// The ledger entry that carries its hash.
+    #[prost(uint64, tag = "2")]
+    pub ledger_index: u64,
+}
+
+/// SHA-256 of an activity's stored encoding, as carried by its ledger entry.
+pub fn activity_hash(body: &[u8]) -> Digest {
+    let mut h = Sha256::new();
+    h.update(ACTIVITY_DOMAIN);
+    h.update(body);
+    Digest(h.finalize().into())
+}
+
+/// An activity built and hashed, not yet stored.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The activity.
+    pub activity: pb::Activity,
+    /// Its encoding.
+    body: Vec<u8>,
+    /// Its hash: what the ledger entry of the operation must carry.
+    pub hash: Digest,
+}
+
+impl Pending {
+    /// Encodes and hashes `activity`.
+    pub fn new(activity: pb::Activity) -> Self {
+        let body = activity.encode_to_vec();
+        let hash = activity_hash(&body);
+        Self {
+            activity,
+            body,
+            hash,
+        }
+    }
+
+    fn stored(&self, ledger_index: u64) -> Vec<u8> {
+        StoredActivity {
+            body: self.body.clone(),
+            ledger_index,
+        }
+        .encode_to_vec()
+    }
+}
+
+/// A transformation edge.
+pub fn transformation(
+    ty: pb::TransformationType,
+    subtype: pb::TransformationSubtype,
+    masking: bool,
+    description: &str,
+) -> pb::Transformation {
+    pb::Transformation {
+        r#type: ty as i32,
+        subtype: subtype as i32,
+        masking,
+        description: description.to_owned(),
+    }
+}
+
+/// The OpenLineage name of a transformation type.
+pub fn type_name(t: &pb::Transformation) -> &'static str {
+    match pb::TransformationType::try_from(t.r#type) {
+        Ok(pb::TransformationType::Indirect) => "INDIRECT",
+        _ => "DIRECT",
+    }
+}
+
+/// The OpenLineage name of a transformation subtype.
+pub fn subtype_name(t: &pb::Transformation) -> &'static str {
+    match pb::TransformationSubtype::try_from(t.subtype) {
+        Ok(pb::TransformationSubtype::Transformation) => "TRANSFORMATION",
+        Ok(pb::TransformationSubtype::Aggregation) => "AGGREGATION",
+        Ok(pb::TransformationSubtype::Filter) => "FILTER",
+        Ok(pb::TransformationSubtype::Conditional) => "CONDITIONAL",
+        _ => "IDENTITY",
+    }
+}
+
+/// Who acted, for what, under which decision.
+#[derive(Debug, Clone, Default)]
+pub struct Agent {
+    /// Principal name.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// Declared purpose (or erasure reason).
+    pub purpose: String,
+    /// Determining policy ids.
+    pub policies: Vec<String>,
+}
+
+impl Agent {
+    /// An activity of `kind` by this agent, now.
+    pub fn activity(&self, kind: pb::ActivityKind, tenant: &str) -> pb::Activity {
+        let mut policies = self.policies.clone();
+        policies.sort();
+        policies.dedup();
+        pb::Activity {
+            kind: kind as i32,
+            time_ms: now_ms(),
+            tenant: tenant.to_owned(),
+            agent: self.name.clone(),
+            role: self.role.clone(),
+            purpose: self.purpose.clone(),
+            decision: pb::Decision::Allowed as i32,
+            policies,
+            ..Default::default()
+        }
+    }
+}
+
+// --- key layouts -----------------------------------------------------------
+
+fn tenant_prefix(tenant: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 1);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(SEP);
+    k
+}
+
+fn activity_key(tenant: &str, id: u64) -> Vec<u8> {
+    let mut k = tenant_prefix(tenant);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+// INVARIANT: a pseudonym is exactly 32 bytes, so `tenant 0 S` prefixes of
+// different customers never overlap and field names (no 0 byte) end at SEP.
+fn subject_prefix(tenant: &str, subject: &Pseudonym) -> Vec<u8> {
+    let mut k = tenant_prefix(tenant);
+    k.extend_from_slice(&subject.0);
+    k
+}
+
+fn field_prefix(tenant: &str, subject: &Pseudonym, tag: u8, field: &str) -> Vec<u8> {
+    let mut k = subject_prefix(tenant, subject);
+    k.push(tag);
+    k.extend_from_slice(field.as_bytes());
+    k.push(SEP);
+    k
+}
+
+fn version_key(tenant: &str, subject: &Pseudonym, field: &str, version: u64) -> Vec<u8> {
+    let mut k = field_prefix(tenant, subject, VERSIONS, field);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn access_key(tenant: &str, subject: &Pseudonym, field: &str, time_ms: i64, id: u64) -> Vec<u8> {
+    let mut k = field_prefix(tenant, subject, ACCESSES, field);
+    k.extend_from_slice(&time_key(time_ms));
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn derived_key(tenant: &str, subject: &Pseudonym, field: &str, id: u64) -> Vec<u8> {
+    let mut k = field_prefix(tenant, subject, DERIVED, field);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn owned_key(tenant: &str, subject: &Pseudonym, id: u64) -> Vec<u8> {
+    let mut k = subject_prefix(tenant, subject);
+    k.push(OWNED);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn customer_key(tenant: &str, customer: &str) -> Vec<u8> {
+    let mut k = tenant_prefix(tenant);
+    k.extend_from_slice(customer.as_bytes());
+    k
+}
+
+fn time_key(time_ms: i64) -> [u8; 8] {
+    // Times before the epoch do not occur (the clock is read by the vault);
+    // clamping keeps the big-endian order monotone.
+    (time_ms.max(0) as u64).to_be_bytes()
+}
+
+fn be_u64(b: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes)
+}
+
+// --- staging ---------------------------------------------------------------
+
+/// Lineage writes staged for one sled transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Staged {
+    acts: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    index: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    subjects: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    stats: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The lineage trees inside a transaction.
+pub(crate) type LineageTx<'a> = (
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+);
+
+fn put(t: &TransactionalTree, k: &[u8], v: Option<&[u8]>) -> sled::transaction::ConflictableTransactionResult<(), VaultError> {
+    match v {
+        Some(v) => {
+            t.insert(k, v)?;
+        }
+        None => {
+            t.remove(k)?;
+        }
+    }
+    Ok(())
+}
+
+impl Staged {
+    /// Applies the staged writes inside a transaction over
+    /// (`lineage`, `lineage_index`, `lineage_subjects`, `lineage_stats`).
+    pub(crate) fn apply(
+        &self,
+        (acts, index, subjects, stats): LineageTx<'_>,
+    ) -> sled::transaction::ConflictableTransactionResult<(), VaultError> {
+        for (k, v) in &self.acts {
+            put(acts, k, v.as_deref())?;
+        }
+        for (k, v) in &self.index {
+            put(index, k, v.as_deref())?;
+        }
+        for (k, v) in &self.subjects {
+            put(subjects, k, v.as_deref())?;
+        }
+        for (k, v) in &self.stats {
+            stats.insert(k.as_slice(), v.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Stores `pending` (anchored at `ledger_index`) under a new `id`, owned
+    /// by `owner` if it is a customer's.
+    fn activity(
+        &mut self,
+        tenant: &str,
+        owner: Option<&Pseudonym>,
+        id: u64,
+        pending: &Pending,
+        ledger_index: u64,
+    ) {
+        self.acts
+            .push((activity_key(tenant, id), Some(pending.stored(ledger_index))));
+        if let Some(s) = owner {
+            self.index.push((owned_key(tenant, s, id), Some(Vec::new())));
+        }
+    }
+
+    fn link(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.index.push((key, Some(value)));
+    }
+}
+
+/// What a write records: the activity and its anchor.
+#[derive(Debug)]
+pub(crate) struct WriteRecord {
+    pub(crate) staged: Staged,
+}
+
+/// The anchor callback of a recorded operation: appends the operation's
+/// ledger entry carrying the activity hash, and returns its index.
+pub type Anchor<'a> = dyn FnOnce(&Pseudonym, &Digest, Vec<WrittenField>) -> Result<u64> + 'a;
+
+impl Engine {
+    /// The tenant's keyed hash of a value, as lineage records it.
+    pub(crate) fn value_hash(&self, tenant: &str, field: &str, value: &[u8]) -> Vec<u8> {
+        self.keyring.lineage_key(tenant).token(field, value).to_vec()
+    }
+
+    fn new_id(&self) -> Result<u64> {
+        Ok(self.store.db.generate_id()?)
+    }
+
+    /// Stages the lineage of a write: `activity` (kind collect or update,
+    /// with its generated versions filled in) anchored by `anchor`, the
+    /// version index entries and the subject link. Called with the
+    /// customer's lock held, before the write's transaction.
+    pub(crate) fn stage_write(
+        &self,
+        tenant: &str,
+        customer: &str,
+        subject: &Pseudonym,
+        activity: pb::Activity,
+        anchor: Box<Anchor<'_>>,
+    ) -> Result<WriteRecord> {
+        let fields: Vec<WrittenField> = activity
+            .generated
+            .iter()
+            .map(|g| WrittenField {
+                field: g.field.clone(),
+                version: g.version,
+            })
+            .collect();
+        let pending = Pending::new(activity);
+        let ledger_index = anchor(subject, &pending.hash, fields)?;
+        let id = self.new_id()?;
+        let mut staged = Staged::default();
+        staged.activity(tenant, Some(subject), id, &pending, ledger_index);
+        for g in &pending.activity.generated {
+            staged.link(
+                version_key(tenant, subject, &g.field, g.version),
+                id.to_be_bytes().to_vec(),
+            );
+            for d in &g.derived_from {
+                staged.link(derived_key(tenant, subject, &d.field, id), Vec::new());
+            }
+        }
+        staged.subjects.push((
+            customer_key(tenant, customer),
+            Some(subject.0.to_vec()),
+        ));
+        Ok(WriteRecord { staged })
+    }
+
+    /// Records a read (reveal, masked read, refusal or export) of `customer`:
+    /// `activity` lists the fields used. The ledger entry is appended by
+    /// `anchor` (not durable until the ledger commits); the record is
+    /// written before this returns and durable after [`Engine::commit`].
+    /// NOT_FOUND if the customer was erased meanwhile.
+    pub fn record_access(
+        &self,
+        tenant: &str,
+        customer: &str,
+        activity: pb::Activity,
+        anchor: impl FnOnce(&Pseudonym, &Digest) -> Result<u64>,
+    ) -> Result<u64> {
+        let _guard = self.lock(tenant, customer);
+        // INVARIANT: under the customer's lock, a customer whose data key is
+        // present is not being erased, so the records below cannot outlive
+        // the erasure that would remove them.
+        let subject = self.pseudonym(tenant, customer, false)?;
+        let mut activity = activity;
+        activity.subject = subject.0.to_vec();
+        let pending = Pending::new(activity);
+        let ledger_index = anchor(&subject, &pending.hash)?;
+        let id = self.new_id()?;
+        let mut staged = Staged::default();
+        staged.activity(tenant, Some(&subject), id, &pending, ledger_index);
+        for u in &pending.activity.used {
+            staged.link(
+                access_key(tenant, &subject, &u.field, pending.activity.time_ms, id),
+                Vec::new(),
+            );
+        }
+        self.apply_staged(&staged)?;
+        Ok(ledger_index)
+    }
+
+    pub(crate) fn apply_staged(&self, staged: &Staged) -> Result<()> {
+        let s = &self.store;
+        (
+            &s.lineage,
+            &s.lineage_index,
+            &s.lineage_subjects,
+            &s.lineage_stats,
+        )
+            .transaction(|(a, i, u, t)| staged.apply((a, i, u, t)))
+            .map_err(crate::engine::tx_err)
+    }
+
+    /// Stages the removal of a customer's lineage at erasure: every
+    /// per-customer record and index entry, folded first into the
+    /// customer-free per-job aggregates. Also stages `erase` (the erasure's
+    /// own tenant-level activity and its ledger index), if given.
+    pub(crate) fn stage_lineage_removal(
+        &self,
+        tenant: &str,
+        customer: &str,
+        erase: Option<(&Pending, u64)>,
+    ) -> Result<Staged> {
+        let mut staged = Staged::default();
+        let ck = customer_key(tenant, customer);
+        if let Some((p, index)) = erase {
+            let id = self.new_id()?;
+            staged.activity(tenant, None, id, p, index);
+        }
+        let Some(s) = self.store.lineage_subjects.get(&ck)? else {
+            return Ok(staged);
+        };
+        staged.subjects.push((ck, None));
+        let Ok(subject) = Digest::from_slice("subject", &s) else {
+            return Err(VaultError::integrity("a lineage subject link"));
+        };
+        let prefix = subject_prefix(tenant, &subject);
+        let mut folded: BTreeMap<String, pb::JobLineage> = BTreeMap::new();
+        for item in self.store.lineage_index.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            if k.get(prefix.len()) == Some(&OWNED) {
+                if let Some(id) = be_u64(&k[prefix.len() + 1..]) {
+                    let key = activity_key(tenant, id);
+                    // An undecodable record cannot be folded, but must still
+                    // go: it may hold the customer's pseudonym.
+                    if let Some(v) = self.store.lineage.get(&key)? {
+                        if let Some(a) = StoredActivity::decode(&v[..])
+                            .ok()
+                            .and_then(|s| pb::Activity::decode(&s.body[..]).ok())
+                        {
+                            fold(&mut folded, &a);
+                        }
+                    }
+                    staged.acts.push((key, None));
+                }
+            }
+            staged.index.push((k.to_vec(), None));
+        }
+        for (name, job) in folded {
+            let key = {
+                let mut k = tenant_prefix(tenant);
+                k.extend_from_slice(name.as_bytes());
+                k
+            };
+            let merged = match self.store.lineage_stats.get(&key)? {
+                Some(v) => {
+                    let mut old = pb::JobLineage::decode(&v[..])
+                        .map_err(|_| VaultError::integrity("a lineage aggregate"))?;
+                    merge(&mut old, &job);
+                    old
+                }
+                None => job,
+            };
+            staged.stats.push((key, merged.encode_to_vec()));
+        }
+        Ok(staged)
+    }
+
+    /// Loads activity `id` of `tenant`, checked against its ledger anchor.
+    fn load_activity(&self, ledger: &Ledger, tenant: &str, id: u64) -> Result<pb::AnchoredActivity> {
+        let v = self
+            .store
+            .lineage
+            .get(activity_key(tenant, id))?
+            .ok_or_else(|| {
+                VaultError::integrity(format!(
+                    "lineage activity {id} is indexed but missing: the lineage store was altered"
+                ))
+            })?;
+        let stored = StoredActivity::decode(&v[..])
+            .map_err(|_| VaultError::integrity(format!("lineage activity {id} does not decode")))?;
+        let hash = activity_hash(&stored.body);
+        let anchored = ledger
+            .entry(stored.ledger_index)
+            .ok()
+            .and_then(|(_, e)| e.body.lineage().copied());
+        if anchored != Some(hash) {
+            return Err(VaultError::integrity(format!(
+                "lineage activity {id} does not match the hash carried by ledger entry {}: \
+                 the lineage record was altered",
+                stored.ledger_index
+            )));
+        }
+        let activity = pb::Activity::decode(&stored.body[..])
+            .map_err(|_| VaultError::integrity(format!("lineage activity {id} does not decode")))?;
+        Ok(pb::AnchoredActivity {
+            activity: Some(activity),
+            ledger_index: stored.ledger_index,
+            activity_sha256: hash.to_hex(),
+        })
+    }
+
+    fn lineage_subject(&self, tenant: &str, customer: &str) -> Result<Pseudonym> {
+        validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
+        self.pseudonym(tenant, customer, false)
+    }
+
+    /// The lineage of `field` of `customer`: every version, oldest first.
+    /// NOT_FOUND for an unknown or erased customer or a field it never had.
+    pub fn field_lineage(
+        &self,
+        ledger: &Ledger,
+        tenant: &str,
+        customer: &str,
+        field: &str,
+    ) -> Result<pb::FieldLineage> {
+        let subject = self.lineage_subject(tenant, customer)?;
+        let prefix = field_prefix(tenant, &subject, VERSIONS, field);
+        let mut versions = Vec::new();
+        for item in self.store.lineage_index.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let (Some(version), Some(id)) = (be_u64(&k[prefix.len()..]), be_u64(&v)) else {
+                return Err(VaultError::integrity("a lineage version index entry"));
+            };
+            let a = self.load_activity(ledger, tenant, id)?;
+            let g = a
+                .activity
+                .as_ref()
+                .and_then(|act| act.generated.iter().find(|g| g.field == field && g.version == version))
+                .cloned()
+                .ok_or_else(|| {
+                    VaultError::integrity(format!(
+                        "lineage activity {id} does not generate version {version} of `{field}`"
+                    ))
+                })?;
+            versions.push(pb::VersionLineage {
+                version,
+                value_hash: g.value_hash,
+                generated_by: a.activity,
+                derived_from: g.derived_from,
+            });
+        }
+        if versions.is_empty() {
+            return Err(VaultError::not_found(format!(
+                "lineage of field `{field}` of customer `{customer}` (the customer has no value for it)"
+            )));
+        }
+        Ok(pb::FieldLineage {
+            field: field.to_owned(),
+            versions,
+        })
+    }
+
+    /// Accesses to `field` of `customer` with `from_ms <= time < to_ms`,
+    /// oldest first, at most `limit`, starting after `after` (a page token).
+    #[allow(clippy::too_many_arguments)]
+    pub fn accesses(
+        &self,
+        ledger: &Ledger,
+        tenant: &str,
+        customer: &str,
+        field: &str,
+        range: (i64, i64),
+        limit: u32,
+        after: &str,
+    ) -> Result<pb::ListAccessesResponse> {
+        let (from_ms, to_ms) = check_range(range)?;
+        let limit = match limit {
+            0 => 100,
+            n if n > MAX_PAGE => {
+                return Err(VaultError::invalid("limit", format!("{n}; at most {MAX_PAGE}")))
+            }
+            n => n,
+        } as usize;
+        let subject = self.lineage_subject(tenant, customer)?;
+        let prefix = field_prefix(tenant, &subject, ACCESSES, field);
+        let mut start = prefix.clone();
+        if after.is_empty() {
+            start.extend_from_slice(&time_key(from_ms));
+        } else {
+            let mut b = [0u8; 16];
+            hex::decode_to_slice(after, &mut b).map_err(|_| {
+                VaultError::invalid("page_token", "not a token this server issued")
+            })?;
+            start.extend_from_slice(&b);
+            // Strictly after the last key returned.
+            start.push(0);
+        }
+        let mut end = prefix.clone();
+        end.extend_from_slice(&time_key(to_ms));
+        let mut out = Vec::new();
+        let mut next = String::new();
+        for item in self.store.lineage_index.range(start..end) {
+            let (k, _) = item?;
+            let tail = &k[prefix.len()..];
+            if out.len() == limit {
+                if let Some(last) = out.last().and_then(|a: &(Vec<u8>, _)| Some(a.0.clone())) {
+                    next = hex::encode(last);
+                }
+                break;
+            }
+            let id = be_u64(tail.get(8..16).unwrap_or_default())
+                .ok_or_else(|| VaultError::integrity("a lineage access index entry"))?;
+            out.push((tail.to_vec(), self.load_activity(ledger, tenant, id)?));
+        }
+        Ok(pb::ListAccessesResponse {
+            accesses: out.into_iter().map(|(_, a)| a).collect(),
+            next_page_token: next,
+        })
+    }
+
+    /// The activities that computed on `field` of `customer`, oldest first.
+    pub fn derived(
+        &self,
+        ledger: &Ledger,
+        tenant: &str,
+        customer: &str,
+        field: &str,
+    ) -> Result<pb::GetDerivedResponse> {
+        let subject = self.lineage_subject(tenant, customer)?;
+        let prefix = field_prefix(tenant, &subject, DERIVED, field);
+        let mut derived = Vec::new();
+        for item in self.store.lineage_index.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            let id = be_u64(&k[prefix.len()..])
+                .ok_or_else(|| VaultError::integrity("a lineage derivation index entry"))?;
+            derived.push(self.load_activity(ledger, tenant, id)?);
+        }
+        Ok(pb::GetDerivedResponse { derived })
+    }
+
+    /// The tenant's lineage aggregated per job, with no customer id,
+    /// pseudonym or value: erased customers' aggregates plus every live
+    /// activity folded in. A tenant-wide scan, for batch export.
+    pub fn export_lineage(&self, tenant: &str) -> Result<pb::ExportLineageResponse> {
+        let prefix = tenant_prefix(tenant);
+        let mut jobs: BTreeMap<String, pb::JobLineage> = BTreeMap::new();
+        for item in self.store.lineage_stats.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let job = pb::JobLineage::decode(&v[..])
+                .map_err(|_| VaultError::integrity("a lineage aggregate"))?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            jobs.insert(name, job);
+        }
+        for item in self.store.lineage.scan_prefix(&prefix) {
+            let (_, v) = item?;
+            let a = StoredActivity::decode(&v[..])
+                .ok()
+                .and_then(|s| pb::Activity::decode(&s.body[..]).ok())
+                .ok_or_else(|| VaultError::integrity("a lineage activity does not decode"))?;
+            fold(&mut jobs, &a);
+        }
+        Ok(pb::ExportLineageResponse {
+            tenant: tenant.to_owned(),
+            jobs: jobs.into_values().collect(),
+        })
+    }
+}
+
+fn check_range((from_ms, to_ms): (i64, i64)) -> Result<(i64, i64)> {
+    let now = now_ms();
+    if from_ms < 0 {
+        return Err(VaultError::invalid(
+            "from_ms",
+            format!("{from_ms} is before the Unix epoch"),
+        ));
+    }
+    if to_ms < 0 {
+        return Err(VaultError::invalid(
+            "to_ms",
+            format!("{to_ms} is before the Unix epoch"),
+        ));
+    }
+    let to = if to_ms == 0 { now.saturating_add(1) } else { to_ms };
+    if to > now.saturating_add(FUTURE_SLACK_MS) {
+        return Err(VaultError::invalid(
+            "to_ms",
+            format!("{to_ms} is more than a day in the future; nothing can have happened then"),
+        ));
+    }
+    if from_ms >= to {
+        return Err(VaultError::invalid(
+            "time range",
+            format!("from_ms ({from_ms}) must be before to_ms ({to}); the range is reversed or empty"),
+        ));
+    }
+    Ok((from_ms, to))
+}
+
+/// The export job an activity belongs to.
+pub fn job_name(a: &pb::Activity) -> String {
+    use pb::ActivityKind as K;
+    match K::try_from(a.kind).unwrap_or(K::Unspecified) {
+        K::Collect | K::Update => format!(
+            "collect.{}",
+            a.origin.as_ref().map_or("unknown", |o| o.channel.as_str())
+        ),
+        K::Reveal => format!("reveal.{}", a.purpose),
+        K::Export => format!("export.{}", a.purpose),
+        K::Compute | K::Transform => format!("sandbox.{}", a.job_id),
+        K::Erase => "erase".to_owned(),
+        K::Unspecified => "unknown".to_owned(),
+    }
+}
+
+fn edge(out: &mut Vec<pb::FieldEdge>, output: &str, input: &str, t: Option<&pb::Transformation>) {
+    let t = t.cloned().unwrap_or_default();
+    let e = pb::FieldEdge {
+        output: output.to_owned(),
+        input: input.to_owned(),
+        transformation: Some(t),
+    };
+    if !out.contains(&e) {
+        out.push(e);
+    }
+}
+
+/// Folds one activity into the per-job aggregates: counts, times, policies
+/// and field edges; never the subject, versions or value hashes.
+fn fold(jobs: &mut BTreeMap<String, pb::JobLineage>, a: &pb::Activity) {
+    let name = job_name(a);
+    let one = {
+        let mut j = pb::JobLineage {
+            name: name.clone(),
+            kind: a.kind,
+            purpose: a.purpose.clone(),
+            runs: 1,
+            allowed: u64::from(a.decision == pb::Decision::Allowed as i32),
+            denied: u64::from(a.decision == pb::Decision::Denied as i32),
+            policies: a.policies.clone(),
+            first_ms: a.time_ms,
+            last_ms: a.time_ms,
+            edges: Vec::new(),
+            spec_sha256: a.spec_sha256.clone(),
+        };
+        for g in &a.generated {
+            if g.derived_from.is_empty() {
+                edge(&mut j.edges, &g.field, "", g.transformation.as_ref());
+            }
+            for d in &g.derived_from {
+                edge(&mut j.edges, &g.field, &d.field, d.transformation.as_ref());
+            }
+        }
+        if a.generated.is_empty() {
+            for u in a.used.iter().filter(|u| u.disclosure != "withheld") {
+                edge(&mut j.edges, &u.field, &u.field, u.transformation.as_ref());
+            }
+        }
+        j
+    };
+    match jobs.get_mut(&name) {
+        Some(j) => merge(j, &one),
+        None => {
+            jobs.insert(name, one);
+        }
+    }
+}
+
+fn merge(into: &mut pb::JobLineage, from: &pb::JobLineage) {
+    into.runs += from.runs;
+    into.allowed += from.allowed;
+    into.denied += from.denied;
+    for p in &from.policies {
+        if !into.policies.contains(p) {
+            into.policies.push(p.clone());
+        }
+    }
+    into.policies.sort();
+    into.first_ms = into.first_ms.min(from.first_ms);
+    into.last_ms = into.last_ms.max(from.last_ms);
+    for e in &from.edges {
+        if !into.edges.contains(e) {
+            into.edges.push(e.clone());
+        }
+    }
+    if into.spec_sha256.is_empty() {
+        into.spec_sha256.clone_from(&from.spec_sha256);
+    }
+}
+
+/// What a sandbox job computed, for [`Recorder::record_job`].
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    /// The tenant whose customers the job computed on.
+    pub tenant: String,
+    /// The job or workload id.
+    pub job_id: String,
+    /// SHA-256 of the job spec.
+    pub spec_sha256: Digest,
+    /// Who ran it and under which decision (purpose, policies).
+    pub agent: Agent,
+    /// The schema features the job read.
+    pub features: Vec<String>,
+    /// The output's name (`lead_score`, `budget_sum`).
+    pub output: String,
+    /// How each feature contributed to the output.
+    pub transformation: pb::Transformation,
+    /// The cohort: every customer the job computed on.
+    pub cohort: Vec<String>,
+    /// Per-customer outputs released (customer, encoded output value); empty
+    /// for an aggregate job.
+    pub per_customer: Vec<(String, Vec<u8>)>,
+    /// SHA-256 of the released output.
+    pub output_sha256: Digest,
+}
+
+/// Records what the sandbox computes. The sandbox calls this from its
+/// release gate; each call appends the job's ledger entry (kind 7) carrying
+/// the hash of the job's tenant-level activity, and one write entry per
+/// per-customer output, and is durable when it returns.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    engine: Arc<Engine>,
+    ledger: Arc<Ledger>,
+}
+
+impl Recorder {
+    /// A recorder over the vault's engine and ledger.
+    pub fn new(engine: Arc<Engine>, ledger: Arc<Ledger>) -> Self {
+        Self { engine, ledger }
+    }
+
+    /// Records `job`: a tenant-level compute activity that used the features
+    /// (no customer listed) and generated the output, derived INDIRECT from
+    /// the cohort's features for aggregates; per customer, a `derived` link
+    /// from each feature to it, and for per-customer outputs a compute
+    /// activity generating the customer's output version, derived from the
+    /// feature versions it was computed from. Returns the job entry's
+    /// ledger index.
+    pub async fn record_job(&self, job: &JobRecord) -> Result<u64> {
+        validate_id("job_id", &job.job_id, 128)?;
+        validate_id("output", &job.output, 64)?;
+        let engine = &self.engine;
+        let tenant = job.tenant.clone();
+        let aggregate = job.per_customer.is_empty();
+        let mut act = job.agent.activity(pb::ActivityKind::Compute, &tenant);
+        act.job_id = job.job_id.clone();
+        act.spec_sha256 = job.spec_sha256.to_hex();
+        act.cohort_size = job.cohort.len() as u64;
+        let sub = if aggregate {
+            transformation(
+                pb::TransformationType::Indirect,
+                pb::TransformationSubtype::Aggregation,
+                false,
+                &job.transformation.description,
+            )
+        } else {
+            job.transformation.clone()
+        };
+        act.used = job
+            .features
+            .iter()
+            .map(|f| pb::Usage {
+                field: f.clone(),
+                version: 0,
+                transformation: Some(sub.clone()),
+                disclosure: String::new(),
+            })
+            .collect();
+        act.generated = vec![pb::Generation {
+            field: job.output.clone(),
+            version: 0,
+            value_hash: String::new(),
+            derived_from: job
+                .features
+                .iter()
+                .map(|f| pb::Derivation {
+                    field: f.clone(),
+                    version: 0,
+                    transformation: Some(sub.clone()),
+                })
+                .collect(),
+            transformation: None,
+        }];
+        let pending = Pending::new(act);
+        let entry = sovra_ledger::entry::JobRun {
+            tenant: tenant.clone(),
+            actor: job.agent.name.clone(),
+            job_id: job.job_id.clone(),
+            spec_sha256: job.spec_sha256,
+            purpose: job.agent.purpose.clone(),
+            cohort_size: job.cohort.len() as u64,
+            output_sha256: job.output_sha256,
+            lineage: pending.hash,
+        };
+        let index = self
+            .ledger
+            .append(&[sovra_ledger::Body::JobRun(entry)])?
+            .first()
+            .map_or(0, |a| a.index);
+        let job_id = engine.new_id()?;
+        let mut staged = Staged::default();
+        staged.activity(&tenant, None, job_id, &pending, index);
+        engine.apply_staged(&staged)?;
+        let outputs: BTreeMap<&str, &Vec<u8>> = job
+            .per_customer
+            .iter()
+            .map(|(c, v)| (c.as_str(), v))
+            .collect();
+        for customer in &job.cohort {
+            let _guard = engine.lock(&tenant, customer);
+            let Ok(subject) = engine.pseudonym(&tenant, customer, false) else {
+                // Erased since the job ran: nothing of theirs to link.
+                continue;
+            };
+            let mut staged = Staged::default();
+            for f in &job.features {
+                staged.link(derived_key(&tenant, &subject, f, job_id), Vec::new());
+            }
+            if let Some(value) = outputs.get(customer.as_str()) {
+                let version = engine.next_version(&tenant, &subject, &job.output)?;
+                let used = engine.current_versions(&tenant, &subject, &job.features)?;
+                let mut act = job.agent.activity(pb::ActivityKind::Compute, &tenant);
+                act.subject = subject.0.to_vec();
+                act.job_id = job.job_id.clone();
+                act.spec_sha256 = job.spec_sha256.to_hex();
+                act.used = used
+                    .iter()
+                    .map(|(f, v)| pb::Usage {
+                        field: f.clone(),
+                        version: *v,
+                        transformation: Some(job.transformation.clone()),
+                        disclosure: String::new(),
+                    })
+                    .collect();
+                act.generated = vec![pb::Generation {
+                    field: job.output.clone(),
+                    version,
+                    value_hash: hex::encode(engine.value_hash(&tenant, &job.output, value)),
+                    derived_from: used
+                        .iter()
+                        .map(|(f, v)| pb::Derivation {
+                            field: f.clone(),
+                            version: *v,
+                            transformation: Some(job.transformation.clone()),
+                        })
+                        .collect(),
+                    transformation: Some(job.transformation.clone()),
+                }];
+                let p = Pending::new(act);
+                let ledger = &self.ledger;
+                let idx = ledger
+                    .append(&[sovra_ledger::Body::FieldsWritten(sovra_ledger::entry::Write {
+                        tenant: tenant.clone(),
+                        subject,
+                        actor: job.agent.name.clone(),
+                        channel: format!("sandbox:{}", job.job_id),
+                        fields: vec![WrittenField {
+                            field: job.output.clone(),
+                            version,
+                        }],
+                        lineage: p.hash,
+                    })])?
+                    .first()
+                    .map_or(0, |a| a.index);
+                let id = engine.new_id()?;
+                staged.activity(&tenant, Some(&subject), id, &p, idx);
+                staged.link(
+                    version_key(&tenant, &subject, &job.output, version),
+                    id.to_be_bytes().to_vec(),
+                );
+                for f in &job.features {
+                    staged.link(derived_key(&tenant, &subject, f, id), Vec::new());
+                }
+            }
+            engine.apply_staged(&staged)?;
+        }
+        let (l, e) = tokio::join!(self.ledger.commit(), engine.commit());
+        l?;
+        e?;
+        Ok(index)
+    }
+}
+
+impl Engine {
+    /// The next version of `field` in the customer's lineage.
+    fn next_version(&self, tenant: &str, subject: &Pseudonym, field: &str) -> Result<u64> {
+        let prefix = field_prefix(tenant, subject, VERSIONS, field);
+        Ok(match self.store.lineage_index.scan_prefix(&prefix).next_back() {
+            Some(item) => be_u64(&item?.0[prefix.len()..]).unwrap_or(0) + 1,
+            None => 1,
+        })
+    }
+
+    /// The latest lineage version of each of `fields` the customer has.
+    fn current_versions(
+        &self,
+        tenant: &str,
+        subject: &Pseudonym,
+        fields: &[String],
+    ) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::with_capacity(fields.len());
+        for f in fields {
+            let v = self.next_version(tenant, subject, f)? - 1;
+            if v > 0 {
+                out.push((f.clone(), v));
+            }
+        }
+        Ok(out)
+    }
+}
