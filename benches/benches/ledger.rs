@@ -40,6 +40,7 @@ fn reveal(i: u64) -> Body {
                 disclosure: Disclosure::Masked,
             },
         ],
+        lineage: sovra_ledger::Digest([0x5a; 32]),
     })
 }
 

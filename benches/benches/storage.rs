@@ -5,8 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sovra_vault::engine::{Engine, Source};
+use sovra_vault::engine::{Engine, Source, WriteLineage};
 use sovra_vault::keys::RootKey;
+use sovra_vault::lineage::Agent;
 use sovra_vault::schema::{FieldDef, FieldValue, RawValue, Schema};
 use sovra_vault::synthetic;
 
@@ -30,7 +31,22 @@ fn values<'s>(schema: &'s Schema, c: &synthetic::Customer) -> Vec<(&'s FieldDef,
         .collect()
 }
 
+/// The write's lineage, anchored nowhere: these benches measure the engine
+/// (lineage staging included), not the ledger append (see benches/ledger.rs).
+fn lineage(agent: &Agent) -> WriteLineage<'_> {
+    WriteLineage {
+        agent,
+        transformed: &[],
+        anchor: Box::new(|_, _, _| Ok(0)),
+    }
+}
+
 fn bench(c: &mut Criterion) {
+    let agent = Agent {
+        name: "bench".into(),
+        role: "service".into(),
+        ..Agent::default()
+    };
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let engine = Engine::open(dir.path(), RootKey::generate(), Schema::default_crm())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -43,7 +59,7 @@ fn bench(c: &mut Criterion) {
     };
     for p in &people {
         engine
-            .put("default", &p.id, &values(&schema, p), &src)
+            .put("default", &p.id, &values(&schema, p), &src, lineage(&agent))
             .unwrap_or_else(|e| panic!("{e}"));
     }
     engine.store().flush().unwrap_or_else(|e| panic!("{e}"));
@@ -80,7 +96,13 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             let k = i % prepared.len();
-            engine.put("default", &people[k].id, &prepared[k], &src)
+            engine.put(
+                "default",
+                &people[k].id,
+                &prepared[k],
+                &src,
+                lineage(&agent),
+            )
         })
     });
     g.bench_function("put_record_11_fields_durable", |b| {
@@ -88,7 +110,13 @@ fn bench(c: &mut Criterion) {
             i += 1;
             let k = i % prepared.len();
             engine
-                .put("default", &people[k].id, &prepared[k], &src)
+                .put(
+                    "default",
+                    &people[k].id,
+                    &prepared[k],
+                    &src,
+                    lineage(&agent),
+                )
                 .unwrap();
             rt.block_on(engine.commit())
         })

@@ -139,9 +139,14 @@ pub async fn connect_lineage(
     token: Option<&str>,
     ca_pem: Option<Vec<u8>>,
 ) -> Result<LineageClient> {
+    lineage_with_token(channel(server, ca_pem).await?, token)
+}
+
+/// A lineage client on `channel` presenting `token`.
+pub fn lineage_with_token(channel: Channel, token: Option<&str>) -> Result<LineageClient> {
     Ok(
         sovra_proto::lineage::v1::lineage_client::LineageClient::with_interceptor(
-            channel(server, ca_pem).await?,
+            channel,
             bearer(token)?,
         )
         .max_decoding_message_size(64 * 1024 * 1024),

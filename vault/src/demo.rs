@@ -23,6 +23,8 @@ use crate::config::{self, default_tenant, Config};
 use crate::error::{Result, VaultError};
 use crate::server;
 use crate::synthetic;
+use crate::{lineage_view, openlineage};
+use sovra_proto::lineage::v1 as linpb;
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -31,6 +33,8 @@ pub struct DemoOptions {
     pub customers: usize,
     /// Seed of the synthetic data set.
     pub seed: u64,
+    /// Where to write the OpenLineage export.
+    pub openlineage_out: std::path::PathBuf,
 }
 
 impl Default for DemoOptions {
@@ -38,6 +42,7 @@ impl Default for DemoOptions {
         Self {
             customers: 1000,
             seed: 42,
+            openlineage_out: "sovra-demo.openlineage.jsonl".into(),
         }
     }
 }
@@ -69,6 +74,16 @@ pub struct DemoSummary {
     pub withdrawn_read_refused: bool,
     /// Whether the audit bundle verified offline.
     pub bundle_verified: bool,
+    /// Versions in the lineage of the demo customer's phone.
+    pub phone_versions: usize,
+    /// Whether lineage of the erased customer was NOT_FOUND.
+    pub lineage_gone: bool,
+    /// OpenLineage RunEvents written.
+    pub openlineage_events: usize,
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("   {l}\n")).collect()
 }
 
 fn demo_err(step: &str, s: tonic::Status) -> VaultError {
@@ -137,6 +152,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     let mut adm: Client = client::with_token(ch.clone(), Some(&init.admin_token.token))?;
     let mut prt: Client = client::with_token(ch.clone(), Some(&partner.token))?;
     let mut consent_svc = client::ledger_with_token(ch.clone(), Some(&service.token))?;
+    let mut lineage = client::lineage_with_token(ch.clone(), Some(&officer.token))?;
     let mut dpo = client::ledger_with_token(ch, Some(&officer.token))?;
 
     // 1. Load the data set, with a few invalid items mixed in.
@@ -405,12 +421,12 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     sum.bundle_verified = verdict.entries == usize::try_from(bundle.entries).unwrap_or(0);
     writeln!(
         out,
-        "   audit bundle of {wid}: {} entries (grant, withdrawal, refused read) verified offline against checkpoint {} and consistent with the officer's earlier checkpoint {}",
+        "   audit bundle of {wid}: {} entries (collection, grant, withdrawal, refused read) verified offline against checkpoint {} and consistent with the officer's earlier checkpoint {}",
         verdict.entries, verdict.checkpoint.size, old_cp.tree_size
     )
     .map_err(io)?;
     check(
-        sum.bundle_verified && verdict.entries == 3,
+        sum.bundle_verified && verdict.entries == 4,
         "audit bundle verified",
     )?;
 
@@ -462,7 +478,90 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     )
     .map_err(io)?;
 
-    // 7. Erase the customer.
+    // 7. Lineage: an update through the call centre, a read, then the chain
+    // of the customer's phone and budget back to their origin.
+    let mut update = pb::PutRecordRequest {
+        customer_id: c.id.clone(),
+        source: Some(pb::CollectionSource {
+            channel: "call_centre".into(),
+            collector: "agent-desk".into(),
+            consent_ref: String::new(),
+        }),
+        ..Default::default()
+    };
+    update.fields.insert(
+        "phone".into(),
+        pb::Value {
+            kind: Some(pb::value::Kind::Text("+86 139-1234-5678".into())),
+        },
+    );
+    update.fields.insert(
+        "budget".into(),
+        pb::Value {
+            kind: Some(pb::value::Kind::Integer(250_000)),
+        },
+    );
+    svc.put_record(update)
+        .await
+        .map_err(|s| demo_err("update", s))?;
+    svc.get_fields(pb::GetFieldsRequest {
+        customer_id: c.id.clone(),
+        fields: vec!["phone".into(), "budget".into()],
+        purpose: "customer_service".into(),
+    })
+    .await
+    .map_err(|s| demo_err("read after update", s))?;
+    writeln!(
+        out,
+        "7. Lineage (compliance officer): phone and budget updated via the call centre and read again"
+    )
+    .map_err(io)?;
+    for field in ["phone", "budget"] {
+        let l = lineage
+            .get_field_lineage(linpb::GetFieldLineageRequest {
+                customer_id: c.id.clone(),
+                field: field.into(),
+            })
+            .await
+            .map_err(|s| demo_err("lineage", s))?
+            .into_inner();
+        if field == "phone" {
+            sum.phone_versions = l.versions.len();
+        }
+        write!(out, "{}", indent(&lineage_view::field_tree(&c.id, &l))).map_err(io)?;
+        let a = lineage
+            .list_accesses(linpb::ListAccessesRequest {
+                customer_id: c.id.clone(),
+                field: field.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| demo_err("accesses", s))?
+            .into_inner();
+        writeln!(out, "   accesses to {field}:").map_err(io)?;
+        write!(
+            out,
+            "{}",
+            indent(&lineage_view::accesses(field, &a.accesses))
+        )
+        .map_err(io)?;
+        let d = lineage
+            .get_derived(linpb::GetDerivedRequest {
+                customer_id: c.id.clone(),
+                field: field.into(),
+            })
+            .await
+            .map_err(|s| demo_err("derived", s))?
+            .into_inner();
+        writeln!(out, "   derived from {field}:").map_err(io)?;
+        write!(out, "{}", indent(&lineage_view::derived(field, &d.derived))).map_err(io)?;
+    }
+    check(
+        sum.phone_versions == 2,
+        "the phone's lineage has its origin and the update",
+    )?;
+
+    // 8. Erase the customer.
     let receipt = adm
         .erase_customer(pb::EraseCustomerRequest {
             customer_id: c.id.clone(),
@@ -495,7 +594,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         && search_after.customer_ids.is_empty();
     writeln!(
         out,
-        "7. EraseCustomer {}: receipt {} (ledger entry {}; {} fields, {} index entries, data key and pseudonym salt destroyed); read afterwards: {}; search: {:?}",
+        "8. EraseCustomer {}: receipt {} (ledger entry {}; {} fields, {} index entries, data key and pseudonym salt destroyed); read afterwards: {}; search: {:?}",
         c.id,
         receipt.receipt_id,
         receipt.ledger_index,
@@ -506,12 +605,51 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     )
     .map_err(io)?;
     check(sum.erased_gone, "erased customer unreachable")?;
+    sum.lineage_gone = lineage
+        .get_field_lineage(linpb::GetFieldLineageRequest {
+            customer_id: c.id.clone(),
+            field: "phone".into(),
+        })
+        .await
+        .err()
+        .is_some_and(|s| s.code() == Code::NotFound);
+    check(sum.lineage_gone, "the erased customer's lineage is gone")?;
+
+    // 9. OpenLineage export: aggregated per job, the erased customer's
+    // activities included, no customer named.
+    let export = lineage
+        .export_lineage(linpb::ExportLineageRequest {})
+        .await
+        .map_err(|s| demo_err("export lineage", s))?
+        .into_inner();
+    let events = openlineage::run_events(&export);
+    sum.openlineage_events = events.len();
+    std::fs::write(&opts.openlineage_out, openlineage::to_json_lines(&events)).map_err(|e| {
+        VaultError::config(
+            opts.openlineage_out.display().to_string(),
+            format!("cannot write the OpenLineage export: {e}"),
+        )
+    })?;
+    writeln!(
+        out,
+        "9. Lineage of {} afterwards: NOT_FOUND. OpenLineage export: {} RunEvents ({}) written to {}",
+        c.id,
+        events.len(),
+        export
+            .jobs
+            .iter()
+            .map(|j| format!("{} ×{}", j.name, j.runs))
+            .collect::<Vec<_>>()
+            .join(", "),
+        opts.openlineage_out.display()
+    )
+    .map_err(io)?;
 
     srv.shutdown().await?;
     writeln!(
         out,
-        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, erasure verified.",
-        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped
+        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, lineage shown, erasure verified, {} OpenLineage events.",
+        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.openlineage_events
     )
     .map_err(io)?;
     Ok(sum)

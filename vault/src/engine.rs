@@ -26,12 +26,12 @@ use crate::envelope::{self, FieldContext};
 use crate::error::{Result, VaultError};
 use crate::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
 use crate::lineage::{self, Agent, Anchor};
-use sovra_proto::lineage::v1 as lpb;
 use crate::rotation::KeyStates;
 use crate::schema::{FieldDef, FieldValue, Schema};
 use crate::shred::Pad;
 use crate::store::{self, Store, StoredField};
 use sovra_ledger::{Digest, Pseudonym};
+use sovra_proto::lineage::v1 as lpb;
 
 /// Longest customer id accepted.
 pub const MAX_CUSTOMER_ID_LEN: usize = 128;

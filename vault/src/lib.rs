@@ -13,6 +13,7 @@ pub mod keys;
 pub mod ledger_service;
 pub mod lineage;
 pub mod lineage_service;
+pub mod lineage_view;
 pub mod openlineage;
 pub mod policy;
 pub mod policy_service;

@@ -279,7 +279,11 @@ pub(crate) type LineageTx<'a> = (
     &'a TransactionalTree,
 );
 
-fn put(t: &TransactionalTree, k: &[u8], v: Option<&[u8]>) -> sled::transaction::ConflictableTransactionResult<(), VaultError> {
+fn put(
+    t: &TransactionalTree,
+    k: &[u8],
+    v: Option<&[u8]>,
+) -> sled::transaction::ConflictableTransactionResult<(), VaultError> {
     match v {
         Some(v) => {
             t.insert(k, v)?;
@@ -326,7 +330,8 @@ impl Staged {
         self.acts
             .push((activity_key(tenant, id), Some(pending.stored(ledger_index))));
         if let Some(s) = owner {
-            self.index.push((owned_key(tenant, s, id), Some(Vec::new())));
+            self.index
+                .push((owned_key(tenant, s, id), Some(Vec::new())));
         }
     }
 
@@ -348,7 +353,10 @@ pub type Anchor<'a> = dyn FnOnce(&Pseudonym, &Digest, Vec<WrittenField>) -> Resu
 impl Engine {
     /// The tenant's keyed hash of a value, as lineage records it.
     pub(crate) fn value_hash(&self, tenant: &str, field: &str, value: &[u8]) -> Vec<u8> {
-        self.keyring.lineage_key(tenant).token(field, value).to_vec()
+        self.keyring
+            .lineage_key(tenant)
+            .token(field, value)
+            .to_vec()
     }
 
     fn new_id(&self) -> Result<u64> {
@@ -389,10 +397,9 @@ impl Engine {
                 staged.link(derived_key(tenant, subject, &d.field, id), Vec::new());
             }
         }
-        staged.subjects.push((
-            customer_key(tenant, customer),
-            Some(subject.0.to_vec()),
-        ));
+        staged
+            .subjects
+            .push((customer_key(tenant, customer), Some(subject.0.to_vec())));
         Ok(WriteRecord { staged })
     }
 
@@ -508,7 +515,12 @@ impl Engine {
     }
 
     /// Loads activity `id` of `tenant`, checked against its ledger anchor.
-    fn load_activity(&self, ledger: &Ledger, tenant: &str, id: u64) -> Result<pb::AnchoredActivity> {
+    fn load_activity(
+        &self,
+        ledger: &Ledger,
+        tenant: &str,
+        id: u64,
+    ) -> Result<pb::AnchoredActivity> {
         let v = self
             .store
             .lineage
@@ -567,7 +579,11 @@ impl Engine {
             let g = a
                 .activity
                 .as_ref()
-                .and_then(|act| act.generated.iter().find(|g| g.field == field && g.version == version))
+                .and_then(|act| {
+                    act.generated
+                        .iter()
+                        .find(|g| g.field == field && g.version == version)
+                })
                 .cloned()
                 .ok_or_else(|| {
                     VaultError::integrity(format!(
@@ -609,7 +625,10 @@ impl Engine {
         let limit = match limit {
             0 => 100,
             n if n > MAX_PAGE => {
-                return Err(VaultError::invalid("limit", format!("{n}; at most {MAX_PAGE}")))
+                return Err(VaultError::invalid(
+                    "limit",
+                    format!("{n}; at most {MAX_PAGE}"),
+                ))
             }
             n => n,
         } as usize;
@@ -620,9 +639,8 @@ impl Engine {
             start.extend_from_slice(&time_key(from_ms));
         } else {
             let mut b = [0u8; 16];
-            hex::decode_to_slice(after, &mut b).map_err(|_| {
-                VaultError::invalid("page_token", "not a token this server issued")
-            })?;
+            hex::decode_to_slice(after, &mut b)
+                .map_err(|_| VaultError::invalid("page_token", "not a token this server issued"))?;
             start.extend_from_slice(&b);
             // Strictly after the last key returned.
             start.push(0);
@@ -630,22 +648,23 @@ impl Engine {
         let mut end = prefix.clone();
         end.extend_from_slice(&time_key(to_ms));
         let mut out = Vec::new();
+        let mut last_tail = Vec::new();
         let mut next = String::new();
         for item in self.store.lineage_index.range(start..end) {
             let (k, _) = item?;
             let tail = &k[prefix.len()..];
             if out.len() == limit {
-                if let Some(last) = out.last().and_then(|a: &(Vec<u8>, _)| Some(a.0.clone())) {
-                    next = hex::encode(last);
-                }
+                // More remain: the next page starts after the last key sent.
+                next = hex::encode(&last_tail);
                 break;
             }
             let id = be_u64(tail.get(8..16).unwrap_or_default())
                 .ok_or_else(|| VaultError::integrity("a lineage access index entry"))?;
-            out.push((tail.to_vec(), self.load_activity(ledger, tenant, id)?));
+            out.push(self.load_activity(ledger, tenant, id)?);
+            last_tail = tail.to_vec();
         }
         Ok(pb::ListAccessesResponse {
-            accesses: out.into_iter().map(|(_, a)| a).collect(),
+            accesses: out,
             next_page_token: next,
         })
     }
@@ -712,7 +731,11 @@ fn check_range((from_ms, to_ms): (i64, i64)) -> Result<(i64, i64)> {
             format!("{to_ms} is before the Unix epoch"),
         ));
     }
-    let to = if to_ms == 0 { now.saturating_add(1) } else { to_ms };
+    let to = if to_ms == 0 {
+        now.saturating_add(1)
+    } else {
+        to_ms
+    };
     if to > now.saturating_add(FUTURE_SLACK_MS) {
         return Err(VaultError::invalid(
             "to_ms",
@@ -722,7 +745,9 @@ fn check_range((from_ms, to_ms): (i64, i64)) -> Result<(i64, i64)> {
     if from_ms >= to {
         return Err(VaultError::invalid(
             "time range",
-            format!("from_ms ({from_ms}) must be before to_ms ({to}); the range is reversed or empty"),
+            format!(
+                "from_ms ({from_ms}) must be before to_ms ({to}); the range is reversed or empty"
+            ),
         ));
     }
     Ok((from_ms, to))
@@ -761,9 +786,15 @@ fn edge(out: &mut Vec<pb::FieldEdge>, output: &str, input: &str, t: Option<&pb::
 fn fold(jobs: &mut BTreeMap<String, pb::JobLineage>, a: &pb::Activity) {
     let name = job_name(a);
     let one = {
+        // A channel's job both collects and updates: one kind for the job.
+        let kind = if a.kind == pb::ActivityKind::Update as i32 {
+            pb::ActivityKind::Collect as i32
+        } else {
+            a.kind
+        };
         let mut j = pb::JobLineage {
             name: name.clone(),
-            kind: a.kind,
+            kind,
             purpose: a.purpose.clone(),
             runs: 1,
             allowed: u64::from(a.decision == pb::Decision::Allowed as i32),
@@ -945,10 +976,16 @@ impl Recorder {
                 continue;
             };
             let mut staged = Staged::default();
-            for f in &job.features {
-                staged.link(derived_key(&tenant, &subject, f, job_id), Vec::new());
-            }
-            if let Some(value) = outputs.get(customer.as_str()) {
+            let Some(value) = outputs.get(customer.as_str()) else {
+                // An aggregate (or no output for this customer): the
+                // customer's features fed the job-level activity.
+                for f in &job.features {
+                    staged.link(derived_key(&tenant, &subject, f, job_id), Vec::new());
+                }
+                engine.apply_staged(&staged)?;
+                continue;
+            };
+            {
                 let version = engine.next_version(&tenant, &subject, &job.output)?;
                 let used = engine.current_versions(&tenant, &subject, &job.features)?;
                 let mut act = job.agent.activity(pb::ActivityKind::Compute, &tenant);
@@ -981,17 +1018,19 @@ impl Recorder {
                 let p = Pending::new(act);
                 let ledger = &self.ledger;
                 let idx = ledger
-                    .append(&[sovra_ledger::Body::FieldsWritten(sovra_ledger::entry::Write {
-                        tenant: tenant.clone(),
-                        subject,
-                        actor: job.agent.name.clone(),
-                        channel: format!("sandbox:{}", job.job_id),
-                        fields: vec![WrittenField {
-                            field: job.output.clone(),
-                            version,
-                        }],
-                        lineage: p.hash,
-                    })])?
+                    .append(&[sovra_ledger::Body::FieldsWritten(
+                        sovra_ledger::entry::Write {
+                            tenant: tenant.clone(),
+                            subject,
+                            actor: job.agent.name.clone(),
+                            channel: format!("sandbox:{}", job.job_id),
+                            fields: vec![WrittenField {
+                                field: job.output.clone(),
+                                version,
+                            }],
+                            lineage: p.hash,
+                        },
+                    )])?
                     .first()
                     .map_or(0, |a| a.index);
                 let id = engine.new_id()?;
@@ -1017,10 +1056,12 @@ impl Engine {
     /// The next version of `field` in the customer's lineage.
     fn next_version(&self, tenant: &str, subject: &Pseudonym, field: &str) -> Result<u64> {
         let prefix = field_prefix(tenant, subject, VERSIONS, field);
-        Ok(match self.store.lineage_index.scan_prefix(&prefix).next_back() {
-            Some(item) => be_u64(&item?.0[prefix.len()..]).unwrap_or(0) + 1,
-            None => 1,
-        })
+        Ok(
+            match self.store.lineage_index.scan_prefix(&prefix).next_back() {
+                Some(item) => be_u64(&item?.0[prefix.len()..]).unwrap_or(0) + 1,
+                None => 1,
+            },
+        )
     }
 
     /// The latest lineage version of each of `fields` the customer has.

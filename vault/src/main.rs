@@ -149,6 +149,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Field lineage: where a value came from, who used it, what was derived
+    /// from it (officer or admin token); OpenLineage export.
+    Lineage {
+        #[command(subcommand)]
+        cmd: LineageCmd,
+    },
     /// Show the schema.
     Schema {
         #[command(flatten)]
@@ -162,6 +168,61 @@ enum Cmd {
         /// Seed of the synthetic data set.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Where to write the demo's OpenLineage export.
+        #[arg(long, default_value = "sovra-demo.openlineage.jsonl")]
+        openlineage_out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum LineageCmd {
+    /// The chain of one field of one customer back to its origin, as a tree.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        /// Customer id.
+        customer: String,
+        /// Field name.
+        field: String,
+    },
+    /// Who used one field of one customer, when, for what, under which decision.
+    Accesses {
+        #[command(flatten)]
+        conn: Conn,
+        /// Customer id.
+        customer: String,
+        /// Field name.
+        field: String,
+        /// Start of the range, ms since the epoch (default: the beginning).
+        #[arg(long, default_value_t = 0)]
+        from_ms: i64,
+        /// End of the range, ms since the epoch, exclusive (default: now).
+        #[arg(long, default_value_t = 0)]
+        to_ms: i64,
+        /// Most accesses to list (all pages up to this many).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// What was computed from one field of one customer.
+    Derived {
+        #[command(flatten)]
+        conn: Conn,
+        /// Customer id.
+        customer: String,
+        /// Field name.
+        field: String,
+    },
+    /// Export the tenant's field-level lineage as OpenLineage 2-0-2 RunEvents
+    /// (JSON lines, no customer id, pseudonym or value).
+    Export {
+        #[command(flatten)]
+        conn: Conn,
+        /// Write OpenLineage RunEvents (the only format so far; required).
+        #[arg(long)]
+        openlineage: bool,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -507,6 +568,117 @@ fn print_policy_status(s: &sovra_proto::policy::v1::PolicyStatus) {
         Some(i) => println!("recorded in ledger entry {i}"),
         None => println!("recorded in the ledger by an earlier start"),
     }
+}
+
+async fn run_lineage(cmd: LineageCmd) -> CmdResult {
+    use sovra_proto::lineage::v1 as lpb;
+    use sovra_vault::lineage_view;
+    let connect = |conn: &Conn| {
+        let conn = conn.clone();
+        async move {
+            let (ca, token) = credentials(&conn)?;
+            Ok::<_, Failure>(client::connect_lineage(&conn.server, Some(token.as_str()), ca).await?)
+        }
+    };
+    match cmd {
+        LineageCmd::Show {
+            conn,
+            customer,
+            field,
+        } => {
+            let l = connect(&conn)
+                .await?
+                .get_field_lineage(lpb::GetFieldLineageRequest {
+                    customer_id: customer.clone(),
+                    field,
+                })
+                .await?
+                .into_inner();
+            print!("{}", lineage_view::field_tree(&customer, &l));
+        }
+        LineageCmd::Accesses {
+            conn,
+            customer,
+            field,
+            from_ms,
+            to_ms,
+            limit,
+        } => {
+            let mut c = connect(&conn).await?;
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let want = limit.saturating_sub(all.len()).min(1000);
+                if want == 0 {
+                    break;
+                }
+                let page = c
+                    .list_accesses(lpb::ListAccessesRequest {
+                        customer_id: customer.clone(),
+                        field: field.clone(),
+                        from_ms,
+                        to_ms,
+                        limit: want as u32,
+                        page_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.accesses);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            print!("{}", lineage_view::accesses(&field, &all));
+        }
+        LineageCmd::Derived {
+            conn,
+            customer,
+            field,
+        } => {
+            let d = connect(&conn)
+                .await?
+                .get_derived(lpb::GetDerivedRequest {
+                    customer_id: customer,
+                    field: field.clone(),
+                })
+                .await?
+                .into_inner();
+            print!("{}", lineage_view::derived(&field, &d.derived));
+        }
+        LineageCmd::Export {
+            conn,
+            openlineage,
+            out,
+        } => {
+            if !openlineage {
+                return Err(Failure::Usage(
+                    "choose an export format: --openlineage".into(),
+                ));
+            }
+            let e = connect(&conn)
+                .await?
+                .export_lineage(lpb::ExportLineageRequest {})
+                .await?
+                .into_inner();
+            let events = sovra_vault::openlineage::run_events(&e);
+            let text = sovra_vault::openlineage::to_json_lines(&events);
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text).map_err(|e| {
+                        Failure::Usage(format!("cannot write {}: {e}", path.display()))
+                    })?;
+                    eprintln!(
+                        "wrote {} OpenLineage RunEvents to {}",
+                        events.len(),
+                        path.display()
+                    );
+                }
+                None => print!("{text}"),
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn run_policy(cmd: PolicyCmd) -> CmdResult {
@@ -1243,6 +1415,7 @@ async fn run(cmd: Cmd) -> CmdResult {
         Cmd::Consent { cmd } => run_consent(cmd).await?,
         Cmd::Audit { cmd } => run_audit(cmd).await?,
         Cmd::Policy { cmd } => run_policy(cmd).await?,
+        Cmd::Lineage { cmd } => run_lineage(cmd).await?,
         Cmd::Schema { conn } => {
             let mut c = connect(&conn).await?;
             let s = c
@@ -1263,12 +1436,24 @@ async fn run(cmd: Cmd) -> CmdResult {
             }
             println!("purposes: {}", s.purposes.join(", "));
         }
-        Cmd::Demo { customers, seed } => {
+        Cmd::Demo {
+            customers,
+            seed,
+            openlineage_out,
+        } => {
             if customers == 0 || customers > 1_000_000 {
                 return Err(Failure::Usage("--customers must be 1..=1000000".into()));
             }
             let mut out = std::io::stdout();
-            demo::run(&demo::DemoOptions { customers, seed }, &mut out).await?;
+            demo::run(
+                &demo::DemoOptions {
+                    customers,
+                    seed,
+                    openlineage_out,
+                },
+                &mut out,
+            )
+            .await?;
         }
     }
     Ok(())

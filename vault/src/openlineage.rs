@@ -25,7 +25,8 @@ use sovra_proto::lineage::v1 as pb;
 use crate::lineage::{subtype_name, type_name};
 
 /// The OpenLineage spec version the events follow.
-pub const RUN_EVENT_SCHEMA: &str = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent";
+pub const RUN_EVENT_SCHEMA: &str =
+    "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent";
 /// The column lineage facet version used.
 pub const COLUMN_LINEAGE_SCHEMA: &str = "https://openlineage.io/spec/facets/1-2-0/ColumnLineageDatasetFacet.json#/$defs/ColumnLineageDatasetFacet";
 /// Where the `sovra_access` facet's schema is published (docs/openlineage/).
@@ -75,12 +76,14 @@ pub fn run_events(export: &pb::ExportLineageResponse) -> Vec<Value> {
         .iter()
         .map(|job| {
             let (input, output) = match job.name.split_once('.') {
-                Some(("collect", channel)) => {
-                    (format!("channel.{channel}"), Some(CUSTOMER_DATASET.to_owned()))
-                }
-                Some(("reveal" | "export", purpose)) => {
-                    (CUSTOMER_DATASET.to_owned(), Some(format!("purpose.{purpose}")))
-                }
+                Some(("collect", channel)) => (
+                    format!("channel.{channel}"),
+                    Some(CUSTOMER_DATASET.to_owned()),
+                ),
+                Some(("reveal" | "export", purpose)) => (
+                    CUSTOMER_DATASET.to_owned(),
+                    Some(format!("purpose.{purpose}")),
+                ),
                 Some(("sandbox", j)) => (CUSTOMER_DATASET.to_owned(), Some(format!("sandbox.{j}"))),
                 _ => (CUSTOMER_DATASET.to_owned(), None),
             };
@@ -95,7 +98,11 @@ pub fn run_events(export: &pb::ExportLineageResponse) -> Vec<Value> {
                 if !t.description.is_empty() {
                     tr["description"] = json!(t.description);
                 }
-                let source_field = if e.input.is_empty() { &e.output } else { &e.input };
+                let source_field = if e.input.is_empty() {
+                    &e.output
+                } else {
+                    &e.input
+                };
                 let entry = fields
                     .entry(e.output.clone())
                     .or_insert_with(|| json!({ "inputFields": [] }));

@@ -19,9 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use sovra_ledger::entry::{Digest, PolicyChange};
 use sovra_ledger::{Body, Ledger};
-use sovra_policy::{
-    Action, Context, CustomerAttrs, Decision, Disclosure, FieldAttrs, Policies,
-};
+use sovra_policy::{Action, Context, CustomerAttrs, Decision, Disclosure, FieldAttrs, Policies};
 
 use crate::auth::Principal;
 use crate::error::{PermissionDenied, Result, VaultError};

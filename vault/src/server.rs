@@ -56,6 +56,12 @@ impl ServerHandle {
         &self.ledger
     }
 
+    /// The lineage recorder the sandbox's release gate records its jobs
+    /// through.
+    pub fn lineage_recorder(&self) -> crate::lineage::Recorder {
+        crate::lineage::Recorder::new(self.engine.clone(), self.ledger.clone())
+    }
+
     /// Stops accepting calls, lets in-flight calls finish, flushes.
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {

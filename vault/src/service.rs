@@ -21,9 +21,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::{Authenticator, Principal, Role};
 use crate::engine::{validate_id, Engine, Source, WriteLineage};
-use crate::lineage::{self, Agent};
-use sovra_proto::lineage::v1 as lpb;
 use crate::error::VaultError;
+use crate::lineage::{self, Agent};
 use crate::policy::{self, PolicyGate};
 use crate::rotation::KeyStatus;
 use crate::schema::{FieldDef, FieldValue, RawValue};
@@ -32,6 +31,7 @@ use sovra_ledger::entry::{
 };
 use sovra_ledger::{Body, ConsentAction, Ledger, LedgerError};
 use sovra_policy::{Action, CustomerAttrs, Disclosure, FieldAttrs, PolicyError};
+use sovra_proto::lineage::v1 as lpb;
 
 /// Most fields one write may carry.
 pub const MAX_FIELDS_PER_WRITE: usize = 64;
@@ -114,8 +114,8 @@ pub(crate) fn authorized<T>(
     action: Action,
 ) -> Result<(Arc<Principal>, Vec<String>), Status> {
     let p = authenticate(auth, req)?;
-    let d = policy::check(&gate.current(), &p, action, &policy::context("", 0))
-        .map_err(to_status)?;
+    let d =
+        policy::check(&gate.current(), &p, action, &policy::context("", 0)).map_err(to_status)?;
     Ok((p, d.policies().to_vec()))
 }
 
@@ -529,7 +529,12 @@ fn key_status(tenant: &str, s: KeyStatus) -> pb::KeyStatus {
 
 /// A validated write: customer id, normalised values, the fields whose input
 /// normalisation changed, source.
-type ParsedPut<'s> = (String, Vec<(&'s FieldDef, FieldValue)>, Vec<&'s str>, Source);
+type ParsedPut<'s> = (
+    String,
+    Vec<(&'s FieldDef, FieldValue)>,
+    Vec<&'s str>,
+    Source,
+);
 
 type BatchStream = Pin<Box<dyn Stream<Item = Result<pb::BatchPutResult, Status>> + Send>>;
 

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 use sovra_proto::ledger::v1 as lpb;
+use sovra_proto::lineage::v1 as linpb;
 use sovra_proto::policy::v1 as ppb;
 use sovra_proto::vault::v1 as pb;
 use sovra_vault::auth::Role;
@@ -185,6 +186,9 @@ async fn the_table_holds_through_grpc() {
         let mut p = client::connect_policy(&srv.url, Some(token), None)
             .await
             .unwrap();
+        let mut lin = client::connect_lineage(&srv.url, Some(token), None)
+            .await
+            .unwrap();
         let field = row.field.clone().unwrap_or_default();
         let purpose = row.purpose.clone().unwrap_or_default();
         let got: Result<&str, tonic::Status> = match row.rpc.as_str() {
@@ -303,6 +307,29 @@ async fn the_table_holds_through_grpc() {
                 })
                 .await,
             ),
+            "GetFieldLineage" => outcome(
+                lin.get_field_lineage(linpb::GetFieldLineageRequest {
+                    customer_id: customer.clone(),
+                    field: field.clone(),
+                })
+                .await,
+            ),
+            "ListAccesses" => outcome(
+                lin.list_accesses(linpb::ListAccessesRequest {
+                    customer_id: customer.clone(),
+                    field: field.clone(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+            "GetDerived" => outcome(
+                lin.get_derived(linpb::GetDerivedRequest {
+                    customer_id: customer.clone(),
+                    field: field.clone(),
+                })
+                .await,
+            ),
+            "ExportLineage" => outcome(lin.export_lineage(linpb::ExportLineageRequest {}).await),
             other => panic!("authz.table line {}: no executor for {other}", row.line),
         };
         match got {

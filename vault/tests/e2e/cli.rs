@@ -271,3 +271,110 @@ fn demo_runs_end_to_end() {
     let o = sovra(&["demo", "--customers", "0"], None, None);
     assert_eq!(o.status.code(), Some(64));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lineage_commands() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    svc.put_record(put("c-lin", &[("phone", text("+86 138-0013-8000"))]))
+        .await
+        .unwrap();
+    svc.put_record(put("c-lin", &[("phone", text("+8613900001111"))]))
+        .await
+        .unwrap();
+    svc.get_fields(get("c-lin", &["phone"], "customer_service"))
+        .await
+        .unwrap();
+    let url = srv.url.clone();
+    let officer = env.officer.clone();
+    let run = move |args: Vec<String>, token: String| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            sovra(&a, Some(&token), Some(&url))
+        })
+    };
+    let args = |s: &str| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
+
+    let o = run(args("lineage show c-lin phone"), officer.clone())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("v2") && text.contains("(origin)"), "{text}");
+    assert!(text.contains("via web_form"), "{text}");
+    assert!(text.contains("normalised"), "{text}");
+    assert!(!text.contains("+8613900001111"), "no value is printed");
+
+    let o = run(args("lineage accesses c-lin phone"), officer.clone())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("customer_service") && text.contains("plaintext"),
+        "{text}"
+    );
+    assert!(text.contains("ledger entry"), "{text}");
+
+    let o = run(args("lineage derived c-lin phone"), officer.clone())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("nothing was computed"),
+        "{}",
+        stdout(&o)
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ol.jsonl");
+    let o = run(
+        vec![
+            "lineage".into(),
+            "export".into(),
+            "--openlineage".into(),
+            "-o".into(),
+            out.to_str().unwrap().into(),
+        ],
+        officer.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = std::fs::read_to_string(&out).unwrap();
+    assert!(lines.lines().count() >= 2);
+    for l in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["eventType"], "COMPLETE");
+    }
+    assert!(!lines.contains("c-lin"));
+    // No format chosen, an unknown customer, a reversed range, a service token.
+    let o = run(args("lineage export"), officer.clone()).await.unwrap();
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--openlineage"));
+    let o = run(args("lineage show nobody phone"), officer.clone())
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("NotFound") || stderr(&o).contains("not found"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        args("lineage accesses c-lin phone --from-ms 2000 --to-ms 1000"),
+        officer.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("reversed"), "{}", stderr(&o));
+    let o = run(args("lineage show c-lin phone"), env.service.clone())
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("read_lineage"), "{}", stderr(&o));
+    srv.stop().await;
+}

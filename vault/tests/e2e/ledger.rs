@@ -164,8 +164,10 @@ async fn withdrawal_refuses_reads_and_bundles_verify_offline() {
         text.contains("consistent with your older checkpoint"),
         "{text}"
     );
-    // consent granted x2, a reveal, a withdrawal, a denied reveal, a reveal.
-    assert!(text.contains("6 entries"), "{text}");
+    // the write, consent granted x2, a reveal, a withdrawal, a denied
+    // reveal, a reveal.
+    assert!(text.contains("7 entries"), "{text}");
+    assert!(text.contains("fields_written"), "{text}");
     assert!(text.contains("decision=denied"), "{text}");
 
     // A separately fetched consistency proof works as well.

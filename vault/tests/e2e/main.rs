@@ -14,6 +14,7 @@ mod durability;
 mod erasure;
 mod integrity;
 mod ledger;
+mod lineage;
 mod policy;
 mod rotation;
 mod tls;
