@@ -635,18 +635,25 @@ impl Engine {
         let subject = self.lineage_subject(tenant, customer)?;
         let prefix = field_prefix(tenant, &subject, ACCESSES, field);
         let mut start = prefix.clone();
-        if after.is_empty() {
-            start.extend_from_slice(&time_key(from_ms));
-        } else {
+        start.extend_from_slice(&time_key(from_ms));
+        if !after.is_empty() {
             let mut b = [0u8; 16];
             hex::decode_to_slice(after, &mut b)
                 .map_err(|_| VaultError::invalid("page_token", "not a token this server issued"))?;
-            start.extend_from_slice(&b);
-            // Strictly after the last key returned.
-            start.push(0);
+            let mut resume = prefix.clone();
+            resume.extend_from_slice(&b);
+            // Strictly after the last key returned, and never before the
+            // range: a token cannot widen it.
+            resume.push(0);
+            start = start.max(resume);
         }
         let mut end = prefix.clone();
         end.extend_from_slice(&time_key(to_ms));
+        if start >= end {
+            // A token past the range: nothing left (and sled must not be
+            // given a reversed range).
+            return Ok(pb::ListAccessesResponse::default());
+        }
         let mut out = Vec::new();
         let mut last_tail = Vec::new();
         let mut next = String::new();

@@ -228,6 +228,20 @@ async fn lineage_follows_every_write_and_read_back_to_the_origin() {
         .unwrap()
         .into_inner();
     assert_eq!(p2.accesses, a.accesses[1..]);
+    // A token past the range, or from before it, cannot widen it.
+    for token in ["ff".repeat(16), "00".repeat(16)] {
+        let r = dpo
+            .list_accesses(lpb::ListAccessesRequest {
+                from_ms: r2.time_ms,
+                page_token: token,
+                ..accesses_req(CUSTOMER, "phone")
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.accesses.len() <= 1);
+        assert!(r.accesses.iter().all(|a| act(a).purpose == "marketing"));
+    }
     // Nothing computed from it yet (the sandbox records through
     // `lineage::Recorder`, tested in the library's own tests).
     let d = dpo
