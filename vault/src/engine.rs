@@ -553,12 +553,9 @@ impl Engine {
             &s.data_keys,
             &s.index,
             &s.lineage,
-            &s.lineage_index,
-            &s.lineage_subjects,
-            &s.lineage_stats,
         )
-            .transaction(|(r, k, i, la, li, ls, lt)| {
-                record.staged.apply((la, li, ls, lt))?;
+            .transaction(|(r, k, i, l)| {
+                record.staged.apply(l)?;
                 if let Some(w) = new_wrapped {
                     k.insert(dek_k.as_slice(), w)?;
                 }
@@ -769,12 +766,9 @@ impl Engine {
             &s.data_keys,
             &s.index,
             &s.lineage,
-            &s.lineage_index,
-            &s.lineage_subjects,
-            &s.lineage_stats,
         )
-            .transaction(|(r, k, i, la, li, ls, lt)| {
-                staged.apply((la, li, ls, lt))?;
+            .transaction(|(r, k, i, l)| {
+                staged.apply(l)?;
                 k.remove(dek_k.as_slice())?;
                 for key in &record_keys {
                     r.remove(key)?;

@@ -8,19 +8,21 @@
 //! field versions, and a generated version points at what it was
 //! `derived_from`, each edge with an OpenLineage transformation type.
 //!
-//! Layout (`S` is the customer's 32-byte ledger pseudonym, never the id):
-//! - `lineage`: `tenant 0 id` → [`StoredActivity`] (the activity's exact
-//!   encoding and the index of the ledger entry that carries its hash)
-//! - `lineage_index`, all per customer, under `tenant 0 S`:
+//! Layout: one sled tree, `lineage`, in four key spaces (`S` is the
+//! customer's 32-byte ledger pseudonym, never the id):
+//! - `A tenant 0 id` → [`StoredActivity`] (the activity's exact encoding and
+//!   the index of the ledger entry that carries its hash)
+//! - per customer, under `I tenant 0 S`:
 //!   `v field 0 version` → generating activity id (versions),
 //!   `a field 0 time id` → empty (accesses, by time),
-//!   `d field 0 id` → empty (what was computed from the field),
-//!   `x id` → empty (the customer's own activities, for erasure)
-//! - `lineage_subjects`: `tenant 0 customer` → S, so that an erasure
-//!   interrupted by a crash can still find the customer's lineage once the
-//!   pseudonym can no longer be computed
-//! - `lineage_stats`: `tenant 0 job` → [`pb::JobLineage`]: the aggregated,
-//!   customer-free lineage of erased customers' activities
+//!   `d field 0 id` → empty (what was computed from the field)
+//!   (every activity of the customer's own is reachable from a `v` or an `a`
+//!   entry, which is how erasure finds them)
+//! - `C tenant 0 customer` → S, so that an erasure interrupted by a crash can
+//!   still find the customer's lineage once the pseudonym can no longer be
+//!   computed
+//! - `G tenant 0 job` → [`pb::JobLineage`]: the aggregated, customer-free
+//!   lineage of erased customers' activities
 //!
 //! Guarantees:
 //! - Every activity's SHA-256 (over its stored bytes) is carried by the ledger
@@ -46,8 +48,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use sha2::{Digest as _, Sha256};
-use sled::transaction::TransactionalTree;
-use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sovra_ledger::entry::WrittenField;
 use sovra_ledger::{Digest, Ledger, Pseudonym};
 use sovra_proto::lineage::v1 as pb;
@@ -66,7 +67,6 @@ const SEP: u8 = 0;
 const VERSIONS: u8 = b'v';
 const ACCESSES: u8 = b'a';
 const DERIVED: u8 = b'd';
-const OWNED: u8 = b'x';
 
 /// An activity as stored: its exact encoding (what the ledger anchors) and
 /// the ledger entry that anchors it.
@@ -189,23 +189,32 @@ impl Agent {
 
 // --- key layouts -----------------------------------------------------------
 
-fn tenant_prefix(tenant: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(tenant.len() + 1);
+// One sled tree, four key spaces, so that recording is one atomic batch (or
+// one tree in the operation's transaction) rather than a multi-tree
+// transaction, which costs several times as much.
+const ACTS: u8 = b'A';
+const INDEX: u8 = b'I';
+const SUBJECTS: u8 = b'C';
+const STATS: u8 = b'G';
+
+fn space_prefix(space: u8, tenant: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 2);
+    k.push(space);
     k.extend_from_slice(tenant.as_bytes());
     k.push(SEP);
     k
 }
 
 fn activity_key(tenant: &str, id: u64) -> Vec<u8> {
-    let mut k = tenant_prefix(tenant);
+    let mut k = space_prefix(ACTS, tenant);
     k.extend_from_slice(&id.to_be_bytes());
     k
 }
 
-// INVARIANT: a pseudonym is exactly 32 bytes, so `tenant 0 S` prefixes of
+// INVARIANT: a pseudonym is exactly 32 bytes, so `I tenant 0 S` prefixes of
 // different customers never overlap and field names (no 0 byte) end at SEP.
 fn subject_prefix(tenant: &str, subject: &Pseudonym) -> Vec<u8> {
-    let mut k = tenant_prefix(tenant);
+    let mut k = space_prefix(INDEX, tenant);
     k.extend_from_slice(&subject.0);
     k
 }
@@ -237,16 +246,15 @@ fn derived_key(tenant: &str, subject: &Pseudonym, field: &str, id: u64) -> Vec<u
     k
 }
 
-fn owned_key(tenant: &str, subject: &Pseudonym, id: u64) -> Vec<u8> {
-    let mut k = subject_prefix(tenant, subject);
-    k.push(OWNED);
-    k.extend_from_slice(&id.to_be_bytes());
+fn customer_key(tenant: &str, customer: &str) -> Vec<u8> {
+    let mut k = space_prefix(SUBJECTS, tenant);
+    k.extend_from_slice(customer.as_bytes());
     k
 }
 
-fn customer_key(tenant: &str, customer: &str) -> Vec<u8> {
-    let mut k = tenant_prefix(tenant);
-    k.extend_from_slice(customer.as_bytes());
+fn stats_key(tenant: &str, job: &str) -> Vec<u8> {
+    let mut k = space_prefix(STATS, tenant);
+    k.extend_from_slice(job.as_bytes());
     k
 }
 
@@ -262,81 +270,60 @@ fn be_u64(b: &[u8]) -> Option<u64> {
 
 // --- staging ---------------------------------------------------------------
 
-/// Lineage writes staged for one sled transaction.
+/// Lineage writes staged for one atomic update of the `lineage` tree.
 #[derive(Debug, Default)]
 pub(crate) struct Staged {
-    acts: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    index: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    subjects: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    stats: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// The lineage trees inside a transaction.
-pub(crate) type LineageTx<'a> = (
-    &'a TransactionalTree,
-    &'a TransactionalTree,
-    &'a TransactionalTree,
-    &'a TransactionalTree,
-);
-
-fn put(
-    t: &TransactionalTree,
-    k: &[u8],
-    v: Option<&[u8]>,
-) -> sled::transaction::ConflictableTransactionResult<(), VaultError> {
-    match v {
-        Some(v) => {
-            t.insert(k, v)?;
-        }
-        None => {
-            t.remove(k)?;
-        }
-    }
-    Ok(())
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    // Per-job aggregates to merge into what is stored, inside the
+    // transaction (so that concurrent erasures cannot lose each other's).
+    stats: Vec<(Vec<u8>, pb::JobLineage)>,
 }
 
 impl Staged {
-    /// Applies the staged writes inside a transaction over
-    /// (`lineage`, `lineage_index`, `lineage_subjects`, `lineage_stats`).
+    /// Applies the staged writes inside a transaction over `lineage`.
     pub(crate) fn apply(
         &self,
-        (acts, index, subjects, stats): LineageTx<'_>,
+        t: &TransactionalTree,
     ) -> sled::transaction::ConflictableTransactionResult<(), VaultError> {
-        for (k, v) in &self.acts {
-            put(acts, k, v.as_deref())?;
+        for (k, v) in &self.ops {
+            match v {
+                Some(v) => {
+                    t.insert(k.as_slice(), v.as_slice())?;
+                }
+                None => {
+                    t.remove(k.as_slice())?;
+                }
+            }
         }
-        for (k, v) in &self.index {
-            put(index, k, v.as_deref())?;
-        }
-        for (k, v) in &self.subjects {
-            put(subjects, k, v.as_deref())?;
-        }
-        for (k, v) in &self.stats {
-            stats.insert(k.as_slice(), v.as_slice())?;
+        for (k, job) in &self.stats {
+            let merged = match t.get(k.as_slice())? {
+                Some(v) => {
+                    let mut old = pb::JobLineage::decode(&v[..]).map_err(|_| {
+                        ConflictableTransactionError::Abort(VaultError::integrity(
+                            "a lineage aggregate",
+                        ))
+                    })?;
+                    merge(&mut old, job);
+                    old
+                }
+                None => job.clone(),
+            };
+            t.insert(k.as_slice(), merged.encode_to_vec())?;
         }
         Ok(())
     }
 
-    /// Stores `pending` (anchored at `ledger_index`) under a new `id`, owned
-    /// by `owner` if it is a customer's.
-    fn activity(
-        &mut self,
-        tenant: &str,
-        owner: Option<&Pseudonym>,
-        id: u64,
-        pending: &Pending,
-        ledger_index: u64,
-    ) {
-        self.acts
+    /// Stores `pending` (anchored at `ledger_index`) under a new `id`.
+    // INVARIANT: a customer's own activity is always staged with a version
+    // (`v`) or access (`a`) index entry of that customer: erasure finds the
+    // activities to delete through them.
+    fn activity(&mut self, tenant: &str, id: u64, pending: &Pending, ledger_index: u64) {
+        self.ops
             .push((activity_key(tenant, id), Some(pending.stored(ledger_index))));
-        if let Some(s) = owner {
-            self.index
-                .push((owned_key(tenant, s, id), Some(Vec::new())));
-        }
     }
 
     fn link(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.index.push((key, Some(value)));
+        self.ops.push((key, Some(value)));
     }
 }
 
@@ -387,7 +374,7 @@ impl Engine {
         let ledger_index = anchor(subject, &pending.hash, fields)?;
         let id = self.new_id()?;
         let mut staged = Staged::default();
-        staged.activity(tenant, Some(subject), id, &pending, ledger_index);
+        staged.activity(tenant, id, &pending, ledger_index);
         for g in &pending.activity.generated {
             staged.link(
                 version_key(tenant, subject, &g.field, g.version),
@@ -397,9 +384,7 @@ impl Engine {
                 staged.link(derived_key(tenant, subject, &d.field, id), Vec::new());
             }
         }
-        staged
-            .subjects
-            .push((customer_key(tenant, customer), Some(subject.0.to_vec())));
+        staged.link(customer_key(tenant, customer), subject.0.to_vec());
         Ok(WriteRecord { staged })
     }
 
@@ -426,10 +411,18 @@ impl Engine {
         let ledger_index = anchor(&subject, &pending.hash)?;
         let id = self.new_id()?;
         let mut staged = Staged::default();
-        staged.activity(tenant, Some(&subject), id, &pending, ledger_index);
+        staged.activity(tenant, id, &pending, ledger_index);
         for u in &pending.activity.used {
             staged.link(
                 access_key(tenant, &subject, &u.field, pending.activity.time_ms, id),
+                Vec::new(),
+            );
+        }
+        if pending.activity.used.is_empty() {
+            // A read that found none of the fields asked for: filed under no
+            // field (no query lists it), so that erasure still finds it.
+            staged.link(
+                access_key(tenant, &subject, "", pending.activity.time_ms, id),
                 Vec::new(),
             );
         }
@@ -437,16 +430,19 @@ impl Engine {
         Ok(ledger_index)
     }
 
+    /// Applies staged records (no aggregates) as one atomic batch.
     pub(crate) fn apply_staged(&self, staged: &Staged) -> Result<()> {
-        let s = &self.store;
-        (
-            &s.lineage,
-            &s.lineage_index,
-            &s.lineage_subjects,
-            &s.lineage_stats,
-        )
-            .transaction(|(a, i, u, t)| staged.apply((a, i, u, t)))
-            .map_err(crate::engine::tx_err)
+        // INVARIANT: only erasures stage aggregates, and they go through
+        // the erasure's transaction (`Staged::apply`).
+        debug_assert!(staged.stats.is_empty());
+        let mut batch = sled::Batch::default();
+        for (k, v) in &staged.ops {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        Ok(self.store.lineage.apply_batch(batch)?)
     }
 
     /// Stages the removal of a customer's lineage at erasure: every
@@ -463,53 +459,47 @@ impl Engine {
         let ck = customer_key(tenant, customer);
         if let Some((p, index)) = erase {
             let id = self.new_id()?;
-            staged.activity(tenant, None, id, p, index);
+            staged.activity(tenant, id, p, index);
         }
-        let Some(s) = self.store.lineage_subjects.get(&ck)? else {
+        let Some(s) = self.store.lineage.get(&ck)? else {
             return Ok(staged);
         };
-        staged.subjects.push((ck, None));
+        staged.ops.push((ck, None));
         let Ok(subject) = Digest::from_slice("subject", &s) else {
             return Err(VaultError::integrity("a lineage subject link"));
         };
         let prefix = subject_prefix(tenant, &subject);
         let mut folded: BTreeMap<String, pb::JobLineage> = BTreeMap::new();
-        for item in self.store.lineage_index.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            if k.get(prefix.len()) == Some(&OWNED) {
-                if let Some(id) = be_u64(&k[prefix.len() + 1..]) {
-                    let key = activity_key(tenant, id);
-                    // An undecodable record cannot be folded, but must still
-                    // go: it may hold the customer's pseudonym.
-                    if let Some(v) = self.store.lineage.get(&key)? {
-                        if let Some(a) = StoredActivity::decode(&v[..])
-                            .ok()
-                            .and_then(|s| pb::Activity::decode(&s.body[..]).ok())
-                        {
-                            fold(&mut folded, &a);
-                        }
-                    }
-                    staged.acts.push((key, None));
+        // The customer's own activities: those their version and access
+        // entries point at (`d` entries may point at tenant-level aggregates,
+        // which stay).
+        let mut own = std::collections::BTreeSet::new();
+        for item in self.store.lineage.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let id = match k.get(prefix.len()) {
+                Some(&VERSIONS) => be_u64(&v),
+                Some(&ACCESSES) => k.len().checked_sub(8).and_then(|i| be_u64(&k[i..])),
+                _ => None,
+            };
+            own.extend(id);
+            staged.ops.push((k.to_vec(), None));
+        }
+        for id in own {
+            let key = activity_key(tenant, id);
+            // An undecodable record cannot be folded, but must still go: it
+            // may hold the customer's pseudonym.
+            if let Some(v) = self.store.lineage.get(&key)? {
+                if let Some(a) = StoredActivity::decode(&v[..])
+                    .ok()
+                    .and_then(|s| pb::Activity::decode(&s.body[..]).ok())
+                {
+                    fold(&mut folded, &a);
                 }
             }
-            staged.index.push((k.to_vec(), None));
+            staged.ops.push((key, None));
         }
         for (name, job) in folded {
-            let key = {
-                let mut k = tenant_prefix(tenant);
-                k.extend_from_slice(name.as_bytes());
-                k
-            };
-            let merged = match self.store.lineage_stats.get(&key)? {
-                Some(v) => {
-                    let mut old = pb::JobLineage::decode(&v[..])
-                        .map_err(|_| VaultError::integrity("a lineage aggregate"))?;
-                    merge(&mut old, &job);
-                    old
-                }
-                None => job,
-            };
-            staged.stats.push((key, merged.encode_to_vec()));
+            staged.stats.push((stats_key(tenant, &name), job));
         }
         Ok(staged)
     }
@@ -570,7 +560,7 @@ impl Engine {
         let subject = self.lineage_subject(tenant, customer)?;
         let prefix = field_prefix(tenant, &subject, VERSIONS, field);
         let mut versions = Vec::new();
-        for item in self.store.lineage_index.scan_prefix(&prefix) {
+        for item in self.store.lineage.scan_prefix(&prefix) {
             let (k, v) = item?;
             let (Some(version), Some(id)) = (be_u64(&k[prefix.len()..]), be_u64(&v)) else {
                 return Err(VaultError::integrity("a lineage version index entry"));
@@ -657,7 +647,7 @@ impl Engine {
         let mut out = Vec::new();
         let mut last_tail = Vec::new();
         let mut next = String::new();
-        for item in self.store.lineage_index.range(start..end) {
+        for item in self.store.lineage.range(start..end) {
             let (k, _) = item?;
             let tail = &k[prefix.len()..];
             if out.len() == limit {
@@ -687,7 +677,7 @@ impl Engine {
         let subject = self.lineage_subject(tenant, customer)?;
         let prefix = field_prefix(tenant, &subject, DERIVED, field);
         let mut derived = Vec::new();
-        for item in self.store.lineage_index.scan_prefix(&prefix) {
+        for item in self.store.lineage.scan_prefix(&prefix) {
             let (k, _) = item?;
             let id = be_u64(&k[prefix.len()..])
                 .ok_or_else(|| VaultError::integrity("a lineage derivation index entry"))?;
@@ -700,16 +690,16 @@ impl Engine {
     /// pseudonym or value: erased customers' aggregates plus every live
     /// activity folded in. A tenant-wide scan, for batch export.
     pub fn export_lineage(&self, tenant: &str) -> Result<pb::ExportLineageResponse> {
-        let prefix = tenant_prefix(tenant);
+        let prefix = space_prefix(STATS, tenant);
         let mut jobs: BTreeMap<String, pb::JobLineage> = BTreeMap::new();
-        for item in self.store.lineage_stats.scan_prefix(&prefix) {
+        for item in self.store.lineage.scan_prefix(&prefix) {
             let (k, v) = item?;
             let job = pb::JobLineage::decode(&v[..])
                 .map_err(|_| VaultError::integrity("a lineage aggregate"))?;
             let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             jobs.insert(name, job);
         }
-        for item in self.store.lineage.scan_prefix(&prefix) {
+        for item in self.store.lineage.scan_prefix(space_prefix(ACTS, tenant)) {
             let (_, v) = item?;
             let a = StoredActivity::decode(&v[..])
                 .ok()
@@ -969,7 +959,7 @@ impl Recorder {
             .map_or(0, |a| a.index);
         let job_id = engine.new_id()?;
         let mut staged = Staged::default();
-        staged.activity(&tenant, None, job_id, &pending, index);
+        staged.activity(&tenant, job_id, &pending, index);
         engine.apply_staged(&staged)?;
         let outputs: BTreeMap<&str, &Vec<u8>> = job
             .per_customer
@@ -1041,7 +1031,7 @@ impl Recorder {
                     .first()
                     .map_or(0, |a| a.index);
                 let id = engine.new_id()?;
-                staged.activity(&tenant, Some(&subject), id, &p, idx);
+                staged.activity(&tenant, id, &p, idx);
                 staged.link(
                     version_key(&tenant, &subject, &job.output, version),
                     id.to_be_bytes().to_vec(),
@@ -1064,7 +1054,7 @@ impl Engine {
     fn next_version(&self, tenant: &str, subject: &Pseudonym, field: &str) -> Result<u64> {
         let prefix = field_prefix(tenant, subject, VERSIONS, field);
         Ok(
-            match self.store.lineage_index.scan_prefix(&prefix).next_back() {
+            match self.store.lineage.scan_prefix(&prefix).next_back() {
                 Some(item) => be_u64(&item?.0[prefix.len()..]).unwrap_or(0) + 1,
                 None => 1,
             },

@@ -5,8 +5,7 @@
 //! - `data_keys`: `tenant 0 customer` → [`WrappedKey`](crate::keys::WrappedKey)
 //! - `blind_index`: `tenant 0 field 0 token customer` → empty
 //! - `meta`: `keystate 0 tenant` → tenant key state
-//! - `lineage`, `lineage_index`, `lineage_subjects`, `lineage_stats`: field
-//!   lineage (see `lineage.rs` for their layouts)
+//! - `lineage`: field lineage (see `lineage.rs` for its key spaces)
 //!
 //! Beside it, `shred.slots` holds each customer's pad (see `shred.rs`).
 //!
@@ -76,9 +75,6 @@ pub struct Store {
     pub(crate) index: sled::Tree,
     pub(crate) meta: sled::Tree,
     pub(crate) lineage: sled::Tree,
-    pub(crate) lineage_index: sled::Tree,
-    pub(crate) lineage_subjects: sled::Tree,
-    pub(crate) lineage_stats: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
     committer: Option<mpsc::Sender<Waiter>>,
     commit_thread: Option<thread::JoinHandle<()>>,
@@ -129,9 +125,6 @@ impl Store {
         let index = db.open_tree("blind_index")?;
         let meta = db.open_tree("meta")?;
         let lineage = db.open_tree("lineage")?;
-        let lineage_index = db.open_tree("lineage_index")?;
-        let lineage_subjects = db.open_tree("lineage_subjects")?;
-        let lineage_stats = db.open_tree("lineage_stats")?;
         // Opened after sled, whose lock keeps a second server out.
         let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
         let (committer, commit_thread) = spawn_committer(db.clone(), slots.clone())?;
@@ -142,9 +135,6 @@ impl Store {
             index,
             meta,
             lineage,
-            lineage_index,
-            lineage_subjects,
-            lineage_stats,
             slots,
             committer: Some(committer),
             commit_thread: Some(commit_thread),
