@@ -548,12 +548,7 @@ impl Engine {
         activity.generated = generated;
         let record = self.stage_write(tenant, customer, &subject, activity, lineage.anchor)?;
         let s = &self.store;
-        (
-            &s.records,
-            &s.data_keys,
-            &s.index,
-            &s.lineage,
-        )
+        (&s.records, &s.data_keys, &s.index, &s.lineage)
             .transaction(|(r, k, i, l)| {
                 record.staged.apply(l)?;
                 if let Some(w) = new_wrapped {
@@ -761,12 +756,7 @@ impl Engine {
         let dek_k = store::data_key_key(tenant, customer);
         let staged = self.stage_lineage_removal(tenant, customer, erase)?;
         let s = &self.store;
-        (
-            &s.records,
-            &s.data_keys,
-            &s.index,
-            &s.lineage,
-        )
+        (&s.records, &s.data_keys, &s.index, &s.lineage)
             .transaction(|(r, k, i, l)| {
                 staged.apply(l)?;
                 k.remove(dek_k.as_slice())?;

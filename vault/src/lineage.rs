@@ -1053,12 +1053,10 @@ impl Engine {
     /// The next version of `field` in the customer's lineage.
     fn next_version(&self, tenant: &str, subject: &Pseudonym, field: &str) -> Result<u64> {
         let prefix = field_prefix(tenant, subject, VERSIONS, field);
-        Ok(
-            match self.store.lineage.scan_prefix(&prefix).next_back() {
-                Some(item) => be_u64(&item?.0[prefix.len()..]).unwrap_or(0) + 1,
-                None => 1,
-            },
-        )
+        Ok(match self.store.lineage.scan_prefix(&prefix).next_back() {
+            Some(item) => be_u64(&item?.0[prefix.len()..]).unwrap_or(0) + 1,
+            None => 1,
+        })
     }
 
     /// The latest lineage version of each of `fields` the customer has.
