@@ -13,11 +13,13 @@
 //! - `A tenant 0 id` → [`StoredActivity`] (the activity's exact encoding and
 //!   the index of the ledger entry that carries its hash)
 //! - per customer, under `I tenant 0 S`:
-//!   `v field 0 version` → generating activity id (versions),
-//!   `a field 0 time id` → empty (accesses, by time),
+//!   `w id` → `field 0 version`… (each write activity and the versions it
+//!   generated),
+//!   `r time id` → `field 0`… (each read, by time, and the fields it used),
 //!   `d field 0 id` → empty (what was computed from the field)
-//!   (every activity of the customer's own is reachable from a `v` or an `a`
-//!   entry, which is how erasure finds them)
+//!   (every activity of the customer's own has a `w` or `r` entry, which is
+//!   how erasure finds them; one entry per activity, not per field, keeps
+//!   recording to two sled inserts)
 //! - `C tenant 0 customer` → S, so that an erasure interrupted by a crash can
 //!   still find the customer's lineage once the pseudonym can no longer be
 //!   computed
@@ -64,8 +66,8 @@ pub const MAX_PAGE: u32 = 1000;
 const FUTURE_SLACK_MS: i64 = 24 * 3600 * 1000;
 
 const SEP: u8 = 0;
-const VERSIONS: u8 = b'v';
-const ACCESSES: u8 = b'a';
+const WRITES: u8 = b'w';
+const READS: u8 = b'r';
 const DERIVED: u8 = b'd';
 
 /// An activity as stored: its exact encoding (what the ledger anchors) and
@@ -227,17 +229,66 @@ fn field_prefix(tenant: &str, subject: &Pseudonym, tag: u8, field: &str) -> Vec<
     k
 }
 
-fn version_key(tenant: &str, subject: &Pseudonym, field: &str, version: u64) -> Vec<u8> {
-    let mut k = field_prefix(tenant, subject, VERSIONS, field);
-    k.extend_from_slice(&version.to_be_bytes());
+fn tagged_prefix(tenant: &str, subject: &Pseudonym, tag: u8) -> Vec<u8> {
+    let mut k = subject_prefix(tenant, subject);
+    k.push(tag);
     k
 }
 
-fn access_key(tenant: &str, subject: &Pseudonym, field: &str, time_ms: i64, id: u64) -> Vec<u8> {
-    let mut k = field_prefix(tenant, subject, ACCESSES, field);
+fn write_key(tenant: &str, subject: &Pseudonym, id: u64) -> Vec<u8> {
+    let mut k = tagged_prefix(tenant, subject, WRITES);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn read_key(tenant: &str, subject: &Pseudonym, time_ms: i64, id: u64) -> Vec<u8> {
+    let mut k = tagged_prefix(tenant, subject, READS);
     k.extend_from_slice(&time_key(time_ms));
     k.extend_from_slice(&id.to_be_bytes());
     k
+}
+
+/// `field 0 version` for each field version a write generated.
+fn encode_versions<'a>(versions: impl IntoIterator<Item = (&'a str, u64)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (f, v) in versions {
+        out.extend_from_slice(f.as_bytes());
+        out.push(SEP);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    out
+}
+
+fn decode_versions(mut b: &[u8]) -> Option<Vec<(&str, u64)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let end = b.iter().position(|&c| c == SEP)?;
+        let field = std::str::from_utf8(&b[..end]).ok()?;
+        let version = be_u64(b.get(end + 1..end + 9)?)?;
+        out.push((field, version));
+        b = &b[end + 9..];
+    }
+    Some(out)
+}
+
+/// `field 0` for each field a read used.
+fn encode_fields<'a>(fields: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in fields {
+        out.extend_from_slice(f.as_bytes());
+        out.push(SEP);
+    }
+    out
+}
+
+fn has_field(encoded: &[u8], field: &str) -> bool {
+    encoded
+        .split(|&c| c == SEP)
+        .any(|f| !f.is_empty() && f == field.as_bytes())
+}
+
+fn id_at_end(k: &[u8]) -> Option<u64> {
+    k.len().checked_sub(8).and_then(|i| be_u64(&k[i..]))
 }
 
 fn derived_key(tenant: &str, subject: &Pseudonym, field: &str, id: u64) -> Vec<u8> {
@@ -314,8 +365,8 @@ impl Staged {
     }
 
     /// Stores `pending` (anchored at `ledger_index`) under a new `id`.
-    // INVARIANT: a customer's own activity is always staged with a version
-    // (`v`) or access (`a`) index entry of that customer: erasure finds the
+    // INVARIANT: a customer's own activity is always staged with a write
+    // (`w`) or read (`r`) index entry of that customer: erasure finds the
     // activities to delete through them.
     fn activity(&mut self, tenant: &str, id: u64, pending: &Pending, ledger_index: u64) {
         self.ops
@@ -375,16 +426,26 @@ impl Engine {
         let id = self.new_id()?;
         let mut staged = Staged::default();
         staged.activity(tenant, id, &pending, ledger_index);
+        staged.link(
+            write_key(tenant, subject, id),
+            encode_versions(
+                pending
+                    .activity
+                    .generated
+                    .iter()
+                    .map(|g| (g.field.as_str(), g.version)),
+            ),
+        );
         for g in &pending.activity.generated {
-            staged.link(
-                version_key(tenant, subject, &g.field, g.version),
-                id.to_be_bytes().to_vec(),
-            );
             for d in &g.derived_from {
                 staged.link(derived_key(tenant, subject, &d.field, id), Vec::new());
             }
         }
-        staged.link(customer_key(tenant, customer), subject.0.to_vec());
+        // Written once per customer (the caller holds the customer's lock).
+        let ck = customer_key(tenant, customer);
+        if !self.store.lineage.contains_key(&ck)? {
+            staged.link(ck, subject.0.to_vec());
+        }
         Ok(WriteRecord { staged })
     }
 
@@ -412,20 +473,12 @@ impl Engine {
         let id = self.new_id()?;
         let mut staged = Staged::default();
         staged.activity(tenant, id, &pending, ledger_index);
-        for u in &pending.activity.used {
-            staged.link(
-                access_key(tenant, &subject, &u.field, pending.activity.time_ms, id),
-                Vec::new(),
-            );
-        }
-        if pending.activity.used.is_empty() {
-            // A read that found none of the fields asked for: filed under no
-            // field (no query lists it), so that erasure still finds it.
-            staged.link(
-                access_key(tenant, &subject, "", pending.activity.time_ms, id),
-                Vec::new(),
-            );
-        }
+        // One entry per read, naming its fields (a read that found none of
+        // the fields asked for names none, and is still found by erasure).
+        staged.link(
+            read_key(tenant, &subject, pending.activity.time_ms, id),
+            encode_fields(pending.activity.used.iter().map(|u| u.field.as_str())),
+        );
         self.apply_staged(&staged)?;
         Ok(ledger_index)
     }
@@ -470,15 +523,14 @@ impl Engine {
         };
         let prefix = subject_prefix(tenant, &subject);
         let mut folded: BTreeMap<String, pb::JobLineage> = BTreeMap::new();
-        // The customer's own activities: those their version and access
-        // entries point at (`d` entries may point at tenant-level aggregates,
-        // which stay).
+        // The customer's own activities: those their write and read entries
+        // name (`d` entries may point at tenant-level aggregates, which
+        // stay).
         let mut own = std::collections::BTreeSet::new();
         for item in self.store.lineage.scan_prefix(&prefix) {
-            let (k, v) = item?;
+            let (k, _) = item?;
             let id = match k.get(prefix.len()) {
-                Some(&VERSIONS) => be_u64(&v),
-                Some(&ACCESSES) => k.len().checked_sub(8).and_then(|i| be_u64(&k[i..])),
+                Some(&WRITES) | Some(&READS) => id_at_end(&k),
                 _ => None,
             };
             own.extend(id);
@@ -558,12 +610,15 @@ impl Engine {
         field: &str,
     ) -> Result<pb::FieldLineage> {
         let subject = self.lineage_subject(tenant, customer)?;
-        let prefix = field_prefix(tenant, &subject, VERSIONS, field);
+        let prefix = tagged_prefix(tenant, &subject, WRITES);
         let mut versions = Vec::new();
         for item in self.store.lineage.scan_prefix(&prefix) {
             let (k, v) = item?;
-            let (Some(version), Some(id)) = (be_u64(&k[prefix.len()..]), be_u64(&v)) else {
-                return Err(VaultError::integrity("a lineage version index entry"));
+            let (Some(id), Some(written)) = (id_at_end(&k), decode_versions(&v)) else {
+                return Err(VaultError::integrity("a lineage write index entry"));
+            };
+            let Some(&(_, version)) = written.iter().find(|(f, _)| *f == field) else {
+                continue;
             };
             let a = self.load_activity(ledger, tenant, id)?;
             let g = a
@@ -587,6 +642,7 @@ impl Engine {
                 derived_from: g.derived_from,
             });
         }
+        versions.sort_by_key(|v| v.version);
         if versions.is_empty() {
             return Err(VaultError::not_found(format!(
                 "lineage of field `{field}` of customer `{customer}` (the customer has no value for it)"
@@ -623,7 +679,7 @@ impl Engine {
             n => n,
         } as usize;
         let subject = self.lineage_subject(tenant, customer)?;
-        let prefix = field_prefix(tenant, &subject, ACCESSES, field);
+        let prefix = tagged_prefix(tenant, &subject, READS);
         let mut start = prefix.clone();
         start.extend_from_slice(&time_key(from_ms));
         if !after.is_empty() {
@@ -647,8 +703,13 @@ impl Engine {
         let mut out = Vec::new();
         let mut last_tail = Vec::new();
         let mut next = String::new();
+        // The customer's reads in the range, oldest first, those of the
+        // field kept.
         for item in self.store.lineage.range(start..end) {
-            let (k, _) = item?;
+            let (k, v) = item?;
+            if !has_field(&v, field) {
+                continue;
+            }
             let tail = &k[prefix.len()..];
             if out.len() == limit {
                 // More remain: the next page starts after the last key sent.
@@ -656,7 +717,7 @@ impl Engine {
                 break;
             }
             let id = be_u64(tail.get(8..16).unwrap_or_default())
-                .ok_or_else(|| VaultError::integrity("a lineage access index entry"))?;
+                .ok_or_else(|| VaultError::integrity("a lineage read index entry"))?;
             out.push(self.load_activity(ledger, tenant, id)?);
             last_tail = tail.to_vec();
         }
@@ -983,8 +1044,13 @@ impl Recorder {
                 continue;
             };
             {
-                let version = engine.next_version(&tenant, &subject, &job.output)?;
-                let used = engine.current_versions(&tenant, &subject, &job.features)?;
+                let latest = engine.latest_versions(&tenant, &subject)?;
+                let version = latest.get(&job.output).map_or(1, |v| v + 1);
+                let used: Vec<(String, u64)> = job
+                    .features
+                    .iter()
+                    .filter_map(|f| latest.get(f).map(|v| (f.clone(), *v)))
+                    .collect();
                 let mut act = job.agent.activity(pb::ActivityKind::Compute, &tenant);
                 act.subject = subject.0.to_vec();
                 act.job_id = job.job_id.clone();
@@ -1033,8 +1099,8 @@ impl Recorder {
                 let id = engine.new_id()?;
                 staged.activity(&tenant, id, &p, idx);
                 staged.link(
-                    version_key(&tenant, &subject, &job.output, version),
-                    id.to_be_bytes().to_vec(),
+                    write_key(&tenant, &subject, id),
+                    encode_versions([(job.output.as_str(), version)]),
                 );
                 for f in &job.features {
                     staged.link(derived_key(&tenant, &subject, f, id), Vec::new());
@@ -1050,27 +1116,20 @@ impl Recorder {
 }
 
 impl Engine {
-    /// The next version of `field` in the customer's lineage.
-    fn next_version(&self, tenant: &str, subject: &Pseudonym, field: &str) -> Result<u64> {
-        let prefix = field_prefix(tenant, subject, VERSIONS, field);
-        Ok(match self.store.lineage.scan_prefix(&prefix).next_back() {
-            Some(item) => be_u64(&item?.0[prefix.len()..]).unwrap_or(0) + 1,
-            None => 1,
-        })
-    }
-
-    /// The latest lineage version of each of `fields` the customer has.
-    fn current_versions(
-        &self,
-        tenant: &str,
-        subject: &Pseudonym,
-        fields: &[String],
-    ) -> Result<Vec<(String, u64)>> {
-        let mut out = Vec::with_capacity(fields.len());
-        for f in fields {
-            let v = self.next_version(tenant, subject, f)? - 1;
-            if v > 0 {
-                out.push((f.clone(), v));
+    /// The latest version of every field in the customer's lineage.
+    fn latest_versions(&self, tenant: &str, subject: &Pseudonym) -> Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for item in self
+            .store
+            .lineage
+            .scan_prefix(tagged_prefix(tenant, subject, WRITES))
+        {
+            let (_, v) = item?;
+            for (f, version) in decode_versions(&v)
+                .ok_or_else(|| VaultError::integrity("a lineage write index entry"))?
+            {
+                let e = out.entry(f.to_owned()).or_insert(0);
+                *e = (*e).max(version);
             }
         }
         Ok(out)
