@@ -255,7 +255,19 @@ async fn init_serve_and_client_commands() {
 
 #[test]
 fn demo_runs_end_to_end() {
-    let o = sovra(&["demo", "--customers", "120"], None, None);
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("demo.openlineage.jsonl");
+    let o = sovra(
+        &[
+            "demo",
+            "--customers",
+            "120",
+            "--openlineage-out",
+            export.to_str().unwrap(),
+        ],
+        None,
+        None,
+    );
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("Summary: 120 written, 2 rejected"), "{out}");
@@ -268,6 +280,11 @@ fn demo_runs_end_to_end() {
         out.contains("PermissionDenied") && out.contains("NotFound"),
         "{out}"
     );
+    assert!(
+        out.contains("phone of customer") && out.contains("(origin)"),
+        "{out}"
+    );
+    assert!(std::fs::read_to_string(&export).unwrap().lines().count() >= 4);
     let o = sovra(&["demo", "--customers", "0"], None, None);
     assert_eq!(o.status.code(), Some(64));
 }
