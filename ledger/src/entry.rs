@@ -19,8 +19,11 @@ use serde::Serialize;
 
 use crate::error::{LedgerError, Result};
 
-/// Version byte that starts every entry encoded by this crate.
+/// Version byte that starts every entry this crate appends.
 pub const FORMAT_VERSION: u8 = 2;
+/// The oldest format still read: version 1, before lineage anchors (no
+/// `lineage` digest in kinds 3 and 4; kinds 7 and 8 unknown).
+pub const OLDEST_FORMAT_VERSION: u8 = 1;
 /// Longest encoded entry accepted.
 pub const MAX_ENTRY_LEN: usize = 64 * 1024;
 /// Longest string inside an entry.
@@ -30,6 +33,15 @@ pub const MAX_FIELDS: usize = 256;
 const HEADER_LEN: usize = 1 + 1 + 8 + 8 + 32 + 4;
 /// The highest kind byte this version knows.
 pub const LAST_KNOWN_KIND: u8 = 8;
+
+/// The highest kind byte format `version` defines.
+fn last_kind(version: u8) -> u8 {
+    if version >= 2 {
+        LAST_KNOWN_KIND
+    } else {
+        6
+    }
+}
 
 /// A 32-byte value shown as hex (hashes, pseudonyms).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -330,7 +342,25 @@ impl Body {
         }
     }
 
-    fn encode_into(&self, w: &mut Writer) -> Result<()> {
+    fn encode_into(&self, w: &mut Writer, version: u8) -> Result<()> {
+        // Format 1 has no lineage anchors: such an entry can be written
+        // again only as it was.
+        let anchor = |w: &mut Writer, d: &Digest| -> Result<()> {
+            if version >= 2 {
+                w.digest(d);
+            } else if d.0 != [0; 32] {
+                return Err(LedgerError::invalid(
+                    "entry: format 1 cannot carry a lineage anchor",
+                ));
+            }
+            Ok(())
+        };
+        if self.code() > last_kind(version) && !matches!(self, Body::Unknown { .. }) {
+            return Err(LedgerError::invalid(format!(
+                "entry: kind {} does not exist in format {version}",
+                self.code()
+            )));
+        }
         match self {
             Body::ConsentGranted(c) | Body::ConsentWithdrawn(c) => {
                 w.str("tenant", &c.tenant)?;
@@ -369,13 +399,13 @@ impl Body {
                         Disclosure::Withheld => 3,
                     });
                 }
-                w.digest(&r.lineage);
+                anchor(w, &r.lineage)?;
             }
             Body::CustomerErased(e) => {
                 w.str("tenant", &e.tenant)?;
                 w.digest(&e.subject);
                 w.str("actor", &e.actor)?;
-                w.digest(&e.lineage);
+                anchor(w, &e.lineage)?;
             }
             Body::JobRun(j) => {
                 w.str("tenant", &j.tenant)?;
@@ -418,9 +448,10 @@ impl Body {
                 w.str("summary", &p.summary)?;
             }
             Body::Unknown { code, body } => {
-                if (0..=LAST_KNOWN_KIND).contains(code) {
+                let last = last_kind(version);
+                if (0..=last).contains(code) {
                     return Err(LedgerError::invalid(format!(
-                        "entry: kind {code} is not an unknown kind (0 is invalid, 1..={LAST_KNOWN_KIND} are known)"
+                        "entry: kind {code} is not an unknown kind (0 is invalid, 1..={last} are known)"
                     )));
                 }
                 w.buf.extend_from_slice(body);
@@ -429,8 +460,15 @@ impl Body {
         Ok(())
     }
 
-    fn decode(code: u8, b: &[u8]) -> Result<Body> {
+    fn decode(code: u8, b: &[u8], version: u8) -> Result<Body> {
         let mut r = Reader { b, at: 0 };
+        let anchor = |r: &mut Reader<'_>| -> Result<Digest> {
+            if version >= 2 {
+                r.digest("lineage")
+            } else {
+                Ok(Digest::default())
+            }
+        };
         let body = match code {
             1 | 2 => {
                 let c = Consent {
@@ -485,16 +523,16 @@ impl Body {
                     decision,
                     reason,
                     fields,
-                    lineage: r.digest("lineage")?,
+                    lineage: anchor(&mut r)?,
                 })
             }
             4 => Body::CustomerErased(Erasure {
                 tenant: r.str("tenant")?,
                 subject: r.digest("subject")?,
                 actor: r.str("actor")?,
-                lineage: r.digest("lineage")?,
+                lineage: anchor(&mut r)?,
             }),
-            7 => Body::JobRun(JobRun {
+            7 if version >= 2 => Body::JobRun(JobRun {
                 tenant: r.str("tenant")?,
                 actor: r.str("actor")?,
                 job_id: r.str("job_id")?,
@@ -504,7 +542,7 @@ impl Body {
                 output_sha256: r.digest("output_sha256")?,
                 lineage: r.digest("lineage")?,
             }),
-            8 => {
+            8 if version >= 2 => {
                 let tenant = r.str("tenant")?;
                 let subject = r.digest("subject")?;
                 let actor = r.str("actor")?;
@@ -562,6 +600,10 @@ impl Body {
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Entry {
+    /// The format it is encoded in: [`FORMAT_VERSION`] for every entry this
+    /// build appends; [`OLDEST_FORMAT_VERSION`] for entries read from a log
+    /// written before lineage anchors.
+    pub format: u8,
     /// Position in the log (0-based); equals its Merkle leaf index.
     pub seq: u64,
     /// When it was appended (ms since the Unix epoch).
@@ -583,13 +625,19 @@ impl Entry {
         let mut w = Writer {
             buf: Vec::with_capacity(160),
         };
-        w.u8(FORMAT_VERSION);
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&self.format) {
+            return Err(LedgerError::invalid(format!(
+                "entry: format version {}; this build writes {OLDEST_FORMAT_VERSION}..={FORMAT_VERSION}",
+                self.format
+            )));
+        }
+        w.u8(self.format);
         w.u8(self.body.code());
         w.u64(self.seq);
         w.u64(self.timestamp_ms);
         w.digest(&self.prev_hash);
         w.u32(0); // body length, patched below
-        self.body.encode_into(&mut w)?;
+        self.body.encode_into(&mut w, self.format)?;
         let body_len = w.buf.len() - HEADER_LEN;
         if w.buf.len() > MAX_ENTRY_LEN {
             return Err(LedgerError::invalid(format!(
@@ -618,9 +666,9 @@ impl Entry {
         }
         let mut r = Reader { b, at: 0 };
         let version = r.u8("version")?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(malformed(format!(
-                "format version {version}; this build reads version {FORMAT_VERSION}"
+                "format version {version}; this build reads versions {OLDEST_FORMAT_VERSION}..={FORMAT_VERSION}"
             )));
         }
         let code = r.u8("kind")?;
@@ -634,8 +682,9 @@ impl Entry {
                 b.len() - HEADER_LEN
             )));
         }
-        let body = Body::decode(code, &b[HEADER_LEN..])?;
+        let body = Body::decode(code, &b[HEADER_LEN..], version)?;
         Ok(Entry {
+            format: version,
             seq,
             timestamp_ms,
             prev_hash,
@@ -825,6 +874,7 @@ mod tests {
         ];
         for (i, body) in bodies.into_iter().enumerate() {
             let e = Entry {
+                format: FORMAT_VERSION,
                 seq: i as u64,
                 timestamp_ms: 1_700_000_000_000,
                 prev_hash: Digest([i as u8; 32]),
@@ -838,6 +888,7 @@ mod tests {
     #[test]
     fn rejects_non_canonical_and_hostile_bytes() {
         let e = Entry {
+            format: FORMAT_VERSION,
             seq: 3,
             timestamp_ms: 5,
             prev_hash: Digest::default(),
@@ -848,12 +899,15 @@ mod tests {
         trailing.push(0);
         assert!(Entry::decode(&trailing).is_err());
         assert!(Entry::decode(&b[..b.len() - 1]).is_err());
-        let mut v1 = b.clone();
-        v1[0] = 1;
-        assert!(Entry::decode(&v1)
+        let mut v3 = b.clone();
+        v3[0] = 3;
+        assert!(Entry::decode(&v3)
             .unwrap_err()
             .to_string()
-            .contains("version 1"));
+            .contains("version 3"));
+        let mut v0 = b.clone();
+        v0[0] = 0;
+        assert!(Entry::decode(&v0).is_err());
         let mut k0 = b.clone();
         k0[1] = 0;
         assert!(Entry::decode(&k0).is_err());
@@ -874,6 +928,96 @@ mod tests {
         .is_err());
     }
 
+    #[test]
+    fn format_1_entries_still_read_and_reencode_byte_for_byte() {
+        let reveal = Body::FieldRevealed(Reveal {
+            tenant: "acme".into(),
+            subject: Digest([1; 32]),
+            actor: "crm".into(),
+            role: "service".into(),
+            purpose: "support".into(),
+            decision: Decision::Allowed,
+            reason: String::new(),
+            fields: vec![FieldAccess {
+                field: "phone".into(),
+                disclosure: Disclosure::Plaintext,
+            }],
+            lineage: Digest::default(),
+        });
+        let erase = Body::CustomerErased(Erasure {
+            tenant: "acme".into(),
+            subject: Digest([2; 32]),
+            actor: "admin".into(),
+            lineage: Digest::default(),
+        });
+        for body in [reveal.clone(), erase, consent("marketing")] {
+            let e = Entry {
+                format: 1,
+                seq: 4,
+                timestamp_ms: 5,
+                prev_hash: Digest([6; 32]),
+                body,
+            };
+            let b = e.encode().unwrap();
+            assert_eq!(b[0], 1);
+            let d = Entry::decode(&b).unwrap();
+            assert_eq!(d, e);
+            assert_eq!(d.encode().unwrap(), b);
+            // The same body in format 2 is 32 bytes longer for kinds 3 and 4.
+            let v2 = Entry {
+                format: 2,
+                ..e.clone()
+            }
+            .encode()
+            .unwrap();
+            assert!(v2.len() == b.len() || v2.len() == b.len() + 32);
+        }
+        // Format 1 knows no anchors and no kinds 7 and 8.
+        let anchored = match reveal {
+            Body::FieldRevealed(r) => Body::FieldRevealed(Reveal {
+                lineage: Digest([9; 32]),
+                ..r
+            }),
+            b => b,
+        };
+        let e = Entry {
+            format: 1,
+            seq: 0,
+            timestamp_ms: 0,
+            prev_hash: Digest::default(),
+            body: anchored,
+        };
+        assert!(e.encode().is_err());
+        let mut k8 = Entry {
+            format: 2,
+            seq: 0,
+            timestamp_ms: 0,
+            prev_hash: Digest::default(),
+            body: Body::FieldsWritten(Write {
+                tenant: "acme".into(),
+                subject: Digest([3; 32]),
+                actor: "crm".into(),
+                channel: "web".into(),
+                fields: vec![],
+                lineage: Digest([4; 32]),
+            }),
+        }
+        .encode()
+        .unwrap();
+        assert!(Entry {
+            format: 1,
+            ..Entry::decode(&k8).unwrap()
+        }
+        .encode()
+        .is_err());
+        // Read as format 1, kind 8 is an unknown kind, kept as bytes.
+        k8[0] = 1;
+        assert!(matches!(
+            Entry::decode(&k8).unwrap().body,
+            Body::Unknown { code: 8, .. }
+        ));
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
@@ -882,7 +1026,7 @@ mod tests {
 
         #[test]
         fn decode_of_mutated_entry_is_canonical_or_error(i in 0usize..150, bit in 0u8..8, purpose in "[a-z_]{1,40}") {
-            let e = Entry { seq: 1, timestamp_ms: 2, prev_hash: Digest([4; 32]), body: consent(&purpose) };
+            let e = Entry { format: FORMAT_VERSION, seq: 1, timestamp_ms: 2, prev_hash: Digest([4; 32]), body: consent(&purpose) };
             let mut b = e.encode().unwrap();
             let i = i % b.len();
             b[i] ^= 1 << bit;

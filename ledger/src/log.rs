@@ -483,6 +483,7 @@ impl Ledger {
         let mut new_hashes = Vec::with_capacity(bodies.len() * 2 + 1);
         for body in bodies {
             let entry = Entry {
+                format: crate::entry::FORMAT_VERSION,
                 seq: size,
                 timestamp_ms: ts,
                 prev_hash: Digest(prev),

@@ -217,7 +217,7 @@ impl Engine {
             };
             let tenant = String::from_utf8_lossy(&k[..pos]).into_owned();
             let customer = String::from_utf8_lossy(&k[pos + 1..]).into_owned();
-            self.remove_customer(&tenant, &customer, None)?;
+            self.remove_customer(&tenant, &customer, None, None)?;
         }
         let mut free = Vec::new();
         for slot in 0..self.store.slots.len() {
@@ -565,7 +565,13 @@ impl Engine {
                 }
                 Ok::<_, ConflictableTransactionError<VaultError>>(())
             })
-            .map_err(tx_err)?;
+            .map_err(|e| {
+                let e = tx_err(e);
+                // The anchor is in the ledger already: say which entry now
+                // anchors nothing, so an audit can tell it from tampering.
+                tracing::error!(error = %e, ledger_index = record.ledger_index, "a write failed after its lineage anchor was appended; that ledger entry anchors no activity");
+                e
+            })?;
         Ok(PutOutcome {
             created: new_wrapped.is_some(),
             versions,
@@ -697,11 +703,17 @@ impl Engine {
         let wrapped = self
             .load_wrapped(tenant, customer)?
             .ok_or_else(|| VaultError::not_found(format!("customer `{customer}`")))?;
+        // Taken while it can still be computed: the customer's lineage is
+        // filed under it.
+        let subject = self
+            .unwrap_dek(tenant, customer, &wrapped)
+            .ok()
+            .map(|dek| Digest(dek.pseudonym(tenant, customer)));
         // The shred comes first: from here on the customer's data is gone,
         // whatever happens to the rest of this erasure.
         self.store.slots.shred(wrapped.slot)?;
         let (fields_erased, index_entries_removed) =
-            self.remove_customer(tenant, customer, Some((activity, ledger_index)))?;
+            self.remove_customer(tenant, customer, subject, Some((activity, ledger_index)))?;
         self.pending_release
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -732,6 +744,7 @@ impl Engine {
         &self,
         tenant: &str,
         customer: &str,
+        subject: Option<Pseudonym>,
         erase: Option<(&lineage::Pending, u64)>,
     ) -> Result<(u32, u32)> {
         let mut record_keys = Vec::new();
@@ -754,7 +767,7 @@ impl Engine {
             record_keys.push(k);
         }
         let dek_k = store::data_key_key(tenant, customer);
-        let staged = self.stage_lineage_removal(tenant, customer, erase)?;
+        let staged = self.stage_lineage_removal(tenant, customer, subject, erase)?;
         let s = &self.store;
         (&s.records, &s.data_keys, &s.index, &s.lineage)
             .transaction(|(r, k, i, l)| {

@@ -382,6 +382,8 @@ impl Staged {
 #[derive(Debug)]
 pub(crate) struct WriteRecord {
     pub(crate) staged: Staged,
+    /// The ledger entry that anchors it (already appended).
+    pub(crate) ledger_index: u64,
 }
 
 /// The anchor callback of a recorded operation: appends the operation's
@@ -441,12 +443,11 @@ impl Engine {
                 staged.link(derived_key(tenant, subject, &d.field, id), Vec::new());
             }
         }
-        // Written once per customer (the caller holds the customer's lock).
-        let ck = customer_key(tenant, customer);
-        if !self.store.lineage.contains_key(&ck)? {
-            staged.link(ck, subject.0.to_vec());
-        }
-        Ok(WriteRecord { staged })
+        self.link_subject(&mut staged, tenant, customer, subject)?;
+        Ok(WriteRecord {
+            staged,
+            ledger_index,
+        })
     }
 
     /// Records a read (reveal, masked read, refusal or export) of `customer`:
@@ -473,6 +474,7 @@ impl Engine {
         let id = self.new_id()?;
         let mut staged = Staged::default();
         staged.activity(tenant, id, &pending, ledger_index);
+        self.link_subject(&mut staged, tenant, customer, &subject)?;
         // One entry per read, naming its fields (a read that found none of
         // the fields asked for names none, and is still found by erasure).
         staged.link(
@@ -481,6 +483,22 @@ impl Engine {
         );
         self.apply_staged(&staged)?;
         Ok(ledger_index)
+    }
+
+    /// Stages the customer's subject link unless it exists. Every path that
+    /// stages per-customer records calls this, with the customer's lock held.
+    fn link_subject(
+        &self,
+        staged: &mut Staged,
+        tenant: &str,
+        customer: &str,
+        subject: &Pseudonym,
+    ) -> Result<()> {
+        let ck = customer_key(tenant, customer);
+        if !self.store.lineage.contains_key(&ck)? {
+            staged.link(ck, subject.0.to_vec());
+        }
+        Ok(())
     }
 
     /// Applies staged records (no aggregates) as one atomic batch.
@@ -502,10 +520,16 @@ impl Engine {
     /// per-customer record and index entry, folded first into the
     /// customer-free per-job aggregates. Also stages `erase` (the erasure's
     /// own tenant-level activity and its ledger index), if given.
+    ///
+    /// `subject` is the customer's pseudonym when the caller could still
+    /// compute it; otherwise (crash recovery, after the pad was destroyed)
+    /// the subject link written with the customer's first lineage record is
+    /// used.
     pub(crate) fn stage_lineage_removal(
         &self,
         tenant: &str,
         customer: &str,
+        subject: Option<Pseudonym>,
         erase: Option<(&Pending, u64)>,
     ) -> Result<Staged> {
         let mut staged = Staged::default();
@@ -514,12 +538,18 @@ impl Engine {
             let id = self.new_id()?;
             staged.activity(tenant, id, p, index);
         }
-        let Some(s) = self.store.lineage.get(&ck)? else {
-            return Ok(staged);
+        let linked = match self.store.lineage.get(&ck)? {
+            Some(s) => {
+                staged.ops.push((ck, None));
+                Some(
+                    Digest::from_slice("subject", &s)
+                        .map_err(|_| VaultError::integrity("a lineage subject link"))?,
+                )
+            }
+            None => None,
         };
-        staged.ops.push((ck, None));
-        let Ok(subject) = Digest::from_slice("subject", &s) else {
-            return Err(VaultError::integrity("a lineage subject link"));
+        let Some(subject) = subject.or(linked) else {
+            return Ok(staged);
         };
         let prefix = subject_prefix(tenant, &subject);
         let mut folded: BTreeMap<String, pb::JobLineage> = BTreeMap::new();
@@ -561,6 +591,7 @@ impl Engine {
         &self,
         ledger: &Ledger,
         tenant: &str,
+        subject: Option<&Pseudonym>,
         id: u64,
     ) -> Result<pb::AnchoredActivity> {
         let v = self
@@ -575,19 +606,42 @@ impl Engine {
         let stored = StoredActivity::decode(&v[..])
             .map_err(|_| VaultError::integrity(format!("lineage activity {id} does not decode")))?;
         let hash = activity_hash(&stored.body);
-        let anchored = ledger
-            .entry(stored.ledger_index)
-            .ok()
-            .and_then(|(_, e)| e.body.lineage().copied());
-        if anchored != Some(hash) {
-            return Err(VaultError::integrity(format!(
+        let altered = || {
+            VaultError::integrity(format!(
                 "lineage activity {id} does not match the hash carried by ledger entry {}: \
                  the lineage record was altered",
                 stored.ledger_index
-            )));
+            ))
+        };
+        let anchor = match ledger.entry(stored.ledger_index) {
+            Ok((_, e)) => e,
+            // An index beyond the log: the record points at nothing.
+            Err(sovra_ledger::LedgerError::OutOfRange(_)) => return Err(altered()),
+            Err(e) => return Err(e.into()),
+        };
+        if anchor.body.lineage() != Some(&hash) {
+            return Err(altered());
         }
         let activity = pb::Activity::decode(&stored.body[..])
             .map_err(|_| VaultError::integrity(format!("lineage activity {id} does not decode")))?;
+        // A genuine activity of another customer or tenant, copied under
+        // this customer's index, verifies against its own entry: it must
+        // also be this customer's.
+        let belongs = activity.tenant == tenant
+            && match subject {
+                Some(s) => {
+                    (activity.subject.is_empty() && anchor.body.subject().is_none())
+                        || (activity.subject == s.0 && anchor.body.subject() == Some(s))
+                }
+                None => true,
+            };
+        if !belongs {
+            return Err(VaultError::integrity(format!(
+                "lineage activity {id} (ledger entry {}) belongs to another customer: \
+                 the lineage index was altered",
+                stored.ledger_index
+            )));
+        }
         Ok(pb::AnchoredActivity {
             activity: Some(activity),
             ledger_index: stored.ledger_index,
@@ -620,7 +674,7 @@ impl Engine {
             let Some(&(_, version)) = written.iter().find(|(f, _)| *f == field) else {
                 continue;
             };
-            let a = self.load_activity(ledger, tenant, id)?;
+            let a = self.load_activity(ledger, tenant, Some(&subject), id)?;
             let g = a
                 .activity
                 .as_ref()
@@ -718,7 +772,7 @@ impl Engine {
             }
             let id = be_u64(tail.get(8..16).unwrap_or_default())
                 .ok_or_else(|| VaultError::integrity("a lineage read index entry"))?;
-            out.push(self.load_activity(ledger, tenant, id)?);
+            out.push(self.load_activity(ledger, tenant, Some(&subject), id)?);
             last_tail = tail.to_vec();
         }
         Ok(pb::ListAccessesResponse {
@@ -742,7 +796,7 @@ impl Engine {
             let (k, _) = item?;
             let id = be_u64(&k[prefix.len()..])
                 .ok_or_else(|| VaultError::integrity("a lineage derivation index entry"))?;
-            derived.push(self.load_activity(ledger, tenant, id)?);
+            derived.push(self.load_activity(ledger, tenant, Some(&subject), id)?);
         }
         Ok(pb::GetDerivedResponse { derived })
     }
@@ -887,9 +941,10 @@ fn fold(jobs: &mut BTreeMap<String, pb::JobLineage>, a: &pb::Activity) {
 }
 
 fn merge(into: &mut pb::JobLineage, from: &pb::JobLineage) {
-    into.runs += from.runs;
-    into.allowed += from.allowed;
-    into.denied += from.denied;
+    // Counts read back from disk: saturate rather than overflow.
+    into.runs = into.runs.saturating_add(from.runs);
+    into.allowed = into.allowed.saturating_add(from.allowed);
+    into.denied = into.denied.saturating_add(from.denied);
     for p in &from.policies {
         if !into.policies.contains(p) {
             into.policies.push(p.clone());
@@ -906,6 +961,14 @@ fn merge(into: &mut pb::JobLineage, from: &pb::JobLineage) {
     if into.spec_sha256.is_empty() {
         into.spec_sha256.clone_from(&from.spec_sha256);
     }
+}
+
+/// The index of the one entry an append of one body returned.
+pub(crate) fn appended_index(appended: Vec<sovra_ledger::Appended>) -> Result<u64> {
+    appended
+        .first()
+        .map(|a| a.index)
+        .ok_or_else(|| VaultError::storage("the ledger appended nothing"))
 }
 
 /// What a sandbox job computed, for [`Recorder::record_job`].
@@ -955,18 +1018,75 @@ impl Recorder {
     /// the cohort's features for aggregates; per customer, a `derived` link
     /// from each feature to it, and for per-customer outputs a compute
     /// activity generating the customer's output version, derived from the
-    /// feature versions it was computed from. Returns the job entry's
-    /// ledger index.
+    /// feature versions it was computed from. Durable when it returns; the
+    /// job entry's ledger index.
+    ///
+    /// Refuses malformed ids, features or outputs, an output named like a
+    /// schema field (its versions belong to the record store), and
+    /// per-customer outputs for customers outside the cohort. A customer of
+    /// the cohort erased since the job ran is skipped. If recording fails
+    /// part-way, what was recorded stays anchored and the error is returned:
+    /// the release gate must then not release the output.
     pub async fn record_job(&self, job: &JobRecord) -> Result<u64> {
+        self.check(job)?;
+        let this = self.clone();
+        let job = job.clone();
+        let index = tokio::task::spawn_blocking(move || this.record_job_now(&job))
+            .await
+            .map_err(|_| VaultError::storage("the lineage recording task failed"))??;
+        let (l, e) = tokio::join!(self.ledger.commit(), self.engine.commit());
+        l?;
+        e?;
+        Ok(index)
+    }
+
+    fn check(&self, job: &JobRecord) -> Result<()> {
+        validate_id("tenant", &job.tenant, 64)?;
         validate_id("job_id", &job.job_id, 128)?;
         validate_id("output", &job.output, 64)?;
+        if self.engine.schema().field(&job.output).is_ok() {
+            return Err(VaultError::invalid(
+                "output",
+                format!(
+                    "`{}` is a schema field; job outputs need names of their own",
+                    job.output
+                ),
+            ));
+        }
+        if job.features.is_empty() {
+            return Err(VaultError::invalid("features", "at least one is required"));
+        }
+        for f in &job.features {
+            validate_id("features", f, 64)?;
+        }
+        for c in &job.cohort {
+            validate_id("cohort", c, MAX_CUSTOMER_ID_LEN)?;
+        }
+        let cohort: std::collections::BTreeSet<&str> =
+            job.cohort.iter().map(String::as_str).collect();
+        if let Some((c, _)) = job
+            .per_customer
+            .iter()
+            .find(|(c, _)| !cohort.contains(c.as_str()))
+        {
+            return Err(VaultError::invalid(
+                "per_customer",
+                format!("customer `{c}` has an output but is not in the cohort"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn record_job_now(&self, job: &JobRecord) -> Result<u64> {
         let engine = &self.engine;
-        let tenant = job.tenant.clone();
+        let tenant = job.tenant.as_str();
+        let cohort: std::collections::BTreeSet<&str> =
+            job.cohort.iter().map(String::as_str).collect();
         let aggregate = job.per_customer.is_empty();
-        let mut act = job.agent.activity(pb::ActivityKind::Compute, &tenant);
+        let mut act = job.agent.activity(pb::ActivityKind::Compute, tenant);
         act.job_id = job.job_id.clone();
         act.spec_sha256 = job.spec_sha256.to_hex();
-        act.cohort_size = job.cohort.len() as u64;
+        act.cohort_size = cohort.len() as u64;
         let sub = if aggregate {
             transformation(
                 pb::TransformationType::Indirect,
@@ -1003,114 +1123,108 @@ impl Recorder {
             transformation: None,
         }];
         let pending = Pending::new(act);
-        let entry = sovra_ledger::entry::JobRun {
-            tenant: tenant.clone(),
-            actor: job.agent.name.clone(),
-            job_id: job.job_id.clone(),
-            spec_sha256: job.spec_sha256,
-            purpose: job.agent.purpose.clone(),
-            cohort_size: job.cohort.len() as u64,
-            output_sha256: job.output_sha256,
-            lineage: pending.hash,
-        };
-        let index = self
-            .ledger
-            .append(&[sovra_ledger::Body::JobRun(entry)])?
-            .first()
-            .map_or(0, |a| a.index);
-        let job_id = engine.new_id()?;
+        let index = appended_index(self.ledger.append(&[sovra_ledger::Body::JobRun(
+            sovra_ledger::entry::JobRun {
+                tenant: tenant.to_owned(),
+                actor: job.agent.name.clone(),
+                job_id: job.job_id.clone(),
+                spec_sha256: job.spec_sha256,
+                purpose: job.agent.purpose.clone(),
+                cohort_size: cohort.len() as u64,
+                output_sha256: job.output_sha256,
+                lineage: pending.hash,
+            },
+        )])?)?;
+        let job_act = engine.new_id()?;
         let mut staged = Staged::default();
-        staged.activity(&tenant, job_id, &pending, index);
+        staged.activity(tenant, job_act, &pending, index);
         engine.apply_staged(&staged)?;
         let outputs: BTreeMap<&str, &Vec<u8>> = job
             .per_customer
             .iter()
             .map(|(c, v)| (c.as_str(), v))
             .collect();
-        for customer in &job.cohort {
-            let _guard = engine.lock(&tenant, customer);
-            let Ok(subject) = engine.pseudonym(&tenant, customer, false) else {
+        for customer in cohort {
+            let _guard = engine.lock(tenant, customer);
+            let subject = match engine.pseudonym(tenant, customer, false) {
+                Ok(s) => s,
                 // Erased since the job ran: nothing of theirs to link.
-                continue;
+                Err(VaultError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
             };
-            let mut staged = Staged::default();
-            let Some(value) = outputs.get(customer.as_str()) else {
+            let Some(value) = outputs.get(customer) else {
                 // An aggregate (or no output for this customer): the
                 // customer's features fed the job-level activity.
+                let mut staged = Staged::default();
+                engine.link_subject(&mut staged, tenant, customer, &subject)?;
                 for f in &job.features {
-                    staged.link(derived_key(&tenant, &subject, f, job_id), Vec::new());
+                    staged.link(derived_key(tenant, &subject, f, job_act), Vec::new());
                 }
                 engine.apply_staged(&staged)?;
                 continue;
             };
-            {
-                let latest = engine.latest_versions(&tenant, &subject)?;
-                let version = latest.get(&job.output).map_or(1, |v| v + 1);
-                let used: Vec<(String, u64)> = job
-                    .features
+            let latest = engine.latest_versions(tenant, &subject)?;
+            let version = match latest.get(&job.output) {
+                Some(v) => v
+                    .checked_add(1)
+                    .ok_or_else(|| VaultError::integrity("a lineage version"))?,
+                None => 1,
+            };
+            let used: Vec<(String, u64)> = job
+                .features
+                .iter()
+                .filter_map(|f| latest.get(f).map(|v| (f.clone(), *v)))
+                .collect();
+            let mut act = job.agent.activity(pb::ActivityKind::Compute, tenant);
+            act.subject = subject.0.to_vec();
+            act.job_id = job.job_id.clone();
+            act.spec_sha256 = job.spec_sha256.to_hex();
+            act.used = used
+                .iter()
+                .map(|(f, v)| pb::Usage {
+                    field: f.clone(),
+                    version: *v,
+                    transformation: Some(job.transformation.clone()),
+                    disclosure: String::new(),
+                })
+                .collect();
+            act.generated = vec![pb::Generation {
+                field: job.output.clone(),
+                version,
+                value_hash: hex::encode(engine.value_hash(tenant, &job.output, value)),
+                derived_from: used
                     .iter()
-                    .filter_map(|f| latest.get(f).map(|v| (f.clone(), *v)))
-                    .collect();
-                let mut act = job.agent.activity(pb::ActivityKind::Compute, &tenant);
-                act.subject = subject.0.to_vec();
-                act.job_id = job.job_id.clone();
-                act.spec_sha256 = job.spec_sha256.to_hex();
-                act.used = used
-                    .iter()
-                    .map(|(f, v)| pb::Usage {
+                    .map(|(f, v)| pb::Derivation {
                         field: f.clone(),
                         version: *v,
                         transformation: Some(job.transformation.clone()),
-                        disclosure: String::new(),
                     })
-                    .collect();
-                act.generated = vec![pb::Generation {
-                    field: job.output.clone(),
-                    version,
-                    value_hash: hex::encode(engine.value_hash(&tenant, &job.output, value)),
-                    derived_from: used
-                        .iter()
-                        .map(|(f, v)| pb::Derivation {
-                            field: f.clone(),
-                            version: *v,
-                            transformation: Some(job.transformation.clone()),
-                        })
-                        .collect(),
-                    transformation: Some(job.transformation.clone()),
-                }];
-                let p = Pending::new(act);
-                let ledger = &self.ledger;
-                let idx = ledger
-                    .append(&[sovra_ledger::Body::FieldsWritten(
+                    .collect(),
+                transformation: Some(job.transformation.clone()),
+            }];
+            // The customer's output is a write of a derived value: the same
+            // record and anchor as any write, from the sandbox channel.
+            let ledger = &self.ledger;
+            let record = engine.stage_write(
+                tenant,
+                customer,
+                &subject,
+                act,
+                Box::new(|subject, hash, fields| {
+                    appended_index(ledger.append(&[sovra_ledger::Body::FieldsWritten(
                         sovra_ledger::entry::Write {
-                            tenant: tenant.clone(),
-                            subject,
+                            tenant: tenant.to_owned(),
+                            subject: *subject,
                             actor: job.agent.name.clone(),
                             channel: format!("sandbox:{}", job.job_id),
-                            fields: vec![WrittenField {
-                                field: job.output.clone(),
-                                version,
-                            }],
-                            lineage: p.hash,
+                            fields,
+                            lineage: *hash,
                         },
-                    )])?
-                    .first()
-                    .map_or(0, |a| a.index);
-                let id = engine.new_id()?;
-                staged.activity(&tenant, id, &p, idx);
-                staged.link(
-                    write_key(&tenant, &subject, id),
-                    encode_versions([(job.output.as_str(), version)]),
-                );
-                for f in &job.features {
-                    staged.link(derived_key(&tenant, &subject, f, id), Vec::new());
-                }
-            }
-            engine.apply_staged(&staged)?;
+                    )])?)
+                }),
+            )?;
+            engine.apply_staged(&record.staged)?;
         }
-        let (l, e) = tokio::join!(self.ledger.commit(), engine.commit());
-        l?;
-        e?;
         Ok(index)
     }
 }

@@ -51,6 +51,16 @@ impl LineageService {
     }
 }
 
+/// Runs a lineage query (sled reads, ledger checks) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("the lineage query failed; the server log has details"))?
+        .map_err(to_status)
+}
+
 #[tonic::async_trait]
 impl Lineage for LineageService {
     async fn get_field_lineage(
@@ -61,12 +71,9 @@ impl Lineage for LineageService {
         let r = req.into_inner();
         let engine = self.shared.engine.clone();
         let ledger = self.shared.ledger.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            engine.field_lineage(&ledger, &tenant, &r.customer_id, &r.field)
-        })
-        .await
-        .map_err(|_| Status::internal("the lineage query failed; the server log has details"))?
-        .map_err(to_status)?;
+        let out =
+            blocking(move || engine.field_lineage(&ledger, &tenant, &r.customer_id, &r.field))
+                .await?;
         Ok(Response::new(out))
     }
 
@@ -78,7 +85,7 @@ impl Lineage for LineageService {
         let r = req.into_inner();
         let engine = self.shared.engine.clone();
         let ledger = self.shared.ledger.clone();
-        let out = tokio::task::spawn_blocking(move || {
+        let out = blocking(move || {
             engine.accesses(
                 &ledger,
                 &tenant,
@@ -89,9 +96,7 @@ impl Lineage for LineageService {
                 &r.page_token,
             )
         })
-        .await
-        .map_err(|_| Status::internal("the lineage query failed; the server log has details"))?
-        .map_err(to_status)?;
+        .await?;
         Ok(Response::new(out))
     }
 
@@ -103,12 +108,8 @@ impl Lineage for LineageService {
         let r = req.into_inner();
         let engine = self.shared.engine.clone();
         let ledger = self.shared.ledger.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            engine.derived(&ledger, &tenant, &r.customer_id, &r.field)
-        })
-        .await
-        .map_err(|_| Status::internal("the lineage query failed; the server log has details"))?
-        .map_err(to_status)?;
+        let out =
+            blocking(move || engine.derived(&ledger, &tenant, &r.customer_id, &r.field)).await?;
         Ok(Response::new(out))
     }
 
@@ -119,10 +120,7 @@ impl Lineage for LineageService {
         let p = self.shared.principal(&req, Action::ReadLineage)?;
         let engine = self.shared.engine.clone();
         let tenant = p.tenant.clone();
-        let out = tokio::task::spawn_blocking(move || engine.export_lineage(&tenant))
-            .await
-            .map_err(|_| Status::internal("the lineage export failed; the server log has details"))?
-            .map_err(to_status)?;
+        let out = blocking(move || engine.export_lineage(&tenant)).await?;
         Ok(Response::new(out))
     }
 }

@@ -7,18 +7,12 @@ use std::fmt::Write as _;
 use sovra_proto::lineage::v1 as pb;
 
 use crate::lineage::{subtype_name, type_name};
-
-fn time(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
+use crate::openlineage::rfc3339_ms as time;
 
 fn short(hash: &str) -> String {
-    if hash.len() > 16 {
-        format!("{}…", &hash[..16])
-    } else {
-        hash.to_owned()
+    match hash.get(..16) {
+        Some(head) if hash.len() > 16 => format!("{head}…"),
+        _ => hash.to_owned(),
     }
 }
 

@@ -44,7 +44,8 @@ pub fn producer() -> String {
     )
 }
 
-fn time(ms: i64) -> String {
+/// `ms` since the epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -146,14 +147,14 @@ pub fn run_events(export: &pb::ExportLineageResponse) -> Vec<Value> {
                 "allowed": job.allowed,
                 "denied": job.denied,
                 "policyIds": job.policies,
-                "firstEventTime": time(job.first_ms),
+                "firstEventTime": rfc3339_ms(job.first_ms),
             });
             if !job.spec_sha256.is_empty() {
                 access["specSha256"] = json!(job.spec_sha256);
             }
             json!({
                 "eventType": "COMPLETE",
-                "eventTime": time(job.last_ms),
+                "eventTime": rfc3339_ms(job.last_ms),
                 "producer": producer,
                 "schemaURL": RUN_EVENT_SCHEMA,
                 "run": {

@@ -268,8 +268,7 @@ impl VaultService {
             .engine
             .record_access(&p.tenant, customer, activity, |_, hash| {
                 reveal.lineage = *hash;
-                let a = ledger.append(&[Body::FieldRevealed(reveal)])?;
-                Ok(a.first().map_or(0, |a| a.index))
+                lineage::appended_index(ledger.append(&[Body::FieldRevealed(reveal)])?)
             })
             .map_err(to_status)?;
         self.commit_both().await?;
@@ -466,15 +465,14 @@ impl VaultService {
                 agent: &agent,
                 transformed: &transformed,
                 anchor: Box::new(move |subject, hash, fields| {
-                    let a = ledger.append(&[Body::FieldsWritten(Write {
+                    lineage::appended_index(ledger.append(&[Body::FieldsWritten(Write {
                         tenant: tenant.clone(),
                         subject: *subject,
                         actor: actor.clone(),
                         channel: channel.clone(),
                         fields,
                         lineage: *hash,
-                    })])?;
-                    Ok(a.first().map_or(0, |a| a.index))
+                    })])?)
                 }),
             },
         )?;

@@ -726,6 +726,26 @@ async fn sandbox_jobs_recorded_through_the_recorder_are_derived_values() {
         ..sum.clone()
     };
     assert!(recorder.record_job(&bad).await.is_err());
+    for bad in [
+        JobRecord {
+            output: "email".into(),
+            ..sum.clone()
+        },
+        JobRecord {
+            features: vec!["bud\0get".into()],
+            ..sum.clone()
+        },
+        JobRecord {
+            per_customer: vec![("not-in-cohort".into(), b"x".to_vec())],
+            ..sum.clone()
+        },
+    ] {
+        let e = recorder.record_job(&bad).await.unwrap_err();
+        assert!(
+            matches!(e, sovra_vault::VaultError::InvalidArgument(_)),
+            "{e}"
+        );
+    }
 
     let mut dpo = lineage_client(&srv, &env.officer).await;
     let d = dpo
@@ -817,5 +837,96 @@ async fn sandbox_jobs_recorded_through_the_recorder_are_derived_values() {
     for ev in sovra_vault::openlineage::run_events(&e) {
         check_event(&s, &ev);
     }
+    srv.stop().await;
+}
+
+/// Every byte of the `lineage` tree of a stopped server.
+fn lineage_bytes(env: &Env) -> Vec<Vec<u8>> {
+    let db = open_raw(&env.data_dir());
+    db.open_tree("lineage")
+        .unwrap()
+        .iter()
+        .flat_map(|i| {
+            let (k, v) = i.unwrap();
+            [k.to_vec(), v.to_vec()]
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_known_only_by_consent_leaves_no_lineage_after_erasure() {
+    // Consent creates the customer (and its pseudonym) without any write;
+    // a read then finds no field. Its lineage must still go at erasure.
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    led.record_consent(crate::ledger::consent("consent-only-7", "marketing", true))
+        .await
+        .unwrap();
+    let mut svc = srv.client(Some(&env.service)).await;
+    let r = svc
+        .get_fields(get("consent-only-7", &["phone"], "customer_service"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.fields.is_empty());
+    let receipt = srv
+        .client(Some(&env.admin))
+        .await
+        .erase_customer(pb::EraseCustomerRequest {
+            customer_id: "consent-only-7".into(),
+            reason: "gdpr_art17".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    srv.stop().await;
+    let pseudonym = hex::decode(&receipt.subject).unwrap();
+    for bytes in lineage_bytes(&env) {
+        for needle in [&b"consent-only-7"[..], &pseudonym[..]] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "the lineage tree still holds a trace of the erased customer"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_customers_activity_under_this_index_is_detected() {
+    let env = Env::new();
+    let srv = env.start().await;
+    history(&srv, &env).await;
+    srv.stop().await;
+    // Copy OTHER's (genuine, anchored) collection over CUSTOMER's update.
+    {
+        let db = open_raw(&env.data_dir());
+        let t = db.open_tree("lineage").unwrap();
+        let mut update_key = None;
+        let mut other_collect = None;
+        for item in t.scan_prefix(b"A") {
+            let (k, v) = item.unwrap();
+            let stored = StoredActivity::decode(&v[..]).unwrap();
+            let a = lpb::Activity::decode(&stored.body[..]).unwrap();
+            if a.kind == lpb::ActivityKind::Update as i32 {
+                update_key = Some(k.to_vec());
+            } else if a.kind == lpb::ActivityKind::Collect as i32 && a.generated.len() == 1 {
+                other_collect = Some(v.to_vec());
+            }
+        }
+        t.insert(update_key.unwrap(), other_collect.unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let srv = env.start().await;
+    let mut dpo = lineage_client(&srv, &env.officer).await;
+    let s = dpo
+        .get_field_lineage(field_req(CUSTOMER, "phone"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DataLoss, "{s:?}");
+    assert!(s.message().contains("another customer"), "{}", s.message());
     srv.stop().await;
 }
