@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "sovra/ledger/v1/ledger.proto",
     "sovra/policy/v1/policy.proto",
     "sovra/lineage/v1/lineage.proto",
+    "sovra/sandbox/v1/sandbox.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

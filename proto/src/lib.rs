@@ -30,6 +30,15 @@ pub mod policy {
     }
 }
 
+/// `sovra.sandbox.v1`: jobs on encrypted features and their release.
+pub mod sandbox {
+    /// Version 1 of the sandbox API.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        include!(concat!(env!("OUT_DIR"), "/sovra.sandbox.v1.rs"));
+    }
+}
+
 /// `sovra.lineage.v1`: field lineage queries and export.
 pub mod lineage {
     /// Version 1 of the lineage API.

@@ -1,0 +1,85 @@
+//! The sandbox's one error type. Messages name the bound, field or file that
+//! failed and never carry a feature value.
+
+/// Why a spec, manifest, ciphertext or job was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The job spec or workload manifest is malformed or out of bounds.
+    #[error("{0}")]
+    InvalidSpec(#[from] InvalidSpec),
+    /// A ciphertext read back from storage (or received) failed
+    /// deserialisation or conformance with the parameter set.
+    #[error("{0}")]
+    BadCiphertext(#[from] BadCiphertext),
+    /// The job hit one of its limits (customers, wall time, memory).
+    #[error("{0}")]
+    LimitExceeded(#[from] LimitExceeded),
+    /// The job was cancelled.
+    #[error("job cancelled")]
+    Cancelled,
+}
+
+/// A spec or manifest refused before anything ran.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid job spec: {what}: {message}")]
+pub struct InvalidSpec {
+    what: String,
+    message: String,
+}
+
+impl InvalidSpec {
+    pub(crate) fn new(what: impl Into<String>, message: impl Into<String>) -> SandboxError {
+        InvalidSpec {
+            what: what.into(),
+            message: message.into(),
+        }
+        .into()
+    }
+    /// Which part of the spec (`model.weights.budget`, `output`).
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
+/// A ciphertext refused before evaluation.
+#[derive(Debug, thiserror::Error)]
+#[error("rejected ciphertext ({what}): {message}")]
+pub struct BadCiphertext {
+    what: String,
+    message: String,
+}
+
+impl BadCiphertext {
+    pub(crate) fn new(what: impl Into<String>, message: impl Into<String>) -> SandboxError {
+        BadCiphertext {
+            what: what.into(),
+            message: message.into(),
+        }
+        .into()
+    }
+}
+
+/// A limit the job ran into.
+#[derive(Debug, thiserror::Error)]
+#[error("job limit exceeded: {limit} ({detail})")]
+pub struct LimitExceeded {
+    limit: &'static str,
+    detail: String,
+}
+
+impl LimitExceeded {
+    pub(crate) fn new(limit: &'static str, detail: impl Into<String>) -> SandboxError {
+        LimitExceeded {
+            limit,
+            detail: detail.into(),
+        }
+        .into()
+    }
+    /// The limit's name: `customers`, `wall_time` or `memory`.
+    pub fn limit(&self) -> &'static str {
+        self.limit
+    }
+}
+
+/// The sandbox's result type.
+pub type Result<T, E = SandboxError> = std::result::Result<T, E>;

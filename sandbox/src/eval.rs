@@ -1,0 +1,368 @@
+//! Evaluation of validated specs on packed feature blocks.
+//!
+//! Guarantees: only leveled operations (ciphertext × cleartext, ciphertext
+//! + ciphertext, ciphertext + plaintext, products with cleartext
+//! polynomials, sample extraction): the result of a job is a ciphertext
+//! whose noise is within the bound [`crate::spec`] checked, so its
+//! decryption is exact. Aggregates stay encrypted until the release gate:
+//! each chunk of the cohort is summed inside one ciphertext by multiplying a
+//! block by the cleartext polynomial Σ X^(−slot) over the cohort's slots and
+//! extracting the constant coefficient, so no per-customer value leaves the
+//! ciphertext domain. Work is spread across cores block by block; progress
+//! is counted in blocks; cancellation and the wall-time limit are checked
+//! between blocks.
+//!
+//! Does not: decrypt (no function here takes a secret key), select the
+//! cohort (the vault passes it), or evaluate non-linear steps homomorphically
+//! (a logistic's sigmoid runs after the gate's decryption).
+
+use crate::block::FeatureBlock;
+use crate::error::{LimitExceeded, Result, SandboxError};
+use crate::params::{self, SLOTS};
+use crate::spec::{LinearModel, Model, ValidatedSpec};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tfhe::core_crypto::algorithms::polynomial_algorithms::polynomial_wrapping_add_mul_assign;
+use tfhe::core_crypto::prelude::*;
+
+/// What evaluation needs besides the ciphertexts: public parameters only.
+/// There is deliberately no secret key here, and no way to put one in.
+#[derive(Debug, Clone, Default)]
+pub struct EvaluationMaterial {
+    _public_only: (),
+}
+
+impl EvaluationMaterial {
+    /// The material for the sandbox's parameter set.
+    pub fn new() -> EvaluationMaterial {
+        EvaluationMaterial { _public_only: () }
+    }
+}
+
+/// The encrypted features a job reads, and who is in its cohort.
+#[derive(Debug, Default, Clone)]
+pub struct JobInput {
+    /// Per feature, per block number: the block, or None where no customer
+    /// of that block holds the feature (all its slots count as 0).
+    pub columns: BTreeMap<String, Vec<Option<FeatureBlock>>>,
+    /// Per block number: the cohort's slots in it, sorted, no duplicates.
+    pub cohort: Vec<Vec<u16>>,
+}
+
+impl JobInput {
+    /// Customers in the cohort.
+    pub fn cohort_size(&self) -> u64 {
+        self.cohort.iter().map(|s| s.len() as u64).sum()
+    }
+}
+
+/// Limits a job runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most customers in a cohort.
+    pub max_customers: u64,
+    /// Longest a job may run.
+    pub max_wall: Duration,
+    /// Most memory the job's ciphertexts may take (estimated up front).
+    pub max_memory_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_customers: 1_000_000,
+            max_wall: Duration::from_secs(600),
+            max_memory_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Progress and cancellation, shared with whoever watches the job.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: AtomicU64,
+    total: AtomicU64,
+    cancel: AtomicBool,
+}
+
+impl Progress {
+    /// Blocks done and blocks in all.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+    /// Asks the job to stop at the next block.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+    /// Whether cancellation was asked for.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// The encrypted score of the cohort's customers in one block.
+#[derive(Clone)]
+pub struct ScoredBlock {
+    /// The block number.
+    pub block: usize,
+    /// The cohort's slots in it: only these may be released.
+    pub slots: Vec<u16>,
+    /// bias + Σ weight·feature, in every slot.
+    pub score: GlweCiphertextOwned<u64>,
+    /// Per feature, weight·feature (kept when the spec asks for an
+    /// explanation); None where the block holds no value of the feature.
+    pub terms: Vec<(String, Option<GlweCiphertextOwned<u64>>)>,
+}
+
+/// An aggregate, still encrypted: the sum over the cohort is the sum of the
+/// chunks' decryptions (each chunk is within the noise and magnitude
+/// bounds on its own).
+#[derive(Clone)]
+pub struct EncryptedAggregate {
+    /// One LWE ciphertext per chunk of the cohort.
+    pub chunks: Vec<LweCiphertextOwned<u64>>,
+    /// Customers in the cohort.
+    pub cohort_size: u64,
+}
+
+/// What a job produced, all of it encrypted.
+#[derive(Clone)]
+pub enum EncryptedOutput {
+    /// One score per cohort customer.
+    PerCustomer(Vec<ScoredBlock>),
+    /// One value over the cohort.
+    Aggregate(EncryptedAggregate),
+}
+
+impl std::fmt::Debug for EncryptedOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EncryptedOutput::PerCustomer(b) => write!(f, "PerCustomer({} blocks)", b.len()),
+            EncryptedOutput::Aggregate(a) => write!(f, "Aggregate({} chunks)", a.chunks.len()),
+        }
+    }
+}
+
+fn zero_glwe() -> GlweCiphertextOwned<u64> {
+    GlweCiphertext::new(
+        0u64,
+        params::glwe_dimension().to_glwe_size(),
+        params::polynomial_size(),
+        params::ciphertext_modulus(),
+    )
+}
+
+/// bias + Σ w·feature over one block, with the per-feature terms if asked.
+fn linear_block(
+    model: &LinearModel,
+    input: &JobInput,
+    block: usize,
+    keep_terms: bool,
+) -> (GlweCiphertextOwned<u64>, Vec<(String, Option<GlweCiphertextOwned<u64>>)>) {
+    let mut acc = zero_glwe();
+    let mut terms = Vec::new();
+    for (feature, w) in &model.terms {
+        let ct = input
+            .columns
+            .get(feature)
+            .and_then(|c| c.get(block))
+            .and_then(Option::as_ref);
+        let term = ct.map(|b| {
+            let mut t = b.expand();
+            // INVARIANT: every block conforms to the parameter set (checked
+            // when it was built or read), so the sizes tfhe asserts on match.
+            glwe_ciphertext_cleartext_mul_assign(&mut t, Cleartext(*w as u64));
+            glwe_ciphertext_add_assign(&mut acc, &t);
+            t
+        });
+        if keep_terms {
+            terms.push((feature.clone(), term));
+        }
+    }
+    if model.bias != 0 {
+        let bias = PlaintextList::new(
+            params::encode(model.bias),
+            PlaintextCount(params::polynomial_size().0),
+        );
+        glwe_ciphertext_plaintext_list_add_assign(&mut acc, &bias);
+    }
+    (acc, terms)
+}
+
+/// The cleartext polynomial Σ_{j ∈ slots} X^(−j): multiplying a block by it
+/// puts the sum of those slots in the constant coefficient.
+fn selector(slots: &[u16]) -> PolynomialOwned<u64> {
+    let mut p = Polynomial::new(0u64, params::polynomial_size());
+    let c = p.as_mut();
+    for &j in slots {
+        let j = usize::from(j);
+        if j == 0 {
+            c[0] = c[0].wrapping_add(1);
+        } else {
+            // X^(−j) = −X^(N−j) in Z[X]/(X^N + 1).
+            c[SLOTS - j] = c[SLOTS - j].wrapping_sub(1);
+        }
+    }
+    p
+}
+
+fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Result<()> {
+    let cohort = input.cohort_size();
+    if cohort > limits.max_customers {
+        return Err(LimitExceeded::new(
+            "customers",
+            format!("cohort of {cohort}, limit {}", limits.max_customers),
+        ));
+    }
+    let blocks = input.cohort.iter().filter(|s| !s.is_empty()).count() as u64;
+    let glwe_bytes = (SLOTS as u64) * 2 * 8;
+    let per_block = match spec.model() {
+        Model::Aggregate { .. } => 2,
+        _ if spec.explain() > 0 => 2 + spec.features().len() as u64,
+        _ => 2,
+    };
+    let estimate = blocks * per_block * glwe_bytes;
+    if estimate > limits.max_memory_bytes {
+        return Err(LimitExceeded::new(
+            "memory",
+            format!(
+                "about {estimate} bytes of ciphertexts, limit {}",
+                limits.max_memory_bytes
+            ),
+        ));
+    }
+    for (slots, b) in input.cohort.iter().zip(0..) {
+        if slots.windows(2).any(|w| w[0] >= w[1]) || slots.iter().any(|&s| usize::from(s) >= SLOTS) {
+            return Err(LimitExceeded::new(
+                "customers",
+                format!("block {b}: cohort slots must be sorted, distinct and below {SLOTS}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `spec` on `input`. Returns ciphertexts only.
+pub fn run(
+    _material: &EvaluationMaterial,
+    spec: &ValidatedSpec,
+    input: &JobInput,
+    progress: &Progress,
+    limits: &Limits,
+) -> Result<EncryptedOutput> {
+    check_limits(spec, input, limits)?;
+    let started = Instant::now();
+    let blocks: Vec<usize> = input
+        .cohort
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(b, _)| b)
+        .collect();
+    progress.total.store(blocks.len() as u64, Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+    let step = |b: usize| -> Result<usize> {
+        if progress.cancelled() {
+            return Err(SandboxError::Cancelled);
+        }
+        if started.elapsed() > limits.max_wall {
+            return Err(LimitExceeded::new(
+                "wall_time",
+                format!("ran longer than {:?}", limits.max_wall),
+            ));
+        }
+        Ok(b)
+    };
+    let Some(model) = spec.linear() else {
+        // `count`: the cohort size is the answer and is known in the clear.
+        progress.done.store(blocks.len() as u64, Ordering::Relaxed);
+        return Ok(EncryptedOutput::Aggregate(EncryptedAggregate {
+            chunks: Vec::new(),
+            cohort_size: input.cohort_size(),
+        }));
+    };
+    match spec.model() {
+        Model::Aggregate { .. } => {
+            let chunk = spec.aggregate_chunk();
+            // Split the cohort into pieces of at most `chunk` customers that
+            // never straddle a block, then add pieces into chunks.
+            let mut pieces: Vec<(usize, &[u16])> = Vec::new();
+            for &b in &blocks {
+                for piece in input.cohort[b].chunks(chunk.min(SLOTS)) {
+                    pieces.push((b, piece));
+                }
+            }
+            let products: Vec<(usize, GlweCiphertextOwned<u64>)> = pieces
+                .par_iter()
+                .map(|&(b, slots)| {
+                    step(b)?;
+                    let (score, _) = linear_block(&model, input, b, false);
+                    let sel = selector(slots);
+                    let mut out = zero_glwe();
+                    for (mut o, i) in out
+                        .as_mut_polynomial_list()
+                        .iter_mut()
+                        .zip(score.as_polynomial_list().iter())
+                    {
+                        polynomial_wrapping_add_mul_assign(&mut o, &i, &sel);
+                    }
+                    progress.done.fetch_add(1, Ordering::Relaxed);
+                    Ok((slots.len(), out))
+                })
+                .collect::<Result<_>>()?;
+            progress
+                .total
+                .store(progress.done.load(Ordering::Relaxed), Ordering::Relaxed);
+            let mut chunks = Vec::new();
+            let mut acc = zero_glwe();
+            let mut used = 0usize;
+            let lwe_size = params::glwe_dimension()
+                .to_equivalent_lwe_dimension(params::polynomial_size())
+                .to_lwe_size();
+            let flush = |acc: &GlweCiphertextOwned<u64>, chunks: &mut Vec<_>| {
+                let mut lwe = LweCiphertext::new(0u64, lwe_size, params::ciphertext_modulus());
+                extract_lwe_sample_from_glwe_ciphertext(acc, &mut lwe, MonomialDegree(0));
+                chunks.push(lwe);
+            };
+            for (n, p) in products {
+                if used + n > chunk {
+                    flush(&acc, &mut chunks);
+                    acc = zero_glwe();
+                    used = 0;
+                }
+                glwe_ciphertext_add_assign(&mut acc, &p);
+                used += n;
+            }
+            if used > 0 {
+                flush(&acc, &mut chunks);
+            }
+            Ok(EncryptedOutput::Aggregate(EncryptedAggregate {
+                chunks,
+                cohort_size: input.cohort_size(),
+            }))
+        }
+        _ => {
+            let keep = spec.explain() > 0;
+            let scored = blocks
+                .par_iter()
+                .map(|&b| {
+                    step(b)?;
+                    let (score, terms) = linear_block(&model, input, b, keep);
+                    progress.done.fetch_add(1, Ordering::Relaxed);
+                    Ok(ScoredBlock {
+                        block: b,
+                        slots: input.cohort[b].clone(),
+                        score,
+                        terms,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(EncryptedOutput::PerCustomer(scored))
+        }
+    }
+}

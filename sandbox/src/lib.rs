@@ -1,0 +1,18 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+pub mod block;
+pub mod error;
+pub mod eval;
+pub mod params;
+pub mod release;
+pub mod spec;
+pub mod workload;
+
+pub use block::FeatureBlock;
+pub use error::{Result, SandboxError};
+pub use eval::{
+    run, EncryptedAggregate, EncryptedOutput, EvaluationMaterial, JobInput, Limits, Progress,
+    ScoredBlock,
+};
+pub use spec::{FeatureInfo, OutputClass, ValidatedSpec};

@@ -1,0 +1,91 @@
+//! Malformed, out-of-range, oversized and hostile specs and ciphertexts are
+//! refused with a message naming what is wrong; nothing panics.
+
+use sovra_sandbox::spec::{self, FeatureInfo, MAX_SPEC_BYTES};
+use sovra_sandbox::workload;
+use sovra_sandbox::{FeatureBlock, SandboxError};
+
+fn catalog() -> Vec<FeatureInfo> {
+    ["budget", "purchase_count", "whitepaper_dwell_s"]
+        .iter()
+        .map(|f| FeatureInfo {
+            name: (*f).into(),
+            max: 1023,
+        })
+        .collect()
+}
+
+fn refused(text: &str, needle: &str) {
+    match spec::parse(text, &catalog()) {
+        Err(SandboxError::InvalidSpec(e)) => {
+            assert!(e.to_string().contains(needle), "{e} should mention {needle}")
+        }
+        other => panic!("expected a refusal mentioning {needle}, got {other:?}"),
+    }
+}
+
+const HEAD: &str = "name = \"j\"\npurpose = \"analytics\"\n";
+
+#[test]
+fn malformed_and_out_of_range_specs() {
+    refused("not toml at all [", "spec");
+    refused("name = 5", "spec");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"tree\"\n"), "unknown variant");
+    refused(&format!("{HEAD}output = \"everything\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "unknown variant");
+    refused(&format!("{HEAD}output = \"per_customer\"\nsneaky = 1\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "unknown field");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ }}\n"), "1 to 32 features");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ salary = 1 }}\n"), "not an encrypted feature");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 70000 }}\n"), "outside");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nbias = 2000000000\nweights = {{ budget = 1 }}\n"), "bias");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 9000, purchase_count = 9000 }}\n"), "noise bound");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"logistic\"\nscale = 0\nweights = {{ budget = 1 }}\n"), "scale");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"logistic\"\nscale = 10\nweights = {{ budget = 1 }}\n[model.bands]\nhigh = 0.3\nmedium = 0.5\n"), "bands");
+    refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "aggregate model");
+    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\nfeature = \"budget\"\n"), "aggregate` output");
+    refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\n"), "exactly one");
+    refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"count\"\nfeature = \"budget\"\n"), "counts the cohort");
+    refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\n"), "unknown variant");
+    refused(&format!("{HEAD}output = \"per_customer\"\nexplain = 9\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "explain");
+    refused("name = \"../../etc\"\npurpose = \"analytics\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 1 }\n", "name");
+    refused("name = \"j\"\npurpose = \"Robert'); DROP\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 1 }\n", "purpose");
+    refused(&"#".repeat(MAX_SPEC_BYTES + 1), "more than");
+}
+
+#[test]
+fn spec_hash_ignores_layout_but_not_content() {
+    let a = spec::parse(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 1, purchase_count = 2 }}\n"), &catalog()).unwrap();
+    let b = spec::parse(&format!("# comment\n{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\n[model.weights]\npurchase_count = 2\nbudget = 1\n"), &catalog()).unwrap();
+    let c = spec::parse(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 1, purchase_count = 3 }}\n"), &catalog()).unwrap();
+    assert_eq!(a.sha256(), b.sha256());
+    assert_ne!(a.sha256(), c.sha256());
+}
+
+#[test]
+fn corrupted_and_hostile_blocks_are_refused() {
+    for bytes in [
+        Vec::new(),
+        vec![0u8; 10],
+        vec![0xffu8; 4096],
+        vec![7u8; 40_000],
+    ] {
+        let e = FeatureBlock::from_bytes(&bytes, "block 0 of feature `budget`").unwrap_err();
+        assert!(matches!(e, SandboxError::BadCiphertext(_)), "{e}");
+        assert!(e.to_string().contains("block 0 of feature `budget`"), "{e}");
+    }
+}
+
+#[test]
+fn the_shipped_workloads_load_and_a_tampered_manifest_does_not() {
+    let w = workload::builtin(&catalog()).unwrap();
+    assert_eq!(w.len(), 1);
+    assert_eq!(w[0].id, "lead_scoring");
+    assert_eq!(w[0].spec.purpose(), "lead_scoring");
+    let manifest = include_str!("../workloads/lead_scoring.toml");
+    let spec_text = include_str!("../workloads/lead_scoring.spec.toml");
+    let tampered = spec_text.replace("budget = ", "budget = 1");
+    let e = workload::load(manifest, &tampered, &catalog()).unwrap_err();
+    assert!(e.to_string().contains("spec_sha256"), "{e}");
+    let lying = manifest.replace("\"whitepaper_dwell_s\"", "\"budget\"");
+    let e = workload::load(&lying, spec_text, &catalog()).unwrap_err();
+    assert!(e.to_string().contains("features"), "{e}");
+}
