@@ -108,11 +108,17 @@ pub enum Action {
     RebuildConsent,
     /// Read or export field lineage.
     ReadLineage,
+    /// Receive a sandbox job's per-customer output, decrypted by the
+    /// release gate.
+    ReleaseScores,
+    /// Receive a sandbox job's aggregate output, decrypted by the release
+    /// gate (context `cohort_size` is the cohort's size).
+    ReleaseAggregate,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 17] = [
         Action::Write,
         Action::Read,
         Action::Reveal,
@@ -128,6 +134,8 @@ impl Action {
         Action::DescribeSchema,
         Action::RebuildConsent,
         Action::ReadLineage,
+        Action::ReleaseScores,
+        Action::ReleaseAggregate,
     ];
 
     /// The Cedar action id.
@@ -148,6 +156,8 @@ impl Action {
             Action::DescribeSchema => "describe_schema",
             Action::RebuildConsent => "rebuild_consent",
             Action::ReadLineage => "read_lineage",
+            Action::ReleaseScores => "release_scores",
+            Action::ReleaseAggregate => "release_aggregate",
         }
     }
 

@@ -68,6 +68,10 @@ pub const DEFAULT_FILES: &[(&str, &str)] = &[
         "90-sandbox.cedar",
         include_str!("../default/90-sandbox.cedar"),
     ),
+    (
+        "92-release.cedar",
+        include_str!("../default/92-release.cedar"),
+    ),
 ];
 
 /// Largest policy file accepted.

@@ -152,3 +152,28 @@ pub fn lineage_with_token(channel: Channel, token: Option<&str>) -> Result<Linea
         .max_decoding_message_size(64 * 1024 * 1024),
     )
 }
+
+/// A sandbox client with its token.
+pub type SandboxClient = sovra_proto::sandbox::v1::sandbox_client::SandboxClient<
+    InterceptedService<Channel, BearerAuth>,
+>;
+
+/// A sandbox client on `channel` presenting `token`.
+pub fn sandbox_with_token(channel: Channel, token: Option<&str>) -> Result<SandboxClient> {
+    Ok(
+        sovra_proto::sandbox::v1::sandbox_client::SandboxClient::with_interceptor(
+            channel,
+            bearer(token)?,
+        )
+        .max_decoding_message_size(64 * 1024 * 1024),
+    )
+}
+
+/// Connects a sandbox client to `server` with `token`.
+pub async fn connect_sandbox(
+    server: &str,
+    token: Option<&str>,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<SandboxClient> {
+    sandbox_with_token(channel(server, ca_pem).await?, token)
+}

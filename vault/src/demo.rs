@@ -80,6 +80,14 @@ pub struct DemoSummary {
     pub lineage_gone: bool,
     /// OpenLineage RunEvents written.
     pub openlineage_events: usize,
+    /// Customers the lead-scoring workload scored (each equal to the
+    /// plaintext reference).
+    pub lead_scores: usize,
+    /// Whether the partner's aggregate equalled the plaintext reference.
+    pub aggregate_ok: bool,
+    /// Whether the partner's per-customer job and the under-k aggregate were
+    /// refused.
+    pub sandbox_refusals_ok: bool,
 }
 
 fn indent(text: &str) -> String {
@@ -122,6 +130,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
             "marketing",
             "billing",
             "analytics",
+            "lead_scoring",
         ],
     )?;
     let partner = cfg.add_principal_with(
@@ -129,7 +138,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         Role::Partner,
         &default_tenant(),
         "partners",
-        &["lead_scoring"],
+        &["lead_scoring", "analytics"],
     )?;
     let officer =
         cfg.add_principal_with("dpo", Role::Officer, &default_tenant(), "compliance", &[])?;
@@ -478,7 +487,18 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     )
     .map_err(io)?;
 
-    // 7. Lineage: an update through the call centre, a read, then the chain
+    // 7. The sandbox: lead scoring and a partner aggregate on ciphertexts.
+    sandbox_step(
+        &mut sum,
+        &customers,
+        &mut consent_svc,
+        client::sandbox_with_token(client::channel(&url, None).await?, Some(&service.token))?,
+        client::sandbox_with_token(client::channel(&url, None).await?, Some(&partner.token))?,
+        out,
+    )
+    .await?;
+
+    // 8. Lineage: an update through the call centre, a read, then the chain
     // of the customer's phone and budget back to their origin.
     let mut update = pb::PutRecordRequest {
         customer_id: c.id.clone(),
@@ -513,7 +533,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     .map_err(|s| demo_err("read after update", s))?;
     writeln!(
         out,
-        "7. Lineage (compliance officer): phone and budget updated via the call centre and read again"
+        "8. Lineage (compliance officer): phone and budget updated via the call centre and read again"
     )
     .map_err(io)?;
     for field in ["phone", "budget"] {
@@ -561,7 +581,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         "the phone's lineage has its origin and the update",
     )?;
 
-    // 8. Erase the customer.
+    // 9. Erase the customer.
     let receipt = adm
         .erase_customer(pb::EraseCustomerRequest {
             customer_id: c.id.clone(),
@@ -594,7 +614,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         && search_after.customer_ids.is_empty();
     writeln!(
         out,
-        "8. EraseCustomer {}: receipt {} (ledger entry {}; {} fields, {} index entries, data key and pseudonym salt destroyed); read afterwards: {}; search: {:?}",
+        "9. EraseCustomer {}: receipt {} (ledger entry {}; {} fields, {} index entries, data key and pseudonym salt destroyed); read afterwards: {}; search: {:?}",
         c.id,
         receipt.receipt_id,
         receipt.ledger_index,
@@ -615,7 +635,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         .is_some_and(|s| s.code() == Code::NotFound);
     check(sum.lineage_gone, "the erased customer's lineage is gone")?;
 
-    // 9. OpenLineage export: aggregated per job, the erased customer's
+    // 10. OpenLineage export: aggregated per job, the erased customer's
     // activities included, no customer named.
     let export = lineage
         .export_lineage(linpb::ExportLineageRequest {})
@@ -632,7 +652,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     })?;
     writeln!(
         out,
-        "9. Lineage of {} afterwards: NOT_FOUND. OpenLineage export: {} RunEvents ({}) written to {}",
+        "10. Lineage of {} afterwards: NOT_FOUND. OpenLineage export: {} RunEvents ({}) written to {}",
         c.id,
         events.len(),
         export
@@ -648,9 +668,216 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     srv.shutdown().await?;
     writeln!(
         out,
-        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, lineage shown, erasure verified, {} OpenLineage events.",
-        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.openlineage_events
+        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores and a partner aggregate equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events.",
+        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.lead_scores, sum.openlineage_events
     )
     .map_err(io)?;
     Ok(sum)
+}
+
+/// The quantised features of a demo customer, as the schema quantises them.
+fn quantised(c: &synthetic::Customer) -> [i64; 3] {
+    [
+        (c.budget / 10_000).min(1023),
+        c.purchase_count.min(1023),
+        (c.whitepaper_dwell_s / 60).min(1023),
+    ]
+}
+
+/// Waits for a sandbox job to end and returns its released result.
+async fn finish_job(
+    c: &mut client::SandboxClient,
+    job: &sovra_proto::sandbox::v1::Job,
+) -> Result<sovra_proto::sandbox::v1::JobResult> {
+    use sovra_proto::sandbox::v1 as spb;
+    let mut stream = c
+        .watch_job(spb::GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .map_err(|s| demo_err("watch job", s))?
+        .into_inner();
+    let mut last = None;
+    while let Some(j) = stream.message().await.map_err(|s| demo_err("watch job", s))? {
+        last = Some(j);
+    }
+    if last.map(|j| j.state) != Some(spb::JobState::Succeeded as i32) {
+        return Err(VaultError::storage(format!("demo job {} did not succeed", job.job_id)));
+    }
+    Ok(c.get_result(spb::GetJobRequest {
+        job_id: job.job_id.clone(),
+    })
+    .await
+    .map_err(|s| demo_err("job result", s))?
+    .into_inner())
+}
+
+/// Step 7: consents for lead scoring and analytics, the lead-scoring
+/// workload for the sales service, a partner's aggregate, and the refusals.
+async fn sandbox_step(
+    sum: &mut DemoSummary,
+    customers: &[synthetic::Customer],
+    consent_svc: &mut client::LedgerClient,
+    mut sales: client::SandboxClient,
+    mut partner: client::SandboxClient,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    use sovra_proto::sandbox::v1 as spb;
+    let io = |e: std::io::Error| VaultError::storage(format!("cannot print: {e}"));
+    // Lead-scoring consent for the first 60 customers (every tenth from the
+    // sixth withdrawn again), analytics consent for 12 only.
+    let mut cohort = Vec::new();
+    for (i, c) in customers.iter().take(60).enumerate() {
+        let mut purposes = vec![("lead_scoring", i % 10 == 5)];
+        if i < 12 {
+            purposes.push(("analytics", false));
+        }
+        for (purpose, withdraw) in purposes {
+            let mut req = lpb::RecordConsentRequest {
+                customer_id: c.id.clone(),
+                purpose: purpose.into(),
+                action: lpb::ConsentAction::Grant as i32,
+                channel: "web_form".into(),
+                legal_basis: "consent".into(),
+                notice_version: "2026-11".into(),
+                evidence_sha256: Sha256::digest(format!("{purpose} form of {}", c.id)).to_vec(),
+            };
+            consent_svc
+                .record_consent(req.clone())
+                .await
+                .map_err(|s| demo_err("record consent", s))?;
+            if withdraw {
+                req.action = lpb::ConsentAction::Withdraw as i32;
+                consent_svc
+                    .record_consent(req)
+                    .await
+                    .map_err(|s| demo_err("withdraw consent", s))?;
+            } else if purpose == "lead_scoring" {
+                cohort.push(c);
+            }
+        }
+    }
+    writeln!(
+        out,
+        "7. Sandbox (TFHE, packed GLWE ciphertexts; only the release gate decrypts): lead-scoring consent from {} customers (some withdrawn), analytics consent from 12"
+    , cohort.len())
+    .map_err(io)?;
+
+    // The lead-scoring workload, run by the sales service.
+    let job = sales
+        .submit_job(spb::SubmitJobRequest {
+            job: Some(spb::submit_job_request::Job::WorkloadId("lead_scoring".into())),
+        })
+        .await
+        .map_err(|s| demo_err("submit lead scoring", s))?
+        .into_inner();
+    let r = finish_job(&mut sales, &job).await?;
+    let done = r.job.clone().unwrap_or_default();
+    let reference = |c: &synthetic::Customer| {
+        let q = quantised(c);
+        -3499 + 7 * q[0] + 53 * q[1] + 35 * q[2]
+    };
+    let mut matches = 0;
+    for s in &r.scores {
+        if let Some(c) = cohort.iter().find(|c| c.id == s.customer_id) {
+            if reference(c) == s.score {
+                matches += 1;
+            }
+        }
+    }
+    sum.lead_scores = matches;
+    writeln!(
+        out,
+        "   lead_scoring workload (sales service): cohort {} ({} excluded by consent or policy), {} blocks evaluated in {:.1} ms; released scores (encrypted result | plaintext reference):",
+        done.cohort_size,
+        done.excluded,
+        done.blocks_total,
+        done.eval_micros as f64 / 1000.0
+    )
+    .map_err(io)?;
+    let mut top: Vec<&spb::CustomerScore> = r.scores.iter().collect();
+    top.sort_by(|a, b| b.score.cmp(&a.score));
+    for s in top.iter().take(5) {
+        let want = cohort
+            .iter()
+            .find(|c| c.id == s.customer_id)
+            .map(|c| reference(c));
+        writeln!(
+            out,
+            "     {:<12} {:>6} | {:>6}  p={:.2} {:<6} top features: {}",
+            s.customer_id,
+            s.score,
+            want.map_or("-".into(), |w| w.to_string()),
+            s.probability,
+            s.band,
+            s.top_features.join(", ")
+        )
+        .map_err(io)?;
+    }
+    writeln!(
+        out,
+        "     … {} of {} scores equal the plaintext reference; release anchored at ledger entry {}",
+        matches,
+        r.scores.len(),
+        r.ledger_index
+    )
+    .map_err(io)?;
+    check(
+        matches == cohort.len() && r.scores.len() == cohort.len(),
+        "every lead score equals the plaintext reference",
+    )?;
+
+    // A partner's aggregate: mean budget over the lead-scoring cohort.
+    let spec = "name = \"insurer-mean-budget\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"mean\"\nfeature = \"budget\"\n";
+    let job = partner
+        .submit_job(spb::SubmitJobRequest {
+            job: Some(spb::submit_job_request::Job::SpecToml(spec.into())),
+        })
+        .await
+        .map_err(|s| demo_err("submit partner aggregate", s))?
+        .into_inner();
+    let r = finish_job(&mut partner, &job).await?;
+    let want_sum: i64 = cohort.iter().map(|c| quantised(c)[0]).sum();
+    let got = r.aggregate.clone().unwrap_or_default();
+    sum.aggregate_ok = got.sum == want_sum;
+    writeln!(
+        out,
+        "   partner aggregate (mean budget, units of 10,000 CNY, over {} customers): {:.2} (sum {}) | plaintext reference {:.2} (sum {})",
+        job.cohort_size,
+        got.value,
+        got.sum,
+        want_sum as f64 / cohort.len().max(1) as f64,
+        want_sum
+    )
+    .map_err(io)?;
+    check(sum.aggregate_ok, "the partner aggregate equals the plaintext reference")?;
+
+    // Refusals: per-customer output to a partner, an aggregate under k.
+    let per_customer = partner
+        .submit_job(spb::SubmitJobRequest {
+            job: Some(spb::submit_job_request::Job::WorkloadId("lead_scoring".into())),
+        })
+        .await
+        .err();
+    let small = partner
+        .submit_job(spb::SubmitJobRequest {
+            job: Some(spb::submit_job_request::Job::SpecToml(
+                spec.replace("lead_scoring", "analytics").replace("mean", "sum"),
+            )),
+        })
+        .await
+        .err();
+    let code = |e: &Option<tonic::Status>| e.as_ref().map_or(Code::Ok, |s| s.code());
+    sum.sandbox_refusals_ok = code(&per_customer) == Code::PermissionDenied
+        && code(&small) == Code::FailedPrecondition;
+    writeln!(
+        out,
+        "   partner asking for per-customer scores: {:?}; partner aggregate over the 12 analytics consents: {:?} ({})",
+        code(&per_customer),
+        code(&small),
+        small.as_ref().map_or("", |s| s.message())
+    )
+    .map_err(io)?;
+    check(sum.sandbox_refusals_ok, "the sandbox refusals")?;
+    Ok(())
 }

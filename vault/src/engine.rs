@@ -23,6 +23,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::envelope::{self, FieldContext};
+use crate::features;
 use crate::error::{Result, VaultError};
 use crate::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
 use crate::lineage::{self, Agent, Anchor};
@@ -118,6 +119,7 @@ pub struct Engine {
     stripes: Vec<Mutex<()>>,
     // Shred slots zeroed by erasures, reusable once the erasure is durable.
     pending_release: Mutex<Vec<u64>>,
+    fhe: crate::fhe::FheKeys,
 }
 
 impl std::fmt::Debug for Engine {
@@ -181,6 +183,7 @@ impl Engine {
             states,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             pending_release: Mutex::new(Vec::new()),
+            fhe: crate::fhe::FheKeys::default(),
         };
         engine.recover()?;
         Ok(engine)
@@ -547,10 +550,19 @@ impl Engine {
         });
         activity.generated = generated;
         let record = self.stage_write(tenant, customer, &subject, activity, lineage.anchor)?;
+        let feature_values = features::quantised(values);
+        let secret = if feature_values.is_empty() {
+            None
+        } else {
+            Some(self.fhe_secret(tenant)?)
+        };
         let s = &self.store;
-        (&s.records, &s.data_keys, &s.index, &s.lineage)
-            .transaction(|(r, k, i, l)| {
+        (&s.records, &s.data_keys, &s.index, &s.lineage, &s.features)
+            .transaction(|(r, k, i, l, f)| {
                 record.staged.apply(l)?;
+                if let Some(secret) = &secret {
+                    features::put(f, secret, tenant, customer, &feature_values)?;
+                }
                 if let Some(w) = new_wrapped {
                     k.insert(dek_k.as_slice(), w)?;
                 }
@@ -726,6 +738,27 @@ impl Engine {
         })
     }
 
+    /// The tenant's TFHE secret key, created on first use.
+    pub(crate) fn fhe_secret(&self, tenant: &str) -> Result<Arc<crate::fhe::FheSecret>> {
+        self.fhe.get(
+            &self.store.features,
+            &features::secret_key(tenant),
+            &self.keyring,
+            tenant,
+        )
+    }
+
+    /// Creates the tenant's TFHE keys if it has none yet (`sovra init`).
+    pub fn ensure_fhe_keys(&self, tenant: &str) -> Result<()> {
+        self.fhe_secret(tenant).map(|_| ())
+    }
+
+    /// Bytes at rest of the tenant's encrypted feature blocks, and the
+    /// values they have room for.
+    pub fn feature_footprint(&self, tenant: &str) -> Result<(u64, u64)> {
+        features::footprint(&self.store.features, tenant)
+    }
+
     /// The names of the fields `customer` holds a value for.
     pub fn fields_held(&self, tenant: &str, customer: &str) -> Result<Vec<String>> {
         let prefix = store::customer_prefix(tenant, customer);
@@ -768,10 +801,25 @@ impl Engine {
         }
         let dek_k = store::data_key_key(tenant, customer);
         let staged = self.stage_lineage_removal(tenant, customer, subject, erase)?;
+        let feature_names: Vec<String> = self
+            .schema
+            .fields()
+            .iter()
+            .filter(|f| f.feature.is_some())
+            .map(|f| f.name.clone())
+            .collect();
+        let secret = if features::slot_of(&self.store.features, tenant, customer)?.is_some() {
+            Some(self.fhe_secret(tenant)?)
+        } else {
+            None
+        };
         let s = &self.store;
-        (&s.records, &s.data_keys, &s.index, &s.lineage)
-            .transaction(|(r, k, i, l)| {
+        (&s.records, &s.data_keys, &s.index, &s.lineage, &s.features)
+            .transaction(|(r, k, i, l, f)| {
                 staged.apply(l)?;
+                if let Some(secret) = &secret {
+                    features::erase(f, secret, tenant, customer, &feature_names)?;
+                }
                 k.remove(dek_k.as_slice())?;
                 for key in &record_keys {
                     r.remove(key)?;

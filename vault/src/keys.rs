@@ -384,6 +384,11 @@ impl KeyRing {
         key
     }
 
+    /// The key that wraps the tenant's TFHE secret key at rest.
+    pub(crate) fn fhe_wrap_key(&self, tenant: &str) -> Zeroizing<[u8; KEY_LEN]> {
+        self.root.hkdf(&[b"fhe-secret-wrap\0", tenant.as_bytes()])
+    }
+
     /// Wraps `dek` for `place` under `kek`, masked with the customer's pad.
     pub fn wrap(
         &self,

@@ -155,6 +155,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LineageCmd,
     },
+    /// Sandbox jobs on encrypted features: submit, watch, fetch the
+    /// released result, cancel; list registered workloads.
+    Job {
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
     /// Show the schema.
     Schema {
         #[command(flatten)]
@@ -171,6 +177,54 @@ enum Cmd {
         /// Where to write the demo's OpenLineage export.
         #[arg(long, default_value = "sovra-demo.openlineage.jsonl")]
         openlineage_out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    /// Submit a job spec (TOML) or a registered workload, then watch it
+    /// with a progress bar and print the released result.
+    Submit {
+        #[command(flatten)]
+        conn: Conn,
+        /// The job spec file (see docs/sandbox.md).
+        #[arg(required_unless_present = "workload", conflicts_with = "workload")]
+        spec: Option<PathBuf>,
+        /// Run a registered workload instead (`sovra job workloads`).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Print the job id and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Follow a job with a progress bar until it ends.
+    Watch {
+        #[command(flatten)]
+        conn: Conn,
+        /// Job id.
+        job_id: String,
+    },
+    /// Print a job's released result (submitter only).
+    Result {
+        #[command(flatten)]
+        conn: Conn,
+        /// Job id.
+        job_id: String,
+        /// Most per-customer rows to print.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Ask a running job to stop.
+    Cancel {
+        #[command(flatten)]
+        conn: Conn,
+        /// Job id.
+        job_id: String,
+    },
+    /// The registered guest workloads.
+    Workloads {
+        #[command(flatten)]
+        conn: Conn,
     },
 }
 
@@ -568,6 +622,137 @@ fn print_policy_status(s: &sovra_proto::policy::v1::PolicyStatus) {
         Some(i) => println!("recorded in ledger entry {i}"),
         None => println!("recorded in the ledger by an earlier start"),
     }
+}
+
+/// Follows a job until it ends, drawing a progress bar on standard error.
+async fn watch_job(
+    c: &mut client::SandboxClient,
+    job_id: &str,
+) -> Result<sovra_proto::sandbox::v1::Job, Failure> {
+    use sovra_proto::sandbox::v1 as spb;
+    let mut stream = c
+        .watch_job(spb::GetJobRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(j) = stream.message().await? {
+        eprint!("\r{}", sovra_vault::job_view::progress_line(&j));
+        last = Some(j);
+    }
+    eprintln!();
+    last.ok_or_else(|| Failure::Usage(format!("job `{job_id}`: the server sent no state")))
+}
+
+async fn run_job(cmd: JobCmd) -> CmdResult {
+    use sovra_proto::sandbox::v1 as spb;
+    use sovra_vault::job_view;
+    let connect = |conn: &Conn| {
+        let conn = conn.clone();
+        async move {
+            let (ca, token) = credentials(&conn)?;
+            Ok::<_, Failure>(client::connect_sandbox(&conn.server, Some(token.as_str()), ca).await?)
+        }
+    };
+    match cmd {
+        JobCmd::Submit {
+            conn,
+            spec,
+            workload,
+            no_wait,
+        } => {
+            let job = match (spec, workload) {
+                (_, Some(id)) => spb::submit_job_request::Job::WorkloadId(id),
+                (Some(path), None) => {
+                    let bytes = read_file(&path, sovra_sandbox::spec::MAX_SPEC_BYTES as u64)?;
+                    let text = String::from_utf8(bytes).map_err(|_| {
+                        Failure::Usage(format!("{} is not UTF-8 text", path.display()))
+                    })?;
+                    spb::submit_job_request::Job::SpecToml(text)
+                }
+                (None, None) => {
+                    return Err(Failure::Usage(
+                        "give a spec file or --workload ID".into(),
+                    ))
+                }
+            };
+            let mut c = connect(&conn).await?;
+            let j = c
+                .submit_job(spb::SubmitJobRequest { job: Some(job) })
+                .await?
+                .into_inner();
+            print!("{}", job_view::job(&j));
+            if no_wait {
+                return Ok(());
+            }
+            let end = watch_job(&mut c, &j.job_id).await?;
+            if end.state == spb::JobState::Succeeded as i32 {
+                let r = c
+                    .get_result(spb::GetJobRequest {
+                        job_id: j.job_id.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                print!("{}", job_view::result(&r, 20));
+            } else {
+                print!("{}", job_view::job(&end));
+                return Err(Failure::Usage(format!(
+                    "job {} ended {}",
+                    end.job_id,
+                    job_view::state(&end)
+                )));
+            }
+        }
+        JobCmd::Watch { conn, job_id } => {
+            let mut c = connect(&conn).await?;
+            let end = watch_job(&mut c, &job_id).await?;
+            print!("{}", job_view::job(&end));
+        }
+        JobCmd::Result {
+            conn,
+            job_id,
+            limit,
+        } => {
+            let r = connect(&conn)
+                .await?
+                .get_result(spb::GetJobRequest { job_id })
+                .await?
+                .into_inner();
+            if let Some(j) = &r.job {
+                print!("{}", job_view::job(j));
+            }
+            print!("{}", job_view::result(&r, limit));
+        }
+        JobCmd::Cancel { conn, job_id } => {
+            let j = connect(&conn)
+                .await?
+                .cancel_job(spb::GetJobRequest { job_id })
+                .await?
+                .into_inner();
+            print!("{}", job_view::job(&j));
+        }
+        JobCmd::Workloads { conn } => {
+            let w = connect(&conn)
+                .await?
+                .list_workloads(spb::ListWorkloadsRequest {})
+                .await?
+                .into_inner();
+            for w in w.workloads {
+                println!(
+                    "{}  purpose {}, {} output, owned by {}\n  features: {}\n  spec sha256 {}\n  {}",
+                    w.id,
+                    w.purpose,
+                    w.output_class,
+                    w.department,
+                    w.features.join(", "),
+                    w.spec_sha256,
+                    w.description
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn run_lineage(cmd: LineageCmd) -> CmdResult {
@@ -1416,6 +1601,7 @@ async fn run(cmd: Cmd) -> CmdResult {
         Cmd::Audit { cmd } => run_audit(cmd).await?,
         Cmd::Policy { cmd } => run_policy(cmd).await?,
         Cmd::Lineage { cmd } => run_lineage(cmd).await?,
+        Cmd::Job { cmd } => run_job(cmd).await?,
         Cmd::Schema { conn } => {
             let mut c = connect(&conn).await?;
             let s = c

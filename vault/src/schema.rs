@@ -277,6 +277,35 @@ pub struct FieldDef {
     pub purposes: BTreeSet<String>,
     /// The field as the policy engine sees it.
     pub policy: sovra_policy::FieldAttrs,
+    /// Set for integer fields that are also model features: kept as TFHE
+    /// ciphertexts for the sandbox, quantised.
+    pub feature: Option<FeatureQuant>,
+}
+
+/// How an integer field is quantised as a model feature: value / quantum,
+/// capped at max (values are never negative: features need min ≥ 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureQuant {
+    /// Units per step (10,000 for a budget in units of 10,000 CNY).
+    pub quantum: i64,
+    /// Largest quantised value (values above are capped).
+    #[serde(default = "default_feature_max")]
+    pub max: u32,
+}
+
+fn default_feature_max() -> u32 {
+    1023
+}
+
+/// The largest quantised value a feature may declare.
+pub const MAX_FEATURE_VALUE: u32 = 65_535;
+
+impl FeatureQuant {
+    /// The quantised value of `v`.
+    pub fn quantise(&self, v: i64) -> i64 {
+        (v.max(0) / self.quantum.max(1)).min(i64::from(self.max))
+    }
 }
 
 /// A tenant schema.
@@ -326,6 +355,7 @@ struct RawField {
     #[serde(default)]
     department: String,
     purposes: Option<Vec<String>>,
+    feature: Option<FeatureQuant>,
 }
 
 fn default_mask() -> String {
@@ -347,6 +377,20 @@ pub(crate) fn is_identifier(s: &str, max: usize) -> bool {
 
 impl Schema {
     /// Parses and validates a schema. `origin` names the source in errors.
+    /// The model features the sandbox may compute on, with their largest
+    /// quantised values.
+    pub fn feature_catalog(&self) -> Vec<sovra_sandbox::FeatureInfo> {
+        self.fields
+            .iter()
+            .filter_map(|f| {
+                f.feature.map(|q| sovra_sandbox::FeatureInfo {
+                    name: f.name.clone(),
+                    max: q.max,
+                })
+            })
+            .collect()
+    }
+
     pub fn parse(text: &str, origin: &str) -> Result<Schema> {
         let raw: RawSchema = toml::from_str(text)
             .map_err(|e| VaultError::config(origin, format!("invalid schema: {e}")))?;
@@ -463,6 +507,20 @@ impl Schema {
                     set
                 }
             };
+            if let Some(q) = &f.feature {
+                if f.ty != FieldType::Integer || min < 0 {
+                    return Err(bad(format!(
+                        "field `{}`: only integer fields with min >= 0 can be model features",
+                        f.name
+                    )));
+                }
+                if q.quantum < 1 || q.max == 0 || q.max > MAX_FEATURE_VALUE {
+                    return Err(bad(format!(
+                        "field `{}`: feature quantum must be >= 1 and max 1..={MAX_FEATURE_VALUE}",
+                        f.name
+                    )));
+                }
+            }
             if by_name.insert(f.name.clone(), fields.len()).is_some() {
                 return Err(bad(format!("field `{}` is declared twice", f.name)));
             }
@@ -485,7 +543,11 @@ impl Schema {
                 },
                 department: f.department,
                 purposes: field_purposes,
+                feature: f.feature,
             });
+        }
+        if fields.iter().filter(|f| f.feature.is_some()).count() > 64 {
+            return Err(bad("a schema declares at most 64 model features".into()));
         }
         Ok(Schema {
             name: raw.name,

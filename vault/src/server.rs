@@ -26,9 +26,11 @@ use crate::policy_service::PolicyService;
 use crate::service::Shared;
 use crate::service::VaultService;
 use sovra_proto::lineage::v1::lineage_server::LineageServer;
+use sovra_proto::sandbox::v1::sandbox_server::SandboxServer;
 use sovra_proto::policy::v1::policy_server::PolicyServer;
 
 use crate::lineage_service::LineageService;
+use crate::sandbox_service::SandboxService;
 
 /// A running server.
 #[derive(Debug)]
@@ -130,6 +132,7 @@ pub async fn start(
     health.set_serving::<LedgerServer<LedgerService>>().await;
     health.set_serving::<PolicyServer<PolicyService>>().await;
     health.set_serving::<LineageServer<LineageService>>().await;
+    health.set_serving::<SandboxServer<SandboxService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -148,6 +151,9 @@ pub async fn start(
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(256 * 1024 * 1024);
     let lineage_svc = LineageServer::new(LineageService::new(shared.clone()))
+        .max_decoding_message_size(cfg.max_request_bytes)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let sandbox_svc = SandboxServer::new(SandboxService::new(shared.clone())?)
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(64 * 1024 * 1024);
     let policy_svc = PolicyServer::new(PolicyService::new(shared))
@@ -206,7 +212,8 @@ pub async fn start(
         .add_service(vault)
         .add_service(ledger_svc)
         .add_service(policy_svc)
-        .add_service(lineage_svc);
+        .add_service(lineage_svc)
+        .add_service(sandbox_svc);
 
     let (tx, rx) = oneshot::channel::<()>();
     let join = tokio::spawn(router.serve_with_incoming_shutdown(

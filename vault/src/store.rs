@@ -75,6 +75,7 @@ pub struct Store {
     pub(crate) index: sled::Tree,
     pub(crate) meta: sled::Tree,
     pub(crate) lineage: sled::Tree,
+    pub(crate) features: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
     committer: Option<mpsc::Sender<Waiter>>,
     commit_thread: Option<thread::JoinHandle<()>>,
@@ -125,6 +126,7 @@ impl Store {
         let index = db.open_tree("blind_index")?;
         let meta = db.open_tree("meta")?;
         let lineage = db.open_tree("lineage")?;
+        let features = db.open_tree("fhe_features")?;
         // Opened after sled, whose lock keeps a second server out.
         let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
         let (committer, commit_thread) = spawn_committer(db.clone(), slots.clone())?;
@@ -135,6 +137,7 @@ impl Store {
             index,
             meta,
             lineage,
+            features,
             slots,
             committer: Some(committer),
             commit_thread: Some(commit_thread),

@@ -76,6 +76,24 @@ pub struct Customer {
     pub last_contact_ms: i64,
     /// White-paper reading time (s).
     pub whitepaper_dwell_s: i64,
+    /// Whether the customer bought after the campaign: the label the lead
+    /// scoring model is fitted on (see [`converted`]). Never written to the
+    /// vault.
+    pub converted: bool,
+}
+
+/// The synthetic ground truth of conversion: a customer converts with
+/// probability sigmoid(−4 + 0.008·budget/10,000 + 0.06·purchases +
+/// 0.04·minutes reading white papers + ε), ε uniform in ±1.5, drawn from its
+/// own generator so that adding the label left the other fields unchanged.
+pub fn converted(rng: &mut ChaCha8Rng, budget: i64, purchases: i64, dwell_s: i64) -> bool {
+    let eps: f64 = rng.gen_range(-1.5..1.5);
+    let logit = -4.0
+        + 0.008 * (budget / 10_000) as f64
+        + 0.06 * purchases as f64
+        + 0.04 * (dwell_s / 60) as f64
+        + eps;
+    rng.gen_bool(1.0 / (1.0 + (-logit).exp()))
 }
 
 fn id_check_digit(first17: &str) -> char {
@@ -92,6 +110,7 @@ fn id_check_digit(first17: &str) -> char {
 /// Generates `n` customers from `seed`; the same seed gives the same data.
 pub fn generate(seed: u64, n: usize) -> Vec<Customer> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut label_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6c61_6265_6c73);
     (0..n)
         .map(|i| {
             let pick = |rng: &mut ChaCha8Rng, xs: &[&'static str]| xs[rng.gen_range(0..xs.len())];
@@ -128,7 +147,17 @@ pub fn generate(seed: u64, n: usize) -> Vec<Customer> {
                 purchase_count: rng.gen_range(0..40),
                 last_contact_ms: 1_700_000_000_000 + rng.gen_range(0..40_000_000_000i64),
                 whitepaper_dwell_s: rng.gen_range(0..3600),
+                converted: false,
             }
+        })
+        .map(|mut c: Customer| {
+            c.converted = converted(
+                &mut label_rng,
+                c.budget,
+                c.purchase_count,
+                c.whitepaper_dwell_s,
+            );
+            c
         })
         .collect()
 }

@@ -17,4 +17,5 @@ mod ledger;
 mod lineage;
 mod policy;
 mod rotation;
+mod sandbox;
 mod tls;

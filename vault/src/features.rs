@@ -1,0 +1,255 @@
+//! Encrypted model features: each feature field of each customer, quantised
+//! as the schema says, also kept packed in TFHE blocks for the sandbox.
+//!
+//! Guarantees: a customer gets one slot per tenant (block = slot / 2048,
+//! coefficient = slot % 2048) the first time one of its feature fields is
+//! written; the slot's value in every feature block is written in the same
+//! sled transaction as the field itself, so a field and its encrypted
+//! feature never disagree after a crash; erasure zeroes the customer's slot
+//! in every block, re-encrypting each block freshly, and removes the
+//! customer ↔ slot links in the erasure's transaction. At rest a block is
+//! 2048 × 8 bytes of GLWE body plus a seed and framing (about 8 bytes per
+//! value). Blocks read back are checked by tfhe's conformant
+//! deserialisation before any use.
+//!
+//! Does not: reuse an erased customer's slot (it stays 0 and out of every
+//! cohort), or remove copies of old blocks that sled keeps in log segments
+//! it has not compacted yet (the TFHE key is tenant-wide, so these are not
+//! crypto-shredded; see SECURITY.md).
+//!
+//! Key layout in the `fhe_features` tree (`0` is a zero byte):
+//! `K tenant` wrapped secret key; `N tenant` next slot; `S tenant 0
+//! customer` slot; `R tenant 0 slot` customer; `B tenant 0 feature 0
+//! block` block.
+
+use crate::error::{Result, VaultError};
+use crate::fhe::FheSecret;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sovra_sandbox::params::SLOTS;
+use sovra_sandbox::FeatureBlock;
+use std::collections::BTreeMap;
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<VaultError>>;
+
+fn key(tag: u8, tenant: &str, rest: &[&[u8]]) -> Vec<u8> {
+    let mut k = vec![tag];
+    k.extend_from_slice(tenant.as_bytes());
+    for r in rest {
+        k.push(0);
+        k.extend_from_slice(r);
+    }
+    k
+}
+
+/// Where the tenant's wrapped TFHE secret key is stored.
+pub(crate) fn secret_key(tenant: &str) -> Vec<u8> {
+    key(b'K', tenant, &[])
+}
+fn next_key(tenant: &str) -> Vec<u8> {
+    key(b'N', tenant, &[])
+}
+fn slot_key(tenant: &str, customer: &str) -> Vec<u8> {
+    key(b'S', tenant, &[customer.as_bytes()])
+}
+fn reverse_key(tenant: &str, slot: u32) -> Vec<u8> {
+    key(b'R', tenant, &[&slot.to_be_bytes()])
+}
+fn block_prefix(tenant: &str, feature: &str) -> Vec<u8> {
+    let mut k = key(b'B', tenant, &[feature.as_bytes()]);
+    k.push(0);
+    k
+}
+fn block_key(tenant: &str, feature: &str, block: u32) -> Vec<u8> {
+    let mut k = block_prefix(tenant, feature);
+    k.extend_from_slice(&block.to_be_bytes());
+    k
+}
+
+fn u32_of(bytes: &[u8], what: &str) -> Result<u32> {
+    <[u8; 4]>::try_from(bytes)
+        .map(u32::from_be_bytes)
+        .map_err(|_| VaultError::integrity(format!("encrypted-feature {what}")))
+}
+
+fn abort<T>(e: VaultError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+/// Re-encrypts one block of `feature` with `slot` set to `value` (a fresh
+/// encryption of every slot).
+fn rewrite(
+    f: &TransactionalTree,
+    secret: &FheSecret,
+    tenant: &str,
+    feature: &str,
+    slot: u32,
+    value: i64,
+) -> TxResult<()> {
+    let block = slot / SLOTS as u32;
+    let k = block_key(tenant, feature, block);
+    let mut values = match f.get(&k)? {
+        Some(bytes) => {
+            let what = format!("block {block} of feature `{feature}`");
+            match FeatureBlock::from_bytes(&bytes, &what) {
+                Ok(b) => secret.decrypt_block(&b),
+                Err(e) => return abort(VaultError::integrity(e.to_string())),
+            }
+        }
+        None => zeroize::Zeroizing::new(vec![0i64; SLOTS]),
+    };
+    values[slot as usize % SLOTS] = value;
+    let fresh = match secret.encrypt_block(&values).and_then(|b| {
+        b.to_bytes()
+            .map_err(|e| VaultError::storage(e.to_string()))
+    }) {
+        Ok(b) => b,
+        Err(e) => return abort(e),
+    };
+    f.insert(k, fresh)?;
+    Ok(())
+}
+
+/// In the write's transaction: gives `customer` a slot if it has none and
+/// writes each (feature, quantised value).
+pub(crate) fn put(
+    f: &TransactionalTree,
+    secret: &FheSecret,
+    tenant: &str,
+    customer: &str,
+    values: &[(String, i64)],
+) -> TxResult<()> {
+    if values.is_empty() {
+        return Ok(());
+    }
+    let sk = slot_key(tenant, customer);
+    let slot = match f.get(&sk)? {
+        Some(b) => match u32_of(&b, "slot") {
+            Ok(s) => s,
+            Err(e) => return abort(e),
+        },
+        None => {
+            let nk = next_key(tenant);
+            let next = match f.get(&nk)? {
+                Some(b) => match u32_of(&b, "slot counter") {
+                    Ok(s) => s,
+                    Err(e) => return abort(e),
+                },
+                None => 0,
+            };
+            let Some(after) = next.checked_add(1) else {
+                return abort(VaultError::storage("the tenant has used every feature slot"));
+            };
+            f.insert(nk, &after.to_be_bytes())?;
+            f.insert(sk, &next.to_be_bytes())?;
+            f.insert(reverse_key(tenant, next), customer.as_bytes())?;
+            next
+        }
+    };
+    for (feature, v) in values {
+        rewrite(f, secret, tenant, feature, slot, *v)?;
+    }
+    Ok(())
+}
+
+/// In the erasure's transaction: zeroes the customer's slot in every
+/// feature block that exists and removes its slot links.
+pub(crate) fn erase(
+    f: &TransactionalTree,
+    secret: &FheSecret,
+    tenant: &str,
+    customer: &str,
+    features: &[String],
+) -> TxResult<()> {
+    let sk = slot_key(tenant, customer);
+    let Some(b) = f.get(&sk)? else {
+        return Ok(());
+    };
+    let slot = match u32_of(&b, "slot") {
+        Ok(s) => s,
+        Err(e) => return abort(e),
+    };
+    for feature in features {
+        if f.get(block_key(tenant, feature, slot / SLOTS as u32))?.is_some() {
+            rewrite(f, secret, tenant, feature, slot, 0)?;
+        }
+    }
+    f.remove(sk)?;
+    f.remove(reverse_key(tenant, slot))?;
+    Ok(())
+}
+
+/// The slot of `customer`, if it has one.
+pub(crate) fn slot_of(tree: &sled::Tree, tenant: &str, customer: &str) -> Result<Option<u32>> {
+    tree.get(slot_key(tenant, customer))?
+        .map(|b| u32_of(&b, "slot"))
+        .transpose()
+}
+
+/// Every customer of the tenant with a slot: (customer, slot), by slot.
+pub(crate) fn slots(tree: &sled::Tree, tenant: &str) -> Result<Vec<(String, u32)>> {
+    let prefix = key(b'R', tenant, &[]);
+    let mut prefix = prefix;
+    prefix.push(0);
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(&prefix) {
+        let (k, v) = item?;
+        let slot = u32_of(&k[prefix.len()..], "slot link")?;
+        let customer = String::from_utf8(v.to_vec())
+            .map_err(|_| VaultError::integrity("encrypted-feature slot link"))?;
+        out.push((customer, slot));
+    }
+    Ok(out)
+}
+
+/// The stored blocks of `feature`, by block number (None where no customer
+/// of that block holds it), up to `blocks` blocks. Every block is checked
+/// (conformant deserialisation) before it is returned.
+pub(crate) fn column(
+    tree: &sled::Tree,
+    tenant: &str,
+    feature: &str,
+    blocks: usize,
+) -> Result<Vec<Option<FeatureBlock>>> {
+    let prefix = block_prefix(tenant, feature);
+    let mut out: Vec<Option<FeatureBlock>> = vec![None; blocks];
+    for item in tree.scan_prefix(&prefix) {
+        let (k, v) = item?;
+        let b = u32_of(&k[prefix.len()..], "block key")? as usize;
+        if b >= blocks {
+            continue;
+        }
+        let what = format!("block {b} of feature `{feature}`");
+        out[b] = Some(
+            FeatureBlock::from_bytes(&v, &what).map_err(|e| VaultError::integrity(e.to_string()))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Bytes at rest of the tenant's feature blocks, and the values they hold
+/// room for (blocks × 2048).
+pub(crate) fn footprint(tree: &sled::Tree, tenant: &str) -> Result<(u64, u64)> {
+    let prefix = key(b'B', tenant, &[]);
+    let mut bytes = 0u64;
+    let mut values = 0u64;
+    for item in tree.scan_prefix(prefix) {
+        let (_, v) = item?;
+        bytes += v.len() as u64;
+        values += SLOTS as u64;
+    }
+    Ok((bytes, values))
+}
+
+/// Quantised feature values of a write: (feature, value) for each feature
+/// field among `values`.
+pub(crate) fn quantised(
+    values: &[(&crate::schema::FieldDef, crate::schema::FieldValue)],
+) -> Vec<(String, i64)> {
+    let mut out: BTreeMap<String, i64> = BTreeMap::new();
+    for (def, v) in values {
+        if let (Some(q), crate::schema::FieldValue::Integer(i)) = (&def.feature, v) {
+            out.insert(def.name.clone(), q.quantise(*i));
+        }
+    }
+    out.into_iter().collect()
+}

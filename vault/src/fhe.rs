@@ -1,0 +1,259 @@
+//! The tenant's TFHE secret key and everything that needs it: encrypting
+//! feature blocks on write, decrypting job outputs in the release gate.
+//!
+//! Guarantees: the key is generated from tfhe's CSPRNG for the parameter
+//! set of [`sovra_sandbox::params`]; at rest it exists only wrapped with
+//! AES-256-GCM under a key derived from the root key, bound by associated
+//! data to the tenant and the parameter set; in memory it lives in
+//! [`FheSecret`], which is crate-private, has no Debug output of the key and
+//! zeroes it on drop. Every block encryption is fresh (new seed, new mask,
+//! new noise), never trivial, so rewriting a block after an update or an
+//! erasure shows nothing about the old value, the new one or their
+//! difference, and its noise is that of a fresh encryption.
+//!
+//! Does not: hand the key to anything outside the vault; the sandbox crate
+//! never sees this type.
+
+use crate::error::{Result, VaultError};
+use crate::keys::{encode_aad, KeyRing};
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use sovra_sandbox::params::{self, SLOTS};
+use sovra_sandbox::FeatureBlock;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use tfhe::core_crypto::prelude::*;
+use zeroize::{Zeroize, Zeroizing};
+
+/// The tenant's GLWE secret key (binary, k·N = 2048 coefficients).
+pub(crate) struct FheSecret {
+    key: GlweSecretKeyOwned<u64>,
+}
+
+impl Drop for FheSecret {
+    fn drop(&mut self) {
+        self.key.as_mut().zeroize();
+    }
+}
+
+impl std::fmt::Debug for FheSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FheSecret(<redacted>)")
+    }
+}
+
+const PACKED_LEN: usize = SLOTS / 8;
+
+fn aad(tenant: &str) -> Vec<u8> {
+    encode_aad(
+        b"sovra/v1/fhe-secret-key",
+        &[tenant.as_bytes(), params::PARAMETER_SET_NAME.as_bytes()],
+    )
+}
+
+impl FheSecret {
+    /// A fresh key from tfhe's CSPRNG.
+    fn generate() -> FheSecret {
+        let mut seeder = new_seeder();
+        let mut gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        let key = allocate_and_generate_new_binary_glwe_secret_key(
+            params::glwe_dimension(),
+            params::polynomial_size(),
+            &mut gen,
+        );
+        FheSecret { key }
+    }
+
+    /// The key's coefficients (0 or 1), one bit each.
+    fn pack(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(vec![0u8; PACKED_LEN]);
+        for (i, &c) in self.key.as_ref().iter().enumerate() {
+            out[i / 8] |= ((c & 1) as u8) << (i % 8);
+        }
+        out
+    }
+
+    fn unpack(bytes: &[u8]) -> Option<FheSecret> {
+        if bytes.len() != PACKED_LEN {
+            return None;
+        }
+        let coeffs: Vec<u64> = (0..SLOTS)
+            .map(|i| u64::from((bytes[i / 8] >> (i % 8)) & 1))
+            .collect();
+        Some(FheSecret {
+            key: GlweSecretKey::from_container(coeffs, params::polynomial_size()),
+        })
+    }
+
+    fn wrap(&self, keyring: &KeyRing, tenant: &str) -> Result<Vec<u8>> {
+        let k = keyring.fhe_wrap_key(tenant);
+        let cipher = Aes256Gcm::new_from_slice(k.as_ref())
+            .map_err(|_| VaultError::storage("TFHE key wrapping failed"))?;
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let packed = self.pack();
+        let ct = cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: packed.as_ref(),
+                    aad: &aad(tenant),
+                },
+            )
+            .map_err(|_| VaultError::storage("TFHE key wrapping failed"))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn unwrap(keyring: &KeyRing, tenant: &str, wrapped: &[u8]) -> Result<FheSecret> {
+        let what = || format!("the TFHE secret key of tenant `{tenant}`");
+        if wrapped.len() < 12 {
+            return Err(VaultError::integrity(what()));
+        }
+        let k = keyring.fhe_wrap_key(tenant);
+        let cipher = Aes256Gcm::new_from_slice(k.as_ref())
+            .map_err(|_| VaultError::integrity(what()))?;
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(
+                    Nonce::from_slice(&wrapped[..12]),
+                    Payload {
+                        msg: &wrapped[12..],
+                        aad: &aad(tenant),
+                    },
+                )
+                .map_err(|_| VaultError::integrity(what()))?,
+        );
+        FheSecret::unpack(&plain).ok_or_else(|| VaultError::integrity(what()))
+    }
+
+    /// Encrypts [`SLOTS`] quantised values (missing slots 0) as a fresh
+    /// seeded block.
+    pub(crate) fn encrypt_block(&self, values: &[i64]) -> Result<FeatureBlock> {
+        let mut plain = PlaintextList::new(0u64, PlaintextCount(SLOTS));
+        for (p, &v) in plain.iter_mut().zip(values) {
+            *p.0 = params::encode(v);
+        }
+        let mut seeder = new_seeder();
+        let mut ct = SeededGlweCiphertext::new(
+            0u64,
+            params::glwe_dimension().to_glwe_size(),
+            params::polynomial_size(),
+            seeder.seed().into(),
+            params::ciphertext_modulus(),
+        );
+        encrypt_seeded_glwe_ciphertext(
+            &self.key,
+            &mut ct,
+            &plain,
+            params::glwe_noise(),
+            seeder.as_mut(),
+        );
+        plain.as_mut().zeroize();
+        FeatureBlock::from_seeded(ct).map_err(|e| VaultError::storage(e.to_string()))
+    }
+
+    /// Decrypts and decodes every slot of a GLWE ciphertext.
+    pub(crate) fn decrypt_glwe(&self, ct: &GlweCiphertextOwned<u64>) -> Zeroizing<Vec<i64>> {
+        let mut plain = PlaintextList::new(0u64, PlaintextCount(SLOTS));
+        // INVARIANT: `ct` conforms to the parameter set (a FeatureBlock, or
+        // an evaluation's output built from FeatureBlocks).
+        decrypt_glwe_ciphertext(&self.key, ct, &mut plain);
+        let out = Zeroizing::new(plain.iter().map(|p| params::decode(*p.0)).collect());
+        plain.as_mut().zeroize();
+        out
+    }
+
+    /// Decrypts and decodes a stored block.
+    pub(crate) fn decrypt_block(&self, block: &FeatureBlock) -> Zeroizing<Vec<i64>> {
+        self.decrypt_glwe(&block.expand())
+    }
+
+    /// Decrypts and decodes an LWE ciphertext extracted from a block.
+    pub(crate) fn decrypt_lwe(&self, ct: &LweCiphertextOwned<u64>) -> i64 {
+        let lwe_key = self.key.as_lwe_secret_key();
+        params::decode(decrypt_lwe_ciphertext(&lwe_key, ct).0)
+    }
+}
+
+/// Tenant keys, loaded once and kept in memory.
+#[derive(Default)]
+pub(crate) struct FheKeys {
+    cache: RwLock<HashMap<String, Arc<FheSecret>>>,
+}
+
+impl std::fmt::Debug for FheKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FheKeys")
+    }
+}
+
+impl FheKeys {
+    /// The tenant's key, created (and stored wrapped in `tree` under `key`)
+    /// on first use. Not durable until the store's next commit.
+    pub(crate) fn get(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        keyring: &KeyRing,
+        tenant: &str,
+    ) -> Result<Arc<FheSecret>> {
+        if let Some(k) = self.cache.read().ok().and_then(|m| m.get(tenant).cloned()) {
+            return Ok(k);
+        }
+        let secret = match tree.get(key)? {
+            Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
+            None => {
+                let fresh = FheSecret::generate();
+                let wrapped = fresh.wrap(keyring, tenant)?;
+                // Two first writers race: the first stored key wins, the
+                // other is dropped (and zeroed) unused.
+                match tree.compare_and_swap(key, None as Option<&[u8]>, Some(wrapped))? {
+                    Ok(()) => fresh,
+                    Err(cas) => match cas.current {
+                        Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
+                        None => return Err(VaultError::storage("TFHE key creation raced")),
+                    },
+                }
+            }
+        };
+        let secret = Arc::new(secret);
+        if let Ok(mut m) = self.cache.write() {
+            m.insert(tenant.to_owned(), secret.clone());
+        }
+        Ok(secret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::RootKey;
+
+    #[test]
+    fn wrap_round_trip_and_binding() {
+        let ring = KeyRing::new(RootKey::generate());
+        let k = FheSecret::generate();
+        let w = k.wrap(&ring, "t1").unwrap();
+        let back = FheSecret::unwrap(&ring, "t1", &w).unwrap();
+        assert_eq!(back.key.as_ref(), k.key.as_ref());
+        assert!(FheSecret::unwrap(&ring, "t2", &w).is_err());
+        let mut bad = w.clone();
+        bad[20] ^= 1;
+        assert!(FheSecret::unwrap(&ring, "t1", &bad).is_err());
+        assert!(FheSecret::unwrap(&ring, "t1", &w[..5]).is_err());
+        assert_eq!(format!("{k:?}"), "FheSecret(<redacted>)");
+    }
+
+    #[test]
+    fn fresh_encryptions_decrypt_and_differ() {
+        let k = FheSecret::generate();
+        let mut v = vec![0i64; SLOTS];
+        v[7] = 1023;
+        v[2047] = 5;
+        let a = k.encrypt_block(&v).unwrap();
+        let b = k.encrypt_block(&v).unwrap();
+        assert_eq!(&k.decrypt_block(&a)[..], &v[..]);
+        assert_ne!(a.to_bytes().unwrap(), b.to_bytes().unwrap());
+    }
+}

@@ -1,0 +1,425 @@
+//! The sandbox through gRPC on a real server: partner aggregates and the
+//! lead-scoring workload on TFHE ciphertexts, every refusal the release
+//! gate and the cohort rules make, bad specs and corrupted ciphertexts on
+//! disk, and erasure of encrypted features.
+
+use crate::common::*;
+use crate::ledger::consent;
+use sovra_proto::lineage::v1 as linpb;
+use sovra_proto::sandbox::v1 as spb;
+use sovra_proto::vault::v1 as pb;
+use sovra_vault::client::{self, SandboxClient};
+use tonic::Code;
+
+fn cust(i: usize) -> String {
+    format!("sb-{i:03}")
+}
+
+/// The features written for customer `i`: (budget CNY, purchases, dwell s).
+fn features(i: usize) -> (i64, i64, i64) {
+    (
+        ((i * 37) % 400 + 1) as i64 * 10_000 + 1234,
+        ((i * 11) % 40) as i64,
+        ((i * 97) % 3000) as i64,
+    )
+}
+
+/// Quantised as the schema says.
+fn q(i: usize) -> [i64; 3] {
+    let (b, p, d) = features(i);
+    [(b / 10_000).min(1023), p.min(1023), (d / 60).min(1023)]
+}
+
+/// Writes `n` customers and grants each `lead_scoring` consent, then
+/// withdraws it for those in `withdraw`.
+async fn populate(srv: &Running, env: &Env, n: usize, withdraw: &[usize]) {
+    let mut svc = srv.client(Some(&env.service)).await;
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    for i in 0..n {
+        let (b, p, d) = features(i);
+        svc.put_record(put(
+            &cust(i),
+            &[
+                ("name", text("Test Person")),
+                ("budget", int(b)),
+                ("purchase_count", int(p)),
+                ("whitepaper_dwell_s", int(d)),
+            ],
+        ))
+        .await
+        .unwrap();
+        led.record_consent(consent(&cust(i), "lead_scoring", true))
+            .await
+            .unwrap();
+    }
+    for &i in withdraw {
+        led.record_consent(consent(&cust(i), "lead_scoring", false))
+            .await
+            .unwrap();
+    }
+}
+
+async fn sandbox(srv: &Running, token: &str) -> SandboxClient {
+    client::connect_sandbox(&srv.url, Some(token), None)
+        .await
+        .unwrap()
+}
+
+fn spec_job(text: &str) -> spb::SubmitJobRequest {
+    spb::SubmitJobRequest {
+        job: Some(spb::submit_job_request::Job::SpecToml(text.into())),
+    }
+}
+
+fn workload_job(id: &str) -> spb::SubmitJobRequest {
+    spb::SubmitJobRequest {
+        job: Some(spb::submit_job_request::Job::WorkloadId(id.into())),
+    }
+}
+
+fn sum_spec(purpose: &str, feature: &str) -> String {
+    format!("name = \"sum-{feature}\"\npurpose = \"{purpose}\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\nfeature = \"{feature}\"\n")
+}
+
+/// Watches a job to its end (the stream must end by itself) and returns
+/// every state seen.
+async fn watch(c: &mut SandboxClient, job: &spb::Job) -> Vec<spb::Job> {
+    let mut s = c
+        .watch_job(spb::GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(j) = s.message().await.unwrap() {
+        seen.push(j);
+    }
+    seen
+}
+
+async fn run_to_result(c: &mut SandboxClient, req: spb::SubmitJobRequest) -> spb::JobResult {
+    let job = c.submit_job(req).await.unwrap().into_inner();
+    let seen = watch(c, &job).await;
+    let last = seen.last().unwrap();
+    assert_eq!(last.state, spb::JobState::Succeeded as i32, "{last:?}");
+    c.get_result(spb::GetJobRequest {
+        job_id: job.job_id.clone(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn refused(r: Result<tonic::Response<spb::Job>, tonic::Status>, code: Code, needle: &str) {
+    let s = r.err().unwrap_or_else(|| panic!("expected {code:?} mentioning {needle}"));
+    assert_eq!(s.code(), code, "{}", s.message());
+    assert!(s.message().contains(needle), "{} should mention {needle}", s.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partner_aggregates_and_every_refusal() {
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, 25, &[3, 7]).await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+
+    // The aggregate: the cohort is the 23 customers whose consent is in
+    // force; the withdrawn two are counted as excluded, not summed.
+    let r = run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+    let cohort: Vec<usize> = (0..25).filter(|i| *i != 3 && *i != 7).collect();
+    let want: i64 = cohort.iter().map(|&i| q(i)[0]).sum();
+    let job = r.job.clone().unwrap();
+    assert_eq!(job.cohort_size, 23);
+    assert_eq!(job.excluded, 2);
+    let agg = r.aggregate.clone().unwrap();
+    assert_eq!((agg.op.as_str(), agg.sum), ("sum", want));
+    assert_eq!(r.released_to, "partner");
+    assert_eq!(r.output_sha256.len(), 64);
+    assert!(r.ledger_index > 0);
+
+    // Per-customer output to a partner: refused before anything runs.
+    refused(
+        partner.submit_job(workload_job("lead_scoring")).await,
+        Code::PermissionDenied,
+        "release-scores-never-to-partners",
+    );
+    refused(
+        partner
+            .submit_job(spec_job("name = \"p\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 1 }\n"))
+            .await,
+        Code::PermissionDenied,
+        "release_scores",
+    );
+
+    // Below k: four more withdrawals leave 19 < 20.
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    for i in [0, 1, 2, 4] {
+        led.record_consent(consent(&cust(i), "lead_scoring", false))
+            .await
+            .unwrap();
+    }
+    refused(
+        partner.submit_job(spec_job(&sum_spec("lead_scoring", "budget"))).await,
+        Code::FailedPrecondition,
+        "release-aggregate-min-cohort",
+    );
+
+    // A purpose without consent, and a feature whose policy denies the
+    // purpose: the cohort is empty, and the status says which policy.
+    let mut svc = sandbox(&srv, &env.service).await;
+    refused(
+        svc.submit_job(spec_job(&sum_spec("sales_followup", "budget"))).await,
+        Code::FailedPrecondition,
+        "consent-required",
+    );
+    refused(
+        svc.submit_job(spec_job(&sum_spec("marketing", "budget"))).await,
+        Code::FailedPrecondition,
+        "purpose-allowed-for-field",
+    );
+    // A purpose the partner may not declare.
+    refused(
+        partner.submit_job(spec_job(&sum_spec("billing", "purchase_count"))).await,
+        Code::FailedPrecondition,
+        "purpose-entitled-to-principal",
+    );
+
+    // Only the submitter gets the result; officers see the job's state.
+    let job_id = job.job_id.clone();
+    let other = svc
+        .get_result(spb::GetJobRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied, "{}", other.message());
+    let mut dpo = sandbox(&srv, &env.officer).await;
+    let seen = dpo
+        .get_job(spb::GetJobRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.state, spb::JobState::Succeeded as i32);
+    assert_eq!(
+        dpo.get_result(spb::GetJobRequest { job_id })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        dpo.submit_job(spec_job(&sum_spec("lead_scoring", "budget")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let anon = client::connect_sandbox(&srv.url, None, None).await.unwrap();
+    let mut anon = anon;
+    assert_eq!(
+        anon.list_workloads(spb::ListWorkloadsRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        partner
+            .get_job(spb::GetJobRequest {
+                job_id: "job-nope".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lead_scoring_workload_scores_equal_the_reference_and_are_anchored() {
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, 30, &[5]).await;
+    let mut svc = sandbox(&srv, &env.service).await;
+    let w = svc
+        .list_workloads(spb::ListWorkloadsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.workloads.len(), 1);
+    assert_eq!(w.workloads[0].id, "lead_scoring");
+    assert_eq!(w.workloads[0].department, "sales");
+
+    let job = svc.submit_job(workload_job("lead_scoring")).await.unwrap().into_inner();
+    let seen = watch(&mut svc, &job).await;
+    assert_eq!(seen.last().unwrap().state, spb::JobState::Succeeded as i32);
+    let r = svc
+        .get_result(spb::GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.scores.len(), 29);
+    for s in &r.scores {
+        let i: usize = s.customer_id[3..].parse().unwrap();
+        assert_ne!(i, 5, "a withdrawn customer was scored");
+        let x = q(i);
+        let want = -3499 + 7 * x[0] + 53 * x[1] + 35 * x[2];
+        assert_eq!(s.score, want, "{}", s.customer_id);
+        let p = 1.0 / (1.0 + (-(want as f64) / 1000.0).exp());
+        assert!((s.probability - p).abs() < 1e-9);
+        let band = if p >= 0.7 { "high" } else if p >= 0.4 { "medium" } else { "low" };
+        assert_eq!(s.band, band);
+        assert!(s.top_features.len() <= 2);
+        for f in &s.top_features {
+            assert!(["budget", "purchase_count", "whitepaper_dwell_s"].contains(&f.as_str()));
+        }
+    }
+    // The lineage of a scored customer's budget shows the job.
+    let mut lin = client::connect_lineage(&srv.url, Some(&env.officer), None)
+        .await
+        .unwrap();
+    let d = lin
+        .get_derived(linpb::GetDerivedRequest {
+            customer_id: cust(0),
+            field: "budget".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let text = format!("{d:?}");
+    assert!(text.contains(&job.job_id), "{text}");
+    assert!(text.contains("lead_scoring_score"), "{text}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_and_corrupted_ciphertexts_release_nothing() {
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, 22, &[]).await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+    for (spec, needle) in [
+        ("{{{", "invalid job spec"),
+        ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"tree\"\n", "unknown variant"),
+        ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 99999999 }\n", "outside"),
+        ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { salary = 1 }\n", "not an encrypted feature"),
+        ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 10000, purchase_count = 10000 }\n", "noise bound"),
+    ] {
+        refused(partner.submit_job(spec_job(spec)).await, Code::InvalidArgument, needle);
+    }
+    refused(
+        partner.submit_job(spec_job(&"#".repeat(70_000))).await,
+        Code::InvalidArgument,
+        "more than",
+    );
+    refused(
+        partner.submit_job(workload_job("../../etc/passwd")).await,
+        Code::NotFound,
+        "workload",
+    );
+    refused(
+        partner.submit_job(spb::SubmitJobRequest { job: None }).await,
+        Code::InvalidArgument,
+        "spec_toml",
+    );
+    srv.stop().await;
+
+    // Corrupt every stored block of `budget`: the job fails on DATA_LOSS
+    // before any evaluation, and nothing is released.
+    {
+        let db = open_raw(&env.data_dir());
+        let t = db.open_tree("fhe_features").unwrap();
+        let mut n = 0;
+        for item in t.scan_prefix(b"Bdefault\0budget\0") {
+            let (k, v) = item.unwrap();
+            let mut bad = v.to_vec();
+            bad.truncate(bad.len() / 2);
+            t.insert(k, bad).unwrap();
+            n += 1;
+        }
+        assert!(n > 0);
+        db.flush().unwrap();
+    }
+    let srv = env.start().await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+    let e = partner
+        .submit_job(spec_job(&sum_spec("lead_scoring", "budget")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{}", e.message());
+    assert!(e.message().contains("feature `budget`"), "{}", e.message());
+    // Other features are intact.
+    run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "purchase_count"))).await;
+    srv.stop().await;
+
+    // A tampered TFHE key: writes of features fail, losing nothing.
+    {
+        let db = open_raw(&env.data_dir());
+        let t = db.open_tree("fhe_features").unwrap();
+        let k = b"Kdefault".to_vec();
+        let mut w = t.get(&k).unwrap().unwrap().to_vec();
+        w[20] ^= 1;
+        t.insert(k, w).unwrap();
+        db.flush().unwrap();
+    }
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    let e = svc
+        .put_record(put(&cust(0), &[("budget", int(1))]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{}", e.message());
+    assert!(e.message().contains("TFHE secret key"), "{}", e.message());
+    let r = svc
+        .get_fields(get(&cust(0), &["budget"], "customer_service"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(format!("{r:?}").contains(&features(0).0.to_string()), "{r:?}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_removes_a_customers_encrypted_features() {
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, 23, &[]).await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+    let before = run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+    let mut adm = srv.client(Some(&env.admin)).await;
+    adm.erase_customer(pb::EraseCustomerRequest {
+        customer_id: cust(4),
+        reason: "gdpr_art17".into(),
+    })
+    .await
+    .unwrap();
+    let after = run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+    assert_eq!(after.job.unwrap().cohort_size, 22);
+    assert_eq!(
+        after.aggregate.unwrap().sum,
+        before.aggregate.unwrap().sum - q(4)[0]
+    );
+    srv.stop().await;
+    // No key or value of the encrypted-feature store names the customer.
+    let db = open_raw(&env.data_dir());
+    let t = db.open_tree("fhe_features").unwrap();
+    let needle = cust(4).into_bytes();
+    let mut blocks = 0;
+    for item in t.iter() {
+        let (k, v) = item.unwrap();
+        assert!(!k.windows(needle.len()).any(|w| w == needle));
+        assert!(!v.windows(needle.len()).any(|w| w == needle));
+        blocks += usize::from(k.first() == Some(&b'B'));
+    }
+    assert!(blocks >= 3);
+}
