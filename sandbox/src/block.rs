@@ -96,7 +96,10 @@ impl FeatureBlock {
         if bytes.len() as u64 > MAX_BLOCK_BYTES {
             return Err(BadCiphertext::new(
                 what,
-                format!("{} bytes, more than the {MAX_BLOCK_BYTES} a block may take", bytes.len()),
+                format!(
+                    "{} bytes, more than the {MAX_BLOCK_BYTES} a block may take",
+                    bytes.len()
+                ),
             ));
         }
         let Stored(ct) =

@@ -163,7 +163,10 @@ fn linear_block(
     input: &JobInput,
     block: usize,
     keep_terms: bool,
-) -> (GlweCiphertextOwned<u64>, Vec<(String, Option<GlweCiphertextOwned<u64>>)>) {
+) -> (
+    GlweCiphertextOwned<u64>,
+    Vec<(String, Option<GlweCiphertextOwned<u64>>)>,
+) {
     let mut acc = zero_glwe();
     let mut terms = Vec::new();
     for (feature, w) in &model.terms {
@@ -237,7 +240,8 @@ fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Resu
         ));
     }
     for (slots, b) in input.cohort.iter().zip(0..) {
-        if slots.windows(2).any(|w| w[0] >= w[1]) || slots.iter().any(|&s| usize::from(s) >= SLOTS) {
+        if slots.windows(2).any(|w| w[0] >= w[1]) || slots.iter().any(|&s| usize::from(s) >= SLOTS)
+        {
             return Err(LimitExceeded::new(
                 "customers",
                 format!("block {b}: cohort slots must be sorted, distinct and below {SLOTS}"),

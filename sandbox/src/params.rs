@@ -105,7 +105,15 @@ mod tests {
 
     #[test]
     fn encoding_round_trips_with_noise_below_the_ceiling() {
-        for v in [0i64, 1, -1, 1023, -1023, MAX_RESULT as i64, -(MAX_RESULT as i64)] {
+        for v in [
+            0i64,
+            1,
+            -1,
+            1023,
+            -1023,
+            MAX_RESULT as i64,
+            -(MAX_RESULT as i64),
+        ] {
             let p = encode(v);
             assert_eq!(decode(p), v);
             assert_eq!(decode(p.wrapping_add(NOISE_CEILING - 1)), v);

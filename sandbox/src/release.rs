@@ -67,7 +67,12 @@ mod tests {
         assert_eq!(band(probability(0, 10), &b), Band::Medium);
         assert_eq!(band(probability(100, 10), &b), Band::High);
         assert_eq!(band(probability(-100, 10), &b), Band::Low);
-        let terms = vec![("a".into(), 5), ("b".into(), 9), ("c".into(), -3), ("d".into(), 5)];
+        let terms = vec![
+            ("a".into(), 5),
+            ("b".into(), 9),
+            ("c".into(), -3),
+            ("d".into(), 5),
+        ];
         assert_eq!(top_features(&terms, 2), vec!["b", "a"]);
         assert_eq!(top_features(&terms, 9), vec!["b", "a", "d"]);
     }

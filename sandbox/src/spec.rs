@@ -146,7 +146,10 @@ pub struct LinearModel {
 impl LinearModel {
     /// Σ|w|: the factor by which the model multiplies the noise.
     pub fn l1(&self) -> u128 {
-        self.terms.iter().map(|(_, w)| u128::from(w.unsigned_abs())).sum()
+        self.terms
+            .iter()
+            .map(|(_, w)| u128::from(w.unsigned_abs()))
+            .sum()
     }
 
     /// The plaintext reference on one customer's quantised features
@@ -286,7 +289,10 @@ fn linear(
     if weights.is_empty() || weights.len() > MAX_TERMS {
         return Err(InvalidSpec::new(
             format!("{what}.weights"),
-            format!("a model uses 1 to {MAX_TERMS} features, this one {}", weights.len()),
+            format!(
+                "a model uses 1 to {MAX_TERMS} features, this one {}",
+                weights.len()
+            ),
         ));
     }
     if bias.unsigned_abs() > MAX_BIAS as u64 {
@@ -302,7 +308,10 @@ fn linear(
             let known: Vec<&str> = catalog.iter().map(|i| i.name.as_str()).collect();
             InvalidSpec::new(
                 format!("{what}.weights.{f}"),
-                format!("`{f}` is not an encrypted feature (features: {})", known.join(", ")),
+                format!(
+                    "`{f}` is not an encrypted feature (features: {})",
+                    known.join(", ")
+                ),
             )
         })?;
         if w.unsigned_abs() > MAX_WEIGHT as u64 {
@@ -341,11 +350,14 @@ pub fn parse(text: &str, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
     if text.len() > MAX_SPEC_BYTES {
         return Err(InvalidSpec::new(
             "spec",
-            format!("{} bytes, more than the {MAX_SPEC_BYTES} a spec may have", text.len()),
+            format!(
+                "{} bytes, more than the {MAX_SPEC_BYTES} a spec may have",
+                text.len()
+            ),
         ));
     }
-    let raw: RawSpec = toml::from_str(text)
-        .map_err(|e| InvalidSpec::new("spec", e.message().to_owned()))?;
+    let raw: RawSpec =
+        toml::from_str(text).map_err(|e| InvalidSpec::new("spec", e.message().to_owned()))?;
     validate(raw, catalog)
 }
 
@@ -419,12 +431,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
                     ))
                 }
                 (_, Some(f), None) => {
-                    let (_, b) = linear(
-                        "model",
-                        0,
-                        BTreeMap::from([(f.clone(), 1)]),
-                        catalog,
-                    )?;
+                    let (_, b) = linear("model", 0, BTreeMap::from([(f.clone(), 1)]), catalog)?;
                     (Some(AggregateInput::Feature(f)), b)
                 }
                 (_, None, Some(l)) => {

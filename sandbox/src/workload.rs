@@ -60,7 +60,10 @@ pub fn load(manifest: &str, spec_text: &str, catalog: &[FeatureInfo]) -> Result<
     if m.spec_sha256 != want {
         return Err(InvalidSpec::new(
             format!("manifest {}: spec_sha256", m.id),
-            format!("the manifest says {}, the spec hashes to {want}", m.spec_sha256),
+            format!(
+                "the manifest says {}, the spec hashes to {want}",
+                m.spec_sha256
+            ),
         ));
     }
     if m.purpose != spec.purpose() || m.output != spec.output() {

@@ -7,7 +7,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use sovra_sandbox::params::{self, SLOTS};
 use sovra_sandbox::spec::{self, AggregateOp, FeatureInfo, Model};
-use sovra_sandbox::{run, EncryptedOutput, EvaluationMaterial, FeatureBlock, JobInput, Limits, Progress};
+use sovra_sandbox::{
+    run, EncryptedOutput, EvaluationMaterial, FeatureBlock, JobInput, Limits, Progress,
+};
 use std::collections::BTreeMap;
 use tfhe::core_crypto::prelude::*;
 
@@ -36,7 +38,13 @@ impl Key {
             seeder.seed().into(),
             params::ciphertext_modulus(),
         );
-        encrypt_seeded_glwe_ciphertext(&self.0, &mut ct, &pl, params::glwe_noise(), seeder.as_mut());
+        encrypt_seeded_glwe_ciphertext(
+            &self.0,
+            &mut ct,
+            &pl,
+            params::glwe_noise(),
+            seeder.as_mut(),
+        );
         // Through the stored form, as the vault reads blocks back.
         let bytes = FeatureBlock::from_seeded(ct).unwrap().to_bytes().unwrap();
         FeatureBlock::from_bytes(&bytes, "test").unwrap()
@@ -111,7 +119,10 @@ fn features_of(d: &Data, slot: u32) -> BTreeMap<String, i64> {
 }
 
 fn weights() -> impl Strategy<Value = (i64, Vec<i64>)> {
-    (-100_000i64..100_000, prop::collection::vec(-4000i64..4000, FEATURES.len()))
+    (
+        -100_000i64..100_000,
+        prop::collection::vec(-4000i64..4000, FEATURES.len()),
+    )
 }
 
 fn weights_toml(w: &[i64]) -> String {
@@ -227,8 +238,17 @@ fn a_sum_over_more_customers_than_one_chunk_holds_is_split_and_exact() {
     let text = "name = \"s\"\npurpose = \"analytics\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\n[model.linear]\nweights = { budget = 3, purchase_count = -1 }\n";
     let spec = spec::parse(text, &catalog()).unwrap();
     assert_eq!(spec.aggregate_chunk(), 4095);
-    let out = run(&EvaluationMaterial::new(), &spec, &input(&key, &d), &Progress::default(), &Limits::default()).unwrap();
-    let EncryptedOutput::Aggregate(a) = out else { panic!() };
+    let out = run(
+        &EvaluationMaterial::new(),
+        &spec,
+        &input(&key, &d),
+        &Progress::default(),
+        &Limits::default(),
+    )
+    .unwrap();
+    let EncryptedOutput::Aggregate(a) = out else {
+        panic!()
+    };
     assert!(a.chunks.len() >= 2);
     let got: i64 = a.chunks.iter().map(|c| key.decrypt_lwe(c)).sum();
     let want: i64 = (0..n).map(|i| 3 * d.values[0][i] - d.values[1][i]).sum();

@@ -18,7 +18,10 @@ fn catalog() -> Vec<FeatureInfo> {
 fn refused(text: &str, needle: &str) {
     match spec::parse(text, &catalog()) {
         Err(SandboxError::InvalidSpec(e)) => {
-            assert!(e.to_string().contains(needle), "{e} should mention {needle}")
+            assert!(
+                e.to_string().contains(needle),
+                "{e} should mention {needle}"
+            )
         }
         other => panic!("expected a refusal mentioning {needle}, got {other:?}"),
     }
@@ -30,10 +33,16 @@ const HEAD: &str = "name = \"j\"\npurpose = \"analytics\"\n";
 fn malformed_and_out_of_range_specs() {
     refused("not toml at all [", "spec");
     refused("name = 5", "spec");
-    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"tree\"\n"), "unknown variant");
+    refused(
+        &format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"tree\"\n"),
+        "unknown variant",
+    );
     refused(&format!("{HEAD}output = \"everything\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "unknown variant");
     refused(&format!("{HEAD}output = \"per_customer\"\nsneaky = 1\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "unknown field");
-    refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ }}\n"), "1 to 32 features");
+    refused(
+        &format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ }}\n"),
+        "1 to 32 features",
+    );
     refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ salary = 1 }}\n"), "not an encrypted feature");
     refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 70000 }}\n"), "outside");
     refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"linear\"\nbias = 2000000000\nweights = {{ budget = 1 }}\n"), "bias");
@@ -42,7 +51,10 @@ fn malformed_and_out_of_range_specs() {
     refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"logistic\"\nscale = 10\nweights = {{ budget = 1 }}\n[model.bands]\nhigh = 0.3\nmedium = 0.5\n"), "bands");
     refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "aggregate model");
     refused(&format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\nfeature = \"budget\"\n"), "aggregate` output");
-    refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\n"), "exactly one");
+    refused(
+        &format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\n"),
+        "exactly one",
+    );
     refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"count\"\nfeature = \"budget\"\n"), "counts the cohort");
     refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\n"), "unknown variant");
     refused(&format!("{HEAD}output = \"per_customer\"\nexplain = 9\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "explain");

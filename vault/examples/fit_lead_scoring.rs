@@ -62,8 +62,17 @@ fn main() {
     let scale = 1000.0;
     let names = ["budget", "purchase_count", "whitepaper_dwell_s"];
     let positives = rows.iter().filter(|(_, y)| *y > 0.5).count();
-    println!("fitted on {} synthetic customers ({positives} converted)", rows.len());
-    println!("logit = {bias:.4} + {}", (0..3).map(|i| format!("{:.5}·{}", raw[i], names[i])).collect::<Vec<_>>().join(" + "));
+    println!(
+        "fitted on {} synthetic customers ({positives} converted)",
+        rows.len()
+    );
+    println!(
+        "logit = {bias:.4} + {}",
+        (0..3)
+            .map(|i| format!("{:.5}·{}", raw[i], names[i]))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
     println!("scale = {scale}");
     println!("bias = {}", (bias * scale).round());
     for i in 0..3 {

@@ -698,11 +698,18 @@ async fn finish_job(
         .map_err(|s| demo_err("watch job", s))?
         .into_inner();
     let mut last = None;
-    while let Some(j) = stream.message().await.map_err(|s| demo_err("watch job", s))? {
+    while let Some(j) = stream
+        .message()
+        .await
+        .map_err(|s| demo_err("watch job", s))?
+    {
         last = Some(j);
     }
     if last.map(|j| j.state) != Some(spb::JobState::Succeeded as i32) {
-        return Err(VaultError::storage(format!("demo job {} did not succeed", job.job_id)));
+        return Err(VaultError::storage(format!(
+            "demo job {} did not succeed",
+            job.job_id
+        )));
     }
     Ok(c.get_result(spb::GetJobRequest {
         job_id: job.job_id.clone(),
@@ -766,7 +773,9 @@ async fn sandbox_step(
     // The lead-scoring workload, run by the sales service.
     let job = sales
         .submit_job(spb::SubmitJobRequest {
-            job: Some(spb::submit_job_request::Job::WorkloadId("lead_scoring".into())),
+            job: Some(spb::submit_job_request::Job::WorkloadId(
+                "lead_scoring".into(),
+            )),
         })
         .await
         .map_err(|s| demo_err("submit lead scoring", s))?
@@ -850,26 +859,32 @@ async fn sandbox_step(
         want_sum
     )
     .map_err(io)?;
-    check(sum.aggregate_ok, "the partner aggregate equals the plaintext reference")?;
+    check(
+        sum.aggregate_ok,
+        "the partner aggregate equals the plaintext reference",
+    )?;
 
     // Refusals: per-customer output to a partner, an aggregate under k.
     let per_customer = partner
         .submit_job(spb::SubmitJobRequest {
-            job: Some(spb::submit_job_request::Job::WorkloadId("lead_scoring".into())),
+            job: Some(spb::submit_job_request::Job::WorkloadId(
+                "lead_scoring".into(),
+            )),
         })
         .await
         .err();
     let small = partner
         .submit_job(spb::SubmitJobRequest {
             job: Some(spb::submit_job_request::Job::SpecToml(
-                spec.replace("lead_scoring", "analytics").replace("mean", "sum"),
+                spec.replace("lead_scoring", "analytics")
+                    .replace("mean", "sum"),
             )),
         })
         .await
         .err();
     let code = |e: &Option<tonic::Status>| e.as_ref().map_or(Code::Ok, |s| s.code());
-    sum.sandbox_refusals_ok = code(&per_customer) == Code::PermissionDenied
-        && code(&small) == Code::FailedPrecondition;
+    sum.sandbox_refusals_ok =
+        code(&per_customer) == Code::PermissionDenied && code(&small) == Code::FailedPrecondition;
     writeln!(
         out,
         "   partner asking for per-customer scores: {:?}; partner aggregate over the 12 analytics consents: {:?} ({})",

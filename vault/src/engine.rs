@@ -23,8 +23,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::envelope::{self, FieldContext};
-use crate::features;
 use crate::error::{Result, VaultError};
+use crate::features;
 use crate::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
 use crate::lineage::{self, Agent, Anchor};
 use crate::rotation::KeyStates;

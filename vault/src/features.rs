@@ -98,10 +98,10 @@ fn rewrite(
         None => zeroize::Zeroizing::new(vec![0i64; SLOTS]),
     };
     values[slot as usize % SLOTS] = value;
-    let fresh = match secret.encrypt_block(&values).and_then(|b| {
-        b.to_bytes()
-            .map_err(|e| VaultError::storage(e.to_string()))
-    }) {
+    let fresh = match secret
+        .encrypt_block(&values)
+        .and_then(|b| b.to_bytes().map_err(|e| VaultError::storage(e.to_string())))
+    {
         Ok(b) => b,
         Err(e) => return abort(e),
     };
@@ -137,7 +137,9 @@ pub(crate) fn put(
                 None => 0,
             };
             let Some(after) = next.checked_add(1) else {
-                return abort(VaultError::storage("the tenant has used every feature slot"));
+                return abort(VaultError::storage(
+                    "the tenant has used every feature slot",
+                ));
             };
             f.insert(nk, &after.to_be_bytes())?;
             f.insert(sk, &next.to_be_bytes())?;
@@ -169,7 +171,9 @@ pub(crate) fn erase(
         Err(e) => return abort(e),
     };
     for feature in features {
-        if f.get(block_key(tenant, feature, slot / SLOTS as u32))?.is_some() {
+        if f.get(block_key(tenant, feature, slot / SLOTS as u32))?
+            .is_some()
+        {
             rewrite(f, secret, tenant, feature, slot, 0)?;
         }
     }
@@ -220,7 +224,8 @@ pub(crate) fn column(
         }
         let what = format!("block {b} of feature `{feature}`");
         out[b] = Some(
-            FeatureBlock::from_bytes(&v, &what).map_err(|e| VaultError::integrity(e.to_string()))?,
+            FeatureBlock::from_bytes(&v, &what)
+                .map_err(|e| VaultError::integrity(e.to_string()))?,
         );
     }
     Ok(out)

@@ -111,8 +111,8 @@ impl FheSecret {
             return Err(VaultError::integrity(what()));
         }
         let k = keyring.fhe_wrap_key(tenant);
-        let cipher = Aes256Gcm::new_from_slice(k.as_ref())
-            .map_err(|_| VaultError::integrity(what()))?;
+        let cipher =
+            Aes256Gcm::new_from_slice(k.as_ref()).map_err(|_| VaultError::integrity(what()))?;
         let plain = Zeroizing::new(
             cipher
                 .decrypt(

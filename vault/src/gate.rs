@@ -57,14 +57,15 @@ pub(crate) fn open(
             let mut scores = Vec::new();
             for b in blocks {
                 let values = secret.decrypt_glwe(&b.score);
-                let terms: Vec<(String, Option<zeroize::Zeroizing<Vec<i64>>>)> = if spec.explain() > 0 {
-                    b.terms
-                        .iter()
-                        .map(|(f, ct)| (f.clone(), ct.as_ref().map(|c| secret.decrypt_glwe(c))))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                let terms: Vec<(String, Option<zeroize::Zeroizing<Vec<i64>>>)> =
+                    if spec.explain() > 0 {
+                        b.terms
+                            .iter()
+                            .map(|(f, ct)| (f.clone(), ct.as_ref().map(|c| secret.decrypt_glwe(c))))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                 for &slot in &b.slots {
                     let s = usize::from(slot);
                     let global = (b.block * SLOTS + s) as u32;

@@ -672,9 +672,7 @@ async fn run_job(cmd: JobCmd) -> CmdResult {
                     spb::submit_job_request::Job::SpecToml(text)
                 }
                 (None, None) => {
-                    return Err(Failure::Usage(
-                        "give a spec file or --workload ID".into(),
-                    ))
+                    return Err(Failure::Usage("give a spec file or --workload ID".into()))
                 }
             };
             let mut c = connect(&conn).await?;

@@ -277,10 +277,11 @@ fn select(
         .map(|f| schema.field(f))
         .collect::<crate::Result<_>>()?;
     let attrs: Vec<&sovra_policy::FieldAttrs> = feature_defs.iter().map(|d| &d.policy).collect();
-    let fetch: Vec<&crate::schema::FieldDef> = [policy::CUSTOMER_KIND_FIELD, policy::CONTRACT_VALUE_FIELD]
-        .iter()
-        .filter_map(|n| schema.field(n).ok())
-        .collect();
+    let fetch: Vec<&crate::schema::FieldDef> =
+        [policy::CUSTOMER_KIND_FIELD, policy::CONTRACT_VALUE_FIELD]
+            .iter()
+            .filter_map(|n| schema.field(n).ok())
+            .collect();
     let ctx = policy::context(spec.purpose(), 0);
     let mut customers = HashMap::new();
     let mut excluded = 0u64;
@@ -371,19 +372,20 @@ fn output_name(spec: &ValidatedSpec) -> String {
 }
 
 /// Runs an accepted job to the end: evaluation, the gate, the ledger.
-async fn execute(
-    shared: Shared,
-    entry: Arc<JobEntry>,
-    selection: Selection,
-    limits: Limits,
-) {
+async fn execute(shared: Shared, entry: Arc<JobEntry>, selection: Selection, limits: Limits) {
     entry.status().state = pb::JobState::Running as i32;
     let started = Instant::now();
     let spec = entry.spec.clone();
     let input = selection.input;
     let e2 = entry.clone();
     let evaluated = tokio::task::spawn_blocking(move || {
-        sovra_sandbox::run(&EvaluationMaterial::new(), &spec, &input, &e2.progress, &limits)
+        sovra_sandbox::run(
+            &EvaluationMaterial::new(),
+            &spec,
+            &input,
+            &e2.progress,
+            &limits,
+        )
     })
     .await;
     entry.status().eval_micros = started.elapsed().as_micros() as u64;
@@ -398,11 +400,23 @@ async fn execute(
             return;
         }
         Err(_) => {
-            entry.finish(pb::JobState::Failed, "the evaluation task failed".into(), None);
+            entry.finish(
+                pb::JobState::Failed,
+                "the evaluation task failed".into(),
+                None,
+            );
             return;
         }
     };
-    match release(&shared, &entry, &output, selection.customers, selection.policies).await {
+    match release(
+        &shared,
+        &entry,
+        &output,
+        selection.customers,
+        selection.policies,
+    )
+    .await
+    {
         Ok(result) => entry.finish(pb::JobState::Succeeded, String::new(), Some(result)),
         Err(s) => entry.finish(pb::JobState::Failed, s.message().to_owned(), None),
     }
@@ -487,8 +501,8 @@ impl Sandbox for SandboxService {
         let catalog = self.shared.engine.schema().feature_catalog();
         let (name, spec, run_as) = match req.into_inner().job {
             Some(pb::submit_job_request::Job::SpecToml(text)) => {
-                let spec = sovra_sandbox::spec::parse(&text, &catalog)
-                    .map_err(|e| sandbox_status(&e))?;
+                let spec =
+                    sovra_sandbox::spec::parse(&text, &catalog).map_err(|e| sandbox_status(&e))?;
                 (spec.name().to_owned(), spec, (*p).clone())
             }
             Some(pb::submit_job_request::Job::WorkloadId(id)) => {
@@ -578,8 +592,12 @@ impl Sandbox for SandboxService {
             progress: Progress::default(),
             status: Mutex::new(JobStatus {
                 state: pb::JobState::Queued as i32,
-                blocks_total: selection.input.cohort.iter().filter(|c| !c.is_empty()).count()
-                    as u64,
+                blocks_total: selection
+                    .input
+                    .cohort
+                    .iter()
+                    .filter(|c| !c.is_empty())
+                    .count() as u64,
                 ..JobStatus::default()
             }),
         });

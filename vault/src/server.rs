@@ -26,8 +26,8 @@ use crate::policy_service::PolicyService;
 use crate::service::Shared;
 use crate::service::VaultService;
 use sovra_proto::lineage::v1::lineage_server::LineageServer;
-use sovra_proto::sandbox::v1::sandbox_server::SandboxServer;
 use sovra_proto::policy::v1::policy_server::PolicyServer;
+use sovra_proto::sandbox::v1::sandbox_server::SandboxServer;
 
 use crate::lineage_service::LineageService;
 use crate::sandbox_service::SandboxService;

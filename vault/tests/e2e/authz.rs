@@ -9,6 +9,7 @@ use prost::Message;
 use sovra_proto::ledger::v1 as lpb;
 use sovra_proto::lineage::v1 as linpb;
 use sovra_proto::policy::v1 as ppb;
+use sovra_proto::sandbox::v1 as spb;
 use sovra_proto::vault::v1 as pb;
 use sovra_vault::auth::Role;
 use sovra_vault::client;
@@ -189,6 +190,9 @@ async fn the_table_holds_through_grpc() {
         let mut lin = client::connect_lineage(&srv.url, Some(token), None)
             .await
             .unwrap();
+        let mut sb = client::connect_sandbox(&srv.url, Some(token), None)
+            .await
+            .unwrap();
         let field = row.field.clone().unwrap_or_default();
         let purpose = row.purpose.clone().unwrap_or_default();
         let got: Result<&str, tonic::Status> = match row.rpc.as_str() {
@@ -330,6 +334,40 @@ async fn the_table_holds_through_grpc() {
                 .await,
             ),
             "ExportLineage" => outcome(lin.export_lineage(linpb::ExportLineageRequest {}).await),
+            // The field column names the job: a feature to sum, or a
+            // registered workload.
+            "SubmitJob" => {
+                let job = if field == "lead_scoring" {
+                    spb::submit_job_request::Job::WorkloadId(field.clone())
+                } else {
+                    spb::submit_job_request::Job::SpecToml(format!(
+                        "name = \"authz\"\npurpose = \"{purpose}\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\nfeature = \"{field}\"\n"
+                    ))
+                };
+                match sb
+                    .submit_job(spb::SubmitJobRequest { job: Some(job) })
+                    .await
+                {
+                    Err(s) if s.code() == Code::FailedPrecondition => Ok("allow"),
+                    r => outcome(r),
+                }
+            }
+            "GetJob" | "WatchJob" | "CancelJob" | "GetResult" => {
+                let req = spb::GetJobRequest {
+                    job_id: "job-unknown".into(),
+                };
+                let r = match row.rpc.as_str() {
+                    "GetJob" => sb.get_job(req).await.map(|_| ()),
+                    "WatchJob" => sb.watch_job(req).await.map(|_| ()),
+                    "CancelJob" => sb.cancel_job(req).await.map(|_| ()),
+                    _ => sb.get_result(req).await.map(|_| ()),
+                };
+                match r {
+                    Err(s) if s.code() == Code::NotFound => Ok("allow"),
+                    r => outcome(r),
+                }
+            }
+            "ListWorkloads" => outcome(sb.list_workloads(spb::ListWorkloadsRequest {}).await),
             other => panic!("authz.table line {}: no executor for {other}", row.line),
         };
         match got {
