@@ -28,7 +28,7 @@ pub struct InvalidSpec {
 }
 
 impl InvalidSpec {
-    pub(crate) fn new(what: impl Into<String>, message: impl Into<String>) -> SandboxError {
+    pub(crate) fn error(what: impl Into<String>, message: impl Into<String>) -> SandboxError {
         InvalidSpec {
             what: what.into(),
             message: message.into(),
@@ -50,7 +50,7 @@ pub struct BadCiphertext {
 }
 
 impl BadCiphertext {
-    pub(crate) fn new(what: impl Into<String>, message: impl Into<String>) -> SandboxError {
+    pub(crate) fn error(what: impl Into<String>, message: impl Into<String>) -> SandboxError {
         BadCiphertext {
             what: what.into(),
             message: message.into(),
@@ -68,7 +68,7 @@ pub struct LimitExceeded {
 }
 
 impl LimitExceeded {
-    pub(crate) fn new(limit: &'static str, detail: impl Into<String>) -> SandboxError {
+    pub(crate) fn error(limit: &'static str, detail: impl Into<String>) -> SandboxError {
         LimitExceeded {
             limit,
             detail: detail.into(),

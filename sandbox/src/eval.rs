@@ -1,8 +1,8 @@
 //! Evaluation of validated specs on packed feature blocks.
 //!
-//! Guarantees: only leveled operations (ciphertext × cleartext, ciphertext
-//! + ciphertext, ciphertext + plaintext, products with cleartext
-//! polynomials, sample extraction): the result of a job is a ciphertext
+//! Guarantees: only leveled operations (products with cleartexts and
+//! cleartext polynomials, sums of ciphertexts and plaintexts, sample
+//! extraction): the result of a job is a ciphertext
 //! whose noise is within the bound [`crate::spec`] checked, so its
 //! decryption is exact. Aggregates stay encrypted until the release gate:
 //! each chunk of the cohort is summed inside one ciphertext by multiplying a
@@ -116,7 +116,7 @@ pub struct ScoredBlock {
     pub score: GlweCiphertextOwned<u64>,
     /// Per feature, weight·feature (kept when the spec asks for an
     /// explanation); None where the block holds no value of the feature.
-    pub terms: Vec<(String, Option<GlweCiphertextOwned<u64>>)>,
+    pub terms: Terms,
 }
 
 /// An aggregate, still encrypted: the sum over the cohort is the sum of the
@@ -148,6 +148,9 @@ impl std::fmt::Debug for EncryptedOutput {
     }
 }
 
+/// Per feature, weight·feature (None where the block holds no value).
+type Terms = Vec<(String, Option<GlweCiphertextOwned<u64>>)>;
+
 fn zero_glwe() -> GlweCiphertextOwned<u64> {
     GlweCiphertext::new(
         0u64,
@@ -163,10 +166,7 @@ fn linear_block(
     input: &JobInput,
     block: usize,
     keep_terms: bool,
-) -> (
-    GlweCiphertextOwned<u64>,
-    Vec<(String, Option<GlweCiphertextOwned<u64>>)>,
-) {
+) -> (GlweCiphertextOwned<u64>, Terms) {
     let mut acc = zero_glwe();
     let mut terms = Vec::new();
     for (feature, w) in &model.terms {
@@ -217,7 +217,7 @@ fn selector(slots: &[u16]) -> PolynomialOwned<u64> {
 fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Result<()> {
     let cohort = input.cohort_size();
     if cohort > limits.max_customers {
-        return Err(LimitExceeded::new(
+        return Err(LimitExceeded::error(
             "customers",
             format!("cohort of {cohort}, limit {}", limits.max_customers),
         ));
@@ -231,7 +231,7 @@ fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Resu
     };
     let estimate = blocks * per_block * glwe_bytes;
     if estimate > limits.max_memory_bytes {
-        return Err(LimitExceeded::new(
+        return Err(LimitExceeded::error(
             "memory",
             format!(
                 "about {estimate} bytes of ciphertexts, limit {}",
@@ -242,7 +242,7 @@ fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Resu
     for (slots, b) in input.cohort.iter().zip(0..) {
         if slots.windows(2).any(|w| w[0] >= w[1]) || slots.iter().any(|&s| usize::from(s) >= SLOTS)
         {
-            return Err(LimitExceeded::new(
+            return Err(LimitExceeded::error(
                 "customers",
                 format!("block {b}: cohort slots must be sorted, distinct and below {SLOTS}"),
             ));
@@ -275,7 +275,7 @@ pub fn run(
             return Err(SandboxError::Cancelled);
         }
         if started.elapsed() > limits.max_wall {
-            return Err(LimitExceeded::new(
+            return Err(LimitExceeded::error(
                 "wall_time",
                 format!("ran longer than {:?}", limits.max_wall),
             ));
@@ -368,5 +368,75 @@ pub fn run(
                 .collect::<Result<Vec<_>>>()?;
             Ok(EncryptedOutput::PerCustomer(scored))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{self, FeatureInfo};
+
+    fn spec() -> ValidatedSpec {
+        spec::parse(
+            "name = \"t\"\npurpose = \"analytics\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 2 }\n",
+            &[FeatureInfo {
+                name: "budget".into(),
+                max: 1023,
+            }],
+        )
+        .unwrap()
+    }
+
+    fn input() -> JobInput {
+        JobInput {
+            columns: BTreeMap::new(),
+            cohort: vec![vec![0, 1], vec![], vec![5]],
+        }
+    }
+
+    fn limit_of(e: SandboxError) -> &'static str {
+        match e {
+            SandboxError::LimitExceeded(l) => l.limit(),
+            other => panic!("expected a limit, got {other}"),
+        }
+    }
+
+    #[test]
+    fn cancellation_limits_and_progress() {
+        let m = EvaluationMaterial::new();
+        let p = Progress::default();
+        let out = run(&m, &spec(), &input(), &p, &Limits::default()).unwrap();
+        assert!(matches!(out, EncryptedOutput::PerCustomer(ref b) if b.len() == 2));
+        assert_eq!(p.get(), (2, 2));
+
+        let p = Progress::default();
+        p.cancel();
+        assert!(matches!(
+            run(&m, &spec(), &input(), &p, &Limits::default()),
+            Err(SandboxError::Cancelled)
+        ));
+        let few = Limits {
+            max_customers: 2,
+            ..Limits::default()
+        };
+        let e = run(&m, &spec(), &input(), &Progress::default(), &few).unwrap_err();
+        assert_eq!(limit_of(e), "customers");
+        let small = Limits {
+            max_memory_bytes: 1,
+            ..Limits::default()
+        };
+        let e = run(&m, &spec(), &input(), &Progress::default(), &small).unwrap_err();
+        assert_eq!(limit_of(e), "memory");
+        let none = Limits {
+            max_wall: Duration::ZERO,
+            ..Limits::default()
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        let e = run(&m, &spec(), &input(), &Progress::default(), &none).unwrap_err();
+        assert_eq!(limit_of(e), "wall_time");
+        let mut bad = input();
+        bad.cohort[0] = vec![3, 3];
+        let e = run(&m, &spec(), &bad, &Progress::default(), &Limits::default()).unwrap_err();
+        assert!(e.to_string().contains("sorted, distinct"), "{e}");
     }
 }

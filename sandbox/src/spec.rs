@@ -287,7 +287,7 @@ fn linear(
     catalog: &[FeatureInfo],
 ) -> Result<(LinearModel, u64)> {
     if weights.is_empty() || weights.len() > MAX_TERMS {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             format!("{what}.weights"),
             format!(
                 "a model uses 1 to {MAX_TERMS} features, this one {}",
@@ -296,7 +296,7 @@ fn linear(
         ));
     }
     if bias.unsigned_abs() > MAX_BIAS as u64 {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             format!("{what}.bias"),
             format!("|bias| must be at most {MAX_BIAS}"),
         ));
@@ -306,7 +306,7 @@ fn linear(
     for (f, w) in weights {
         let info = catalog.iter().find(|i| i.name == f).ok_or_else(|| {
             let known: Vec<&str> = catalog.iter().map(|i| i.name.as_str()).collect();
-            InvalidSpec::new(
+            InvalidSpec::error(
                 format!("{what}.weights.{f}"),
                 format!(
                     "`{f}` is not an encrypted feature (features: {})",
@@ -315,7 +315,7 @@ fn linear(
             )
         })?;
         if w.unsigned_abs() > MAX_WEIGHT as u64 {
-            return Err(InvalidSpec::new(
+            return Err(InvalidSpec::error(
                 format!("{what}.weights.{f}"),
                 format!("weight {w} is outside -{MAX_WEIGHT}..={MAX_WEIGHT}"),
             ));
@@ -325,8 +325,8 @@ fn linear(
     }
     let m = LinearModel { bias, terms };
     if magnitude > u128::from(MAX_RESULT) {
-        return Err(InvalidSpec::new(
-            format!("{what}"),
+        return Err(InvalidSpec::error(
+            what.to_owned(),
             format!(
                 "magnitude bound: |bias| + Σ|weight|·max(feature) = {magnitude} exceeds the plaintext space (±{MAX_RESULT}); use smaller weights"
             ),
@@ -334,8 +334,8 @@ fn linear(
     }
     let noise = noise_bound(m.l1());
     if noise >= u128::from(NOISE_CEILING) {
-        return Err(InvalidSpec::new(
-            format!("{what}"),
+        return Err(InvalidSpec::error(
+            what.to_owned(),
             format!(
                 "noise bound: Σ|weight| = {} times the fresh noise 2^17 reaches the ceiling 2^31 (Σ|weight| must stay below 16384)",
                 m.l1()
@@ -348,7 +348,7 @@ fn linear(
 /// Parses a TOML spec and validates it against `catalog`.
 pub fn parse(text: &str, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
     if text.len() > MAX_SPEC_BYTES {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             "spec",
             format!(
                 "{} bytes, more than the {MAX_SPEC_BYTES} a spec may have",
@@ -357,28 +357,28 @@ pub fn parse(text: &str, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         ));
     }
     let raw: RawSpec =
-        toml::from_str(text).map_err(|e| InvalidSpec::new("spec", e.message().to_owned()))?;
+        toml::from_str(text).map_err(|e| InvalidSpec::error("spec", e.message().to_owned()))?;
     validate(raw, catalog)
 }
 
 fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
     let canonical = serde_json::to_vec(&raw)
-        .map_err(|e| InvalidSpec::new("spec", format!("cannot encode: {e}")))?;
+        .map_err(|e| InvalidSpec::error("spec", format!("cannot encode: {e}")))?;
     let sha256: [u8; 32] = Sha256::digest(&canonical).into();
     if !is_name(&raw.name, 64) {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             "name",
             "1 to 64 characters of [a-z0-9_-], starting with a letter",
         ));
     }
     if !is_name(&raw.purpose, 64) || raw.purpose.contains('-') {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             "purpose",
             "1 to 64 characters of [a-z0-9_], starting with a letter",
         ));
     }
     if raw.explain > MAX_EXPLAIN {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             "explain",
             format!("at most {MAX_EXPLAIN} contributing features may be named"),
         ));
@@ -396,14 +396,14 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         } => {
             let (m, b) = linear("model", bias, weights, catalog)?;
             if !(1..=MAX_SCALE).contains(&scale) {
-                return Err(InvalidSpec::new(
+                return Err(InvalidSpec::error(
                     "model.scale",
                     format!("must be 1..={MAX_SCALE}"),
                 ));
             }
             let bands = bands.unwrap_or_default();
             if !(bands.medium > 0.0 && bands.medium < bands.high && bands.high < 1.0) {
-                return Err(InvalidSpec::new(
+                return Err(InvalidSpec::error(
                     "model.bands",
                     "need 0 < medium < high < 1",
                 ));
@@ -425,7 +425,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
             let (over, b) = match (op, feature, lin) {
                 (AggregateOp::Count, None, None) => (None, 1),
                 (AggregateOp::Count, _, _) => {
-                    return Err(InvalidSpec::new(
+                    return Err(InvalidSpec::error(
                         "model",
                         "`count` counts the cohort: give neither `feature` nor `linear`",
                     ))
@@ -439,7 +439,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
                     (Some(AggregateInput::Linear(m)), b)
                 }
                 _ => {
-                    return Err(InvalidSpec::new(
+                    return Err(InvalidSpec::error(
                         "model",
                         "`sum` and `mean` need exactly one of `feature` or `linear`",
                     ))
@@ -451,13 +451,13 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
     let aggregate = matches!(model, Model::Aggregate { .. });
     match (raw.output, aggregate) {
         (OutputClass::Aggregate, false) => {
-            return Err(InvalidSpec::new(
+            return Err(InvalidSpec::error(
                 "output",
                 "`aggregate` output needs an aggregate model (kind = \"aggregate\")",
             ))
         }
         (OutputClass::PerCustomer, true) => {
-            return Err(InvalidSpec::new(
+            return Err(InvalidSpec::error(
                 "output",
                 "an aggregate model has `aggregate` output",
             ))
@@ -465,7 +465,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         _ => {}
     }
     if aggregate && raw.explain > 0 {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             "explain",
             "only per-customer outputs name contributing features",
         ));
@@ -480,7 +480,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         per_customer_bound: bound,
     };
     if spec.aggregate_chunk() == 0 {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             "model",
             "one customer's value already reaches the noise or magnitude bound",
         ));

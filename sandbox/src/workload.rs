@@ -54,11 +54,11 @@ pub struct Workload {
 /// Loads a manifest and its spec text, checking one against the other.
 pub fn load(manifest: &str, spec_text: &str, catalog: &[FeatureInfo]) -> Result<Workload> {
     let m: RawManifest = toml::from_str(manifest)
-        .map_err(|e| InvalidSpec::new("manifest", e.message().to_owned()))?;
+        .map_err(|e| InvalidSpec::error("manifest", e.message().to_owned()))?;
     let spec = spec::parse(spec_text, catalog)?;
     let want = hex::encode(spec.sha256());
     if m.spec_sha256 != want {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             format!("manifest {}: spec_sha256", m.id),
             format!(
                 "the manifest says {}, the spec hashes to {want}",
@@ -67,7 +67,7 @@ pub fn load(manifest: &str, spec_text: &str, catalog: &[FeatureInfo]) -> Result<
         ));
     }
     if m.purpose != spec.purpose() || m.output != spec.output() {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             format!("manifest {}", m.id),
             "purpose or output differ from the spec's",
         ));
@@ -75,7 +75,7 @@ pub fn load(manifest: &str, spec_text: &str, catalog: &[FeatureInfo]) -> Result<
     let mut declared = m.features.clone();
     declared.sort();
     if declared != spec.features() {
-        return Err(InvalidSpec::new(
+        return Err(InvalidSpec::error(
             format!("manifest {}: features", m.id),
             format!(
                 "the manifest declares [{}], the spec uses [{}]",

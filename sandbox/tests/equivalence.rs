@@ -3,6 +3,8 @@
 //! is fixed, so a failure reproduces. The key, encryption and decryption
 //! here are the test's own (core_crypto), standing in for the vault's.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use sovra_sandbox::params::{self, SLOTS};

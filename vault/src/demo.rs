@@ -805,7 +805,7 @@ async fn sandbox_step(
     )
     .map_err(io)?;
     let mut top: Vec<&spb::CustomerScore> = r.scores.iter().collect();
-    top.sort_by(|a, b| b.score.cmp(&a.score));
+    top.sort_by_key(|s| std::cmp::Reverse(s.score));
     for s in top.iter().take(5) {
         let want = cohort
             .iter()

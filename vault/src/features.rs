@@ -258,3 +258,51 @@ pub(crate) fn quantised(
     }
     out.into_iter().collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erasure_zeroes_the_slot_in_a_fresh_encryption_and_removes_the_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let t = db.open_tree("fhe_features").unwrap();
+        let secret = FheSecret::generate();
+        let features = vec!["budget".to_owned()];
+        t.transaction(|f| {
+            put(f, &secret, "t", "alice", &[("budget".into(), 5)])?;
+            put(f, &secret, "t", "bob", &[("budget".into(), 9)])
+        })
+        .unwrap();
+        let col = column(&t, "t", "budget", 1).unwrap();
+        let v = secret.decrypt_block(col[0].as_ref().unwrap());
+        assert_eq!((v[0], v[1]), (5, 9));
+        let before = t.get(block_key("t", "budget", 0)).unwrap().unwrap();
+
+        t.transaction(|f| erase(f, &secret, "t", "alice", &features))
+            .unwrap();
+        let after = t.get(block_key("t", "budget", 0)).unwrap().unwrap();
+        // A fresh encryption: no byte of the body is kept.
+        let same = before
+            .iter()
+            .zip(after.iter())
+            .skip(64)
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(same < 512, "{same} bytes unchanged");
+        let col = column(&t, "t", "budget", 1).unwrap();
+        let v = secret.decrypt_block(col[0].as_ref().unwrap());
+        assert_eq!((v[0], v[1]), (0, 9));
+        assert_eq!(slot_of(&t, "t", "alice").unwrap(), None);
+        assert_eq!(slots(&t, "t").unwrap(), vec![("bob".to_owned(), 1)]);
+        for item in t.iter() {
+            let (k, v) = item.unwrap();
+            assert!(!k.windows(5).any(|w| w == b"alice"));
+            assert!(!v.windows(5).any(|w| w == b"alice"));
+        }
+        // Erasing a customer without features changes nothing.
+        t.transaction(|f| erase(f, &secret, "t", "carol", &features))
+            .unwrap();
+    }
+}

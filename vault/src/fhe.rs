@@ -53,7 +53,7 @@ fn aad(tenant: &str) -> Vec<u8> {
 
 impl FheSecret {
     /// A fresh key from tfhe's CSPRNG.
-    fn generate() -> FheSecret {
+    pub(crate) fn generate() -> FheSecret {
         let mut seeder = new_seeder();
         let mut gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
         let key = allocate_and_generate_new_binary_glwe_secret_key(

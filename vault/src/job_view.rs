@@ -14,15 +14,10 @@ pub fn state(j: &pb::Job) -> &'static str {
 /// One line: a 30-character bar of blocks done, the state and the cohort.
 pub fn progress_line(j: &pb::Job) -> String {
     let width = 30u64;
-    let filled = if j.blocks_total == 0 {
-        if j.state >= pb::JobState::Succeeded as i32 {
-            width
-        } else {
-            0
-        }
-    } else {
-        (j.blocks_done.min(j.blocks_total) * width) / j.blocks_total
-    };
+    let finished = j.state >= pb::JobState::Succeeded as i32;
+    let filled = (j.blocks_done.min(j.blocks_total) * width)
+        .checked_div(j.blocks_total)
+        .unwrap_or(if finished { width } else { 0 });
     format!(
         "[{}{}] {}/{} blocks  {:<9}  cohort {} (excluded {})",
         "#".repeat(filled as usize),
