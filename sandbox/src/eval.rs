@@ -274,7 +274,7 @@ pub fn run(
         if progress.cancelled() {
             return Err(SandboxError::Cancelled);
         }
-        if started.elapsed() > limits.max_wall {
+        if started.elapsed() >= limits.max_wall {
             return Err(LimitExceeded::error(
                 "wall_time",
                 format!("ran longer than {:?}", limits.max_wall),
