@@ -1,0 +1,165 @@
+//! Sandbox costs on packed TFHE ciphertexts (k = 1, N = 2048): key
+//! generation, block encryption (the write path), a 17-feature linear score
+//! per block of 2,048 customers including the gate's decryption, and the
+//! encrypted sum of one feature over 10,000 customers including the final
+//! decryption. Per-customer figures are the per-block time / 2,048.
+//! Bytes at rest and key sizes are printed before the runs.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use sovra_sandbox::params::{self, SLOTS};
+use sovra_sandbox::spec::{self, FeatureInfo};
+use sovra_sandbox::{
+    run, EncryptedOutput, EvaluationMaterial, FeatureBlock, JobInput, Limits, Progress,
+};
+use std::collections::BTreeMap;
+use tfhe::core_crypto::prelude::*;
+
+fn keygen() -> GlweSecretKeyOwned<u64> {
+    let mut seeder = new_seeder();
+    let mut g = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+    allocate_and_generate_new_binary_glwe_secret_key(
+        params::glwe_dimension(),
+        params::polynomial_size(),
+        &mut g,
+    )
+}
+
+fn encrypt(key: &GlweSecretKeyOwned<u64>, values: &[i64]) -> FeatureBlock {
+    let mut pl = PlaintextList::new(0u64, PlaintextCount(SLOTS));
+    for (p, v) in pl.iter_mut().zip(values) {
+        *p.0 = params::encode(*v);
+    }
+    let mut seeder = new_seeder();
+    let mut ct = SeededGlweCiphertext::new(
+        0u64,
+        params::glwe_dimension().to_glwe_size(),
+        params::polynomial_size(),
+        seeder.seed().into(),
+        params::ciphertext_modulus(),
+    );
+    encrypt_seeded_glwe_ciphertext(key, &mut ct, &pl, params::glwe_noise(), seeder.as_mut());
+    FeatureBlock::from_seeded(ct).expect("conformant")
+}
+
+fn decrypt(key: &GlweSecretKeyOwned<u64>, ct: &GlweCiphertextOwned<u64>) -> Vec<i64> {
+    let mut pl = PlaintextList::new(0u64, PlaintextCount(SLOTS));
+    decrypt_glwe_ciphertext(key, ct, &mut pl);
+    pl.iter().map(|p| params::decode(*p.0)).collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let names: Vec<String> = (0..17).map(|i| format!("f{i:02}")).collect();
+    let catalog: Vec<FeatureInfo> = names
+        .iter()
+        .map(|n| FeatureInfo {
+            name: n.clone(),
+            max: 1023,
+        })
+        .collect();
+    let key = keygen();
+    let values: Vec<i64> = (0..SLOTS as i64).map(|i| (i * 7919) % 1024).collect();
+    let block = encrypt(&key, &values);
+    let stored = block.to_bytes().expect("serialise");
+    eprintln!(
+        "sandbox: a stored block is {} bytes for {SLOTS} values = {:.2} bytes per encrypted feature value; the secret key is {} coefficients ({} bytes packed, {} wrapped)",
+        stored.len(),
+        stored.len() as f64 / SLOTS as f64,
+        SLOTS,
+        SLOTS / 8,
+        SLOTS / 8 + 12 + 16
+    );
+
+    let mut g = c.benchmark_group("sandbox");
+    g.sample_size(20);
+    g.bench_function("keygen_glwe_secret_key", |b| b.iter(keygen));
+    g.bench_function("encrypt_block_2048_values", |b| {
+        b.iter(|| encrypt(&key, &values))
+    });
+
+    // 17-feature linear score of 2,048 customers, then the gate decrypts.
+    let weights = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n} = {}", (i as i64 % 7) - 3 + 10))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let linear = spec::parse(
+        &format!("name = \"b\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nbias = -100\nweights = {{ {weights} }}\n"),
+        &catalog,
+    )
+    .expect("spec");
+    let mut columns = BTreeMap::new();
+    for n in &names {
+        columns.insert(n.clone(), vec![Some(encrypt(&key, &values))]);
+    }
+    let one_block = JobInput {
+        columns,
+        cohort: vec![(0..SLOTS as u16).collect()],
+    };
+    let m = EvaluationMaterial::new();
+    g.bench_function("linear17_block_2048_customers_with_gate_decryption", |b| {
+        b.iter(|| {
+            let out = run(
+                &m,
+                &linear,
+                &one_block,
+                &Progress::default(),
+                &Limits::default(),
+            )
+            .expect("run");
+            let EncryptedOutput::PerCustomer(blocks) = out else {
+                unreachable!()
+            };
+            decrypt(&key, &blocks[0].score)
+        })
+    });
+    g.bench_function("linear17_block_2048_customers_eval_only", |b| {
+        b.iter(|| {
+            run(
+                &m,
+                &linear,
+                &one_block,
+                &Progress::default(),
+                &Limits::default(),
+            )
+        })
+    });
+
+    // Sum of one feature over 10,000 customers (5 blocks), then decrypt.
+    let sum = spec::parse(
+        "name = \"s\"\npurpose = \"analytics\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\nfeature = \"f00\"\n",
+        &catalog,
+    )
+    .expect("spec");
+    let n = 10_000usize;
+    let blocks = n.div_ceil(SLOTS);
+    let mut cohort = vec![Vec::new(); blocks];
+    for i in 0..n {
+        cohort[i / SLOTS].push((i % SLOTS) as u16);
+    }
+    let ten_k = JobInput {
+        columns: [(
+            "f00".to_owned(),
+            (0..blocks).map(|_| Some(encrypt(&key, &values))).collect(),
+        )]
+        .into(),
+        cohort,
+    };
+    let lwe_key = key.as_lwe_secret_key();
+    g.bench_function("sum_one_feature_10000_customers_with_decryption", |b| {
+        b.iter(|| {
+            let out = run(&m, &sum, &ten_k, &Progress::default(), &Limits::default()).expect("run");
+            let EncryptedOutput::Aggregate(a) = out else {
+                unreachable!()
+            };
+            a.chunks
+                .iter()
+                .map(|c| params::decode(decrypt_lwe_ciphertext(&lwe_key, c).0))
+                .sum::<i64>()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
