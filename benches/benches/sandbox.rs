@@ -5,6 +5,8 @@
 //! decryption. Per-customer figures are the per-block time / 2,048.
 //! Bytes at rest and key sizes are printed before the runs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use sovra_sandbox::params::{self, SLOTS};
 use sovra_sandbox::spec::{self, FeatureInfo};
