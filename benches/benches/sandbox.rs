@@ -32,15 +32,16 @@ fn encrypt(key: &GlweSecretKeyOwned<u64>, values: &[i64]) -> FeatureBlock {
         *p.0 = params::encode(*v);
     }
     let mut seeder = new_seeder();
-    let mut ct = SeededGlweCiphertext::new(
+    let mut gen =
+        EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
+    let mut ct = GlweCiphertext::new(
         0u64,
         params::glwe_dimension().to_glwe_size(),
         params::polynomial_size(),
-        seeder.seed().into(),
         params::ciphertext_modulus(),
     );
-    encrypt_seeded_glwe_ciphertext(key, &mut ct, &pl, params::glwe_noise(), seeder.as_mut());
-    FeatureBlock::from_seeded(ct).expect("conformant")
+    encrypt_glwe_ciphertext(key, &mut ct, &pl, params::glwe_noise(), &mut gen);
+    FeatureBlock::from_glwe(ct).expect("conformant")
 }
 
 fn decrypt(key: &GlweSecretKeyOwned<u64>, ct: &GlweCiphertextOwned<u64>) -> Vec<i64> {

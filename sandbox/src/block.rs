@@ -1,9 +1,11 @@
 //! Packed feature blocks: one feature of up to [`SLOTS`] customers in the
-//! coefficients of one seeded GLWE ciphertext (k = 1, N = 2048).
+//! coefficients of one GLWE ciphertext (k = 1, N = 2048).
 //!
-//! Guarantees: a block at rest is the GLWE body (N × 8 bytes) plus a 16-byte
-//! seed from which the mask is regenerated, so a stored feature value costs
-//! 8 bytes plus framing; bytes read back are accepted only through tfhe's
+//! Guarantees: a block at rest is the whole GLWE ciphertext, mask and body
+//! (2 × N × 8 bytes), so a stored feature value costs 16 bytes plus
+//! framing. The mask is stored rather than regenerated from a seed (which
+//! would halve the bytes) because regenerating it took over 90 % of a job's
+//! evaluation time (benches/README.md). Bytes read back are accepted only through tfhe's
 //! `safe_deserialize_conformant`, with a size limit and the expected
 //! parameters, so a corrupted or hostile block is refused before it reaches
 //! an evaluation.
@@ -15,36 +17,34 @@ use crate::error::{BadCiphertext, Result};
 use crate::params::{self, SLOTS};
 use serde::{Deserialize, Serialize};
 use tfhe::conformance::ParameterSetConformant;
-use tfhe::core_crypto::prelude::{
-    GlweCiphertextConformanceParams, GlweCiphertextOwned, SeededGlweCiphertextOwned,
-};
+use tfhe::core_crypto::prelude::{GlweCiphertextConformanceParams, GlweCiphertextOwned};
 use tfhe::named::Named;
 use tfhe::safe_serialization::{safe_deserialize_conformant, safe_serialize};
 use tfhe_versionable::{Unversionize, UnversionizeError, Versionize, VersionizeOwned};
 
-type Seeded = SeededGlweCiphertextOwned<u64>;
+type Glwe = GlweCiphertextOwned<u64>;
 
-/// The stored form: tfhe's seeded GLWE ciphertext under a name of our own,
+/// The stored form: tfhe's GLWE ciphertext under a name of our own,
 /// so it goes through tfhe's safe serialisation (tfhe 1.8 names only its
 /// high-level types; the versioning and conformance are the ciphertext's
 /// own).
 #[derive(Serialize, Deserialize)]
 #[serde(transparent)]
-struct Stored(Seeded);
+struct Stored(Glwe);
 
 impl Named for Stored {
     const NAME: &'static str = "sovra::FeatureBlock";
 }
 
 impl Versionize for Stored {
-    type Versioned<'vers> = <Seeded as Versionize>::Versioned<'vers>;
+    type Versioned<'vers> = <Glwe as Versionize>::Versioned<'vers>;
     fn versionize(&self) -> Self::Versioned<'_> {
         self.0.versionize()
     }
 }
 
 impl VersionizeOwned for Stored {
-    type VersionedOwned = <Seeded as VersionizeOwned>::VersionedOwned;
+    type VersionedOwned = <Glwe as VersionizeOwned>::VersionedOwned;
     fn versionize_owned(self) -> Self::VersionedOwned {
         self.0.versionize_owned()
     }
@@ -52,7 +52,7 @@ impl VersionizeOwned for Stored {
 
 impl Unversionize for Stored {
     fn unversionize(versioned: Self::VersionedOwned) -> Result<Self, UnversionizeError> {
-        Seeded::unversionize(versioned).map(Stored)
+        Glwe::unversionize(versioned).map(Stored)
     }
 }
 
@@ -63,13 +63,13 @@ impl ParameterSetConformant for Stored {
     }
 }
 
-/// The most bytes a serialised block may take (body, seed, framing).
-pub const MAX_BLOCK_BYTES: u64 = (SLOTS as u64) * 8 + 4096;
+/// The most bytes a serialised block may take (mask, body, framing).
+pub const MAX_BLOCK_BYTES: u64 = (SLOTS as u64) * 2 * 8 + 4096;
 
 /// One feature of [`SLOTS`] customers, encrypted.
 #[derive(Clone)]
 pub struct FeatureBlock {
-    ct: SeededGlweCiphertextOwned<u64>,
+    ct: Glwe,
 }
 
 impl std::fmt::Debug for FeatureBlock {
@@ -79,8 +79,8 @@ impl std::fmt::Debug for FeatureBlock {
 }
 
 impl FeatureBlock {
-    /// Wraps a seeded ciphertext, checking it conforms to the parameter set.
-    pub fn from_seeded(ct: SeededGlweCiphertextOwned<u64>) -> Result<FeatureBlock> {
+    /// Wraps a ciphertext, checking it conforms to the parameter set.
+    pub fn from_glwe(ct: GlweCiphertextOwned<u64>) -> Result<FeatureBlock> {
         if !ct.is_conformant(&params::glwe_conformance()) {
             return Err(BadCiphertext::error(
                 "feature block",
@@ -110,20 +110,15 @@ impl FeatureBlock {
 
     /// The block's stored form (tfhe safe serialisation, versioned).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(SLOTS * 8 + 64);
+        let mut out = Vec::with_capacity(SLOTS * 2 * 8 + 64);
         // Serialising a clone keeps the public type tfhe's own.
         safe_serialize(&Stored(self.ct.clone()), &mut out, MAX_BLOCK_BYTES)
             .map_err(|e| BadCiphertext::error("feature block", e.to_string()))?;
         Ok(out)
     }
 
-    /// The seeded ciphertext.
-    pub fn seeded(&self) -> &SeededGlweCiphertextOwned<u64> {
+    /// The ciphertext.
+    pub fn glwe(&self) -> &GlweCiphertextOwned<u64> {
         &self.ct
-    }
-
-    /// The full ciphertext, its mask regenerated from the seed.
-    pub fn expand(&self) -> GlweCiphertextOwned<u64> {
-        self.ct.clone().decompress_into_glwe_ciphertext()
     }
 }

@@ -176,7 +176,7 @@ fn linear_block(
             .and_then(|c| c.get(block))
             .and_then(Option::as_ref);
         let term = ct.map(|b| {
-            let mut t = b.expand();
+            let mut t = b.glwe().clone();
             // INVARIANT: every block conforms to the parameter set (checked
             // when it was built or read), so the sizes tfhe asserts on match.
             glwe_ciphertext_cleartext_mul_assign(&mut t, Cleartext(*w as u64));

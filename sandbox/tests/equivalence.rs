@@ -33,22 +33,19 @@ impl Key {
             *p.0 = params::encode(*v);
         }
         let mut seeder = new_seeder();
-        let mut ct = SeededGlweCiphertext::new(
+        let mut gen = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(
+            seeder.seed(),
+            seeder.as_mut(),
+        );
+        let mut ct = GlweCiphertext::new(
             0u64,
             params::glwe_dimension().to_glwe_size(),
             params::polynomial_size(),
-            seeder.seed().into(),
             params::ciphertext_modulus(),
         );
-        encrypt_seeded_glwe_ciphertext(
-            &self.0,
-            &mut ct,
-            &pl,
-            params::glwe_noise(),
-            seeder.as_mut(),
-        );
+        encrypt_glwe_ciphertext(&self.0, &mut ct, &pl, params::glwe_noise(), &mut gen);
         // Through the stored form, as the vault reads blocks back.
-        let bytes = FeatureBlock::from_seeded(ct).unwrap().to_bytes().unwrap();
+        let bytes = FeatureBlock::from_glwe(ct).unwrap().to_bytes().unwrap();
         FeatureBlock::from_bytes(&bytes, "test").unwrap()
     }
     fn decrypt(&self, ct: &GlweCiphertextOwned<u64>) -> Vec<i64> {

@@ -8,8 +8,8 @@
 //! feature never disagree after a crash; erasure zeroes the customer's slot
 //! in every block, re-encrypting each block freshly, and removes the
 //! customer ↔ slot links in the erasure's transaction. At rest a block is
-//! 2048 × 8 bytes of GLWE body plus a seed and framing (about 8 bytes per
-//! value). Blocks read back are checked by tfhe's conformant
+//! the whole GLWE ciphertext, 2 × 2048 × 8 bytes plus framing (about 16
+//! bytes per value). Blocks read back are checked by tfhe's conformant
 //! deserialisation before any use.
 //!
 //! Does not: reuse an erased customer's slot (it stays 0 and out of every

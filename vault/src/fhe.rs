@@ -128,29 +128,26 @@ impl FheSecret {
     }
 
     /// Encrypts [`SLOTS`] quantised values (missing slots 0) as a fresh
-    /// seeded block.
+    /// block: new mask, new noise.
     pub(crate) fn encrypt_block(&self, values: &[i64]) -> Result<FeatureBlock> {
         let mut plain = PlaintextList::new(0u64, PlaintextCount(SLOTS));
         for (p, &v) in plain.iter_mut().zip(values) {
             *p.0 = params::encode(v);
         }
         let mut seeder = new_seeder();
-        let mut ct = SeededGlweCiphertext::new(
+        let mut gen = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(
+            seeder.seed(),
+            seeder.as_mut(),
+        );
+        let mut ct = GlweCiphertext::new(
             0u64,
             params::glwe_dimension().to_glwe_size(),
             params::polynomial_size(),
-            seeder.seed().into(),
             params::ciphertext_modulus(),
         );
-        encrypt_seeded_glwe_ciphertext(
-            &self.key,
-            &mut ct,
-            &plain,
-            params::glwe_noise(),
-            seeder.as_mut(),
-        );
+        encrypt_glwe_ciphertext(&self.key, &mut ct, &plain, params::glwe_noise(), &mut gen);
         plain.as_mut().zeroize();
-        FeatureBlock::from_seeded(ct).map_err(|e| VaultError::storage(e.to_string()))
+        FeatureBlock::from_glwe(ct).map_err(|e| VaultError::storage(e.to_string()))
     }
 
     /// Decrypts and decodes every slot of a GLWE ciphertext.
@@ -166,7 +163,7 @@ impl FheSecret {
 
     /// Decrypts and decodes a stored block.
     pub(crate) fn decrypt_block(&self, block: &FeatureBlock) -> Zeroizing<Vec<i64>> {
-        self.decrypt_glwe(&block.expand())
+        self.decrypt_glwe(block.glwe())
     }
 
     /// Decrypts and decodes an LWE ciphertext extracted from a block.

@@ -98,6 +98,24 @@ pub async fn start(
     let auth = Arc::new(cfg.authenticator()?);
     let data_dir = cfg.resolve(&cfg.data_dir);
     let engine = Arc::new(Engine::open(&data_dir, root, schema)?);
+    // Every tenant a principal belongs to has its TFHE keys before the
+    // first call (a new tenant's are created here, at its first start).
+    if !engine.schema().feature_catalog().is_empty() {
+        let tenants: std::collections::BTreeSet<&str> =
+            cfg.principals.iter().map(|p| p.tenant.as_str()).collect();
+        for t in tenants {
+            match engine.ensure_fhe_keys(t) {
+                Ok(()) => {}
+                // A damaged key fails every feature write and job of that
+                // tenant with DATA_LOSS; the rest of the vault still serves.
+                Err(e @ VaultError::Integrity(_)) => {
+                    tracing::error!(tenant = t, error = %e, "the tenant's TFHE key cannot be read");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        engine.store().flush()?;
+    }
     let ledger = Arc::new(cfg.open_ledger()?);
     // An invalid policy set refuses to start, naming file, line and problem.
     let policies = cfg.policies()?;

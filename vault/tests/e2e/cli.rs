@@ -395,3 +395,133 @@ async fn lineage_commands() {
     assert!(stderr(&o).contains("read_lineage"), "{}", stderr(&o));
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_commands() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    let mut led = sovra_vault::client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    for i in 0..21 {
+        let c = format!("cj-{i}");
+        svc.put_record(put(&c, &[("budget", int(10_000 * (i + 1)))]))
+            .await
+            .unwrap();
+        led.record_consent(crate::ledger::consent(&c, "lead_scoring", true))
+            .await
+            .unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("sum.toml");
+    std::fs::write(
+        &spec,
+        "name = \"cli-sum\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\nfeature = \"budget\"\n",
+    )
+    .unwrap();
+    let big = tmp.path().join("big.toml");
+    std::fs::write(&big, "#".repeat(70_000)).unwrap();
+    let binary = tmp.path().join("bin.toml");
+    std::fs::write(&binary, [0xffu8, 0xfe, 0x00, 0x80]).unwrap();
+    let url = srv.url.clone();
+    let run = move |args: Vec<String>, token: String| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            sovra(&a, Some(&token), Some(&url))
+        })
+    };
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+
+    // Submit, watch with a progress bar, print the released sum (1 + … + 21).
+    let o = run(
+        vec!["job".into(), "submit".into(), s(&spec)],
+        env.partner.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("sum = 231"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("blocks") && stderr(&o).contains("SUCCEEDED"),
+        "{}",
+        stderr(&o)
+    );
+    let job_id = stdout(&o)
+        .split_whitespace()
+        .find(|w| w.starts_with("job-"))
+        .unwrap()
+        .to_owned();
+    let o = run(
+        vec!["job".into(), "result".into(), job_id.clone()],
+        env.partner.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        o.status.success() && stdout(&o).contains("sum = 231"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        vec!["job".into(), "cancel".into(), job_id.clone()],
+        env.partner.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        o.status.success() && stdout(&o).contains("SUCCEEDED"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(vec!["job".into(), "workloads".into()], env.service.clone())
+        .await
+        .unwrap();
+    assert!(stdout(&o).contains("lead_scoring"), "{}", stdout(&o));
+
+    // Bad input: clear errors, non-zero exit.
+    for (args, needle) in [
+        (vec!["job".into(), "submit".into(), s(&big)], "larger than"),
+        (vec!["job".into(), "submit".into(), s(&binary)], "not UTF-8"),
+        (
+            vec![
+                "job".into(),
+                "submit".into(),
+                s(&tmp.path().join("none.toml")),
+            ],
+            "cannot read",
+        ),
+        (
+            vec![
+                "job".into(),
+                "submit".into(),
+                "--workload".into(),
+                "nope".into(),
+            ],
+            "workload",
+        ),
+        (
+            vec!["job".into(), "result".into(), "job-nope".into()],
+            "job-nope",
+        ),
+        (vec!["job".into(), "submit".into()], "required"),
+    ] {
+        let o = run(args.clone(), env.partner.clone()).await.unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+    // A partner may not take someone else's result.
+    let o = run(
+        vec!["job".into(), "result".into(), job_id],
+        env.service.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !o.status.success() && stderr(&o).contains("submitter"),
+        "{}",
+        stderr(&o)
+    );
+    srv.stop().await;
+}

@@ -452,3 +452,14 @@ async fn erasure_removes_a_customers_encrypted_features() {
     }
     assert!(blocks >= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_has_its_tfhe_key_from_the_first_start() {
+    let env = Env::new();
+    env.start().await.stop().await;
+    let db = open_raw(&env.data_dir());
+    let t = db.open_tree("fhe_features").unwrap();
+    let wrapped = t.get(b"Kdefault").unwrap().expect("the key exists");
+    // Nonce, 256 bytes of packed key, tag: wrapped, never the raw key.
+    assert_eq!(wrapped.len(), 12 + 256 + 16);
+}
