@@ -181,6 +181,15 @@ impl SandboxService {
     }
 
     fn job(&self, p: &Principal, id: &str, may_see: bool) -> Result<Arc<JobEntry>, Status> {
+        // Job ids are `job-` and 32 hex digits; anything else is not echoed.
+        if id.is_empty()
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(Status::invalid_argument(
+                "invalid `job_id`: give the id SubmitJob returned (job-<32 hex digits>)",
+            ));
+        }
         let entry = self
             .jobs
             .lock()

@@ -252,6 +252,16 @@ async fn partner_aggregates_and_every_refusal() {
             .code(),
         Code::NotFound
     );
+    for hostile in ["", "job-\u{0}\n../x", &"j".repeat(10_000)] {
+        let e = partner
+            .get_result(spb::GetJobRequest {
+                job_id: hostile.to_owned(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().len() < 200);
+    }
     srv.stop().await;
 }
 
