@@ -753,12 +753,6 @@ impl Engine {
         self.fhe_secret(tenant).map(|_| ())
     }
 
-    /// Bytes at rest of the tenant's encrypted feature blocks, and the
-    /// values they have room for.
-    pub fn feature_footprint(&self, tenant: &str) -> Result<(u64, u64)> {
-        features::footprint(&self.store.features, tenant)
-    }
-
     /// The names of the fields `customer` holds a value for.
     pub fn fields_held(&self, tenant: &str, customer: &str) -> Result<Vec<String>> {
         let prefix = store::customer_prefix(tenant, customer);

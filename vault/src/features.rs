@@ -231,20 +231,6 @@ pub(crate) fn column(
     Ok(out)
 }
 
-/// Bytes at rest of the tenant's feature blocks, and the values they hold
-/// room for (blocks × 2048).
-pub(crate) fn footprint(tree: &sled::Tree, tenant: &str) -> Result<(u64, u64)> {
-    let prefix = key(b'B', tenant, &[]);
-    let mut bytes = 0u64;
-    let mut values = 0u64;
-    for item in tree.scan_prefix(prefix) {
-        let (_, v) = item?;
-        bytes += v.len() as u64;
-        values += SLOTS as u64;
-    }
-    Ok((bytes, values))
-}
-
 /// Quantised feature values of a write: (feature, value) for each feature
 /// field among `values`.
 pub(crate) fn quantised(

@@ -211,13 +211,24 @@ pub fn customer_attrs(
     c
 }
 
-/// Checks a tenant or customer action (customer attributes empty: these
-/// actions do not look at consents).
-pub fn check(active: &Active, p: &Principal, action: Action, ctx: &Context) -> Result<Decision> {
+/// The decision on a tenant or customer action, allowed or not (customer
+/// attributes empty: these actions do not look at consents).
+pub fn decide_tenant(
+    active: &Active,
+    p: &Principal,
+    action: Action,
+    ctx: &Context,
+) -> Result<Decision> {
     let scope = active
         .policies
         .scope(&p.policy, &p.tenant, &CustomerAttrs::default(), &[])?;
-    let d = active.policies.decide(&scope, action, None, ctx)?;
+    Ok(active.policies.decide(&scope, action, None, ctx)?)
+}
+
+/// Checks a tenant or customer action: [`decide_tenant`], a denial as
+/// PERMISSION_DENIED.
+pub fn check(active: &Active, p: &Principal, action: Action, ctx: &Context) -> Result<Decision> {
+    let d = decide_tenant(active, p, action, ctx)?;
     if d.allowed() {
         Ok(d)
     } else {

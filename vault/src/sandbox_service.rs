@@ -33,7 +33,7 @@ use crate::lineage::{self, Agent, JobRecord, Recorder};
 use crate::policy;
 use crate::service::{to_status, Shared};
 use sovra_ledger::Digest;
-use sovra_policy::{Action, CustomerAttrs};
+use sovra_policy::Action;
 use sovra_proto::lineage::v1 as lpb;
 use sovra_proto::sandbox::v1 as pb;
 use sovra_proto::sandbox::v1::sandbox_server::Sandbox;
@@ -158,7 +158,7 @@ impl std::fmt::Debug for SandboxService {
 impl SandboxService {
     /// The service, with the shipped workloads validated against the
     /// schema's features.
-    pub fn new(shared: Shared) -> crate::Result<Self> {
+    pub fn new(shared: Shared) -> Self {
         let catalog = shared.engine.schema().feature_catalog();
         // A schema without the features a shipped workload uses simply has
         // no such workload.
@@ -166,18 +166,12 @@ impl SandboxService {
             tracing::warn!(error = %e, "built-in workloads not available with this schema");
             Vec::new()
         });
-        Ok(Self {
+        Self {
             shared,
             jobs: Arc::default(),
             workloads: Arc::new(workloads),
             limits: Limits::default(),
-        })
-    }
-
-    /// The same service with other job limits.
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
+        }
     }
 
     fn job(&self, p: &Principal, id: &str, may_see: bool) -> Result<Arc<JobEntry>, Status> {
@@ -227,22 +221,6 @@ impl SandboxService {
     }
 }
 
-/// The decision of a tenant action (no error for a denial).
-fn decide(
-    active: &policy::Active,
-    p: &Principal,
-    action: Action,
-    purpose: &str,
-    cohort: u64,
-) -> crate::Result<sovra_policy::Decision> {
-    let mut ctx = policy::context(purpose, 0);
-    ctx.cohort_size = i64::try_from(cohort).unwrap_or(i64::MAX);
-    let scope = active
-        .policies
-        .scope(&p.policy, &p.tenant, &CustomerAttrs::default(), &[])?;
-    Ok(active.policies.decide(&scope, action, None, &ctx)?)
-}
-
 /// Checks the receiver may get the output class of `spec` over `cohort`
 /// customers; FAILED_PRECONDITION for a cohort below k.
 fn check_release(
@@ -255,7 +233,9 @@ fn check_release(
         OutputClass::PerCustomer => Action::ReleaseScores,
         OutputClass::Aggregate => Action::ReleaseAggregate,
     };
-    let d = decide(active, p, action, spec.purpose(), cohort).map_err(to_status)?;
+    let mut ctx = policy::context(spec.purpose(), 0);
+    ctx.cohort_size = i64::try_from(cohort).unwrap_or(i64::MAX);
+    let d = policy::decide_tenant(active, p, action, &ctx).map_err(to_status)?;
     if d.allowed() {
         return Ok(d.policies().to_vec());
     }
@@ -265,7 +245,6 @@ fn check_release(
             spec.purpose()
         )));
     }
-    let ctx = policy::context(spec.purpose(), 0);
     Err(to_status(policy::denied(p, action, None, &ctx, &d)))
 }
 

@@ -171,7 +171,7 @@ pub async fn start(
     let lineage_svc = LineageServer::new(LineageService::new(shared.clone()))
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(64 * 1024 * 1024);
-    let sandbox_svc = SandboxServer::new(SandboxService::new(shared.clone())?)
+    let sandbox_svc = SandboxServer::new(SandboxService::new(shared.clone()))
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(64 * 1024 * 1024);
     let policy_svc = PolicyServer::new(PolicyService::new(shared))
