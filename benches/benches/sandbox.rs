@@ -4,6 +4,11 @@
 //! encrypted sum of one feature over 10,000 customers including the final
 //! decryption. Per-customer figures are the per-block time / 2,048.
 //! Bytes at rest and key sizes are printed before the runs.
+//!
+//! With `--features fheuint-baseline`, the same run also measures tfhe's
+//! high-level FheUint32 API (default parameters) on one scalar
+//! multiplication and one addition, and times one 17-feature score with it
+//! once: the baseline the packed evaluation is compared against.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -162,6 +167,38 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.finish();
+    #[cfg(feature = "fheuint-baseline")]
+    fheuint_baseline(c);
+}
+
+#[cfg(feature = "fheuint-baseline")]
+fn fheuint_baseline(c: &mut Criterion) {
+    use tfhe::prelude::*;
+    use tfhe::{generate_keys, set_server_key, ConfigBuilder, FheUint32};
+    let (ck, sk) = generate_keys(ConfigBuilder::default().build());
+    set_server_key(sk);
+    let a = FheUint32::encrypt(700u32, &ck);
+    let b = FheUint32::encrypt(300u32, &ck);
+    let mut g = c.benchmark_group("fheuint_baseline");
+    g.sample_size(10);
+    g.bench_function("fheuint32_scalar_mul", |bch| bch.iter(|| &a * 7u32));
+    g.bench_function("fheuint32_add", |bch| bch.iter(|| &a + &b));
+    g.finish();
+    let xs: Vec<FheUint32> = (0..17u32)
+        .map(|i| FheUint32::encrypt(i * 31, &ck))
+        .collect();
+    let t = std::time::Instant::now();
+    let mut acc = &xs[0] * 3u32;
+    for (i, x) in xs.iter().enumerate().skip(1) {
+        acc = acc + x * (i as u32 % 7 + 7);
+    }
+    let elapsed = t.elapsed();
+    let score: u32 = acc.decrypt(&ck);
+    let want: u32 = (0..17u32)
+        .map(|i| i * 31 * if i == 0 { 3 } else { i % 7 + 7 })
+        .sum();
+    assert_eq!(score, want);
+    eprintln!("fheuint_baseline: one 17-feature FheUint32 score (17 scalar multiplications, 16 additions) took {elapsed:.2?}");
 }
 
 criterion_group!(benches, bench);

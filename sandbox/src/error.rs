@@ -17,6 +17,10 @@ pub enum SandboxError {
     /// The job was cancelled.
     #[error("job cancelled")]
     Cancelled,
+    /// The job needs programmable bootstrapping and the evaluation material
+    /// carries no bootstrap key.
+    #[error("this job needs the tenant's bootstrap key, which the evaluation material lacks")]
+    NoBootstrapKey,
 }
 
 /// A spec or manifest refused before anything ran.

@@ -12,34 +12,59 @@
 //! is counted in blocks; cancellation and the wall-time limit are checked
 //! between blocks.
 //!
+//! Trees and histograms need non-linear steps on ciphertexts: they run
+//! customer by customer with programmable bootstrapping
+//! ([`crate::bootstrap`], [`crate::tree`]), spread across cores, with
+//! progress, cancellation and the wall-time limit per customer. A
+//! histogram's counts are added up per chunk of at most
+//! [`HISTOGRAM_CHUNK`] customers (the noise of that many bootstrap outputs
+//! still reads exactly), so the gate decrypts one count per edge and chunk
+//! and releases only their totals.
+//!
 //! Does not: decrypt (no function here takes a secret key), select the
-//! cohort (the vault passes it), or evaluate non-linear steps homomorphically
-//! (a logistic's sigmoid runs after the gate's decryption).
+//! cohort (the vault passes it), or bootstrap where it buys no privacy (a
+//! logistic's sigmoid runs after the gate's decryption of a score the
+//! owning service receives anyway).
 
 use crate::block::FeatureBlock;
-use crate::error::{LimitExceeded, Result, SandboxError};
+use crate::bootstrap::{extract, trivial, BootstrapKey, Bootstrapper, Lwe};
+use crate::error::{InvalidSpec, LimitExceeded, Result, SandboxError};
 use crate::params::{self, SLOTS};
 use crate::spec::{LinearModel, Model, ValidatedSpec};
+use crate::tree;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tfhe::core_crypto::algorithms::polynomial_algorithms::polynomial_wrapping_add_mul_assign;
 use tfhe::core_crypto::prelude::*;
 
-/// What evaluation needs besides the ciphertexts: public parameters only.
-/// There is deliberately no secret key here, and no way to put one in.
+/// What evaluation needs besides the ciphertexts: public parameters and,
+/// for bootstrapped models, the public bootstrap key. There is deliberately
+/// no secret key here, and no way to put one in.
 #[derive(Debug, Clone, Default)]
 pub struct EvaluationMaterial {
-    _public_only: (),
+    bootstrap: Option<Arc<BootstrapKey>>,
 }
 
 impl EvaluationMaterial {
-    /// The material for the sandbox's parameter set.
+    /// The material for leveled jobs.
     pub fn new() -> EvaluationMaterial {
-        EvaluationMaterial { _public_only: () }
+        EvaluationMaterial { bootstrap: None }
+    }
+    /// The material for every job, bootstrapped ones included.
+    pub fn with_bootstrap(key: Arc<BootstrapKey>) -> EvaluationMaterial {
+        EvaluationMaterial {
+            bootstrap: Some(key),
+        }
     }
 }
+
+/// The most customers whose comparison bits one histogram ciphertext adds
+/// up: their sum, at most 63, fits the 7 bits above the 2^57 scale, and
+/// the noise of 63 bootstrap outputs stays far inside half that scale.
+pub const HISTOGRAM_CHUNK: usize = 63;
 
 /// The encrypted features a job reads, and who is in its cohort.
 #[derive(Debug, Default, Clone)]
@@ -85,9 +110,20 @@ pub struct Progress {
     done: AtomicU64,
     total: AtomicU64,
     cancel: AtomicBool,
+    per_customer: AtomicBool,
 }
 
 impl Progress {
+    /// What [`Progress::get`] counts: `blocks` of 2,048 customers for
+    /// leveled jobs, `customers` for bootstrapped ones (tens of bootstraps
+    /// each).
+    pub fn unit(&self) -> &'static str {
+        if self.per_customer.load(Ordering::Relaxed) {
+            "customers"
+        } else {
+            "blocks"
+        }
+    }
     /// Blocks done and blocks in all.
     pub fn get(&self) -> (u64, u64) {
         (
@@ -130,6 +166,27 @@ pub struct EncryptedAggregate {
     pub cohort_size: u64,
 }
 
+/// One customer's encrypted output of a bootstrapped model.
+#[derive(Clone)]
+pub struct CustomerValue {
+    /// The block number.
+    pub block: usize,
+    /// The customer's slot in it.
+    pub slot: u16,
+    /// The value, encoded v·2^[`tree::OUTPUT_LOG`].
+    pub value: Lwe,
+}
+
+/// A histogram, still encrypted.
+#[derive(Clone)]
+pub struct EncryptedHistogram {
+    /// Per edge, per chunk of the cohort: how many of the chunk's customers
+    /// have a value ≥ the edge, encoded n·2^[`tree::OUTPUT_LOG`].
+    pub at_least: Vec<Vec<Lwe>>,
+    /// Customers in the cohort.
+    pub cohort_size: u64,
+}
+
 /// What a job produced, all of it encrypted.
 #[derive(Clone)]
 pub enum EncryptedOutput {
@@ -137,6 +194,10 @@ pub enum EncryptedOutput {
     PerCustomer(Vec<ScoredBlock>),
     /// One value over the cohort.
     Aggregate(EncryptedAggregate),
+    /// One value per cohort customer, from a tree.
+    PerCustomerValue(Vec<CustomerValue>),
+    /// Bucket counts over the cohort.
+    Histogram(EncryptedHistogram),
 }
 
 impl std::fmt::Debug for EncryptedOutput {
@@ -144,6 +205,8 @@ impl std::fmt::Debug for EncryptedOutput {
         match self {
             EncryptedOutput::PerCustomer(b) => write!(f, "PerCustomer({} blocks)", b.len()),
             EncryptedOutput::Aggregate(a) => write!(f, "Aggregate({} chunks)", a.chunks.len()),
+            EncryptedOutput::PerCustomerValue(v) => write!(f, "PerCustomerValue({})", v.len()),
+            EncryptedOutput::Histogram(h) => write!(f, "Histogram({} edges)", h.at_least.len()),
         }
     }
 }
@@ -224,12 +287,16 @@ fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Resu
     }
     let blocks = input.cohort.iter().filter(|s| !s.is_empty()).count() as u64;
     let glwe_bytes = (SLOTS as u64) * 2 * 8;
+    let lwe_bytes = (SLOTS as u64 + 1) * 8;
     let per_block = match spec.model() {
         Model::Aggregate { .. } => 2,
         _ if spec.explain() > 0 => 2 + spec.features().len() as u64,
         _ => 2,
     };
-    let estimate = blocks * per_block * glwe_bytes;
+    let mut estimate = blocks * per_block * glwe_bytes;
+    if matches!(spec.model(), Model::Tree(_)) {
+        estimate += cohort * lwe_bytes;
+    }
     if estimate > limits.max_memory_bytes {
         return Err(LimitExceeded::error(
             "memory",
@@ -253,7 +320,7 @@ fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Resu
 
 /// Runs `spec` on `input`. Returns ciphertexts only.
 pub fn run(
-    _material: &EvaluationMaterial,
+    material: &EvaluationMaterial,
     spec: &ValidatedSpec,
     input: &JobInput,
     progress: &Progress,
@@ -282,6 +349,33 @@ pub fn run(
         }
         Ok(b)
     };
+    if spec.needs_bootstrap() {
+        let key = material
+            .bootstrap
+            .as_deref()
+            .ok_or(SandboxError::NoBootstrapKey)?;
+        progress.per_customer.store(true, Ordering::Relaxed);
+        progress.total.store(input.cohort_size(), Ordering::Relaxed);
+        let customers: Vec<(usize, u16)> = blocks
+            .iter()
+            .flat_map(|&b| input.cohort[b].iter().map(move |&s| (b, s)))
+            .collect();
+        let step_customer = |b: usize| -> Result<()> {
+            step(b)?;
+            progress.done.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        };
+        return match spec.model() {
+            Model::Tree(t) => tree_outputs(t, spec, input, key, &customers, &step_customer)
+                .map(EncryptedOutput::PerCustomerValue),
+            Model::Aggregate { edges, .. } => {
+                histogram(spec, edges, input, key, &blocks, &customers, &step_customer)
+                    .map(EncryptedOutput::Histogram)
+            }
+            // INVARIANT: needs_bootstrap() is true only for the two above.
+            _ => Err(InvalidSpec::error("model", "not a bootstrapped model")),
+        };
+    }
     let Some(model) = spec.linear() else {
         // `count`: the cohort size is the answer and is known in the clear.
         progress.done.store(blocks.len() as u64, Ordering::Relaxed);
@@ -369,6 +463,95 @@ pub fn run(
             Ok(EncryptedOutput::PerCustomer(scored))
         }
     }
+}
+
+/// A customer's feature as a ciphertext: the slot of its block, or a
+/// public zero where the block holds no value of the feature.
+fn feature_lwe(input: &JobInput, feature: &str, block: usize, slot: u16) -> Lwe {
+    input
+        .columns
+        .get(feature)
+        .and_then(|c| c.get(block))
+        .and_then(Option::as_ref)
+        .map_or_else(|| trivial(0), |b| extract(b.glwe(), usize::from(slot)))
+}
+
+fn tree_outputs(
+    t: &tree::Tree,
+    spec: &ValidatedSpec,
+    input: &JobInput,
+    key: &BootstrapKey,
+    customers: &[(usize, u16)],
+    step: &(dyn Fn(usize) -> Result<()> + Sync),
+) -> Result<Vec<CustomerValue>> {
+    customers
+        .par_iter()
+        .map_init(
+            || Bootstrapper::new(key),
+            |bs, &(block, slot)| {
+                step(block)?;
+                let feature = |f: &str| (feature_lwe(input, f, block, slot), spec.feature_max(f));
+                Ok(CustomerValue {
+                    block,
+                    slot,
+                    value: t.evaluate(bs, &feature),
+                })
+            },
+        )
+        .collect()
+}
+
+fn histogram(
+    spec: &ValidatedSpec,
+    edges: &[i64],
+    input: &JobInput,
+    key: &BootstrapKey,
+    blocks: &[usize],
+    customers: &[(usize, u16)],
+    step: &(dyn Fn(usize) -> Result<()> + Sync),
+) -> Result<EncryptedHistogram> {
+    let (Some(model), Some((lo, hi))) = (spec.linear(), spec.score_range()) else {
+        return Err(InvalidSpec::error(
+            "model",
+            "a histogram needs a feature or a linear score",
+        ));
+    };
+    let scores: BTreeMap<usize, GlweCiphertextOwned<u64>> = blocks
+        .par_iter()
+        .map(|&b| (b, linear_block(&model, input, b, false).0))
+        .collect();
+    // Chunks of near-equal size, none above HISTOGRAM_CHUNK.
+    let n = customers.len();
+    let chunks = n.div_ceil(HISTOGRAM_CHUNK).max(1);
+    let size = n.div_ceil(chunks).max(1);
+    let per_chunk: Vec<Vec<Lwe>> = customers
+        .par_chunks(size)
+        .map_init(
+            || Bootstrapper::new(key),
+            |bs, chunk| {
+                let mut counts: Vec<Lwe> = edges.iter().map(|_| trivial(0)).collect();
+                for &(block, slot) in chunk {
+                    step(block)?;
+                    let Some(score) = scores.get(&block) else {
+                        continue;
+                    };
+                    let x = extract(score, usize::from(slot));
+                    for (count, &e) in counts.iter_mut().zip(edges) {
+                        let bit = bs.at_least(&x, lo, hi, e, tree::OUTPUT_LOG);
+                        lwe_ciphertext_add_assign(count, &bit);
+                    }
+                }
+                Ok(counts)
+            },
+        )
+        .collect::<Result<_>>()?;
+    let at_least = (0..edges.len())
+        .map(|e| per_chunk.iter().map(|c| c[e].clone()).collect())
+        .collect();
+    Ok(EncryptedHistogram {
+        at_least,
+        cohort_size: input.cohort_size(),
+    })
 }
 
 #[cfg(test)]

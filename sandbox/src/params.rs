@@ -9,12 +9,18 @@
 //! stays below 2^31; TUniform noise is bounded (|e| ≤ 2^17 per fresh
 //! encryption), so [`noise_bound`] is a worst case, not an estimate.
 //!
-//! Does not: choose parameters for programmable bootstrapping (this encoding
-//! is for leveled operations only).
+//! Programmable bootstrapping uses the same published set whole: its LWE
+//! dimension (918), LWE noise (TUniform 2^45), bootstrapping decomposition
+//! (base 2^23, 1 level) and key-switching decomposition (base 2^4, 4
+//! levels), with tfhe's centred modulus switch, as tfhe's own shortint
+//! pipeline does for this set. What a bootstrap may read is set by the
+//! margins of [`crate::bootstrap`], never finer than the set's own.
+//!
+//! Does not: pick any parameter of its own.
 
 use tfhe::core_crypto::prelude::{
-    CiphertextModulus, DynamicDistribution, GlweCiphertextConformanceParams, GlweDimension,
-    PolynomialSize,
+    CiphertextModulus, DecompositionBaseLog, DecompositionLevelCount, DynamicDistribution,
+    GlweCiphertextConformanceParams, GlweDimension, LweDimension, PolynomialSize,
 };
 use tfhe::shortint::parameters::v1_8::V1_8_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128 as PUBLISHED;
 
@@ -58,6 +64,26 @@ pub fn ciphertext_modulus() -> CiphertextModulus<u64> {
     PUBLISHED.ciphertext_modulus
 }
 
+/// The dimension of the small LWE key bootstraps start from.
+pub fn lwe_dimension() -> LweDimension {
+    PUBLISHED.lwe_dimension
+}
+
+/// The noise distribution of the key-switching key's encryptions.
+pub fn lwe_noise() -> DynamicDistribution<u64> {
+    PUBLISHED.lwe_noise_distribution
+}
+
+/// The bootstrapping key's gadget decomposition (base log, levels).
+pub fn pbs_decomposition() -> (DecompositionBaseLog, DecompositionLevelCount) {
+    (PUBLISHED.pbs_base_log, PUBLISHED.pbs_level)
+}
+
+/// The key-switching key's gadget decomposition (base log, levels).
+pub fn ks_decomposition() -> (DecompositionBaseLog, DecompositionLevelCount) {
+    (PUBLISHED.ks_base_log, PUBLISHED.ks_level)
+}
+
 /// What a stored or received GLWE ciphertext must conform to.
 pub fn glwe_conformance() -> GlweCiphertextConformanceParams<u64> {
     GlweCiphertextConformanceParams {
@@ -79,6 +105,12 @@ pub fn decode(phase: u64) -> i64 {
     i64::from(rounded as u32 as i32)
 }
 
+/// Decodes a phase encoded at scale 2^`log` (log in 33..=63): rounds to
+/// the nearest multiple and reads it as a signed (64 − log)-bit value.
+pub fn decode_at(phase: u64, log: u32) -> i64 {
+    (phase.wrapping_add(1 << (log - 1)) as i64) >> log
+}
+
 /// The worst-case noise of a linear combination of fresh ciphertexts with
 /// coefficients of total magnitude `l1` (Σ|w|): l1 · 2^17.
 pub fn noise_bound(l1: u128) -> u128 {
@@ -95,6 +127,11 @@ mod tests {
         assert_eq!(glwe_dimension().0, 1);
         assert_eq!(polynomial_size().0, SLOTS);
         assert!(ciphertext_modulus().is_native_modulus());
+        assert_eq!(lwe_dimension().0, 918);
+        assert_eq!(pbs_decomposition().0 .0, 23);
+        assert_eq!(pbs_decomposition().1 .0, 1);
+        assert_eq!(ks_decomposition().0 .0, 4);
+        assert_eq!(ks_decomposition().1 .0, 4);
         match glwe_noise() {
             DynamicDistribution::TUniform(t) => {
                 assert_eq!(t, TUniform::new(FRESH_NOISE_LOG));
@@ -118,6 +155,12 @@ mod tests {
             assert_eq!(decode(p), v);
             assert_eq!(decode(p.wrapping_add(NOISE_CEILING - 1)), v);
             assert_eq!(decode(p.wrapping_sub(NOISE_CEILING - 1)), v);
+        }
+        for v in [-64i64, -1, 0, 1, 63] {
+            let p = (v as u64).wrapping_shl(57);
+            assert_eq!(decode_at(p, 57), v);
+            assert_eq!(decode_at(p.wrapping_add((1 << 56) - 1), 57), v);
+            assert_eq!(decode_at(p.wrapping_sub(1 << 56), 57), v);
         }
     }
 }

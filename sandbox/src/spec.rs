@@ -11,6 +11,7 @@
 
 use crate::error::{InvalidSpec, Result};
 use crate::params::{noise_bound, MAX_RESULT, NOISE_CEILING};
+use crate::tree::{Node, Tree};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -27,6 +28,19 @@ pub const MAX_BIAS: i64 = 1 << 30;
 pub const MAX_SCALE: i64 = 1 << 20;
 /// The most features a per-customer explanation may name.
 pub const MAX_EXPLAIN: u32 = 5;
+/// The deepest a decision tree may be (splits on the longest path).
+pub const MAX_TREE_DEPTH: usize = 6;
+/// The largest magnitude of a tree's leaf value: its output is read at a
+/// scale of 2^57 after up to 64 bootstraps were added (see [`crate::tree`]).
+pub const MAX_LEAF: i64 = 63;
+/// The largest magnitude of a tree threshold or a histogram edge.
+pub const MAX_THRESHOLD: i64 = 1 << 30;
+/// The most edges a histogram may have (it has one bucket more).
+pub const MAX_EDGES: usize = 16;
+/// The largest Σ|weight| of a score that is compared homomorphically: its
+/// noise, Σ|weight|·2^17, must stay within the comparison's input bound
+/// (2^28, [`crate::bootstrap::MAX_INPUT_NOISE_LOG`]).
+pub const MAX_COMPARED_L1: u128 = 1 << (crate::bootstrap::MAX_INPUT_NOISE_LOG - 17);
 
 /// A feature the vault keeps encrypted, as the sandbox sees it: its name
 /// and the largest quantised value it may hold (values are 0..=max).
@@ -69,6 +83,22 @@ pub enum AggregateOp {
     Sum,
     /// Sum divided by the cohort size (division after decryption).
     Mean,
+    /// Customers per bucket between the given edges, counted on
+    /// ciphertexts with programmable bootstrapping. With one edge it is a
+    /// thresholded count.
+    Histogram,
+}
+
+impl AggregateOp {
+    /// The name used in specs and results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggregateOp::Count => "count",
+            AggregateOp::Sum => "sum",
+            AggregateOp::Mean => "mean",
+            AggregateOp::Histogram => "histogram",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,7 +134,30 @@ enum RawModel {
         feature: Option<String>,
         #[serde(default)]
         linear: Option<RawLinear>,
+        // Absent from the canonical form when not given, so the hashes of
+        // specs written before histograms existed do not change.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        edges: Option<Vec<i64>>,
     },
+    Tree {
+        tree: RawNode,
+    },
+}
+
+/// A tree node as written: a leaf, or a split with both children.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    leaf: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    feature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    threshold: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    below: Option<Box<RawNode>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    at_least: Option<Box<RawNode>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,7 +236,12 @@ pub enum Model {
         op: AggregateOp,
         /// What is aggregated (None for `count`).
         over: Option<AggregateInput>,
+        /// Histogram bucket edges, strictly increasing (empty otherwise).
+        edges: Vec<i64>,
     },
+    /// A decision tree over features, evaluated with bootstraps; its
+    /// output per customer is the reached leaf's value.
+    Tree(Tree),
 }
 
 /// The per-customer value an aggregate adds up.
@@ -218,6 +276,7 @@ pub struct ValidatedSpec {
     model: Model,
     sha256: [u8; 32],
     per_customer_bound: u64,
+    feature_max: BTreeMap<String, i64>,
 }
 
 impl ValidatedSpec {
@@ -245,18 +304,63 @@ impl ValidatedSpec {
     pub fn sha256(&self) -> [u8; 32] {
         self.sha256
     }
-    /// The linear part evaluated per customer (None for `count`).
+    /// The linear part evaluated per customer (None for `count` and trees).
     pub fn linear(&self) -> Option<LinearModel> {
         match &self.model {
             Model::Linear(m) | Model::Logistic { linear: m, .. } => Some(m.clone()),
             Model::Aggregate { over, .. } => over.as_ref().map(AggregateInput::as_linear),
+            Model::Tree(_) => None,
         }
     }
     /// The features the job uses, sorted.
     pub fn features(&self) -> Vec<String> {
-        self.linear()
-            .map(|m| m.terms.into_iter().map(|(f, _)| f).collect())
-            .unwrap_or_default()
+        match &self.model {
+            Model::Tree(t) => t.features(),
+            _ => self
+                .linear()
+                .map(|m| m.terms.into_iter().map(|(f, _)| f).collect())
+                .unwrap_or_default(),
+        }
+    }
+    /// Whether the job needs programmable bootstrapping (trees and
+    /// histograms), and so the tenant's bootstrap key.
+    pub fn needs_bootstrap(&self) -> bool {
+        matches!(
+            self.model,
+            Model::Tree(_)
+                | Model::Aggregate {
+                    op: AggregateOp::Histogram,
+                    ..
+                }
+        )
+    }
+    /// The largest quantised value of each feature the job uses.
+    pub fn feature_max(&self, feature: &str) -> i64 {
+        self.feature_max.get(feature).copied().unwrap_or(0)
+    }
+    /// The smallest and largest value of the per-customer linear score
+    /// (None without one).
+    pub fn score_range(&self) -> Option<(i64, i64)> {
+        self.linear().map(|m| {
+            m.terms.iter().fold((m.bias, m.bias), |(lo, hi), (f, w)| {
+                let top = w * self.feature_max(f);
+                (lo + top.min(0), hi + top.max(0))
+            })
+        })
+    }
+    /// Bootstraps one customer costs (0 for leveled jobs).
+    pub fn bootstraps_per_customer(&self) -> u64 {
+        match &self.model {
+            Model::Tree(t) => t.bootstraps(&|f| self.feature_max(f)),
+            Model::Aggregate { edges, .. } if !edges.is_empty() => {
+                let (lo, hi) = self.score_range().unwrap_or((0, 0));
+                edges
+                    .iter()
+                    .map(|&e| crate::bootstrap::comparison_cost(lo, hi, e))
+                    .sum()
+            }
+            _ => 0,
+        }
     }
     /// The largest magnitude one customer's value can reach.
     pub fn per_customer_bound(&self) -> u64 {
@@ -417,35 +521,67 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
                 b,
             )
         }
+        RawModel::Tree { tree } => {
+            let t = tree_of(&tree, catalog)?;
+            (Model::Tree(t), MAX_LEAF as u64)
+        }
         RawModel::Aggregate {
             op,
             feature,
             linear: lin,
+            edges,
         } => {
-            let (over, b) = match (op, feature, lin) {
-                (AggregateOp::Count, None, None) => (None, 1),
-                (AggregateOp::Count, _, _) => {
-                    return Err(InvalidSpec::error(
+            let (over, b) =
+                match (op, feature, lin) {
+                    (AggregateOp::Count, None, None) => (None, 1),
+                    (AggregateOp::Count, _, _) => {
+                        return Err(InvalidSpec::error(
+                            "model",
+                            "`count` counts the cohort: give neither `feature` nor `linear`",
+                        ))
+                    }
+                    (_, Some(f), None) => {
+                        let (_, b) = linear("model", 0, BTreeMap::from([(f.clone(), 1)]), catalog)?;
+                        (Some(AggregateInput::Feature(f)), b)
+                    }
+                    (_, None, Some(l)) => {
+                        let (m, b) = linear("model.linear", l.bias, l.weights, catalog)?;
+                        (Some(AggregateInput::Linear(m)), b)
+                    }
+                    _ => return Err(InvalidSpec::error(
                         "model",
-                        "`count` counts the cohort: give neither `feature` nor `linear`",
+                        "`sum`, `mean` and `histogram` need exactly one of `feature` or `linear`",
+                    )),
+                };
+            let edges = match (op, edges) {
+                (AggregateOp::Histogram, Some(e)) => {
+                    check_edges(&e)?;
+                    let l1 = over.as_ref().map_or(1, |o| o.as_linear().l1());
+                    if l1 > MAX_COMPARED_L1 {
+                        return Err(InvalidSpec::error(
+                            "model.linear",
+                            format!(
+                                "noise bound: a histogram compares the score on ciphertexts, so Σ|weight| must be at most {MAX_COMPARED_L1}, this one is {l1}"
+                            ),
+                        ));
+                    }
+                    e
+                }
+                (AggregateOp::Histogram, None) => {
+                    return Err(InvalidSpec::error(
+                        "model.edges",
+                        "a histogram needs `edges` (strictly increasing bucket boundaries)",
                     ))
                 }
-                (_, Some(f), None) => {
-                    let (_, b) = linear("model", 0, BTreeMap::from([(f.clone(), 1)]), catalog)?;
-                    (Some(AggregateInput::Feature(f)), b)
-                }
-                (_, None, Some(l)) => {
-                    let (m, b) = linear("model.linear", l.bias, l.weights, catalog)?;
-                    (Some(AggregateInput::Linear(m)), b)
-                }
-                _ => {
+                (_, Some(_)) => {
                     return Err(InvalidSpec::error(
-                        "model",
-                        "`sum` and `mean` need exactly one of `feature` or `linear`",
+                        "model.edges",
+                        "only a `histogram` has edges",
                     ))
                 }
+                (_, None) => Vec::new(),
             };
-            (Model::Aggregate { op, over }, b)
+            (Model::Aggregate { op, over, edges }, b)
         }
     };
     let aggregate = matches!(model, Model::Aggregate { .. });
@@ -470,7 +606,13 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
             "only per-customer outputs name contributing features",
         ));
     }
-    let spec = ValidatedSpec {
+    if matches!(model, Model::Tree(_)) && raw.explain > 0 {
+        return Err(InvalidSpec::error(
+            "explain",
+            "a tree's output is a leaf: there are no per-feature terms to rank",
+        ));
+    }
+    let mut spec = ValidatedSpec {
         name: raw.name,
         purpose: raw.purpose,
         output: raw.output,
@@ -478,7 +620,19 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         model,
         sha256,
         per_customer_bound: bound,
+        feature_max: BTreeMap::new(),
     };
+    spec.feature_max = spec
+        .features()
+        .into_iter()
+        .map(|f| {
+            let max = catalog
+                .iter()
+                .find(|i| i.name == f)
+                .map_or(0, |i| i64::from(i.max));
+            (f, max)
+        })
+        .collect();
     if spec.aggregate_chunk() == 0 {
         return Err(InvalidSpec::error(
             "model",
@@ -486,4 +640,99 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         ));
     }
     Ok(spec)
+}
+
+fn check_edges(edges: &[i64]) -> Result<()> {
+    if edges.is_empty() || edges.len() > MAX_EDGES {
+        return Err(InvalidSpec::error(
+            "model.edges",
+            format!(
+                "a histogram has 1 to {MAX_EDGES} edges, this one {}",
+                edges.len()
+            ),
+        ));
+    }
+    if edges
+        .iter()
+        .any(|e| e.unsigned_abs() > MAX_THRESHOLD as u64)
+    {
+        return Err(InvalidSpec::error(
+            "model.edges",
+            format!("edges must be within ±{MAX_THRESHOLD}"),
+        ));
+    }
+    if edges.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(InvalidSpec::error(
+            "model.edges",
+            "edges must be strictly increasing",
+        ));
+    }
+    Ok(())
+}
+
+/// Flattens and checks a written tree: every node a leaf or a split with
+/// both children, depth at most [`MAX_TREE_DEPTH`], features from the
+/// catalogue, thresholds and leaves within bounds. Depth is checked before
+/// descending, so a hostile nesting is refused at depth 7, not followed.
+fn tree_of(root: &RawNode, catalog: &[FeatureInfo]) -> Result<Tree> {
+    let mut nodes = Vec::new();
+    flatten(root, "model.tree", 0, catalog, &mut nodes)?;
+    Ok(Tree::new(nodes))
+}
+
+fn flatten(
+    raw: &RawNode,
+    path: &str,
+    depth: usize,
+    catalog: &[FeatureInfo],
+    nodes: &mut Vec<Node>,
+) -> Result<usize> {
+    let at = nodes.len();
+    match (raw.leaf, &raw.feature, raw.threshold, &raw.below, &raw.at_least) {
+        (Some(v), None, None, None, None) => {
+            if v.abs() > MAX_LEAF {
+                return Err(InvalidSpec::error(
+                    format!("{path}.leaf"),
+                    format!("leaf values are integers within ±{MAX_LEAF} (a tree's output is read at a scale that leaves 7 bits)"),
+                ));
+            }
+            nodes.push(Node::Leaf(v));
+            Ok(at)
+        }
+        (None, Some(f), Some(t), Some(below), Some(at_least)) => {
+            if depth >= MAX_TREE_DEPTH {
+                return Err(InvalidSpec::error(
+                    path.to_owned(),
+                    format!("a tree is at most {MAX_TREE_DEPTH} splits deep"),
+                ));
+            }
+            if !catalog.iter().any(|i| &i.name == f) {
+                let known: Vec<&str> = catalog.iter().map(|i| i.name.as_str()).collect();
+                return Err(InvalidSpec::error(
+                    format!("{path}.feature"),
+                    format!("`{f}` is not an encrypted feature (features: {})", known.join(", ")),
+                ));
+            }
+            if t.unsigned_abs() > MAX_THRESHOLD as u64 {
+                return Err(InvalidSpec::error(
+                    format!("{path}.threshold"),
+                    format!("thresholds must be within ±{MAX_THRESHOLD}"),
+                ));
+            }
+            nodes.push(Node::Leaf(0));
+            let b = flatten(below, &format!("{path}.below"), depth + 1, catalog, nodes)?;
+            let a = flatten(at_least, &format!("{path}.at_least"), depth + 1, catalog, nodes)?;
+            nodes[at] = Node::Split {
+                feature: f.clone(),
+                threshold: t,
+                below: b,
+                at_least: a,
+            };
+            Ok(at)
+        }
+        _ => Err(InvalidSpec::error(
+            path.to_owned(),
+            "a node is either `leaf = VALUE` or `feature`, `threshold`, `below` and `at_least` (customers with feature >= threshold go to `at_least`)",
+        )),
+    }
 }

@@ -1,4 +1,4 @@
-//! Registered guest workloads: our own modules (lead scoring) run as jobs
+//! Registered guest workloads: our own modules (lead scoring, lead tier) run as jobs
 //! through the same path, policies and release gate as partner jobs. A
 //! workload is a manifest in `sandbox/workloads/` naming its spec, the
 //! spec's hash, purpose, features, output class and owning department.
@@ -15,11 +15,18 @@ use crate::spec::{self, FeatureInfo, OutputClass, ValidatedSpec};
 use serde::Deserialize;
 
 /// The manifests shipped with Sovra: (manifest, spec).
-const BUILTIN: &[(&str, &str, &str)] = &[(
-    "lead_scoring",
-    include_str!("../workloads/lead_scoring.toml"),
-    include_str!("../workloads/lead_scoring.spec.toml"),
-)];
+const BUILTIN: &[(&str, &str, &str)] = &[
+    (
+        "lead_scoring",
+        include_str!("../workloads/lead_scoring.toml"),
+        include_str!("../workloads/lead_scoring.spec.toml"),
+    ),
+    (
+        "lead_tier",
+        include_str!("../workloads/lead_tier.toml"),
+        include_str!("../workloads/lead_tier.spec.toml"),
+    ),
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

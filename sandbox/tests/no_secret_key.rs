@@ -34,7 +34,11 @@ fn the_sandbox_source_names_no_secret_key_and_no_decryption() {
 
 #[test]
 fn evaluation_material_is_public_parameters_only() {
-    // Its whole content is the unit type; its size proves there is no room
-    // for a key in it.
-    assert_eq!(std::mem::size_of::<sovra_sandbox::EvaluationMaterial>(), 0);
+    // Its whole content is an optional shared bootstrap key (a key-switching
+    // key and a bootstrapping key, both public); its size proves there is
+    // no room for anything else.
+    assert_eq!(
+        std::mem::size_of::<sovra_sandbox::EvaluationMaterial>(),
+        std::mem::size_of::<Option<std::sync::Arc<sovra_sandbox::BootstrapKey>>>()
+    );
 }

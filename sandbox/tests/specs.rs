@@ -36,7 +36,7 @@ fn malformed_and_out_of_range_specs() {
     refused("not toml at all [", "spec");
     refused("name = 5", "spec");
     refused(
-        &format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"tree\"\n"),
+        &format!("{HEAD}output = \"per_customer\"\n[model]\nkind = \"forest\"\n"),
         "unknown variant",
     );
     refused(&format!("{HEAD}output = \"everything\"\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "unknown variant");
@@ -91,9 +91,13 @@ fn corrupted_and_hostile_blocks_are_refused() {
 #[test]
 fn the_shipped_workloads_load_and_a_tampered_manifest_does_not() {
     let w = workload::builtin(&catalog()).unwrap();
-    assert_eq!(w.len(), 1);
+    assert_eq!(w.len(), 2);
     assert_eq!(w[0].id, "lead_scoring");
     assert_eq!(w[0].spec.purpose(), "lead_scoring");
+    assert_eq!(w[1].id, "lead_tier");
+    assert!(w[1].spec.needs_bootstrap());
+    // Three 10-bit comparisons (5 bootstraps each) and two leaf pairs.
+    assert_eq!(w[1].spec.bootstraps_per_customer(), 17);
     let manifest = include_str!("../workloads/lead_scoring.toml");
     let spec_text = include_str!("../workloads/lead_scoring.spec.toml");
     let tampered = spec_text.replace("budget = ", "budget = 1");
@@ -102,4 +106,108 @@ fn the_shipped_workloads_load_and_a_tampered_manifest_does_not() {
     let lying = manifest.replace("\"whitepaper_dwell_s\"", "\"budget\"");
     let e = workload::load(&lying, spec_text, &catalog()).unwrap_err();
     assert!(e.to_string().contains("features"), "{e}");
+}
+
+const TREE: &str = "output = \"per_customer\"\n[model]\nkind = \"tree\"\n";
+
+/// A tree `depth` splits deep along its `at_least` side.
+fn deep_tree(depth: usize) -> String {
+    let mut t = String::new();
+    let mut path = "model.tree".to_owned();
+    for _ in 0..depth {
+        t.push_str(&format!(
+            "[{path}]\nfeature = \"budget\"\nthreshold = 10\nbelow = {{ leaf = 1 }}\n"
+        ));
+        path.push_str(".at_least");
+    }
+    t.push_str(&format!("[{path}]\nleaf = 2\n"));
+    format!("{HEAD}{TREE}{t}")
+}
+
+#[test]
+fn oversized_and_malformed_trees_are_refused() {
+    assert!(spec::parse(&deep_tree(6), &catalog()).is_ok());
+    refused(&deep_tree(7), "at most 6 splits deep");
+    // A hostile nesting far beyond any limit: refused, no stack overflow.
+    let hostile = deep_tree(400);
+    match spec::parse(&hostile, &catalog()) {
+        Err(SandboxError::InvalidSpec(_)) => {}
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    refused(
+        &format!("{HEAD}{TREE}[model.tree]\nleaf = 64\n"),
+        "within ±63",
+    );
+    refused(
+        &format!("{HEAD}{TREE}[model.tree]\nleaf = 1\nfeature = \"budget\"\n"),
+        "either `leaf = VALUE`",
+    );
+    refused(
+        &format!("{HEAD}{TREE}[model.tree]\nfeature = \"budget\"\nthreshold = 3\nbelow = {{ leaf = 1 }}\n"),
+        "model.tree",
+    );
+    refused(
+        &format!("{HEAD}{TREE}[model.tree]\nfeature = \"salary\"\nthreshold = 3\nbelow = {{ leaf = 1 }}\nat_least = {{ leaf = 0 }}\n"),
+        "not an encrypted feature",
+    );
+    refused(
+        &format!("{HEAD}{TREE}[model.tree]\nfeature = \"budget\"\nthreshold = 9999999999\nbelow = {{ leaf = 1 }}\nat_least = {{ leaf = 0 }}\n"),
+        "thresholds must be within",
+    );
+    refused(
+        &format!("{HEAD}{TREE}[model.tree]\nfeature = \"budget\"\nthreshold = 3\nbelow = {{ leaf = 1, colour = 2 }}\nat_least = {{ leaf = 0 }}\n"),
+        "unknown field",
+    );
+    refused(
+        &format!("{HEAD}{TREE}[model.tree]\nfeature = \"budget\"\nthreshold = \"high\"\nbelow = {{ leaf = 1 }}\nat_least = {{ leaf = 0 }}\n"),
+        "spec",
+    );
+    refused(
+        &format!(
+            "{HEAD}output = \"aggregate\"\n[model]\nkind = \"tree\"\n[model.tree]\nleaf = 1\n"
+        ),
+        "aggregate model",
+    );
+    refused(
+        &format!("{HEAD}explain = 2\n{TREE}[model.tree]\nleaf = 1\n"),
+        "no per-feature terms",
+    );
+}
+
+#[test]
+fn malformed_histograms_are_refused() {
+    let h = |rest: &str| {
+        format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\n{rest}")
+    };
+    refused(&h("feature = \"budget\"\n"), "needs `edges`");
+    refused(&h("feature = \"budget\"\nedges = []\n"), "1 to 16 edges");
+    refused(
+        &h("feature = \"budget\"\nedges = [5, 5]\n"),
+        "strictly increasing",
+    );
+    refused(
+        &h("feature = \"budget\"\nedges = [9, 5]\n"),
+        "strictly increasing",
+    );
+    refused(
+        &h(&format!(
+            "feature = \"budget\"\nedges = {:?}\n",
+            (0..17).collect::<Vec<_>>()
+        )),
+        "1 to 16 edges",
+    );
+    refused(&h("feature = \"budget\"\nedges = [4000000000]\n"), "within");
+    refused(&h("edges = [1]\n"), "exactly one");
+    refused(
+        &h("linear = { weights = { budget = 2000, purchase_count = 100 } }\nedges = [1]\n"),
+        "Σ|weight| must be at most 2048",
+    );
+    refused(
+        &format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"sum\"\nfeature = \"budget\"\nedges = [1]\n"),
+        "only a `histogram` has edges",
+    );
+    let ok = spec::parse(&h("feature = \"budget\"\nedges = [100, 500]\n"), &catalog()).unwrap();
+    assert!(ok.needs_bootstrap());
+    // Two 10-bit comparisons: 5 bootstraps each.
+    assert_eq!(ok.bootstraps_per_customer(), 10);
 }

@@ -85,6 +85,9 @@ pub struct DemoSummary {
     pub lead_scores: usize,
     /// Whether the partner's aggregate equalled the plaintext reference.
     pub aggregate_ok: bool,
+    /// Whether the partner's thresholded count (a one-edge histogram,
+    /// counted with programmable bootstrapping) equalled the reference.
+    pub histogram_ok: bool,
     /// Whether the partner's per-customer job and the under-k aggregate were
     /// refused.
     pub sandbox_refusals_ok: bool,
@@ -668,7 +671,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     srv.shutdown().await?;
     writeln!(
         out,
-        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores and a partner aggregate equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events.",
+        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores, a partner aggregate and a bootstrapped count equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events.",
         sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.lead_scores, sum.openlineage_events
     )
     .map_err(io)?;
@@ -862,6 +865,37 @@ async fn sandbox_step(
     check(
         sum.aggregate_ok,
         "the partner aggregate equals the plaintext reference",
+    )?;
+
+    // A thresholded count on ciphertexts: how many of the cohort have a
+    // budget of at least 1,000,000 CNY. The comparison is non-linear, so it
+    // runs with programmable bootstrapping; the gate releases only counts.
+    let hist = "name = \"insurer-big-budgets\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\nedges = [100]\n";
+    let job = partner
+        .submit_job(spb::SubmitJobRequest {
+            job: Some(spb::submit_job_request::Job::SpecToml(hist.into())),
+        })
+        .await
+        .map_err(|s| demo_err("submit partner histogram", s))?
+        .into_inner();
+    let r = finish_job(&mut partner, &job).await?;
+    let done = r.job.clone().unwrap_or_default();
+    let got = r.aggregate.clone().unwrap_or_default();
+    let big = cohort.iter().filter(|c| quantised(c)[0] >= 100).count() as u64;
+    let want = vec![cohort.len() as u64 - big, big];
+    sum.histogram_ok = got.buckets == want;
+    writeln!(
+        out,
+        "   partner thresholded count (budget >= 1,000,000 CNY) with {} bootstraps per customer, {:.1} s: {:?} | plaintext reference {:?}",
+        done.bootstraps_per_customer,
+        done.eval_micros as f64 / 1e6,
+        got.buckets,
+        want
+    )
+    .map_err(io)?;
+    check(
+        sum.histogram_ok,
+        "the partner's thresholded count equals the plaintext reference",
     )?;
 
     // Refusals: per-customer output to a partner, an aggregate under k.

@@ -748,6 +748,16 @@ impl Engine {
         )
     }
 
+    /// The tenant's bootstrap key (public evaluation material for trees and
+    /// histograms), made on first use in this process.
+    pub(crate) fn fhe_bootstrap_key(
+        &self,
+        tenant: &str,
+    ) -> Result<Arc<sovra_sandbox::BootstrapKey>> {
+        let secret = self.fhe_secret(tenant)?;
+        self.fhe.bootstrap(tenant, &secret)
+    }
+
     /// Creates the tenant's TFHE keys if it has none yet (`sovra init`).
     pub fn ensure_fhe_keys(&self, tenant: &str) -> Result<()> {
         self.fhe_secret(tenant).map(|_| ())

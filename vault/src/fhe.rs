@@ -11,6 +11,15 @@
 //! erasure shows nothing about the old value, the new one or their
 //! difference, and its noise is that of a fresh encryption.
 //!
+//! Bootstrapped jobs (trees, histograms) need a bootstrap key: a
+//! key-switching key from this key to a small LWE key and a bootstrapping
+//! key from the small key back to this one. [`FheSecret::bootstrap_key`]
+//! makes both from a fresh small key that lives only while they are made
+//! (it is zeroed on return and never stored: bootstrap outputs are under
+//! this key, so nothing needs the small one later). [`FheKeys`] keeps the
+//! result in memory, about 120 MB per tenant, made at a tenant's first
+//! bootstrapped job in the process.
+//!
 //! Does not: hand the key to anything outside the vault; the sandbox crate
 //! never sees this type.
 
@@ -19,7 +28,7 @@ use crate::keys::{encode_aad, KeyRing};
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use sovra_sandbox::params::{self, SLOTS};
-use sovra_sandbox::FeatureBlock;
+use sovra_sandbox::{BootstrapKey, FeatureBlock};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tfhe::core_crypto::prelude::*;
@@ -168,8 +177,61 @@ impl FheSecret {
 
     /// Decrypts and decodes an LWE ciphertext extracted from a block.
     pub(crate) fn decrypt_lwe(&self, ct: &LweCiphertextOwned<u64>) -> i64 {
+        self.decrypt_lwe_at(ct, params::DELTA_LOG)
+    }
+
+    /// Decrypts an LWE ciphertext encoded at scale 2^`log`.
+    pub(crate) fn decrypt_lwe_at(&self, ct: &LweCiphertextOwned<u64>, log: u32) -> i64 {
         let lwe_key = self.key.as_lwe_secret_key();
-        params::decode(decrypt_lwe_ciphertext(&lwe_key, ct).0)
+        let mut phase = decrypt_lwe_ciphertext(&lwe_key, ct).0;
+        let v = params::decode_at(phase, log);
+        phase.zeroize();
+        v
+    }
+
+    /// A bootstrap key for this key, from a fresh small LWE key that is
+    /// zeroed before returning. Takes a few seconds (parallel).
+    pub(crate) fn bootstrap_key(&self) -> Result<BootstrapKey> {
+        let mut seeder = new_seeder();
+        let mut secret_gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        let mut enc_gen = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(
+            seeder.seed(),
+            seeder.as_mut(),
+        );
+        let mut small = allocate_and_generate_new_binary_lwe_secret_key(
+            params::lwe_dimension(),
+            &mut secret_gen,
+        );
+        let (ks_base, ks_level) = params::ks_decomposition();
+        let ksk = allocate_and_generate_new_lwe_keyswitch_key(
+            &self.key.as_lwe_secret_key(),
+            &small,
+            ks_base,
+            ks_level,
+            params::lwe_noise(),
+            params::ciphertext_modulus(),
+            &mut enc_gen,
+        );
+        let (pbs_base, pbs_level) = params::pbs_decomposition();
+        let bsk = par_allocate_and_generate_new_lwe_bootstrap_key(
+            &small,
+            &self.key,
+            pbs_base,
+            pbs_level,
+            params::glwe_noise(),
+            params::ciphertext_modulus(),
+            &mut enc_gen,
+        );
+        small.as_mut().zeroize();
+        let mut fourier = FourierLweBootstrapKey::new(
+            bsk.input_lwe_dimension(),
+            bsk.glwe_size(),
+            bsk.polynomial_size(),
+            bsk.decomposition_base_log(),
+            bsk.decomposition_level_count(),
+        );
+        par_convert_standard_lwe_bootstrap_key_to_fourier(&bsk, &mut fourier);
+        BootstrapKey::new(ksk, fourier).map_err(|e| VaultError::storage(e.to_string()))
     }
 }
 
@@ -177,6 +239,7 @@ impl FheSecret {
 #[derive(Default)]
 pub(crate) struct FheKeys {
     cache: RwLock<HashMap<String, Arc<FheSecret>>>,
+    bootstrap: std::sync::Mutex<HashMap<String, Arc<BootstrapKey>>>,
 }
 
 impl std::fmt::Debug for FheKeys {
@@ -219,6 +282,21 @@ impl FheKeys {
             m.insert(tenant.to_owned(), secret.clone());
         }
         Ok(secret)
+    }
+
+    /// The tenant's bootstrap key, made from `secret` on first use. The
+    /// lock is held while it is made, so concurrent first jobs make it once.
+    pub(crate) fn bootstrap(&self, tenant: &str, secret: &FheSecret) -> Result<Arc<BootstrapKey>> {
+        let mut m = self
+            .bootstrap
+            .lock()
+            .map_err(|_| VaultError::storage("the bootstrap key cache is poisoned"))?;
+        if let Some(k) = m.get(tenant) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(secret.bootstrap_key()?);
+        m.insert(tenant.to_owned(), k.clone());
+        Ok(k)
     }
 }
 

@@ -5,8 +5,11 @@
 //! (`release_scores` or `release_aggregate`, the latter with the cohort
 //! size as context so the k-anonymity policy applies); per-customer scores
 //! carry the score, the logistic probability and band, and the names (never
-//! the values) of the features that raised the score most; aggregates
-//! carry one number. The hash of what is released is computed here and
+//! the values) of the features that raised the score most; a tree's
+//! output per customer is the value of the leaf reached; aggregates carry
+//! one number; histograms carry one count per bucket (the gate decrypts one
+//! count per edge and chunk of at most 63 customers and releases only the
+//! totals). The hash of what is released is computed here and
 //! anchored in the ledger by the caller before anything is returned.
 //!
 //! Does not: check the submit-time policies (the service does) or keep
@@ -18,6 +21,7 @@ use sovra_proto::sandbox::v1 as pb;
 use sovra_sandbox::params::SLOTS;
 use sovra_sandbox::release;
 use sovra_sandbox::spec::{AggregateOp, Model};
+use sovra_sandbox::tree::OUTPUT_LOG;
 use sovra_sandbox::{EncryptedOutput, ValidatedSpec};
 use std::collections::HashMap;
 
@@ -99,6 +103,67 @@ pub(crate) fn open(
                 aggregate: None,
             }
         }
+        EncryptedOutput::PerCustomerValue(values) => {
+            let mut scores: Vec<pb::CustomerScore> = values
+                .iter()
+                .filter_map(|v| {
+                    let global = (v.block * SLOTS + usize::from(v.slot)) as u32;
+                    customers.get(&global).map(|c| pb::CustomerScore {
+                        customer_id: c.clone(),
+                        score: secret.decrypt_lwe_at(&v.value, OUTPUT_LOG),
+                        ..Default::default()
+                    })
+                })
+                .collect();
+            scores.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+            Released {
+                scores,
+                aggregate: None,
+            }
+        }
+        EncryptedOutput::Histogram(h) => {
+            let edges = match spec.model() {
+                Model::Aggregate { edges, .. } => edges.clone(),
+                _ => Vec::new(),
+            };
+            let cohort = h.cohort_size;
+            // Customers at or above each edge; clamped so a count can
+            // never exceed the one below it (it cannot, unless the stored
+            // ciphertexts were tampered with, and then nothing negative or
+            // larger than the cohort is released).
+            let mut at_least: Vec<u64> = h
+                .at_least
+                .iter()
+                .map(|chunks| {
+                    chunks
+                        .iter()
+                        .map(|c| secret.decrypt_lwe_at(c, OUTPUT_LOG).max(0) as u64)
+                        .sum::<u64>()
+                })
+                .collect();
+            let mut above = cohort;
+            for c in &mut at_least {
+                *c = (*c).min(above);
+                above = *c;
+            }
+            let mut buckets = Vec::with_capacity(at_least.len() + 1);
+            let mut prev = cohort;
+            for &c in &at_least {
+                buckets.push(prev - c);
+                prev = c;
+            }
+            buckets.push(prev);
+            Released {
+                scores: Vec::new(),
+                aggregate: Some(pb::Aggregate {
+                    op: "histogram".into(),
+                    value: cohort as f64,
+                    sum: cohort as i64,
+                    edges,
+                    buckets,
+                }),
+            }
+        }
         EncryptedOutput::Aggregate(a) => {
             let op = match spec.model() {
                 Model::Aggregate { op, .. } => *op,
@@ -108,7 +173,7 @@ pub(crate) fn open(
             let (name, value, sum) = match op {
                 AggregateOp::Count => ("count", a.cohort_size as f64, a.cohort_size as i64),
                 AggregateOp::Sum => ("sum", sum as f64, sum),
-                AggregateOp::Mean => (
+                AggregateOp::Mean | AggregateOp::Histogram => (
                     "mean",
                     if a.cohort_size == 0 {
                         0.0
@@ -124,6 +189,7 @@ pub(crate) fn open(
                     op: name.into(),
                     value,
                     sum,
+                    ..Default::default()
                 }),
             }
         }

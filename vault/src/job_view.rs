@@ -11,7 +11,8 @@ pub fn state(j: &pb::Job) -> &'static str {
         .unwrap_or("UNKNOWN")
 }
 
-/// One line: a 30-character bar of blocks done, the state and the cohort.
+/// One line: a 30-character bar of work done (blocks, or customers for
+/// bootstrapped jobs), the state and the cohort.
 pub fn progress_line(j: &pb::Job) -> String {
     let width = 30u64;
     let finished = j.state >= pb::JobState::Succeeded as i32;
@@ -19,11 +20,16 @@ pub fn progress_line(j: &pb::Job) -> String {
         .checked_div(j.blocks_total)
         .unwrap_or(if finished { width } else { 0 });
     format!(
-        "[{}{}] {}/{} blocks  {:<9}  cohort {} (excluded {})",
+        "[{}{}] {}/{} {}  {:<9}  cohort {} (excluded {})",
         "#".repeat(filled as usize),
         ".".repeat((width - filled) as usize),
         j.blocks_done,
         j.blocks_total,
+        if j.progress_unit.is_empty() {
+            "blocks"
+        } else {
+            j.progress_unit.as_str()
+        },
         state(j),
         j.cohort_size,
         j.excluded
@@ -44,6 +50,12 @@ pub fn job(j: &pb::Job) -> String {
         j.cohort_size,
         j.excluded
     );
+    if j.bootstraps_per_customer > 0 {
+        s.push_str(&format!(
+            "  {} programmable bootstraps per customer\n",
+            j.bootstraps_per_customer
+        ));
+    }
     if j.eval_micros > 0 {
         s.push_str(&format!(
             "  evaluated on ciphertexts in {:.1} ms\n",
@@ -60,11 +72,27 @@ pub fn job(j: &pb::Job) -> String {
 pub fn result(r: &pb::JobResult, limit: usize) -> String {
     let mut s = String::new();
     if let Some(a) = &r.aggregate {
-        s.push_str(&format!("  {} = {}", a.op, a.value));
-        if a.op == "mean" {
-            s.push_str(&format!(" (sum {})", a.sum));
+        if a.op == "histogram" {
+            s.push_str(&format!("  histogram over {} customers\n", a.sum));
+            for (i, n) in a.buckets.iter().enumerate() {
+                let range = match (
+                    i.checked_sub(1).and_then(|p| a.edges.get(p)),
+                    a.edges.get(i),
+                ) {
+                    (None, Some(hi)) => format!("< {hi}"),
+                    (Some(lo), Some(hi)) => format!("{lo} .. < {hi}"),
+                    (Some(lo), None) => format!(">= {lo}"),
+                    (None, None) => "all".to_owned(),
+                };
+                s.push_str(&format!("    {range:<22} {n}\n"));
+            }
+        } else {
+            s.push_str(&format!("  {} = {}", a.op, a.value));
+            if a.op == "mean" {
+                s.push_str(&format!(" (sum {})", a.sum));
+            }
+            s.push('\n');
         }
-        s.push('\n');
     }
     if !r.scores.is_empty() {
         s.push_str(&format!(

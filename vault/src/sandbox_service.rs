@@ -64,6 +64,7 @@ fn sandbox_status(e: &SandboxError) -> Status {
         }
         SandboxError::LimitExceeded(_) => Status::resource_exhausted(e.to_string()),
         SandboxError::Cancelled => Status::cancelled(e.to_string()),
+        SandboxError::NoBootstrapKey => Status::internal(e.to_string()),
     }
 }
 
@@ -114,6 +115,12 @@ impl JobEntry {
             submitted_at_ms: self.submitted_at_ms,
             finished_at_ms: s.finished_at_ms,
             eval_micros: s.eval_micros,
+            progress_unit: if self.spec.needs_bootstrap() {
+                "customers".into()
+            } else {
+                self.progress.unit().into()
+            },
+            bootstraps_per_customer: self.spec.bootstraps_per_customer(),
         }
     }
 
@@ -349,14 +356,18 @@ fn output_name(spec: &ValidatedSpec) -> String {
         .map(|c| if c == '-' { '_' } else { c })
         .collect();
     let what = match spec.model() {
-        sovra_sandbox::spec::Model::Aggregate { op, .. } => match op {
-            sovra_sandbox::spec::AggregateOp::Count => "count",
-            sovra_sandbox::spec::AggregateOp::Sum => "sum",
-            sovra_sandbox::spec::AggregateOp::Mean => "mean",
-        },
+        sovra_sandbox::spec::Model::Aggregate { op, .. } => op.as_str(),
+        sovra_sandbox::spec::Model::Tree(_) => "leaf",
         _ => "score",
     };
     format!("{base}_{what}")
+}
+
+/// How an evaluation ended.
+enum Outcome {
+    Done(sovra_sandbox::EncryptedOutput),
+    Cancelled,
+    Failed(String),
 }
 
 /// Runs an accepted job to the end: evaluation, the gate, the ledger.
@@ -366,25 +377,32 @@ async fn execute(shared: Shared, entry: Arc<JobEntry>, selection: Selection, lim
     let spec = entry.spec.clone();
     let input = selection.input;
     let e2 = entry.clone();
+    let engine = shared.engine.clone();
     let evaluated = tokio::task::spawn_blocking(move || {
-        sovra_sandbox::run(
-            &EvaluationMaterial::new(),
-            &spec,
-            &input,
-            &e2.progress,
-            &limits,
-        )
+        let material = if spec.needs_bootstrap() {
+            match engine.fhe_bootstrap_key(&e2.tenant) {
+                Ok(k) => EvaluationMaterial::with_bootstrap(k),
+                Err(e) => return Outcome::Failed(e.to_string()),
+            }
+        } else {
+            EvaluationMaterial::new()
+        };
+        match sovra_sandbox::run(&material, &spec, &input, &e2.progress, &limits) {
+            Ok(o) => Outcome::Done(o),
+            Err(SandboxError::Cancelled) => Outcome::Cancelled,
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
     })
     .await;
     entry.status().eval_micros = started.elapsed().as_micros() as u64;
     let output = match evaluated {
-        Ok(Ok(o)) => o,
-        Ok(Err(SandboxError::Cancelled)) => {
+        Ok(Outcome::Done(o)) => o,
+        Ok(Outcome::Cancelled) => {
             entry.finish(pb::JobState::Cancelled, String::new(), None);
             return;
         }
-        Ok(Err(e)) => {
-            entry.finish(pb::JobState::Failed, e.to_string(), None);
+        Ok(Outcome::Failed(e)) => {
+            entry.finish(pb::JobState::Failed, e, None);
             return;
         }
         Err(_) => {
@@ -568,6 +586,7 @@ impl Sandbox for SandboxService {
                 self.limits.max_customers
             )));
         }
+        let spec_needs_bootstrap = spec.needs_bootstrap();
         let entry = Arc::new(JobEntry {
             id: format!("job-{}", uuid::Uuid::new_v4().simple()),
             tenant: p.tenant.clone(),
@@ -580,12 +599,16 @@ impl Sandbox for SandboxService {
             progress: Progress::default(),
             status: Mutex::new(JobStatus {
                 state: pb::JobState::Queued as i32,
-                blocks_total: selection
-                    .input
-                    .cohort
-                    .iter()
-                    .filter(|c| !c.is_empty())
-                    .count() as u64,
+                blocks_total: if spec_needs_bootstrap {
+                    cohort_size
+                } else {
+                    selection
+                        .input
+                        .cohort
+                        .iter()
+                        .filter(|c| !c.is_empty())
+                        .count() as u64
+                },
                 ..JobStatus::default()
             }),
         });

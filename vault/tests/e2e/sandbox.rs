@@ -113,6 +113,20 @@ async fn run_to_result(c: &mut SandboxClient, req: spb::SubmitJobRequest) -> spb
     .into_inner()
 }
 
+/// A tree `depth` splits deep along its `at_least` side.
+fn deep_tree(depth: usize) -> String {
+    let mut t = "name = \"deep\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"tree\"\n".to_owned();
+    let mut path = "model.tree".to_owned();
+    for _ in 0..depth {
+        t.push_str(&format!(
+            "[{path}]\nfeature = \"budget\"\nthreshold = 10\nbelow = {{ leaf = 1 }}\n"
+        ));
+        path.push_str(".at_least");
+    }
+    t.push_str(&format!("[{path}]\nleaf = 2\n"));
+    t
+}
+
 fn refused(r: Result<tonic::Response<spb::Job>, tonic::Status>, code: Code, needle: &str) {
     let s = r
         .err()
@@ -276,8 +290,9 @@ async fn lead_scoring_workload_scores_equal_the_reference_and_are_anchored() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(w.workloads.len(), 1);
+    assert_eq!(w.workloads.len(), 2);
     assert_eq!(w.workloads[0].id, "lead_scoring");
+    assert_eq!(w.workloads[1].id, "lead_tier");
     assert_eq!(w.workloads[0].department, "sales");
 
     let job = svc
@@ -342,7 +357,9 @@ async fn bad_specs_and_corrupted_ciphertexts_release_nothing() {
     let mut partner = sandbox(&srv, &env.partner).await;
     for (spec, needle) in [
         ("{{{", "invalid job spec"),
-        ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"tree\"\n", "unknown variant"),
+        ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"forest\"\n", "unknown variant"),
+        (&deep_tree(7), "at most 6 splits deep"),
+        ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\nedges = [5, 2]\n", "strictly increasing"),
         ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 99999999 }\n", "outside"),
         ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { salary = 1 }\n", "not an encrypted feature"),
         ("name = \"x\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 10000, purchase_count = 10000 }\n", "noise bound"),
@@ -472,4 +489,77 @@ async fn a_tenant_has_its_tfhe_key_from_the_first_start() {
     let wrapped = t.get(b"Kdefault").unwrap().expect("the key exists");
     // Nonce, 256 bytes of packed key, tag: wrapped, never the raw key.
     assert_eq!(wrapped.len(), 12 + 256 + 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrapped_histogram_for_a_partner_and_tree_scores_for_sales() {
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, 22, &[4]).await;
+    let cohort: Vec<usize> = (0..22).filter(|&i| i != 4).collect();
+
+    // A partner's histogram of purchases: counted on ciphertexts with
+    // bootstraps, released as bucket counts only.
+    let mut partner = sandbox(&srv, &env.partner).await;
+    let hist = "name = \"purchases\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"purchase_count\"\nedges = [10, 30]\n";
+    let job = partner
+        .submit_job(spec_job(hist))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.progress_unit, "customers");
+    assert_eq!(job.bootstraps_per_customer, 10);
+    assert_eq!(job.blocks_total, 21);
+    let seen = watch(&mut partner, &job).await;
+    let last = seen.last().unwrap();
+    assert_eq!(last.state, spb::JobState::Succeeded as i32, "{last:?}");
+    assert_eq!((last.blocks_done, last.blocks_total), (21, 21));
+    let r = partner
+        .get_result(spb::GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.scores.is_empty(), "a partner got per-customer values");
+    let a = r.aggregate.unwrap();
+    assert_eq!(a.op, "histogram");
+    assert_eq!(a.edges, vec![10, 30]);
+    let mut want = vec![0u64; 3];
+    for &i in &cohort {
+        let p = q(i)[1];
+        want[usize::from(p >= 10) + usize::from(p >= 30)] += 1;
+    }
+    assert_eq!(a.buckets, want);
+    assert_eq!(a.sum, 21);
+
+    // A partner cannot have a tree's per-customer output.
+    let tree = "name = \"tier\"\npurpose = \"lead_scoring\"\noutput = \"per_customer\"\n[model]\nkind = \"tree\"\n[model.tree]\nfeature = \"budget\"\nthreshold = 200\nbelow = { leaf = 0 }\nat_least = { leaf = 1 }\n";
+    refused(
+        partner.submit_job(spec_job(tree)).await,
+        Code::PermissionDenied,
+        "release_scores",
+    );
+    refused(
+        partner.submit_job(workload_job("lead_tier")).await,
+        Code::PermissionDenied,
+        "release_scores",
+    );
+
+    // Sales runs the lead-tier workload (a tree): each customer's tier
+    // equals the reference on the same quantised features.
+    let mut svc = sandbox(&srv, &env.service).await;
+    let r = run_to_result(&mut svc, workload_job("lead_tier")).await;
+    assert_eq!(r.scores.len(), cohort.len());
+    for s in &r.scores {
+        let i: usize = s.customer_id[3..].parse().unwrap();
+        let x = q(i);
+        let want = match (x[0] >= 50, x[2] >= 30, x[1] >= 3) {
+            (false, false, _) => 0,
+            (false, true, _) | (true, _, false) => 1,
+            (true, _, true) => 2,
+        };
+        assert_eq!(s.score, want, "{}", s.customer_id);
+    }
+    srv.stop().await;
 }
