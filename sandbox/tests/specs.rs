@@ -58,7 +58,7 @@ fn malformed_and_out_of_range_specs() {
         "exactly one",
     );
     refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"count\"\nfeature = \"budget\"\n"), "counts the cohort");
-    refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\n"), "unknown variant");
+    refused(&format!("{HEAD}output = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\n"), "needs `edges`");
     refused(&format!("{HEAD}output = \"per_customer\"\nexplain = 9\n[model]\nkind = \"linear\"\nweights = {{ budget = 1 }}\n"), "explain");
     refused("name = \"../../etc\"\npurpose = \"analytics\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 1 }\n", "name");
     refused("name = \"j\"\npurpose = \"Robert'); DROP\"\noutput = \"per_customer\"\n[model]\nkind = \"linear\"\nweights = { budget = 1 }\n", "purpose");

@@ -352,10 +352,15 @@ pub struct Initialised {
     pub admin_token: IssuedToken,
     /// The ledger's verifier key, for officers to pin.
     pub verifier_key: String,
+    /// Whether the default tenant's TFHE key was made (the schema declares
+    /// model features).
+    pub fhe_key: bool,
 }
 
 /// Creates a data directory: root key (0600), `config.toml` with one admin
-/// principal, and `schema.toml` (the default schema, to edit). Refuses a
+/// principal, `schema.toml` (the default schema, to edit), and the default
+/// tenant's TFHE key (stored wrapped under the root key; tenants added
+/// later get theirs at the server's next start). Refuses a
 /// directory that already holds a configuration or key.
 pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
     let shown = dir.display().to_string();
@@ -406,10 +411,24 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
     write_config(&cfg, &config_path)?;
     let verifier_key =
         LogKey::load_file(&cfg.ledger.origin, &dir.join(default_ledger_key_file()))?.verifier_key();
+    // The store is opened once, to make the key, and closed (flushed)
+    // before `sovra serve` opens it.
+    let engine = crate::engine::Engine::open(
+        &cfg.resolve(&cfg.data_dir),
+        cfg.load_root_key()?,
+        cfg.load_schema()?,
+    )?;
+    let fhe_key = !engine.schema().feature_catalog().is_empty();
+    if fhe_key {
+        engine.ensure_fhe_keys(&default_tenant())?;
+    }
+    engine.store().flush()?;
+    drop(engine);
     Ok(Initialised {
         config_path,
         admin_token,
         verifier_key,
+        fhe_key,
     })
 }
 

@@ -1369,6 +1369,9 @@ async fn run(cmd: Cmd) -> CmdResult {
                 "  ledger key:    {} (mode 0600; signs the audit log's checkpoints)",
                 dir.join("ledger.key").display()
             );
+            if i.fhe_key {
+                println!("  TFHE key:      made for tenant `default` (tfhe's {} parameters), stored wrapped under the root key", sovra_sandbox::params::PARAMETER_SET_NAME);
+            }
             println!();
             println!("Ledger verifier key (give it to compliance officers to pin for `sovra audit verify --key`):");
             println!("  {}", i.verifier_key);

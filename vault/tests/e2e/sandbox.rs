@@ -481,14 +481,23 @@ async fn erasure_removes_a_customers_encrypted_features() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_has_its_tfhe_key_from_the_first_start() {
+async fn a_tenant_has_its_tfhe_key_from_init_and_the_first_start() {
     let env = Env::new();
+    // `sovra init` (config::init) made the default tenant's key.
+    let at_init = {
+        let db = open_raw(&env.data_dir());
+        let t = db.open_tree("fhe_features").unwrap();
+        t.get(b"Kdefault")
+            .unwrap()
+            .expect("the key exists after init")
+    };
+    // Nonce, 256 bytes of packed key, tag: wrapped, never the raw key.
+    assert_eq!(at_init.len(), 12 + 256 + 16);
     env.start().await.stop().await;
     let db = open_raw(&env.data_dir());
     let t = db.open_tree("fhe_features").unwrap();
     let wrapped = t.get(b"Kdefault").unwrap().expect("the key exists");
-    // Nonce, 256 bytes of packed key, tag: wrapped, never the raw key.
-    assert_eq!(wrapped.len(), 12 + 256 + 16);
+    assert_eq!(wrapped, at_init, "the server kept the key init made");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
