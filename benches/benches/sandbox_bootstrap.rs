@@ -35,18 +35,23 @@ fn bench(c: &mut Criterion) {
     let keygen = t.elapsed();
     let (ksk, bsk) = bk.byte_sizes();
     eprintln!(
-        "sandbox: bootstrap key generation {keygen:.2?} (one thread for the key-switching key, the bootstrapping key in parallel); key-switching key {:.1} MB, Fourier bootstrapping key {:.1} MB",
+        "sandbox: bootstrap key generation {keygen:.2?} (one thread); key-switching key {:.1} MB, Fourier bootstrapping key {:.1} MB",
         ksk as f64 / 1e6,
         bsk as f64 / 1e6
     );
     let bk = Arc::new(bk);
     let names = ["f0", "f1", "f2", "f3"];
+    let small_names = ["s0", "s1", "s2", "s3"];
     let catalog: Vec<FeatureInfo> = names
         .iter()
         .map(|n| FeatureInfo {
             name: (*n).into(),
             max: 1023,
         })
+        .chain(small_names.iter().map(|n| FeatureInfo {
+            name: (*n).into(),
+            max: 15,
+        }))
         .chain([
             FeatureInfo {
                 name: "budget".into(),
@@ -85,6 +90,10 @@ fn bench(c: &mut Criterion) {
     {
         columns.insert((*n).to_owned(), vec![Some(key.encrypt(&values))]);
     }
+    let small_values: Vec<i64> = values.iter().map(|v| v % 16).collect();
+    for n in &small_names {
+        columns.insert((*n).to_owned(), vec![Some(key.encrypt(&small_values))]);
+    }
     let one = JobInput {
         columns,
         cohort: vec![vec![7]],
@@ -106,36 +115,46 @@ fn bench(c: &mut Criterion) {
         b.iter(|| run(&m, &band, &one, &Progress::default(), &Limits::default()).unwrap())
     });
 
-    let mut tree = String::new();
-    let mut frontier = vec!["model.tree".to_owned()];
-    for depth in 0..4 {
-        let mut next = Vec::new();
-        for (i, path) in frontier.iter().enumerate() {
-            tree.push_str(&format!(
-                "[{path}]\nfeature = \"{}\"\nthreshold = {}\n",
-                names[(depth + i) % 4],
-                100 + 200 * ((i + depth) % 4)
-            ));
-            next.push(format!("{path}.below"));
-            next.push(format!("{path}.at_least"));
+    // A full depth-4 tree (15 splits, 16 leaves) over four features, with
+    // 10-bit features (0..1023) and with 4-bit ones (0..15).
+    let depth4 = |names: &[&str; 4], step: i64| {
+        let mut tree = String::new();
+        let mut frontier = vec!["model.tree".to_owned()];
+        for depth in 0..4 {
+            let mut next = Vec::new();
+            for (i, path) in frontier.iter().enumerate() {
+                tree.push_str(&format!(
+                    "[{path}]\nfeature = \"{}\"\nthreshold = {}\n",
+                    names[(depth + i) % 4],
+                    step / 2 + step * ((i + depth) % 4) as i64
+                ));
+                next.push(format!("{path}.below"));
+                next.push(format!("{path}.at_least"));
+            }
+            frontier = next;
         }
-        frontier = next;
+        for (i, path) in frontier.iter().enumerate() {
+            tree.push_str(&format!("[{path}]\nleaf = {}\n", i as i64 - 8));
+        }
+        spec::parse(
+            &format!("name = \"t\"\npurpose = \"analytics\"\noutput = \"per_customer\"\n[model]\nkind = \"tree\"\n{tree}"),
+            &catalog,
+        )
+        .unwrap()
+    };
+    for (label, names, step) in [
+        ("tree_depth4_10bit_features_one_customer", &names, 200),
+        ("tree_depth4_4bit_features_one_customer", &small_names, 4),
+    ] {
+        let tree = depth4(names, step);
+        eprintln!(
+            "sandbox: {label}: {} bootstraps",
+            tree.bootstraps_per_customer()
+        );
+        g.bench_function(label, |b| {
+            b.iter(|| run(&m, &tree, &one, &Progress::default(), &Limits::default()).unwrap())
+        });
     }
-    for (i, path) in frontier.iter().enumerate() {
-        tree.push_str(&format!("[{path}]\nleaf = {}\n", i as i64 - 8));
-    }
-    let depth4 = spec::parse(
-        &format!("name = \"t\"\npurpose = \"analytics\"\noutput = \"per_customer\"\n[model]\nkind = \"tree\"\n{tree}"),
-        &catalog,
-    )
-    .unwrap();
-    eprintln!(
-        "sandbox: depth-4 tree per customer = {} bootstraps",
-        depth4.bootstraps_per_customer()
-    );
-    g.bench_function("tree_depth4_one_customer", |b| {
-        b.iter(|| run(&m, &depth4, &one, &Progress::default(), &Limits::default()).unwrap())
-    });
     g.finish();
 }
 
