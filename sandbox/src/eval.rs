@@ -520,17 +520,19 @@ fn histogram(
         .par_iter()
         .map(|&b| (b, linear_block(&model, input, b, false).0))
         .collect();
-    // Chunks of near-equal size, none above HISTOGRAM_CHUNK.
-    let n = customers.len();
-    let chunks = n.div_ceil(HISTOGRAM_CHUNK).max(1);
-    let size = n.div_ceil(chunks).max(1);
-    let per_chunk: Vec<Vec<Lwe>> = customers
-        .par_chunks(size)
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for len in chunk_sizes(customers.len()) {
+        pieces.push(&customers[at..at + len]);
+        at += len;
+    }
+    let per_chunk: Vec<Vec<Lwe>> = pieces
+        .par_iter()
         .map_init(
             || Bootstrapper::new(key),
             |bs, chunk| {
                 let mut counts: Vec<Lwe> = edges.iter().map(|_| trivial(0)).collect();
-                for &(block, slot) in chunk {
+                for &(block, slot) in chunk.iter() {
                     step(block)?;
                     let Some(score) = scores.get(&block) else {
                         continue;
@@ -552,6 +554,16 @@ fn histogram(
         at_least,
         cohort_size: input.cohort_size(),
     })
+}
+
+/// The sizes a histogram splits `n` customers into: they differ by at
+/// most one and none is above [`HISTOGRAM_CHUNK`], so with 63 or more
+/// customers every chunk holds at least 31 and no partial count the gate
+/// decrypts covers fewer.
+fn chunk_sizes(n: usize) -> Vec<usize> {
+    let chunks = n.div_ceil(HISTOGRAM_CHUNK).max(1);
+    let (base, extra) = (n / chunks, n % chunks);
+    (0..chunks).map(|i| base + usize::from(i < extra)).collect()
 }
 
 #[cfg(test)]
@@ -581,6 +593,18 @@ mod tests {
         match e {
             SandboxError::LimitExceeded(l) => l.limit(),
             other => panic!("expected a limit, got {other}"),
+        }
+    }
+
+    #[test]
+    fn histogram_chunks_are_balanced() {
+        for n in [0usize, 1, 20, 62, 63, 64, 127, 10_000, 100_000, 1_000_003] {
+            let sizes = chunk_sizes(n);
+            assert_eq!(sizes.iter().sum::<usize>(), n);
+            assert!(sizes.iter().all(|&s| s <= HISTOGRAM_CHUNK), "{n}");
+            if n >= HISTOGRAM_CHUNK {
+                assert!(sizes.iter().all(|&s| s >= 31), "{n}: {sizes:?}");
+            }
         }
     }
 
