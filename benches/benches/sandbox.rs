@@ -12,48 +12,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../sandbox/testkit/mod.rs"]
+mod testkit;
+
 use criterion::{criterion_group, criterion_main, Criterion};
-use sovra_sandbox::params::{self, SLOTS};
+use sovra_sandbox::params::SLOTS;
 use sovra_sandbox::spec::{self, FeatureInfo};
-use sovra_sandbox::{
-    run, EncryptedOutput, EvaluationMaterial, FeatureBlock, JobInput, Limits, Progress,
-};
+use sovra_sandbox::{run, EncryptedOutput, EvaluationMaterial, JobInput, Limits, Progress};
 use std::collections::BTreeMap;
-use tfhe::core_crypto::prelude::*;
-
-fn keygen() -> GlweSecretKeyOwned<u64> {
-    let mut seeder = new_seeder();
-    let mut g = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-    allocate_and_generate_new_binary_glwe_secret_key(
-        params::glwe_dimension(),
-        params::polynomial_size(),
-        &mut g,
-    )
-}
-
-fn encrypt(key: &GlweSecretKeyOwned<u64>, values: &[i64]) -> FeatureBlock {
-    let mut pl = PlaintextList::new(0u64, PlaintextCount(SLOTS));
-    for (p, v) in pl.iter_mut().zip(values) {
-        *p.0 = params::encode(*v);
-    }
-    let mut seeder = new_seeder();
-    let mut gen =
-        EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
-    let mut ct = GlweCiphertext::new(
-        0u64,
-        params::glwe_dimension().to_glwe_size(),
-        params::polynomial_size(),
-        params::ciphertext_modulus(),
-    );
-    encrypt_glwe_ciphertext(key, &mut ct, &pl, params::glwe_noise(), &mut gen);
-    FeatureBlock::from_glwe(ct).expect("conformant")
-}
-
-fn decrypt(key: &GlweSecretKeyOwned<u64>, ct: &GlweCiphertextOwned<u64>) -> Vec<i64> {
-    let mut pl = PlaintextList::new(0u64, PlaintextCount(SLOTS));
-    decrypt_glwe_ciphertext(key, ct, &mut pl);
-    pl.iter().map(|p| params::decode(*p.0)).collect()
-}
+use testkit::Key;
 
 fn bench(c: &mut Criterion) {
     let names: Vec<String> = (0..17).map(|i| format!("f{i:02}")).collect();
@@ -64,9 +31,9 @@ fn bench(c: &mut Criterion) {
             max: 1023,
         })
         .collect();
-    let key = keygen();
+    let key = Key::new();
     let values: Vec<i64> = (0..SLOTS as i64).map(|i| (i * 7919) % 1024).collect();
-    let block = encrypt(&key, &values);
+    let block = key.encrypt_fresh(&values);
     let stored = block.to_bytes().expect("serialise");
     eprintln!(
         "sandbox: a stored block is {} bytes for {SLOTS} values = {:.2} bytes per encrypted feature value; the secret key is {} coefficients ({} bytes packed, {} wrapped)",
@@ -79,9 +46,9 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("sandbox");
     g.sample_size(20);
-    g.bench_function("keygen_glwe_secret_key", |b| b.iter(keygen));
+    g.bench_function("keygen_glwe_secret_key", |b| b.iter(Key::new));
     g.bench_function("encrypt_block_2048_values", |b| {
-        b.iter(|| encrypt(&key, &values))
+        b.iter(|| key.encrypt_fresh(&values))
     });
 
     // 17-feature linear score of 2,048 customers, then the gate decrypts.
@@ -98,7 +65,7 @@ fn bench(c: &mut Criterion) {
     .expect("spec");
     let mut columns = BTreeMap::new();
     for n in &names {
-        columns.insert(n.clone(), vec![Some(encrypt(&key, &values))]);
+        columns.insert(n.clone(), vec![Some(key.encrypt_fresh(&values))]);
     }
     let one_block = JobInput {
         columns,
@@ -118,7 +85,7 @@ fn bench(c: &mut Criterion) {
             let EncryptedOutput::PerCustomer(blocks) = out else {
                 unreachable!()
             };
-            decrypt(&key, &blocks[0].score)
+            key.decrypt(&blocks[0].score)
         })
     });
     g.bench_function("linear17_block_2048_customers_eval_only", |b| {
@@ -148,22 +115,20 @@ fn bench(c: &mut Criterion) {
     let ten_k = JobInput {
         columns: [(
             "f00".to_owned(),
-            (0..blocks).map(|_| Some(encrypt(&key, &values))).collect(),
+            (0..blocks)
+                .map(|_| Some(key.encrypt_fresh(&values)))
+                .collect(),
         )]
         .into(),
         cohort,
     };
-    let lwe_key = key.as_lwe_secret_key();
     g.bench_function("sum_one_feature_10000_customers_with_decryption", |b| {
         b.iter(|| {
             let out = run(&m, &sum, &ten_k, &Progress::default(), &Limits::default()).expect("run");
             let EncryptedOutput::Aggregate(a) = out else {
                 unreachable!()
             };
-            a.chunks
-                .iter()
-                .map(|c| params::decode(decrypt_lwe_ciphertext(&lwe_key, c).0))
-                .sum::<i64>()
+            a.chunks.iter().map(|c| key.decrypt_lwe(c)).sum::<i64>()
         })
     });
     g.finish();

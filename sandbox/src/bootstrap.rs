@@ -217,8 +217,10 @@ impl<'k> Bootstrapper<'k> {
     /// it wrap away); the chunk below has its low bits subtracted (found by
     /// the previous step's second bootstrap) and its top bit left in place,
     /// where it shifts the reading by exactly half a cell; a quarter-cell
-    /// offset then keeps every reading at least 3/16 of a cell from a
-    /// boundary. A sign bootstrap reads the chunk's top bit; a second one,
+    /// offset then keeps every reading at least 2^58 from a boundary (a
+    /// quarter of the four-bit chunk's 2^60 cell; for later 2^61 cells, a
+    /// quarter less what the bits further below can add: 2^61/16 after the
+    /// four-bit chunk, 2^61/8 after a three-bit one). A sign bootstrap reads the chunk's top bit; a second one,
     /// once that bit is removed (so the input is on the half torus where
     /// any table works), reads the rest. The last chunk's top bit is the
     /// answer. Costs 1 bootstrap for m ≤ 5, then 2 per further 3 bits.
@@ -332,5 +334,33 @@ mod tests {
         assert_eq!(comparison_cost(0, 1023, 512), 5);
         assert_eq!(comparison_cost(0, 1023, 0), 0);
         assert_eq!(comparison_cost(0, 1023, 1024), 0);
+    }
+
+    #[test]
+    fn keys_of_another_parameter_set_are_refused() {
+        let (kb, kl) = params::ks_decomposition();
+        let (pb, pl) = params::pbs_decomposition();
+        let big = params::glwe_dimension().to_equivalent_lwe_dimension(params::polynomial_size());
+        let ksk = |output: LweDimension| {
+            LweKeyswitchKey::new(0u64, kb, kl, big, output, params::ciphertext_modulus())
+        };
+        let bsk = |input: LweDimension| {
+            FourierLweBootstrapKey::new(
+                input,
+                params::glwe_dimension().to_glwe_size(),
+                params::polynomial_size(),
+                pb,
+                pl,
+            )
+        };
+        let small = params::lwe_dimension();
+        let wrong = LweDimension(small.0 - 1);
+        for (k, b) in [(wrong, small), (small, wrong)] {
+            let e = BootstrapKey::new(ksk(k), bsk(b)).unwrap_err();
+            assert!(
+                e.to_string().contains("do not match the parameter set"),
+                "{e}"
+            );
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! secret key, block encryption, decryption, and bootstrap-key generation
 //! with tfhe's core_crypto, as `vault/src/fhe.rs` does it. Lives outside
 //! `src/` on purpose: the sandbox crate itself never holds a secret key.
-//! Included with `#[path]` by `sandbox/tests/*` and `benches/benches/sandbox.rs`.
+//! Included with `#[path]` by `sandbox/tests/*` and `benches/benches/sandbox*.rs`.
 
 #![allow(dead_code)]
 
@@ -25,8 +25,15 @@ impl Key {
         ))
     }
 
-    /// A fresh encryption of up to SLOTS values, through the stored form.
+    /// A fresh encryption of up to SLOTS values, through the stored form
+    /// (as the vault reads blocks back).
     pub fn encrypt(&self, values: &[i64]) -> FeatureBlock {
+        let bytes = self.encrypt_fresh(values).to_bytes().unwrap();
+        FeatureBlock::from_bytes(&bytes, "test").unwrap()
+    }
+
+    /// A fresh encryption of up to SLOTS values (the write path's cost).
+    pub fn encrypt_fresh(&self, values: &[i64]) -> FeatureBlock {
         let mut pl = PlaintextList::new(0u64, PlaintextCount(SLOTS));
         for (p, v) in pl.iter_mut().zip(values) {
             *p.0 = params::encode(*v);
@@ -43,8 +50,7 @@ impl Key {
             params::ciphertext_modulus(),
         );
         encrypt_glwe_ciphertext(&self.0, &mut ct, &pl, params::glwe_noise(), &mut gen);
-        let bytes = FeatureBlock::from_glwe(ct).unwrap().to_bytes().unwrap();
-        FeatureBlock::from_bytes(&bytes, "test").unwrap()
+        FeatureBlock::from_glwe(ct).unwrap()
     }
 
     /// Every slot of a GLWE ciphertext, decoded.

@@ -5,58 +5,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../testkit/mod.rs"]
+mod testkit;
+
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
-use sovra_sandbox::params::{self, SLOTS};
+use sovra_sandbox::params::SLOTS;
 use sovra_sandbox::spec::{self, AggregateOp, FeatureInfo, Model};
-use sovra_sandbox::{
-    run, EncryptedOutput, EvaluationMaterial, FeatureBlock, JobInput, Limits, Progress,
-};
+use sovra_sandbox::{run, EncryptedOutput, EvaluationMaterial, JobInput, Limits, Progress};
 use std::collections::BTreeMap;
-use tfhe::core_crypto::prelude::*;
-
-struct Key(GlweSecretKeyOwned<u64>);
-
-impl Key {
-    fn new() -> Key {
-        let mut seeder = new_seeder();
-        let mut g = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-        Key(allocate_and_generate_new_binary_glwe_secret_key(
-            params::glwe_dimension(),
-            params::polynomial_size(),
-            &mut g,
-        ))
-    }
-    fn encrypt(&self, values: &[i64]) -> FeatureBlock {
-        let mut pl = PlaintextList::new(0u64, PlaintextCount(SLOTS));
-        for (p, v) in pl.iter_mut().zip(values) {
-            *p.0 = params::encode(*v);
-        }
-        let mut seeder = new_seeder();
-        let mut gen = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(
-            seeder.seed(),
-            seeder.as_mut(),
-        );
-        let mut ct = GlweCiphertext::new(
-            0u64,
-            params::glwe_dimension().to_glwe_size(),
-            params::polynomial_size(),
-            params::ciphertext_modulus(),
-        );
-        encrypt_glwe_ciphertext(&self.0, &mut ct, &pl, params::glwe_noise(), &mut gen);
-        // Through the stored form, as the vault reads blocks back.
-        let bytes = FeatureBlock::from_glwe(ct).unwrap().to_bytes().unwrap();
-        FeatureBlock::from_bytes(&bytes, "test").unwrap()
-    }
-    fn decrypt(&self, ct: &GlweCiphertextOwned<u64>) -> Vec<i64> {
-        let mut pl = PlaintextList::new(0u64, PlaintextCount(SLOTS));
-        decrypt_glwe_ciphertext(&self.0, ct, &mut pl);
-        pl.iter().map(|p| params::decode(*p.0)).collect()
-    }
-    fn decrypt_lwe(&self, ct: &LweCiphertextOwned<u64>) -> i64 {
-        params::decode(decrypt_lwe_ciphertext(&self.0.as_lwe_secret_key(), ct).0)
-    }
-}
+use testkit::Key;
 
 const FEATURES: [&str; 3] = ["budget", "purchase_count", "whitepaper_dwell_s"];
 const MAX: i64 = 1023;

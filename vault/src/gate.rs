@@ -173,6 +173,8 @@ pub(crate) fn open(
             let (name, value, sum) = match op {
                 AggregateOp::Count => ("count", a.cohort_size as f64, a.cohort_size as i64),
                 AggregateOp::Sum => ("sum", sum as f64, sum),
+                // INVARIANT: a histogram is always bootstrapped and arrives
+                // as EncryptedOutput::Histogram, never here.
                 AggregateOp::Mean | AggregateOp::Histogram => (
                     "mean",
                     if a.cohort_size == 0 {
