@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sovra_vault::envelope::{open, seal, FieldContext};
+use sovra_vault::envelope::{open, seal, FieldContext, Provenance};
 use sovra_vault::keys::{DataKey, KeyPlace, KeyRing, RootKey};
 use sovra_vault::shred::Pad;
 
@@ -17,6 +17,14 @@ fn bench(c: &mut Criterion) {
         field: "phone",
         version: 3,
         dek_version: 1,
+        // As the vault writes (record format 2): provenance bound too.
+        provenance: Some(Provenance {
+            channel: "web",
+            collector: "crm",
+            consent_ref: "consent-2026-01",
+            collected_at_ms: 1_780_000_000_000,
+            index_token: &[0x5a; 32],
+        }),
     };
     let value = b"\x01+8613800138000";
     let sealed = seal(&cipher, &ctx, value).unwrap_or_else(|e| panic!("{e}"));

@@ -140,6 +140,7 @@ fn bench(c: &mut Criterion) {
                         Ok(a[0].index)
                     }),
                 },
+                None,
             )
             .unwrap();
     }

@@ -59,7 +59,14 @@ fn bench(c: &mut Criterion) {
     };
     for p in &people {
         engine
-            .put("default", &p.id, &values(&schema, p), &src, lineage(&agent))
+            .put(
+                "default",
+                &p.id,
+                &values(&schema, p),
+                &src,
+                lineage(&agent),
+                None,
+            )
             .unwrap_or_else(|e| panic!("{e}"));
     }
     engine.store().flush().unwrap_or_else(|e| panic!("{e}"));
@@ -102,6 +109,7 @@ fn bench(c: &mut Criterion) {
                 &prepared[k],
                 &src,
                 lineage(&agent),
+                None,
             )
         })
     });
@@ -116,6 +124,7 @@ fn bench(c: &mut Criterion) {
                     &prepared[k],
                     &src,
                     lineage(&agent),
+                    None,
                 )
                 .unwrap();
             rt.block_on(engine.commit())

@@ -19,6 +19,10 @@ pub struct Embedded {
     pub service_token: String,
     /// The `admin` token.
     pub admin_token: String,
+    /// Tokens of partners `partner-0` … `partner-5` (purpose
+    /// `lead_scoring`), for sandbox load: each may have only a few jobs
+    /// queued or running.
+    pub partner_tokens: Vec<String>,
 }
 
 /// Starts an embedded server (call inside a tokio runtime).
@@ -31,8 +35,19 @@ pub async fn embedded() -> Result<Embedded, Box<dyn std::error::Error>> {
         Role::Service,
         "default",
         "sales",
-        &["customer_service", "marketing", "billing"],
+        &["customer_service", "marketing", "billing", "lead_scoring"],
     )?;
+    let mut partner_tokens = Vec::new();
+    for i in 0..6 {
+        let p = cfg.add_principal_with(
+            &format!("partner-{i}"),
+            Role::Partner,
+            "default",
+            "partners",
+            &["lead_scoring"],
+        )?;
+        partner_tokens.push(p.token.to_string());
+    }
     config::write_config(&cfg, &init.config_path)?;
     let cfg = Config::load(&init.config_path)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -44,5 +59,6 @@ pub async fn embedded() -> Result<Embedded, Box<dyn std::error::Error>> {
         url,
         service_token: svc.token.to_string(),
         admin_token: init.admin_token.token.to_string(),
+        partner_tokens,
     })
 }

@@ -32,7 +32,7 @@ pub const MAX_STRING_LEN: usize = 256;
 pub const MAX_FIELDS: usize = 256;
 const HEADER_LEN: usize = 1 + 1 + 8 + 8 + 32 + 4;
 /// The highest kind byte this version knows.
-pub const LAST_KNOWN_KIND: u8 = 8;
+pub const LAST_KNOWN_KIND: u8 = 9;
 
 /// The highest kind byte format `version` defines.
 fn last_kind(version: u8) -> u8 {
@@ -41,6 +41,12 @@ fn last_kind(version: u8) -> u8 {
     } else {
         6
     }
+}
+
+/// Whether `c` is a Unicode bidirectional formatting character (UAX #9:
+/// the embeddings, overrides and isolates, and the implicit marks).
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// A 32-byte value shown as hex (hashes, pseudonyms).
@@ -248,6 +254,26 @@ pub struct KeyRotation {
     pub to_version: u32,
 }
 
+/// A retirement of tenant key versions: versions below `to_min_version`
+/// can no longer unwrap data keys. Written before the change takes effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyRetirement {
+    /// Tenant.
+    pub tenant: String,
+    /// Principal that ordered it.
+    pub actor: String,
+    /// The lowest usable version before.
+    pub from_min_version: u32,
+    /// The lowest usable version after.
+    pub to_min_version: u32,
+    /// Whether it was forced while data keys were still wrapped under the
+    /// retired versions.
+    pub forced: bool,
+    /// Data keys still wrapped under the retired versions (their data
+    /// becomes unreadable); 0 unless forced.
+    pub data_keys_lost: u64,
+}
+
 /// A change of the active policy set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PolicyChange {
@@ -279,6 +305,8 @@ pub enum Body {
     JobRun(JobRun),
     /// Kind 8.
     FieldsWritten(Write),
+    /// Kind 9.
+    TenantKeyRetired(KeyRetirement),
     /// A kind this version does not know: kept as bytes so that old
     /// verifiers still verify newer logs.
     Unknown {
@@ -306,6 +334,7 @@ impl Body {
             Body::PolicyChanged(_) => 6,
             Body::JobRun(_) => 7,
             Body::FieldsWritten(_) => 8,
+            Body::TenantKeyRetired(_) => 9,
             Body::Unknown { code, .. } => *code,
         }
     }
@@ -318,6 +347,32 @@ impl Body {
             Body::CustomerErased(e) => Some(&e.subject),
             Body::FieldsWritten(w) => Some(&w.subject),
             _ => None,
+        }
+    }
+
+    /// The tenant this entry belongs to; `None` for server-wide entries
+    /// (policy changes, which govern every tenant) and for kinds this
+    /// version does not know.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Body::ConsentGranted(c) | Body::ConsentWithdrawn(c) => Some(&c.tenant),
+            Body::FieldRevealed(r) => Some(&r.tenant),
+            Body::CustomerErased(e) => Some(&e.tenant),
+            Body::TenantKeyRotated(k) => Some(&k.tenant),
+            Body::TenantKeyRetired(k) => Some(&k.tenant),
+            Body::JobRun(j) => Some(&j.tenant),
+            Body::FieldsWritten(w) => Some(&w.tenant),
+            Body::PolicyChanged(_) | Body::Unknown { .. } => None,
+        }
+    }
+
+    /// Whether a principal of `tenant` may read this entry: its own
+    /// tenant's entries and the server-wide policy changes. Entries of
+    /// other tenants, and kinds this version cannot attribute, are not.
+    pub fn visible_to(&self, tenant: &str) -> bool {
+        match self.tenant() {
+            Some(t) => t == tenant,
+            None => matches!(self, Body::PolicyChanged(_)),
         }
     }
 
@@ -441,6 +496,14 @@ impl Body {
                 w.str("actor", &k.actor)?;
                 w.u32(k.from_version);
                 w.u32(k.to_version);
+            }
+            Body::TenantKeyRetired(k) => {
+                w.str("tenant", &k.tenant)?;
+                w.str("actor", &k.actor)?;
+                w.u32(k.from_min_version);
+                w.u32(k.to_min_version);
+                w.u8(u8::from(k.forced));
+                w.u64(k.data_keys_lost);
             }
             Body::PolicyChanged(p) => {
                 w.str("actor", &p.actor)?;
@@ -572,6 +635,18 @@ impl Body {
                 actor: r.str("actor")?,
                 from_version: r.u32("from_version")?,
                 to_version: r.u32("to_version")?,
+            }),
+            9 if version >= 2 => Body::TenantKeyRetired(KeyRetirement {
+                tenant: r.str("tenant")?,
+                actor: r.str("actor")?,
+                from_min_version: r.u32("from_min_version")?,
+                to_min_version: r.u32("to_min_version")?,
+                forced: match r.u8("forced")? {
+                    0 => false,
+                    1 => true,
+                    b => return Err(malformed(format!("`forced` is {b}; 0 or 1"))),
+                },
+                data_keys_lost: r.u64("data_keys_lost")?,
             }),
             6 => Body::PolicyChanged(PolicyChange {
                 actor: r.str("actor")?,
@@ -725,6 +800,14 @@ impl Writer {
                 "entry field `{what}`: control characters are not allowed"
             )));
         }
+        // Bidirectional controls make a name display as another (an
+        // `admin` that reads `nimda`): refused in what the log records.
+        if let Some(c) = s.chars().find(|&c| is_bidi_control(c)) {
+            return Err(LedgerError::invalid(format!(
+                "entry field `{what}`: bidirectional control U+{:04X} is not allowed",
+                u32::from(c)
+            )));
+        }
         // INVARIANT: MAX_STRING_LEN fits in u16.
         self.u16(s.len() as u16);
         self.buf.extend_from_slice(s.as_bytes());
@@ -867,8 +950,16 @@ mod tests {
                 policy_sha256: Digest([3; 32]),
                 summary: "default".into(),
             }),
+            Body::TenantKeyRetired(KeyRetirement {
+                tenant: "acme".into(),
+                actor: "admin".into(),
+                from_min_version: 1,
+                to_min_version: 3,
+                forced: true,
+                data_keys_lost: 12,
+            }),
             Body::Unknown {
-                code: 9,
+                code: 200,
                 body: vec![1, 2, 3],
             },
         ];

@@ -14,6 +14,6 @@ pub use bundle::{verify_bundle, AuditBundle, ConsistencyProof, Verdict, VerifyOp
 pub use checkpoint::{verify_checkpoint, LogKey, SignedCheckpoint};
 pub use entry::{Body, ConsentAction, Digest, Entry, Pseudonym};
 pub use error::{LedgerError, Result};
-pub use log::{Appended, ConsentStatus, Ledger, LedgerOptions, Receipt};
+pub use log::{open_sled, Appended, ConsentStatus, Ledger, LedgerOptions, Receipt, SledOpenError};
 pub use proof::{leaf_hash, verify_consistency, verify_inclusion, TlogProof};
 pub use receipt::verify_receipt;

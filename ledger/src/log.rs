@@ -350,17 +350,20 @@ impl Ledger {
                 dir.display()
             ))
         })?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
-            .cache_capacity(128 * 1024 * 1024)
-            .open()
-            .map_err(|e| {
-                LedgerError::config(format!(
-                    "{}: cannot open the ledger database: {e} (is another server using it?)",
-                    dir.display()
-                ))
-            })?;
+            .cache_capacity(128 * 1024 * 1024);
+        let db = open_sled(&config).map_err(|e| match e {
+            SledOpenError::Damaged => LedgerError::integrity(format!(
+                "{}: the ledger database is damaged (truncated or altered) and cannot be opened; restore it from a backup",
+                dir.display()
+            )),
+            e => LedgerError::config(format!(
+                "{}: cannot open the ledger database: {e}",
+                dir.display()
+            )),
+        })?;
         let log = db.open_tree("log")?;
         let checkpoints = db.open_tree("checkpoints")?;
         let size = match log.get(META_SIZE)? {
@@ -732,10 +735,25 @@ impl Ledger {
 
     /// The consent view derived from the entries alone.
     pub fn derive_consent_view(&self) -> Result<ConsentView> {
+        Ok(self.derive_consent_view_of(None)?.0)
+    }
+
+    /// The consent view derived from `tenant`'s entries (every entry for
+    /// `None`), and every customer any entry names, with whether one of the
+    /// entries naming it is `tenant`'s.
+    fn derive_consent_view_of(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<(ConsentView, std::collections::HashMap<Pseudonym, bool>)> {
         let mut view = ConsentView::new();
+        let mut named = std::collections::HashMap::new();
         for i in 0..self.size() {
             let (_, e) = self.entry(i)?;
-            if let Some((c, action)) = e.body.consent() {
+            let ours = tenant.is_none_or(|t| e.body.tenant() == Some(t));
+            if let Some(s) = e.body.subject() {
+                *named.entry(*s).or_insert(false) |= ours;
+            }
+            if let (Some((c, action)), true) = (e.body.consent(), ours) {
                 view.insert(
                     (c.subject, c.purpose.clone()),
                     ConsentStatus {
@@ -747,16 +765,27 @@ impl Ledger {
                 );
             }
         }
-        Ok(view)
+        Ok((view, named))
     }
 
     /// Replaces the stored consent view with one derived from the entries;
     /// returns how many records were added, changed or removed.
     pub fn rebuild_consent_view(&self) -> Result<usize> {
+        self.rebuild_consent_view_for(None)
+    }
+
+    /// [`Ledger::rebuild_consent_view`] limited to one tenant: only the
+    /// records of customers that this tenant's entries name are derived
+    /// and corrected, and records of customers that no entry names at all
+    /// (no tenant's state, only damage) are removed. Records of customers
+    /// that only other tenants' entries name are left as they are.
+    pub fn rebuild_consent_view_for(&self, tenant: Option<&str>) -> Result<usize> {
         // Appends are held off so the view matches the entries exactly.
         let _head = self.head();
-        let derived = self.derive_consent_view()?;
-        let stored = self.stored_consent_view()?;
+        let (derived, named) = self.derive_consent_view_of(tenant)?;
+        let in_scope = |s: &Pseudonym| named.get(s).copied().unwrap_or(true);
+        let mut stored = self.stored_consent_view()?;
+        stored.retain(|k, _| in_scope(&k.0));
         let mut batch = sled::Batch::default();
         let mut changed = 0;
         for (k, st) in &stored {
@@ -776,6 +805,49 @@ impl Ledger {
         self.inner.log.apply_batch(batch)?;
         self.inner.db.flush()?;
         Ok(changed)
+    }
+}
+
+/// Why a sled database did not open.
+#[derive(Debug)]
+pub enum SledOpenError {
+    /// sled panicked reading it: a file is truncated or altered.
+    Damaged,
+    /// Another process holds its lock.
+    Locked(sled::Error),
+    /// Anything else (I/O, a corruption sled reports itself).
+    Other(sled::Error),
+}
+
+impl std::fmt::Display for SledOpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SledOpenError::Damaged => f.write_str("the database is damaged (truncated or altered)"),
+            SledOpenError::Locked(e) => {
+                write!(f, "{e} (is another `sovra serve` using it?)")
+            }
+            SledOpenError::Other(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Opens a sled database, telling damage and a held lock from other
+/// failures. sled panics on some damaged files (a truncated segment)
+/// instead of returning an error; that panic is caught here, so a damaged
+/// database is refused with a message rather than ending the process.
+pub fn open_sled(config: &sled::Config) -> std::result::Result<sled::Db, SledOpenError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())) {
+        Err(_) => Err(SledOpenError::Damaged),
+        Ok(Ok(db)) => Ok(db),
+        // sled 0.34 reports a held lock as an I/O error whose text names
+        // the lock.
+        Ok(Err(sled::Error::Io(io)))
+            if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock") =>
+        {
+            Err(SledOpenError::Locked(sled::Error::Io(io)))
+        }
+        Ok(Err(e)) => Err(SledOpenError::Other(e)),
     }
 }
 

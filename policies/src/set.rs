@@ -348,6 +348,33 @@ impl Policies {
         self.origins.iter().map(|(k, v)| (k.as_str(), v))
     }
 
+    /// The ids of the policies whose text reads attribute `attr` of any
+    /// entity (`.attr` or `["attr"]`), sorted. An over-approximation of
+    /// "the decision may depend on `attr`": a policy not listed cannot
+    /// read it.
+    pub fn policies_reading(&self, attr: &str) -> Vec<String> {
+        let dotted = format!(".{attr}");
+        let indexed = format!("[\"{attr}\"]");
+        let mut ids: Vec<String> = self
+            .set
+            .policies()
+            .filter(|p| {
+                let text = p.to_string();
+                text.match_indices(&dotted).any(|(i, _)| {
+                    // `.kind` but not `.kinds`.
+                    !text[i + dotted.len()..]
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_alphanumeric() || c == '_')
+                }) || text.contains(&indexed)
+            })
+            .filter_map(|p| p.annotation("id").map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// Number of policies.
     pub fn len(&self) -> usize {
         self.origins.len()

@@ -21,6 +21,9 @@ pub enum SandboxError {
     /// carries no bootstrap key.
     #[error("this job needs the tenant's bootstrap key, which the evaluation material lacks")]
     NoBootstrapKey,
+    /// The evaluation pool's threads could not be started.
+    #[error("the sandbox's evaluation threads could not start: {0}")]
+    Pool(String),
 }
 
 /// A spec or manifest refused before anything ran.

@@ -318,6 +318,59 @@ fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Resu
     Ok(())
 }
 
+/// The threads jobs evaluate on: a rayon pool of its own, so that however
+/// many jobs run, sandbox evaluation occupies at most this many cores and
+/// the host's other work (the vault's request handlers) keeps the rest.
+/// Every parallel step of [`run`], and tfhe's own parallelism inside it,
+/// stays on the pool it is installed on.
+#[derive(Debug)]
+pub struct EvalPool {
+    pool: rayon::ThreadPool,
+}
+
+/// Makes the calling thread the last to get a contended core (nice 19):
+/// evaluation is background work, the vault's requests are not. Best
+/// effort: without the permission or off Linux, the thread keeps its
+/// priority and the pool's size alone bounds it.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // On Linux, PRIO_PROCESS with a thread id sets that thread's nice.
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+    }
+}
+
+impl EvalPool {
+    /// A pool of `threads` threads (at least 1), named `sovra-sandbox-N`.
+    pub fn new(threads: usize) -> Result<EvalPool> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("sovra-sandbox-{i}"))
+            .start_handler(|_| lower_priority())
+            .build()
+            .map_err(|e| SandboxError::Pool(e.to_string()))?;
+        Ok(EvalPool { pool })
+    }
+
+    /// How many threads it has.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// [`run`] on this pool's threads (the caller's thread waits).
+    pub fn run(
+        &self,
+        material: &EvaluationMaterial,
+        spec: &ValidatedSpec,
+        input: &JobInput,
+        progress: &Progress,
+        limits: &Limits,
+    ) -> Result<EncryptedOutput> {
+        self.pool
+            .install(|| run(material, spec, input, progress, limits))
+    }
+}
+
 /// Runs `spec` on `input`. Returns ciphertexts only.
 pub fn run(
     material: &EvaluationMaterial,
@@ -606,6 +659,21 @@ mod tests {
                 assert!(sizes.iter().all(|&s| s >= 31), "{n}: {sizes:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_pool_bounds_the_threads_a_job_evaluates_on() {
+        let pool = EvalPool::new(1).unwrap();
+        assert_eq!(pool.threads(), 1);
+        assert_eq!(EvalPool::new(0).unwrap().threads(), 1);
+        let m = EvaluationMaterial::new();
+        let p = Progress::default();
+        pool.run(&m, &spec(), &input(), &p, &Limits::default())
+            .unwrap();
+        let (done, total) = p.get();
+        assert_eq!(done, total);
+        // Inside the pool, rayon sees one thread: nothing spreads wider.
+        assert_eq!(pool.pool.install(rayon::current_num_threads), 1);
     }
 
     #[test]

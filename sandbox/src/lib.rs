@@ -15,7 +15,7 @@ pub use block::FeatureBlock;
 pub use bootstrap::BootstrapKey;
 pub use error::{Result, SandboxError};
 pub use eval::{
-    run, CustomerValue, EncryptedAggregate, EncryptedHistogram, EncryptedOutput,
+    run, CustomerValue, EncryptedAggregate, EncryptedHistogram, EncryptedOutput, EvalPool,
     EvaluationMaterial, JobInput, Limits, Progress, ScoredBlock,
 };
 pub use spec::{FeatureInfo, OutputClass, ValidatedSpec};

@@ -376,6 +376,13 @@ impl ValidatedSpec {
     }
 }
 
+/// Whether `|v| <= max`, without computing `|v|`: `i64::MIN.abs()` wraps
+/// to itself in release builds (and panics in debug ones), so every bound
+/// on a signed spec value goes through this check.
+fn within(v: i64, max: i64) -> bool {
+    v.checked_abs().is_some_and(|a| a <= max)
+}
+
 fn is_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
@@ -399,12 +406,14 @@ fn linear(
             ),
         ));
     }
-    if bias.unsigned_abs() > MAX_BIAS as u64 {
+    if !within(bias, MAX_BIAS) {
         return Err(InvalidSpec::error(
             format!("{what}.bias"),
             format!("|bias| must be at most {MAX_BIAS}"),
         ));
     }
+    // INVARIANT: u128 cannot overflow here: |bias| ≤ 2^30 and at most 32
+    // terms of |w| ≤ 2^16 times max ≤ 2^32 add up to less than 2^54.
     let mut magnitude = u128::from(bias.unsigned_abs());
     let mut terms = Vec::with_capacity(weights.len());
     for (f, w) in weights {
@@ -418,7 +427,7 @@ fn linear(
                 ),
             )
         })?;
-        if w.unsigned_abs() > MAX_WEIGHT as u64 {
+        if !within(w, MAX_WEIGHT) {
             return Err(InvalidSpec::error(
                 format!("{what}.weights.{f}"),
                 format!("weight {w} is outside -{MAX_WEIGHT}..={MAX_WEIGHT}"),
@@ -446,6 +455,7 @@ fn linear(
             ),
         ));
     }
+    // INVARIANT: magnitude ≤ MAX_RESULT < 2^63 (checked above).
     Ok((m, magnitude as u64))
 }
 
@@ -652,10 +662,7 @@ fn check_edges(edges: &[i64]) -> Result<()> {
             ),
         ));
     }
-    if edges
-        .iter()
-        .any(|e| e.unsigned_abs() > MAX_THRESHOLD as u64)
-    {
+    if edges.iter().any(|&e| !within(e, MAX_THRESHOLD)) {
         return Err(InvalidSpec::error(
             "model.edges",
             format!("edges must be within ±{MAX_THRESHOLD}"),
@@ -690,7 +697,7 @@ fn flatten(
     let at = nodes.len();
     match (raw.leaf, &raw.feature, raw.threshold, &raw.below, &raw.at_least) {
         (Some(v), None, None, None, None) => {
-            if v.abs() > MAX_LEAF {
+            if !within(v, MAX_LEAF) {
                 return Err(InvalidSpec::error(
                     format!("{path}.leaf"),
                     format!("leaf values are integers within ±{MAX_LEAF} (a tree's output is read at a scale that leaves 7 bits)"),
@@ -713,7 +720,7 @@ fn flatten(
                     format!("`{f}` is not an encrypted feature (features: {})", known.join(", ")),
                 ));
             }
-            if t.unsigned_abs() > MAX_THRESHOLD as u64 {
+            if !within(t, MAX_THRESHOLD) {
                 return Err(InvalidSpec::error(
                     format!("{path}.threshold"),
                     format!("thresholds must be within ±{MAX_THRESHOLD}"),

@@ -52,12 +52,23 @@ pub struct Config {
     /// The policy set.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Connection and call limits.
+    #[serde(default)]
+    pub limits: crate::net::Limits,
+    /// Sandbox admission: jobs running at once, evaluation threads, queue
+    /// and per-principal limits (written only when changed, since the
+    /// defaults follow the machine's cores).
+    #[serde(default, skip_serializing_if = "is_default_admission")]
+    pub sandbox: crate::sandbox_service::AdmissionConfig,
     /// Who may call, by token hash.
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
     /// Directory the file was read from (not serialised).
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file it was read from, if any (not serialised).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// TLS settings.
@@ -129,12 +140,29 @@ pub struct PrincipalConfig {
 }
 
 /// Policy settings (`[policy]`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Directory of `*.cedar` files; the compiled-in default set when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
+    /// The tenant whose admins may reload the policy set. The set governs
+    /// every tenant, so no other tenant's admin may change it.
+    #[serde(default = "default_tenant")]
+    pub operator_tenant: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: None,
+            operator_tenant: default_tenant(),
+        }
+    }
+}
+
+fn is_default_admission(a: &crate::sandbox_service::AdmissionConfig) -> bool {
+    *a == crate::sandbox_service::AdmissionConfig::default()
 }
 
 fn default_listen() -> String {
@@ -195,7 +223,37 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| VaultError::config(&shown, format!("cannot read configuration: {e}")))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Config::parse(&text, &shown, &base)
+        let mut cfg = Config::parse(&text, &shown, &base)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Refuses to go on if group or others may write a file the server
+    /// trusts: this configuration, its directory, the schema, the policy
+    /// directory and files, the keys, the TLS files, or anything in the
+    /// data directory (`files::refuse_writable`). Each names the file.
+    pub fn refuse_shared_writes(&self) -> Result<()> {
+        use crate::files::{refuse_writable, refuse_writable_tree};
+        let exists = |p: &Path| p.exists().then(|| p.to_path_buf());
+        let mut files: Vec<PathBuf> = Vec::new();
+        files.extend(self.source.clone());
+        if !self.base_dir.as_os_str().is_empty() {
+            files.push(self.base_dir.clone());
+        }
+        files.extend(self.schema.as_ref().map(|p| self.resolve(p)));
+        files.extend(exists(&self.resolve(&self.root_key_file)));
+        files.extend(exists(&self.resolve(&self.ledger.key_file)));
+        if let Some(t) = &self.tls {
+            files.push(self.resolve(&t.cert_file));
+            files.push(self.resolve(&t.key_file));
+        }
+        for f in &files {
+            refuse_writable(f)?;
+        }
+        if let Some(d) = self.policy_dir() {
+            refuse_writable_tree(&d)?;
+        }
+        refuse_writable_tree(&self.resolve(&self.data_dir))
     }
 
     /// Resolves a path relative to the config file.
@@ -254,6 +312,7 @@ impl Config {
     /// The principals, by token hash.
     pub fn authenticator(&self) -> Result<Authenticator> {
         let mut a = Authenticator::default();
+        validate_id("policy.operator_tenant", &self.policy.operator_tenant, 64)?;
         for p in &self.principals {
             validate_id("principals.name", &p.name, 64)?;
             validate_id("principals.tenant", &p.tenant, 64)?;
@@ -363,9 +422,12 @@ pub struct Initialised {
 /// later get theirs at the server's next start). Refuses a
 /// directory that already holds a configuration or key.
 pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
+    // Whatever the caller's umask: every file 0600, every directory 0700.
+    crate::files::private_umask();
     let shown = dir.display().to_string();
     std::fs::create_dir_all(dir)
         .map_err(|e| VaultError::config(&shown, format!("cannot create: {e}")))?;
+    crate::files::make_private_dir(dir)?;
     let config_path = dir.join("config.toml");
     if config_path.exists() || dir.join("root.key").exists() {
         return Err(VaultError::config(
@@ -403,9 +465,13 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
         },
         policy: PolicyConfig {
             dir: Some("policies".into()),
+            operator_tenant: default_tenant(),
         },
+        limits: crate::net::Limits::default(),
+        sandbox: crate::sandbox_service::AdmissionConfig::default(),
         principals: Vec::new(),
         base_dir: dir.to_path_buf(),
+        source: Some(config_path.clone()),
     };
     let admin_token = cfg.add_principal("admin", Role::Admin, &default_tenant())?;
     write_config(&cfg, &config_path)?;

@@ -184,6 +184,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     );
     reqs.push(bad);
     let mut unknown = pb::PutRecordRequest {
+        idempotency_key: String::new(),
         customer_id: "bad-field".into(),
         ..Default::default()
     };
@@ -504,6 +505,7 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     // 8. Lineage: an update through the call centre, a read, then the chain
     // of the customer's phone and budget back to their origin.
     let mut update = pb::PutRecordRequest {
+        idempotency_key: String::new(),
         customer_id: c.id.clone(),
         source: Some(pb::CollectionSource {
             channel: "call_centre".into(),
@@ -868,12 +870,22 @@ async fn sandbox_step(
     )?;
 
     // A thresholded count on ciphertexts: how many of the cohort have a
-    // budget of at least 1,000,000 CNY. The comparison is non-linear, so it
-    // runs with programmable bootstrapping; the gate releases only counts.
-    let hist = "name = \"insurer-big-budgets\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\nedges = [100]\n";
+    // budget of at least the threshold. The comparison is non-linear, so it
+    // runs with programmable bootstrapping; the gate releases only counts,
+    // each of at least k customers (smaller ones are withheld), so the
+    // threshold is the one that splits the cohort most evenly.
+    let mut budgets: Vec<i64> = cohort.iter().map(|c| quantised(c)[0]).collect();
+    budgets.sort_unstable();
+    let n = budgets.len();
+    let edge = budgets
+        .iter()
+        .map(|&e| (e, budgets.partition_point(|&b| b < e)))
+        .max_by_key(|&(_, below)| below.min(n - below))
+        .map_or(100, |(e, _)| e.max(1));
+    let hist = format!("name = \"insurer-big-budgets\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\nedges = [{edge}]\n");
     let job = partner
         .submit_job(spb::SubmitJobRequest {
-            job: Some(spb::submit_job_request::Job::SpecToml(hist.into())),
+            job: Some(spb::submit_job_request::Job::SpecToml(hist)),
         })
         .await
         .map_err(|s| demo_err("submit partner histogram", s))?
@@ -881,12 +893,14 @@ async fn sandbox_step(
     let r = finish_job(&mut partner, &job).await?;
     let done = r.job.clone().unwrap_or_default();
     let got = r.aggregate.clone().unwrap_or_default();
-    let big = cohort.iter().filter(|c| quantised(c)[0] >= 100).count() as u64;
+    let big = cohort.iter().filter(|c| quantised(c)[0] >= edge).count() as u64;
     let want = vec![cohort.len() as u64 - big, big];
-    sum.histogram_ok = got.buckets == want;
+    sum.histogram_ok = got.buckets == want && !got.suppressed.iter().any(|&s| s);
     writeln!(
         out,
-        "   partner thresholded count (budget >= 1,000,000 CNY) with {} bootstraps per customer, {:.1} s: {:?} | plaintext reference {:?}",
+        "   partner thresholded count (budget >= {} CNY; every released count covers at least {} customers) with {} bootstraps per customer, {:.1} s: {:?} | plaintext reference {:?}",
+        edge * 10_000,
+        got.min_count,
         done.bootstraps_per_customer,
         done.eval_micros as f64 / 1e6,
         got.buckets,

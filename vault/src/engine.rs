@@ -77,6 +77,25 @@ pub struct PutOutcome {
     pub created: bool,
     /// New version per field written, sorted by field name.
     pub versions: Vec<(String, u64)>,
+    /// True if this was a retry of an earlier write with the same
+    /// idempotency key: nothing was written, and the outcome is the first
+    /// write's.
+    pub replayed: bool,
+}
+
+/// An idempotent write: who writes, and the client's key for the write.
+#[derive(Debug, Clone, Copy)]
+pub struct Idempotency<'a> {
+    /// The principal's name (keys are per principal).
+    pub principal: &'a str,
+    /// The client's key: 1 to 128 characters of [A-Za-z0-9._:-].
+    pub key: &'a str,
+}
+
+/// Where an idempotent write's record lives, and its request's digest.
+struct IdempotencySlot {
+    key: [u8; 32],
+    request_mac: [u8; 32],
 }
 
 /// A decrypted field with its metadata.
@@ -148,6 +167,21 @@ pub fn validate_id(subject: &str, value: &str, max: usize) -> Result<()> {
             format!("is {} bytes long; the limit is {max}", value.len()),
         ));
     }
+    // Bidirectional controls would make one name display as another (an
+    // `admin` that reads `nimda`): named, so the caller knows what to fix.
+    if let Some(c) = value
+        .chars()
+        .find(|&c| sovra_ledger::entry::is_bidi_control(c))
+    {
+        return Err(VaultError::invalid(
+            subject,
+            format!(
+                "contains U+{:04X}, a bidirectional control character that makes names display as other names; \
+                 identifiers may only contain letters, digits and . _ : -",
+                u32::from(c)
+            ),
+        ));
+    }
     if !value
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
@@ -158,6 +192,50 @@ pub fn validate_id(subject: &str, value: &str, max: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Where the root key's check value is kept in `meta`.
+const ROOT_CHECK_KEY: &[u8] = b"root_key_check";
+
+/// Refuses a root key other than the one the vault was initialised with,
+/// before anything is read or written with it; stores the check value on
+/// a vault that has none yet (made before check values existed: the first
+/// start after an upgrade trusts the key it is given, and says so).
+/// `on_new` runs before the check value is stored on a database with no
+/// data keys (see [`Engine::open_with`]).
+fn check_root_key(
+    store: &Store,
+    keyring: &KeyRing,
+    dir: &Path,
+    on_new: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let check = keyring.check_value();
+    match store.meta.get(ROOT_CHECK_KEY)? {
+        // The check value is not secret (it is on disk), so comparing it in
+        // variable time reveals nothing.
+        Some(v) if v.as_ref() == check.as_slice() => Ok(()),
+        Some(_) => Err(VaultError::config(
+            "root key",
+            format!(
+                "it is not the key the vault in {} was initialised with (its key check value differs); \
+                 nothing was read or changed: start with the right root.key or SOVRA_ROOT_KEY",
+                dir.display()
+            ),
+        )),
+        None => {
+            if store.data_keys.is_empty() {
+                on_new()?;
+            } else {
+                tracing::warn!(
+                    data_dir = %dir.display(),
+                    "this vault has no root key check value (made by an older version): storing the current key's; a wrong key would have shown as DATA_LOSS on reads"
+                );
+            }
+            store.meta.insert(ROOT_CHECK_KEY, check.as_slice())?;
+            store.db.flush()?;
+            Ok(())
+        }
+    }
 }
 
 pub(crate) fn tx_err(e: TransactionError<VaultError>) -> VaultError {
@@ -174,11 +252,26 @@ fn decode_field(bytes: &[u8], what: impl FnOnce() -> String) -> Result<StoredFie
 impl Engine {
     /// Opens the engine on `dir` with `root` and `schema`.
     pub fn open(dir: &Path, root: RootKey, schema: Schema) -> Result<Engine> {
+        Engine::open_with(dir, root, schema, || Ok(()))
+    }
+
+    /// [`Engine::open`], calling `on_new` first if the database holds
+    /// neither a root key check value nor data keys: a vault made just now,
+    /// or a database that lost its contents (the server tells them apart by
+    /// the ledger). If `on_new` fails, nothing is written.
+    pub fn open_with(
+        dir: &Path,
+        root: RootKey,
+        schema: Schema,
+        on_new: impl FnOnce() -> Result<()>,
+    ) -> Result<Engine> {
         let store = Store::open(dir)?;
+        let keyring = KeyRing::new(root);
+        check_root_key(&store, &keyring, dir, on_new)?;
         let states = KeyStates::load(&store)?;
         let engine = Engine {
             store,
-            keyring: KeyRing::new(root),
+            keyring,
             schema: Arc::new(schema),
             states,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -334,6 +427,10 @@ impl Engine {
     /// Writes `values` for `customer` and records the write's lineage
     /// (anchored by `lineage.anchor` before anything is stored). Not durable
     /// until [`Engine::commit`].
+    ///
+    /// With `idem`, a retry of the same request with the same key (within
+    /// [`store::IDEMPOTENCY_RETENTION_MS`]) returns the first write's outcome
+    /// and writes nothing; the same key with another request is refused.
     pub fn put(
         &self,
         tenant: &str,
@@ -341,6 +438,7 @@ impl Engine {
         values: &[(&FieldDef, FieldValue)],
         source: &Source,
         lineage: WriteLineage<'_>,
+        idem: Option<Idempotency<'_>>,
     ) -> Result<PutOutcome> {
         validate_id("customer_id", customer, MAX_CUSTOMER_ID_LEN)?;
         if values.is_empty() {
@@ -349,8 +447,20 @@ impl Engine {
                 "at least one field is required",
             ));
         }
+        let slot = match idem {
+            Some(i) => {
+                validate_id("idempotency_key", i.key, MAX_CUSTOMER_ID_LEN)?;
+                Some(self.idempotency_slot(tenant, i, customer, values, source))
+            }
+            None => None,
+        };
         let _guard = self.lock(tenant, customer);
         let now = now_ms();
+        if let Some(slot) = &slot {
+            if let Some(out) = self.replay(slot, now)? {
+                return Ok(out);
+            }
+        }
         let (dek, new_wrapped, dek_version) = self.load_or_new_key(tenant, customer, now)?;
         let result = self.apply_put(
             tenant,
@@ -362,6 +472,7 @@ impl Engine {
             source,
             now,
             lineage,
+            slot.as_ref(),
         );
         if result.is_err() {
             if let Some((slot, _)) = new_wrapped {
@@ -450,6 +561,7 @@ impl Engine {
         source: &Source,
         now: i64,
         lineage: WriteLineage<'_>,
+        slot: Option<&IdempotencySlot>,
     ) -> Result<PutOutcome> {
         let dek_k = store::data_key_key(tenant, customer);
         let subject = Digest(dek.pseudonym(tenant, customer));
@@ -475,19 +587,26 @@ impl Engine {
             };
             let version = prev.as_ref().map_or(0, |p| p.version) + 1;
             updated |= prev.is_some();
+            let token = if def.indexed {
+                index_key.token(&def.name, &value.index_bytes()).to_vec()
+            } else {
+                Vec::new()
+            };
             let ctx = FieldContext {
                 tenant,
                 customer,
                 field: &def.name,
                 version,
                 dek_version,
+                provenance: Some(envelope::Provenance {
+                    channel: &source.channel,
+                    collector: &source.collector,
+                    consent_ref: &source.consent_ref,
+                    collected_at_ms: now,
+                    index_token: &token,
+                }),
             };
             let sealed = envelope::seal(&cipher, &ctx, &value.to_bytes())?;
-            let token = if def.indexed {
-                index_key.token(&def.name, &value.index_bytes()).to_vec()
-            } else {
-                Vec::new()
-            };
             let old_entry = prev
                 .filter(|p| !p.index_token.is_empty())
                 .map(|p| store::index_entry(tenant, &def.name, &p.index_token, customer));
@@ -503,6 +622,7 @@ impl Engine {
                 collected_at_ms: now,
                 index_token: token,
                 dek_version,
+                format: store::RECORD_FORMAT,
             };
             writes.push(Write {
                 key,
@@ -556,9 +676,41 @@ impl Engine {
         } else {
             Some(self.fhe_secret(tenant)?)
         };
+        let idempotency_record = slot.map(|sl| {
+            let r = store::IdempotencyRecord {
+                request_mac: sl.request_mac.to_vec(),
+                created: new_wrapped.is_some(),
+                fields: versions.iter().map(|(f, _)| f.clone()).collect(),
+                versions: versions.iter().map(|(_, v)| *v).collect(),
+                written_at_ms: now,
+            };
+            (sl.key, r.encode_to_vec())
+        });
         let s = &self.store;
-        (&s.records, &s.data_keys, &s.index, &s.lineage, &s.features)
-            .transaction(|(r, k, i, l, f)| {
+        (
+            &s.records,
+            &s.data_keys,
+            &s.index,
+            &s.lineage,
+            &s.features,
+            &s.idempotency,
+        )
+            .transaction(|(r, k, i, l, f, d)| {
+                if let Some((key, bytes)) = &idempotency_record {
+                    // INVARIANT: checked again inside the transaction, so two
+                    // concurrent writes with one key cannot both apply.
+                    if let Some(prior) = d.get(key)? {
+                        let live = store::IdempotencyRecord::live(&prior, now)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        if live.is_some() {
+                            return Err(ConflictableTransactionError::Abort(VaultError::already_exists(
+                                "idempotency_key",
+                                "a concurrent write with this key was applied first; retry to get its result",
+                            )));
+                        }
+                    }
+                    d.insert(&key[..], bytes.as_slice())?;
+                }
                 record.staged.apply(l)?;
                 if let Some(secret) = &secret {
                     features::put(f, secret, tenant, customer, &feature_values)?;
@@ -587,7 +739,89 @@ impl Engine {
         Ok(PutOutcome {
             created: new_wrapped.is_some(),
             versions,
+            replayed: false,
         })
+    }
+
+    /// The record key and request digest of an idempotent write.
+    fn idempotency_slot(
+        &self,
+        tenant: &str,
+        idem: Idempotency<'_>,
+        customer: &str,
+        values: &[(&FieldDef, FieldValue)],
+        source: &Source,
+    ) -> IdempotencySlot {
+        let mac_key = self.keyring.idempotency_key(tenant);
+        let mac = |label: &[u8], parts: &[&[u8]]| -> [u8; 32] {
+            let tag = ring::hmac::sign(&mac_key, &crate::keys::encode_aad(label, parts));
+            let mut out = [0u8; 32];
+            out.copy_from_slice(tag.as_ref());
+            out
+        };
+        let key = mac(
+            b"sovra/v1/idempotency-slot",
+            &[idem.principal.as_bytes(), idem.key.as_bytes()],
+        );
+        // Fields in name order: the request's map has no order of its own.
+        let mut sorted: Vec<(&str, zeroize::Zeroizing<Vec<u8>>)> = values
+            .iter()
+            .map(|(d, v)| (d.name.as_str(), v.to_bytes()))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        let mut parts: Vec<&[u8]> = vec![
+            customer.as_bytes(),
+            source.channel.as_bytes(),
+            source.collector.as_bytes(),
+            source.consent_ref.as_bytes(),
+        ];
+        for (name, bytes) in &sorted {
+            parts.push(name.as_bytes());
+            parts.push(bytes);
+        }
+        IdempotencySlot {
+            key,
+            request_mac: mac(b"sovra/v1/idempotent-put", &parts),
+        }
+    }
+
+    /// The first write's outcome if `slot` already answers (a retry), or
+    /// `None`; the same key with another request is ALREADY_EXISTS.
+    fn replay(&self, slot: &IdempotencySlot, now: i64) -> Result<Option<PutOutcome>> {
+        let Some(bytes) = self.store.idempotency.get(slot.key)? else {
+            return Ok(None);
+        };
+        let Some(prior) = store::IdempotencyRecord::live(&bytes, now)? else {
+            return Ok(None);
+        };
+        if prior.request_mac != slot.request_mac {
+            return Err(VaultError::already_exists(
+                "idempotency_key",
+                "was used for a different request (another customer, fields, values or source); \
+                 use a new key for a new write",
+            ));
+        }
+        Ok(Some(PutOutcome {
+            created: prior.created,
+            versions: prior.fields.into_iter().zip(prior.versions).collect(),
+            replayed: true,
+        }))
+    }
+
+    /// Removes idempotency records older than their retention; returns how
+    /// many. The server runs it at start and hourly.
+    pub fn sweep_idempotency(&self) -> Result<usize> {
+        let now = now_ms();
+        let mut removed = 0;
+        for item in self.store.idempotency.iter() {
+            let (k, v) = item?;
+            // Damaged records stay: their retries are refused as DATA_LOSS.
+            if let Ok(None) = store::IdempotencyRecord::live(&v, now) {
+                self.store.idempotency.remove(k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Decrypts `fields` of `customer` (all of the schema's fields if empty),
@@ -630,6 +864,7 @@ impl Engine {
                 field: &def.name,
                 version: rec.version,
                 dek_version: rec.dek_version,
+                provenance: rec.provenance(what)?,
             };
             let plain = envelope::open(&cipher, &ctx, &rec.nonce, &rec.ciphertext)?;
             let value = FieldValue::from_bytes(&plain).ok_or_else(|| {

@@ -3,9 +3,12 @@
 //! ciphertext to its place.
 //!
 //! Guarantees: a sealed value opens only with the same data key and the same
-//! (tenant, customer, field, value version, data-key version). A ciphertext
-//! copied to another customer, field or version, or with any byte changed,
-//! fails with [`VaultError::Integrity`] and is never returned as data.
+//! (tenant, customer, field, value version, data-key version) and, from
+//! record format 2 on, the same provenance (channel, collector, consent
+//! reference, collection time, index token). A ciphertext copied to another
+//! customer, field or version, with its provenance changed, or with any
+//! byte changed, fails with [`VaultError::Integrity`] and is never returned
+//! as data.
 //!
 //! Does not guarantee: hiding the length of a value (AES-GCM preserves it), or
 //! freshness against rollback of a whole record to an older sealed version
@@ -31,20 +34,51 @@ pub struct FieldContext<'a> {
     pub version: u64,
     /// The generation of the data key that seals it.
     pub dek_version: u32,
+    /// The value's provenance, bound too (record format 2); `None` only to
+    /// open a value written before format 2, whose provenance is unbound.
+    pub provenance: Option<Provenance<'a>>,
+}
+
+/// Where a value came from, as stored beside its ciphertext: bound into the
+/// associated data so that none of it can be changed on disk unnoticed.
+#[derive(Debug, Clone, Copy)]
+pub struct Provenance<'a> {
+    /// Collection channel.
+    pub channel: &'a str,
+    /// Collector.
+    pub collector: &'a str,
+    /// Consent reference.
+    pub consent_ref: &'a str,
+    /// When this version was written (ms since the epoch).
+    pub collected_at_ms: i64,
+    /// The value's blind-index token (empty if the field is not indexed).
+    pub index_token: &'a [u8],
 }
 
 impl FieldContext<'_> {
     fn aad(&self) -> Vec<u8> {
-        encode_aad(
-            b"sovra/v1/field",
-            &[
-                self.tenant.as_bytes(),
-                self.customer.as_bytes(),
-                self.field.as_bytes(),
-                &self.version.to_be_bytes(),
-                &self.dek_version.to_be_bytes(),
-            ],
-        )
+        let place: [&[u8]; 5] = [
+            self.tenant.as_bytes(),
+            self.customer.as_bytes(),
+            self.field.as_bytes(),
+            &self.version.to_be_bytes(),
+            &self.dek_version.to_be_bytes(),
+        ];
+        match &self.provenance {
+            None => encode_aad(b"sovra/v1/field", &place),
+            Some(p) => {
+                let at = p.collected_at_ms.to_be_bytes();
+                let mut parts = place.to_vec();
+                parts.extend_from_slice(&[
+                    p.channel.as_bytes(),
+                    p.collector.as_bytes(),
+                    p.consent_ref.as_bytes(),
+                    &at,
+                    p.index_token,
+                ]);
+                encode_aad(b"sovra/v2/field", &parts)
+            }
+        }
     }
 }
 
@@ -120,7 +154,53 @@ mod tests {
             field,
             version,
             dek_version: 1,
+            provenance: None,
         }
+    }
+
+    #[test]
+    fn provenance_is_bound() {
+        let c = DataKey::generate().cipher();
+        let prov = Provenance {
+            channel: "web",
+            collector: "crm",
+            consent_ref: "c-1",
+            collected_at_ms: 1_700_000_000_000,
+            index_token: b"tok",
+        };
+        let mut at = ctx("c1", "phone", 1);
+        at.provenance = Some(prov);
+        let s = seal(&c, &at, b"v").unwrap();
+        assert!(open(&c, &at, &s.nonce, &s.ciphertext).is_ok());
+        let changed = [
+            Provenance {
+                channel: "branch",
+                ..prov
+            },
+            Provenance {
+                collector: "evil",
+                ..prov
+            },
+            Provenance {
+                consent_ref: "c-2",
+                ..prov
+            },
+            Provenance {
+                collected_at_ms: 1,
+                ..prov
+            },
+            Provenance {
+                index_token: b"other",
+                ..prov
+            },
+        ];
+        for p in changed {
+            let mut other = at;
+            other.provenance = Some(p);
+            assert!(open(&c, &other, &s.nonce, &s.ciphertext).is_err(), "{p:?}");
+        }
+        // Nor can it be opened as a format-1 value (a downgrade).
+        assert!(open(&c, &ctx("c1", "phone", 1), &s.nonce, &s.ciphertext).is_err());
     }
 
     proptest! {

@@ -25,6 +25,10 @@ pub enum VaultError {
     /// The operation is valid but the vault's state does not allow it now.
     #[error(transparent)]
     FailedPrecondition(#[from] FailedPrecondition),
+    /// What the caller tries to create exists already (an idempotency key
+    /// used for another request).
+    #[error(transparent)]
+    AlreadyExists(#[from] AlreadyExists),
     /// No valid credentials were presented.
     #[error(transparent)]
     Unauthenticated(#[from] Unauthenticated),
@@ -91,6 +95,19 @@ impl fmt::Display for NotFound {
     }
 }
 impl std::error::Error for NotFound {}
+
+/// Something exists already.
+#[derive(Debug)]
+pub struct AlreadyExists {
+    subject: String,
+    reason: String,
+}
+impl fmt::Display for AlreadyExists {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` {}", self.subject, self.reason)
+    }
+}
+impl std::error::Error for AlreadyExists {}
 
 /// Authenticated decryption failed.
 #[derive(Debug)]
@@ -265,6 +282,13 @@ impl VaultError {
     }
     pub(crate) fn storage(context: impl Into<String>) -> Self {
         StorageError::new(context).into()
+    }
+    pub(crate) fn already_exists(subject: impl Into<String>, reason: impl Into<String>) -> Self {
+        AlreadyExists {
+            subject: subject.into(),
+            reason: reason.into(),
+        }
+        .into()
     }
     pub(crate) fn config(path: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::new(path, reason).into()

@@ -12,6 +12,12 @@
 //! totals). The hash of what is released is computed here and
 //! anchored in the ledger by the caller before anything is returned.
 //!
+//! Before the hash, [`protect`] withholds every histogram bucket that
+//! counts fewer than k customers, and as many further buckets as it takes
+//! for no withheld count in 1..k-1 to be derivable from the released ones
+//! and the cohort size; it adds k and the cohort digest, so the anchored
+//! hash covers which customers the aggregate is about.
+//!
 //! Does not: check the submit-time policies (the service does) or keep
 //! decrypted values after the release.
 
@@ -161,6 +167,7 @@ pub(crate) fn open(
                     sum: cohort as i64,
                     edges,
                     buckets,
+                    ..Default::default()
                 }),
             }
         }
@@ -195,5 +202,198 @@ pub(crate) fn open(
                 }),
             }
         }
+    }
+}
+
+/// Which histogram buckets to withhold so that every released count is at
+/// least `k`, and no withheld count in 1..k-1 can be derived.
+///
+/// What a receiver knows, worst case: the released counts, the cohort size
+/// (so the sum `t` of the withheld counts), k, and this rule, and so which
+/// withheld buckets are below k ("primary") and which were withheld only to
+/// protect them ("secondary", each ≥ k). With only primaries (each in
+/// 0..=k-1), a primary's count is pinned when `t` is 1..k-1 (the union of
+/// the withheld buckets itself would count fewer than k customers) or when
+/// `t` = m·(k-1) (all m at their maximum). With at least one secondary (no
+/// upper bound), each primary ranges over 0..=min(k-1, t - k·secondaries),
+/// which is a single value only if that value is 0. So one secondary, the
+/// smallest released bucket, always suffices, when there is one.
+///
+/// `None` when nothing can be released safely: every bucket is below k and
+/// their counts would still be derivable.
+pub(crate) fn suppression(buckets: &[u64], k: u64) -> Option<Vec<bool>> {
+    let mut withheld: Vec<bool> = buckets.iter().map(|&b| k > 1 && b < k).collect();
+    let m = withheld.iter().filter(|&&w| w).count() as u64;
+    let t: u64 = buckets
+        .iter()
+        .zip(&withheld)
+        .filter(|(_, &w)| w)
+        .map(|(b, _)| *b)
+        .sum();
+    // INVARIANT: k > 1 whenever m > 0, so k - 1 does not underflow.
+    let pinned = m > 0 && ((1..k).contains(&t) || (t > 0 && Some(t) == m.checked_mul(k - 1)));
+    if pinned {
+        let smallest = buckets
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !withheld[*i])
+            .min_by_key(|(i, b)| (**b, *i))
+            .map(|(i, _)| i)?;
+        withheld[smallest] = true;
+    }
+    Some(withheld)
+}
+
+/// Why a release is refused after decryption.
+#[derive(Debug)]
+pub(crate) struct Unreleasable(pub String);
+
+/// Applies the release rules to what [`open`] decrypted: withholds the
+/// histogram buckets [`suppression`] names (their counts read 0 and are
+/// flagged), and records `k` and the cohort digest in the aggregate.
+/// Per-customer outputs are left as they are (they go to the owning
+/// service, not under k-anonymity).
+pub(crate) fn protect(
+    released: &mut Released,
+    k: u64,
+    cohort_sha256: &[u8; 32],
+) -> Result<(), Unreleasable> {
+    let Some(a) = released.aggregate.as_mut() else {
+        return Ok(());
+    };
+    if a.op == "histogram" {
+        let withheld = suppression(&a.buckets, k).ok_or_else(|| {
+            Unreleasable(format!(
+                "every bucket of the histogram counts fewer than {k} customers, and their counts could be derived from the cohort size"
+            ))
+        })?;
+        for (b, w) in a.buckets.iter_mut().zip(&withheld) {
+            if *w {
+                *b = 0;
+            }
+        }
+        a.suppressed = withheld;
+    }
+    a.min_count = k;
+    a.cohort_sha256 = hex::encode(cohort_sha256);
+    Ok(())
+}
+
+/// SHA-256 over the job id and the sorted pseudonyms of the cohort: what a
+/// release's anchored hash says about who it covered. The job id salts it,
+/// so equal cohorts of two jobs do not have equal digests.
+pub(crate) fn cohort_digest(job_id: &str, sorted_pseudonyms: &[sovra_ledger::Digest]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"sovra-cohort-v1\0");
+    h.update((job_id.len() as u64).to_be_bytes());
+    h.update(job_id.as_bytes());
+    for p in sorted_pseudonyms {
+        h.update(p.0);
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    /// Whether withheld bucket `i` (true count `b[i]`) has another value
+    /// consistent with what a receiver knows: the released counts, the
+    /// withheld total, and for each withheld bucket whether it is below k
+    /// (worst case). Brute force, independent of the reasoning in
+    /// [`suppression`].
+    fn ambiguous(b: &[u64], w: &[bool], k: u64, i: usize) -> bool {
+        let idx: Vec<usize> = (0..b.len()).filter(|&j| w[j]).collect();
+        let t: u64 = idx.iter().map(|&j| b[j]).sum();
+        // Enumerate assignments of the withheld buckets summing to t.
+        fn go(
+            idx: &[usize],
+            b: &[u64],
+            k: u64,
+            left: u64,
+            at: usize,
+            x: &mut Vec<u64>,
+            i: usize,
+        ) -> bool {
+            if at == idx.len() {
+                return left == 0 && idx.iter().zip(x.iter()).any(|(&j, &v)| j == i && v != b[i]);
+            }
+            let j = idx[at];
+            let (lo, hi) = if b[j] < k { (0, k - 1) } else { (k, left) };
+            for v in lo..=hi.min(left) {
+                x.push(v);
+                if go(idx, b, k, left - v, at + 1, x, i) {
+                    return true;
+                }
+                x.pop();
+            }
+            false
+        }
+        go(&idx, b, k, t, 0, &mut Vec::new(), i)
+    }
+
+    #[test]
+    fn withheld_counts_are_neither_small_nor_derivable() {
+        for k in [2u64, 3, 4] {
+            for n in 1..=4usize {
+                let mut b = vec![0u64; n];
+                loop {
+                    match suppression(&b, k) {
+                        Some(w) => {
+                            let t: u64 = b.iter().zip(&w).filter(|(_, &w)| w).map(|(x, _)| x).sum();
+                            assert!(t == 0 || t >= k, "{b:?} k={k}: withheld total {t}");
+                            for (j, (&x, &wj)) in b.iter().zip(&w).enumerate() {
+                                if !wj {
+                                    assert!(x >= k, "{b:?} k={k}: released {x}");
+                                } else if x > 0 && x < k {
+                                    assert!(
+                                        ambiguous(&b, &w, k, j),
+                                        "{b:?} k={k}: bucket {j} derivable"
+                                    );
+                                }
+                            }
+                        }
+                        None => {
+                            assert!(b.iter().all(|&x| x < k), "{b:?} k={k}");
+                        }
+                    }
+                    // Next vector, counts 0..=2k+1.
+                    let mut p = 0;
+                    while p < n && b[p] == 2 * k + 1 {
+                        b[p] = 0;
+                        p += 1;
+                    }
+                    if p == n {
+                        break;
+                    }
+                    b[p] += 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_reported_histogram_releases_no_bucket_of_one() {
+        // Edges [25, 26] over 25 customers: [24, 1, 0] with k = 20.
+        let w = suppression(&[24, 1, 0], 20).unwrap();
+        assert_eq!(w, vec![true, true, true]);
+        // Two large buckets and a small one: the smaller large one goes too.
+        assert_eq!(
+            suppression(&[30, 3, 25], 20).unwrap(),
+            vec![false, true, true]
+        );
+        // Two small ones whose total is at least k and not pinned: enough.
+        assert_eq!(
+            suppression(&[30, 5, 17], 20).unwrap(),
+            vec![false, true, true]
+        );
+        assert_eq!(
+            suppression(&[30, 19, 19], 20).unwrap(),
+            vec![true, true, true]
+        );
+        assert_eq!(suppression(&[19, 19], 20), None);
+        assert_eq!(suppression(&[5, 0, 40], 1).unwrap(), vec![false; 3]);
+        assert_eq!(suppression(&[40, 0], 20).unwrap(), vec![false, true]);
     }
 }

@@ -84,7 +84,14 @@ pub fn result(r: &pb::JobResult, limit: usize) -> String {
                     (Some(lo), None) => format!(">= {lo}"),
                     (None, None) => "all".to_owned(),
                 };
-                s.push_str(&format!("    {range:<22} {n}\n"));
+                if a.suppressed.get(i).copied().unwrap_or(false) {
+                    s.push_str(&format!(
+                        "    {range:<22} withheld (fewer than {} customers, or would reveal such a bucket)\n",
+                        a.min_count
+                    ));
+                } else {
+                    s.push_str(&format!("    {range:<22} {n}\n"));
+                }
             }
         } else {
             s.push_str(&format!("  {} = {}", a.op, a.value));

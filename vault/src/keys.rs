@@ -384,6 +384,21 @@ impl KeyRing {
         key
     }
 
+    /// The root key's check value: an HKDF output under its own label, so it
+    /// identifies the root key without revealing it or any key derived
+    /// from it. Stored at init; a start with another root key is refused.
+    pub(crate) fn check_value(&self) -> Zeroizing<[u8; KEY_LEN]> {
+        self.root.hkdf(&[b"root-key-check\0"])
+    }
+
+    /// The tenant's idempotency key: record keys and request digests of
+    /// idempotent writes are HMACs under it, so neither the client's keys
+    /// nor the requests (which hold personal data) are stored in the clear.
+    pub(crate) fn idempotency_key(&self, tenant: &str) -> ring::hmac::Key {
+        let raw = self.root.hkdf(&[b"idempotency\0", tenant.as_bytes()]);
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, raw.as_ref())
+    }
+
     /// The key that wraps the tenant's TFHE secret key at rest.
     pub(crate) fn fhe_wrap_key(&self, tenant: &str) -> Zeroizing<[u8; KEY_LEN]> {
         self.root.hkdf(&[b"fhe-secret-wrap\0", tenant.as_bytes()])

@@ -19,8 +19,6 @@ use sovra_ledger::entry::Consent;
 use sovra_ledger::{Body, ConsentAction, Digest, LedgerError};
 use sovra_proto::ledger::v1 as pb;
 use sovra_proto::ledger::v1::ledger_server::Ledger as LedgerRpc;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Principal;
@@ -227,7 +225,7 @@ impl LedgerRpc for LedgerService {
         &self,
         req: Request<pb::GetInclusionProofRequest>,
     ) -> Result<Response<pb::InclusionProof>, Status> {
-        self.principal(&req, Action::ReadAudit)?;
+        let p = self.principal(&req, Action::ReadAudit)?;
         let r = req.into_inner();
         let size = if r.tree_size == 0 {
             self.latest_size()?
@@ -239,7 +237,16 @@ impl LedgerRpc for LedgerService {
             .ledger
             .inclusion_proof(r.index, size)
             .map_err(ledger_status)?;
-        let (entry, _) = self.shared.ledger.entry(r.index).map_err(ledger_status)?;
+        let (entry, decoded) = self.shared.ledger.entry(r.index).map_err(ledger_status)?;
+        // INVARIANT: the entry is checked before anything of it (or of its
+        // proof) leaves; the same answer for every foreign entry, so the
+        // reply tells only what the indexes already show.
+        if !decoded.body.visible_to(&p.tenant) {
+            return Err(Status::not_found(format!(
+                "entry {} is not an entry of tenant `{}`",
+                r.index, p.tenant
+            )));
+        }
         Ok(Response::new(pb::InclusionProof {
             index: r.index,
             tree_size: size,
@@ -277,7 +284,7 @@ impl LedgerRpc for LedgerService {
         &self,
         req: Request<pb::GetEntriesRequest>,
     ) -> Result<Response<Self::GetEntriesStream>, Status> {
-        self.principal(&req, Action::ReadAudit)?;
+        let p = self.principal(&req, Action::ReadAudit)?;
         let r = req.into_inner();
         let size = self.shared.ledger.durable_size();
         let end = if r.end == 0 { size } else { r.end };
@@ -298,30 +305,52 @@ impl LedgerRpc for LedgerService {
                 end - r.start
             )));
         }
-        let (tx, rx) = mpsc::channel(64);
+        // A lazy stream, not a task: an entry is read and rendered only when
+        // the transport asks for the next one, so a client that stops
+        // reading holds no thread and no more than HTTP/2's flow-control
+        // window of encoded entries (backpressure); a cancelled call drops
+        // the stream and everything it holds.
         let ledger = self.shared.ledger.clone();
-        tokio::task::spawn_blocking(move || {
-            for i in r.start..end {
-                let item = ledger
-                    .entry(i)
-                    .map_err(ledger_status)
-                    .and_then(|(entry, e)| {
-                        let decoded_json = serde_json::to_string(&e).map_err(|e| {
-                            Status::internal(format!("cannot render entry {i}: {e}"))
-                        })?;
-                        Ok(pb::LogEntry {
-                            index: i,
-                            entry,
-                            decoded_json,
-                        })
-                    });
-                let failed = item.is_err();
-                if tx.blocking_send(item).is_err() || failed {
-                    return;
+        let tenant = p.tenant.clone();
+        // The state carries the ledger and tenant, so nothing is cloned per
+        // entry; `None` ends the stream (after an error).
+        let stream = futures::stream::unfold(Some((ledger, tenant, r.start)), move |state| {
+            async move {
+                let (ledger, tenant, mut i) = state?;
+                // Entries of other tenants are skipped (their indexes show as
+                // gaps); a long run of them yields to the runtime in between.
+                let mut skipped = 0u32;
+                while i < end {
+                    let item = ledger.entry(i).map_err(ledger_status);
+                    let here = i;
+                    i += 1;
+                    match item {
+                        Err(e) => return Some((Err(e), None)),
+                        Ok((entry, e)) if e.body.visible_to(&tenant) => {
+                            let item = serde_json::to_string(&e)
+                                .map_err(|e| {
+                                    Status::internal(format!("cannot render entry {here}: {e}"))
+                                })
+                                .map(|decoded_json| pb::LogEntry {
+                                    index: here,
+                                    entry,
+                                    decoded_json,
+                                });
+                            let next = item.is_ok().then_some((ledger, tenant, i));
+                            return Some((item, next));
+                        }
+                        Ok(_) => {
+                            skipped += 1;
+                            if skipped % 1024 == 0 {
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                    }
                 }
+                None
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn export_audit_bundle(
@@ -368,9 +397,12 @@ impl LedgerRpc for LedgerService {
     ) -> Result<Response<pb::RebuildConsentStateResponse>, Status> {
         let p = self.principal(&req, Action::RebuildConsent)?;
         let ledger = self.shared.ledger.clone();
+        let tenant = p.tenant.clone();
         let (corrected, entries) = tokio::task::spawn_blocking(move || {
+            // Only the caller's tenant's customers: another tenant's consent
+            // state is not this admin's to change.
             ledger
-                .rebuild_consent_view()
+                .rebuild_consent_view_for(Some(&tenant))
                 .map(|c| (c as u64, ledger.size()))
         })
         .await

@@ -528,6 +528,9 @@ type CmdResult = Result<(), Failure>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every file any command writes (config, keys, exports, databases) is
+    // private to this user, whatever umask it was started with.
+    sovra_vault::files::private_umask();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -561,7 +564,11 @@ fn main() -> ExitCode {
 
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // tonic reports why it closed a connection (a protocol error, a
+        // GOAWAY it sent, a reset) at debug level: shown by default.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,tonic::transport::server=debug")
+        });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -1433,6 +1440,7 @@ async fn run(cmd: Cmd) -> CmdResult {
             }
             let r = c
                 .put_record(pb::PutRecordRequest {
+                    idempotency_key: String::new(),
                     customer_id: customer,
                     fields: values,
                     source: Some(pb::CollectionSource {

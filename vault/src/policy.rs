@@ -322,6 +322,8 @@ pub fn explain(
             .into(),
             summary: d.summary(),
             policy_sha256: pol.sha256_hex(),
+            withheld: Vec::new(),
+            withheld_read_by: Vec::new(),
         })
     } else {
         let d = pol.decide(&scope, action, field.map(|f| f.name.as_str()), ctx)?;
@@ -331,6 +333,8 @@ pub fn explain(
             disclosure: String::new(),
             summary: d.summary(),
             policy_sha256: pol.sha256_hex(),
+            withheld: Vec::new(),
+            withheld_read_by: Vec::new(),
         })
     }
 }

@@ -11,6 +11,7 @@ use sovra_proto::policy::v1 as pb;
 use sovra_proto::policy::v1::policy_server::Policy;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Principal;
 use crate::engine::{validate_id, MAX_CUSTOMER_ID_LEN};
 use crate::policy::{self, Active};
 use crate::policy::{CONTRACT_VALUE_FIELD, CUSTOMER_KIND_FIELD};
@@ -42,11 +43,21 @@ impl PolicyService {
         }
     }
 
-    /// The customer's policy attributes: consents from the ledger, kind and
-    /// contract value from the record.
-    fn customer(&self, tenant: &str, customer_id: &str) -> Result<CustomerAttrs, Status> {
+    /// The customer's policy attributes, as far as `caller` may read them
+    /// itself: consents from the ledger if it may read consent state, kind
+    /// and contract value from the record if it may read those fields (for
+    /// the question's purpose). Returns what was withheld, by field name.
+    // INVARIANT: an attribute the caller may not read never reaches the
+    // decision, so no answer (allowed, policy ids, summary) depends on it.
+    fn customer(
+        &self,
+        caller: &Principal,
+        customer_id: &str,
+        active: &Active,
+        ctx: &sovra_policy::Context,
+    ) -> Result<(CustomerAttrs, Vec<String>), Status> {
         if customer_id.is_empty() {
-            return Ok(CustomerAttrs::default());
+            return Ok((CustomerAttrs::default(), Vec::new()));
         }
         validate_id("customer_id", customer_id, MAX_CUSTOMER_ID_LEN).map_err(to_status)?;
         let schema = self.shared.engine.schema();
@@ -57,14 +68,48 @@ impl PolicyService {
         let (subject, values) = self
             .shared
             .engine
-            .get(tenant, customer_id, &defs)
+            .get(&caller.tenant, customer_id, &defs)
             .map_err(to_status)?;
-        let consent = self
-            .shared
-            .ledger
-            .consent_state(&subject)
-            .map_err(|e| to_status(e.into()))?;
-        Ok(policy::customer_attrs(&values, consent))
+        let mut withheld = Vec::new();
+        let consent = if policy::check(active, caller, Action::ReadConsent, ctx).is_ok() {
+            self.shared
+                .ledger
+                .consent_state(&subject)
+                .map_err(|e| to_status(e.into()))?
+        } else {
+            withheld.push("consents".to_owned());
+            Vec::new()
+        };
+        let known = policy::customer_attrs(&[], consent.clone());
+        let readable: Vec<_> = values
+            .into_iter()
+            .filter(|v| {
+                let may = policy::check_fields(
+                    active,
+                    caller,
+                    Action::Read,
+                    &known,
+                    &[&v.def.policy],
+                    ctx,
+                )
+                .is_ok();
+                if !may {
+                    withheld.push(v.def.name.clone());
+                }
+                may
+            })
+            .collect();
+        Ok((policy::customer_attrs(&readable, consent), withheld))
+    }
+}
+
+/// The policy attributes a withheld customer field stands for.
+fn attributes_of(field: &str) -> Vec<&str> {
+    match field {
+        CUSTOMER_KIND_FIELD => vec!["kind"],
+        CONTRACT_VALUE_FIELD => vec!["contract_value"],
+        "consents" => vec!["consents", "withdrawn"],
+        other => vec![other],
     }
 }
 
@@ -83,6 +128,14 @@ impl Policy for PolicyService {
         req: Request<pb::ReloadPoliciesRequest>,
     ) -> Result<Response<pb::ReloadPoliciesResponse>, Status> {
         let p = self.shared.principal(&req, Action::ManagePolicies)?;
+        // The set is shared by every tenant: only the operator tenant's
+        // admins may put a new one in force.
+        if *p.tenant != *self.shared.operator_tenant {
+            return Err(Status::permission_denied(format!(
+                "the policy set governs every tenant; only admins of the operator tenant (`[policy] operator_tenant`) may reload it, and `{}` acts for tenant `{}`",
+                p.name, p.tenant
+            )));
+        }
         let r = self
             .shared
             .gate
@@ -135,11 +188,28 @@ impl Policy for PolicyService {
             }
             _ => None,
         };
-        let customer = self.customer(&caller.tenant, &r.customer_id)?;
         let active = self.shared.gate.current();
         let ctx = policy::context(&r.purpose, i64::from(r.approvals));
-        let out = policy::explain(&active.policies, &subject, action, field, &customer, &ctx)
+        let (customer, withheld) = self.customer(&caller, &r.customer_id, &active, &ctx)?;
+        let mut out = policy::explain(&active.policies, &subject, action, field, &customer, &ctx)
             .map_err(to_status)?;
+        let mut read_by: Vec<String> = withheld
+            .iter()
+            .flat_map(|f| attributes_of(f))
+            .flat_map(|a| active.policies.policies_reading(a))
+            .collect();
+        read_by.sort();
+        read_by.dedup();
+        if !read_by.is_empty() {
+            out.summary = format!(
+                "{} (decided without {}, which you may not read; {} read them, so the decision for this customer may differ)",
+                out.summary,
+                withheld.join(", "),
+                read_by.join(", ")
+            );
+        }
+        out.withheld = withheld;
+        out.withheld_read_by = read_by;
         Ok(Response::new(out))
     }
 }

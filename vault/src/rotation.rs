@@ -84,6 +84,9 @@ pub(crate) struct KeyStates {
     // Serialises state changes (rotate, retire, job progress); they are rare,
     // so one lock for all tenants is enough.
     change: std::sync::Mutex<()>,
+    // Serialises rotations and retirements across their ledger write,
+    // which is awaited and so cannot be under `change`.
+    ordered: tokio::sync::Mutex<()>,
 }
 
 impl KeyStates {
@@ -101,6 +104,7 @@ impl KeyStates {
         Ok(KeyStates {
             map: RwLock::new(map),
             change: std::sync::Mutex::new(()),
+            ordered: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -154,17 +158,22 @@ impl Engine {
     /// re-wrap job is recorded. Run the job with [`Engine::run_rotation`]
     /// (the server spawns it). Durable when this returns.
     ///
-    /// `audit(from, to)` runs once the new version is decided and before it
-    /// is stored; if it fails, nothing changes (the server appends the
-    /// ledger entry there, so no rotation goes unaudited).
-    pub async fn rotate(
-        &self,
-        tenant: &str,
-        audit: impl FnOnce(u32, u32) -> Result<()>,
-    ) -> Result<KeyState> {
-        let st = {
+    /// `audit(from, to)` runs once the new version is decided and before
+    /// anything is stored; the server makes the ledger entry durable there.
+    /// If it fails, nothing changes.
+    // INVARIANT: write-ahead. A rotation in effect always has its durable
+    // ledger entry; a crash after the entry and before the state is stored
+    // leaves an entry for a rotation that did not happen (GetKeyStatus
+    // shows the version in force), never the reverse.
+    pub async fn rotate<F, Fut>(&self, tenant: &str, audit: F) -> Result<KeyState>
+    where
+        F: FnOnce(u32, u32) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let _ordered = self.states.ordered.lock().await;
+        let (from, to, total) = {
             let _g = self.states.guard();
-            let mut st = self.states.get(tenant);
+            let st = self.states.get(tenant);
             if let Some(j) = st.job.as_ref().filter(|j| !j.done) {
                 return Err(VaultError::precondition(format!(
                     "a rotation to version {} is still running ({} of {} data keys re-wrapped); wait for it to finish",
@@ -176,14 +185,19 @@ impl Engine {
                 .data_keys
                 .scan_prefix(store::tenant_prefix(tenant))
                 .count() as u64;
-            let from = st.active_version;
-            st.active_version = st
+            let to = st
                 .active_version
                 .checked_add(1)
                 .ok_or_else(|| VaultError::precondition("no tenant key version left"))?;
-            audit(from, st.active_version)?;
+            (st.active_version, to, total)
+        };
+        audit(from, to).await?;
+        let st = {
+            let _g = self.states.guard();
+            let mut st = self.states.get(tenant);
+            st.active_version = to;
             st.job = Some(RotationJob {
-                target_version: st.active_version,
+                target_version: to,
                 rewrapped: 0,
                 total,
                 done: total == 0,
@@ -357,31 +371,71 @@ impl Engine {
 
     /// Retires versions below `min_version`. Refused while data keys remain
     /// under them, unless `force`.
-    pub async fn retire(&self, tenant: &str, min_version: u32, force: bool) -> Result<KeyStatus> {
+    ///
+    /// `audit(retirement)` runs once the retirement is checked and before
+    /// it is stored (write-ahead, as [`Engine::rotate`]); if it fails,
+    /// nothing changes.
+    pub async fn retire<F, Fut>(
+        &self,
+        tenant: &str,
+        min_version: u32,
+        force: bool,
+        audit: F,
+    ) -> Result<KeyStatus>
+    where
+        F: FnOnce(Retirement) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let _ordered = self.states.ordered.lock().await;
+        let st = self.states.get(tenant);
+        if min_version < st.min_version || min_version > st.active_version {
+            return Err(VaultError::invalid(
+                "min_version",
+                format!(
+                    "must be between the current minimum {} and the active version {}",
+                    st.min_version, st.active_version
+                ),
+            ));
+        }
+        let status = self.key_status(tenant)?;
+        let remaining: u64 = status.by_version.range(..min_version).map(|(_, n)| n).sum();
+        if remaining > 0 && !force {
+            return Err(VaultError::precondition(format!(
+                "{remaining} data keys are still wrapped under versions below {min_version}; \
+                 wait for the rotation job to finish, or force (their data becomes unreadable)"
+            )));
+        }
+        if min_version == st.min_version {
+            // Nothing changes, so nothing is recorded.
+            return Ok(status);
+        }
+        audit(Retirement {
+            from_min_version: st.min_version,
+            to_min_version: min_version,
+            forced: force && remaining > 0,
+            data_keys_lost: remaining,
+        })
+        .await?;
         {
             let _g = self.states.guard();
             let mut st = self.states.get(tenant);
-            if min_version < st.min_version || min_version > st.active_version {
-                return Err(VaultError::invalid(
-                    "min_version",
-                    format!(
-                        "must be between the current minimum {} and the active version {}",
-                        st.min_version, st.active_version
-                    ),
-                ));
-            }
-            let status = self.key_status(tenant)?;
-            let remaining: u64 = status.by_version.range(..min_version).map(|(_, n)| n).sum();
-            if remaining > 0 && !force {
-                return Err(VaultError::precondition(format!(
-                    "{remaining} data keys are still wrapped under versions below {min_version}; \
-                     wait for the rotation job to finish, or force (their data becomes unreadable)"
-                )));
-            }
             st.min_version = min_version;
             self.states.set(&self.store, tenant, st)?;
         }
         self.commit().await?;
         self.key_status(tenant)
     }
+}
+
+/// A retirement about to take effect, for its ledger entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retirement {
+    /// The lowest usable version before.
+    pub from_min_version: u32,
+    /// The lowest usable version after.
+    pub to_min_version: u32,
+    /// Whether data keys were still wrapped under the retired versions.
+    pub forced: bool,
+    /// How many (their data becomes unreadable).
+    pub data_keys_lost: u64,
 }

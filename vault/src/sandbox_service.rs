@@ -19,10 +19,24 @@
 //! - only the submitter receives a result; the submitter, officers and
 //!   admins of the tenant see a job's state.
 //!
-//! Does not: persist jobs across restarts (the job table is in memory; what
-//! was released stays in the ledger and the lineage), or queue jobs: each
-//! runs as soon as it is accepted, on the blocking pool, its blocks spread
-//! over the cores.
+//! - admission is bounded ([`AdmissionConfig`]): at most `max_running` jobs
+//!   evaluate at once, on a dedicated pool of `eval_threads` threads (fewer
+//!   than the cores, so the vault's request handlers keep a core); the rest
+//!   wait in one FIFO queue of at most `max_queued`, and a principal has at
+//!   most `max_jobs_per_principal` queued or running (RESOURCE_EXHAUSTED
+//!   beyond either); GetJob and WatchJob report a queued job's position, and
+//!   cancelling a queued job takes it out of the queue;
+//! - every released number that counts or sums customers covers at least k
+//!   of them (histogram buckets below k are withheld, see
+//!   [`gate::suppression`]), and no aggregate is released to a receiver
+//!   whose cohort differs from one released to it before by 1..k-1
+//!   customers (policy `release-aggregate-no-differencing`, enforced from a
+//!   durable record of each released cohort's pseudonyms).
+//!
+//! Does not: persist jobs across restarts (the job table and the queue are
+//! in memory; what was released stays in the ledger, the lineage and the
+//! release record), or stop differencing by colluding receivers (see
+//! SECURITY.md, "Release privacy").
 
 use crate::auth::{Principal, Role};
 use crate::engine::{now_ms, Engine};
@@ -54,6 +68,16 @@ const MAX_JOBS: usize = 256;
 /// The policy whose refusal means "cohort below k".
 const MIN_COHORT_POLICY: &str = "release-aggregate-min-cohort";
 
+/// The rule that refuses an aggregate whose cohort differs from one already
+/// released to the same receiver by 1..k-1 customers. The vault enforces it
+/// (it needs the set of earlier cohorts, which Cedar does not see); k is
+/// that of [`MIN_COHORT_POLICY`].
+const NO_DIFFERENCING_POLICY: &str = "release-aggregate-no-differencing";
+
+/// The sled tree of released aggregates: key `tenant 0 receiver 0 job_id`,
+/// value [`ReleaseRecord`]. Never holds a customer id, only pseudonyms.
+const RELEASES_TREE: &str = "sandbox_releases";
+
 /// Maps a sandbox error to its gRPC status (the service edge).
 fn sandbox_status(e: &SandboxError) -> Status {
     match e {
@@ -64,7 +88,7 @@ fn sandbox_status(e: &SandboxError) -> Status {
         }
         SandboxError::LimitExceeded(_) => Status::resource_exhausted(e.to_string()),
         SandboxError::Cancelled => Status::cancelled(e.to_string()),
-        SandboxError::NoBootstrapKey => Status::internal(e.to_string()),
+        SandboxError::NoBootstrapKey | SandboxError::Pool(_) => Status::internal(e.to_string()),
     }
 }
 
@@ -80,6 +104,7 @@ struct JobStatus {
 
 struct JobEntry {
     id: String,
+    admission: Admission,
     tenant: String,
     name: String,
     spec: ValidatedSpec,
@@ -121,6 +146,11 @@ impl JobEntry {
                 self.progress.unit().into()
             },
             bootstraps_per_customer: self.spec.bootstraps_per_customer(),
+            queue_position: if s.state == pb::JobState::Queued as i32 {
+                self.admission.position(&self.id)
+            } else {
+                0
+            },
         }
     }
 
@@ -137,10 +167,200 @@ impl JobEntry {
     }
 }
 
+/// Admission limits of the sandbox: how much of the machine jobs may take.
+/// The defaults suit a small server (2 cores: one job at a time on one
+/// thread, so one core stays with the vault's request handlers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Jobs evaluated at the same time. Default: half the cores, at least 1.
+    pub max_running: usize,
+    /// Threads of the evaluation pool all running jobs share. Default: half
+    /// the cores, at least 1.
+    pub eval_threads: usize,
+    /// Jobs waiting to run, all principals together. Default 32.
+    pub max_queued: usize,
+    /// Jobs one principal (of a tenant) may have queued or running. Default 4.
+    pub max_jobs_per_principal: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> AdmissionConfig {
+        let half = std::thread::available_parallelism()
+            .map_or(1, |n| n.get() / 2)
+            .max(1);
+        AdmissionConfig {
+            max_running: half,
+            eval_threads: half,
+            max_queued: 32,
+            max_jobs_per_principal: 4,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Admitted {
+    owner: String,
+    running: bool,
+}
+
+#[derive(Debug, Default)]
+struct AdmissionState {
+    running: usize,
+    /// Waiting jobs, first to start first, each with the sender that starts
+    /// it.
+    queue: std::collections::VecDeque<(String, tokio::sync::oneshot::Sender<()>)>,
+    /// Every queued or running job, by id.
+    jobs: HashMap<String, Admitted>,
+    /// Queued or running jobs per owner.
+    per_owner: HashMap<String, usize>,
+}
+
+/// The admission queue: a counting semaphore of running jobs with a FIFO
+/// queue in front of it, and per-owner counts.
+#[derive(Debug, Clone)]
+struct Admission {
+    cfg: AdmissionConfig,
+    state: Arc<Mutex<AdmissionState>>,
+}
+
+/// What admission decided for a job.
+enum Admit {
+    /// It may run now.
+    Run(Slot),
+    /// It waits; the receiver fires when it may run, and errs if it was
+    /// cancelled while waiting.
+    Wait(Slot, tokio::sync::oneshot::Receiver<()>),
+}
+
+/// A job's place in admission; dropping it gives the place up (hands a
+/// running slot to the next queued job, or leaves the queue).
+struct Slot {
+    admission: Admission,
+    job: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.admission.leave(&self.job);
+    }
+}
+
+impl Admission {
+    fn new(cfg: AdmissionConfig) -> Admission {
+        Admission {
+            cfg,
+            state: Arc::default(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, AdmissionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits `job` of `owner`, or refuses it with RESOURCE_EXHAUSTED.
+    fn admit(&self, job: &str, owner: &str) -> Result<Admit, Status> {
+        let mut s = self.state();
+        let mine = s.per_owner.get(owner).copied().unwrap_or(0);
+        if mine >= self.cfg.max_jobs_per_principal {
+            return Err(Status::resource_exhausted(format!(
+                "you have {mine} sandbox jobs queued or running, the most one principal may have (max_jobs_per_principal = {}); wait for one to finish (WatchJob) or cancel one (CancelJob), then submit again",
+                self.cfg.max_jobs_per_principal
+            )));
+        }
+        let run = s.running < self.cfg.max_running.max(1);
+        if !run && s.queue.len() >= self.cfg.max_queued {
+            return Err(Status::resource_exhausted(format!(
+                "the sandbox queue is full ({} jobs waiting, max_queued = {}); submit again once jobs have finished",
+                s.queue.len(),
+                self.cfg.max_queued
+            )));
+        }
+        *s.per_owner.entry(owner.to_owned()).or_default() += 1;
+        s.jobs.insert(
+            job.to_owned(),
+            Admitted {
+                owner: owner.to_owned(),
+                running: run,
+            },
+        );
+        let slot = Slot {
+            admission: self.clone(),
+            job: job.to_owned(),
+        };
+        if run {
+            s.running += 1;
+            Ok(Admit::Run(slot))
+        } else {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            s.queue.push_back((job.to_owned(), tx));
+            Ok(Admit::Wait(slot, rx))
+        }
+    }
+
+    /// 1-based place of a queued job (0 if it is not queued).
+    fn position(&self, job: &str) -> u64 {
+        self.state()
+            .queue
+            .iter()
+            .position(|(j, _)| j == job)
+            .map_or(0, |i| i as u64 + 1)
+    }
+
+    /// Takes a queued job out of the queue (its waiter then errs). False if
+    /// it is not queued (running, finished or unknown).
+    fn cancel_queued(&self, job: &str) -> bool {
+        let mut s = self.state();
+        if s.jobs.get(job).is_none_or(|a| a.running) {
+            return false;
+        }
+        Self::forget(&mut s, job);
+        true
+    }
+
+    /// Removes `job` wherever it is; a running job's slot goes to the next
+    /// queued job.
+    fn leave(&self, job: &str) {
+        let mut s = self.state();
+        if let Some(true) = Self::forget(&mut s, job) {
+            // Hand the slot on, skipping waiters that are gone.
+            while let Some((next, tx)) = s.queue.pop_front() {
+                if let Some(a) = s.jobs.get_mut(&next) {
+                    a.running = true;
+                }
+                if tx.send(()).is_ok() {
+                    return;
+                }
+                // Its task is gone (its Slot, when it drops, finds nothing
+                // left to give up): forget it and offer the slot on.
+                let _ = Self::forget(&mut s, &next);
+            }
+            s.running = s.running.saturating_sub(1);
+        }
+    }
+
+    /// Drops `job`'s bookkeeping: Some(was running), None if unknown.
+    fn forget(s: &mut AdmissionState, job: &str) -> Option<bool> {
+        let a = s.jobs.remove(job)?;
+        if let Some(n) = s.per_owner.get_mut(&a.owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.per_owner.remove(&a.owner);
+            }
+        }
+        if !a.running {
+            s.queue.retain(|(j, _)| j != job);
+        }
+        Some(a.running)
+    }
+}
+
 /// The customers a job may compute on, and its encrypted input.
 struct Selection {
     input: JobInput,
     customers: HashMap<u32, String>,
+    /// The cohort's pseudonyms, sorted: what the release record keeps.
+    subjects: Vec<Digest>,
     excluded: u64,
     policies: Vec<String>,
     /// Policies that refused `compute` for excluded customers, with counts.
@@ -154,6 +374,11 @@ pub struct SandboxService {
     jobs: Arc<Mutex<BTreeMap<String, Arc<JobEntry>>>>,
     workloads: Arc<Vec<Workload>>,
     limits: Limits,
+    releases: Releases,
+    admission: Admission,
+    /// The evaluation threads, or why they could not start (every job then
+    /// fails with that reason rather than run unbounded).
+    pool: Result<Arc<sovra_sandbox::EvalPool>, String>,
 }
 
 impl std::fmt::Debug for SandboxService {
@@ -163,9 +388,14 @@ impl std::fmt::Debug for SandboxService {
 }
 
 impl SandboxService {
-    /// The service, with the shipped workloads validated against the
-    /// schema's features.
+    /// The service with the default [`AdmissionConfig`].
     pub fn new(shared: Shared) -> Self {
+        Self::with_admission(shared, AdmissionConfig::default())
+    }
+
+    /// The service, with the shipped workloads validated against the
+    /// schema's features, admitting jobs under `admission`.
+    pub fn with_admission(shared: Shared, admission: AdmissionConfig) -> Self {
         let catalog = shared.engine.schema().feature_catalog();
         // A schema without the features a shipped workload uses simply has
         // no such workload.
@@ -178,6 +408,14 @@ impl SandboxService {
             jobs: Arc::default(),
             workloads: Arc::new(workloads),
             limits: Limits::default(),
+            releases: Releases::default(),
+            admission: Admission::new(admission),
+            pool: sovra_sandbox::EvalPool::new(admission.eval_threads)
+                .map(Arc::new)
+                .map_err(|e| {
+                    tracing::error!(error = %e, "sandbox evaluation pool");
+                    e.to_string()
+                }),
         }
     }
 
@@ -255,6 +493,256 @@ fn check_release(
     Err(to_status(policy::denied(p, action, None, &ctx, &d)))
 }
 
+/// k: the smallest cohort the release policy in force lets `p` have an
+/// aggregate of `spec` over, found by bisection on `cohort_size` between 1
+/// and `cohort` (which the caller checked is allowed). The policy's
+/// `cohort_size < k` rule is monotone; k = 1 when nothing forbids small
+/// cohorts.
+fn min_cohort(
+    active: &policy::Active,
+    p: &Principal,
+    spec: &ValidatedSpec,
+    cohort: u64,
+) -> Result<u64, Status> {
+    let allowed = |n: u64| -> Result<bool, Status> {
+        let mut ctx = policy::context(spec.purpose(), 0);
+        ctx.cohort_size = i64::try_from(n).unwrap_or(i64::MAX);
+        let d =
+            policy::decide_tenant(active, p, Action::ReleaseAggregate, &ctx).map_err(to_status)?;
+        Ok(d.allowed())
+    };
+    // INVARIANT: allowed(hi) holds (checked by the caller); lo is the
+    // largest size known refused (0: none yet).
+    let (mut lo, mut hi) = (0u64, cohort.max(1));
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if allowed(mid)? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
+/// What the vault keeps of an aggregate it released: the cohort's sorted
+/// pseudonyms (never customer ids) and, once decrypted, the released
+/// aggregate as encoded in the anchored hash. Durable with the ledger entry
+/// of the release (the recorder's commit flushes both).
+struct ReleaseRecord {
+    job_id: String,
+    subjects: Vec<Digest>,
+}
+
+const RECORD_VERSION: u8 = 1;
+
+fn release_key(tenant: &str, receiver: &str, job_id: &str) -> Vec<u8> {
+    let mut k = release_prefix(tenant, receiver);
+    k.extend_from_slice(job_id.as_bytes());
+    k
+}
+
+fn release_prefix(tenant: &str, receiver: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + receiver.len() + 2);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(receiver.as_bytes());
+    k.push(0);
+    k
+}
+
+/// `version, u32 count, count × 32-byte pseudonym, [released aggregate]`.
+fn encode_record(subjects: &[Digest], aggregate: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + 32 * subjects.len() + aggregate.len());
+    v.push(RECORD_VERSION);
+    // INVARIANT: a cohort has at most Limits::max_customers (10^6) members.
+    v.extend_from_slice(&(subjects.len() as u32).to_be_bytes());
+    for s in subjects {
+        v.extend_from_slice(&s.0);
+    }
+    v.extend_from_slice(aggregate);
+    v
+}
+
+fn decode_record(key: &[u8], value: &[u8]) -> crate::Result<ReleaseRecord> {
+    let bad = || {
+        VaultError::integrity(format!(
+            "tree `{RELEASES_TREE}`: a release record is malformed"
+        ))
+    };
+    let job_id = key
+        .rsplit(|b| *b == 0)
+        .next()
+        .and_then(|j| std::str::from_utf8(j).ok())
+        .ok_or_else(bad)?
+        .to_owned();
+    let (&version, rest) = value.split_first().ok_or_else(bad)?;
+    if version != RECORD_VERSION || rest.len() < 4 {
+        return Err(bad());
+    }
+    let (n, rest) = rest.split_at(4);
+    let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
+    let body = rest
+        .get(..n.checked_mul(32).ok_or_else(bad)?)
+        .ok_or_else(bad)?;
+    let subjects = body
+        .chunks_exact(32)
+        .map(|c| {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(c);
+            Digest(d)
+        })
+        .collect();
+    Ok(ReleaseRecord { job_id, subjects })
+}
+
+/// |a △ b| for sorted sets, counting no further than `stop`.
+fn symmetric_difference(a: &[Digest], b: &[Digest], stop: u64) -> u64 {
+    let (mut i, mut j, mut d) = (0, 0, 0u64);
+    while (i < a.len() || j < b.len()) && d < stop {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => {
+                i += 1;
+                d += 1;
+            }
+            (Some(_), Some(_)) | (None, Some(_)) => {
+                j += 1;
+                d += 1;
+            }
+            (Some(_), None) => {
+                i += 1;
+                d += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    d
+}
+
+/// The earlier release to `receiver` in `tenant` whose cohort differs from
+/// `subjects` by 1..k-1 customers, if any: releasing both would let the
+/// receiver subtract one aggregate from the other and learn about fewer
+/// than k customers. Every earlier aggregate counts, whatever its spec: a
+/// count, sum or histogram over nearly the same cohort differences as well
+/// as the same spec does.
+fn differencing_conflict(
+    tree: &sled::Tree,
+    tenant: &str,
+    receiver: &str,
+    subjects: &[Digest],
+    k: u64,
+) -> crate::Result<Option<String>> {
+    if k <= 1 {
+        return Ok(None);
+    }
+    for item in tree.scan_prefix(release_prefix(tenant, receiver)) {
+        let (key, value) = item?;
+        let r = decode_record(&key, &value)?;
+        // Sizes that far apart differ by at least k anyway.
+        if (r.subjects.len() as u64).abs_diff(subjects.len() as u64) >= k {
+            continue;
+        }
+        let d = symmetric_difference(&r.subjects, subjects, k);
+        if (1..k).contains(&d) {
+            return Ok(Some(r.job_id));
+        }
+    }
+    Ok(None)
+}
+
+fn differencing_status(k: u64, earlier: &str) -> Status {
+    Status::failed_precondition(format!(
+        "policy `{NO_DIFFERENCING_POLICY}`: this aggregate's cohort differs by fewer than {k} customers from the cohort of aggregate job `{earlier}` already released to you, so the two results together would single those customers out; it is released once the cohorts differ by at least {k} customers (or are the same)"
+    ))
+}
+
+/// The release log: durable records of released aggregates, and the lock
+/// that makes "check for differencing, then record" one step.
+#[derive(Clone, Default)]
+struct Releases {
+    lock: Arc<Mutex<()>>,
+}
+
+impl Releases {
+    fn tree(engine: &Engine) -> crate::Result<sled::Tree> {
+        Ok(engine.store().db.open_tree(RELEASES_TREE)?)
+    }
+
+    /// Refuses if the cohort would difference an earlier release.
+    async fn check(
+        &self,
+        engine: Arc<Engine>,
+        p: &Principal,
+        subjects: Vec<Digest>,
+        k: u64,
+    ) -> Result<(), Status> {
+        let (tenant, name) = (p.tenant.clone(), p.name.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            differencing_conflict(&Self::tree(&engine)?, &tenant, &name, &subjects, k)
+        })
+        .await
+        .map_err(|_| Status::internal("the release check task failed"))?
+        .map_err(to_status)?;
+        match found {
+            Some(earlier) => Err(differencing_status(k, &earlier)),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks, and if no earlier release conflicts, records this one (under
+    /// the lock, so two concurrent jobs cannot both pass).
+    async fn check_and_record(
+        &self,
+        engine: Arc<Engine>,
+        p: &Principal,
+        job_id: &str,
+        subjects: Vec<Digest>,
+        k: u64,
+    ) -> Result<(), Status> {
+        let lock = self.lock.clone();
+        let (tenant, name, job) = (p.tenant.clone(), p.name.clone(), job_id.to_owned());
+        let found = tokio::task::spawn_blocking(move || {
+            let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let tree = Self::tree(&engine)?;
+            if let Some(earlier) = differencing_conflict(&tree, &tenant, &name, &subjects, k)? {
+                return Ok(Some(earlier));
+            }
+            tree.insert(
+                release_key(&tenant, &name, &job),
+                encode_record(&subjects, &[]),
+            )?;
+            Ok::<_, VaultError>(None)
+        })
+        .await
+        .map_err(|_| Status::internal("the release record task failed"))?
+        .map_err(to_status)?;
+        match found {
+            Some(earlier) => Err(differencing_status(k, &earlier)),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds the released aggregate to the job's record, so the record alone
+    /// reproduces the anchored output hash.
+    fn complete(
+        engine: &Engine,
+        p: &Principal,
+        job_id: &str,
+        subjects: &[Digest],
+        aggregate: &[u8],
+    ) -> crate::Result<()> {
+        Self::tree(engine)?.insert(
+            release_key(&p.tenant, &p.name, job_id),
+            encode_record(subjects, aggregate),
+        )?;
+        Ok(())
+    }
+}
+
 /// Picks the cohort: every customer with encrypted features for whom
 /// `compute` is allowed on every feature the job uses.
 fn select(
@@ -279,6 +767,7 @@ fn select(
             .collect();
     let ctx = policy::context(spec.purpose(), 0);
     let mut customers = HashMap::new();
+    let mut subjects = Vec::new();
     let mut excluded = 0u64;
     let mut policies = std::collections::BTreeSet::new();
     let mut max_slot = None;
@@ -320,6 +809,7 @@ fn select(
             policies.extend(ids);
             max_slot = max_slot.max(Some(slot));
             customers.insert(slot, customer);
+            subjects.push(subject);
         } else {
             excluded += 1;
         }
@@ -339,9 +829,12 @@ fn select(
             features::column(&engine.store().features, tenant, &f, blocks)?,
         );
     }
+    subjects.sort_unstable();
+    subjects.dedup();
     Ok(Selection {
         input: JobInput { columns, cohort },
         customers,
+        subjects,
         excluded,
         policies: policies.into_iter().collect(),
         denied_by,
@@ -371,8 +864,34 @@ enum Outcome {
 }
 
 /// Runs an accepted job to the end: evaluation, the gate, the ledger.
-async fn execute(shared: Shared, entry: Arc<JobEntry>, selection: Selection, limits: Limits) {
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    shared: Shared,
+    releases: Releases,
+    pool: Result<Arc<sovra_sandbox::EvalPool>, String>,
+    entry: Arc<JobEntry>,
+    selection: Selection,
+    limits: Limits,
+    admitted: Admit,
+) {
+    let slot = match admitted {
+        Admit::Run(slot) => slot,
+        Admit::Wait(slot, turn) => {
+            if turn.await.is_err() {
+                // Cancelled while queued: CancelJob already finished it.
+                return;
+            }
+            slot
+        }
+    };
     entry.status().state = pb::JobState::Running as i32;
+    let pool = match pool {
+        Ok(p) => p,
+        Err(e) => {
+            entry.finish(pb::JobState::Failed, e, None);
+            return;
+        }
+    };
     let started = Instant::now();
     let spec = entry.spec.clone();
     let input = selection.input;
@@ -387,13 +906,16 @@ async fn execute(shared: Shared, entry: Arc<JobEntry>, selection: Selection, lim
         } else {
             EvaluationMaterial::new()
         };
-        match sovra_sandbox::run(&material, &spec, &input, &e2.progress, &limits) {
+        match pool.run(&material, &spec, &input, &e2.progress, &limits) {
             Ok(o) => Outcome::Done(o),
             Err(SandboxError::Cancelled) => Outcome::Cancelled,
             Err(e) => Outcome::Failed(e.to_string()),
         }
     })
     .await;
+    // The next queued job may start: what is left (decryption, the ledger)
+    // is light.
+    drop(slot);
     entry.status().eval_micros = started.elapsed().as_micros() as u64;
     let output = match evaluated {
         Ok(Outcome::Done(o)) => o,
@@ -416,9 +938,11 @@ async fn execute(shared: Shared, entry: Arc<JobEntry>, selection: Selection, lim
     };
     match release(
         &shared,
+        &releases,
         &entry,
         &output,
         selection.customers,
+        selection.subjects,
         selection.policies,
     )
     .await
@@ -429,24 +953,64 @@ async fn execute(shared: Shared, entry: Arc<JobEntry>, selection: Selection, lim
 }
 
 /// The gate: re-checks the release policy, decrypts, anchors, returns.
+#[allow(clippy::too_many_arguments)]
 async fn release(
     shared: &Shared,
+    releases: &Releases,
     entry: &JobEntry,
     output: &sovra_sandbox::EncryptedOutput,
     customers: HashMap<u32, String>,
+    subjects: Vec<Digest>,
     compute_policies: Vec<String>,
 ) -> Result<pb::JobResult, Status> {
     let spec = &entry.spec;
-    let mut policies = check_release(
-        &shared.gate.current(),
-        &entry.receiver,
-        spec,
-        entry.cohort_size,
-    )?;
+    let active = shared.gate.current();
+    let mut policies = check_release(&active, &entry.receiver, spec, entry.cohort_size)?;
+    let aggregate = spec.output() == OutputClass::Aggregate;
+    let k = if aggregate {
+        let k = min_cohort(&active, &entry.receiver, spec, entry.cohort_size)?;
+        // INVARIANT: the record is written before anything is decrypted and
+        // kept even if the release fails later: a job that was perhaps
+        // released counts against differencing (conservative).
+        releases
+            .check_and_record(
+                shared.engine.clone(),
+                &entry.receiver,
+                &entry.id,
+                subjects.clone(),
+                k,
+            )
+            .await?;
+        policies.push(NO_DIFFERENCING_POLICY.to_owned());
+        k
+    } else {
+        1
+    };
     policies.extend(compute_policies);
     let secret = shared.engine.fhe_secret(&entry.tenant).map_err(to_status)?;
-    let released = gate::open(&secret, spec, output, &customers);
+    let mut released = gate::open(&secret, spec, output, &customers);
     drop(secret);
+    if aggregate {
+        let digest = gate::cohort_digest(&entry.id, &subjects);
+        gate::protect(&mut released, k, &digest).map_err(|gate::Unreleasable(why)| {
+            Status::failed_precondition(format!(
+                "policy `{MIN_COHORT_POLICY}`: nothing released: {why}"
+            ))
+        })?;
+        let encoded = released
+            .aggregate
+            .as_ref()
+            .map(prost::Message::encode_to_vec)
+            .unwrap_or_default();
+        Releases::complete(
+            &shared.engine,
+            &entry.receiver,
+            &entry.id,
+            &subjects,
+            &encoded,
+        )
+        .map_err(to_status)?;
+    }
     let hash = released.sha256();
     let (ty, sub, what) = match spec.output() {
         OutputClass::PerCustomer => (
@@ -579,6 +1143,17 @@ impl Sandbox for SandboxService {
         }
         if spec.output() == OutputClass::Aggregate {
             check_release(&active, &p, &spec, cohort_size)?;
+            // Refused up front too (the gate checks again, under its lock,
+            // before it decrypts): nothing runs that could not be released.
+            let k = min_cohort(&active, &p, &spec, cohort_size)?;
+            self.releases
+                .check(
+                    self.shared.engine.clone(),
+                    &p,
+                    selection.subjects.clone(),
+                    k,
+                )
+                .await?;
         }
         if cohort_size > self.limits.max_customers {
             return Err(Status::resource_exhausted(format!(
@@ -587,8 +1162,14 @@ impl Sandbox for SandboxService {
             )));
         }
         let spec_needs_bootstrap = spec.needs_bootstrap();
+        let id = format!("job-{}", uuid::Uuid::new_v4().simple());
+        // Last: a job refused for any other reason takes no place.
+        let admitted = self
+            .admission
+            .admit(&id, &format!("{}\0{}", p.tenant, p.name))?;
         let entry = Arc::new(JobEntry {
-            id: format!("job-{}", uuid::Uuid::new_v4().simple()),
+            id,
+            admission: self.admission.clone(),
             tenant: p.tenant.clone(),
             name,
             spec,
@@ -616,9 +1197,12 @@ impl Sandbox for SandboxService {
         tracing::info!(job = %entry.id, name = %entry.name, submitted_by = %p.name, cohort = cohort_size, excluded = selection.excluded, "sandbox job accepted");
         tokio::spawn(execute(
             self.shared.clone(),
+            self.releases.clone(),
+            self.pool.clone(),
             entry.clone(),
             selection,
             self.limits,
+            admitted,
         ));
         Ok(Response::new(entry.view()))
     }
@@ -643,7 +1227,7 @@ impl Sandbox for SandboxService {
             loop {
                 let v = j.view();
                 let done = v.state > pb::JobState::Running as i32;
-                let key = (v.state, v.blocks_done);
+                let key = (v.state, v.blocks_done, v.queue_position);
                 if last != Some(key) {
                     last = Some(key);
                     if tx.send(Ok(v)).await.is_err() {
@@ -667,7 +1251,11 @@ impl Sandbox for SandboxService {
     ) -> Result<Response<pb::Job>, Status> {
         let p = crate::service::authenticate(&self.shared.auth, &req)?;
         let j = self.job(&p, &req.get_ref().job_id, false)?;
-        if !j.finished() {
+        if self.admission.cancel_queued(&j.id) {
+            // It never ran: out of the queue, cancelled now.
+            j.finish(pb::JobState::Cancelled, String::new(), None);
+            tracing::info!(job = %j.id, by = %p.name, "queued sandbox job cancelled");
+        } else if !j.finished() {
             j.progress.cancel();
             tracing::info!(job = %j.id, by = %p.name, "sandbox job cancellation asked");
         }
@@ -722,5 +1310,108 @@ impl Sandbox for SandboxService {
             .collect();
         workloads.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Response::new(pb::ListWorkloadsResponse { workloads }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adm(running: usize, queued: usize, per: usize) -> Admission {
+        Admission::new(AdmissionConfig {
+            max_running: running,
+            eval_threads: 1,
+            max_queued: queued,
+            max_jobs_per_principal: per,
+        })
+    }
+
+    fn waits(a: Admit) -> (Slot, tokio::sync::oneshot::Receiver<()>) {
+        match a {
+            Admit::Wait(s, r) => (s, r),
+            Admit::Run(_) => panic!("expected to wait"),
+        }
+    }
+
+    #[test]
+    fn admission_is_fifo_bounded_and_per_principal() {
+        let a = adm(1, 2, 3);
+        let Admit::Run(first) = a.admit("j1", "alice").unwrap() else {
+            panic!("the first job runs")
+        };
+        let (s2, mut r2) = waits(a.admit("j2", "alice").unwrap());
+        let (s3, mut r3) = waits(a.admit("j3", "bob").unwrap());
+        assert_eq!(
+            (a.position("j1"), a.position("j2"), a.position("j3")),
+            (0, 1, 2)
+        );
+        // Alice's fourth: her limit (3 queued or running) is not reached
+        // yet, but the queue (2) is full.
+        let e = a.admit("j4", "alice").err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("queue is full"), "{}", e.message());
+        // Cancelling a queued job frees its place: j3 moves up.
+        assert!(a.cancel_queued("j2"));
+        assert!(!a.cancel_queued("j1"), "a running job is not in the queue");
+        assert!(r2.try_recv().is_err());
+        drop(s2);
+        assert_eq!(a.position("j3"), 1);
+        // The running job ends: j3 starts.
+        drop(first);
+        assert!(r3.try_recv().is_ok());
+        assert_eq!(a.position("j3"), 0);
+        assert_eq!(a.state().running, 1);
+        drop(s3);
+        assert_eq!(a.state().running, 0);
+        assert!(a.state().jobs.is_empty() && a.state().per_owner.is_empty());
+    }
+
+    #[test]
+    fn a_principal_is_limited_to_its_queued_and_running_jobs() {
+        let a = adm(1, 10, 2);
+        let _j1 = a.admit("j1", "alice").unwrap();
+        let _j2 = a.admit("j2", "alice").unwrap();
+        let e = a.admit("j3", "alice").err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message().contains("max_jobs_per_principal = 2"),
+            "{}",
+            e.message()
+        );
+        // Another principal is not affected.
+        let _b = a.admit("j4", "bob").unwrap();
+        assert_eq!(a.position("j4"), 2);
+    }
+
+    #[test]
+    fn a_waiter_whose_task_is_gone_is_skipped() {
+        let a = adm(1, 10, 10);
+        let Admit::Run(first) = a.admit("j1", "x").unwrap() else {
+            panic!("runs")
+        };
+        let (s2, r2) = waits(a.admit("j2", "x").unwrap());
+        let (_s3, mut r3) = waits(a.admit("j3", "x").unwrap());
+        drop(r2); // j2's task went away before its Slot.
+        drop(first);
+        assert!(r3.try_recv().is_ok(), "the slot went to j3");
+        drop(s2);
+        assert_eq!(a.state().running, 1);
+    }
+
+    #[test]
+    fn symmetric_differences_and_records() {
+        let d = |b: u8| Digest([b; 32]);
+        let a = vec![d(1), d(2), d(3), d(5)];
+        let b = vec![d(2), d(3), d(4)];
+        assert_eq!(symmetric_difference(&a, &b, 100), 3);
+        assert_eq!(symmetric_difference(&a, &b, 2), 2);
+        assert_eq!(symmetric_difference(&a, &a, 100), 0);
+        assert_eq!(symmetric_difference(&[], &a, 100), 4);
+        let key = release_key("default", "partner", "job-1");
+        let r = decode_record(&key, &encode_record(&a, b"tail")).unwrap();
+        assert_eq!((r.job_id.as_str(), r.subjects), ("job-1", a));
+        assert!(decode_record(&key, &[1, 0, 0, 0, 9]).is_err());
+        assert!(decode_record(&key, &[]).is_err());
+        assert!(decode_record(&key, &[2, 0, 0, 0, 0]).is_err());
     }
 }

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use sovra_ledger::Ledger;
 use sovra_proto::ledger::v1::ledger_server::LedgerServer;
 use sovra_proto::vault::v1::vault_server::VaultServer;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::config::Config;
@@ -31,6 +31,14 @@ use sovra_proto::sandbox::v1::sandbox_server::SandboxServer;
 
 use crate::lineage_service::LineageService;
 use crate::sandbox_service::SandboxService;
+
+fn sweep_idempotency(engine: &Engine) {
+    match engine.sweep_idempotency() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "expired idempotency records removed"),
+        Err(e) => tracing::error!(error = %e, "cannot sweep idempotency records"),
+    }
+}
 
 /// A running server.
 #[derive(Debug)]
@@ -93,11 +101,32 @@ pub async fn start(
     listener: Option<TcpListener>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<ServerHandle> {
+    // Whatever umask the server was started with, what it creates is
+    // private; what it trusts must not be writable by anyone else.
+    crate::files::private_umask();
+    cfg.refuse_shared_writes()?;
     let schema = cfg.load_schema()?;
     let root = cfg.load_root_key()?;
     let auth = Arc::new(cfg.authenticator()?);
     let data_dir = cfg.resolve(&cfg.data_dir);
-    let engine = Arc::new(Engine::open(&data_dir, root, schema)?);
+    // The ledger first: a vault database with no trace of its
+    // initialisation beside a ledger that has recorded its use was lost,
+    // truncated or replaced, and is refused before anything is written to
+    // it, never taken as an empty vault.
+    let ledger = Arc::new(cfg.open_ledger()?);
+    let engine = Arc::new(Engine::open_with(&data_dir, root, schema, || {
+        match ledger.size() {
+            0 => Ok(()),
+            n => Err(VaultError::config(
+                data_dir.display().to_string(),
+                format!(
+                    "the vault database holds no root key check value and no data keys, but the ledger has {n} entries: \
+                     the database was lost, truncated or replaced; restore it from a backup"
+                ),
+            )),
+        }
+    })?);
+    crate::files::make_private_dir(&data_dir)?;
     // Every tenant a principal belongs to has its TFHE keys before the
     // first call (a new tenant's are created here, at its first start).
     if !engine.schema().feature_catalog().is_empty() {
@@ -116,7 +145,7 @@ pub async fn start(
         }
         engine.store().flush()?;
     }
-    let ledger = Arc::new(cfg.open_ledger()?);
+
     // An invalid policy set refuses to start, naming file, line and problem.
     let policies = cfg.policies()?;
     let gate = Arc::new(
@@ -129,6 +158,23 @@ pub async fn start(
         .await?,
     );
     engine.resume_rotations();
+    // Idempotency records answer retries for a day, then go: at start and
+    // hourly (a weak reference, so the task does not keep the engine).
+    sweep_idempotency(&engine);
+    {
+        let engine = Arc::downgrade(&engine);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                let _ = tokio::task::spawn_blocking(move || sweep_idempotency(&engine)).await;
+            }
+        });
+    }
 
     let listener = match listener {
         Some(l) => l,
@@ -161,6 +207,7 @@ pub async fn start(
         auth,
         ledger: ledger.clone(),
         gate: gate.clone(),
+        operator_tenant: Arc::from(cfg.policy.operator_tenant.as_str()),
     };
     let vault = VaultServer::new(VaultService::new(shared.clone()))
         .max_decoding_message_size(cfg.max_request_bytes)
@@ -171,7 +218,18 @@ pub async fn start(
     let lineage_svc = LineageServer::new(LineageService::new(shared.clone()))
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(64 * 1024 * 1024);
-    let sandbox_svc = SandboxServer::new(SandboxService::new(shared.clone()))
+    let a = cfg.sandbox;
+    if a.max_running == 0
+        || a.eval_threads == 0
+        || a.max_queued == 0
+        || a.max_jobs_per_principal == 0
+    {
+        return Err(VaultError::config(
+            "sandbox",
+            "max_running, eval_threads, max_queued and max_jobs_per_principal must each be at least 1",
+        ));
+    }
+    let sandbox_svc = SandboxServer::new(SandboxService::with_admission(shared.clone(), a))
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(64 * 1024 * 1024);
     let policy_svc = PolicyServer::new(PolicyService::new(shared))
@@ -202,7 +260,26 @@ pub async fn start(
         });
     }
 
-    let mut builder = Server::builder();
+    let limits = &cfg.limits;
+    limits.validate()?;
+    let tokens = cfg.principals.iter().filter_map(|p| {
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(&p.token_sha256, &mut h)
+            .ok()
+            .map(|()| h)
+    });
+    let calls = crate::net::CallLimitLayer(Arc::new(crate::net::CallLimits::new(tokens, limits)));
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        // Receive windows: a stream may have 256 KiB unread, a connection
+        // 4 MiB. h2 closes a connection whose unread small DATA frames
+        // exceed half the connection window in overhead (256 bytes a
+        // frame at most); 256 KiB of 35-byte frames stay below it, so a
+        // stalled stream is held back by flow control, not cut off.
+        .initial_stream_window_size(Some(256 * 1024))
+        .initial_connection_window_size(Some(4 * 1024 * 1024));
     if let Some(tls) = &cfg.tls {
         let cert_path = cfg.resolve(&tls.cert_file);
         let key_path = cfg.resolve(&tls.key_file);
@@ -225,6 +302,7 @@ pub async fn start(
             })?;
     }
     let router = builder
+        .layer(calls)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(vault)
@@ -235,8 +313,8 @@ pub async fn start(
 
     let (tx, rx) = oneshot::channel::<()>();
     let join = tokio::spawn(router.serve_with_incoming_shutdown(
-        // Small request/response pairs: Nagle's algorithm would only add latency.
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        // Connection limit, handshake timeout, no Nagle (see net.rs).
+        crate::net::incoming(listener, limits, cfg.tls.is_some()),
         async move {
             tokio::select! {
                 _ = rx => {},

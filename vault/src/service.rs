@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{FutureExt, Stream};
+use futures::Stream;
+use prost::Message;
 use rand::RngCore;
 use sovra_proto::vault::v1 as pb;
 use sovra_proto::vault::v1::vault_server::Vault;
@@ -27,7 +28,8 @@ use crate::policy::{self, PolicyGate};
 use crate::rotation::KeyStatus;
 use crate::schema::{FieldDef, FieldValue, RawValue};
 use sovra_ledger::entry::{
-    Decision, Disclosure as LedgerDisclosure, Erasure, FieldAccess, KeyRotation, Reveal, Write,
+    Decision, Disclosure as LedgerDisclosure, Erasure, FieldAccess, KeyRetirement, KeyRotation,
+    Reveal, Write,
 };
 use sovra_ledger::{Body, ConsentAction, Ledger, LedgerError};
 use sovra_policy::{Action, CustomerAttrs, Disclosure, FieldAttrs, PolicyError};
@@ -41,6 +43,10 @@ pub const MAX_FIELDS_PER_READ: usize = 256;
 const EXPORT_PURPOSE: &str = "export";
 /// Items applied per group commit in a BatchPut stream.
 const BATCH_CHUNK: usize = 256;
+/// Bytes of BatchPut items one stream may have read but not yet written.
+const READ_AHEAD_BYTES: usize = 8 * 1024 * 1024;
+/// Items one BatchPut stream may have read but not yet written.
+const READ_AHEAD_ITEMS: usize = 65_536;
 
 /// Maps a vault error to its gRPC status. Storage and configuration failures
 /// are logged in full and reported without internals.
@@ -53,6 +59,7 @@ pub fn to_status(e: VaultError) -> Status {
             Status::data_loss(e.to_string())
         }
         VaultError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        VaultError::AlreadyExists(_) => Status::already_exists(e.to_string()),
         VaultError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
         VaultError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
         VaultError::Storage(_) | VaultError::Config(_) => {
@@ -176,6 +183,9 @@ pub struct Shared {
     pub ledger: Arc<Ledger>,
     /// The policy set in force.
     pub gate: Arc<PolicyGate>,
+    /// The tenant whose admins manage what every tenant shares (the policy
+    /// set): `[policy] operator_tenant`.
+    pub operator_tenant: Arc<str>,
 }
 
 impl Shared {
@@ -397,6 +407,7 @@ impl VaultService {
                     message: "internal error while writing this item; the server log has details"
                         .into(),
                     versions: Vec::new(),
+                    replayed: false,
                 }),
             }
         }
@@ -417,6 +428,7 @@ impl VaultService {
                 code: Code::Ok as i32,
                 message: String::new(),
                 versions: resp.versions,
+                replayed: resp.replayed,
             },
             Err(e) => {
                 let s = to_status(e);
@@ -426,6 +438,7 @@ impl VaultService {
                     code: s.code() as i32,
                     message: s.message().to_owned(),
                     versions: Vec::new(),
+                    replayed: false,
                 }
             }
         }
@@ -436,8 +449,9 @@ impl VaultService {
     fn apply_put(
         &self,
         p: &Principal,
-        req: pb::PutRecordRequest,
+        mut req: pb::PutRecordRequest,
     ) -> Result<pb::PutRecordResponse, VaultError> {
+        let idempotency_key = std::mem::take(&mut req.idempotency_key);
         let (customer, values, transformed, source) = self.parse_put(req)?;
         let attrs: Vec<&FieldAttrs> = values.iter().map(|(d, _)| &d.policy).collect();
         let policies = policy::check_fields(
@@ -475,10 +489,15 @@ impl VaultService {
                     })])?)
                 }),
             },
+            (!idempotency_key.is_empty()).then_some(crate::engine::Idempotency {
+                principal: &p.name,
+                key: &idempotency_key,
+            }),
         )?;
         Ok(pb::PutRecordResponse {
             customer_id: customer,
             created: out.created,
+            replayed: out.replayed,
             versions: out
                 .versions
                 .into_iter()
@@ -558,53 +577,81 @@ impl Vault for VaultService {
         let p = authenticate(&self.shared.auth, &req)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(BATCH_CHUNK);
+        // The reader drains the request stream as fast as it arrives, into
+        // a queue bounded by bytes: the transport never holds a backlog of
+        // small DATA frames (which h2 answers with GOAWAY ENHANCE_YOUR_CALM
+        // `too_many_data_frames`), and a client that outruns the writes is
+        // held back by flow control once READ_AHEAD_BYTES are queued.
+        let (items_tx, mut items) = mpsc::channel(READ_AHEAD_ITEMS);
+        let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
+        tokio::spawn(async move {
+            loop {
+                let next = match inbound.message().await {
+                    Ok(Some(m)) => {
+                        // INVARIANT: a message is at most max_request_bytes,
+                        // below READ_AHEAD_BYTES; clamped all the same so an
+                        // acquire can always succeed.
+                        let n = m.encoded_len().clamp(1, READ_AHEAD_BYTES) as u32;
+                        let Ok(permit) = budget.clone().acquire_many_owned(n).await else {
+                            return;
+                        };
+                        Ok((m, permit))
+                    }
+                    Ok(None) => return,
+                    Err(s) => Err(s),
+                };
+                let failed = next.is_err();
+                if items_tx.send(next).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
         let this = self.clone();
         tokio::spawn(async move {
             let mut index = 0u64;
-            let mut ended = false;
-            while !ended {
+            loop {
                 let mut chunk = Vec::new();
-                match inbound.message().await {
-                    Ok(Some(m)) => chunk.push(m),
-                    Ok(None) => break,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        break;
+                let mut failure = None;
+                match items.recv().await {
+                    Some(Ok((m, _permit))) => chunk.push(m),
+                    Some(Err(s)) => failure = Some(s),
+                    None => return,
+                }
+                // Take whatever else is queued, so one commit covers it all.
+                while failure.is_none() && chunk.len() < BATCH_CHUNK {
+                    match items.try_recv() {
+                        Ok(Ok((m, _permit))) => chunk.push(m),
+                        Ok(Err(s)) => failure = Some(s),
+                        Err(_) => break,
                     }
                 }
-                // Take whatever else has already arrived, so one commit
-                // covers it all.
-                while chunk.len() < BATCH_CHUNK {
-                    match inbound.message().now_or_never() {
-                        Some(Ok(Some(m))) => chunk.push(m),
-                        Some(Ok(None)) => {
-                            ended = true;
-                            break;
+                if !chunk.is_empty() {
+                    let n = chunk.len() as u64;
+                    let mut results = this.apply_chunk(&p, index, chunk).await;
+                    index += n;
+                    if results
+                        .iter()
+                        .any(|r| r.code == Code::Ok as i32 && !r.replayed)
+                    {
+                        if let Err(s) = this.commit_both().await {
+                            for r in results.iter_mut().filter(|r| r.code == Code::Ok as i32) {
+                                r.code = s.code() as i32;
+                                r.message = s.message().to_owned();
+                                r.versions.clear();
+                            }
                         }
-                        Some(Err(s)) => {
-                            let _ = tx.send(Err(s)).await;
-                            ended = true;
-                            break;
-                        }
-                        None => break,
                     }
-                }
-                let n = chunk.len() as u64;
-                let mut results = this.apply_chunk(&p, index, chunk).await;
-                index += n;
-                if results.iter().any(|r| r.code == Code::Ok as i32) {
-                    if let Err(s) = this.commit_both().await {
-                        for r in results.iter_mut().filter(|r| r.code == Code::Ok as i32) {
-                            r.code = s.code() as i32;
-                            r.message = s.message().to_owned();
-                            r.versions.clear();
+                    for r in results {
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
                         }
                     }
                 }
-                for r in results {
-                    if tx.send(Ok(r)).await.is_err() {
-                        return;
-                    }
+                if let Some(s) = failure {
+                    // Every item read before the break was answered above.
+                    tracing::warn!(principal = %p.name, items = index, error = %s, "a BatchPut stream broke");
+                    let _ = tx.send(Err(s)).await;
+                    return;
                 }
             }
         });
@@ -937,25 +984,24 @@ impl Vault for VaultService {
         let p = self.principal(&req, Action::ManageKeys)?;
         let ledger = self.shared.ledger.clone();
         let (tenant, actor) = (p.tenant.clone(), p.name.clone());
+        // Write-ahead: the rotation's entry is durable before the new version
+        // is stored; if the ledger fails, the key does not change.
         let st = self
             .shared
             .engine
-            .rotate(&p.tenant, move |from_version, to_version| {
-                ledger.append(&[Body::TenantKeyRotated(KeyRotation {
-                    tenant,
-                    actor,
-                    from_version,
-                    to_version,
-                })])?;
+            .rotate(&p.tenant, |from_version, to_version| async move {
+                ledger
+                    .append_durable(&[Body::TenantKeyRotated(KeyRotation {
+                        tenant,
+                        actor,
+                        from_version,
+                        to_version,
+                    })])
+                    .await?;
                 Ok(())
             })
             .await
             .map_err(to_status)?;
-        self.shared
-            .ledger
-            .commit()
-            .await
-            .map_err(|e| to_status(e.into()))?;
         tracing::info!(principal = %p.name, version = st.active_version, "tenant key rotated");
         self.shared.engine.spawn_rotation(p.tenant.clone());
         let s = self
@@ -985,10 +1031,26 @@ impl Vault for VaultService {
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let p = self.principal(&req, Action::ManageKeys)?;
         let r = req.into_inner();
+        let ledger = self.shared.ledger.clone();
+        let (tenant, actor) = (p.tenant.clone(), p.name.clone());
+        // Write-ahead, as rotation: retirement can make data unreadable, so
+        // it is in the ledger, durably, before it takes effect.
         let s = self
             .shared
             .engine
-            .retire(&p.tenant, r.min_version, r.force)
+            .retire(&p.tenant, r.min_version, r.force, |x| async move {
+                ledger
+                    .append_durable(&[Body::TenantKeyRetired(KeyRetirement {
+                        tenant,
+                        actor,
+                        from_min_version: x.from_min_version,
+                        to_min_version: x.to_min_version,
+                        forced: x.forced,
+                        data_keys_lost: x.data_keys_lost,
+                    })])
+                    .await?;
+                Ok(())
+            })
             .await
             .map_err(to_status)?;
         tracing::info!(principal = %p.name, min_version = r.min_version, force = r.force, "tenant key versions retired");

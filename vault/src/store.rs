@@ -6,6 +6,8 @@
 //! - `blind_index`: `tenant 0 field 0 token customer` → empty
 //! - `meta`: `keystate 0 tenant` → tenant key state
 //! - `lineage`: field lineage (see `lineage.rs` for its key spaces)
+//! - `idempotency`: keyed hash of (tenant, principal, idempotency key) →
+//!   [`IdempotencyRecord`], kept for [`IDEMPOTENCY_RETENTION_MS`]
 //!
 //! Beside it, `shred.slots` holds each customer's pad (see `shred.rs`).
 //!
@@ -65,6 +67,76 @@ pub struct StoredField {
     /// The data-key generation that sealed this value.
     #[prost(uint32, tag = "9")]
     pub dek_version: u32,
+    /// The record format: 0 (absent) for values written before format 2,
+    /// whose provenance is outside the associated data; 2 binds channel,
+    /// collector, consent reference, time and index token to the value.
+    #[prost(uint32, tag = "10")]
+    pub format: u32,
+}
+
+/// What a write with an idempotency key stored, so that a retry gets the
+/// same answer and writes nothing (`idempotency` tree; the key is a keyed
+/// hash of the principal and the client's key, never the key itself).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IdempotencyRecord {
+    /// Keyed hash of the request (customer, fields and values, source): a
+    /// retry must be the same request.
+    #[prost(bytes = "vec", tag = "1")]
+    pub request_mac: Vec<u8>,
+    /// Whether the write created the customer.
+    #[prost(bool, tag = "2")]
+    pub created: bool,
+    /// The versions it wrote, by field.
+    #[prost(string, repeated, tag = "3")]
+    pub fields: Vec<String>,
+    /// The versions, in the order of `fields`.
+    #[prost(uint64, repeated, tag = "4")]
+    pub versions: Vec<u64>,
+    /// When it was written (ms since the epoch).
+    #[prost(int64, tag = "5")]
+    pub written_at_ms: i64,
+}
+
+/// How long a write's idempotency record answers retries: one day.
+pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
+impl IdempotencyRecord {
+    /// The stored record, if it still answers retries at `now`. A record
+    /// that does not decode is damage, refused: dropping it would let a
+    /// retry write twice.
+    pub(crate) fn live(bytes: &[u8], now: i64) -> Result<Option<IdempotencyRecord>> {
+        let r = <IdempotencyRecord as prost::Message>::decode(bytes)
+            .map_err(|_| VaultError::integrity("an idempotency record"))?;
+        Ok((r.written_at_ms.saturating_add(IDEMPOTENCY_RETENTION_MS) > now).then_some(r))
+    }
+}
+
+/// The record format this build writes.
+pub const RECORD_FORMAT: u32 = 2;
+
+impl StoredField {
+    /// The provenance bound into the value's associated data, or `None`
+    /// for a format-0 record. Another format is refused (a newer build's
+    /// record, or damage), naming `what`.
+    pub(crate) fn provenance(
+        &self,
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<crate::envelope::Provenance<'_>>> {
+        match self.format {
+            0 => Ok(None),
+            RECORD_FORMAT => Ok(Some(crate::envelope::Provenance {
+                channel: &self.channel,
+                collector: &self.collector,
+                consent_ref: &self.consent_ref,
+                collected_at_ms: self.collected_at_ms,
+                index_token: &self.index_token,
+            })),
+            f => Err(VaultError::integrity(format!(
+                "{} (record format {f}; this build reads 0 and {RECORD_FORMAT})",
+                what()
+            ))),
+        }
+    }
 }
 
 /// The sled database and its trees.
@@ -76,6 +148,7 @@ pub struct Store {
     pub(crate) meta: sled::Tree,
     pub(crate) lineage: sled::Tree,
     pub(crate) features: sled::Tree,
+    pub(crate) idempotency: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
     committer: Option<mpsc::Sender<Waiter>>,
     commit_thread: Option<thread::JoinHandle<()>>,
@@ -110,23 +183,28 @@ impl Store {
                 format!("cannot create the data directory: {e}"),
             )
         })?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
-            .cache_capacity(256 * 1024 * 1024)
-            .open()
-            .map_err(|e| {
-                VaultError::config(
-                    dir.display().to_string(),
-                    format!("cannot open the database: {e} (is another `sovra serve` using it?)"),
-                )
-            })?;
+            .cache_capacity(256 * 1024 * 1024);
+        let db = sovra_ledger::open_sled(&config).map_err(|e| {
+            VaultError::config(
+                dir.display().to_string(),
+                match e {
+                    sovra_ledger::SledOpenError::Damaged => {
+                        "the vault database is damaged (a file is truncated or altered) and cannot be opened; restore it from a backup".to_owned()
+                    }
+                    e => format!("cannot open the database: {e}"),
+                },
+            )
+        })?;
         let records = db.open_tree("records")?;
         let data_keys = db.open_tree("data_keys")?;
         let index = db.open_tree("blind_index")?;
         let meta = db.open_tree("meta")?;
         let lineage = db.open_tree("lineage")?;
         let features = db.open_tree("fhe_features")?;
+        let idempotency = db.open_tree("idempotency")?;
         // Opened after sled, whose lock keeps a second server out.
         let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
         let (committer, commit_thread) = spawn_committer(db.clone(), slots.clone())?;
@@ -138,6 +216,7 @@ impl Store {
             meta,
             lineage,
             features,
+            idempotency,
             slots,
             committer: Some(committer),
             commit_thread: Some(commit_thread),

@@ -195,6 +195,7 @@ impl Customer {
             ("whitepaper_dwell_s", int(self.whitepaper_dwell_s)),
         ];
         pb::PutRecordRequest {
+            idempotency_key: String::new(),
             customer_id: self.id.clone(),
             fields: fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
             source: Some(pb::CollectionSource {

@@ -5,6 +5,9 @@
 //!   sovra-load --server http://127.0.0.1:50051 --token $SOVRA_TOKEN --mode read
 //! Or against an embedded server in this process:
 //!   sovra-load --embedded --mode write
+//! With heavy sandbox jobs submitted by partners before measuring (they
+//! queue behind the admission limits and run while the clients measure):
+//!   sovra-load --embedded --mode read --sandbox-jobs 24
 
 #![forbid(unsafe_code)]
 
@@ -57,6 +60,14 @@ struct Args {
     /// Customers to preload for reads.
     #[arg(long, default_value_t = 10_000)]
     preload: usize,
+    /// Heavy sandbox jobs (16-edge histograms, 80 bootstraps per customer)
+    /// to submit before measuring, spread over the embedded server's six
+    /// partners (--embedded only).
+    #[arg(long, default_value_t = 0)]
+    sandbox_jobs: usize,
+    /// Customers given `lead_scoring` consent, the heavy jobs' cohort.
+    #[arg(long, default_value_t = 200)]
+    sandbox_cohort: usize,
 }
 
 #[tokio::main]
@@ -66,9 +77,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("--clients must be 1..=1024 and --seconds 1..=600".into());
     }
     let mut _embedded = None;
+    let mut partners = Vec::new();
     let (url, token) = if args.embedded {
         let e = sovra_benches::embedded().await?;
         let r = (e.url.clone(), e.service_token.clone());
+        partners = e.partner_tokens.clone();
         _embedded = Some(e);
         r
     } else {
@@ -99,6 +112,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 return Err(format!("preload failed: {}", r.message).into());
             }
         }
+    }
+
+    if args.sandbox_jobs > 0 {
+        if partners.is_empty() {
+            return Err("--sandbox-jobs needs --embedded (it uses the embedded partners)".into());
+        }
+        submit_heavy_jobs(&url, &token, &partners, &people, run_id, &args).await?;
     }
 
     let start = Instant::now();
@@ -142,6 +162,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             },
                         );
                         c.put_record(pb::PutRecordRequest {
+                            idempotency_key: String::new(),
                             customer_id: format!("lw-{run_id}-{w}-{i}"),
                             fields,
                             source: Some(pb::CollectionSource {
@@ -210,5 +231,61 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(e) = _embedded {
         e.handle.shutdown().await?;
     }
+    Ok(())
+}
+
+/// Gives the first `--sandbox-cohort` preloaded customers `lead_scoring`
+/// consent, then submits `--sandbox-jobs` heavy histograms round-robin over
+/// the partners and reports how many run and how many queue.
+async fn submit_heavy_jobs(
+    url: &str,
+    token: &str,
+    partners: &[String],
+    people: &[synthetic::Customer],
+    run_id: u32,
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use sovra_proto::sandbox::v1 as spb;
+    let mut l = client::connect_ledger(url, Some(token), None).await?;
+    for p in people.iter().take(args.sandbox_cohort) {
+        l.record_consent(lpb::RecordConsentRequest {
+            customer_id: format!("{}-{run_id}", p.id),
+            purpose: "lead_scoring".into(),
+            action: lpb::ConsentAction::Grant as i32,
+            channel: "load".into(),
+            legal_basis: "consent".into(),
+            notice_version: "v1".into(),
+            evidence_sha256: vec![7; 32],
+        })
+        .await?;
+    }
+    let edges: Vec<i64> = (1..=16).map(|e| e * 3).collect();
+    let mut clients = Vec::new();
+    for t in partners {
+        clients.push(client::connect_sandbox(url, Some(t), None).await?);
+    }
+    let (mut running, mut queued) = (0, 0);
+    for i in 0..args.sandbox_jobs {
+        let spec = format!(
+            "name = \"heavy-{i}\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"purchase_count\"\nedges = {edges:?}\n"
+        );
+        let n = clients.len();
+        let c = &mut clients[i % n];
+        let j = c
+            .submit_job(spb::SubmitJobRequest {
+                job: Some(spb::submit_job_request::Job::SpecToml(spec)),
+            })
+            .await?
+            .into_inner();
+        if j.queue_position > 0 {
+            queued += 1;
+        } else {
+            running += 1;
+        }
+    }
+    eprintln!(
+        "sandbox: {} heavy jobs submitted ({running} admitted to run, {queued} queued), cohort {}",
+        args.sandbox_jobs, args.sandbox_cohort
+    );
     Ok(())
 }

@@ -69,6 +69,7 @@ async fn put_record_rejects_bad_input() {
         (put(&"x".repeat(100_000), &ok), "customer_id"),
         (
             pb::PutRecordRequest {
+                idempotency_key: String::new(),
                 source: None,
                 ..put("c-1", &ok)
             },
@@ -76,6 +77,7 @@ async fn put_record_rejects_bad_input() {
         ),
         (
             pb::PutRecordRequest {
+                idempotency_key: String::new(),
                 source: Some(pb::CollectionSource {
                     channel: "".into(),
                     collector: "x".into(),
@@ -87,6 +89,7 @@ async fn put_record_rejects_bad_input() {
         ),
         (
             pb::PutRecordRequest {
+                idempotency_key: String::new(),
                 source: Some(pb::CollectionSource {
                     channel: "web".into(),
                     collector: "x y".into(),

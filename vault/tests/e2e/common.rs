@@ -113,6 +113,7 @@ pub fn source() -> Option<pb::CollectionSource> {
 
 pub fn put(customer: &str, fields: &[(&str, pb::Value)]) -> pb::PutRecordRequest {
     pb::PutRecordRequest {
+        idempotency_key: String::new(),
         customer_id: customer.into(),
         fields: fields
             .iter()

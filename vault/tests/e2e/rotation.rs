@@ -91,7 +91,10 @@ async fn rotation_rewraps_thousands_resumes_and_retires() {
     // call) is resumed by the next start.
     {
         let engine = open_engine(&env);
-        let st = engine.rotate("default", |_, _| Ok(())).await.unwrap();
+        let st = engine
+            .rotate("default", |_, _| async { Ok(()) })
+            .await
+            .unwrap();
         assert_eq!(st.active_version, 2);
         assert!(!st.job.unwrap().done);
     }
@@ -154,9 +157,12 @@ async fn rotation_rewraps_thousands_resumes_and_retires() {
     // and with force their data becomes an explicit error.
     {
         let engine = open_engine(&env);
-        engine.rotate("default", |_, _| Ok(())).await.unwrap(); // job not run
+        engine
+            .rotate("default", |_, _| async { Ok(()) })
+            .await
+            .unwrap(); // job not run
         let e = engine
-            .retire("default", active + 1, false)
+            .retire("default", active + 1, false, |_| async { Ok(()) })
             .await
             .unwrap_err();
         assert!(
@@ -164,7 +170,10 @@ async fn rotation_rewraps_thousands_resumes_and_retires() {
                 .contains(&format!("{} data keys are still wrapped", CUSTOMERS + 1)),
             "{e}"
         );
-        engine.retire("default", active + 1, true).await.unwrap();
+        engine
+            .retire("default", active + 1, true, |_| async { Ok(()) })
+            .await
+            .unwrap();
     }
     let srv = env.start().await;
     let mut svc = srv.client(Some(&env.service)).await;

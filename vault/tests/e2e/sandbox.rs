@@ -448,6 +448,18 @@ async fn bad_specs_and_corrupted_ciphertexts_release_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_removes_a_customers_encrypted_features() {
     let env = Env::new();
+    // A second partner: another receiver, with no release to difference.
+    let mut cfg = env.config();
+    let other = cfg
+        .add_principal_with(
+            "partner2",
+            sovra_vault::auth::Role::Partner,
+            "default",
+            "partners",
+            &["lead_scoring"],
+        )
+        .unwrap();
+    sovra_vault::config::write_config(&cfg, &env.config_path).unwrap();
     let srv = env.start().await;
     populate(&srv, &env, 23, &[]).await;
     let mut partner = sandbox(&srv, &env.partner).await;
@@ -459,7 +471,19 @@ async fn erasure_removes_a_customers_encrypted_features() {
     })
     .await
     .unwrap();
-    let after = run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+    // The partner may not have the same sum over one customer fewer: the
+    // difference would be the erased customer's budget.
+    refused(
+        partner
+            .submit_job(spec_job(&sum_spec("lead_scoring", "budget")))
+            .await,
+        Code::FailedPrecondition,
+        "release-aggregate-no-differencing",
+    );
+    // Another partner may (receivers that collude can difference, see
+    // SECURITY.md); the cohort no longer has the customer.
+    let mut other = sandbox(&srv, other.token.as_ref()).await;
+    let after = run_to_result(&mut other, spec_job(&sum_spec("lead_scoring", "budget"))).await;
     assert_eq!(after.job.unwrap().cohort_size, 22);
     assert_eq!(
         after.aggregate.unwrap().sum,
@@ -539,7 +563,13 @@ async fn bootstrapped_histogram_for_a_partner_and_tree_scores_for_sales() {
         let p = q(i)[1];
         want[usize::from(p >= 10) + usize::from(p >= 30)] += 1;
     }
-    assert_eq!(a.buckets, want);
+    // 21 customers in three buckets: every bucket counts fewer than k = 20
+    // or is the only large one (the rest then adds up to at most 1), so
+    // every count is withheld; only the cohort size is released.
+    assert!(want.iter().filter(|&&n| n >= 20).count() <= 1, "{want:?}");
+    assert_eq!(a.suppressed, vec![true; 3]);
+    assert_eq!(a.buckets, vec![0; 3]);
+    assert_eq!(a.min_count, 20);
     assert_eq!(a.sum, 21);
 
     // A partner cannot have a tree's per-customer output.
@@ -569,6 +599,250 @@ async fn bootstrapped_histogram_for_a_partner_and_tree_scores_for_sales() {
             (true, _, true) => 2,
         };
         assert_eq!(s.score, want, "{}", s.customer_id);
+    }
+    srv.stop().await;
+}
+
+fn histogram_spec(name: &str, edges: &[i64]) -> String {
+    format!("name = \"{name}\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"purchase_count\"\nedges = {edges:?}\n")
+}
+
+/// Issue 13, item 2: every released count covers at least k customers (a
+/// bucket below k is withheld, and so is a second one when the first could
+/// be derived from the cohort size); a partner cannot difference two
+/// releases whose cohorts differ by fewer than k customers, across
+/// restarts; the record of what was released holds pseudonyms only and is
+/// anchored in the ledger through the output hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_counts_cover_k_customers_and_releases_cannot_be_differenced() {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let n = 45;
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, n, &[]).await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+
+    // Edges that isolate one customer (the only one with 39 purchases):
+    // [44, 1, 0]. The bucket of one is withheld, and the bucket of 44 too,
+    // since the cohort size minus 44 would give it away.
+    let purchases: Vec<i64> = (0..n).map(|i| q(i)[1]).collect();
+    assert_eq!(purchases.iter().filter(|&&p| p >= 39).count(), 1);
+    let r = run_to_result(
+        &mut partner,
+        spec_job(&histogram_spec("isolate", &[39, 40])),
+    )
+    .await;
+    let a = r.aggregate.clone().unwrap();
+    assert_eq!(a.suppressed, vec![true, true, true], "{a:?}");
+    assert_eq!(a.buckets, vec![0, 0, 0]);
+    assert_eq!((a.sum, a.min_count), (n as i64, 20));
+    // The cohort digest is inside the hash the ledger anchors.
+    let canonical = spb::JobResult {
+        aggregate: Some(a.clone()),
+        ..Default::default()
+    };
+    assert_eq!(
+        hex::encode(Sha256::digest(canonical.encode_to_vec())),
+        r.output_sha256
+    );
+    let isolate_job = r.job.clone().unwrap().job_id;
+    let isolate_sha = r.output_sha256.clone();
+
+    // Two buckets of at least k each: released exactly.
+    let r = run_to_result(&mut partner, spec_job(&histogram_spec("halves", &[20]))).await;
+    let a = r.aggregate.unwrap();
+    let below = purchases.iter().filter(|&&p| p < 20).count() as u64;
+    assert!(below >= 20 && n as u64 - below >= 20, "{below}");
+    assert_eq!(a.buckets, vec![below, n as u64 - below]);
+    assert_eq!(a.suppressed, vec![false, false]);
+
+    // A sum over the same cohort: no difference, released.
+    run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+
+    // One consent withdrawn: the same sum, or any aggregate, over the
+    // cohort minus that customer would single them out. Refused.
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    led.record_consent(consent(&cust(29), "lead_scoring", false))
+        .await
+        .unwrap();
+    for spec in [
+        sum_spec("lead_scoring", "budget"),
+        histogram_spec("halves", &[20]),
+    ] {
+        refused(
+            partner.submit_job(spec_job(&spec)).await,
+            Code::FailedPrecondition,
+            "release-aggregate-no-differencing",
+        );
+    }
+    srv.stop().await;
+
+    // The record survives a restart.
+    let srv = env.start().await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+    refused(
+        partner
+            .submit_job(spec_job(&sum_spec("lead_scoring", "budget")))
+            .await,
+        Code::FailedPrecondition,
+        "release-aggregate-no-differencing",
+    );
+    // Once the cohorts differ by k = 20 customers (29 and 19 more), the
+    // difference covers k customers and the sum is released again.
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    for i in 0..19 {
+        led.record_consent(consent(&cust(i), "lead_scoring", false))
+            .await
+            .unwrap();
+    }
+    let r = run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+    assert_eq!(r.job.unwrap().cohort_size, n as u64 - 20);
+    srv.stop().await;
+
+    // At rest: pseudonyms only, and the stored set reproduces the digest
+    // the ledger anchors.
+    let db = open_raw(&env.data_dir());
+    let t = db.open_tree("sandbox_releases").unwrap();
+    assert_eq!(t.len(), 4);
+    let mut checked = false;
+    for item in t.iter() {
+        let (k, v) = item.unwrap();
+        for i in 0..n {
+            let id = cust(i).into_bytes();
+            assert!(!k.windows(id.len()).any(|w| w == id));
+            assert!(!v.windows(id.len()).any(|w| w == id));
+        }
+        if k.ends_with(isolate_job.as_bytes()) {
+            assert_eq!(v[0], 1);
+            let count = u32::from_be_bytes(v[1..5].try_into().unwrap()) as usize;
+            assert_eq!(count, n);
+            let subjects = &v[5..5 + 32 * count];
+            let mut h = Sha256::new();
+            h.update(b"sovra-cohort-v1\0");
+            h.update((isolate_job.len() as u64).to_be_bytes());
+            h.update(isolate_job.as_bytes());
+            h.update(subjects);
+            let stored = spb::Aggregate::decode(&v[5 + 32 * count..]).unwrap();
+            assert_eq!(hex::encode(h.finalize()), stored.cohort_sha256);
+            let canonical = spb::JobResult {
+                aggregate: Some(stored),
+                ..Default::default()
+            };
+            // What the partner received, so the hash the ledger anchors.
+            assert_eq!(
+                hex::encode(Sha256::digest(canonical.encode_to_vec())),
+                isolate_sha
+            );
+            checked = true;
+        }
+    }
+    assert!(checked);
+}
+
+/// A histogram with 16 edges: 80 bootstraps per customer, long enough that
+/// the test's few calls finish while it still runs.
+fn heavy_spec(i: usize) -> String {
+    let edges: Vec<i64> = (1..=16).map(|e| e * 3).collect();
+    histogram_spec(&format!("heavy-{i}"), &edges)
+}
+
+async fn job_state(c: &mut SandboxClient, id: &str) -> spb::Job {
+    c.get_job(spb::GetJobRequest {
+        job_id: id.to_owned(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Issue 13, item 7: jobs beyond `max_running` wait in a FIFO queue whose
+/// position GetJob and WatchJob report; a principal's queued and running
+/// jobs are bounded (RESOURCE_EXHAUSTED, saying what to do); cancelling a
+/// queued job takes it out of the queue at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_report_their_place_and_admission_is_bounded() {
+    let cfg = sovra_vault::sandbox_service::AdmissionConfig::default();
+    let (running, per) = (cfg.max_running, cfg.max_jobs_per_principal);
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, 22, &[]).await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+    let mut ids = Vec::new();
+    for i in 0..per {
+        let j = partner
+            .submit_job(spec_job(&heavy_spec(i)))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(j.job_id);
+    }
+    refused(
+        partner.submit_job(spec_job(&heavy_spec(99))).await,
+        Code::ResourceExhausted,
+        "max_jobs_per_principal",
+    );
+    // The first `running` jobs run; the rest queue in submission order.
+    let queued: Vec<String> = ids.iter().skip(running).cloned().collect();
+    for (n, id) in queued.iter().enumerate() {
+        let j = job_state(&mut partner, id).await;
+        assert_eq!(j.state, spb::JobState::Queued as i32, "{j:?}");
+        assert_eq!(j.queue_position, n as u64 + 1, "{j:?}");
+    }
+    for id in ids.iter().take(running) {
+        assert_eq!(job_state(&mut partner, id).await.queue_position, 0);
+    }
+    if queued.len() >= 2 {
+        // WatchJob on the last queued job: its position, then one less once
+        // the first queued job is cancelled.
+        let last = queued.last().unwrap().clone();
+        let mut w = partner
+            .watch_job(spb::GetJobRequest {
+                job_id: last.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = w.message().await.unwrap().unwrap();
+        assert_eq!(first.queue_position, queued.len() as u64);
+        let c = partner
+            .cancel_job(spb::GetJobRequest {
+                job_id: queued[0].clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(c.state, spb::JobState::Cancelled as i32, "{c:?}");
+        assert_eq!(c.queue_position, 0);
+        let next = w.message().await.unwrap().unwrap();
+        assert_eq!(next.queue_position, queued.len() as u64 - 1, "{next:?}");
+        // The cancelled job's place is free again.
+        let j = partner
+            .submit_job(spec_job(&heavy_spec(100)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(j.state, spb::JobState::Queued as i32);
+        assert_eq!(j.queue_position, queued.len() as u64);
+        ids.push(j.job_id);
+    }
+    // Cancel everything; every job ends CANCELLED (queued ones at once,
+    // running ones at their next customer).
+    for id in &ids {
+        partner
+            .cancel_job(spb::GetJobRequest { job_id: id.clone() })
+            .await
+            .unwrap();
+    }
+    for id in &ids {
+        let j = job_state(&mut partner, id).await;
+        let seen = watch(&mut partner, &j).await;
+        let end = seen.last().unwrap_or(&j);
+        assert_eq!(end.state, spb::JobState::Cancelled as i32, "{end:?}");
     }
     srv.stop().await;
 }
