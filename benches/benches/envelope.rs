@@ -4,9 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sovra_vault::envelope::{open, seal, FieldContext, Provenance};
-use sovra_vault::keys::{DataKey, KeyPlace, KeyRing, RootKey};
-use sovra_vault::shred::Pad;
+use sovra_vault::crypto::envelope::{open, seal, FieldContext, Provenance};
+use sovra_vault::crypto::keys::{DataKey, KeyPlace, KeyRing, RootKey};
+use sovra_vault::crypto::shred::Pad;
 
 fn bench(c: &mut Criterion) {
     let dek = DataKey::generate();

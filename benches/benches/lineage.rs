@@ -13,7 +13,7 @@ use sovra_ledger::entry::{Decision, Disclosure, FieldAccess, Reveal, Write};
 use sovra_ledger::{Body, Ledger, LedgerOptions, LogKey};
 use sovra_proto::lineage::v1 as lpb;
 use sovra_vault::engine::{Engine, Source, WriteLineage};
-use sovra_vault::keys::RootKey;
+use sovra_vault::crypto::keys::RootKey;
 use sovra_vault::lineage::{transformation, Agent};
 use sovra_vault::schema::{RawValue, Schema};
 

@@ -3,7 +3,7 @@
 
 #![forbid(unsafe_code)]
 
-use sovra_vault::auth::Role;
+use sovra_vault::access::auth::Role;
 use sovra_vault::config::{self, Config};
 use sovra_vault::server::{self, ServerHandle};
 

@@ -162,7 +162,8 @@ pub struct FieldAccess {
 pub struct Reveal {
     /// Tenant.
     pub tenant: String,
-    /// The customer.
+    /// The customer; all zero for a read refused before the customer was
+    /// looked up (the entry then says nothing of whether it exists).
     pub subject: Pseudonym,
     /// Principal that asked.
     pub actor: String,

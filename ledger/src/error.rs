@@ -8,16 +8,17 @@ use std::fmt;
 
 /// Everything that can go wrong in the ledger.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LedgerError {
     /// An input (entry field, proof, bundle, key, size) was rejected.
     #[error(transparent)]
-    InvalidArgument(#[from] InvalidArgument),
+    InvalidArgument(#[from] InvalidArgumentError),
     /// A tree size or index lies beyond the log.
     #[error(transparent)]
-    OutOfRange(#[from] OutOfRange),
+    OutOfRange(#[from] OutOfRangeError),
     /// A proof, signature, hash chain or bundle did not verify.
     #[error(transparent)]
-    Verification(#[from] VerificationFailed),
+    Verification(#[from] VerificationError),
     /// The stored log does not match itself: an entry was altered, removed
     /// or moved, or a stored hash or checkpoint disagrees with the entries.
     #[error(transparent)]
@@ -57,15 +58,15 @@ macro_rules! message_error {
 
 message_error!(
     /// An input was rejected.
-    InvalidArgument, "invalid "
+    InvalidArgumentError, "invalid "
 );
 message_error!(
     /// A size or index beyond the log.
-    OutOfRange, ""
+    OutOfRangeError, ""
 );
 message_error!(
     /// A failed verification.
-    VerificationFailed, "verification failed: "
+    VerificationError, "verification failed: "
 );
 message_error!(
     /// Stored data that contradicts the log.
@@ -82,13 +83,13 @@ message_error!(
 
 impl LedgerError {
     pub(crate) fn invalid(m: impl Into<String>) -> Self {
-        InvalidArgument { message: m.into() }.into()
+        InvalidArgumentError { message: m.into() }.into()
     }
     pub(crate) fn out_of_range(m: impl Into<String>) -> Self {
-        OutOfRange { message: m.into() }.into()
+        OutOfRangeError { message: m.into() }.into()
     }
     pub(crate) fn verification(m: impl Into<String>) -> Self {
-        VerificationFailed { message: m.into() }.into()
+        VerificationError { message: m.into() }.into()
     }
     pub(crate) fn integrity(m: impl Into<String>) -> Self {
         IntegrityError { message: m.into() }.into()

@@ -13,7 +13,7 @@
 //! Does not: encrypt or decrypt (that needs the secret key, which only the
 //! vault holds); a block is created from a ciphertext the vault encrypted.
 
-use crate::error::{BadCiphertext, Result};
+use crate::error::{BadCiphertextError, Result};
 use crate::params::{self, SLOTS};
 use serde::{Deserialize, Serialize};
 use tfhe::conformance::ParameterSetConformant;
@@ -82,7 +82,7 @@ impl FeatureBlock {
     /// Wraps a ciphertext, checking it conforms to the parameter set.
     pub fn from_glwe(ct: GlweCiphertextOwned<u64>) -> Result<FeatureBlock> {
         if !ct.is_conformant(&params::glwe_conformance()) {
-            return Err(BadCiphertext::error(
+            return Err(BadCiphertextError::error(
                 "feature block",
                 "does not conform to the GLWE parameters (k = 1, N = 2048, native modulus)",
             ));
@@ -94,7 +94,7 @@ impl FeatureBlock {
     /// in errors (feature and block number; never a value).
     pub fn from_bytes(bytes: &[u8], what: &str) -> Result<FeatureBlock> {
         if bytes.len() as u64 > MAX_BLOCK_BYTES {
-            return Err(BadCiphertext::error(
+            return Err(BadCiphertextError::error(
                 what,
                 format!(
                     "{} bytes, more than the {MAX_BLOCK_BYTES} a block may take",
@@ -104,7 +104,7 @@ impl FeatureBlock {
         }
         let Stored(ct) =
             safe_deserialize_conformant(bytes, MAX_BLOCK_BYTES, &params::glwe_conformance())
-                .map_err(|e| BadCiphertext::error(what, e))?;
+                .map_err(|e| BadCiphertextError::error(what, e))?;
         Ok(FeatureBlock { ct })
     }
 
@@ -113,7 +113,7 @@ impl FeatureBlock {
         let mut out = Vec::with_capacity(SLOTS * 2 * 8 + 64);
         // Serialising a clone keeps the public type tfhe's own.
         safe_serialize(&Stored(self.ct.clone()), &mut out, MAX_BLOCK_BYTES)
-            .map_err(|e| BadCiphertext::error("feature block", e.to_string()))?;
+            .map_err(|e| BadCiphertextError::error("feature block", e.to_string()))?;
         Ok(out)
     }
 

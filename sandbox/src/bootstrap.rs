@@ -18,7 +18,7 @@
 //! Does not: generate keys (that needs the secret key, which only the vault
 //! holds), or decide what is worth a bootstrap (the models do).
 
-use crate::error::{BadCiphertext, Result};
+use crate::error::{BadCiphertextError, Result};
 use crate::params;
 use tfhe::core_crypto::prelude::*;
 
@@ -60,7 +60,7 @@ impl BootstrapKey {
             && bsk.decomposition_base_log() == pbs_base
             && bsk.decomposition_level_count() == pbs_level;
         if !(ksk_ok && bsk_ok) {
-            return Err(BadCiphertext::error(
+            return Err(BadCiphertextError::error(
                 "bootstrap key",
                 format!(
                     "the keys do not match the parameter set {}",

@@ -3,17 +3,18 @@
 
 /// Why a spec, manifest, ciphertext or job was refused.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SandboxError {
     /// The job spec or workload manifest is malformed or out of bounds.
     #[error("{0}")]
-    InvalidSpec(#[from] InvalidSpec),
+    InvalidSpec(#[from] InvalidSpecError),
     /// A ciphertext read back from storage (or received) failed
     /// deserialisation or conformance with the parameter set.
     #[error("{0}")]
-    BadCiphertext(#[from] BadCiphertext),
+    BadCiphertext(#[from] BadCiphertextError),
     /// The job hit one of its limits (customers, wall time, memory).
     #[error("{0}")]
-    LimitExceeded(#[from] LimitExceeded),
+    LimitExceeded(#[from] LimitExceededError),
     /// The job was cancelled.
     #[error("job cancelled")]
     Cancelled,
@@ -29,14 +30,14 @@ pub enum SandboxError {
 /// A spec or manifest refused before anything ran.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid job spec: {what}: {message}")]
-pub struct InvalidSpec {
+pub struct InvalidSpecError {
     what: String,
     message: String,
 }
 
-impl InvalidSpec {
+impl InvalidSpecError {
     pub(crate) fn error(what: impl Into<String>, message: impl Into<String>) -> SandboxError {
-        InvalidSpec {
+        InvalidSpecError {
             what: what.into(),
             message: message.into(),
         }
@@ -51,14 +52,14 @@ impl InvalidSpec {
 /// A ciphertext refused before evaluation.
 #[derive(Debug, thiserror::Error)]
 #[error("rejected ciphertext ({what}): {message}")]
-pub struct BadCiphertext {
+pub struct BadCiphertextError {
     what: String,
     message: String,
 }
 
-impl BadCiphertext {
+impl BadCiphertextError {
     pub(crate) fn error(what: impl Into<String>, message: impl Into<String>) -> SandboxError {
-        BadCiphertext {
+        BadCiphertextError {
             what: what.into(),
             message: message.into(),
         }
@@ -69,14 +70,14 @@ impl BadCiphertext {
 /// A limit the job ran into.
 #[derive(Debug, thiserror::Error)]
 #[error("job limit exceeded: {limit} ({detail})")]
-pub struct LimitExceeded {
+pub struct LimitExceededError {
     limit: &'static str,
     detail: String,
 }
 
-impl LimitExceeded {
+impl LimitExceededError {
     pub(crate) fn error(limit: &'static str, detail: impl Into<String>) -> SandboxError {
-        LimitExceeded {
+        LimitExceededError {
             limit,
             detail: detail.into(),
         }

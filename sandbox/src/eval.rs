@@ -28,7 +28,7 @@
 
 use crate::block::FeatureBlock;
 use crate::bootstrap::{extract, trivial, BootstrapKey, Bootstrapper, Lwe};
-use crate::error::{InvalidSpec, LimitExceeded, Result, SandboxError};
+use crate::error::{InvalidSpecError, LimitExceededError, Result, SandboxError};
 use crate::params::{self, SLOTS};
 use crate::spec::{LinearModel, Model, ValidatedSpec};
 use crate::tree;
@@ -280,7 +280,7 @@ fn selector(slots: &[u16]) -> PolynomialOwned<u64> {
 fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Result<()> {
     let cohort = input.cohort_size();
     if cohort > limits.max_customers {
-        return Err(LimitExceeded::error(
+        return Err(LimitExceededError::error(
             "customers",
             format!("cohort of {cohort}, limit {}", limits.max_customers),
         ));
@@ -298,7 +298,7 @@ fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Resu
         estimate += cohort * lwe_bytes;
     }
     if estimate > limits.max_memory_bytes {
-        return Err(LimitExceeded::error(
+        return Err(LimitExceededError::error(
             "memory",
             format!(
                 "about {estimate} bytes of ciphertexts, limit {}",
@@ -309,7 +309,7 @@ fn check_limits(spec: &ValidatedSpec, input: &JobInput, limits: &Limits) -> Resu
     for (slots, b) in input.cohort.iter().zip(0..) {
         if slots.windows(2).any(|w| w[0] >= w[1]) || slots.iter().any(|&s| usize::from(s) >= SLOTS)
         {
-            return Err(LimitExceeded::error(
+            return Err(LimitExceededError::error(
                 "customers",
                 format!("block {b}: cohort slots must be sorted, distinct and below {SLOTS}"),
             ));
@@ -395,7 +395,7 @@ pub fn run(
             return Err(SandboxError::Cancelled);
         }
         if started.elapsed() >= limits.max_wall {
-            return Err(LimitExceeded::error(
+            return Err(LimitExceededError::error(
                 "wall_time",
                 format!("ran longer than {:?}", limits.max_wall),
             ));
@@ -426,7 +426,7 @@ pub fn run(
                     .map(EncryptedOutput::Histogram)
             }
             // INVARIANT: needs_bootstrap() is true only for the two above.
-            _ => Err(InvalidSpec::error("model", "not a bootstrapped model")),
+            _ => Err(InvalidSpecError::error("model", "not a bootstrapped model")),
         };
     }
     let Some(model) = spec.linear() else {
@@ -564,7 +564,7 @@ fn histogram(
     step: &(dyn Fn(usize) -> Result<()> + Sync),
 ) -> Result<EncryptedHistogram> {
     let (Some(model), Some((lo, hi))) = (spec.linear(), spec.score_range()) else {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "model",
             "a histogram needs a feature or a linear score",
         ));

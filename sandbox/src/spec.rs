@@ -9,7 +9,7 @@
 //! Does not: decide who may run the job or on whom (policy, in the vault),
 //! or choose the cohort.
 
-use crate::error::{InvalidSpec, Result};
+use crate::error::{InvalidSpecError, Result};
 use crate::params::{noise_bound, MAX_RESULT, NOISE_CEILING};
 use crate::tree::{Node, Tree};
 use serde::{Deserialize, Serialize};
@@ -398,7 +398,7 @@ fn linear(
     catalog: &[FeatureInfo],
 ) -> Result<(LinearModel, u64)> {
     if weights.is_empty() || weights.len() > MAX_TERMS {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             format!("{what}.weights"),
             format!(
                 "a model uses 1 to {MAX_TERMS} features, this one {}",
@@ -407,7 +407,7 @@ fn linear(
         ));
     }
     if !within(bias, MAX_BIAS) {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             format!("{what}.bias"),
             format!("|bias| must be at most {MAX_BIAS}"),
         ));
@@ -419,7 +419,7 @@ fn linear(
     for (f, w) in weights {
         let info = catalog.iter().find(|i| i.name == f).ok_or_else(|| {
             let known: Vec<&str> = catalog.iter().map(|i| i.name.as_str()).collect();
-            InvalidSpec::error(
+            InvalidSpecError::error(
                 format!("{what}.weights.{f}"),
                 format!(
                     "`{f}` is not an encrypted feature (features: {})",
@@ -428,7 +428,7 @@ fn linear(
             )
         })?;
         if !within(w, MAX_WEIGHT) {
-            return Err(InvalidSpec::error(
+            return Err(InvalidSpecError::error(
                 format!("{what}.weights.{f}"),
                 format!("weight {w} is outside -{MAX_WEIGHT}..={MAX_WEIGHT}"),
             ));
@@ -438,7 +438,7 @@ fn linear(
     }
     let m = LinearModel { bias, terms };
     if magnitude > u128::from(MAX_RESULT) {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             what.to_owned(),
             format!(
                 "magnitude bound: |bias| + Σ|weight|·max(feature) = {magnitude} exceeds the plaintext space (±{MAX_RESULT}); use smaller weights"
@@ -447,7 +447,7 @@ fn linear(
     }
     let noise = noise_bound(m.l1());
     if noise >= u128::from(NOISE_CEILING) {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             what.to_owned(),
             format!(
                 "noise bound: Σ|weight| = {} times the fresh noise 2^17 reaches the ceiling 2^31 (Σ|weight| must stay below 16384)",
@@ -462,7 +462,7 @@ fn linear(
 /// Parses a TOML spec and validates it against `catalog`.
 pub fn parse(text: &str, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
     if text.len() > MAX_SPEC_BYTES {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "spec",
             format!(
                 "{} bytes, more than the {MAX_SPEC_BYTES} a spec may have",
@@ -471,28 +471,28 @@ pub fn parse(text: &str, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         ));
     }
     let raw: RawSpec =
-        toml::from_str(text).map_err(|e| InvalidSpec::error("spec", e.message().to_owned()))?;
+        toml::from_str(text).map_err(|e| InvalidSpecError::error("spec", e.message().to_owned()))?;
     validate(raw, catalog)
 }
 
 fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
     let canonical = serde_json::to_vec(&raw)
-        .map_err(|e| InvalidSpec::error("spec", format!("cannot encode: {e}")))?;
+        .map_err(|e| InvalidSpecError::error("spec", format!("cannot encode: {e}")))?;
     let sha256: [u8; 32] = Sha256::digest(&canonical).into();
     if !is_name(&raw.name, 64) {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "name",
             "1 to 64 characters of [a-z0-9_-], starting with a letter",
         ));
     }
     if !is_name(&raw.purpose, 64) || raw.purpose.contains('-') {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "purpose",
             "1 to 64 characters of [a-z0-9_], starting with a letter",
         ));
     }
     if raw.explain > MAX_EXPLAIN {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "explain",
             format!("at most {MAX_EXPLAIN} contributing features may be named"),
         ));
@@ -510,14 +510,14 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         } => {
             let (m, b) = linear("model", bias, weights, catalog)?;
             if !(1..=MAX_SCALE).contains(&scale) {
-                return Err(InvalidSpec::error(
+                return Err(InvalidSpecError::error(
                     "model.scale",
                     format!("must be 1..={MAX_SCALE}"),
                 ));
             }
             let bands = bands.unwrap_or_default();
             if !(bands.medium > 0.0 && bands.medium < bands.high && bands.high < 1.0) {
-                return Err(InvalidSpec::error(
+                return Err(InvalidSpecError::error(
                     "model.bands",
                     "need 0 < medium < high < 1",
                 ));
@@ -545,7 +545,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
                 match (op, feature, lin) {
                     (AggregateOp::Count, None, None) => (None, 1),
                     (AggregateOp::Count, _, _) => {
-                        return Err(InvalidSpec::error(
+                        return Err(InvalidSpecError::error(
                             "model",
                             "`count` counts the cohort: give neither `feature` nor `linear`",
                         ))
@@ -558,7 +558,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
                         let (m, b) = linear("model.linear", l.bias, l.weights, catalog)?;
                         (Some(AggregateInput::Linear(m)), b)
                     }
-                    _ => return Err(InvalidSpec::error(
+                    _ => return Err(InvalidSpecError::error(
                         "model",
                         "`sum`, `mean` and `histogram` need exactly one of `feature` or `linear`",
                     )),
@@ -568,7 +568,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
                     check_edges(&e)?;
                     let l1 = over.as_ref().map_or(1, |o| o.as_linear().l1());
                     if l1 > MAX_COMPARED_L1 {
-                        return Err(InvalidSpec::error(
+                        return Err(InvalidSpecError::error(
                             "model.linear",
                             format!(
                                 "noise bound: a histogram compares the score on ciphertexts, so Σ|weight| must be at most {MAX_COMPARED_L1}, this one is {l1}"
@@ -578,13 +578,13 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
                     e
                 }
                 (AggregateOp::Histogram, None) => {
-                    return Err(InvalidSpec::error(
+                    return Err(InvalidSpecError::error(
                         "model.edges",
                         "a histogram needs `edges` (strictly increasing bucket boundaries)",
                     ))
                 }
                 (_, Some(_)) => {
-                    return Err(InvalidSpec::error(
+                    return Err(InvalidSpecError::error(
                         "model.edges",
                         "only a `histogram` has edges",
                     ))
@@ -597,13 +597,13 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
     let aggregate = matches!(model, Model::Aggregate { .. });
     match (raw.output, aggregate) {
         (OutputClass::Aggregate, false) => {
-            return Err(InvalidSpec::error(
+            return Err(InvalidSpecError::error(
                 "output",
                 "`aggregate` output needs an aggregate model (kind = \"aggregate\")",
             ))
         }
         (OutputClass::PerCustomer, true) => {
-            return Err(InvalidSpec::error(
+            return Err(InvalidSpecError::error(
                 "output",
                 "an aggregate model has `aggregate` output",
             ))
@@ -611,13 +611,13 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         _ => {}
     }
     if aggregate && raw.explain > 0 {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "explain",
             "only per-customer outputs name contributing features",
         ));
     }
     if matches!(model, Model::Tree(_)) && raw.explain > 0 {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "explain",
             "a tree's output is a leaf: there are no per-feature terms to rank",
         ));
@@ -644,7 +644,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         })
         .collect();
     if spec.aggregate_chunk() == 0 {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "model",
             "one customer's value already reaches the noise or magnitude bound",
         ));
@@ -654,7 +654,7 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
 
 fn check_edges(edges: &[i64]) -> Result<()> {
     if edges.is_empty() || edges.len() > MAX_EDGES {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "model.edges",
             format!(
                 "a histogram has 1 to {MAX_EDGES} edges, this one {}",
@@ -663,13 +663,13 @@ fn check_edges(edges: &[i64]) -> Result<()> {
         ));
     }
     if edges.iter().any(|&e| !within(e, MAX_THRESHOLD)) {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "model.edges",
             format!("edges must be within ±{MAX_THRESHOLD}"),
         ));
     }
     if edges.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             "model.edges",
             "edges must be strictly increasing",
         ));
@@ -698,7 +698,7 @@ fn flatten(
     match (raw.leaf, &raw.feature, raw.threshold, &raw.below, &raw.at_least) {
         (Some(v), None, None, None, None) => {
             if !within(v, MAX_LEAF) {
-                return Err(InvalidSpec::error(
+                return Err(InvalidSpecError::error(
                     format!("{path}.leaf"),
                     format!("leaf values are integers within ±{MAX_LEAF} (a tree's output is read at a scale that leaves 7 bits)"),
                 ));
@@ -708,20 +708,20 @@ fn flatten(
         }
         (None, Some(f), Some(t), Some(below), Some(at_least)) => {
             if depth >= MAX_TREE_DEPTH {
-                return Err(InvalidSpec::error(
+                return Err(InvalidSpecError::error(
                     path.to_owned(),
                     format!("a tree is at most {MAX_TREE_DEPTH} splits deep"),
                 ));
             }
             if !catalog.iter().any(|i| &i.name == f) {
                 let known: Vec<&str> = catalog.iter().map(|i| i.name.as_str()).collect();
-                return Err(InvalidSpec::error(
+                return Err(InvalidSpecError::error(
                     format!("{path}.feature"),
                     format!("`{f}` is not an encrypted feature (features: {})", known.join(", ")),
                 ));
             }
             if !within(t, MAX_THRESHOLD) {
-                return Err(InvalidSpec::error(
+                return Err(InvalidSpecError::error(
                     format!("{path}.threshold"),
                     format!("thresholds must be within ±{MAX_THRESHOLD}"),
                 ));
@@ -737,7 +737,7 @@ fn flatten(
             };
             Ok(at)
         }
-        _ => Err(InvalidSpec::error(
+        _ => Err(InvalidSpecError::error(
             path.to_owned(),
             "a node is either `leaf = VALUE` or `feature`, `threshold`, `below` and `at_least` (customers with feature >= threshold go to `at_least`)",
         )),

@@ -10,7 +10,7 @@
 //!
 //! Does not: grant anything; policy decides whether the workload may run.
 
-use crate::error::{InvalidSpec, Result};
+use crate::error::{InvalidSpecError, Result};
 use crate::spec::{self, FeatureInfo, OutputClass, ValidatedSpec};
 use serde::Deserialize;
 
@@ -61,11 +61,11 @@ pub struct Workload {
 /// Loads a manifest and its spec text, checking one against the other.
 pub fn load(manifest: &str, spec_text: &str, catalog: &[FeatureInfo]) -> Result<Workload> {
     let m: RawManifest = toml::from_str(manifest)
-        .map_err(|e| InvalidSpec::error("manifest", e.message().to_owned()))?;
+        .map_err(|e| InvalidSpecError::error("manifest", e.message().to_owned()))?;
     let spec = spec::parse(spec_text, catalog)?;
     let want = hex::encode(spec.sha256());
     if m.spec_sha256 != want {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             format!("manifest {}: spec_sha256", m.id),
             format!(
                 "the manifest says {}, the spec hashes to {want}",
@@ -74,7 +74,7 @@ pub fn load(manifest: &str, spec_text: &str, catalog: &[FeatureInfo]) -> Result<
         ));
     }
     if m.purpose != spec.purpose() || m.output != spec.output() {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             format!("manifest {}", m.id),
             "purpose or output differ from the spec's",
         ));
@@ -82,7 +82,7 @@ pub fn load(manifest: &str, spec_text: &str, catalog: &[FeatureInfo]) -> Result<
     let mut declared = m.features.clone();
     declared.sort();
     if declared != spec.features() {
-        return Err(InvalidSpec::error(
+        return Err(InvalidSpecError::error(
             format!("manifest {}: features", m.id),
             format!(
                 "the manifest declares [{}], the spec uses [{}]",

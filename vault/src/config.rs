@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{issue_token, Authenticator, IssuedToken, Principal, Role};
-use crate::engine::validate_id;
+use crate::access::auth::{issue_token, Authenticator, IssuedToken, Principal, Role};
+use crate::crypto::keys::RootKey;
 use crate::error::{Result, VaultError};
-use crate::keys::RootKey;
+use crate::schema::validate_id;
 use crate::schema::{Schema, DEFAULT_SCHEMA};
 use sovra_ledger::{Ledger, LedgerOptions, LogKey};
 
@@ -54,12 +54,12 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Connection and call limits.
     #[serde(default)]
-    pub limits: crate::net::Limits,
+    pub limits: Limits,
     /// Sandbox admission: jobs running at once, evaluation threads, queue
     /// and per-principal limits (written only when changed, since the
     /// defaults follow the machine's cores).
     #[serde(default, skip_serializing_if = "is_default_admission")]
-    pub sandbox: crate::sandbox_service::AdmissionConfig,
+    pub sandbox: crate::grpc::sandbox::AdmissionConfig,
     /// Who may call, by token hash.
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
@@ -161,8 +161,8 @@ impl Default for PolicyConfig {
     }
 }
 
-fn is_default_admission(a: &crate::sandbox_service::AdmissionConfig) -> bool {
-    *a == crate::sandbox_service::AdmissionConfig::default()
+fn is_default_admission(a: &crate::grpc::sandbox::AdmissionConfig) -> bool {
+    *a == crate::grpc::sandbox::AdmissionConfig::default()
 }
 
 fn default_listen() -> String {
@@ -467,8 +467,8 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
             dir: Some("policies".into()),
             operator_tenant: default_tenant(),
         },
-        limits: crate::net::Limits::default(),
-        sandbox: crate::sandbox_service::AdmissionConfig::default(),
+        limits: Limits::default(),
+        sandbox: crate::grpc::sandbox::AdmissionConfig::default(),
         principals: Vec::new(),
         base_dir: dir.to_path_buf(),
         source: Some(config_path.clone()),
@@ -511,6 +511,82 @@ pub fn write_config(cfg: &Config, path: &Path) -> Result<()> {
         std::fs::rename(&tmp, path)
     };
     write().map_err(|e| VaultError::config(&shown, format!("cannot write: {e}")))
+}
+
+/// Connection and call limits (`[limits]` in config.toml). The defaults
+/// need no tuning for one server on a small machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Sockets waiting for their first bytes at once (the oldest is closed
+    /// when another arrives).
+    pub max_handshaking: usize,
+    /// How long a new socket may take to send its first bytes, in ms.
+    pub handshake_timeout_ms: u64,
+    /// HTTP/2 keepalive: ping an established connection this often, in ms.
+    pub keepalive_interval_ms: u64,
+    /// HTTP/2 keepalive: close it if a ping is not answered within, in ms.
+    pub keepalive_timeout_ms: u64,
+    /// Concurrent calls (HTTP/2 streams) on one connection.
+    pub max_streams_per_connection: u32,
+    /// Calls one principal may have being handled at once.
+    pub max_calls_per_principal: usize,
+    /// Calls without a known token being handled at once, all together.
+    pub max_calls_unauthenticated: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_handshaking: 256,
+            handshake_timeout_ms: 5_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 10_000,
+            max_streams_per_connection: 128,
+            max_calls_per_principal: 256,
+            max_calls_unauthenticated: 64,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks every limit is usable, naming the first that is not.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let bad = |name: &str, why: &str| {
+            Err(crate::error::VaultError::config(
+                format!("limits.{name}"),
+                why.to_owned(),
+            ))
+        };
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return bad("max_connections", "must be 1 to 1000000");
+        }
+        if self.max_handshaking == 0 || self.max_handshaking > self.max_connections {
+            return bad("max_handshaking", "must be 1 to max_connections");
+        }
+        if !(100..=120_000).contains(&self.handshake_timeout_ms) {
+            return bad("handshake_timeout_ms", "must be 100 to 120000");
+        }
+        if !(1_000..=3_600_000).contains(&self.keepalive_interval_ms) {
+            return bad("keepalive_interval_ms", "must be 1000 to 3600000");
+        }
+        if !(1_000..=600_000).contains(&self.keepalive_timeout_ms) {
+            return bad("keepalive_timeout_ms", "must be 1000 to 600000");
+        }
+        if self.max_streams_per_connection == 0 || self.max_streams_per_connection > 10_000 {
+            return bad("max_streams_per_connection", "must be 1 to 10000");
+        }
+        if self.max_calls_per_principal == 0 {
+            return bad("max_calls_per_principal", "must be at least 1");
+        }
+        if self.max_calls_unauthenticated == 0 {
+            return bad("max_calls_unauthenticated", "must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -17,13 +17,13 @@ use sovra_proto::ledger::v1 as lpb;
 use sovra_proto::vault::v1 as pb;
 use tonic::Code;
 
-use crate::auth::Role;
+use crate::access::auth::Role;
 use crate::client::{self, Client};
 use crate::config::{self, default_tenant, Config};
 use crate::error::{Result, VaultError};
+use crate::lineage::{openlineage, view as lineage_view};
 use crate::server;
 use crate::synthetic;
-use crate::{lineage_view, openlineage};
 use sovra_proto::lineage::v1 as linpb;
 
 /// Demo settings.

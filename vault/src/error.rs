@@ -4,37 +4,38 @@
 //! kind of failure and read its message, while the details stay free to
 //! change. Messages never contain key material or field values: at most a
 //! field name, a customer id the caller supplied, or a version number.
-//! Mapping to gRPC status codes happens at the service edge only
-//! (`service.rs`).
+//! Mapping to gRPC status codes happens at the gRPC edge only, in one
+//! `From<VaultError> for tonic::Status` (`grpc/status.rs`).
 
 use std::fmt;
 
 /// Everything that can go wrong in the vault.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VaultError {
     /// The caller sent something the vault will not accept.
     #[error(transparent)]
-    InvalidArgument(#[from] InvalidArgument),
+    InvalidArgument(#[from] InvalidArgumentError),
     /// The thing asked for does not exist (or was erased).
     #[error(transparent)]
-    NotFound(#[from] NotFound),
+    NotFound(#[from] NotFoundError),
     /// A stored ciphertext or wrapped key failed authentication: the bytes on
     /// disk were altered, or moved to a place they do not belong.
     #[error(transparent)]
     Integrity(#[from] IntegrityError),
     /// The operation is valid but the vault's state does not allow it now.
     #[error(transparent)]
-    FailedPrecondition(#[from] FailedPrecondition),
+    FailedPrecondition(#[from] FailedPreconditionError),
     /// What the caller tries to create exists already (an idempotency key
     /// used for another request).
     #[error(transparent)]
-    AlreadyExists(#[from] AlreadyExists),
+    AlreadyExists(#[from] AlreadyExistsError),
     /// No valid credentials were presented.
     #[error(transparent)]
-    Unauthenticated(#[from] Unauthenticated),
+    Unauthenticated(#[from] UnauthenticatedError),
     /// The caller is known but may not do this.
     #[error(transparent)]
-    PermissionDenied(#[from] PermissionDenied),
+    PermissionDenied(#[from] PermissionDeniedError),
     /// The storage engine failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -47,19 +48,70 @@ pub enum VaultError {
     /// The policy set is invalid or could not be evaluated.
     #[error(transparent)]
     Policy(#[from] sovra_policy::PolicyError),
+    /// A position or size lies beyond what exists (a ledger index past its
+    /// end).
+    #[error(transparent)]
+    OutOfRange(#[from] OutOfRangeError),
+    /// A bound was reached (queued jobs, a cohort's size): retry later or
+    /// ask for less.
+    #[error(transparent)]
+    ResourceExhausted(#[from] ResourceExhaustedError),
+    /// The sandbox refused a job spec or failed while evaluating it.
+    #[error(transparent)]
+    Sandbox(#[from] sovra_sandbox::SandboxError),
+    /// A task of the vault's own failed (a worker panicked or was dropped):
+    /// a bug, never the caller's doing.
+    #[error(transparent)]
+    Internal(#[from] InternalError),
 }
+
+/// A bound was reached.
+#[derive(Debug)]
+pub struct ResourceExhaustedError {
+    reason: String,
+}
+impl fmt::Display for ResourceExhaustedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+impl std::error::Error for ResourceExhaustedError {}
+
+/// A position beyond what exists.
+#[derive(Debug)]
+pub struct OutOfRangeError {
+    reason: String,
+}
+impl fmt::Display for OutOfRangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+impl std::error::Error for OutOfRangeError {}
+
+/// One of the vault's own tasks failed.
+#[derive(Debug)]
+pub struct InternalError {
+    what: String,
+}
+impl fmt::Display for InternalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failed; the server log has details", self.what)
+    }
+}
+impl std::error::Error for InternalError {}
 
 /// Result alias for the vault.
 pub type Result<T, E = VaultError> = std::result::Result<T, E>;
 
 /// An input was rejected.
 #[derive(Debug)]
-pub struct InvalidArgument {
+pub struct InvalidArgumentError {
     subject: String,
     reason: String,
 }
 
-impl InvalidArgument {
+impl InvalidArgumentError {
     pub(crate) fn new(subject: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             subject: subject.into(),
@@ -72,42 +124,44 @@ impl InvalidArgument {
     }
 }
 
-impl fmt::Display for InvalidArgument {
+impl fmt::Display for InvalidArgumentError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invalid `{}`: {}", self.subject, self.reason)
     }
 }
-impl std::error::Error for InvalidArgument {}
+impl std::error::Error for InvalidArgumentError {}
 
 /// Something asked for does not exist.
 #[derive(Debug)]
-pub struct NotFound {
-    what: String,
+pub struct NotFoundError {
+    message: String,
 }
-impl NotFound {
+impl NotFoundError {
     pub(crate) fn new(what: impl Into<String>) -> Self {
-        Self { what: what.into() }
+        Self {
+            message: format!("{} not found", what.into()),
+        }
     }
 }
-impl fmt::Display for NotFound {
+impl fmt::Display for NotFoundError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} not found", self.what)
+        f.write_str(&self.message)
     }
 }
-impl std::error::Error for NotFound {}
+impl std::error::Error for NotFoundError {}
 
 /// Something exists already.
 #[derive(Debug)]
-pub struct AlreadyExists {
+pub struct AlreadyExistsError {
     subject: String,
     reason: String,
 }
-impl fmt::Display for AlreadyExists {
+impl fmt::Display for AlreadyExistsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "`{}` {}", self.subject, self.reason)
     }
 }
-impl std::error::Error for AlreadyExists {}
+impl std::error::Error for AlreadyExistsError {}
 
 /// Authenticated decryption failed.
 #[derive(Debug)]
@@ -134,77 +188,74 @@ impl std::error::Error for IntegrityError {}
 
 /// The state of the vault does not allow the operation.
 #[derive(Debug)]
-pub struct FailedPrecondition {
+pub struct FailedPreconditionError {
     reason: String,
 }
-impl FailedPrecondition {
+impl FailedPreconditionError {
     pub(crate) fn new(reason: impl Into<String>) -> Self {
         Self {
             reason: reason.into(),
         }
     }
 }
-impl fmt::Display for FailedPrecondition {
+impl fmt::Display for FailedPreconditionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.reason)
     }
 }
-impl std::error::Error for FailedPrecondition {}
+impl std::error::Error for FailedPreconditionError {}
 
 /// No valid credentials.
 #[derive(Debug)]
-pub struct Unauthenticated {
-    reason: &'static str,
+pub struct UnauthenticatedError {
+    reason: std::borrow::Cow<'static, str>,
 }
-impl Unauthenticated {
+impl UnauthenticatedError {
     pub(crate) fn new(reason: &'static str) -> Self {
-        Self { reason }
+        Self {
+            reason: reason.into(),
+        }
     }
 }
-impl fmt::Display for Unauthenticated {
+impl fmt::Display for UnauthenticatedError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.reason)
+        f.write_str(&self.reason)
     }
 }
-impl std::error::Error for Unauthenticated {}
+impl std::error::Error for UnauthenticatedError {}
 
 /// The principal may not perform the action.
 #[derive(Debug)]
-pub struct PermissionDenied {
-    principal: String,
-    role: String,
-    action: String,
+pub struct PermissionDeniedError {
+    message: String,
 }
-impl PermissionDenied {
+impl PermissionDeniedError {
     pub(crate) fn new(
         principal: impl Into<String>,
         role: impl Into<String>,
         action: impl Into<String>,
     ) -> Self {
         Self {
-            principal: principal.into(),
-            role: role.into(),
-            action: action.into(),
+            message: format!(
+                "principal `{}` (role {}) may not {}",
+                principal.into(),
+                role.into(),
+                action.into()
+            ),
         }
     }
-}
-impl PermissionDenied {
     /// Appends an explanation (e.g. where consent was withdrawn).
     pub(crate) fn noted(mut self, note: &str) -> Self {
-        self.action.push_str(note);
+        self.message.push_str(note);
         self
     }
 }
-impl fmt::Display for PermissionDenied {
+impl fmt::Display for PermissionDeniedError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "principal `{}` (role {}) may not {}",
-            self.principal, self.role, self.action
-        )
+        f.write_str(&self.message)
     }
 }
-impl std::error::Error for PermissionDenied {}
+impl std::error::Error for PermissionDeniedError {}
 
 /// The storage engine failed.
 #[derive(Debug)]
@@ -269,26 +320,61 @@ impl std::error::Error for ConfigError {}
 // Small constructors keep call sites short.
 impl VaultError {
     pub(crate) fn invalid(subject: impl Into<String>, reason: impl Into<String>) -> Self {
-        InvalidArgument::new(subject, reason).into()
+        InvalidArgumentError::new(subject, reason).into()
     }
     pub(crate) fn not_found(what: impl Into<String>) -> Self {
-        NotFound::new(what).into()
+        NotFoundError::new(what).into()
     }
     pub(crate) fn integrity(context: impl Into<String>) -> Self {
         IntegrityError::new(context).into()
     }
     pub(crate) fn precondition(reason: impl Into<String>) -> Self {
-        FailedPrecondition::new(reason).into()
+        FailedPreconditionError::new(reason).into()
     }
     pub(crate) fn storage(context: impl Into<String>) -> Self {
         StorageError::new(context).into()
     }
     pub(crate) fn already_exists(subject: impl Into<String>, reason: impl Into<String>) -> Self {
-        AlreadyExists {
+        AlreadyExistsError {
             subject: subject.into(),
             reason: reason.into(),
         }
         .into()
+    }
+    /// NOT_FOUND with the whole message given (not "… not found").
+    pub(crate) fn not_found_because(message: impl Into<String>) -> Self {
+        NotFoundError {
+            message: message.into(),
+        }
+        .into()
+    }
+    /// PERMISSION_DENIED with the whole message given.
+    pub(crate) fn denied_because(message: impl Into<String>) -> Self {
+        PermissionDeniedError {
+            message: message.into(),
+        }
+        .into()
+    }
+    pub(crate) fn out_of_range(reason: impl Into<String>) -> Self {
+        OutOfRangeError {
+            reason: reason.into(),
+        }
+        .into()
+    }
+    pub(crate) fn exhausted(reason: impl Into<String>) -> Self {
+        ResourceExhaustedError {
+            reason: reason.into(),
+        }
+        .into()
+    }
+    pub(crate) fn unauthenticated_approval(n: usize) -> Self {
+        UnauthenticatedError {
+            reason: format!("approval {n} is not a valid token").into(),
+        }
+        .into()
+    }
+    pub(crate) fn internal(what: impl Into<String>) -> Self {
+        InternalError { what: what.into() }.into()
     }
     pub(crate) fn config(path: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::new(path, reason).into()
@@ -298,6 +384,6 @@ impl VaultError {
         role: impl Into<String>,
         action: impl Into<String>,
     ) -> Self {
-        PermissionDenied::new(principal, role, action).into()
+        PermissionDeniedError::new(principal, role, action).into()
     }
 }

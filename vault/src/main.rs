@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use sovra_proto::ledger::v1 as lpb;
 use sovra_proto::vault::v1 as pb;
-use sovra_vault::auth::Role;
+use sovra_vault::access::auth::Role;
 use sovra_vault::client::{self, Client};
 use sovra_vault::config::{self, Config};
 use sovra_vault::{demo, server, VaultError};
@@ -645,7 +645,7 @@ async fn watch_job(
         .into_inner();
     let mut last = None;
     while let Some(j) = stream.message().await? {
-        eprint!("\r{}", sovra_vault::job_view::progress_line(&j));
+        eprint!("\r{}", sovra_vault::jobs::view::progress_line(&j));
         last = Some(j);
     }
     eprintln!();
@@ -654,7 +654,7 @@ async fn watch_job(
 
 async fn run_job(cmd: JobCmd) -> CmdResult {
     use sovra_proto::sandbox::v1 as spb;
-    use sovra_vault::job_view;
+    use sovra_vault::jobs::view as job_view;
     let connect = |conn: &Conn| {
         let conn = conn.clone();
         async move {
@@ -762,7 +762,7 @@ async fn run_job(cmd: JobCmd) -> CmdResult {
 
 async fn run_lineage(cmd: LineageCmd) -> CmdResult {
     use sovra_proto::lineage::v1 as lpb;
-    use sovra_vault::lineage_view;
+    use sovra_vault::lineage::view as lineage_view;
     let connect = |conn: &Conn| {
         let conn = conn.clone();
         async move {
@@ -851,8 +851,8 @@ async fn run_lineage(cmd: LineageCmd) -> CmdResult {
                 .export_lineage(lpb::ExportLineageRequest {})
                 .await?
                 .into_inner();
-            let events = sovra_vault::openlineage::run_events(&e);
-            let text = sovra_vault::openlineage::to_json_lines(&events);
+            let events = sovra_vault::lineage::openlineage::run_events(&e);
+            let text = sovra_vault::lineage::openlineage::to_json_lines(&events);
             match out {
                 Some(path) => {
                     std::fs::write(&path, text).map_err(|e| {
@@ -952,10 +952,10 @@ async fn run_policy(cmd: PolicyCmd) -> CmdResult {
                     .await?
                     .into_inner()
                 }
-                Some(dir) => sovra_vault::policy::explain_offline(
+                Some(dir) => sovra_vault::access::policy::explain_offline(
                     &dir,
                     &config,
-                    &sovra_vault::policy::OfflineQuestion {
+                    &sovra_vault::access::policy::OfflineQuestion {
                         principal,
                         action,
                         field,

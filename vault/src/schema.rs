@@ -417,134 +417,14 @@ impl Schema {
         if purposes.is_empty() {
             return Err(bad("a schema declares at least one purpose".into()));
         }
-        let mut fields = Vec::new();
+        let mut fields: Vec<FieldDef> = Vec::new();
         let mut by_name = HashMap::new();
         for f in raw.fields {
-            if !is_identifier(&f.name, 64) {
-                return Err(bad(format!(
-                    "field name `{}` must be 1 to 64 characters of [a-z0-9_], starting with a letter",
-                    f.name
-                )));
+            let def = field_def(f, &purposes, origin)?;
+            if by_name.insert(def.name.clone(), fields.len()).is_some() {
+                return Err(bad(format!("field `{}` is declared twice", def.name)));
             }
-            let mask = Mask::parse(&f.mask).ok_or_else(|| {
-                bad(format!(
-                    "field `{}`: unknown mask `{}` (none, redact, email, firstN, lastN with N 1..16)",
-                    f.name, f.mask
-                ))
-            })?;
-            if mask == Mask::None && f.sensitivity > Sensitivity::Internal {
-                return Err(bad(format!(
-                    "field `{}`: mask `none` is only allowed for public or internal fields",
-                    f.name
-                )));
-            }
-            let (max_len, min, max) = match f.ty {
-                FieldType::String => {
-                    let max_len = f.max_len.ok_or_else(|| {
-                        bad(format!("field `{}`: string fields need max_len", f.name))
-                    })?;
-                    if max_len == 0 || max_len > MAX_STRING_LEN {
-                        return Err(bad(format!(
-                            "field `{}`: max_len must be 1..={MAX_STRING_LEN}",
-                            f.name
-                        )));
-                    }
-                    if f.min.is_some() || f.max.is_some() {
-                        return Err(bad(format!(
-                            "field `{}`: min/max apply to integers only",
-                            f.name
-                        )));
-                    }
-                    (max_len, 0, 0)
-                }
-                FieldType::Integer | FieldType::Timestamp => {
-                    if f.format != Format::Plain || f.max_len.is_some() {
-                        return Err(bad(format!(
-                            "field `{}`: format and max_len apply to strings only",
-                            f.name
-                        )));
-                    }
-                    let min = f.min.unwrap_or(if f.ty == FieldType::Timestamp {
-                        0
-                    } else {
-                        i64::MIN
-                    });
-                    let max = f.max.unwrap_or(i64::MAX);
-                    if min > max {
-                        return Err(bad(format!("field `{}`: min is above max", f.name)));
-                    }
-                    (0, min, max)
-                }
-            };
-            if !f.department.is_empty() && !is_identifier(&f.department, 64) {
-                return Err(bad(format!(
-                    "field `{}`: department `{}` must be 1 to 64 characters of [a-z0-9_], starting with a letter",
-                    f.name, f.department
-                )));
-            }
-            // INVARIANT: sensitive fields have an owning department, so the
-            // policy "revealed only to the owning department" never matches
-            // a principal that has no department ("").
-            if f.sensitivity == Sensitivity::Sensitive && f.department.is_empty() {
-                return Err(bad(format!(
-                    "field `{}`: sensitive fields need an owning `department`",
-                    f.name
-                )));
-            }
-            let field_purposes: BTreeSet<String> = match f.purposes {
-                None => purposes.clone(),
-                Some(list) => {
-                    let mut set = BTreeSet::new();
-                    for p in list {
-                        if !purposes.contains(&p) {
-                            return Err(bad(format!(
-                                "field `{}`: purpose `{p}` is not among the schema's purposes",
-                                f.name
-                            )));
-                        }
-                        set.insert(p);
-                    }
-                    set
-                }
-            };
-            if let Some(q) = &f.feature {
-                if f.ty != FieldType::Integer || min < 0 {
-                    return Err(bad(format!(
-                        "field `{}`: only integer fields with min >= 0 can be model features",
-                        f.name
-                    )));
-                }
-                if q.quantum < 1 || q.max == 0 || q.max > MAX_FEATURE_VALUE {
-                    return Err(bad(format!(
-                        "field `{}`: feature quantum must be >= 1 and max 1..={MAX_FEATURE_VALUE}",
-                        f.name
-                    )));
-                }
-            }
-            if by_name.insert(f.name.clone(), fields.len()).is_some() {
-                return Err(bad(format!("field `{}` is declared twice", f.name)));
-            }
-            fields.push(FieldDef {
-                name: f.name.clone(),
-                ty: f.ty,
-                sensitivity: f.sensitivity,
-                indexed: f.indexed,
-                mask,
-                max_len,
-                format: f.format,
-                min,
-                max,
-                description: f.description,
-                policy: sovra_policy::FieldAttrs {
-                    name: f.name.clone(),
-                    sensitivity: f.sensitivity.as_str().to_owned(),
-                    department: f.department.clone(),
-                    purposes: field_purposes.clone(),
-                },
-                department: f.department,
-                purposes: field_purposes,
-                feature: f.feature,
-            });
+            fields.push(def);
         }
         if fields.iter().filter(|f| f.feature.is_some()).count() > 64 {
             return Err(bad("a schema declares at most 64 model features".into()));
@@ -762,6 +642,147 @@ impl Schema {
     }
 }
 
+/// One field's definition, validated against the schema's purposes.
+fn field_def(f: RawField, purposes: &BTreeSet<String>, origin: &str) -> Result<FieldDef> {
+    let bad = |msg: String| VaultError::config(origin, msg);
+    if !is_identifier(&f.name, 64) {
+        return Err(bad(format!(
+            "field name `{}` must be 1 to 64 characters of [a-z0-9_], starting with a letter",
+            f.name
+        )));
+    }
+    let mask = Mask::parse(&f.mask).ok_or_else(|| {
+        bad(format!(
+            "field `{}`: unknown mask `{}` (none, redact, email, firstN, lastN with N 1..16)",
+            f.name, f.mask
+        ))
+    })?;
+    if mask == Mask::None && f.sensitivity > Sensitivity::Internal {
+        return Err(bad(format!(
+            "field `{}`: mask `none` is only allowed for public or internal fields",
+            f.name
+        )));
+    }
+    let (max_len, min, max) = field_bounds(&f, &bad)?;
+    if !f.department.is_empty() && !is_identifier(&f.department, 64) {
+        return Err(bad(format!(
+            "field `{}`: department `{}` must be 1 to 64 characters of [a-z0-9_], starting with a letter",
+            f.name, f.department
+        )));
+    }
+    // INVARIANT: sensitive fields have an owning department, so the
+    // policy "revealed only to the owning department" never matches
+    // a principal that has no department ("").
+    if f.sensitivity == Sensitivity::Sensitive && f.department.is_empty() {
+        return Err(bad(format!(
+            "field `{}`: sensitive fields need an owning `department`",
+            f.name
+        )));
+    }
+    let field_purposes = field_purposes(&f, purposes, &bad)?;
+    if let Some(q) = &f.feature {
+        if f.ty != FieldType::Integer || min < 0 {
+            return Err(bad(format!(
+                "field `{}`: only integer fields with min >= 0 can be model features",
+                f.name
+            )));
+        }
+        if q.quantum < 1 || q.max == 0 || q.max > MAX_FEATURE_VALUE {
+            return Err(bad(format!(
+                "field `{}`: feature quantum must be >= 1 and max 1..={MAX_FEATURE_VALUE}",
+                f.name
+            )));
+        }
+    }
+    Ok(FieldDef {
+        name: f.name.clone(),
+        ty: f.ty,
+        sensitivity: f.sensitivity,
+        indexed: f.indexed,
+        mask,
+        max_len,
+        format: f.format,
+        min,
+        max,
+        description: f.description,
+        policy: sovra_policy::FieldAttrs {
+            name: f.name.clone(),
+            sensitivity: f.sensitivity.as_str().to_owned(),
+            department: f.department.clone(),
+            purposes: field_purposes.clone(),
+        },
+        department: f.department,
+        purposes: field_purposes,
+        feature: f.feature,
+    })
+}
+
+/// A field's length or numeric bounds: `(max_len, min, max)`.
+fn field_bounds(f: &RawField, bad: &impl Fn(String) -> VaultError) -> Result<(u32, i64, i64)> {
+    Ok(match f.ty {
+        FieldType::String => {
+            let max_len = f.max_len.ok_or_else(|| {
+                bad(format!("field `{}`: string fields need max_len", f.name))
+            })?;
+            if max_len == 0 || max_len > MAX_STRING_LEN {
+                return Err(bad(format!(
+                    "field `{}`: max_len must be 1..={MAX_STRING_LEN}",
+                    f.name
+                )));
+            }
+            if f.min.is_some() || f.max.is_some() {
+                return Err(bad(format!(
+                    "field `{}`: min/max apply to integers only",
+                    f.name
+                )));
+            }
+            (max_len, 0, 0)
+        }
+        FieldType::Integer | FieldType::Timestamp => {
+            if f.format != Format::Plain || f.max_len.is_some() {
+                return Err(bad(format!(
+                    "field `{}`: format and max_len apply to strings only",
+                    f.name
+                )));
+            }
+            let min = f.min.unwrap_or(if f.ty == FieldType::Timestamp {
+                0
+            } else {
+                i64::MIN
+            });
+            let max = f.max.unwrap_or(i64::MAX);
+            if min > max {
+                return Err(bad(format!("field `{}`: min is above max", f.name)));
+            }
+            (0, min, max)
+        }
+    })
+}
+
+/// The purposes a field allows: the schema's, or a subset of them.
+fn field_purposes(
+    f: &RawField,
+    purposes: &BTreeSet<String>,
+    bad: &impl Fn(String) -> VaultError,
+) -> Result<BTreeSet<String>> {
+    Ok(match &f.purposes {
+        None => purposes.clone(),
+        Some(list) => {
+            let mut set = BTreeSet::new();
+            for p in list {
+                if !purposes.contains(p) {
+                    return Err(bad(format!(
+                        "field `{}`: purpose `{p}` is not among the schema's purposes",
+                        f.name
+                    )));
+                }
+                set.insert(p.clone());
+            }
+            set
+        }
+    })
+}
+
 /// A value as received, before validation.
 #[derive(Zeroize, ZeroizeOnDrop)]
 pub enum RawValue {
@@ -780,6 +801,74 @@ impl FieldDef {
     pub fn format_name(&self) -> &'static str {
         self.format.as_str()
     }
+}
+
+/// Longest customer id accepted.
+pub const MAX_CUSTOMER_ID_LEN: usize = 128;
+
+/// Checks an id (tenant, customer, channel…): 1..=`max` bytes of
+/// `[A-Za-z0-9._:-]`.
+pub fn validate_id(subject: &str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() {
+        return Err(VaultError::invalid(subject, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(VaultError::invalid(
+            subject,
+            format!("is {} bytes long; the limit is {max}", value.len()),
+        ));
+    }
+    // Bidirectional controls would make one name display as another (an
+    // `admin` that reads `nimda`): named, so the caller knows what to fix.
+    if let Some(c) = value
+        .chars()
+        .find(|&c| sovra_ledger::entry::is_bidi_control(c))
+    {
+        return Err(VaultError::invalid(
+            subject,
+            format!(
+                "contains U+{:04X}, a bidirectional control character that makes names display as other names; \
+                 identifiers may only contain letters, digits and . _ : -",
+                u32::from(c)
+            ),
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        return Err(VaultError::invalid(
+            subject,
+            "may only contain letters, digits and . _ : -",
+        ));
+    }
+    Ok(())
+}
+
+/// Where a value was collected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    /// Collection channel.
+    pub channel: String,
+    /// Collector.
+    pub collector: String,
+    /// Consent reference (may be empty).
+    pub consent_ref: String,
+}
+
+/// A decrypted field with its metadata.
+#[derive(Debug)]
+pub struct Revealed<'s> {
+    /// The field.
+    pub def: &'s FieldDef,
+    /// The plaintext value (zeroized on drop).
+    pub value: FieldValue,
+    /// The value version.
+    pub version: u64,
+    /// Where it was collected.
+    pub source: Source,
+    /// When it was written.
+    pub collected_at_ms: i64,
 }
 
 #[cfg(test)]

@@ -17,20 +17,21 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::access::policy::PolicyHolder;
+use crate::app::App;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::{Result, VaultError};
-use crate::ledger_service::LedgerService;
-use crate::policy::PolicyGate;
-use crate::policy_service::PolicyService;
-use crate::service::Shared;
-use crate::service::VaultService;
+use crate::grpc::admit::AdmitLayer;
+use crate::grpc::ledger::LedgerService;
+use crate::grpc::policy::PolicyService;
+use crate::grpc::vault::VaultService;
 use sovra_proto::lineage::v1::lineage_server::LineageServer;
 use sovra_proto::policy::v1::policy_server::PolicyServer;
 use sovra_proto::sandbox::v1::sandbox_server::SandboxServer;
 
-use crate::lineage_service::LineageService;
-use crate::sandbox_service::SandboxService;
+use crate::grpc::lineage::LineageService;
+use crate::grpc::sandbox::SandboxService;
 
 fn sweep_idempotency(engine: &Engine) {
     match engine.sweep_idempotency() {
@@ -105,88 +106,10 @@ pub async fn start(
     // private; what it trusts must not be writable by anyone else.
     crate::files::private_umask();
     cfg.refuse_shared_writes()?;
-    let schema = cfg.load_schema()?;
-    let root = cfg.load_root_key()?;
-    let auth = Arc::new(cfg.authenticator()?);
-    let data_dir = cfg.resolve(&cfg.data_dir);
-    // The ledger first: a vault database with no trace of its
-    // initialisation beside a ledger that has recorded its use was lost,
-    // truncated or replaced, and is refused before anything is written to
-    // it, never taken as an empty vault.
-    let ledger = Arc::new(cfg.open_ledger()?);
-    let engine = Arc::new(Engine::open_with(&data_dir, root, schema, || {
-        match ledger.size() {
-            0 => Ok(()),
-            n => Err(VaultError::config(
-                data_dir.display().to_string(),
-                format!(
-                    "the vault database holds no root key check value and no data keys, but the ledger has {n} entries: \
-                     the database was lost, truncated or replaced; restore it from a backup"
-                ),
-            )),
-        }
-    })?);
-    crate::files::make_private_dir(&data_dir)?;
-    // Every tenant a principal belongs to has its TFHE keys before the
-    // first call (a new tenant's are created here, at its first start).
-    if !engine.schema().feature_catalog().is_empty() {
-        let tenants: std::collections::BTreeSet<&str> =
-            cfg.principals.iter().map(|p| p.tenant.as_str()).collect();
-        for t in tenants {
-            match engine.ensure_fhe_keys(t) {
-                Ok(()) => {}
-                // A damaged key fails every feature write and job of that
-                // tenant with DATA_LOSS; the rest of the vault still serves.
-                Err(e @ VaultError::Integrity(_)) => {
-                    tracing::error!(tenant = t, error = %e, "the tenant's TFHE key cannot be read");
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        engine.store().flush()?;
-    }
-
-    // An invalid policy set refuses to start, naming file, line and problem.
-    let policies = cfg.policies()?;
-    let gate = Arc::new(
-        PolicyGate::start(
-            policies,
-            cfg.policy_dir(),
-            ledger.clone(),
-            &engine.store().meta,
-        )
-        .await?,
-    );
-    engine.resume_rotations();
-    // Idempotency records answer retries for a day, then go: at start and
-    // hourly (a weak reference, so the task does not keep the engine).
-    sweep_idempotency(&engine);
-    {
-        let engine = Arc::downgrade(&engine);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(3600));
-            every.tick().await;
-            loop {
-                every.tick().await;
-                let Some(engine) = engine.upgrade() else {
-                    return;
-                };
-                let _ = tokio::task::spawn_blocking(move || sweep_idempotency(&engine)).await;
-            }
-        });
-    }
-
-    let listener = match listener {
-        Some(l) => l,
-        None => {
-            let addr = cfg.listen_addr().map_err(|_| {
-                VaultError::config("listen", format!("`{}` is not an address", cfg.listen))
-            })?;
-            TcpListener::bind(addr).await.map_err(|e| {
-                VaultError::config("listen", format!("cannot listen on {addr}: {e}"))
-            })?
-        }
-    };
+    cfg.limits.validate()?;
+    check_admission(cfg)?;
+    let app = open(cfg).await?;
+    let listener = bind(cfg, listener).await?;
     let addr = listener
         .local_addr()
         .map_err(|e| VaultError::config("listen", format!("no local address: {e}")))?;
@@ -197,58 +120,183 @@ pub async fn start(
     health.set_serving::<PolicyServer<PolicyService>>().await;
     health.set_serving::<LineageServer<LineageService>>().await;
     health.set_serving::<SandboxServer<SandboxService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl and most tools speak v1,
+    // grpcio's reflection client only v1alpha. Both list the health service.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sovra_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .map_err(|e| VaultError::config("reflection", e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| VaultError::config("reflection", e.to_string()))?;
 
-    let shared = Shared {
-        engine: engine.clone(),
+    let max_in = cfg.max_request_bytes;
+    let router = transport(cfg)?
+        // Limits first (outermost), then authentication: a call over its
+        // principal's allowance costs no token check.
+        .layer(call_limits(cfg))
+        .layer(AdmitLayer(app.auth.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            VaultServer::new(VaultService::new(app.clone()))
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        )
+        .add_service(
+            LedgerServer::new(LedgerService::new(app.clone()))
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(256 * 1024 * 1024),
+        )
+        .add_service(
+            PolicyServer::new(PolicyService::new(app.clone())).max_decoding_message_size(max_in),
+        )
+        .add_service(
+            LineageServer::new(LineageService::new(app.clone()))
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        )
+        .add_service(
+            SandboxServer::new(SandboxService::with_admission(app.clone(), cfg.sandbox))
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        );
+
+    let (tx, rx) = oneshot::channel::<()>();
+    let join = tokio::spawn(router.serve_with_incoming_shutdown(
+        // Connection limit, handshake timeout, no Nagle (see net.rs).
+        crate::grpc::net::incoming(listener, &cfg.limits, cfg.tls.is_some()),
+        async move {
+            tokio::select! {
+                _ = rx => {},
+                () = stop => {},
+            }
+        },
+    ));
+    tracing::info!(%addr, tls = cfg.tls.is_some(), data_dir = %cfg.resolve(&cfg.data_dir).display(), "sovra vault serving");
+    Ok(ServerHandle {
+        addr,
+        engine: app.engine,
+        ledger: app.ledger,
+        shutdown: Some(tx),
+        join,
+    })
+}
+
+/// Opens everything the use cases share, in order: the ledger, then the
+/// engine (refused if its database was lost beside a used ledger), every
+/// tenant's TFHE keys, the policy set in force; then resumes unfinished key
+/// rotations and starts the background sweeps and the SIGHUP watcher.
+async fn open(cfg: &Config) -> Result<App> {
+    let schema = cfg.load_schema()?;
+    let root = cfg.load_root_key()?;
+    let auth = Arc::new(cfg.authenticator()?);
+    // The ledger first: a vault database with no trace of its
+    // initialisation beside a ledger that has recorded its use was lost,
+    // truncated or replaced, and is refused before anything is written to
+    // it, never taken as an empty vault.
+    let ledger = Arc::new(cfg.open_ledger()?);
+    let data_dir = cfg.resolve(&cfg.data_dir);
+    let engine = Arc::new(Engine::open_with(
+        &data_dir,
+        root,
+        schema,
+        || match ledger.size() {
+            0 => Ok(()),
+            n => Err(VaultError::config(
+                data_dir.display().to_string(),
+                format!(
+                    "the vault database holds no root key check value and no data keys, but the ledger has {n} entries: \
+                     the database was lost, truncated or replaced; restore it from a backup"
+                ),
+            )),
+        },
+    )?);
+    crate::files::make_private_dir(&data_dir)?;
+    ensure_tenant_keys(cfg, &engine)?;
+    // An invalid policy set refuses to start, naming file, line and problem.
+    let policies = Arc::new(
+        PolicyHolder::start(
+            cfg.policies()?,
+            cfg.policy_dir(),
+            ledger.clone(),
+            &engine.store().meta,
+        )
+        .await?,
+    );
+    engine.resume_rotations();
+    spawn_sweeper(&engine);
+    watch_sighup(&policies, &engine)?;
+    Ok(App {
+        engine,
         auth,
-        ledger: ledger.clone(),
-        gate: gate.clone(),
+        ledger,
+        policies,
         operator_tenant: Arc::from(cfg.policy.operator_tenant.as_str()),
-    };
-    let vault = VaultServer::new(VaultService::new(shared.clone()))
-        .max_decoding_message_size(cfg.max_request_bytes)
-        .max_encoding_message_size(64 * 1024 * 1024);
-    let ledger_svc = LedgerServer::new(LedgerService::new(shared.clone()))
-        .max_decoding_message_size(cfg.max_request_bytes)
-        .max_encoding_message_size(256 * 1024 * 1024);
-    let lineage_svc = LineageServer::new(LineageService::new(shared.clone()))
-        .max_decoding_message_size(cfg.max_request_bytes)
-        .max_encoding_message_size(64 * 1024 * 1024);
-    let a = cfg.sandbox;
-    if a.max_running == 0
-        || a.eval_threads == 0
-        || a.max_queued == 0
-        || a.max_jobs_per_principal == 0
-    {
-        return Err(VaultError::config(
-            "sandbox",
-            "max_running, eval_threads, max_queued and max_jobs_per_principal must each be at least 1",
-        ));
+    })
+}
+
+/// Every tenant a principal belongs to has its TFHE keys before the first
+/// call (a new tenant's are created here, at its first start).
+fn ensure_tenant_keys(cfg: &Config, engine: &Engine) -> Result<()> {
+    if engine.schema().feature_catalog().is_empty() {
+        return Ok(());
     }
-    let sandbox_svc = SandboxServer::new(SandboxService::with_admission(shared.clone(), a))
-        .max_decoding_message_size(cfg.max_request_bytes)
-        .max_encoding_message_size(64 * 1024 * 1024);
-    let policy_svc = PolicyServer::new(PolicyService::new(shared))
-        .max_decoding_message_size(cfg.max_request_bytes);
-    // SIGHUP reloads the policy directory, as ReloadPolicies does.
+    let tenants: std::collections::BTreeSet<&str> =
+        cfg.principals.iter().map(|p| p.tenant.as_str()).collect();
+    for t in tenants {
+        match engine.ensure_fhe_keys(t) {
+            Ok(()) => {}
+            // A damaged key fails every feature write and job of that
+            // tenant with DATA_LOSS; the rest of the vault still serves.
+            Err(e @ VaultError::Integrity(_)) => {
+                tracing::error!(tenant = t, error = %e, "the tenant's TFHE key cannot be read");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    engine.store().flush()
+}
+
+/// Idempotency records answer retries for a day, then go: at start and
+/// hourly (a weak reference, so the task does not keep the engine).
+fn spawn_sweeper(engine: &Arc<Engine>) {
+    sweep_idempotency(engine);
+    let engine = Arc::downgrade(engine);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            let _ = tokio::task::spawn_blocking(move || sweep_idempotency(&engine)).await;
+        }
+    });
+}
+
+/// SIGHUP reloads the policy directory, as ReloadPolicies does.
+fn watch_sighup(policies: &Arc<PolicyHolder>, engine: &Arc<Engine>) -> Result<()> {
     #[cfg(unix)]
     {
         // Weak references: the watcher must not keep the database and the
         // ledger open after the server stops.
-        let gate = Arc::downgrade(&gate);
-        let engine = Arc::downgrade(&engine);
+        let policies = Arc::downgrade(policies);
+        let engine = Arc::downgrade(engine);
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| VaultError::config("signals", format!("cannot watch SIGHUP: {e}")))?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                let (Some(gate), Some(engine)) = (gate.upgrade(), engine.upgrade()) else {
+                let (Some(policies), Some(engine)) = (policies.upgrade(), engine.upgrade()) else {
                     return;
                 };
-                match gate.reload("sighup", &engine.store().meta).await {
+                match policies.reload("sighup", &engine.store().meta).await {
                     Ok(r) => {
                         tracing::info!(changed = r.changed, policy_sha256 = %r.active.policies.sha256_hex(), "SIGHUP: policies reloaded")
                     }
@@ -259,17 +307,55 @@ pub async fn start(
             }
         });
     }
+    #[cfg(not(unix))]
+    let _ = (policies, engine);
+    Ok(())
+}
 
-    let limits = &cfg.limits;
-    limits.validate()?;
+/// The listener: the one given, or `cfg.listen` bound.
+async fn bind(cfg: &Config, listener: Option<TcpListener>) -> Result<TcpListener> {
+    if let Some(l) = listener {
+        return Ok(l);
+    }
+    let addr = cfg
+        .listen_addr()
+        .map_err(|_| VaultError::config("listen", format!("`{}` is not an address", cfg.listen)))?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| VaultError::config("listen", format!("cannot listen on {addr}: {e}")))
+}
+
+/// A sandbox that could admit no job is a configuration mistake.
+fn check_admission(cfg: &Config) -> Result<()> {
+    let a = cfg.sandbox;
+    if a.max_running == 0 || a.eval_threads == 0 || a.max_queued == 0 || a.max_jobs_per_principal == 0
+    {
+        return Err(VaultError::config(
+            "sandbox",
+            "max_running, eval_threads, max_queued and max_jobs_per_principal must each be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+/// Each principal's allowance of calls in progress.
+fn call_limits(cfg: &Config) -> crate::grpc::net::CallLimitLayer {
     let tokens = cfg.principals.iter().filter_map(|p| {
         let mut h = [0u8; 32];
         hex::decode_to_slice(&p.token_sha256, &mut h)
             .ok()
             .map(|()| h)
     });
-    let calls = crate::net::CallLimitLayer(Arc::new(crate::net::CallLimits::new(tokens, limits)));
-    let mut builder = Server::builder()
+    AdmitLayer(Arc::new(crate::grpc::net::CallLimits::new(
+        tokens,
+        &cfg.limits,
+    )))
+}
+
+/// HTTP/2 settings and TLS.
+fn transport(cfg: &Config) -> Result<Server> {
+    let limits = &cfg.limits;
+    let builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_millis(limits.keepalive_interval_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
         .max_concurrent_streams(Some(limits.max_streams_per_connection))
@@ -280,54 +366,17 @@ pub async fn start(
         // stalled stream is held back by flow control, not cut off.
         .initial_stream_window_size(Some(256 * 1024))
         .initial_connection_window_size(Some(4 * 1024 * 1024));
-    if let Some(tls) = &cfg.tls {
-        let cert_path = cfg.resolve(&tls.cert_file);
-        let key_path = cfg.resolve(&tls.key_file);
-        let cert = std::fs::read(&cert_path).map_err(|e| {
-            VaultError::config(
-                cert_path.display().to_string(),
-                format!("cannot read TLS certificate: {e}"),
-            )
-        })?;
-        let key = std::fs::read(&key_path).map_err(|e| {
-            VaultError::config(
-                key_path.display().to_string(),
-                format!("cannot read TLS key: {e}"),
-            )
-        })?;
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-            .map_err(|e| {
-                VaultError::config("tls", format!("invalid TLS certificate or key: {e}"))
-            })?;
-    }
-    let router = builder
-        .layer(calls)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(vault)
-        .add_service(ledger_svc)
-        .add_service(policy_svc)
-        .add_service(lineage_svc)
-        .add_service(sandbox_svc);
-
-    let (tx, rx) = oneshot::channel::<()>();
-    let join = tokio::spawn(router.serve_with_incoming_shutdown(
-        // Connection limit, handshake timeout, no Nagle (see net.rs).
-        crate::net::incoming(listener, limits, cfg.tls.is_some()),
-        async move {
-            tokio::select! {
-                _ = rx => {},
-                () = stop => {},
-            }
-        },
-    ));
-    tracing::info!(%addr, tls = cfg.tls.is_some(), data_dir = %data_dir.display(), "sovra vault serving");
-    Ok(ServerHandle {
-        addr,
-        engine,
-        ledger,
-        shutdown: Some(tx),
-        join,
-    })
+    let Some(tls) = &cfg.tls else {
+        return Ok(builder);
+    };
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).map_err(|e| {
+            VaultError::config(p.display().to_string(), format!("cannot read TLS {what}: {e}"))
+        })
+    };
+    let cert = read(&cfg.resolve(&tls.cert_file), "certificate")?;
+    let key = read(&cfg.resolve(&tls.key_file), "key")?;
+    builder
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+        .map_err(|e| VaultError::config("tls", format!("invalid TLS certificate or key: {e}")))
 }

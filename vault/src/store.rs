@@ -2,7 +2,7 @@
 //!
 //! One sled database per data directory, one tree per concern:
 //! - `records`: `tenant 0 customer 0 field` → [`StoredField`] (sealed value)
-//! - `data_keys`: `tenant 0 customer` → [`WrappedKey`](crate::keys::WrappedKey)
+//! - `data_keys`: `tenant 0 customer` → [`WrappedKey`](crate::crypto::keys::WrappedKey)
 //! - `blind_index`: `tenant 0 field 0 token customer` → empty
 //! - `meta`: `keystate 0 tenant` → tenant key state
 //! - `lineage`: field lineage (see `lineage.rs` for its key spaces)
@@ -26,8 +26,8 @@ use std::thread;
 
 use tokio::sync::oneshot;
 
+use crate::crypto::shred::ShredSlots;
 use crate::error::{Result, VaultError};
-use crate::shred::ShredSlots;
 
 // INVARIANT: tenants, customer ids and field names are validated to contain
 // no 0 byte (see `validate_id` and the schema's identifier rule), so the 0
@@ -121,10 +121,10 @@ impl StoredField {
     pub(crate) fn provenance(
         &self,
         what: impl FnOnce() -> String,
-    ) -> Result<Option<crate::envelope::Provenance<'_>>> {
+    ) -> Result<Option<crate::crypto::envelope::Provenance<'_>>> {
         match self.format {
             0 => Ok(None),
-            RECORD_FORMAT => Ok(Some(crate::envelope::Provenance {
+            RECORD_FORMAT => Ok(Some(crate::crypto::envelope::Provenance {
                 channel: &self.channel,
                 collector: &self.collector,
                 consent_ref: &self.consent_ref,

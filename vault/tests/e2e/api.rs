@@ -374,3 +374,53 @@ async fn batch_put_reports_each_item() {
         .is_ok());
     srv.stop().await;
 }
+
+/// Service names listed by one reflection version's `ListServices`.
+macro_rules! reflected_services {
+    ($ch:expr, $v:ident) => {{
+        use tonic_reflection::pb::$v::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let mut c = ServerReflectionClient::new($ch);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = c
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let r = answers.message().await.unwrap().unwrap();
+        match r.message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
+            other => panic!("unexpected reflection answer {other:?}"),
+        }
+    }};
+}
+
+#[tokio::test]
+async fn reflection_is_served_in_v1_and_v1alpha_and_lists_health() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let ch = sovra_vault::client::channel(&srv.url, None).await.unwrap();
+    let v1 = reflected_services!(ch.clone(), v1);
+    let v1alpha = reflected_services!(ch, v1alpha);
+    for names in [&v1, &v1alpha] {
+        for s in [
+            "sovra.vault.v1.Vault",
+            "sovra.ledger.v1.Ledger",
+            "sovra.policy.v1.Policy",
+            "sovra.lineage.v1.Lineage",
+            "sovra.sandbox.v1.Sandbox",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+        }
+    }
+    srv.stop().await;
+}

@@ -11,7 +11,7 @@ use sovra_proto::lineage::v1 as linpb;
 use sovra_proto::policy::v1 as ppb;
 use sovra_proto::sandbox::v1 as spb;
 use sovra_proto::vault::v1 as pb;
-use sovra_vault::auth::Role;
+use sovra_vault::access::auth::Role;
 use sovra_vault::client;
 use tonic::Code;
 

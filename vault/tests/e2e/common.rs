@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use sovra_proto::vault::v1 as pb;
-use sovra_vault::auth::Role;
+use sovra_vault::access::auth::Role;
 use sovra_vault::client::{self, Client};
 use sovra_vault::config::{self, Config};
 use sovra_vault::server::{self, ServerHandle};

@@ -6,7 +6,7 @@
 use prost::Message;
 use sovra_proto::vault::v1 as pb;
 use sovra_vault::config::Config;
-use sovra_vault::keys::{KeyRing, WrappedKey};
+use sovra_vault::crypto::keys::{KeyRing, WrappedKey};
 use sovra_vault::synthetic;
 use tonic::Code;
 
@@ -49,7 +49,7 @@ async fn erased_customer_leaves_no_plaintext_no_data_key_and_no_pad_on_disk() {
     let pad_arr: [u8; 32] = pad.clone().try_into().unwrap();
     let dek = {
         let ring = KeyRing::new(root);
-        let p = sovra_vault::shred::Pad::from_bytes_for_tests(pad_arr);
+        let p = sovra_vault::crypto::shred::Pad::from_bytes_for_tests(pad_arr);
         ring.unwrap("default", &victim.id, &wrapped, &p)
             .unwrap()
             .expose_for_tests()

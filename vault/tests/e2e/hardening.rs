@@ -13,7 +13,7 @@ use prost::Message;
 use sovra_proto::ledger::v1 as lpb;
 use sovra_proto::policy::v1 as ppb;
 use sovra_proto::vault::v1 as pb;
-use sovra_vault::auth::Role;
+use sovra_vault::access::auth::Role;
 use sovra_vault::client;
 use sovra_vault::store::StoredField;
 use tonic::Code;

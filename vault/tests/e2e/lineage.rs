@@ -834,7 +834,7 @@ async fn sandbox_jobs_recorded_through_the_recorder_are_derived_values() {
         .iter()
         .any(|x| x.output == "budget_sum" && x.input == "budget"));
     let s = schemas();
-    for ev in sovra_vault::openlineage::run_events(&e) {
+    for ev in sovra_vault::lineage::openlineage::run_events(&e) {
         check_event(&s, &ev);
     }
     srv.stop().await;

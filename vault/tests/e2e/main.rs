@@ -17,6 +17,7 @@ mod integrity;
 mod ledger;
 mod lineage;
 mod policy;
+mod refused_reads;
 mod rotation;
 mod sandbox;
 mod tls;

@@ -468,7 +468,7 @@ async fn hostile_policy_inputs_get_clear_errors_and_never_allow() {
     let dpo2 = cfg
         .add_principal_with(
             "dpo2",
-            sovra_vault::auth::Role::Officer,
+            sovra_vault::access::auth::Role::Officer,
             "default",
             "compliance",
             &[],

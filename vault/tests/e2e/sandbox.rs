@@ -453,7 +453,7 @@ async fn erasure_removes_a_customers_encrypted_features() {
     let other = cfg
         .add_principal_with(
             "partner2",
-            sovra_vault::auth::Role::Partner,
+            sovra_vault::access::auth::Role::Partner,
             "default",
             "partners",
             &["lead_scoring"],
@@ -766,7 +766,7 @@ async fn job_state(c: &mut SandboxClient, id: &str) -> spb::Job {
 /// queued job takes it out of the queue at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_jobs_report_their_place_and_admission_is_bounded() {
-    let cfg = sovra_vault::sandbox_service::AdmissionConfig::default();
+    let cfg = sovra_vault::grpc::sandbox::AdmissionConfig::default();
     let (running, per) = (cfg.max_running, cfg.max_jobs_per_principal);
     let env = Env::new();
     let srv = env.start().await;

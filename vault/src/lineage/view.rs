@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use sovra_proto::lineage::v1 as pb;
 
+use crate::lineage::openlineage::rfc3339_ms as time;
 use crate::lineage::{subtype_name, type_name};
-use crate::openlineage::rfc3339_ms as time;
 
 fn short(hash: &str) -> String {
     match hash.get(..16) {

@@ -23,8 +23,8 @@
 //! Does not: hand the key to anything outside the vault; the sandbox crate
 //! never sees this type.
 
+use crate::crypto::keys::{encode_aad, KeyRing};
 use crate::error::{Result, VaultError};
-use crate::keys::{encode_aad, KeyRing};
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use sovra_sandbox::params::{self, SLOTS};
@@ -303,7 +303,7 @@ impl FheKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::RootKey;
+    use crate::crypto::keys::RootKey;
 
     #[test]
     fn wrap_round_trip_and_binding() {

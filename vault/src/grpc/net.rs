@@ -32,88 +32,15 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// Connection and call limits (`[limits]` in config.toml). The defaults
-/// need no tuning for one server on a small machine.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Connections served at once.
-    pub max_connections: usize,
-    /// Sockets waiting for their first bytes at once (the oldest is closed
-    /// when another arrives).
-    pub max_handshaking: usize,
-    /// How long a new socket may take to send its first bytes, in ms.
-    pub handshake_timeout_ms: u64,
-    /// HTTP/2 keepalive: ping an established connection this often, in ms.
-    pub keepalive_interval_ms: u64,
-    /// HTTP/2 keepalive: close it if a ping is not answered within, in ms.
-    pub keepalive_timeout_ms: u64,
-    /// Concurrent calls (HTTP/2 streams) on one connection.
-    pub max_streams_per_connection: u32,
-    /// Calls one principal may have being handled at once.
-    pub max_calls_per_principal: usize,
-    /// Calls without a known token being handled at once, all together.
-    pub max_calls_unauthenticated: usize,
-}
+use crate::grpc::admit::{Admit, AdmitLayer};
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 1024,
-            max_handshaking: 256,
-            handshake_timeout_ms: 5_000,
-            keepalive_interval_ms: 30_000,
-            keepalive_timeout_ms: 10_000,
-            max_streams_per_connection: 128,
-            max_calls_per_principal: 256,
-            max_calls_unauthenticated: 64,
-        }
-    }
-}
-
-impl Limits {
-    /// Checks every limit is usable, naming the first that is not.
-    pub fn validate(&self) -> crate::error::Result<()> {
-        let bad = |name: &str, why: &str| {
-            Err(crate::error::VaultError::config(
-                format!("limits.{name}"),
-                why.to_owned(),
-            ))
-        };
-        if self.max_connections == 0 || self.max_connections > 1_000_000 {
-            return bad("max_connections", "must be 1 to 1000000");
-        }
-        if self.max_handshaking == 0 || self.max_handshaking > self.max_connections {
-            return bad("max_handshaking", "must be 1 to max_connections");
-        }
-        if !(100..=120_000).contains(&self.handshake_timeout_ms) {
-            return bad("handshake_timeout_ms", "must be 100 to 120000");
-        }
-        if !(1_000..=3_600_000).contains(&self.keepalive_interval_ms) {
-            return bad("keepalive_interval_ms", "must be 1000 to 3600000");
-        }
-        if !(1_000..=600_000).contains(&self.keepalive_timeout_ms) {
-            return bad("keepalive_timeout_ms", "must be 1000 to 600000");
-        }
-        if self.max_streams_per_connection == 0 || self.max_streams_per_connection > 10_000 {
-            return bad("max_streams_per_connection", "must be 1 to 10000");
-        }
-        if self.max_calls_per_principal == 0 {
-            return bad("max_calls_per_principal", "must be at least 1");
-        }
-        if self.max_calls_unauthenticated == 0 {
-            return bad("max_calls_unauthenticated", "must be at least 1");
-        }
-        Ok(())
-    }
-}
+pub use crate::config::Limits;
 
 /// An accepted connection; it holds its place among `max_connections`
 /// until it is dropped.
@@ -314,71 +241,23 @@ impl CallLimits {
 }
 
 /// The tower layer that applies [`CallLimits`].
-#[derive(Debug, Clone)]
-pub struct CallLimitLayer(pub Arc<CallLimits>);
+pub type CallLimitLayer = AdmitLayer<Arc<CallLimits>>;
 
-impl<S> tower::Layer<S> for CallLimitLayer {
-    type Service = CallLimit<S>;
-    fn layer(&self, inner: S) -> CallLimit<S> {
-        CallLimit {
-            inner,
-            limits: self.0.clone(),
-        }
-    }
-}
+impl Admit for Arc<CallLimits> {
+    type Guard = OwnedSemaphorePermit;
 
-/// A service whose calls hold their principal's allowance while handled.
-#[derive(Debug, Clone)]
-pub struct CallLimit<S> {
-    inner: S,
-    limits: Arc<CallLimits>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for CallLimit<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (allowance, known) = self.limits.allowance(req.headers());
-        match allowance.clone().try_acquire_owned() {
-            Ok(permit) => {
-                // The clone that was made ready is the one that is called.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(async move {
-                    let r = inner.call(req).await;
-                    drop(permit);
-                    r
-                })
-            }
-            Err(_) => {
-                let msg = if known {
-                    format!(
-                        "this principal already has {} calls in progress ([limits] max_calls_per_principal); retry with backoff",
-                        self.limits.per_principal
-                    )
-                } else {
-                    "too many calls without a valid token are in progress; retry with backoff"
-                        .to_owned()
-                };
-                let resp = tonic::Status::resource_exhausted(msg).into_http();
-                Box::pin(async move { Ok(resp) })
-            }
-        }
+    fn admit<B>(&self, req: &mut http::Request<B>) -> Result<OwnedSemaphorePermit, tonic::Status> {
+        let (allowance, known) = self.allowance(req.headers());
+        allowance.clone().try_acquire_owned().map_err(|_| {
+            tonic::Status::resource_exhausted(if known {
+                format!(
+                    "this principal already has {} calls in progress ([limits] max_calls_per_principal); retry with backoff",
+                    self.per_principal
+                )
+            } else {
+                "too many calls without a valid token are in progress; retry with backoff"
+                    .to_owned()
+            })
+        })
     }
 }

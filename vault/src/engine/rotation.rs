@@ -20,9 +20,9 @@ use std::sync::{Arc, RwLock};
 
 use prost::Message;
 
+use crate::crypto::keys::{Kek, KeyPlace, WrappedKey};
 use crate::engine::{now_ms, Engine};
 use crate::error::{Result, VaultError};
-use crate::keys::{Kek, KeyPlace, WrappedKey};
 use crate::store::{self, Store};
 
 /// Data keys re-wrapped per batch (one cursor write and flush per batch).

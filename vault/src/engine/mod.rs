@@ -15,6 +15,9 @@
 //! Does not guarantee: authorisation. The engine trusts its caller; the
 //! service layer checks roles before calling it.
 
+pub(crate) mod features;
+pub mod rotation;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,34 +25,21 @@ use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::envelope::{self, FieldContext};
+use crate::crypto::envelope::{self, FieldContext};
+use crate::crypto::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
+use crate::crypto::shred::Pad;
+use crate::engine::rotation::KeyStates;
 use crate::error::{Result, VaultError};
-use crate::features;
-use crate::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
 use crate::lineage::{self, Agent, Anchor};
-use crate::rotation::KeyStates;
 use crate::schema::{FieldDef, FieldValue, Schema};
-use crate::shred::Pad;
 use crate::store::{self, Store, StoredField};
 use sovra_ledger::{Digest, Pseudonym};
 use sovra_proto::lineage::v1 as lpb;
 
-/// Longest customer id accepted.
-pub const MAX_CUSTOMER_ID_LEN: usize = 128;
+pub use crate::schema::{validate_id, Revealed, Source, MAX_CUSTOMER_ID_LEN};
 /// Most ids a search returns.
 pub const MAX_SEARCH_LIMIT: u32 = 1000;
 const STRIPES: usize = 256;
-
-/// Where a value was collected.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Source {
-    /// Collection channel.
-    pub channel: String,
-    /// Collector.
-    pub collector: String,
-    /// Consent reference (may be empty).
-    pub consent_ref: String,
-}
 
 /// The lineage of a write: who wrote, which inputs the vault normalised, and
 /// how to anchor the activity in the ledger.
@@ -98,21 +88,6 @@ struct IdempotencySlot {
     request_mac: [u8; 32],
 }
 
-/// A decrypted field with its metadata.
-#[derive(Debug)]
-pub struct Revealed<'s> {
-    /// The field.
-    pub def: &'s FieldDef,
-    /// The plaintext value (zeroized on drop).
-    pub value: FieldValue,
-    /// The value version.
-    pub version: u64,
-    /// Where it was collected.
-    pub source: Source,
-    /// When it was written.
-    pub collected_at_ms: i64,
-}
-
 /// What an erasure did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EraseOutcome {
@@ -138,7 +113,7 @@ pub struct Engine {
     stripes: Vec<Mutex<()>>,
     // Shred slots zeroed by erasures, reusable once the erasure is durable.
     pending_release: Mutex<Vec<u64>>,
-    fhe: crate::fhe::FheKeys,
+    fhe: crate::crypto::fhe::FheKeys,
 }
 
 impl std::fmt::Debug for Engine {
@@ -147,52 +122,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Checks an id (tenant, customer, channel…): 1..=`max` bytes of
-/// `[A-Za-z0-9._:-]`.
-pub fn validate_id(subject: &str, value: &str, max: usize) -> Result<()> {
-    if value.is_empty() {
-        return Err(VaultError::invalid(subject, "must not be empty"));
-    }
-    if value.len() > max {
-        return Err(VaultError::invalid(
-            subject,
-            format!("is {} bytes long; the limit is {max}", value.len()),
-        ));
-    }
-    // Bidirectional controls would make one name display as another (an
-    // `admin` that reads `nimda`): named, so the caller knows what to fix.
-    if let Some(c) = value
-        .chars()
-        .find(|&c| sovra_ledger::entry::is_bidi_control(c))
-    {
-        return Err(VaultError::invalid(
-            subject,
-            format!(
-                "contains U+{:04X}, a bidirectional control character that makes names display as other names; \
-                 identifiers may only contain letters, digits and . _ : -",
-                u32::from(c)
-            ),
-        ));
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-    {
-        return Err(VaultError::invalid(
-            subject,
-            "may only contain letters, digits and . _ : -",
-        ));
-    }
-    Ok(())
-}
+pub use crate::clock::now_ms;
 
 /// Where the root key's check value is kept in `meta`.
 const ROOT_CHECK_KEY: &[u8] = b"root_key_check";
@@ -276,7 +206,7 @@ impl Engine {
             states,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             pending_release: Mutex::new(Vec::new()),
-            fhe: crate::fhe::FheKeys::default(),
+            fhe: crate::crypto::fhe::FheKeys::default(),
         };
         engine.recover()?;
         Ok(engine)
@@ -754,7 +684,7 @@ impl Engine {
     ) -> IdempotencySlot {
         let mac_key = self.keyring.idempotency_key(tenant);
         let mac = |label: &[u8], parts: &[&[u8]]| -> [u8; 32] {
-            let tag = ring::hmac::sign(&mac_key, &crate::keys::encode_aad(label, parts));
+            let tag = ring::hmac::sign(&mac_key, &crate::crypto::keys::encode_aad(label, parts));
             let mut out = [0u8; 32];
             out.copy_from_slice(tag.as_ref());
             out
@@ -974,7 +904,7 @@ impl Engine {
     }
 
     /// The tenant's TFHE secret key, created on first use.
-    pub(crate) fn fhe_secret(&self, tenant: &str) -> Result<Arc<crate::fhe::FheSecret>> {
+    pub(crate) fn fhe_secret(&self, tenant: &str) -> Result<Arc<crate::crypto::fhe::FheSecret>> {
         self.fhe.get(
             &self.store.features,
             &features::secret_key(tenant),

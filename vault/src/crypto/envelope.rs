@@ -18,8 +18,8 @@ use aes_gcm::aead::{Aead, OsRng, Payload};
 use aes_gcm::{AeadCore, Aes256Gcm, Nonce};
 use zeroize::Zeroizing;
 
+use crate::crypto::keys::encode_aad;
 use crate::error::{Result, VaultError};
-use crate::keys::encode_aad;
 
 /// Where a value belongs; bound into its ciphertext as associated data.
 #[derive(Debug, Clone, Copy)]
@@ -144,7 +144,7 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::DataKey;
+    use crate::crypto::keys::DataKey;
     use proptest::prelude::*;
 
     fn ctx<'a>(customer: &'a str, field: &'a str, version: u64) -> FieldContext<'a> {

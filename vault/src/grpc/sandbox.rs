@@ -28,7 +28,7 @@
 //!   cancelling a queued job takes it out of the queue;
 //! - every released number that counts or sums customers covers at least k
 //!   of them (histogram buckets below k are withheld, see
-//!   [`gate::suppression`]), and no aggregate is released to a receiver
+//!   [`release::suppression`]), and no aggregate is released to a receiver
 //!   whose cohort differs from one released to it before by 1..k-1
 //!   customers (policy `release-aggregate-no-differencing`, enforced from a
 //!   durable record of each released cohort's pseudonyms).
@@ -38,14 +38,14 @@
 //! release record), or stop differencing by colluding receivers (see
 //! SECURITY.md, "Release privacy").
 
-use crate::auth::{Principal, Role};
+use crate::access::auth::{Principal, Role};
+use crate::access::policy;
+use crate::app::App;
+use crate::engine::features;
 use crate::engine::{now_ms, Engine};
 use crate::error::VaultError;
-use crate::features;
-use crate::gate;
+use crate::jobs::release;
 use crate::lineage::{self, Agent, JobRecord, Recorder};
-use crate::policy;
-use crate::service::{to_status, Shared};
 use sovra_ledger::Digest;
 use sovra_policy::Action;
 use sovra_proto::lineage::v1 as lpb;
@@ -77,20 +77,6 @@ const NO_DIFFERENCING_POLICY: &str = "release-aggregate-no-differencing";
 /// The sled tree of released aggregates: key `tenant 0 receiver 0 job_id`,
 /// value [`ReleaseRecord`]. Never holds a customer id, only pseudonyms.
 const RELEASES_TREE: &str = "sandbox_releases";
-
-/// Maps a sandbox error to its gRPC status (the service edge).
-fn sandbox_status(e: &SandboxError) -> Status {
-    match e {
-        SandboxError::InvalidSpec(_) => Status::invalid_argument(e.to_string()),
-        SandboxError::BadCiphertext(_) => {
-            tracing::error!(error = %e, "a stored feature block was rejected");
-            Status::data_loss(e.to_string())
-        }
-        SandboxError::LimitExceeded(_) => Status::resource_exhausted(e.to_string()),
-        SandboxError::Cancelled => Status::cancelled(e.to_string()),
-        SandboxError::NoBootstrapKey | SandboxError::Pool(_) => Status::internal(e.to_string()),
-    }
-}
 
 #[derive(Debug, Default)]
 struct JobStatus {
@@ -370,7 +356,7 @@ struct Selection {
 /// The `Sandbox` service.
 #[derive(Clone)]
 pub struct SandboxService {
-    shared: Shared,
+    app: App,
     jobs: Arc<Mutex<BTreeMap<String, Arc<JobEntry>>>>,
     workloads: Arc<Vec<Workload>>,
     limits: Limits,
@@ -389,14 +375,14 @@ impl std::fmt::Debug for SandboxService {
 
 impl SandboxService {
     /// The service with the default [`AdmissionConfig`].
-    pub fn new(shared: Shared) -> Self {
-        Self::with_admission(shared, AdmissionConfig::default())
+    pub fn new(app: App) -> Self {
+        Self::with_admission(app, AdmissionConfig::default())
     }
 
     /// The service, with the shipped workloads validated against the
     /// schema's features, admitting jobs under `admission`.
-    pub fn with_admission(shared: Shared, admission: AdmissionConfig) -> Self {
-        let catalog = shared.engine.schema().feature_catalog();
+    pub fn with_admission(app: App, admission: AdmissionConfig) -> Self {
+        let catalog = app.engine.schema().feature_catalog();
         // A schema without the features a shipped workload uses simply has
         // no such workload.
         let workloads = workload::builtin(&catalog).unwrap_or_else(|e| {
@@ -404,7 +390,7 @@ impl SandboxService {
             Vec::new()
         });
         Self {
-            shared,
+            app,
             jobs: Arc::default(),
             workloads: Arc::new(workloads),
             limits: Limits::default(),
@@ -480,7 +466,7 @@ fn check_release(
     };
     let mut ctx = policy::context(spec.purpose(), 0);
     ctx.cohort_size = i64::try_from(cohort).unwrap_or(i64::MAX);
-    let d = policy::decide_tenant(active, p, action, &ctx).map_err(to_status)?;
+    let d = policy::decide_tenant(active, p, action, &ctx).map_err(Status::from)?;
     if d.allowed() {
         return Ok(d.policies().to_vec());
     }
@@ -490,7 +476,7 @@ fn check_release(
             spec.purpose()
         )));
     }
-    Err(to_status(policy::denied(p, action, None, &ctx, &d)))
+    Err(Status::from(policy::denied(p, action, None, &ctx, &d)))
 }
 
 /// k: the smallest cohort the release policy in force lets `p` have an
@@ -507,8 +493,8 @@ fn min_cohort(
     let allowed = |n: u64| -> Result<bool, Status> {
         let mut ctx = policy::context(spec.purpose(), 0);
         ctx.cohort_size = i64::try_from(n).unwrap_or(i64::MAX);
-        let d =
-            policy::decide_tenant(active, p, Action::ReleaseAggregate, &ctx).map_err(to_status)?;
+        let d = policy::decide_tenant(active, p, Action::ReleaseAggregate, &ctx)
+            .map_err(Status::from)?;
         Ok(d.allowed())
     };
     // INVARIANT: allowed(hi) holds (checked by the caller); lo is the
@@ -686,7 +672,7 @@ impl Releases {
         })
         .await
         .map_err(|_| Status::internal("the release check task failed"))?
-        .map_err(to_status)?;
+        .map_err(Status::from)?;
         match found {
             Some(earlier) => Err(differencing_status(k, &earlier)),
             None => Ok(()),
@@ -719,7 +705,7 @@ impl Releases {
         })
         .await
         .map_err(|_| Status::internal("the release record task failed"))?
-        .map_err(to_status)?;
+        .map_err(Status::from)?;
         match found {
             Some(earlier) => Err(differencing_status(k, &earlier)),
             None => Ok(()),
@@ -866,7 +852,7 @@ enum Outcome {
 /// Runs an accepted job to the end: evaluation, the gate, the ledger.
 #[allow(clippy::too_many_arguments)]
 async fn execute(
-    shared: Shared,
+    app: App,
     releases: Releases,
     pool: Result<Arc<sovra_sandbox::EvalPool>, String>,
     entry: Arc<JobEntry>,
@@ -896,7 +882,7 @@ async fn execute(
     let spec = entry.spec.clone();
     let input = selection.input;
     let e2 = entry.clone();
-    let engine = shared.engine.clone();
+    let engine = app.engine.clone();
     let evaluated = tokio::task::spawn_blocking(move || {
         let material = if spec.needs_bootstrap() {
             match engine.fhe_bootstrap_key(&e2.tenant) {
@@ -937,7 +923,7 @@ async fn execute(
         }
     };
     match release(
-        &shared,
+        &app,
         &releases,
         &entry,
         &output,
@@ -955,7 +941,7 @@ async fn execute(
 /// The gate: re-checks the release policy, decrypts, anchors, returns.
 #[allow(clippy::too_many_arguments)]
 async fn release(
-    shared: &Shared,
+    app: &App,
     releases: &Releases,
     entry: &JobEntry,
     output: &sovra_sandbox::EncryptedOutput,
@@ -964,7 +950,7 @@ async fn release(
     compute_policies: Vec<String>,
 ) -> Result<pb::JobResult, Status> {
     let spec = &entry.spec;
-    let active = shared.gate.current();
+    let active = app.policies.current();
     let mut policies = check_release(&active, &entry.receiver, spec, entry.cohort_size)?;
     let aggregate = spec.output() == OutputClass::Aggregate;
     let k = if aggregate {
@@ -974,7 +960,7 @@ async fn release(
         // released counts against differencing (conservative).
         releases
             .check_and_record(
-                shared.engine.clone(),
+                app.engine.clone(),
                 &entry.receiver,
                 &entry.id,
                 subjects.clone(),
@@ -987,12 +973,12 @@ async fn release(
         1
     };
     policies.extend(compute_policies);
-    let secret = shared.engine.fhe_secret(&entry.tenant).map_err(to_status)?;
-    let mut released = gate::open(&secret, spec, output, &customers);
+    let secret = app.engine.fhe_secret(&entry.tenant).map_err(Status::from)?;
+    let mut released = release::open(&secret, spec, output, &customers);
     drop(secret);
     if aggregate {
-        let digest = gate::cohort_digest(&entry.id, &subjects);
-        gate::protect(&mut released, k, &digest).map_err(|gate::Unreleasable(why)| {
+        let digest = release::cohort_digest(&entry.id, &subjects);
+        release::protect(&mut released, k, &digest).map_err(|release::Unreleasable(why)| {
             Status::failed_precondition(format!(
                 "policy `{MIN_COHORT_POLICY}`: nothing released: {why}"
             ))
@@ -1002,14 +988,8 @@ async fn release(
             .as_ref()
             .map(prost::Message::encode_to_vec)
             .unwrap_or_default();
-        Releases::complete(
-            &shared.engine,
-            &entry.receiver,
-            &entry.id,
-            &subjects,
-            &encoded,
-        )
-        .map_err(to_status)?;
+        Releases::complete(&app.engine, &entry.receiver, &entry.id, &subjects, &encoded)
+            .map_err(Status::from)?;
     }
     let hash = released.sha256();
     let (ty, sub, what) = match spec.output() {
@@ -1047,8 +1027,8 @@ async fn release(
             .collect(),
         output_sha256: Digest(hash),
     };
-    let recorder = Recorder::new(shared.engine.clone(), shared.ledger.clone());
-    let index = recorder.record_job(&record).await.map_err(to_status)?;
+    let recorder = Recorder::new(app.engine.clone(), app.ledger.clone());
+    let index = recorder.record_job(&record).await.map_err(Status::from)?;
     Ok(pb::JobResult {
         job: None,
         scores: released.scores,
@@ -1067,12 +1047,12 @@ impl Sandbox for SandboxService {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let p = self.shared.principal(&req, Action::SubmitJob)?;
-        let catalog = self.shared.engine.schema().feature_catalog();
+        let p = crate::grpc::authn::authorized(&self.app, &req, Action::SubmitJob)?;
+        let catalog = self.app.engine.schema().feature_catalog();
         let (name, spec, run_as) = match req.into_inner().job {
             Some(pb::submit_job_request::Job::SpecToml(text)) => {
-                let spec =
-                    sovra_sandbox::spec::parse(&text, &catalog).map_err(|e| sandbox_status(&e))?;
+                let spec = sovra_sandbox::spec::parse(&text, &catalog)
+                    .map_err(|e| Status::from(VaultError::from(e)))?;
                 (spec.name().to_owned(), spec, (*p).clone())
             }
             Some(pb::submit_job_request::Job::WorkloadId(id)) => {
@@ -1100,15 +1080,15 @@ impl Sandbox for SandboxService {
                 ))
             }
         };
-        let active = self.shared.gate.current();
+        let active = self.app.policies.current();
         if spec.output() == OutputClass::PerCustomer {
             // Refused up front: nothing is computed for a receiver who could
             // never get the result.
             check_release(&active, &p, &spec, 0)?;
         }
         let (engine, ledger, spec2, run_as2, active2) = (
-            self.shared.engine.clone(),
-            self.shared.ledger.clone(),
+            self.app.engine.clone(),
+            self.app.ledger.clone(),
             spec.clone(),
             run_as.clone(),
             active.clone(),
@@ -1118,7 +1098,7 @@ impl Sandbox for SandboxService {
         })
         .await
         .map_err(|_| Status::internal("the cohort selection task failed"))?
-        .map_err(to_status)?;
+        .map_err(Status::from)?;
         let cohort_size = selection.input.cohort_size();
         if cohort_size == 0 {
             let why = if selection.denied_by.is_empty() {
@@ -1147,12 +1127,7 @@ impl Sandbox for SandboxService {
             // before it decrypts): nothing runs that could not be released.
             let k = min_cohort(&active, &p, &spec, cohort_size)?;
             self.releases
-                .check(
-                    self.shared.engine.clone(),
-                    &p,
-                    selection.subjects.clone(),
-                    k,
-                )
+                .check(self.app.engine.clone(), &p, selection.subjects.clone(), k)
                 .await?;
         }
         if cohort_size > self.limits.max_customers {
@@ -1196,7 +1171,7 @@ impl Sandbox for SandboxService {
         self.insert(entry.clone());
         tracing::info!(job = %entry.id, name = %entry.name, submitted_by = %p.name, cohort = cohort_size, excluded = selection.excluded, "sandbox job accepted");
         tokio::spawn(execute(
-            self.shared.clone(),
+            self.app.clone(),
             self.releases.clone(),
             self.pool.clone(),
             entry.clone(),
@@ -1208,7 +1183,7 @@ impl Sandbox for SandboxService {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        let p = crate::service::authenticate(&self.shared.auth, &req)?;
+        let p = crate::grpc::authn::caller(&req)?;
         let j = self.job(&p, &req.get_ref().job_id, true)?;
         Ok(Response::new(j.view()))
     }
@@ -1219,7 +1194,7 @@ impl Sandbox for SandboxService {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let p = crate::service::authenticate(&self.shared.auth, &req)?;
+        let p = crate::grpc::authn::caller(&req)?;
         let j = self.job(&p, &req.get_ref().job_id, true)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
@@ -1249,7 +1224,7 @@ impl Sandbox for SandboxService {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let p = crate::service::authenticate(&self.shared.auth, &req)?;
+        let p = crate::grpc::authn::caller(&req)?;
         let j = self.job(&p, &req.get_ref().job_id, false)?;
         if self.admission.cancel_queued(&j.id) {
             // It never ran: out of the queue, cancelled now.
@@ -1266,7 +1241,7 @@ impl Sandbox for SandboxService {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobResult>, Status> {
-        let p = crate::service::authenticate(&self.shared.auth, &req)?;
+        let p = crate::grpc::authn::caller(&req)?;
         let j = self.job(&p, &req.get_ref().job_id, false)?;
         let view = j.view();
         let result = j.status().result.clone();
@@ -1285,7 +1260,7 @@ impl Sandbox for SandboxService {
             )));
         };
         // The policy may have changed since the release: check again.
-        check_release(&self.shared.gate.current(), &p, &j.spec, j.cohort_size)?;
+        check_release(&self.app.policies.current(), &p, &j.spec, j.cohort_size)?;
         result.job = Some(view);
         Ok(Response::new(result))
     }
@@ -1294,7 +1269,7 @@ impl Sandbox for SandboxService {
         &self,
         req: Request<pb::ListWorkloadsRequest>,
     ) -> Result<Response<pb::ListWorkloadsResponse>, Status> {
-        crate::service::authenticate(&self.shared.auth, &req)?;
+        crate::grpc::authn::caller(&req)?;
         let mut workloads: Vec<pb::Workload> = self
             .workloads
             .iter()

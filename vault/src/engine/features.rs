@@ -22,8 +22,8 @@
 //! customer` slot; `R tenant 0 slot` customer; `B tenant 0 feature 0
 //! block` block.
 
+use crate::crypto::fhe::FheSecret;
 use crate::error::{Result, VaultError};
-use crate::fhe::FheSecret;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sovra_sandbox::params::SLOTS;
 use sovra_sandbox::FeatureBlock;

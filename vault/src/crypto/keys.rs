@@ -28,9 +28,9 @@ use aes_gcm::{AeadCore, Aes256Gcm, Key, Nonce};
 use rand::RngCore;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::blind_index::BlindIndexKey;
+use crate::crypto::blind_index::BlindIndexKey;
+use crate::crypto::shred::{Pad, PAD_LEN};
 use crate::error::{Result, VaultError};
-use crate::shred::{Pad, PAD_LEN};
 
 /// Length of every symmetric key in the hierarchy.
 pub const KEY_LEN: usize = 32;

@@ -18,7 +18,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::error::{Result, Unauthenticated, VaultError};
+use crate::error::{Result, UnauthenticatedError, VaultError};
 
 /// Token prefix, so leaked tokens are easy to spot in scans.
 pub const TOKEN_PREFIX: &str = "sovra_";
@@ -172,13 +172,13 @@ impl Authenticator {
 
     /// Authenticates the value of an `authorization` header.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Arc<Principal>> {
-        let header = header.ok_or(Unauthenticated::new(
+        let header = header.ok_or(UnauthenticatedError::new(
             "missing `authorization: Bearer <token>` metadata",
         ))?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(Unauthenticated::new(
+            .ok_or(UnauthenticatedError::new(
                 "the `authorization` metadata must be `Bearer <token>`",
             ))?
             .trim();
@@ -186,7 +186,7 @@ impl Authenticator {
         self.by_hash
             .get(&h)
             .cloned()
-            .ok_or_else(|| Unauthenticated::new("unknown or revoked token").into())
+            .ok_or_else(|| UnauthenticatedError::new("unknown or revoked token").into())
     }
 }
 

@@ -45,6 +45,9 @@
 //! audit of the subject's ledger entries finds it), nor that sled overwrites
 //! removed bytes on disk (see `store.rs`).
 
+pub mod openlineage;
+pub mod view;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -122,6 +125,42 @@ impl Pending {
     }
 }
 
+/// The usage of one field version by a read, disclosed as `d`.
+pub fn read_usage(field: &str, version: u64, d: sovra_ledger::entry::Disclosure) -> pb::Usage {
+    use sovra_ledger::entry::Disclosure;
+    let (masking, disclosure) = match d {
+        Disclosure::Plaintext => (false, "plaintext"),
+        Disclosure::Masked => (true, "masked"),
+        Disclosure::Withheld => (true, "withheld"),
+    };
+    pb::Usage {
+        field: field.to_owned(),
+        version,
+        transformation: Some(transformation(
+            pb::TransformationType::Direct,
+            pb::TransformationSubtype::Identity,
+            masking,
+            "",
+        )),
+        disclosure: disclosure.to_owned(),
+    }
+}
+
+/// The usage of a field by an erasure.
+pub fn erased_usage(field: String) -> pb::Usage {
+    pb::Usage {
+        field,
+        version: 0,
+        transformation: Some(transformation(
+            pb::TransformationType::Indirect,
+            pb::TransformationSubtype::Filter,
+            false,
+            "erased",
+        )),
+        disclosure: String::new(),
+    }
+}
+
 /// A transformation edge.
 pub fn transformation(
     ty: pb::TransformationType,
@@ -170,6 +209,17 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent for principal `p` acting for `purpose` (or an erasure
+    /// reason) under `policies`.
+    pub fn of(p: &crate::access::auth::Principal, purpose: String, policies: Vec<String>) -> Agent {
+        Agent {
+            name: p.name.clone(),
+            role: p.role.as_str().to_owned(),
+            purpose,
+            policies,
+        }
+    }
+
     /// An activity of `kind` by this agent, now.
     pub fn activity(&self, kind: pb::ActivityKind, tenant: &str) -> pb::Activity {
         let mut policies = self.policies.clone();

@@ -21,8 +21,8 @@ use sovra_ledger::entry::{Digest, PolicyChange};
 use sovra_ledger::{Body, Ledger};
 use sovra_policy::{Action, Context, CustomerAttrs, Decision, Disclosure, FieldAttrs, Policies};
 
-use crate::auth::Principal;
-use crate::error::{PermissionDenied, Result, VaultError};
+use crate::access::auth::Principal;
+use crate::error::{PermissionDeniedError, Result, VaultError};
 use crate::schema::FieldValue;
 
 /// The active policy set and where it came from.
@@ -31,7 +31,7 @@ pub struct Active {
     /// The validated set.
     pub policies: Policies,
     /// When it took effect (ms since the epoch).
-    pub loaded_at_ms: u64,
+    pub loaded_at_ms: i64,
     /// The ledger entry that recorded it (None if it was already recorded
     /// by an earlier start).
     pub ledger_index: Option<u64>,
@@ -48,7 +48,7 @@ pub struct Reloaded {
 
 /// Holds the active set; shared by every service.
 #[derive(Debug)]
-pub struct PolicyGate {
+pub struct PolicyHolder {
     current: RwLock<Arc<Active>>,
     dir: Option<PathBuf>,
     ledger: Arc<Ledger>,
@@ -57,13 +57,9 @@ pub struct PolicyGate {
 
 const META_KEY: &[u8] = b"policy_sha256";
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::clock::now_ms;
 
-impl PolicyGate {
+impl PolicyHolder {
     /// Puts `policies` in force, recording it in the ledger first if it is
     /// not the set the previous start recorded (kept in `meta`).
     pub async fn start(
@@ -71,7 +67,7 @@ impl PolicyGate {
         dir: Option<PathBuf>,
         ledger: Arc<Ledger>,
         meta: &sled::Tree,
-    ) -> Result<PolicyGate> {
+    ) -> Result<PolicyHolder> {
         let hash = policies.sha256_hex();
         let recorded = meta.get(META_KEY)?;
         let ledger_index = if recorded.as_deref() == Some(hash.as_bytes()) {
@@ -83,7 +79,7 @@ impl PolicyGate {
             Some(i)
         };
         tracing::info!(policy_sha256 = %hash, policies = policies.len(), "policy set in force");
-        Ok(PolicyGate {
+        Ok(PolicyHolder {
             current: RwLock::new(Arc::new(Active {
                 policies,
                 loaded_at_ms: now_ms(),
@@ -175,7 +171,7 @@ async fn record(ledger: &Ledger, actor: &str, p: &Policies, summary: &str) -> Re
 pub fn context(purpose: &str, approvals: i64) -> Context {
     Context {
         purpose: purpose.to_owned(),
-        time_ms: now_ms() as i64,
+        time_ms: now_ms(),
         approvals,
         cohort_size: 0,
     }
@@ -186,11 +182,21 @@ pub const CUSTOMER_KIND_FIELD: &str = "customer_kind";
 /// The field whose value is the policy attribute `Customer.contract_value`.
 pub const CONTRACT_VALUE_FIELD: &str = "contract_value";
 
+/// The schema's fields that hold a customer's policy attributes (kind and
+/// contract value): what every decision about a customer reads with the
+/// fields it is about.
+pub fn attribute_fields(schema: &crate::schema::Schema) -> Vec<&crate::schema::FieldDef> {
+    [CUSTOMER_KIND_FIELD, CONTRACT_VALUE_FIELD]
+        .into_iter()
+        .filter_map(|n| schema.field(n).ok())
+        .collect()
+}
+
 /// A customer's policy attributes: kind and contract value from its record
 /// (`values` may hold other fields too), consents from its ledger consent
 /// state.
 pub fn customer_attrs(
-    values: &[crate::engine::Revealed<'_>],
+    values: &[crate::schema::Revealed<'_>],
     consent: Vec<sovra_ledger::log::ConsentStatus>,
 ) -> CustomerAttrs {
     let mut c = CustomerAttrs::default();
@@ -280,7 +286,7 @@ pub fn denied(
     } else {
         format!(" for purpose `{}`", ctx.purpose)
     };
-    PermissionDenied::new(
+    PermissionDeniedError::new(
         &p.name,
         p.role.as_str(),
         format!("{what}{purpose} ({})", d.summary()),

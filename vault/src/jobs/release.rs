@@ -21,7 +21,7 @@
 //! Does not: check the submit-time policies (the service does) or keep
 //! decrypted values after the release.
 
-use crate::fhe::FheSecret;
+use crate::crypto::fhe::FheSecret;
 use sha2::{Digest as _, Sha256};
 use sovra_proto::sandbox::v1 as pb;
 use sovra_sandbox::params::SLOTS;
