@@ -347,20 +347,7 @@ impl KeyRing {
     /// The tenant's blind-index key. It does not rotate with the KEK: rotating
     /// it would require re-indexing every value (see SECURITY.md).
     pub fn index_key(&self, tenant: &str) -> Arc<BlindIndexKey> {
-        if let Some(k) = self
-            .index_keys
-            .read()
-            .ok()
-            .and_then(|m| m.get(tenant).cloned())
-        {
-            return k;
-        }
-        let raw = self.root.hkdf(&[b"blind-index\0", tenant.as_bytes()]);
-        let key = Arc::new(BlindIndexKey::new(raw.as_ref()));
-        if let Ok(mut m) = self.index_keys.write() {
-            m.insert(tenant.to_owned(), key.clone());
-        }
-        key
+        self.hmac_key(&self.index_keys, b"blind-index\0", tenant)
     }
 
     /// The tenant's lineage key: value hashes in lineage records are keyed
@@ -368,17 +355,22 @@ impl KeyRing {
     /// tested by anyone without the root key. Separate from the blind-index
     /// key, so lineage hashes and index tokens of one value differ.
     pub fn lineage_key(&self, tenant: &str) -> Arc<BlindIndexKey> {
-        if let Some(k) = self
-            .lineage_keys
-            .read()
-            .ok()
-            .and_then(|m| m.get(tenant).cloned())
-        {
+        self.hmac_key(&self.lineage_keys, b"lineage-value\0", tenant)
+    }
+
+    /// A tenant's HMAC key derived under `label`, cached in `cache`.
+    fn hmac_key(
+        &self,
+        cache: &RwLock<HashMap<String, Arc<BlindIndexKey>>>,
+        label: &[u8],
+        tenant: &str,
+    ) -> Arc<BlindIndexKey> {
+        if let Some(k) = cache.read().ok().and_then(|m| m.get(tenant).cloned()) {
             return k;
         }
-        let raw = self.root.hkdf(&[b"lineage-value\0", tenant.as_bytes()]);
+        let raw = self.root.hkdf(&[label, tenant.as_bytes()]);
         let key = Arc::new(BlindIndexKey::new(raw.as_ref()));
-        if let Ok(mut m) = self.lineage_keys.write() {
+        if let Ok(mut m) = cache.write() {
             m.insert(tenant.to_owned(), key.clone());
         }
         key
