@@ -229,7 +229,7 @@ impl App {
             &attrs,
             &policy::context("", 0),
         )?;
-        let agent = Agent::of(p, String::new(), policies);
+        let agent = Agent::of(&p.name, p.role.as_str(), String::new(), policies);
         let ledger = &self.ledger;
         let (tenant, channel, actor) = (&p.tenant, &put.source.channel, &p.name);
         let out = self.engine.put(
@@ -435,7 +435,8 @@ impl App {
         } else {
             lpb::ActivityKind::Reveal
         };
-        let mut activity = Agent::of(p, reveal.purpose.clone(), policies).activity(kind, &p.tenant);
+        let mut activity = Agent::of(&p.name, p.role.as_str(), reveal.purpose.clone(), policies)
+            .activity(kind, &p.tenant);
         if reveal.decision == Decision::Denied {
             activity.decision = lpb::Decision::Denied as i32;
         }
@@ -495,7 +496,8 @@ impl App {
         // The erasure's own lineage names the fields erased, never the
         // customer: it outlives them.
         let mut activity =
-            Agent::of(p, reason.clone(), policies).activity(lpb::ActivityKind::Erase, &p.tenant);
+            Agent::of(&p.name, p.role.as_str(), reason.clone(), policies)
+                .activity(lpb::ActivityKind::Erase, &p.tenant);
         let fields = self.engine.fields_held(&p.tenant, &customer_id)?;
         activity.count = fields.len() as u64;
         activity.used = fields.into_iter().map(lineage::erased_usage).collect();

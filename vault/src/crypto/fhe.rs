@@ -16,12 +16,13 @@
 //! key from the small key back to this one. [`FheSecret::bootstrap_key`]
 //! makes both from a fresh small key that lives only while they are made
 //! (it is zeroed on return and never stored: bootstrap outputs are under
-//! this key, so nothing needs the small one later). [`FheKeys`] keeps the
-//! result in memory, about 120 MB per tenant, made at a tenant's first
-//! bootstrapped job in the process.
+//! this key, so nothing needs the small one later). The engine's feature
+//! store keeps the result in memory, about 120 MB per tenant, made at a
+//! tenant's first bootstrapped job in the process.
 //!
-//! Does not: hand the key to anything outside the vault; the sandbox crate
-//! never sees this type.
+//! Does not: store anything (the engine's feature store keeps the wrapped
+//! key in its tree), or hand the key to anything outside the vault; the
+//! sandbox crate never sees this type.
 
 use crate::crypto::keys::{encode_aad, KeyRing};
 use crate::error::{Result, VaultError};
@@ -29,8 +30,6 @@ use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use sovra_sandbox::params::{self, SLOTS};
 use sovra_sandbox::{BootstrapKey, FeatureBlock};
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
 use tfhe::core_crypto::prelude::*;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -94,7 +93,9 @@ impl FheSecret {
         })
     }
 
-    fn wrap(&self, keyring: &KeyRing, tenant: &str) -> Result<Vec<u8>> {
+    /// The key wrapped for storage: AES-256-GCM under the tenant's wrap key,
+    /// bound to the tenant and the parameter set.
+    pub(crate) fn wrap(&self, keyring: &KeyRing, tenant: &str) -> Result<Vec<u8>> {
         let k = keyring.fhe_wrap_key(tenant);
         let cipher = Aes256Gcm::new_from_slice(k.as_ref())
             .map_err(|_| VaultError::storage("TFHE key wrapping failed"))?;
@@ -114,7 +115,9 @@ impl FheSecret {
         Ok(out)
     }
 
-    fn unwrap(keyring: &KeyRing, tenant: &str, wrapped: &[u8]) -> Result<FheSecret> {
+    /// The key [`FheSecret::wrap`] wrapped; DATA_LOSS if it fails
+    /// authentication (another tenant's, another parameter set's, altered).
+    pub(crate) fn unwrap(keyring: &KeyRing, tenant: &str, wrapped: &[u8]) -> Result<FheSecret> {
         let what = || format!("the TFHE secret key of tenant `{tenant}`");
         if wrapped.len() < 12 {
             return Err(VaultError::integrity(what()));
@@ -232,71 +235,6 @@ impl FheSecret {
         );
         par_convert_standard_lwe_bootstrap_key_to_fourier(&bsk, &mut fourier);
         BootstrapKey::new(ksk, fourier).map_err(|e| VaultError::storage(e.to_string()))
-    }
-}
-
-/// Tenant keys, loaded once and kept in memory.
-#[derive(Default)]
-pub(crate) struct FheKeys {
-    cache: RwLock<HashMap<String, Arc<FheSecret>>>,
-    bootstrap: std::sync::Mutex<HashMap<String, Arc<BootstrapKey>>>,
-}
-
-impl std::fmt::Debug for FheKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FheKeys")
-    }
-}
-
-impl FheKeys {
-    /// The tenant's key, created (and stored wrapped in `tree` under `key`)
-    /// on first use. Not durable until the store's next commit.
-    pub(crate) fn get(
-        &self,
-        tree: &sled::Tree,
-        key: &[u8],
-        keyring: &KeyRing,
-        tenant: &str,
-    ) -> Result<Arc<FheSecret>> {
-        if let Some(k) = self.cache.read().ok().and_then(|m| m.get(tenant).cloned()) {
-            return Ok(k);
-        }
-        let secret = match tree.get(key)? {
-            Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
-            None => {
-                let fresh = FheSecret::generate();
-                let wrapped = fresh.wrap(keyring, tenant)?;
-                // Two first writers race: the first stored key wins, the
-                // other is dropped (and zeroed) unused.
-                match tree.compare_and_swap(key, None as Option<&[u8]>, Some(wrapped))? {
-                    Ok(()) => fresh,
-                    Err(cas) => match cas.current {
-                        Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
-                        None => return Err(VaultError::storage("TFHE key creation raced")),
-                    },
-                }
-            }
-        };
-        let secret = Arc::new(secret);
-        if let Ok(mut m) = self.cache.write() {
-            m.insert(tenant.to_owned(), secret.clone());
-        }
-        Ok(secret)
-    }
-
-    /// The tenant's bootstrap key, made from `secret` on first use. The
-    /// lock is held while it is made, so concurrent first jobs make it once.
-    pub(crate) fn bootstrap(&self, tenant: &str, secret: &FheSecret) -> Result<Arc<BootstrapKey>> {
-        let mut m = self
-            .bootstrap
-            .lock()
-            .map_err(|_| VaultError::storage("the bootstrap key cache is poisoned"))?;
-        if let Some(k) = m.get(tenant) {
-            return Ok(k.clone());
-        }
-        let k = Arc::new(secret.bootstrap_key()?);
-        m.insert(tenant.to_owned(), k.clone());
-        Ok(k)
     }
 }
 

@@ -1,6 +1,11 @@
 //! Encrypted model features: each feature field of each customer, quantised
 //! as the schema says, also kept packed in TFHE blocks for the sandbox.
 //!
+//! [`FeatureStore`] owns the `fhe_features` tree and the tenants' TFHE keys
+//! (wrapped in that tree, cached in memory with their bootstrap keys); the
+//! engine holds it. The writes that must agree with a field ([`put`],
+//! [`erase`]) run inside the engine's transaction over that tree.
+//!
 //! Guarantees: a customer gets one slot per tenant (block = slot / 2048,
 //! coefficient = slot % 2048) the first time one of its feature fields is
 //! written; the slot's value in every feature block is written in the same
@@ -23,11 +28,13 @@
 //! block` block.
 
 use crate::crypto::fhe::FheSecret;
+use crate::crypto::keys::KeyRing;
 use crate::error::{Result, VaultError};
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sovra_sandbox::params::SLOTS;
-use sovra_sandbox::FeatureBlock;
-use std::collections::BTreeMap;
+use sovra_sandbox::{BootstrapKey, FeatureBlock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<VaultError>>;
 
@@ -42,7 +49,7 @@ fn key(tag: u8, tenant: &str, rest: &[&[u8]]) -> Vec<u8> {
 }
 
 /// Where the tenant's wrapped TFHE secret key is stored.
-pub(crate) fn secret_key(tenant: &str) -> Vec<u8> {
+fn secret_key(tenant: &str) -> Vec<u8> {
     key(b'K', tenant, &[])
 }
 fn next_key(tenant: &str) -> Vec<u8> {
@@ -73,6 +80,101 @@ fn u32_of(bytes: &[u8], what: &str) -> Result<u32> {
 
 fn abort<T>(e: VaultError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
+}
+
+/// The `fhe_features` tree and the tenants' TFHE keys.
+pub(crate) struct FeatureStore {
+    tree: sled::Tree,
+    keyring: Arc<KeyRing>,
+    // Unwrapped once per tenant and kept for the process's life: every
+    // write of a feature and every release needs the key.
+    secrets: RwLock<HashMap<String, Arc<FheSecret>>>,
+    bootstrap: Mutex<HashMap<String, Arc<BootstrapKey>>>,
+}
+
+impl std::fmt::Debug for FeatureStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FeatureStore")
+    }
+}
+
+impl FeatureStore {
+    /// The store over `tree` (the `fhe_features` tree), wrapping keys with
+    /// `keyring`.
+    pub(crate) fn new(tree: sled::Tree, keyring: Arc<KeyRing>) -> Self {
+        Self {
+            tree,
+            keyring,
+            secrets: RwLock::new(HashMap::new()),
+            bootstrap: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The tree, for the engine's transactions.
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// The tenant's key, created (and stored wrapped under `K tenant`) on
+    /// first use. Not durable until the store's next commit.
+    pub(crate) fn secret(&self, tenant: &str) -> Result<Arc<FheSecret>> {
+        if let Some(k) = self
+            .secrets
+            .read()
+            .ok()
+            .and_then(|m| m.get(tenant).cloned())
+        {
+            return Ok(k);
+        }
+        let key = secret_key(tenant);
+        let keyring = &*self.keyring;
+        let secret = match self.tree.get(&key)? {
+            Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
+            None => {
+                let fresh = FheSecret::generate();
+                let wrapped = fresh.wrap(keyring, tenant)?;
+                // Two first writers race: the first stored key wins, the
+                // other is dropped (and zeroed) unused.
+                match self
+                    .tree
+                    .compare_and_swap(&key, None as Option<&[u8]>, Some(wrapped))?
+                {
+                    Ok(()) => fresh,
+                    Err(cas) => match cas.current {
+                        Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
+                        None => return Err(VaultError::storage("TFHE key creation raced")),
+                    },
+                }
+            }
+        };
+        let secret = Arc::new(secret);
+        if let Ok(mut m) = self.secrets.write() {
+            m.insert(tenant.to_owned(), secret.clone());
+        }
+        Ok(secret)
+    }
+
+    /// The tenant's bootstrap key (public evaluation material for trees and
+    /// histograms), made on first use in this process. The lock is held
+    /// while it is made, so concurrent first jobs make it once.
+    pub(crate) fn bootstrap_key(&self, tenant: &str) -> Result<Arc<BootstrapKey>> {
+        let secret = self.secret(tenant)?;
+        let mut m = self
+            .bootstrap
+            .lock()
+            .map_err(|_| VaultError::storage("the bootstrap key cache is poisoned"))?;
+        if let Some(k) = m.get(tenant) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(secret.bootstrap_key()?);
+        m.insert(tenant.to_owned(), k.clone());
+        Ok(k)
+    }
+
+    /// The slot of `customer`, if it has one.
+    pub(crate) fn slot_of(&self, tenant: &str, customer: &str) -> Result<Option<u32>> {
+        slot_of(&self.tree, tenant, customer)
+    }
 }
 
 /// Re-encrypts one block of `feature` with `slot` set to `value` (a fresh

@@ -12,10 +12,18 @@
 //! - Nothing is durable until [`Engine::commit`] returns; callers acknowledge
 //!   only after it.
 //!
+//! The engine holds three components, each owning its state and its tree:
+//! [`KeyRotation`] (the tenants' key versions, in `meta`), [`LineageStore`]
+//! (the `lineage` tree) and the feature store (the `fhe_features` tree and
+//! the tenants' TFHE keys). They share the store, the key ring and the
+//! per-customer locks; the engine resolves customers to data keys and
+//! pseudonyms, and runs the transactions that span several trees.
+//!
 //! Does not guarantee: authorisation. The engine trusts its caller; the
 //! service layer checks roles before calling it.
 
 pub(crate) mod features;
+mod locks;
 pub mod rotation;
 
 use std::path::Path;
@@ -25,21 +33,22 @@ use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use self::features::FeatureStore;
+use self::locks::CustomerLocks;
+use self::rotation::{KeyRotation, KeyState, KeyStatus, Retirement};
 use crate::crypto::envelope::{self, FieldContext};
 use crate::crypto::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
 use crate::crypto::shred::Pad;
-use crate::engine::rotation::KeyStates;
 use crate::error::{Result, VaultError};
-use crate::lineage::{self, Agent, Anchor};
+use crate::lineage::{self, Agent, Anchor, LineageStore, Page};
 use crate::schema::{FieldDef, FieldValue, Schema};
 use crate::store::{self, Store, StoredField};
-use sovra_ledger::{Digest, Pseudonym};
+use sovra_ledger::{Digest, Ledger, Pseudonym};
 use sovra_proto::lineage::v1 as lpb;
 
 pub use crate::schema::{validate_id, Revealed, Source, MAX_CUSTOMER_ID_LEN};
 /// Most ids a search returns.
 pub const MAX_SEARCH_LIMIT: u32 = 1000;
-const STRIPES: usize = 256;
 
 /// The lineage of a write: who wrote, which inputs the vault normalised, and
 /// how to anchor the activity in the ledger.
@@ -101,19 +110,104 @@ pub struct EraseOutcome {
     pub erased_at_ms: i64,
 }
 
+/// A write under way, under the customer's lock: whose, with which data
+/// key, from where, and when.
+struct PutContext<'a> {
+    tenant: &'a str,
+    customer: &'a str,
+    dek: &'a DataKey,
+    dek_version: u32,
+    source: &'a Source,
+    now: i64,
+}
+
+/// One sealed field record a put stores, and its index entry change.
+struct FieldWrite {
+    key: Vec<u8>,
+    bytes: Vec<u8>,
+    old_entry: Option<Vec<u8>>,
+    new_entry: Option<Vec<u8>>,
+}
+
+/// The sealed records of a put, and what its lineage says of them.
+struct SealedFields {
+    writes: Vec<FieldWrite>,
+    /// The new version per field, sorted by field name.
+    versions: Vec<(String, u64)>,
+    generated: Vec<lpb::Generation>,
+    /// Whether any field had a value before.
+    updated: bool,
+}
+
+/// What a put's transaction writes besides the sealed records.
+struct PutTransaction<'a> {
+    new_wrapped: Option<&'a [u8]>,
+    writes: &'a [FieldWrite],
+    lineage: &'a lineage::Staged,
+    features: Option<(&'a crate::crypto::fhe::FheSecret, &'a [(String, i64)])>,
+    idempotency: Option<&'a ([u8; 32], Vec<u8>)>,
+}
+
+/// The lineage edge of a written value: normalised by the vault, or kept as
+/// given.
+fn write_transformation(normalised: bool) -> lpb::Transformation {
+    if normalised {
+        lineage::transformation(
+            lpb::TransformationType::Direct,
+            lpb::TransformationSubtype::Transformation,
+            false,
+            "normalised",
+        )
+    } else {
+        lineage::transformation(
+            lpb::TransformationType::Direct,
+            lpb::TransformationSubtype::Identity,
+            false,
+            "",
+        )
+    }
+}
+
+/// The write's lineage activity: a collect, or an update if any field had
+/// a value (`updated`), generating the sealed versions.
+fn write_activity(
+    cx: &PutContext<'_>,
+    agent: &Agent,
+    subject: &Pseudonym,
+    updated: bool,
+    generated: Vec<lpb::Generation>,
+) -> lpb::Activity {
+    let kind = if updated {
+        lpb::ActivityKind::Update
+    } else {
+        lpb::ActivityKind::Collect
+    };
+    let mut activity = agent.activity(kind, cx.tenant);
+    activity.time_ms = cx.now;
+    activity.subject = subject.0.to_vec();
+    activity.origin = Some(lpb::Origin {
+        channel: cx.source.channel.clone(),
+        collector: cx.source.collector.clone(),
+        consent_ref: cx.source.consent_ref.clone(),
+    });
+    activity.generated = generated;
+    activity
+}
+
 /// A data key created but not stored yet: its shred slot and wrapped form.
 type NewKey = (u64, Vec<u8>);
 
 /// The vault engine.
 pub struct Engine {
-    pub(crate) store: Store,
-    pub(crate) keyring: KeyRing,
+    store: Arc<Store>,
+    keyring: Arc<KeyRing>,
     schema: Arc<Schema>,
-    pub(crate) states: KeyStates,
-    stripes: Vec<Mutex<()>>,
+    locks: Arc<CustomerLocks>,
+    rotation: Arc<KeyRotation>,
+    lineage: LineageStore,
+    features: FeatureStore,
     // Shred slots zeroed by erasures, reusable once the erasure is durable.
     pending_release: Mutex<Vec<u64>>,
-    fhe: crate::crypto::fhe::FheKeys,
 }
 
 impl std::fmt::Debug for Engine {
@@ -195,18 +289,28 @@ impl Engine {
         schema: Schema,
         on_new: impl FnOnce() -> Result<()>,
     ) -> Result<Engine> {
-        let store = Store::open(dir)?;
-        let keyring = KeyRing::new(root);
+        let store = Arc::new(Store::open(dir)?);
+        let keyring = Arc::new(KeyRing::new(root));
         check_root_key(&store, &keyring, dir, on_new)?;
-        let states = KeyStates::load(&store)?;
+        let locks = Arc::new(CustomerLocks::new());
+        let rotation = Arc::new(KeyRotation::load(
+            store.clone(),
+            keyring.clone(),
+            locks.clone(),
+        )?);
+        // The components get handles on the trees the store opened, so the
+        // on-disk layout stays the store's.
+        let lineage = LineageStore::new(store.db.clone(), store.lineage.clone(), keyring.clone());
+        let features = FeatureStore::new(store.features.clone(), keyring.clone());
         let engine = Engine {
             store,
             keyring,
             schema: Arc::new(schema),
-            states,
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            locks,
+            rotation,
+            lineage,
+            features,
             pending_release: Mutex::new(Vec::new()),
-            fhe: crate::crypto::fhe::FheKeys::default(),
         };
         engine.recover()?;
         Ok(engine)
@@ -281,6 +385,12 @@ impl Engine {
         &self.store
     }
 
+    /// The lineage store (the `lineage` tree). Its queries take pseudonyms;
+    /// [`Engine::field_lineage`] and the others take customer ids.
+    pub fn lineage(&self) -> &LineageStore {
+        &self.lineage
+    }
+
     /// Waits until every write made so far is durable.
     pub async fn commit(&self) -> Result<()> {
         let releasable = std::mem::take(
@@ -304,14 +414,10 @@ impl Engine {
         r
     }
 
+    /// Holds the customer's lock (the one key rotation takes too) until the
+    /// guard is dropped.
     pub(crate) fn lock(&self, tenant: &str, customer: &str) -> MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (tenant, customer).hash(&mut h);
-        let i = (h.finish() as usize) % STRIPES;
-        // A poisoned stripe only means another writer panicked; the data it
-        // guards is in sled, not behind the mutex, so continuing is sound.
-        self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+        self.locks.lock(tenant, customer)
     }
 
     /// The customer's pad; NOT_FOUND once it was shredded.
@@ -329,7 +435,7 @@ impl Engine {
         customer: &str,
         w: &WrappedKey,
     ) -> Result<DataKey> {
-        let min = self.states.get(tenant).min_version;
+        let min = self.rotation.state(tenant).min_version;
         if w.kek_version < min {
             return Err(VaultError::precondition(format!(
                 "the data key of customer `{customer}` is wrapped under tenant key version {}, \
@@ -392,15 +498,18 @@ impl Engine {
             }
         }
         let (dek, new_wrapped, dek_version) = self.load_or_new_key(tenant, customer, now)?;
-        let result = self.apply_put(
+        let cx = PutContext {
             tenant,
             customer,
-            &dek,
+            dek: &dek,
             dek_version,
-            new_wrapped.as_ref().map(|(_, w)| w.as_slice()),
-            values,
             source,
             now,
+        };
+        let result = self.apply_put(
+            &cx,
+            new_wrapped.as_ref().map(|(_, w)| w.as_slice()),
+            values,
             lineage,
             slot.as_ref(),
         );
@@ -425,7 +534,7 @@ impl Engine {
         match self.load_wrapped(tenant, customer)? {
             Some(w) => Ok((self.unwrap_dek(tenant, customer, &w)?, None, w.dek_version)),
             None => {
-                let active = self.states.get(tenant).active_version;
+                let active = self.rotation.state(tenant).active_version;
                 let kek = self.keyring.kek(tenant, active);
                 let dek = DataKey::generate();
                 let (slot, pad) = self.store.slots.allocate()?;
@@ -479,34 +588,82 @@ impl Engine {
         Ok((Digest(dek.pseudonym(tenant, customer)), created))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Seals `values`, records the write's lineage (the anchor is appended
+    /// here) and applies it all in one transaction. Called with the
+    /// customer's lock held.
     fn apply_put(
         &self,
-        tenant: &str,
-        customer: &str,
-        dek: &DataKey,
-        dek_version: u32,
+        cx: &PutContext<'_>,
         new_wrapped: Option<&[u8]>,
         values: &[(&FieldDef, FieldValue)],
-        source: &Source,
-        now: i64,
         lineage: WriteLineage<'_>,
         slot: Option<&IdempotencySlot>,
     ) -> Result<PutOutcome> {
-        let dek_k = store::data_key_key(tenant, customer);
-        let subject = Digest(dek.pseudonym(tenant, customer));
-        let mut updated = false;
-        let mut generated = Vec::with_capacity(values.len());
-        let cipher = dek.cipher();
+        let (tenant, customer) = (cx.tenant, cx.customer);
+        let subject = Digest(cx.dek.pseudonym(tenant, customer));
+        let SealedFields {
+            writes,
+            versions,
+            generated,
+            updated,
+        } = self.seal_fields(cx, values, lineage.transformed)?;
+        let activity = write_activity(cx, lineage.agent, &subject, updated, generated);
+        let record =
+            self.lineage
+                .stage_write(tenant, customer, &subject, activity, lineage.anchor)?;
+        let feature_values = features::quantised(values);
+        let secret = if feature_values.is_empty() {
+            None
+        } else {
+            Some(self.features.secret(tenant)?)
+        };
+        let idempotency = slot.map(|sl| {
+            let r = store::IdempotencyRecord {
+                request_mac: sl.request_mac.to_vec(),
+                created: new_wrapped.is_some(),
+                fields: versions.iter().map(|(f, _)| f.clone()).collect(),
+                versions: versions.iter().map(|(_, v)| *v).collect(),
+                written_at_ms: cx.now,
+            };
+            (sl.key, r.encode_to_vec())
+        });
+        let tx = PutTransaction {
+            new_wrapped,
+            writes: &writes,
+            lineage: &record.staged,
+            features: secret.as_deref().map(|s| (s, feature_values.as_slice())),
+            idempotency: idempotency.as_ref(),
+        };
+        self.write_put(cx, &tx).map_err(|e| {
+            // The anchor is in the ledger already: say which entry now
+            // anchors nothing, so an audit can tell it from tampering.
+            tracing::error!(error = %e, ledger_index = record.ledger_index, "a write failed after its lineage anchor was appended; that ledger entry anchors no activity");
+            e
+        })?;
+        Ok(PutOutcome {
+            created: new_wrapped.is_some(),
+            versions,
+            replayed: false,
+        })
+    }
+
+    /// Seals each value under the customer's data key with its place and
+    /// provenance bound in, at the version after the stored one.
+    fn seal_fields(
+        &self,
+        cx: &PutContext<'_>,
+        values: &[(&FieldDef, FieldValue)],
+        transformed: &[&str],
+    ) -> Result<SealedFields> {
+        let (tenant, customer, source) = (cx.tenant, cx.customer, cx.source);
+        let cipher = cx.dek.cipher();
         let index_key = self.keyring.index_key(tenant);
-        struct Write {
-            key: Vec<u8>,
-            bytes: Vec<u8>,
-            old_entry: Option<Vec<u8>>,
-            new_entry: Option<Vec<u8>>,
-        }
-        let mut writes = Vec::with_capacity(values.len());
-        let mut versions = Vec::with_capacity(values.len());
+        let mut out = SealedFields {
+            writes: Vec::with_capacity(values.len()),
+            versions: Vec::with_capacity(values.len()),
+            generated: Vec::with_capacity(values.len()),
+            updated: false,
+        };
         for (def, value) in values {
             let key = store::record_key(tenant, customer, &def.name);
             let prev = match self.store.records.get(&key)? {
@@ -516,7 +673,7 @@ impl Engine {
                 None => None,
             };
             let version = prev.as_ref().map_or(0, |p| p.version) + 1;
-            updated |= prev.is_some();
+            out.updated |= prev.is_some();
             let token = if def.indexed {
                 index_key.token(&def.name, &value.index_bytes()).to_vec()
             } else {
@@ -527,12 +684,12 @@ impl Engine {
                 customer,
                 field: &def.name,
                 version,
-                dek_version,
+                dek_version: cx.dek_version,
                 provenance: Some(envelope::Provenance {
                     channel: &source.channel,
                     collector: &source.collector,
                     consent_ref: &source.consent_ref,
-                    collected_at_ms: now,
+                    collected_at_ms: cx.now,
                     index_token: &token,
                 }),
             };
@@ -549,84 +706,52 @@ impl Engine {
                 channel: source.channel.clone(),
                 collector: source.collector.clone(),
                 consent_ref: source.consent_ref.clone(),
-                collected_at_ms: now,
+                collected_at_ms: cx.now,
                 index_token: token,
-                dek_version,
+                dek_version: cx.dek_version,
                 format: store::RECORD_FORMAT,
             };
-            writes.push(Write {
+            out.writes.push(FieldWrite {
                 key,
                 bytes: rec.encode_to_vec(),
                 old_entry,
                 new_entry,
             });
-            versions.push((def.name.clone(), version));
-            let t = if lineage.transformed.contains(&def.name.as_str()) {
-                lineage::transformation(
-                    lpb::TransformationType::Direct,
-                    lpb::TransformationSubtype::Transformation,
-                    false,
-                    "normalised",
-                )
-            } else {
-                lineage::transformation(
-                    lpb::TransformationType::Direct,
-                    lpb::TransformationSubtype::Identity,
-                    false,
-                    "",
-                )
-            };
-            generated.push(lpb::Generation {
+            out.versions.push((def.name.clone(), version));
+            out.generated.push(lpb::Generation {
                 field: def.name.clone(),
                 version,
-                value_hash: hex::encode(self.value_hash(tenant, &def.name, &value.to_bytes())),
+                value_hash: hex::encode(self.lineage.value_hash(
+                    tenant,
+                    &def.name,
+                    &value.to_bytes(),
+                )),
                 derived_from: Vec::new(),
-                transformation: Some(t),
+                transformation: Some(write_transformation(
+                    transformed.contains(&def.name.as_str()),
+                )),
             });
         }
-        versions.sort();
-        let kind = if updated {
-            lpb::ActivityKind::Update
-        } else {
-            lpb::ActivityKind::Collect
-        };
-        let mut activity = lineage.agent.activity(kind, tenant);
-        activity.time_ms = now;
-        activity.subject = subject.0.to_vec();
-        activity.origin = Some(lpb::Origin {
-            channel: source.channel.clone(),
-            collector: source.collector.clone(),
-            consent_ref: source.consent_ref.clone(),
-        });
-        activity.generated = generated;
-        let record = self.stage_write(tenant, customer, &subject, activity, lineage.anchor)?;
-        let feature_values = features::quantised(values);
-        let secret = if feature_values.is_empty() {
-            None
-        } else {
-            Some(self.fhe_secret(tenant)?)
-        };
-        let idempotency_record = slot.map(|sl| {
-            let r = store::IdempotencyRecord {
-                request_mac: sl.request_mac.to_vec(),
-                created: new_wrapped.is_some(),
-                fields: versions.iter().map(|(f, _)| f.clone()).collect(),
-                versions: versions.iter().map(|(_, v)| *v).collect(),
-                written_at_ms: now,
-            };
-            (sl.key, r.encode_to_vec())
-        });
+        out.versions.sort();
+        Ok(out)
+    }
+
+    /// The put's one transaction over the records, data-key, index, lineage,
+    /// feature and idempotency trees.
+    fn write_put(&self, cx: &PutContext<'_>, tx: &PutTransaction<'_>) -> Result<()> {
+        let (tenant, customer, now) = (cx.tenant, cx.customer, cx.now);
+        let dek_k = store::data_key_key(tenant, customer);
         let s = &self.store;
         (
             &s.records,
             &s.data_keys,
             &s.index,
-            &s.lineage,
-            &s.features,
+            self.lineage.tree(),
+            self.features.tree(),
             &s.idempotency,
         )
             .transaction(|(r, k, i, l, f, d)| {
-                if let Some((key, bytes)) = &idempotency_record {
+                if let Some((key, bytes)) = tx.idempotency {
                     // INVARIANT: checked again inside the transaction, so two
                     // concurrent writes with one key cannot both apply.
                     if let Some(prior) = d.get(key)? {
@@ -641,14 +766,14 @@ impl Engine {
                     }
                     d.insert(&key[..], bytes.as_slice())?;
                 }
-                record.staged.apply(l)?;
-                if let Some(secret) = &secret {
-                    features::put(f, secret, tenant, customer, &feature_values)?;
+                tx.lineage.apply(l)?;
+                if let Some((secret, values)) = tx.features {
+                    features::put(f, secret, tenant, customer, values)?;
                 }
-                if let Some(w) = new_wrapped {
+                if let Some(w) = tx.new_wrapped {
                     k.insert(dek_k.as_slice(), w)?;
                 }
-                for w in &writes {
+                for w in tx.writes {
                     r.insert(w.key.as_slice(), w.bytes.as_slice())?;
                     if let Some(old) = &w.old_entry {
                         i.remove(old.as_slice())?;
@@ -659,18 +784,7 @@ impl Engine {
                 }
                 Ok::<_, ConflictableTransactionError<VaultError>>(())
             })
-            .map_err(|e| {
-                let e = tx_err(e);
-                // The anchor is in the ledger already: say which entry now
-                // anchors nothing, so an audit can tell it from tampering.
-                tracing::error!(error = %e, ledger_index = record.ledger_index, "a write failed after its lineage anchor was appended; that ledger entry anchors no activity");
-                e
-            })?;
-        Ok(PutOutcome {
-            created: new_wrapped.is_some(),
-            versions,
-            replayed: false,
-        })
+            .map_err(tx_err)
     }
 
     /// The record key and request digest of an idempotent write.
@@ -905,12 +1019,7 @@ impl Engine {
 
     /// The tenant's TFHE secret key, created on first use.
     pub(crate) fn fhe_secret(&self, tenant: &str) -> Result<Arc<crate::crypto::fhe::FheSecret>> {
-        self.fhe.get(
-            &self.store.features,
-            &features::secret_key(tenant),
-            &self.keyring,
-            tenant,
-        )
+        self.features.secret(tenant)
     }
 
     /// The tenant's bootstrap key (public evaluation material for trees and
@@ -919,13 +1028,12 @@ impl Engine {
         &self,
         tenant: &str,
     ) -> Result<Arc<sovra_sandbox::BootstrapKey>> {
-        let secret = self.fhe_secret(tenant)?;
-        self.fhe.bootstrap(tenant, &secret)
+        self.features.bootstrap_key(tenant)
     }
 
     /// Creates the tenant's TFHE keys if it has none yet (`sovra init`).
     pub fn ensure_fhe_keys(&self, tenant: &str) -> Result<()> {
-        self.fhe_secret(tenant).map(|_| ())
+        self.features.secret(tenant).map(|_| ())
     }
 
     /// The names of the fields `customer` holds a value for.
@@ -969,7 +1077,9 @@ impl Engine {
             record_keys.push(k);
         }
         let dek_k = store::data_key_key(tenant, customer);
-        let staged = self.stage_lineage_removal(tenant, customer, subject, erase)?;
+        let staged = self
+            .lineage
+            .stage_removal(tenant, customer, subject, erase)?;
         let feature_names: Vec<String> = self
             .schema
             .fields()
@@ -977,13 +1087,19 @@ impl Engine {
             .filter(|f| f.feature.is_some())
             .map(|f| f.name.clone())
             .collect();
-        let secret = if features::slot_of(&self.store.features, tenant, customer)?.is_some() {
+        let secret = if self.features.slot_of(tenant, customer)?.is_some() {
             Some(self.fhe_secret(tenant)?)
         } else {
             None
         };
         let s = &self.store;
-        (&s.records, &s.data_keys, &s.index, &s.lineage, &s.features)
+        (
+            &s.records,
+            &s.data_keys,
+            &s.index,
+            self.lineage.tree(),
+            self.features.tree(),
+        )
             .transaction(|(r, k, i, l, f)| {
                 staged.apply(l)?;
                 if let Some(secret) = &secret {
@@ -1003,5 +1119,130 @@ impl Engine {
             u32::try_from(record_keys.len()).unwrap_or(u32::MAX),
             u32::try_from(entries.len()).unwrap_or(u32::MAX),
         ))
+    }
+}
+
+// Tenant keys: the rotation component does the work; these keep the
+// engine's API for its callers.
+impl Engine {
+    /// Starts a rotation of the tenant's key (see [`KeyRotation::rotate`]:
+    /// `audit` makes the ledger entry durable first).
+    pub async fn rotate<F, Fut>(&self, tenant: &str, audit: F) -> Result<KeyState>
+    where
+        F: FnOnce(u32, u32) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        self.rotation.rotate(tenant, audit).await
+    }
+
+    /// Retires the tenant's key versions below `min_version` (see
+    /// [`KeyRotation::retire`]).
+    pub async fn retire<F, Fut>(
+        &self,
+        tenant: &str,
+        min_version: u32,
+        force: bool,
+        audit: F,
+    ) -> Result<KeyStatus>
+    where
+        F: FnOnce(Retirement) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        self.rotation
+            .retire(tenant, min_version, force, audit)
+            .await
+    }
+
+    /// The tenant's key state and data keys per wrapping version.
+    pub fn key_status(&self, tenant: &str) -> Result<KeyStatus> {
+        self.rotation.key_status(tenant)
+    }
+
+    /// Runs the tenant's rotation job on a background task.
+    pub fn spawn_rotation(&self, tenant: String) {
+        self.rotation.spawn(tenant);
+    }
+
+    /// Resumes every unfinished rotation job in the background.
+    pub fn resume_rotations(&self) {
+        self.rotation.resume();
+    }
+}
+
+// Lineage by customer id: the engine resolves the customer to its pseudonym
+// (under the customer's lock where the lineage store writes), then asks the
+// lineage store.
+impl Engine {
+    /// Records a read (reveal, masked read, refusal or export) of `customer`:
+    /// `activity` lists the fields used. The ledger entry is appended by
+    /// `anchor` (not durable until the ledger commits); the record is
+    /// written before this returns and durable after [`Engine::commit`].
+    /// NOT_FOUND if the customer was erased meanwhile.
+    pub fn record_access(
+        &self,
+        tenant: &str,
+        customer: &str,
+        activity: lpb::Activity,
+        anchor: impl FnOnce(&Pseudonym, &Digest) -> Result<u64>,
+    ) -> Result<u64> {
+        let _guard = self.lock(tenant, customer);
+        // INVARIANT: under the customer's lock, a customer whose data key is
+        // present is not being erased, so the records the lineage store
+        // writes cannot outlive the erasure that would remove them.
+        let subject = self.pseudonym(tenant, customer, false)?;
+        self.lineage
+            .record_access(tenant, customer, &subject, activity, anchor)
+    }
+
+    /// The lineage of `field` of `customer`: every version, oldest first.
+    /// NOT_FOUND for an unknown or erased customer or a field it never had.
+    pub fn field_lineage(
+        &self,
+        ledger: &Ledger,
+        tenant: &str,
+        customer: &str,
+        field: &str,
+    ) -> Result<lpb::FieldLineage> {
+        let subject = self.pseudonym(tenant, customer, false)?;
+        self.lineage
+            .field_lineage(ledger, tenant, customer, &subject, field)
+    }
+
+    /// Accesses to `field` of `customer` with `from_ms <= time < to_ms`,
+    /// oldest first, at most `limit`, starting after `after` (a page token).
+    /// The range and limit are checked before the customer is looked up.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accesses(
+        &self,
+        ledger: &Ledger,
+        tenant: &str,
+        customer: &str,
+        field: &str,
+        range: (i64, i64),
+        limit: u32,
+        after: &str,
+    ) -> Result<lpb::ListAccessesResponse> {
+        let page = Page::new(range, limit)?;
+        let subject = self.pseudonym(tenant, customer, false)?;
+        self.lineage
+            .accesses(ledger, tenant, &subject, field, &page, after)
+    }
+
+    /// The activities that computed on `field` of `customer`, oldest first.
+    pub fn derived(
+        &self,
+        ledger: &Ledger,
+        tenant: &str,
+        customer: &str,
+        field: &str,
+    ) -> Result<lpb::GetDerivedResponse> {
+        let subject = self.pseudonym(tenant, customer, false)?;
+        self.lineage.derived(ledger, tenant, &subject, field)
+    }
+
+    /// The tenant's lineage aggregated per job, with no customer id,
+    /// pseudonym or value (see [`LineageStore::export`]).
+    pub fn export_lineage(&self, tenant: &str) -> Result<lpb::ExportLineageResponse> {
+        self.lineage.export(tenant)
     }
 }

@@ -1,15 +1,21 @@
-//! Tenant key versions, rotation and retirement.
+//! Tenant key versions, rotation and retirement: the [`KeyRotation`]
+//! component, which owns every tenant's key state (kept in memory and
+//! persisted in `meta` under `keystate 0 tenant`) and changes it over the
+//! store, key ring and per-customer locks it is given. The engine holds it
+//! and asks it which versions wrap and unwrap.
 //!
 //! Guarantees:
-//! - After [`Engine::rotate`] returns, every new data key is wrapped under the
-//!   new version. A background job re-wraps every existing data key to it,
-//!   never touching field ciphertexts (the data keys themselves do not
+//! - After [`KeyRotation::rotate`] returns, every new data key is wrapped
+//!   under the new version. A background job re-wraps every existing data key
+//!   to it, never touching field ciphertexts (the data keys themselves do not
 //!   change). The job persists its cursor after every batch, so a restart
-//!   resumes where it stopped ([`Engine::resume_rotations`]).
+//!   resumes where it stopped ([`KeyRotation::resume`]).
 //! - Reads keep working during the job: any version at or above the minimum
 //!   decryption version unwraps.
-//! - After [`Engine::retire`], data keys wrapped under a version below the
-//!   new minimum are refused with an explicit error naming both versions.
+//! - After [`KeyRotation::retire`], data keys wrapped under a version below
+//!   the new minimum are refused with an explicit error naming both versions.
+//! - Rotations and retirements run one at a time, each with its ledger entry
+//!   durable before the change (write-ahead).
 //!
 //! Does not guarantee: that old KEK versions become underivable. They derive
 //! from the root key; retirement is a policy enforced by the vault, and
@@ -20,8 +26,9 @@ use std::sync::{Arc, RwLock};
 
 use prost::Message;
 
-use crate::crypto::keys::{Kek, KeyPlace, WrappedKey};
-use crate::engine::{now_ms, Engine};
+use super::locks::CustomerLocks;
+use crate::clock::now_ms;
+use crate::crypto::keys::{Kek, KeyPlace, KeyRing, WrappedKey};
 use crate::error::{Result, VaultError};
 use crate::store::{self, Store};
 
@@ -79,7 +86,7 @@ impl KeyState {
 }
 
 /// The key state of every tenant, cached in memory and persisted in `meta`.
-pub(crate) struct KeyStates {
+struct KeyStates {
     map: RwLock<HashMap<String, KeyState>>,
     // Serialises state changes (rotate, retire, job progress); they are rare,
     // so one lock for all tenants is enough.
@@ -90,7 +97,7 @@ pub(crate) struct KeyStates {
 }
 
 impl KeyStates {
-    pub(crate) fn load(store: &Store) -> Result<KeyStates> {
+    fn load(store: &Store) -> Result<KeyStates> {
         let mut map = HashMap::new();
         for item in store.meta.scan_prefix(b"keystate\0") {
             let (k, v) = item?;
@@ -109,7 +116,7 @@ impl KeyStates {
     }
 
     /// The tenant's state (the initial state if it has none yet).
-    pub(crate) fn get(&self, tenant: &str) -> KeyState {
+    fn get(&self, tenant: &str) -> KeyState {
         self.map
             .read()
             .ok()
@@ -153,10 +160,46 @@ pub struct KeyStatus {
     pub by_version: BTreeMap<u32, u64>,
 }
 
-impl Engine {
+/// Tenant key rotation and retirement over the vault's data keys.
+pub struct KeyRotation {
+    store: Arc<Store>,
+    keyring: Arc<KeyRing>,
+    locks: Arc<CustomerLocks>,
+    states: KeyStates,
+}
+
+impl std::fmt::Debug for KeyRotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyRotation")
+    }
+}
+
+impl KeyRotation {
+    /// Loads every tenant's key state from `store`. `locks` must be the
+    /// engine's: a re-wrap holds the customer's lock, so it never races a
+    /// write or an erasure of that customer.
+    pub(crate) fn load(
+        store: Arc<Store>,
+        keyring: Arc<KeyRing>,
+        locks: Arc<CustomerLocks>,
+    ) -> Result<KeyRotation> {
+        let states = KeyStates::load(&store)?;
+        Ok(KeyRotation {
+            store,
+            keyring,
+            locks,
+            states,
+        })
+    }
+
+    /// The tenant's key state (the initial one if it never changed).
+    pub fn state(&self, tenant: &str) -> KeyState {
+        self.states.get(tenant)
+    }
+
     /// Starts a rotation: the next version becomes active at once and a
-    /// re-wrap job is recorded. Run the job with [`Engine::run_rotation`]
-    /// (the server spawns it). Durable when this returns.
+    /// re-wrap job is recorded. Run the job with [`KeyRotation::run`] (the
+    /// server spawns it). Durable when this returns.
     ///
     /// `audit(from, to)` runs once the new version is decided and before
     /// anything is stored; the server makes the ledger entry durable there.
@@ -208,20 +251,20 @@ impl Engine {
             self.states.set(&self.store, tenant, st.clone())?;
             st
         };
-        self.commit().await?;
+        self.store.commit().await?;
         Ok(st)
     }
 
     /// Runs (or resumes) the tenant's rotation job to completion, one batch
     /// at a time, persisting progress after each batch.
-    pub async fn run_rotation(self: &Arc<Self>, tenant: &str) -> Result<()> {
+    pub async fn run(self: &Arc<Self>, tenant: &str) -> Result<()> {
         loop {
             let this = self.clone();
             let t = tenant.to_owned();
-            let done = tokio::task::spawn_blocking(move || this.rotation_batch(&t))
+            let done = tokio::task::spawn_blocking(move || this.batch(&t))
                 .await
                 .map_err(|e| VaultError::storage(format!("rotation task failed: {e}")))??;
-            self.commit().await?;
+            self.store.commit().await?;
             if done {
                 return Ok(());
             }
@@ -229,18 +272,18 @@ impl Engine {
     }
 
     /// Resumes every unfinished rotation job in the background.
-    pub fn resume_rotations(self: &Arc<Self>) {
+    pub fn resume(self: &Arc<Self>) {
         for tenant in self.states.unfinished() {
-            self.spawn_rotation(tenant);
+            self.spawn(tenant);
         }
     }
 
     /// Runs the tenant's rotation job on a background task.
-    pub fn spawn_rotation(self: &Arc<Self>, tenant: String) {
+    pub fn spawn(self: &Arc<Self>, tenant: String) {
         let this = self.clone();
         tokio::spawn(async move {
             tracing::info!(tenant = %tenant, "tenant key rotation job running");
-            match this.run_rotation(&tenant).await {
+            match this.run(&tenant).await {
                 Ok(()) => tracing::info!(tenant = %tenant, "tenant key rotation job finished"),
                 Err(e) => {
                     tracing::error!(tenant = %tenant, error = %e, "tenant key rotation job stopped; it resumes at the next start")
@@ -250,7 +293,7 @@ impl Engine {
     }
 
     /// Re-wraps one batch. Returns true when the job is done.
-    fn rotation_batch(&self, tenant: &str) -> Result<bool> {
+    fn batch(&self, tenant: &str) -> Result<bool> {
         let st = self.states.get(tenant);
         let Some(mut job) = st.job.clone().filter(|j| !j.done) else {
             return Ok(true);
@@ -319,7 +362,7 @@ impl Engine {
         target: u32,
         min: u32,
     ) -> Result<()> {
-        let _g = self.lock(tenant, customer);
+        let _g = self.locks.lock(tenant, customer);
         // Re-read under the lock: the customer may have been erased or
         // written since the scan.
         let Some(cur) = self.store.data_keys.get(key)? else {
@@ -373,7 +416,7 @@ impl Engine {
     /// under them, unless `force`.
     ///
     /// `audit(retirement)` runs once the retirement is checked and before
-    /// it is stored (write-ahead, as [`Engine::rotate`]); if it fails,
+    /// it is stored (write-ahead, as [`KeyRotation::rotate`]); if it fails,
     /// nothing changes.
     pub async fn retire<F, Fut>(
         &self,
@@ -422,7 +465,7 @@ impl Engine {
             st.min_version = min_version;
             self.states.set(&self.store, tenant, st)?;
         }
-        self.commit().await?;
+        self.store.commit().await?;
         self.key_status(tenant)
     }
 }
