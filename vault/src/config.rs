@@ -59,7 +59,7 @@ pub struct Config {
     /// and per-principal limits (written only when changed, since the
     /// defaults follow the machine's cores).
     #[serde(default, skip_serializing_if = "is_default_admission")]
-    pub sandbox: crate::grpc::sandbox::AdmissionConfig,
+    pub sandbox: crate::jobs::AdmissionConfig,
     /// Who may call, by token hash.
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
@@ -161,8 +161,8 @@ impl Default for PolicyConfig {
     }
 }
 
-fn is_default_admission(a: &crate::grpc::sandbox::AdmissionConfig) -> bool {
-    *a == crate::grpc::sandbox::AdmissionConfig::default()
+fn is_default_admission(a: &crate::jobs::AdmissionConfig) -> bool {
+    *a == crate::jobs::AdmissionConfig::default()
 }
 
 fn default_listen() -> String {
@@ -468,7 +468,7 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
             operator_tenant: default_tenant(),
         },
         limits: Limits::default(),
-        sandbox: crate::grpc::sandbox::AdmissionConfig::default(),
+        sandbox: crate::jobs::AdmissionConfig::default(),
         principals: Vec::new(),
         base_dir: dir.to_path_buf(),
         source: Some(config_path.clone()),
