@@ -1,4 +1,5 @@
-//! The server configuration file (`config.toml`), and `sovra init`.
+//! The server configuration file (`config.toml`). Initialising a data
+//! directory (`sovra init`) is `app::setup`.
 //!
 //! Guarantees: relative paths resolve against the configuration file's
 //! directory, unknown keys are rejected (a typo never silently falls back to a
@@ -360,6 +361,35 @@ impl Config {
         }
     }
 
+    /// The configuration `sovra init` writes as `dir/config.toml`: the
+    /// defaults, with the schema and policy files beside it
+    /// (`schema.toml`, `policies/`), the ledger origin `origin`, and no
+    /// principals yet.
+    pub fn for_new_dir(dir: &Path, listen: &str, origin: String) -> Config {
+        Config {
+            listen: listen.into(),
+            data_dir: default_data_dir(),
+            schema: Some("schema.toml".into()),
+            root_key_file: default_root_key_file(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            log_format: default_log_format(),
+            tls: None,
+            ledger: LedgerConfig {
+                origin,
+                ..LedgerConfig::default()
+            },
+            policy: PolicyConfig {
+                dir: Some("policies".into()),
+                operator_tenant: default_tenant(),
+            },
+            limits: Limits::default(),
+            sandbox: crate::jobs::AdmissionConfig::default(),
+            principals: Vec::new(),
+            base_dir: dir.to_path_buf(),
+            source: Some(dir.join("config.toml")),
+        }
+    }
+
     /// Issues a token for a new principal with no department and no
     /// purposes, and adds it.
     pub fn add_principal(&mut self, name: &str, role: Role, tenant: &str) -> Result<IssuedToken> {
@@ -400,102 +430,6 @@ impl Config {
         });
         Ok(t)
     }
-}
-
-/// What `sovra init` created.
-#[derive(Debug)]
-pub struct Initialised {
-    /// The configuration file.
-    pub config_path: PathBuf,
-    /// The first admin's token (shown once).
-    pub admin_token: IssuedToken,
-    /// The ledger's verifier key, for officers to pin.
-    pub verifier_key: String,
-    /// Whether the default tenant's TFHE key was made (the schema declares
-    /// model features).
-    pub fhe_key: bool,
-}
-
-/// Creates a data directory: root key (0600), `config.toml` with one admin
-/// principal, `schema.toml` (the default schema, to edit), and the default
-/// tenant's TFHE key (stored wrapped under the root key; tenants added
-/// later get theirs at the server's next start). Refuses a
-/// directory that already holds a configuration or key.
-pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
-    // Whatever the caller's umask: every file 0600, every directory 0700.
-    crate::files::private_umask();
-    let shown = dir.display().to_string();
-    std::fs::create_dir_all(dir)
-        .map_err(|e| VaultError::config(&shown, format!("cannot create: {e}")))?;
-    crate::files::make_private_dir(dir)?;
-    let config_path = dir.join("config.toml");
-    if config_path.exists() || dir.join("root.key").exists() {
-        return Err(VaultError::config(
-            &shown,
-            "already initialised (config.toml or root.key exists); refusing to overwrite",
-        ));
-    }
-    RootKey::generate().write_new(&dir.join("root.key"))?;
-    if !dir.join(default_ledger_key_file()).exists() {
-        LogKey::write_new(&dir.join(default_ledger_key_file()))?;
-    }
-    let mut suffix = [0u8; 4];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut suffix);
-    std::fs::write(dir.join("schema.toml"), DEFAULT_SCHEMA)
-        .map_err(|e| VaultError::config(&shown, format!("cannot write schema.toml: {e}")))?;
-    let policy_dir = dir.join("policies");
-    std::fs::create_dir_all(&policy_dir)
-        .map_err(|e| VaultError::config(&shown, format!("cannot create policies/: {e}")))?;
-    for (name, text) in sovra_policy::DEFAULT_FILES {
-        std::fs::write(policy_dir.join(name), text).map_err(|e| {
-            VaultError::config(&shown, format!("cannot write policies/{name}: {e}"))
-        })?;
-    }
-    let mut cfg = Config {
-        listen: listen.into(),
-        data_dir: default_data_dir(),
-        schema: Some("schema.toml".into()),
-        root_key_file: default_root_key_file(),
-        max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-        log_format: default_log_format(),
-        tls: None,
-        ledger: LedgerConfig {
-            origin: format!("sovra.local/ledger/{}", hex::encode(suffix)),
-            ..LedgerConfig::default()
-        },
-        policy: PolicyConfig {
-            dir: Some("policies".into()),
-            operator_tenant: default_tenant(),
-        },
-        limits: Limits::default(),
-        sandbox: crate::jobs::AdmissionConfig::default(),
-        principals: Vec::new(),
-        base_dir: dir.to_path_buf(),
-        source: Some(config_path.clone()),
-    };
-    let admin_token = cfg.add_principal("admin", Role::Admin, &default_tenant())?;
-    write_config(&cfg, &config_path)?;
-    let verifier_key =
-        LogKey::load_file(&cfg.ledger.origin, &dir.join(default_ledger_key_file()))?.verifier_key();
-    // The store is opened once, to make the key, and closed (flushed)
-    // before `sovra serve` opens it.
-    let engine = crate::engine::Engine::open(
-        &cfg.resolve(&cfg.data_dir),
-        cfg.load_root_key()?,
-        cfg.load_schema()?,
-    )?;
-    let fhe_key = !engine.schema().feature_catalog().is_empty();
-    if fhe_key {
-        engine.ensure_fhe_keys(&default_tenant())?;
-    }
-    engine.store().flush()?;
-    drop(engine);
-    Ok(Initialised {
-        config_path,
-        admin_token,
-        verifier_key,
-        fhe_key,
-    })
 }
 
 /// Writes `cfg` to `path` atomically (temporary file, fsync, rename).
@@ -592,22 +526,6 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn init_then_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let i = init(dir.path(), DEFAULT_LISTEN).unwrap();
-        let c = Config::load(&i.config_path).unwrap();
-        assert_eq!(c.principals.len(), 1);
-        let text = std::fs::read_to_string(&i.config_path).unwrap();
-        assert!(!text.contains(i.admin_token.token.as_str()));
-        assert!(c.load_root_key().is_ok());
-        assert!(c.load_schema().is_ok());
-        assert!(
-            init(dir.path(), DEFAULT_LISTEN).is_err(),
-            "never re-initialises"
-        );
-    }
 
     #[test]
     fn bad_configs_name_the_problem() {

@@ -345,64 +345,6 @@ pub fn explain(
     }
 }
 
-/// A question for [`explain_offline`].
-#[derive(Debug, Clone)]
-pub struct OfflineQuestion {
-    /// The principal's configured name.
-    pub principal: String,
-    /// The Cedar action id.
-    pub action: String,
-    /// The field ("" for none).
-    pub field: String,
-    /// The declared purpose ("" for none).
-    pub purpose: String,
-    /// Approvals to assume.
-    pub approvals: u32,
-    /// The customer's attributes, as given.
-    pub customer: CustomerAttrs,
-}
-
-/// Explains a decision from files alone: the policies in `dir`, the
-/// principal and schema named by the configuration at `config_path`.
-pub fn explain_offline(
-    dir: &std::path::Path,
-    config_path: &std::path::Path,
-    q: &OfflineQuestion,
-) -> Result<sovra_proto::policy::v1::Explanation> {
-    let pol = Policies::load_dir(dir)?;
-    let cfg = crate::config::Config::load(config_path)?;
-    let schema = cfg.load_schema()?;
-    let auth = cfg.authenticator()?;
-    let subject = auth.by_name(&q.principal).ok_or_else(|| {
-        VaultError::invalid(
-            "principal",
-            format!(
-                "no principal named `{}` in {}",
-                q.principal,
-                config_path.display()
-            ),
-        )
-    })?;
-    let action = Action::from_name(&q.action).ok_or_else(|| {
-        VaultError::invalid(
-            "action",
-            format!(
-                "unknown action; one of {}",
-                Action::ALL.map(Action::name).join(", ")
-            ),
-        )
-    })?;
-    if !q.purpose.is_empty() {
-        schema.check_purpose(&q.purpose)?;
-    }
-    let field = match action.target() {
-        sovra_policy::Target::Field => Some(&schema.field(&q.field)?.policy),
-        _ => None,
-    };
-    let ctx = context(&q.purpose, i64::from(q.approvals));
-    explain(&pol, &subject, action, field, &q.customer, &ctx)
-}
-
 /// Distinct policy ids, joined and bounded for a ledger `reason` field.
 pub fn reason(ids: impl IntoIterator<Item = String>) -> String {
     let ids: std::collections::BTreeSet<String> = ids.into_iter().collect();
