@@ -12,15 +12,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../sandbox/testkit/mod.rs"]
-mod testkit;
-
 use criterion::{criterion_group, criterion_main, Criterion};
 use sovra_sandbox::params::SLOTS;
 use sovra_sandbox::spec::{self, FeatureInfo};
 use sovra_sandbox::{run, EncryptedOutput, EvaluationMaterial, JobInput, Limits, Progress};
+use sovra_testkit::fhe::Key;
 use std::collections::BTreeMap;
-use testkit::Key;
 
 fn bench(c: &mut Criterion) {
     let names: Vec<String> = (0..17).map(|i| format!("f{i:02}")).collect();

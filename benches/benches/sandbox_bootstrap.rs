@@ -10,18 +10,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../sandbox/testkit/mod.rs"]
-mod testkit;
-
 use criterion::{criterion_group, criterion_main, Criterion};
 use sovra_sandbox::bootstrap::{extract, Bootstrapper};
 use sovra_sandbox::params::SLOTS;
 use sovra_sandbox::spec::{self, FeatureInfo};
 use sovra_sandbox::{run, EvaluationMaterial, JobInput, Limits, Progress};
+use sovra_testkit::fhe::Key;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
-use testkit::Key;
 
 fn bench(c: &mut Criterion) {
     // One thread: the figures are per core.

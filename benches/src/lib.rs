@@ -1,11 +1,12 @@
 //! Shared helpers for Sovra's benchmarks and the `sovra-load` generator:
-//! an embedded server on a loopback port with a token per role.
+//! an embedded server on a loopback port with a token per role (the test
+//! kit's data directory and server).
 
 #![forbid(unsafe_code)]
 
+use sovra_testkit::PrincipalSpec;
 use sovra_vault::access::auth::Role;
-use sovra_vault::config::{self, Config};
-use sovra_vault::server::{self, ServerHandle};
+use sovra_vault::server::ServerHandle;
 
 /// An embedded server in a temporary directory.
 pub struct Embedded {
@@ -27,38 +28,29 @@ pub struct Embedded {
 
 /// Starts an embedded server (call inside a tokio runtime).
 pub async fn embedded() -> Result<Embedded, Box<dyn std::error::Error>> {
-    let dir = tempfile::tempdir()?;
-    let init = config::init(dir.path(), "127.0.0.1:0")?;
-    let mut cfg = Config::load(&init.config_path)?;
-    let svc = cfg.add_principal_with(
-        "bench",
-        Role::Service,
-        "default",
-        "sales",
-        &["customer_service", "marketing", "billing", "lead_scoring"],
-    )?;
-    let mut partner_tokens = Vec::new();
-    for i in 0..6 {
-        let p = cfg.add_principal_with(
-            &format!("partner-{i}"),
-            Role::Partner,
-            "default",
-            "partners",
-            &["lead_scoring"],
-        )?;
-        partner_tokens.push(p.token.to_string());
-    }
-    config::write_config(&cfg, &init.config_path)?;
-    let cfg = Config::load(&init.config_path)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let handle = server::start(&cfg, Some(listener), std::future::pending()).await?;
-    let url = format!("http://{}", handle.addr());
+    let names: Vec<String> = (0..6).map(|i| format!("partner-{i}")).collect();
+    let mut principals = vec![PrincipalSpec {
+        name: "bench",
+        role: Role::Service,
+        department: "sales",
+        purposes: &["customer_service", "marketing", "billing", "lead_scoring"],
+    }];
+    principals.extend(names.iter().map(|name| PrincipalSpec {
+        name,
+        role: Role::Partner,
+        department: "partners",
+        purposes: &["lead_scoring"],
+    }));
+    let d = sovra_testkit::data_dir(&principals)?;
+    let running = sovra_testkit::serve(&d.config()?).await?;
+    let mut tokens = d.tokens.iter().map(|t| t.token.to_string());
+    let service_token = tokens.next().ok_or("the service principal was not added")?;
     Ok(Embedded {
-        dir,
-        handle,
-        url,
-        service_token: svc.token.to_string(),
-        admin_token: init.admin_token.token.to_string(),
-        partner_tokens,
+        partner_tokens: tokens.collect(),
+        service_token,
+        admin_token: d.init.admin_token.token.to_string(),
+        dir: d.dir,
+        handle: running.handle,
+        url: running.url,
     })
 }

@@ -5,12 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../testkit/mod.rs"]
-mod testkit;
-
 use sovra_sandbox::bootstrap::{extract, trivial, Bootstrapper, OUTPUT_NOISE_LOG};
 use sovra_sandbox::params::SLOTS;
-use testkit::Key;
+use sovra_testkit::fhe::Key;
 
 #[test]
 fn comparisons_are_exact_at_the_edges_of_their_range() {

@@ -5,16 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../testkit/mod.rs"]
-mod testkit;
-
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use sovra_sandbox::params::SLOTS;
 use sovra_sandbox::spec::{self, AggregateOp, FeatureInfo, Model};
 use sovra_sandbox::{run, EncryptedOutput, EvaluationMaterial, JobInput, Limits, Progress};
+use sovra_testkit::fhe::Key;
 use std::collections::BTreeMap;
-use testkit::Key;
 
 const FEATURES: [&str; 3] = ["budget", "purchase_count", "whitepaper_dwell_s"];
 const MAX: i64 = 1023;

@@ -8,9 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../testkit/mod.rs"]
-mod testkit;
-
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use sovra_sandbox::params::{self, SLOTS};
@@ -18,9 +15,9 @@ use sovra_sandbox::spec::{self, FeatureInfo, Model};
 use sovra_sandbox::{
     run, BootstrapKey, EncryptedOutput, EvaluationMaterial, JobInput, Limits, Progress,
 };
+use sovra_testkit::fhe::Key;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
-use testkit::Key;
 
 const FEATURES: [(&str, i64); 2] = [("budget", 1023), ("visits", 15)];
 

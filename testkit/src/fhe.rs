@@ -1,10 +1,10 @@
-//! The tests' and benches' stand-in for the vault's key handling: a GLWE
-//! secret key, block encryption, decryption, and bootstrap-key generation
-//! with tfhe's core_crypto, as `vault/src/fhe.rs` does it. Lives outside
-//! `src/` on purpose: the sandbox crate itself never holds a secret key.
-//! Included with `#[path]` by `sandbox/tests/*` and `benches/benches/sandbox*.rs`.
+//! The sandbox tests' and benches' stand-in for the vault's key handling:
+//! a GLWE secret key, block encryption, decryption, and bootstrap-key
+//! generation with tfhe's core_crypto, as `vault/src/crypto/fhe.rs` does
+//! it. It lives in the test kit on purpose: the sandbox crate itself never
+//! holds a secret key (`sandbox/tests/no_secret_key.rs`).
 
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use sovra_sandbox::params::{self, SLOTS};
 use sovra_sandbox::{BootstrapKey, FeatureBlock};
@@ -12,6 +12,12 @@ use tfhe::core_crypto::prelude::*;
 
 /// A tenant's GLWE secret key.
 pub struct Key(pub GlweSecretKeyOwned<u64>);
+
+impl Default for Key {
+    fn default() -> Self {
+        Key::new()
+    }
+}
 
 impl Key {
     /// A fresh key.

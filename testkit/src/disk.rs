@@ -1,0 +1,47 @@
+//! What is on disk: every file under a directory, whether bytes occur in
+//! any of them (a plaintext must not), and the raw sled database.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in any file under `dir`.
+pub fn occurs_in(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
+    files_under(dir).into_iter().find(|p| {
+        let bytes = std::fs::read(p).unwrap();
+        bytes.windows(needle.len()).any(|w| w == needle)
+    })
+}
+
+/// Opens the raw sled database of a stopped server, waiting for the lock.
+pub fn open_raw(dir: &Path) -> sled::Db {
+    for _ in 0..100 {
+        if let Ok(db) = sled::open(dir) {
+            return db;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("cannot open {}", dir.display());
+}
+
+/// `tenant 0 customer 0 field`, the record layout documented in store.rs.
+pub fn record_key(customer: &str, field: &str) -> Vec<u8> {
+    format!("default\0{customer}\0{field}").into_bytes()
+}
