@@ -7,7 +7,6 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod crypto;
-pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod files;

@@ -6,25 +6,61 @@
 //! policies refusing a partner, finds customers by phone and email through
 //! the blind index, records consents on the ledger (withdrawing some, showing
 //! a read refused after withdrawal, and verifying an audit bundle offline),
-//! rotates the tenant key while reading, erases a customer and shows that
-//! nothing of them remains reachable.
+//! rotates the tenant key while reading, runs sandbox jobs on the encrypted
+//! features, shows a field's lineage, erases a customer and shows that
+//! nothing of them remains reachable, and exports the lineage as
+//! OpenLineage. Each numbered step is one method of [`Demo`].
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::Args;
 use sha2::{Digest as _, Sha256};
 use sovra_proto::ledger::v1 as lpb;
+use sovra_proto::lineage::v1 as linpb;
+use sovra_proto::sandbox::v1 as spb;
 use sovra_proto::vault::v1 as pb;
+use sovra_testkit::{KitError, PrincipalSpec};
+use sovra_vault::access::auth::Role;
+use sovra_vault::client::{self, Client, LedgerClient, LineageClient, SandboxClient};
+use sovra_vault::lineage::{openlineage, view as lineage_view};
+use sovra_vault::synthetic;
+use sovra_vault::VaultError;
 use tonic::Code;
 
-use crate::access::auth::Role;
-use crate::client::{self, Client};
-use crate::config::{self, default_tenant, Config};
-use crate::error::{Result, VaultError};
-use crate::lineage::{openlineage, view as lineage_view};
-use crate::server;
-use crate::synthetic;
-use sovra_proto::lineage::v1 as linpb;
+use crate::common::{CmdResult, Failure};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Customers to generate.
+    #[arg(long, default_value_t = 1000)]
+    pub customers: usize,
+    /// Seed of the synthetic data set.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Where to write the demo's OpenLineage export.
+    #[arg(long, default_value = "sovra-demo.openlineage.jsonl")]
+    pub openlineage_out: PathBuf,
+}
+
+/// `sovra demo`: checks the arguments and runs the demo on standard output.
+pub async fn run_command(a: DemoArgs) -> CmdResult {
+    if a.customers == 0 || a.customers > 1_000_000 {
+        return Err(Failure::Usage("--customers must be 1..=1000000".into()));
+    }
+    let mut out = std::io::stdout();
+    run(
+        &DemoOptions {
+            customers: a.customers,
+            seed: a.seed,
+            openlineage_out: a.openlineage_out,
+        },
+        &mut out,
+    )
+    .await?;
+    Ok(())
+}
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -46,7 +82,6 @@ impl Default for DemoOptions {
         }
     }
 }
-
 /// What the demo established.
 #[derive(Debug, Clone, Default)]
 pub struct DemoSummary {
@@ -93,12 +128,56 @@ pub struct DemoSummary {
     pub sandbox_refusals_ok: bool,
 }
 
+/// Why the demo stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The vault library failed (configuration, connection, the server).
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// A step failed or a check did not hold; the message names it.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<sovra_ledger::LedgerError> for DemoError {
+    fn from(e: sovra_ledger::LedgerError) -> Self {
+        DemoError::Vault(e.into())
+    }
+}
+
+impl From<KitError> for DemoError {
+    fn from(e: KitError) -> Self {
+        match e {
+            KitError::Vault(e) => DemoError::Vault(e),
+            other => DemoError::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<DemoError> for Failure {
+    fn from(e: DemoError) -> Self {
+        match e {
+            DemoError::Vault(e) => Failure::Vault(e),
+            DemoError::Failed(m) => Failure::Local(m),
+        }
+    }
+}
+
+/// What the demo's functions return.
+pub type Result<T, E = DemoError> = std::result::Result<T, E>;
+
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("   {l}\n")).collect()
 }
 
-fn demo_err(step: &str, s: tonic::Status) -> VaultError {
-    VaultError::precondition(format!(
+// The messages below are worded as the vault's own errors were when the
+// demo lived in the vault crate, so its output did not change.
+fn io(e: std::io::Error) -> DemoError {
+    DemoError::Failed(format!("storage error: cannot print: {e}"))
+}
+
+fn demo_err(step: &str, s: tonic::Status) -> DemoError {
+    DemoError::Failed(format!(
         "demo step `{step}` failed: {} ({:?})",
         s.message(),
         s.code()
@@ -109,25 +188,18 @@ fn check(cond: bool, what: &str) -> Result<()> {
     if cond {
         Ok(())
     } else {
-        Err(VaultError::precondition(format!(
-            "demo check failed: {what}"
-        )))
+        Err(DemoError::Failed(format!("demo check failed: {what}")))
     }
 }
 
-/// Runs the demo, printing to `out`.
-pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoSummary> {
-    let io = |e: std::io::Error| VaultError::storage(format!("cannot print: {e}"));
-    let mut sum = DemoSummary::default();
-    let dir = tempfile::tempdir().map_err(|e| VaultError::config("tempdir", e.to_string()))?;
-    let init = config::init(dir.path(), "127.0.0.1:0")?;
-    let mut cfg = Config::load(&init.config_path)?;
-    let service = cfg.add_principal_with(
-        "crm-backend",
-        Role::Service,
-        &default_tenant(),
-        "sales",
-        &[
+/// The demo's principals, besides the admin `init` makes: a sales service,
+/// a partner and a compliance officer.
+const PRINCIPALS: [PrincipalSpec<'static>; 3] = [
+    PrincipalSpec {
+        name: "crm-backend",
+        role: Role::Service,
+        department: "sales",
+        purposes: &[
             "customer_service",
             "sales_followup",
             "marketing",
@@ -135,24 +207,50 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
             "analytics",
             "lead_scoring",
         ],
-    )?;
-    let partner = cfg.add_principal_with(
-        "insurer-partner",
-        Role::Partner,
-        &default_tenant(),
-        "partners",
-        &["lead_scoring", "analytics"],
-    )?;
-    let officer =
-        cfg.add_principal_with("dpo", Role::Officer, &default_tenant(), "compliance", &[])?;
-    config::write_config(&cfg, &init.config_path)?;
-    let cfg = Config::load(&init.config_path)?;
+    },
+    PrincipalSpec {
+        name: "insurer-partner",
+        role: Role::Partner,
+        department: "partners",
+        purposes: &["lead_scoring", "analytics"],
+    },
+    PrincipalSpec {
+        name: "dpo",
+        role: Role::Officer,
+        department: "compliance",
+        purposes: &[],
+    },
+];
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| VaultError::config("listen", e.to_string()))?;
-    let srv = server::start(&cfg, Some(listener), std::future::pending()).await?;
-    let url = format!("http://{}", srv.addr());
+/// The scenario's state: where it prints, what it established so far, and
+/// a client per principal.
+struct Demo<'o> {
+    out: &'o mut (dyn Write + Send),
+    sum: DemoSummary,
+    /// The sales service.
+    svc: Client,
+    /// The admin.
+    adm: Client,
+    /// The partner.
+    prt: Client,
+    /// The sales service's ledger client (consents).
+    consent_svc: LedgerClient,
+    /// The officer's lineage client.
+    lineage: LineageClient,
+    /// The officer's ledger client (checkpoints, bundles).
+    dpo: LedgerClient,
+}
+
+/// Runs the demo, printing to `out`.
+pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoSummary> {
+    let dir = sovra_testkit::data_dir(&PRINCIPALS)?;
+    let [service, partner, officer] = &dir.tokens[..] else {
+        return Err(DemoError::Failed(
+            "the demo's principals were not all added".into(),
+        ));
+    };
+    let srv = sovra_testkit::serve(&dir.config()?).await?;
+    let url = srv.url.clone();
     writeln!(
         out,
         "Sovra demo: embedded vault at {url}, data in a temporary directory"
@@ -160,21 +258,85 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     .map_err(io)?;
 
     let ch = client::channel(&url, None).await?;
-    let mut svc: Client = client::with_token(ch.clone(), Some(&service.token))?;
-    let mut adm: Client = client::with_token(ch.clone(), Some(&init.admin_token.token))?;
-    let mut prt: Client = client::with_token(ch.clone(), Some(&partner.token))?;
-    let mut consent_svc = client::ledger_with_token(ch.clone(), Some(&service.token))?;
-    let mut lineage = client::lineage_with_token(ch.clone(), Some(&officer.token))?;
-    let mut dpo = client::ledger_with_token(ch, Some(&officer.token))?;
+    let mut demo = Demo {
+        out,
+        sum: DemoSummary::default(),
+        svc: client::with_token(ch.clone(), Some(&service.token))?,
+        adm: client::with_token(ch.clone(), Some(&dir.init.admin_token.token))?,
+        prt: client::with_token(ch.clone(), Some(&partner.token))?,
+        consent_svc: client::ledger_with_token(ch.clone(), Some(&service.token))?,
+        lineage: client::lineage_with_token(ch.clone(), Some(&officer.token))?,
+        dpo: client::ledger_with_token(ch, Some(&officer.token))?,
+    };
 
-    // 1. Load the data set, with a few invalid items mixed in.
     let customers = synthetic::generate(opts.seed, opts.customers);
-    let mut reqs: Vec<pb::PutRecordRequest> =
-        customers.iter().map(|c| c.to_request("web_form")).collect();
-    let mut bad = customers
-        .first()
-        .map(|c| c.to_request("web_form"))
-        .unwrap_or_default();
+    demo.load(&customers).await?;
+    let Some(c) = customers.get(7).or(customers.first()).cloned() else {
+        return Err(DemoError::Failed(
+            "invalid `customers`: the demo needs at least one customer".into(),
+        ));
+    };
+    demo.read_back(&c).await?;
+    demo.partner_refused(&c).await?;
+    demo.search(&c).await?;
+    demo.consent(&customers).await?;
+    demo.rotate(&c).await?;
+    // 7. The sandbox: lead scoring and a partner aggregate on ciphertexts.
+    let mut sales =
+        client::sandbox_with_token(client::channel(&url, None).await?, Some(&service.token))?;
+    let mut insurer =
+        client::sandbox_with_token(client::channel(&url, None).await?, Some(&partner.token))?;
+    let cohort = demo.sandbox_consents(&customers).await?;
+    demo.lead_scoring(&cohort, &mut sales).await?;
+    let spec = demo.partner_aggregate(&cohort, &mut insurer).await?;
+    demo.partner_histogram(&cohort, &mut insurer).await?;
+    demo.sandbox_refusals(spec, &mut insurer).await?;
+    demo.lineage_of(&c).await?;
+    demo.erase(&c).await?;
+    demo.export(&c, &opts.openlineage_out).await?;
+
+    srv.handle.shutdown().await?;
+    let Demo { out, sum, .. } = demo;
+    writeln!(
+        out,
+        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores, a partner aggregate and a bootstrapped count equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events.",
+        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.lead_scores, sum.openlineage_events
+    )
+    .map_err(io)?;
+    Ok(sum)
+}
+
+/// A read of `fields` of `customer` for `purpose`.
+fn read(customer: &str, fields: &[&str], purpose: &str) -> pb::GetFieldsRequest {
+    pb::GetFieldsRequest {
+        customer_id: customer.into(),
+        fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+        purpose: purpose.into(),
+    }
+}
+
+/// A search of the phone or email index for purpose customer_service.
+fn search_for(field: &str, value: &str) -> pb::SearchRequest {
+    pb::SearchRequest {
+        field: field.into(),
+        value: Some(pb::Value {
+            kind: Some(pb::value::Kind::Text(value.into())),
+        }),
+        limit: 0,
+        purpose: "customer_service".into(),
+    }
+}
+
+/// "CODE: message" of a refusal, or that the call was (unexpectedly) allowed.
+fn refusal(e: Option<tonic::Status>) -> String {
+    e.map_or("ALLOWED (unexpected)".into(), |s| {
+        format!("{:?}: {}", s.code(), s.message())
+    })
+}
+
+/// The two invalid items step 1 mixes in: a bad phone, an unknown field.
+fn invalid_items(first: Option<&synthetic::Customer>) -> [pb::PutRecordRequest; 2] {
+    let mut bad = first.map(|c| c.to_request("web_form")).unwrap_or_default();
     bad.customer_id = "bad-phone".into();
     bad.fields.insert(
         "phone".into(),
@@ -182,7 +344,6 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
             kind: Some(pb::value::Kind::Text("not a phone".into())),
         },
     );
-    reqs.push(bad);
     let mut unknown = pb::PutRecordRequest {
         idempotency_key: String::new(),
         customer_id: "bad-field".into(),
@@ -199,350 +360,589 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
         collector: "demo".into(),
         consent_ref: String::new(),
     });
-    reqs.push(unknown);
-    let t = Instant::now();
-    let mut results = svc
-        .batch_put(tokio_stream::iter(reqs))
-        .await
-        .map_err(|s| demo_err("batch put", s))?
-        .into_inner();
-    while let Some(r) = results
-        .message()
-        .await
-        .map_err(|s| demo_err("batch put", s))?
-    {
-        if r.code == Code::Ok as i32 {
-            sum.written += 1;
-        } else {
-            sum.rejected += 1;
+    [bad, unknown]
+}
+
+impl Demo<'_> {
+    /// Step 1: Loads the data set with BatchPut, with a few invalid items mixed in.
+    async fn load(&mut self, customers: &[synthetic::Customer]) -> Result<()> {
+        let mut reqs: Vec<pb::PutRecordRequest> =
+            customers.iter().map(|c| c.to_request("web_form")).collect();
+        reqs.extend(invalid_items(customers.first()));
+        let t = Instant::now();
+        let mut results = self
+            .svc
+            .batch_put(tokio_stream::iter(reqs))
+            .await
+            .map_err(|s| demo_err("batch put", s))?
+            .into_inner();
+        while let Some(r) = results
+            .message()
+            .await
+            .map_err(|s| demo_err("batch put", s))?
+        {
+            if r.code == Code::Ok as i32 {
+                self.sum.written += 1;
+            } else {
+                self.sum.rejected += 1;
+                writeln!(
+                    self.out,
+                    "  rejected item {} ({}): {}",
+                    r.index, r.customer_id, r.message
+                )
+                .map_err(io)?;
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        writeln!(
+            self.out,
+            "1. BatchPut: {} customers x 11 fields written durably in {:.2} s ({:.0} records/s); {} invalid items rejected alone",
+            self.sum.written,
+            secs,
+            self.sum.written as f64 / secs.max(1e-9),
+            self.sum.rejected
+        )
+        .map_err(io)?;
+        check(
+            self.sum.written == customers.len() && self.sum.rejected == 2,
+            "every valid customer written, the two invalid ones rejected",
+        )
+    }
+
+    /// Step 2: Reads the customer back for a declared purpose.
+    async fn read_back(&mut self, c: &synthetic::Customer) -> Result<()> {
+        let got = self
+            .svc
+            .get_fields(read(&c.id, &[], "customer_service"))
+            .await
+            .map_err(|s| demo_err("get fields", s))?
+            .into_inner();
+        writeln!(
+            self.out,
+            "2. GetFields {} for purpose customer_service (role service):",
+            c.id
+        )
+        .map_err(io)?;
+        for f in &got.fields {
+            match f.disclosure {
+                Some(pb::field_reading::Disclosure::Masked(_)) => self.sum.masked += 1,
+                _ => self.sum.revealed += 1,
+            }
             writeln!(
-                out,
-                "  rejected item {} ({}): {}",
-                r.index, r.customer_id, r.message
+                self.out,
+                "     {:<20} v{} {}",
+                f.field,
+                f.version,
+                client::display(f)
             )
             .map_err(io)?;
         }
+        check(
+            self.sum.masked == 2 && self.sum.revealed == 9,
+            "sensitive fields masked, the rest revealed",
+        )
     }
-    let secs = t.elapsed().as_secs_f64();
-    writeln!(
-        out,
-        "1. BatchPut: {} customers x 11 fields written durably in {:.2} s ({:.0} records/s); {} invalid items rejected alone",
-        sum.written,
-        secs,
-        sum.written as f64 / secs.max(1e-9),
-        sum.rejected
-    )
-    .map_err(io)?;
-    check(
-        sum.written == customers.len() && sum.rejected == 2,
-        "every valid customer written, the two invalid ones rejected",
-    )?;
 
-    let Some(c) = customers.get(7).or(customers.first()).cloned() else {
-        return Err(VaultError::invalid(
-            "customers",
-            "the demo needs at least one customer",
-        ));
-    };
+    /// Step 3: The policies at work: partners never read field values.
+    async fn partner_refused(&mut self, c: &synthetic::Customer) -> Result<()> {
+        let denied = self
+            .prt
+            .get_fields(read(&c.id, &["phone"], "analytics"))
+            .await
+            .err();
+        self.sum.partner_denied = denied
+            .as_ref()
+            .is_some_and(|s| s.code() == Code::PermissionDenied);
+        writeln!(self.out, "3. Partner reads phone: {}", refusal(denied)).map_err(io)?;
+        check(self.sum.partner_denied, "partner refused")
+    }
 
-    // 2. Read back for a declared purpose.
-    let got = svc
-        .get_fields(pb::GetFieldsRequest {
-            customer_id: c.id.clone(),
-            fields: vec![],
-            purpose: "customer_service".into(),
-        })
-        .await
-        .map_err(|s| demo_err("get fields", s))?
-        .into_inner();
-    writeln!(
-        out,
-        "2. GetFields {} for purpose customer_service (role service):",
-        c.id
-    )
-    .map_err(io)?;
-    for f in &got.fields {
-        match f.disclosure {
-            Some(pb::field_reading::Disclosure::Masked(_)) => sum.masked += 1,
-            _ => sum.revealed += 1,
-        }
+    /// Step 4: Finds the customer through the blind index.
+    async fn search(&mut self, c: &synthetic::Customer) -> Result<()> {
+        let by_phone = self
+            .svc
+            .search(search_for("phone", &c.phone_e164))
+            .await
+            .map_err(|s| demo_err("search", s))?
+            .into_inner();
+        let by_email = self
+            .svc
+            .search(search_for("email", &c.email.to_uppercase()))
+            .await
+            .map_err(|s| demo_err("search", s))?
+            .into_inner();
+        self.sum.search_ok = by_phone.customer_ids == vec![c.id.clone()]
+            && by_email.customer_ids == vec![c.id.clone()];
         writeln!(
-            out,
-            "     {:<20} v{} {}",
-            f.field,
-            f.version,
-            client::display(f)
+            self.out,
+            "4. Search by phone {} -> {:?}; by email (upper-cased) -> {:?}",
+            c.phone_e164, by_phone.customer_ids, by_email.customer_ids
         )
         .map_err(io)?;
+        check(
+            self.sum.search_ok,
+            "search finds the customer by phone and email",
+        )
     }
-    check(
-        sum.masked == 2 && sum.revealed == 9,
-        "sensitive fields masked, the rest revealed",
-    )?;
 
-    // 3. The policies at work: partners never read field values.
-    let denied = prt
-        .get_fields(pb::GetFieldsRequest {
-            customer_id: c.id.clone(),
-            fields: vec!["phone".into()],
-            purpose: "analytics".into(),
-        })
-        .await
-        .err();
-    sum.partner_denied = denied
-        .as_ref()
-        .is_some_and(|s| s.code() == Code::PermissionDenied);
-    writeln!(
-        out,
-        "3. Partner reads phone: {}",
-        denied.map_or("ALLOWED (unexpected)".into(), |s| format!(
-            "{:?}: {}",
-            s.code(),
-            s.message()
-        ))
-    )
-    .map_err(io)?;
-    check(sum.partner_denied, "partner refused")?;
-
-    // 4. Blind-index search.
-    let by_phone = svc
-        .search(pb::SearchRequest {
-            field: "phone".into(),
-            value: Some(pb::Value {
-                kind: Some(pb::value::Kind::Text(c.phone_e164.clone())),
-            }),
-            limit: 0,
-            purpose: "customer_service".into(),
-        })
-        .await
-        .map_err(|s| demo_err("search", s))?
-        .into_inner();
-    let by_email = svc
-        .search(pb::SearchRequest {
-            field: "email".into(),
-            value: Some(pb::Value {
-                kind: Some(pb::value::Kind::Text(c.email.to_uppercase())),
-            }),
-            limit: 0,
-            purpose: "customer_service".into(),
-        })
-        .await
-        .map_err(|s| demo_err("search", s))?
-        .into_inner();
-    sum.search_ok =
-        by_phone.customer_ids == vec![c.id.clone()] && by_email.customer_ids == vec![c.id.clone()];
-    writeln!(
-        out,
-        "4. Search by phone {} -> {:?}; by email (upper-cased) -> {:?}",
-        c.phone_e164, by_phone.customer_ids, by_email.customer_ids
-    )
-    .map_err(io)?;
-    check(
-        sum.search_ok,
-        "search finds the customer by phone and email",
-    )?;
-
-    // 5. Consent on the ledger: grants, withdrawals, a refused read, and an
-    // audit bundle verified offline against a checkpoint kept earlier.
-    let old_cp = dpo
-        .get_checkpoint(lpb::GetCheckpointRequest {})
-        .await
-        .map_err(|s| demo_err("checkpoint", s))?
-        .into_inner();
-    let consenting: Vec<&synthetic::Customer> = customers.iter().take(100).collect();
-    let t = Instant::now();
-    let mut withdrawn_id = None;
-    for (i, cust) in consenting.iter().enumerate() {
-        let mut req = lpb::RecordConsentRequest {
-            customer_id: cust.id.clone(),
-            purpose: "marketing".into(),
-            action: lpb::ConsentAction::Grant as i32,
-            channel: "web_form".into(),
-            legal_basis: "consent".into(),
-            notice_version: "2026-11".into(),
-            evidence_sha256: Sha256::digest(format!("signed form of {}", cust.id)).to_vec(),
-        };
-        let r = consent_svc
-            .record_consent(req.clone())
+    /// Step 5: Consent on the ledger: grants, withdrawals, a refused read, and an
+    /// audit bundle verified offline against a checkpoint kept earlier.
+    async fn consent(&mut self, customers: &[synthetic::Customer]) -> Result<()> {
+        let old_cp = self
+            .dpo
+            .get_checkpoint(lpb::GetCheckpointRequest {})
             .await
-            .map_err(|s| demo_err("record consent", s))?
+            .map_err(|s| demo_err("checkpoint", s))?
             .into_inner();
-        sovra_ledger::verify_receipt(&r.entry, r.proof.as_bytes(), &old_cp.verifier_key)?;
-        sum.consents += 1;
-        if i % 10 == 3 {
-            req.action = lpb::ConsentAction::Withdraw as i32;
-            consent_svc
-                .record_consent(req)
+        let wid = self
+            .record_consents(customers, &old_cp.verifier_key)
+            .await?;
+        let refused = self
+            .svc
+            .get_fields(read(&wid, &["email"], "marketing"))
+            .await
+            .err();
+        self.sum.withdrawn_read_refused = refused
+            .as_ref()
+            .is_some_and(|s| s.code() == Code::PermissionDenied);
+        writeln!(
+            self.out,
+            "   read of {wid}'s email for marketing after withdrawal: {}",
+            refusal(refused)
+        )
+        .map_err(io)?;
+        check(
+            self.sum.withdrawn_read_refused,
+            "read refused after withdrawal",
+        )?;
+        self.verify_bundle(&wid, &old_cp).await
+    }
+
+    /// Marketing consent for the first 100 customers, every tenth from the
+    /// fourth withdrawn again, each receipt verified; returns the first
+    /// customer who withdrew.
+    async fn record_consents(
+        &mut self,
+        customers: &[synthetic::Customer],
+        verifier_key: &str,
+    ) -> Result<String> {
+        let t = Instant::now();
+        let mut withdrawn_id = None;
+        for (i, cust) in customers.iter().take(100).enumerate() {
+            let mut req = lpb::RecordConsentRequest {
+                customer_id: cust.id.clone(),
+                purpose: "marketing".into(),
+                action: lpb::ConsentAction::Grant as i32,
+                channel: "web_form".into(),
+                legal_basis: "consent".into(),
+                notice_version: "2026-11".into(),
+                evidence_sha256: Sha256::digest(format!("signed form of {}", cust.id)).to_vec(),
+            };
+            let r = self
+                .consent_svc
+                .record_consent(req.clone())
                 .await
-                .map_err(|s| demo_err("withdraw consent", s))?;
-            sum.withdrawn += 1;
-            withdrawn_id.get_or_insert_with(|| cust.id.clone());
+                .map_err(|s| demo_err("record consent", s))?
+                .into_inner();
+            sovra_ledger::verify_receipt(&r.entry, r.proof.as_bytes(), verifier_key)?;
+            self.sum.consents += 1;
+            if i % 10 == 3 {
+                req.action = lpb::ConsentAction::Withdraw as i32;
+                self.consent_svc
+                    .record_consent(req)
+                    .await
+                    .map_err(|s| demo_err("withdraw consent", s))?;
+                self.sum.withdrawn += 1;
+                withdrawn_id.get_or_insert_with(|| cust.id.clone());
+            }
         }
+        let secs = t.elapsed().as_secs_f64();
+        writeln!(
+            self.out,
+            "5. Consent ledger: {} grants and {} withdrawals recorded durably in {:.2} s, each with a receipt verified against a signed checkpoint",
+            self.sum.consents, self.sum.withdrawn, secs
+        )
+        .map_err(io)?;
+        withdrawn_id.ok_or_else(|| {
+            DemoError::Failed("invalid `customers`: the demo needs at least 4 customers".into())
+        })
     }
-    let secs = t.elapsed().as_secs_f64();
-    writeln!(
-        out,
-        "5. Consent ledger: {} grants and {} withdrawals recorded durably in {:.2} s, each with a receipt verified against a signed checkpoint",
-        sum.consents, sum.withdrawn, secs
-    )
-    .map_err(io)?;
-    let Some(wid) = withdrawn_id else {
-        return Err(VaultError::invalid(
-            "customers",
-            "the demo needs at least 4 customers",
-        ));
-    };
-    let refused = svc
-        .get_fields(pb::GetFieldsRequest {
-            customer_id: wid.clone(),
-            fields: vec!["email".into()],
-            purpose: "marketing".into(),
-        })
-        .await
-        .err();
-    sum.withdrawn_read_refused = refused
-        .as_ref()
-        .is_some_and(|s| s.code() == Code::PermissionDenied);
-    writeln!(
-        out,
-        "   read of {wid}'s email for marketing after withdrawal: {}",
-        refused.map_or("ALLOWED (unexpected)".into(), |s| format!(
-            "{:?}: {}",
-            s.code(),
-            s.message()
-        ))
-    )
-    .map_err(io)?;
-    check(sum.withdrawn_read_refused, "read refused after withdrawal")?;
-    let bundle = dpo
-        .export_audit_bundle(lpb::ExportAuditBundleRequest {
-            customer_id: wid.clone(),
-            consistency_from_size: old_cp.tree_size,
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| demo_err("audit bundle", s))?
-        .into_inner();
-    let verdict = sovra_ledger::verify_bundle(
-        bundle.json.as_bytes(),
-        sovra_ledger::VerifyOptions {
-            trusted_key: Some(&old_cp.verifier_key),
-            since: Some(old_cp.note.as_bytes()),
-            consistency: None,
-        },
-    )?;
-    sum.bundle_verified = verdict.entries == usize::try_from(bundle.entries).unwrap_or(0);
-    writeln!(
-        out,
-        "   audit bundle of {wid}: {} entries (collection, grant, withdrawal, refused read) verified offline against checkpoint {} and consistent with the officer's earlier checkpoint {}",
-        verdict.entries, verdict.checkpoint.size, old_cp.tree_size
-    )
-    .map_err(io)?;
-    check(
-        sum.bundle_verified && verdict.entries == 4,
-        "audit bundle verified",
-    )?;
 
-    // 6. Rotate the tenant key while reading.
-    let st = adm
-        .rotate_tenant_key(pb::RotateTenantKeyRequest {})
-        .await
-        .map_err(|s| demo_err("rotate", s))?
-        .into_inner();
-    let mut reads = 0;
-    let status = loop {
-        svc.get_fields(pb::GetFieldsRequest {
-            customer_id: c.id.clone(),
-            fields: vec!["phone".into()],
-            purpose: "customer_service".into(),
-        })
-        .await
-        .map_err(|s| demo_err("read during rotation", s))?;
-        reads += 1;
-        let s = adm
-            .get_key_status(pb::GetKeyStatusRequest {})
+    /// The officer's audit bundle of `wid`, verified offline against the
+    /// checkpoint kept before the consents.
+    async fn verify_bundle(&mut self, wid: &str, old_cp: &lpb::Checkpoint) -> Result<()> {
+        let bundle = self
+            .dpo
+            .export_audit_bundle(lpb::ExportAuditBundleRequest {
+                customer_id: wid.to_owned(),
+                consistency_from_size: old_cp.tree_size,
+                ..Default::default()
+            })
             .await
-            .map_err(|s| demo_err("key status", s))?
+            .map_err(|s| demo_err("audit bundle", s))?
             .into_inner();
-        if s.job.as_ref().is_some_and(|j| j.done) {
-            break s;
+        let verdict = sovra_ledger::verify_bundle(
+            bundle.json.as_bytes(),
+            sovra_ledger::VerifyOptions {
+                trusted_key: Some(&old_cp.verifier_key),
+                since: Some(old_cp.note.as_bytes()),
+                consistency: None,
+            },
+        )?;
+        self.sum.bundle_verified = verdict.entries == usize::try_from(bundle.entries).unwrap_or(0);
+        writeln!(
+            self.out,
+            "   audit bundle of {wid}: {} entries (collection, grant, withdrawal, refused read) verified offline against checkpoint {} and consistent with the officer's earlier checkpoint {}",
+            verdict.entries, verdict.checkpoint.size, old_cp.tree_size
+        )
+        .map_err(io)?;
+        check(
+            self.sum.bundle_verified && verdict.entries == 4,
+            "audit bundle verified",
+        )
+    }
+
+    /// Step 6: Rotates the tenant key while reading, then retires the old version.
+    async fn rotate(&mut self, c: &synthetic::Customer) -> Result<()> {
+        let st = self
+            .adm
+            .rotate_tenant_key(pb::RotateTenantKeyRequest {})
+            .await
+            .map_err(|s| demo_err("rotate", s))?
+            .into_inner();
+        let mut reads = 0;
+        let status = loop {
+            self.svc
+                .get_fields(read(&c.id, &["phone"], "customer_service"))
+                .await
+                .map_err(|s| demo_err("read during rotation", s))?;
+            reads += 1;
+            let s = self
+                .adm
+                .get_key_status(pb::GetKeyStatusRequest {})
+                .await
+                .map_err(|s| demo_err("key status", s))?
+                .into_inner();
+            if s.job.as_ref().is_some_and(|j| j.done) {
+                break s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        self.sum.rewrapped = status.job.as_ref().map_or(0, |j| j.rewrapped);
+        writeln!(
+            self.out,
+            "6. RotateTenantKey: v{} active; {} data keys re-wrapped ({} reads served meanwhile); keys by version {:?}",
+            st.active_version, self.sum.rewrapped, reads, status.data_keys_by_version
+        )
+        .map_err(io)?;
+        let retired = self
+            .adm
+            .retire_tenant_key_versions(pb::RetireTenantKeyVersionsRequest {
+                min_version: st.active_version,
+                force: false,
+            })
+            .await
+            .map_err(|s| demo_err("retire", s))?
+            .into_inner();
+        writeln!(
+            self.out,
+            "   retired versions below v{}: old wraps can no longer be used",
+            retired.min_version
+        )
+        .map_err(io)?;
+        Ok(())
+    }
+
+    /// Step 7: Lead-scoring consent for the first 60 customers (every tenth from
+    /// the sixth withdrawn again), analytics consent for 12 only; returns
+    /// the lead-scoring cohort.
+    async fn sandbox_consents<'c>(
+        &mut self,
+        customers: &'c [synthetic::Customer],
+    ) -> Result<Vec<&'c synthetic::Customer>> {
+        let mut cohort = Vec::new();
+        for (i, c) in customers.iter().take(60).enumerate() {
+            let mut purposes = vec![("lead_scoring", i % 10 == 5)];
+            if i < 12 {
+                purposes.push(("analytics", false));
+            }
+            for (purpose, withdraw) in purposes {
+                let mut req = lpb::RecordConsentRequest {
+                    customer_id: c.id.clone(),
+                    purpose: purpose.into(),
+                    action: lpb::ConsentAction::Grant as i32,
+                    channel: "web_form".into(),
+                    legal_basis: "consent".into(),
+                    notice_version: "2026-11".into(),
+                    evidence_sha256: Sha256::digest(format!("{purpose} form of {}", c.id)).to_vec(),
+                };
+                self.consent_svc
+                    .record_consent(req.clone())
+                    .await
+                    .map_err(|s| demo_err("record consent", s))?;
+                if withdraw {
+                    req.action = lpb::ConsentAction::Withdraw as i32;
+                    self.consent_svc
+                        .record_consent(req)
+                        .await
+                        .map_err(|s| demo_err("withdraw consent", s))?;
+                } else if purpose == "lead_scoring" {
+                    cohort.push(c);
+                }
+            }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    sum.rewrapped = status.job.as_ref().map_or(0, |j| j.rewrapped);
-    writeln!(
-        out,
-        "6. RotateTenantKey: v{} active; {} data keys re-wrapped ({} reads served meanwhile); keys by version {:?}",
-        st.active_version, sum.rewrapped, reads, status.data_keys_by_version
-    )
-    .map_err(io)?;
-    let retired = adm
-        .retire_tenant_key_versions(pb::RetireTenantKeyVersionsRequest {
-            min_version: st.active_version,
-            force: false,
-        })
-        .await
-        .map_err(|s| demo_err("retire", s))?
-        .into_inner();
-    writeln!(
-        out,
-        "   retired versions below v{}: old wraps can no longer be used",
-        retired.min_version
-    )
-    .map_err(io)?;
+        writeln!(
+            self.out,
+            "7. Sandbox (TFHE, packed GLWE ciphertexts; only the release gate decrypts): lead-scoring consent from {} customers (some withdrawn), analytics consent from 12"
+        , cohort.len())
+        .map_err(io)?;
+        Ok(cohort)
+    }
 
-    // 7. The sandbox: lead scoring and a partner aggregate on ciphertexts.
-    sandbox_step(
-        &mut sum,
-        &customers,
-        &mut consent_svc,
-        client::sandbox_with_token(client::channel(&url, None).await?, Some(&service.token))?,
-        client::sandbox_with_token(client::channel(&url, None).await?, Some(&partner.token))?,
-        out,
-    )
-    .await?;
+    /// The lead-scoring workload, run by the sales service: each released
+    /// score next to the plaintext reference.
+    async fn lead_scoring(
+        &mut self,
+        cohort: &[&synthetic::Customer],
+        sales: &mut SandboxClient,
+    ) -> Result<()> {
+        let job = sales
+            .submit_job(spb::SubmitJobRequest {
+                job: Some(spb::submit_job_request::Job::WorkloadId(
+                    "lead_scoring".into(),
+                )),
+            })
+            .await
+            .map_err(|s| demo_err("submit lead scoring", s))?
+            .into_inner();
+        let r = finish_job(sales, &job).await?;
+        let done = r.job.clone().unwrap_or_default();
+        let reference = |c: &synthetic::Customer| {
+            let q = quantised(c);
+            -3499 + 7 * q[0] + 53 * q[1] + 35 * q[2]
+        };
+        let mut matches = 0;
+        for s in &r.scores {
+            if let Some(c) = cohort.iter().find(|c| c.id == s.customer_id) {
+                if reference(c) == s.score {
+                    matches += 1;
+                }
+            }
+        }
+        self.sum.lead_scores = matches;
+        writeln!(
+            self.out,
+            "   lead_scoring workload (sales service): cohort {} ({} excluded by consent or policy), {} blocks evaluated in {:.1} ms; released scores (encrypted result | plaintext reference):",
+            done.cohort_size,
+            done.excluded,
+            done.blocks_total,
+            done.eval_micros as f64 / 1000.0
+        )
+        .map_err(io)?;
+        let mut top: Vec<&spb::CustomerScore> = r.scores.iter().collect();
+        top.sort_by_key(|s| std::cmp::Reverse(s.score));
+        for s in top.iter().take(5) {
+            let want = cohort
+                .iter()
+                .find(|c| c.id == s.customer_id)
+                .map(|c| reference(c));
+            writeln!(
+                self.out,
+                "     {:<12} {:>6} | {:>6}  p={:.2} {:<6} top features: {}",
+                s.customer_id,
+                s.score,
+                want.map_or("-".into(), |w| w.to_string()),
+                s.probability,
+                s.band,
+                s.top_features.join(", ")
+            )
+            .map_err(io)?;
+        }
+        writeln!(
+            self.out,
+            "     … {} of {} scores equal the plaintext reference; release anchored at ledger entry {}",
+            matches,
+            r.scores.len(),
+            r.ledger_index
+        )
+        .map_err(io)?;
+        check(
+            matches == cohort.len() && r.scores.len() == cohort.len(),
+            "every lead score equals the plaintext reference",
+        )
+    }
 
-    // 8. Lineage: an update through the call centre, a read, then the chain
-    // of the customer's phone and budget back to their origin.
-    let mut update = pb::PutRecordRequest {
-        idempotency_key: String::new(),
-        customer_id: c.id.clone(),
-        source: Some(pb::CollectionSource {
-            channel: "call_centre".into(),
-            collector: "agent-desk".into(),
-            consent_ref: String::new(),
-        }),
-        ..Default::default()
-    };
-    update.fields.insert(
-        "phone".into(),
-        pb::Value {
-            kind: Some(pb::value::Kind::Text("+86 139-1234-5678".into())),
-        },
-    );
-    update.fields.insert(
-        "budget".into(),
-        pb::Value {
-            kind: Some(pb::value::Kind::Integer(250_000)),
-        },
-    );
-    svc.put_record(update)
-        .await
-        .map_err(|s| demo_err("update", s))?;
-    svc.get_fields(pb::GetFieldsRequest {
-        customer_id: c.id.clone(),
-        fields: vec!["phone".into(), "budget".into()],
-        purpose: "customer_service".into(),
-    })
-    .await
-    .map_err(|s| demo_err("read after update", s))?;
-    writeln!(
-        out,
-        "8. Lineage (compliance officer): phone and budget updated via the call centre and read again"
-    )
-    .map_err(io)?;
-    for field in ["phone", "budget"] {
-        let l = lineage
+    /// A partner's aggregate: mean budget over the lead-scoring cohort.
+    /// Returns its spec, which the refusals reuse.
+    async fn partner_aggregate(
+        &mut self,
+        cohort: &[&synthetic::Customer],
+        partner: &mut SandboxClient,
+    ) -> Result<&'static str> {
+        let spec = "name = \"insurer-mean-budget\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"mean\"\nfeature = \"budget\"\n";
+        let job = partner
+            .submit_job(spb::SubmitJobRequest {
+                job: Some(spb::submit_job_request::Job::SpecToml(spec.into())),
+            })
+            .await
+            .map_err(|s| demo_err("submit partner aggregate", s))?
+            .into_inner();
+        let r = finish_job(partner, &job).await?;
+        let want_sum: i64 = cohort.iter().map(|c| quantised(c)[0]).sum();
+        let got = r.aggregate.clone().unwrap_or_default();
+        self.sum.aggregate_ok = got.sum == want_sum;
+        writeln!(
+            self.out,
+            "   partner aggregate (mean budget, units of 10,000 CNY, over {} customers): {:.2} (sum {}) | plaintext reference {:.2} (sum {})",
+            job.cohort_size,
+            got.value,
+            got.sum,
+            want_sum as f64 / cohort.len().max(1) as f64,
+            want_sum
+        )
+        .map_err(io)?;
+        check(
+            self.sum.aggregate_ok,
+            "the partner aggregate equals the plaintext reference",
+        )?;
+        Ok(spec)
+    }
+
+    /// A thresholded count on ciphertexts: how many of the cohort have a
+    /// budget of at least the threshold. The comparison is non-linear, so it
+    /// runs with programmable bootstrapping; the gate releases only counts,
+    /// each of at least k customers (smaller ones are withheld), so the
+    /// threshold is the one that splits the cohort most evenly.
+    async fn partner_histogram(
+        &mut self,
+        cohort: &[&synthetic::Customer],
+        partner: &mut SandboxClient,
+    ) -> Result<()> {
+        let mut budgets: Vec<i64> = cohort.iter().map(|c| quantised(c)[0]).collect();
+        budgets.sort_unstable();
+        let n = budgets.len();
+        let edge = budgets
+            .iter()
+            .map(|&e| (e, budgets.partition_point(|&b| b < e)))
+            .max_by_key(|&(_, below)| below.min(n - below))
+            .map_or(100, |(e, _)| e.max(1));
+        let hist = format!("name = \"insurer-big-budgets\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\nedges = [{edge}]\n");
+        let job = partner
+            .submit_job(spb::SubmitJobRequest {
+                job: Some(spb::submit_job_request::Job::SpecToml(hist)),
+            })
+            .await
+            .map_err(|s| demo_err("submit partner histogram", s))?
+            .into_inner();
+        let r = finish_job(partner, &job).await?;
+        let done = r.job.clone().unwrap_or_default();
+        let got = r.aggregate.clone().unwrap_or_default();
+        let big = cohort.iter().filter(|c| quantised(c)[0] >= edge).count() as u64;
+        let want = vec![cohort.len() as u64 - big, big];
+        self.sum.histogram_ok = got.buckets == want && !got.suppressed.iter().any(|&s| s);
+        writeln!(
+            self.out,
+            "   partner thresholded count (budget >= {} CNY; every released count covers at least {} customers) with {} bootstraps per customer, {:.1} s: {:?} | plaintext reference {:?}",
+            edge * 10_000,
+            got.min_count,
+            done.bootstraps_per_customer,
+            done.eval_micros as f64 / 1e6,
+            got.buckets,
+            want
+        )
+        .map_err(io)?;
+        check(
+            self.sum.histogram_ok,
+            "the partner's thresholded count equals the plaintext reference",
+        )
+    }
+
+    /// Refusals: per-customer output to a partner, an aggregate under k
+    /// (the mean-budget `spec` over the 12 analytics consents).
+    async fn sandbox_refusals(&mut self, spec: &str, partner: &mut SandboxClient) -> Result<()> {
+        let per_customer = partner
+            .submit_job(spb::SubmitJobRequest {
+                job: Some(spb::submit_job_request::Job::WorkloadId(
+                    "lead_scoring".into(),
+                )),
+            })
+            .await
+            .err();
+        let small = partner
+            .submit_job(spb::SubmitJobRequest {
+                job: Some(spb::submit_job_request::Job::SpecToml(
+                    spec.replace("lead_scoring", "analytics")
+                        .replace("mean", "sum"),
+                )),
+            })
+            .await
+            .err();
+        let code = |e: &Option<tonic::Status>| e.as_ref().map_or(Code::Ok, |s| s.code());
+        self.sum.sandbox_refusals_ok = code(&per_customer) == Code::PermissionDenied
+            && code(&small) == Code::FailedPrecondition;
+        writeln!(
+            self.out,
+            "   partner asking for per-customer scores: {:?}; partner aggregate over the 12 analytics consents: {:?} ({})",
+            code(&per_customer),
+            code(&small),
+            small.as_ref().map_or("", |s| s.message())
+        )
+        .map_err(io)?;
+        check(self.sum.sandbox_refusals_ok, "the sandbox refusals")
+    }
+
+    /// Step 8: Lineage: an update through the call centre, a read, then the chain
+    /// of the customer's phone and budget back to their origin.
+    async fn lineage_of(&mut self, c: &synthetic::Customer) -> Result<()> {
+        let mut update = pb::PutRecordRequest {
+            idempotency_key: String::new(),
+            customer_id: c.id.clone(),
+            source: Some(pb::CollectionSource {
+                channel: "call_centre".into(),
+                collector: "agent-desk".into(),
+                consent_ref: String::new(),
+            }),
+            ..Default::default()
+        };
+        update.fields.insert(
+            "phone".into(),
+            pb::Value {
+                kind: Some(pb::value::Kind::Text("+86 139-1234-5678".into())),
+            },
+        );
+        update.fields.insert(
+            "budget".into(),
+            pb::Value {
+                kind: Some(pb::value::Kind::Integer(250_000)),
+            },
+        );
+        self.svc
+            .put_record(update)
+            .await
+            .map_err(|s| demo_err("update", s))?;
+        self.svc
+            .get_fields(read(&c.id, &["phone", "budget"], "customer_service"))
+            .await
+            .map_err(|s| demo_err("read after update", s))?;
+        writeln!(
+            self.out,
+            "8. Lineage (compliance officer): phone and budget updated via the call centre and read again"
+        )
+        .map_err(io)?;
+        for field in ["phone", "budget"] {
+            self.show_lineage(c, field).await?;
+        }
+        check(
+            self.sum.phone_versions == 2,
+            "the phone's lineage has its origin and the update",
+        )
+    }
+
+    /// One field's lineage tree, accesses and derivations, as the officer
+    /// sees them.
+    async fn show_lineage(&mut self, c: &synthetic::Customer, field: &str) -> Result<()> {
+        let l = self
+            .lineage
             .get_field_lineage(linpb::GetFieldLineageRequest {
                 customer_id: c.id.clone(),
                 field: field.into(),
@@ -551,10 +951,11 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
             .map_err(|s| demo_err("lineage", s))?
             .into_inner();
         if field == "phone" {
-            sum.phone_versions = l.versions.len();
+            self.sum.phone_versions = l.versions.len();
         }
-        write!(out, "{}", indent(&lineage_view::field_tree(&c.id, &l))).map_err(io)?;
-        let a = lineage
+        write!(self.out, "{}", indent(&lineage_view::field_tree(&c.id, &l))).map_err(io)?;
+        let a = self
+            .lineage
             .list_accesses(linpb::ListAccessesRequest {
                 customer_id: c.id.clone(),
                 field: field.into(),
@@ -563,14 +964,15 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
             .await
             .map_err(|s| demo_err("accesses", s))?
             .into_inner();
-        writeln!(out, "   accesses to {field}:").map_err(io)?;
+        writeln!(self.out, "   accesses to {field}:").map_err(io)?;
         write!(
-            out,
+            self.out,
             "{}",
             indent(&lineage_view::accesses(field, &a.accesses))
         )
         .map_err(io)?;
-        let d = lineage
+        let d = self
+            .lineage
             .get_derived(linpb::GetDerivedRequest {
                 customer_id: c.id.clone(),
                 field: field.into(),
@@ -578,106 +980,101 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
             .await
             .map_err(|s| demo_err("derived", s))?
             .into_inner();
-        writeln!(out, "   derived from {field}:").map_err(io)?;
-        write!(out, "{}", indent(&lineage_view::derived(field, &d.derived))).map_err(io)?;
-    }
-    check(
-        sum.phone_versions == 2,
-        "the phone's lineage has its origin and the update",
-    )?;
-
-    // 9. Erase the customer.
-    let receipt = adm
-        .erase_customer(pb::EraseCustomerRequest {
-            customer_id: c.id.clone(),
-            reason: "gdpr_art17_request".into(),
-        })
-        .await
-        .map_err(|s| demo_err("erase", s))?
-        .into_inner();
-    let after = svc
-        .get_fields(pb::GetFieldsRequest {
-            customer_id: c.id.clone(),
-            fields: vec![],
-            purpose: "customer_service".into(),
-        })
-        .await
-        .err();
-    let search_after = svc
-        .search(pb::SearchRequest {
-            field: "phone".into(),
-            value: Some(pb::Value {
-                kind: Some(pb::value::Kind::Text(c.phone_e164.clone())),
-            }),
-            limit: 0,
-            purpose: "customer_service".into(),
-        })
-        .await
-        .map_err(|s| demo_err("search", s))?
-        .into_inner();
-    sum.erased_gone = after.as_ref().is_some_and(|s| s.code() == Code::NotFound)
-        && search_after.customer_ids.is_empty();
-    writeln!(
-        out,
-        "9. EraseCustomer {}: receipt {} (ledger entry {}; {} fields, {} index entries, data key and pseudonym salt destroyed); read afterwards: {}; search: {:?}",
-        c.id,
-        receipt.receipt_id,
-        receipt.ledger_index,
-        receipt.fields_erased,
-        receipt.index_entries_removed,
-        after.map_or("found (unexpected)".into(), |s| format!("{:?}", s.code())),
-        search_after.customer_ids
-    )
-    .map_err(io)?;
-    check(sum.erased_gone, "erased customer unreachable")?;
-    sum.lineage_gone = lineage
-        .get_field_lineage(linpb::GetFieldLineageRequest {
-            customer_id: c.id.clone(),
-            field: "phone".into(),
-        })
-        .await
-        .err()
-        .is_some_and(|s| s.code() == Code::NotFound);
-    check(sum.lineage_gone, "the erased customer's lineage is gone")?;
-
-    // 10. OpenLineage export: aggregated per job, the erased customer's
-    // activities included, no customer named.
-    let export = lineage
-        .export_lineage(linpb::ExportLineageRequest {})
-        .await
-        .map_err(|s| demo_err("export lineage", s))?
-        .into_inner();
-    let events = openlineage::run_events(&export);
-    sum.openlineage_events = events.len();
-    std::fs::write(&opts.openlineage_out, openlineage::to_json_lines(&events)).map_err(|e| {
-        VaultError::config(
-            opts.openlineage_out.display().to_string(),
-            format!("cannot write the OpenLineage export: {e}"),
+        writeln!(self.out, "   derived from {field}:").map_err(io)?;
+        write!(
+            self.out,
+            "{}",
+            indent(&lineage_view::derived(field, &d.derived))
         )
-    })?;
-    writeln!(
-        out,
-        "10. Lineage of {} afterwards: NOT_FOUND. OpenLineage export: {} RunEvents ({}) written to {}",
-        c.id,
-        events.len(),
-        export
-            .jobs
-            .iter()
-            .map(|j| format!("{} ×{}", j.name, j.runs))
-            .collect::<Vec<_>>()
-            .join(", "),
-        opts.openlineage_out.display()
-    )
-    .map_err(io)?;
+        .map_err(io)
+    }
 
-    srv.shutdown().await?;
-    writeln!(
-        out,
-        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores, a partner aggregate and a bootstrapped count equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events.",
-        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.lead_scores, sum.openlineage_events
-    )
-    .map_err(io)?;
-    Ok(sum)
+    /// Step 9: Erases the customer; neither a read, a search nor the lineage
+    /// finds them afterwards.
+    async fn erase(&mut self, c: &synthetic::Customer) -> Result<()> {
+        let receipt = self
+            .adm
+            .erase_customer(pb::EraseCustomerRequest {
+                customer_id: c.id.clone(),
+                reason: "gdpr_art17_request".into(),
+            })
+            .await
+            .map_err(|s| demo_err("erase", s))?
+            .into_inner();
+        let after = self
+            .svc
+            .get_fields(read(&c.id, &[], "customer_service"))
+            .await
+            .err();
+        let search_after = self
+            .svc
+            .search(search_for("phone", &c.phone_e164))
+            .await
+            .map_err(|s| demo_err("search", s))?
+            .into_inner();
+        self.sum.erased_gone = after.as_ref().is_some_and(|s| s.code() == Code::NotFound)
+            && search_after.customer_ids.is_empty();
+        writeln!(
+            self.out,
+            "9. EraseCustomer {}: receipt {} (ledger entry {}; {} fields, {} index entries, data key and pseudonym salt destroyed); read afterwards: {}; search: {:?}",
+            c.id,
+            receipt.receipt_id,
+            receipt.ledger_index,
+            receipt.fields_erased,
+            receipt.index_entries_removed,
+            after.map_or("found (unexpected)".into(), |s| format!("{:?}", s.code())),
+            search_after.customer_ids
+        )
+        .map_err(io)?;
+        check(self.sum.erased_gone, "erased customer unreachable")?;
+        self.sum.lineage_gone = self
+            .lineage
+            .get_field_lineage(linpb::GetFieldLineageRequest {
+                customer_id: c.id.clone(),
+                field: "phone".into(),
+            })
+            .await
+            .err()
+            .is_some_and(|s| s.code() == Code::NotFound);
+        check(
+            self.sum.lineage_gone,
+            "the erased customer's lineage is gone",
+        )
+    }
+
+    /// Step 10: OpenLineage export: aggregated per job, the erased customer's
+    /// activities included, no customer named.
+    async fn export(&mut self, c: &synthetic::Customer, path: &std::path::Path) -> Result<()> {
+        let export = self
+            .lineage
+            .export_lineage(linpb::ExportLineageRequest {})
+            .await
+            .map_err(|s| demo_err("export lineage", s))?
+            .into_inner();
+        let events = openlineage::run_events(&export);
+        self.sum.openlineage_events = events.len();
+        std::fs::write(path, openlineage::to_json_lines(&events)).map_err(|e| {
+            DemoError::Failed(format!(
+                "{}: cannot write the OpenLineage export: {e}",
+                path.display()
+            ))
+        })?;
+        writeln!(
+            self.out,
+            "10. Lineage of {} afterwards: NOT_FOUND. OpenLineage export: {} RunEvents ({}) written to {}",
+            c.id,
+            events.len(),
+            export
+                .jobs
+                .iter()
+                .map(|j| format!("{} ×{}", j.name, j.runs))
+                .collect::<Vec<_>>()
+                .join(", "),
+            path.display()
+        )
+        .map_err(io)?;
+        Ok(())
+    }
 }
 
 /// The quantised features of a demo customer, as the schema quantises them.
@@ -690,11 +1087,7 @@ fn quantised(c: &synthetic::Customer) -> [i64; 3] {
 }
 
 /// Waits for a sandbox job to end and returns its released result.
-async fn finish_job(
-    c: &mut client::SandboxClient,
-    job: &sovra_proto::sandbox::v1::Job,
-) -> Result<sovra_proto::sandbox::v1::JobResult> {
-    use sovra_proto::sandbox::v1 as spb;
+async fn finish_job(c: &mut SandboxClient, job: &spb::Job) -> Result<spb::JobResult> {
     let mut stream = c
         .watch_job(spb::GetJobRequest {
             job_id: job.job_id.clone(),
@@ -711,8 +1104,8 @@ async fn finish_job(
         last = Some(j);
     }
     if last.map(|j| j.state) != Some(spb::JobState::Succeeded as i32) {
-        return Err(VaultError::storage(format!(
-            "demo job {} did not succeed",
+        return Err(DemoError::Failed(format!(
+            "storage error: demo job {} did not succeed",
             job.job_id
         )));
     }
@@ -722,225 +1115,4 @@ async fn finish_job(
     .await
     .map_err(|s| demo_err("job result", s))?
     .into_inner())
-}
-
-/// Step 7: consents for lead scoring and analytics, the lead-scoring
-/// workload for the sales service, a partner's aggregate, and the refusals.
-async fn sandbox_step(
-    sum: &mut DemoSummary,
-    customers: &[synthetic::Customer],
-    consent_svc: &mut client::LedgerClient,
-    mut sales: client::SandboxClient,
-    mut partner: client::SandboxClient,
-    out: &mut (dyn Write + Send),
-) -> Result<()> {
-    use sovra_proto::sandbox::v1 as spb;
-    let io = |e: std::io::Error| VaultError::storage(format!("cannot print: {e}"));
-    // Lead-scoring consent for the first 60 customers (every tenth from the
-    // sixth withdrawn again), analytics consent for 12 only.
-    let mut cohort = Vec::new();
-    for (i, c) in customers.iter().take(60).enumerate() {
-        let mut purposes = vec![("lead_scoring", i % 10 == 5)];
-        if i < 12 {
-            purposes.push(("analytics", false));
-        }
-        for (purpose, withdraw) in purposes {
-            let mut req = lpb::RecordConsentRequest {
-                customer_id: c.id.clone(),
-                purpose: purpose.into(),
-                action: lpb::ConsentAction::Grant as i32,
-                channel: "web_form".into(),
-                legal_basis: "consent".into(),
-                notice_version: "2026-11".into(),
-                evidence_sha256: Sha256::digest(format!("{purpose} form of {}", c.id)).to_vec(),
-            };
-            consent_svc
-                .record_consent(req.clone())
-                .await
-                .map_err(|s| demo_err("record consent", s))?;
-            if withdraw {
-                req.action = lpb::ConsentAction::Withdraw as i32;
-                consent_svc
-                    .record_consent(req)
-                    .await
-                    .map_err(|s| demo_err("withdraw consent", s))?;
-            } else if purpose == "lead_scoring" {
-                cohort.push(c);
-            }
-        }
-    }
-    writeln!(
-        out,
-        "7. Sandbox (TFHE, packed GLWE ciphertexts; only the release gate decrypts): lead-scoring consent from {} customers (some withdrawn), analytics consent from 12"
-    , cohort.len())
-    .map_err(io)?;
-
-    // The lead-scoring workload, run by the sales service.
-    let job = sales
-        .submit_job(spb::SubmitJobRequest {
-            job: Some(spb::submit_job_request::Job::WorkloadId(
-                "lead_scoring".into(),
-            )),
-        })
-        .await
-        .map_err(|s| demo_err("submit lead scoring", s))?
-        .into_inner();
-    let r = finish_job(&mut sales, &job).await?;
-    let done = r.job.clone().unwrap_or_default();
-    let reference = |c: &synthetic::Customer| {
-        let q = quantised(c);
-        -3499 + 7 * q[0] + 53 * q[1] + 35 * q[2]
-    };
-    let mut matches = 0;
-    for s in &r.scores {
-        if let Some(c) = cohort.iter().find(|c| c.id == s.customer_id) {
-            if reference(c) == s.score {
-                matches += 1;
-            }
-        }
-    }
-    sum.lead_scores = matches;
-    writeln!(
-        out,
-        "   lead_scoring workload (sales service): cohort {} ({} excluded by consent or policy), {} blocks evaluated in {:.1} ms; released scores (encrypted result | plaintext reference):",
-        done.cohort_size,
-        done.excluded,
-        done.blocks_total,
-        done.eval_micros as f64 / 1000.0
-    )
-    .map_err(io)?;
-    let mut top: Vec<&spb::CustomerScore> = r.scores.iter().collect();
-    top.sort_by_key(|s| std::cmp::Reverse(s.score));
-    for s in top.iter().take(5) {
-        let want = cohort
-            .iter()
-            .find(|c| c.id == s.customer_id)
-            .map(|c| reference(c));
-        writeln!(
-            out,
-            "     {:<12} {:>6} | {:>6}  p={:.2} {:<6} top features: {}",
-            s.customer_id,
-            s.score,
-            want.map_or("-".into(), |w| w.to_string()),
-            s.probability,
-            s.band,
-            s.top_features.join(", ")
-        )
-        .map_err(io)?;
-    }
-    writeln!(
-        out,
-        "     … {} of {} scores equal the plaintext reference; release anchored at ledger entry {}",
-        matches,
-        r.scores.len(),
-        r.ledger_index
-    )
-    .map_err(io)?;
-    check(
-        matches == cohort.len() && r.scores.len() == cohort.len(),
-        "every lead score equals the plaintext reference",
-    )?;
-
-    // A partner's aggregate: mean budget over the lead-scoring cohort.
-    let spec = "name = \"insurer-mean-budget\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"mean\"\nfeature = \"budget\"\n";
-    let job = partner
-        .submit_job(spb::SubmitJobRequest {
-            job: Some(spb::submit_job_request::Job::SpecToml(spec.into())),
-        })
-        .await
-        .map_err(|s| demo_err("submit partner aggregate", s))?
-        .into_inner();
-    let r = finish_job(&mut partner, &job).await?;
-    let want_sum: i64 = cohort.iter().map(|c| quantised(c)[0]).sum();
-    let got = r.aggregate.clone().unwrap_or_default();
-    sum.aggregate_ok = got.sum == want_sum;
-    writeln!(
-        out,
-        "   partner aggregate (mean budget, units of 10,000 CNY, over {} customers): {:.2} (sum {}) | plaintext reference {:.2} (sum {})",
-        job.cohort_size,
-        got.value,
-        got.sum,
-        want_sum as f64 / cohort.len().max(1) as f64,
-        want_sum
-    )
-    .map_err(io)?;
-    check(
-        sum.aggregate_ok,
-        "the partner aggregate equals the plaintext reference",
-    )?;
-
-    // A thresholded count on ciphertexts: how many of the cohort have a
-    // budget of at least the threshold. The comparison is non-linear, so it
-    // runs with programmable bootstrapping; the gate releases only counts,
-    // each of at least k customers (smaller ones are withheld), so the
-    // threshold is the one that splits the cohort most evenly.
-    let mut budgets: Vec<i64> = cohort.iter().map(|c| quantised(c)[0]).collect();
-    budgets.sort_unstable();
-    let n = budgets.len();
-    let edge = budgets
-        .iter()
-        .map(|&e| (e, budgets.partition_point(|&b| b < e)))
-        .max_by_key(|&(_, below)| below.min(n - below))
-        .map_or(100, |(e, _)| e.max(1));
-    let hist = format!("name = \"insurer-big-budgets\"\npurpose = \"lead_scoring\"\noutput = \"aggregate\"\n[model]\nkind = \"aggregate\"\nop = \"histogram\"\nfeature = \"budget\"\nedges = [{edge}]\n");
-    let job = partner
-        .submit_job(spb::SubmitJobRequest {
-            job: Some(spb::submit_job_request::Job::SpecToml(hist)),
-        })
-        .await
-        .map_err(|s| demo_err("submit partner histogram", s))?
-        .into_inner();
-    let r = finish_job(&mut partner, &job).await?;
-    let done = r.job.clone().unwrap_or_default();
-    let got = r.aggregate.clone().unwrap_or_default();
-    let big = cohort.iter().filter(|c| quantised(c)[0] >= edge).count() as u64;
-    let want = vec![cohort.len() as u64 - big, big];
-    sum.histogram_ok = got.buckets == want && !got.suppressed.iter().any(|&s| s);
-    writeln!(
-        out,
-        "   partner thresholded count (budget >= {} CNY; every released count covers at least {} customers) with {} bootstraps per customer, {:.1} s: {:?} | plaintext reference {:?}",
-        edge * 10_000,
-        got.min_count,
-        done.bootstraps_per_customer,
-        done.eval_micros as f64 / 1e6,
-        got.buckets,
-        want
-    )
-    .map_err(io)?;
-    check(
-        sum.histogram_ok,
-        "the partner's thresholded count equals the plaintext reference",
-    )?;
-
-    // Refusals: per-customer output to a partner, an aggregate under k.
-    let per_customer = partner
-        .submit_job(spb::SubmitJobRequest {
-            job: Some(spb::submit_job_request::Job::WorkloadId(
-                "lead_scoring".into(),
-            )),
-        })
-        .await
-        .err();
-    let small = partner
-        .submit_job(spb::SubmitJobRequest {
-            job: Some(spb::submit_job_request::Job::SpecToml(
-                spec.replace("lead_scoring", "analytics")
-                    .replace("mean", "sum"),
-            )),
-        })
-        .await
-        .err();
-    let code = |e: &Option<tonic::Status>| e.as_ref().map_or(Code::Ok, |s| s.code());
-    sum.sandbox_refusals_ok =
-        code(&per_customer) == Code::PermissionDenied && code(&small) == Code::FailedPrecondition;
-    writeln!(
-        out,
-        "   partner asking for per-customer scores: {:?}; partner aggregate over the 12 analytics consents: {:?} ({})",
-        code(&per_customer),
-        code(&small),
-        small.as_ref().map_or("", |s| s.message())
-    )
-    .map_err(io)?;
-    check(sum.sandbox_refusals_ok, "the sandbox refusals")?;
-    Ok(())
 }

@@ -5,7 +5,7 @@ use sovra_proto::vault::v1 as pb;
 use sovra_vault::synthetic;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
 
 #[tokio::test]
 async fn write_read_search_erase_through_grpc() {

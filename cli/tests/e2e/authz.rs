@@ -15,8 +15,7 @@ use sovra_vault::access::auth::Role;
 use sovra_vault::client;
 use tonic::Code;
 
-use crate::common::*;
-use crate::ledger::consent;
+use sovra_testkit::*;
 
 const TABLE: &str = include_str!("../data/authz.table");
 

@@ -5,7 +5,7 @@ use prost::Message;
 use sovra_proto::vault::v1 as pb;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
 
 fn expect(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
     let e = r.expect_err("must fail");

@@ -3,7 +3,9 @@
 
 use std::process::{Command, Output};
 
-use crate::common::*;
+use sovra_testkit::*;
+
+use crate::SOVRA;
 
 fn sovra(args: &[&str], token: Option<&str>, server: Option<&str>) -> Output {
     let mut c = Command::new(SOVRA);
@@ -409,7 +411,7 @@ async fn job_commands() {
         svc.put_record(put(&c, &[("budget", int(10_000 * (i + 1)))]))
             .await
             .unwrap();
-        led.record_consent(crate::ledger::consent(&c, "lead_scoring", true))
+        led.record_consent(sovra_testkit::consent(&c, "lead_scoring", true))
             .await
             .unwrap();
     }

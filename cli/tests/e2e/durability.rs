@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use sovra_proto::vault::v1 as pb;
 
-use crate::common::*;
+use sovra_testkit::*;
+
+use crate::SOVRA;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_sigkill() {
     let env = Env::new();
     let port = free_port();
-    let mut child = spawn_server(&env, port).await;
+    let mut child = spawn_server(SOVRA, &env, port).await;
     let url = format!("http://127.0.0.1:{port}");
 
     let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
@@ -61,7 +63,7 @@ async fn acknowledged_writes_survive_sigkill() {
 
     // Restart on the same data directory: every acknowledged write is there.
     let port = free_port();
-    let mut child = spawn_server(&env, port).await;
+    let mut child = spawn_server(SOVRA, &env, port).await;
     let mut c = sovra_vault::client::connect(
         &format!("http://127.0.0.1:{port}"),
         Some(&env.service),

@@ -10,7 +10,7 @@ use sovra_vault::crypto::keys::{KeyRing, WrappedKey};
 use sovra_vault::synthetic;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
 
 /// (wrapped key, pad) of a customer, read from a stopped server's files.
 fn key_material(env: &Env, customer: &str) -> (WrappedKey, Vec<u8>) {

@@ -18,8 +18,9 @@ use sovra_vault::client;
 use sovra_vault::store::StoredField;
 use tonic::Code;
 
-use crate::common::*;
-use crate::ledger::consent;
+use sovra_testkit::*;
+
+use crate::SOVRA;
 
 /// Tokens of tenant `beta`'s service, officer and admin, added to `env`.
 struct Beta {
@@ -43,22 +44,6 @@ fn add_beta(env: &Env) -> Beta {
         officer: officer.token.to_string(),
         admin: admin.token.to_string(),
     }
-}
-
-async fn entries(url: &str, token: &str) -> Vec<(u64, serde_json::Value)> {
-    let mut l = client::connect_ledger(url, Some(token), None)
-        .await
-        .unwrap();
-    let mut s = l
-        .get_entries(lpb::GetEntriesRequest { start: 0, end: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        out.push((e.index, serde_json::from_str(&e.decoded_json).unwrap()));
-    }
-    out
 }
 
 /// Item 1: a tenant's officer reads only its own tenant's entries (and the
@@ -91,8 +76,8 @@ async fn ledger_reads_and_admin_operations_are_tenant_scoped() {
         .unwrap()
         .into_inner();
 
-    let seen_by_b = entries(&srv.url, &beta.officer).await;
-    let seen_by_a = entries(&srv.url, &env.officer).await;
+    let seen_by_b = ledger_entries(&srv.url, &beta.officer).await;
+    let seen_by_a = ledger_entries(&srv.url, &env.officer).await;
     let tenant_of = |v: &serde_json::Value| v["tenant"].as_str().map(str::to_owned);
     assert!(seen_by_b.iter().any(|(i, _)| *i == b_consent.index));
     for (i, v) in &seen_by_b {
@@ -551,7 +536,7 @@ async fn provenance_changed_on_disk_is_refused() {
 }
 
 async fn ledger_kinds(url: &str, officer: &str) -> Vec<serde_json::Value> {
-    entries(url, officer)
+    ledger_entries(url, officer)
         .await
         .into_iter()
         .map(|(_, v)| v)
@@ -569,7 +554,7 @@ async fn key_changes_are_in_the_ledger_before_they_take_effect() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     for round in 0..6u64 {
-        let mut child = spawn_server(&env, port).await;
+        let mut child = spawn_server(SOVRA, &env, port).await;
         let mut adm = client::connect(&url, Some(&env.admin), None).await.unwrap();
         let call = tokio::spawn(async move {
             let _ = adm.rotate_tenant_key(pb::RotateTenantKeyRequest {}).await;
@@ -579,7 +564,7 @@ async fn key_changes_are_in_the_ledger_before_they_take_effect() {
         child.wait().unwrap();
         let _ = call.await;
     }
-    let mut child = spawn_server(&env, port).await;
+    let mut child = spawn_server(SOVRA, &env, port).await;
     let mut adm = client::connect(&url, Some(&env.admin), None).await.unwrap();
     let st = wait_rotation(&mut adm).await;
     let rotated = ledger_kinds(&url, &env.officer).await;

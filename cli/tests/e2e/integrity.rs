@@ -5,7 +5,7 @@ use prost::Message;
 use sovra_vault::store::StoredField;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
 
 #[tokio::test]
 async fn moved_or_flipped_ciphertexts_fail_integrity() {

@@ -14,26 +14,12 @@ use sovra_proto::ledger::v1 as lpb;
 use sovra_vault::client::{self, LedgerClient};
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
+
+use crate::SOVRA;
 
 /// (index, entry bytes) of an acknowledged consent.
 type Acked = (u64, Vec<u8>);
-
-pub fn consent(customer: &str, purpose: &str, grant: bool) -> lpb::RecordConsentRequest {
-    lpb::RecordConsentRequest {
-        customer_id: customer.into(),
-        purpose: purpose.into(),
-        action: if grant {
-            lpb::ConsentAction::Grant
-        } else {
-            lpb::ConsentAction::Withdraw
-        } as i32,
-        channel: "web_form".into(),
-        legal_basis: "consent".into(),
-        notice_version: "2026-11".into(),
-        evidence_sha256: vec![7; 32],
-    }
-}
 
 async fn ledger(url: &str, token: &str) -> LedgerClient {
     client::connect_ledger(url, Some(token), None)
@@ -569,7 +555,7 @@ async fn tampered_ledger_is_detected_at_start_naming_the_entry() {
 async fn acknowledged_consents_survive_sigkill_and_the_log_stays_consistent() {
     let env = Env::new();
     let port = free_port();
-    let mut child = spawn_server(&env, port).await;
+    let mut child = spawn_server(SOVRA, &env, port).await;
     let url = format!("http://127.0.0.1:{port}");
 
     // (index, entry bytes) of every acknowledged consent, and the largest
@@ -619,7 +605,7 @@ async fn acknowledged_consents_survive_sigkill_and_the_log_stays_consistent() {
     let before = last_cp.lock().unwrap().clone().unwrap();
 
     let port = free_port();
-    let mut child = spawn_server(&env, port).await;
+    let mut child = spawn_server(SOVRA, &env, port).await;
     let mut off = ledger(&format!("http://127.0.0.1:{port}"), &env.officer).await;
     let after = off
         .get_checkpoint(lpb::GetCheckpointRequest {})

@@ -12,7 +12,7 @@ use sovra_vault::client::{self, LineageClient};
 use sovra_vault::lineage::StoredActivity;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
 
 const CUSTOMER: &str = "lineage-customer-0001";
 const OTHER: &str = "lineage-customer-0002";
@@ -610,13 +610,15 @@ fn schemas_reject_what_they_must() {
 async fn demo_openlineage_export_validates_and_names_no_customer() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("demo.openlineage.jsonl");
-    let opts = sovra_vault::demo::DemoOptions {
+    let opts = sovra_cli::commands::demo::DemoOptions {
         customers: 60,
         seed: 42,
         openlineage_out: path.clone(),
     };
     let mut out = Vec::new();
-    let sum = sovra_vault::demo::run(&opts, &mut out).await.unwrap();
+    let sum = sovra_cli::commands::demo::run(&opts, &mut out)
+        .await
+        .unwrap();
     let printed = String::from_utf8(out).unwrap();
     assert!(printed.contains("phone of customer"), "{printed}");
     assert!(printed.contains("budget of customer"), "{printed}");
@@ -862,7 +864,7 @@ async fn a_customer_known_only_by_consent_leaves_no_lineage_after_erasure() {
     let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
         .await
         .unwrap();
-    led.record_consent(crate::ledger::consent("consent-only-7", "marketing", true))
+    led.record_consent(sovra_testkit::consent("consent-only-7", "marketing", true))
         .await
         .unwrap();
     let mut svc = srv.client(Some(&env.service)).await;

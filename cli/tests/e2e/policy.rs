@@ -11,7 +11,9 @@ use sovra_proto::policy::v1 as ppb;
 use sovra_vault::client;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
+
+use crate::SOVRA;
 
 const SENSITIVE: &str = "20-sensitive.cedar";
 
@@ -253,7 +255,7 @@ async fn sighup_reloads_and_a_broken_set_refuses_to_start() {
     let env = Env::new();
     let policy_dir = env.dir.path().join("policies");
     let port = free_port();
-    let mut child = spawn_server(&env, port).await;
+    let mut child = spawn_server(SOVRA, &env, port).await;
     let url = format!("http://127.0.0.1:{port}");
     let mut svc = client::connect(&url, Some(&env.service), None)
         .await

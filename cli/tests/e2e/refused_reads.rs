@@ -2,32 +2,20 @@
 //! including those refused before the customer is looked up, and none of
 //! those shows whether the customer exists.
 
-use sovra_proto::ledger::v1 as lpb;
 use sovra_vault::access::auth::Role;
-use sovra_vault::client;
 use sovra_vault::config;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
 
 /// The `field_revealed` entries of the ledger, decoded.
 async fn reveals(url: &str, officer: &str) -> Vec<serde_json::Value> {
-    let mut led = client::connect_ledger(url, Some(officer), None)
+    ledger_entries(url, officer)
         .await
-        .unwrap();
-    let mut s = led
-        .get_entries(lpb::GetEntriesRequest { start: 0, end: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        let v: serde_json::Value = serde_json::from_str(&e.decoded_json).unwrap();
-        if v["kind"] == "field_revealed" {
-            out.push(v);
-        }
-    }
-    out
+        .into_iter()
+        .map(|(_, v)| v)
+        .filter(|v| v["kind"] == "field_revealed")
+        .collect()
 }
 
 /// The parts of a reveal entry a reader could compare.

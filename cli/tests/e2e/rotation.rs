@@ -9,7 +9,7 @@ use sovra_vault::engine::Engine;
 use sovra_vault::synthetic;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
 
 const CUSTOMERS: usize = 3000;
 

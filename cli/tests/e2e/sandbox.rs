@@ -3,11 +3,10 @@
 //! gate and the cohort rules make, bad specs and corrupted ciphertexts on
 //! disk, and erasure of encrypted features.
 
-use crate::common::*;
-use crate::ledger::consent;
 use sovra_proto::lineage::v1 as linpb;
 use sovra_proto::sandbox::v1 as spb;
 use sovra_proto::vault::v1 as pb;
+use sovra_testkit::*;
 use sovra_vault::client::{self, SandboxClient};
 use tonic::Code;
 
@@ -507,7 +506,7 @@ async fn erasure_removes_a_customers_encrypted_features() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_has_its_tfhe_key_from_init_and_the_first_start() {
     let env = Env::new();
-    // `sovra init` (config::init) made the default tenant's key.
+    // `sovra init` (app::setup::init) made the default tenant's key.
     let at_init = {
         let db = open_raw(&env.data_dir());
         let t = db.open_tree("fhe_features").unwrap();

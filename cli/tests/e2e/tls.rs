@@ -6,7 +6,7 @@ use sovra_proto::vault::v1 as pb;
 use sovra_vault::config::TlsConfig;
 use sovra_vault::server;
 
-use crate::common::*;
+use sovra_testkit::*;
 
 #[tokio::test]
 async fn tls_from_config() {

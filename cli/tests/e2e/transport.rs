@@ -15,7 +15,9 @@ use sovra_vault::client;
 use tokio::io::AsyncReadExt;
 use tonic::Code;
 
-use crate::common::*;
+use sovra_testkit::*;
+
+use crate::SOVRA;
 
 /// An HTTP/2 connection to `127.0.0.1:port`, with a receive window of
 /// `window` bytes per stream if given.
@@ -91,7 +93,7 @@ async fn a_long_batchput_stream_of_small_frames_is_answered_in_full() {
     const ITEMS: usize = 100_000;
     let env = Env::new();
     let port = free_port();
-    let mut server = spawn_server(&env, port).await;
+    let mut server = spawn_server(SOVRA, &env, port).await;
     let mut send = h2_connect(port, None).await;
     let (response, mut stream) = send
         .send_request(
@@ -229,7 +231,7 @@ fn threads_of(pid: u32) -> usize {
 async fn unread_entry_streams_hold_no_threads() {
     let env = Env::new();
     let port = free_port();
-    let mut server = spawn_server(&env, port).await;
+    let mut server = spawn_server(SOVRA, &env, port).await;
     let url = format!("http://127.0.0.1:{port}");
     let mut svc = client::connect(&url, Some(&env.service), None)
         .await
@@ -291,7 +293,7 @@ async fn silent_sockets_are_closed_and_do_not_keep_clients_out() {
     cfg.limits.handshake_timeout_ms = 1000;
     sovra_vault::config::write_config(&cfg, &env.config_path).unwrap();
     let port = free_port();
-    let mut server = spawn_server(&env, port).await;
+    let mut server = spawn_server(SOVRA, &env, port).await;
     let mut silent = Vec::new();
     for _ in 0..2000 {
         silent.push(

@@ -1,0 +1,13 @@
+//! One module per command: its arguments and what it does.
+
+pub mod audit;
+pub mod consent;
+pub mod demo;
+pub mod init;
+pub mod job;
+pub mod keys;
+pub mod lineage;
+pub mod policy;
+pub mod records;
+pub mod serve;
+pub mod token;
