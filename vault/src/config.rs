@@ -60,7 +60,7 @@ pub struct Config {
     /// and per-principal limits (written only when changed, since the
     /// defaults follow the machine's cores).
     #[serde(default, skip_serializing_if = "is_default_admission")]
-    pub sandbox: crate::jobs::AdmissionConfig,
+    pub sandbox: AdmissionConfig,
     /// Who may call, by token hash.
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
@@ -162,8 +162,8 @@ impl Default for PolicyConfig {
     }
 }
 
-fn is_default_admission(a: &crate::jobs::AdmissionConfig) -> bool {
-    *a == crate::jobs::AdmissionConfig::default()
+fn is_default_admission(a: &AdmissionConfig) -> bool {
+    *a == AdmissionConfig::default()
 }
 
 fn default_listen() -> String {
@@ -383,7 +383,7 @@ impl Config {
                 operator_tenant: default_tenant(),
             },
             limits: Limits::default(),
-            sandbox: crate::jobs::AdmissionConfig::default(),
+            sandbox: AdmissionConfig::default(),
             principals: Vec::new(),
             base_dir: dir.to_path_buf(),
             source: Some(dir.join("config.toml")),
@@ -520,6 +520,37 @@ impl Limits {
             return bad("max_calls_unauthenticated", "must be at least 1");
         }
         Ok(())
+    }
+}
+
+/// Admission limits of the sandbox: how much of the machine jobs may take.
+/// The defaults suit a small server (2 cores: one job at a time on one
+/// thread, so one core stays with the vault's request handlers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Jobs evaluated at the same time. Default: half the cores, at least 1.
+    pub max_running: usize,
+    /// Threads of the evaluation pool all running jobs share. Default: half
+    /// the cores, at least 1.
+    pub eval_threads: usize,
+    /// Jobs waiting to run, all principals together. Default 32.
+    pub max_queued: usize,
+    /// Jobs one principal (of a tenant) may have queued or running. Default 4.
+    pub max_jobs_per_principal: usize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> AdmissionConfig {
+        let half = std::thread::available_parallelism()
+            .map_or(1, |n| n.get() / 2)
+            .max(1);
+        AdmissionConfig {
+            max_running: half,
+            eval_threads: half,
+            max_queued: 32,
+            max_jobs_per_principal: 4,
+        }
     }
 }
 

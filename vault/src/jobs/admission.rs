@@ -17,36 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Result, VaultError};
 
-/// Admission limits of the sandbox: how much of the machine jobs may take.
-/// The defaults suit a small server (2 cores: one job at a time on one
-/// thread, so one core stays with the vault's request handlers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AdmissionConfig {
-    /// Jobs evaluated at the same time. Default: half the cores, at least 1.
-    pub max_running: usize,
-    /// Threads of the evaluation pool all running jobs share. Default: half
-    /// the cores, at least 1.
-    pub eval_threads: usize,
-    /// Jobs waiting to run, all principals together. Default 32.
-    pub max_queued: usize,
-    /// Jobs one principal (of a tenant) may have queued or running. Default 4.
-    pub max_jobs_per_principal: usize,
-}
-
-impl Default for AdmissionConfig {
-    fn default() -> AdmissionConfig {
-        let half = std::thread::available_parallelism()
-            .map_or(1, |n| n.get() / 2)
-            .max(1);
-        AdmissionConfig {
-            max_running: half,
-            eval_threads: half,
-            max_queued: 32,
-            max_jobs_per_principal: 4,
-        }
-    }
-}
+pub use crate::config::AdmissionConfig;
 
 #[derive(Debug)]
 struct Admitted {
