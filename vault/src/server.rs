@@ -69,8 +69,8 @@ impl ServerHandle {
 
     /// The lineage recorder the sandbox's release gate records its jobs
     /// through.
-    pub fn lineage_recorder(&self) -> crate::lineage::Recorder {
-        crate::lineage::Recorder::new(self.engine.clone(), self.ledger.clone())
+    pub fn lineage_recorder(&self) -> crate::jobs::record::Recorder {
+        crate::jobs::record::Recorder::new(self.engine.clone(), self.ledger.clone())
     }
 
     /// Stops accepting calls, lets in-flight calls finish, flushes.

@@ -175,6 +175,23 @@ impl FeatureStore {
     pub(crate) fn slot_of(&self, tenant: &str, customer: &str) -> Result<Option<u32>> {
         slot_of(&self.tree, tenant, customer)
     }
+
+    /// Every customer of the tenant with a slot: (customer, slot), by slot.
+    pub(crate) fn slots(&self, tenant: &str) -> Result<Vec<(String, u32)>> {
+        slots(&self.tree, tenant)
+    }
+
+    /// The stored blocks of `feature`, by block number (None where no
+    /// customer of that block holds it), up to `blocks` blocks, each checked
+    /// (conformant deserialisation) before it is returned.
+    pub(crate) fn column(
+        &self,
+        tenant: &str,
+        feature: &str,
+        blocks: usize,
+    ) -> Result<Vec<Option<FeatureBlock>>> {
+        column(&self.tree, tenant, feature, blocks)
+    }
 }
 
 /// Re-encrypts one block of `feature` with `slot` set to `value` (a fresh
@@ -285,14 +302,14 @@ pub(crate) fn erase(
 }
 
 /// The slot of `customer`, if it has one.
-pub(crate) fn slot_of(tree: &sled::Tree, tenant: &str, customer: &str) -> Result<Option<u32>> {
+fn slot_of(tree: &sled::Tree, tenant: &str, customer: &str) -> Result<Option<u32>> {
     tree.get(slot_key(tenant, customer))?
         .map(|b| u32_of(&b, "slot"))
         .transpose()
 }
 
 /// Every customer of the tenant with a slot: (customer, slot), by slot.
-pub(crate) fn slots(tree: &sled::Tree, tenant: &str) -> Result<Vec<(String, u32)>> {
+fn slots(tree: &sled::Tree, tenant: &str) -> Result<Vec<(String, u32)>> {
     let prefix = key(b'R', tenant, &[]);
     let mut prefix = prefix;
     prefix.push(0);
@@ -310,7 +327,7 @@ pub(crate) fn slots(tree: &sled::Tree, tenant: &str) -> Result<Vec<(String, u32)
 /// The stored blocks of `feature`, by block number (None where no customer
 /// of that block holds it), up to `blocks` blocks. Every block is checked
 /// (conformant deserialisation) before it is returned.
-pub(crate) fn column(
+fn column(
     tree: &sled::Tree,
     tenant: &str,
     feature: &str,

@@ -391,6 +391,12 @@ impl Engine {
         &self.lineage
     }
 
+    /// The feature store (the `fhe_features` tree and the tenants' TFHE
+    /// keys).
+    pub(crate) fn features(&self) -> &FeatureStore {
+        &self.features
+    }
+
     /// Waits until every write made so far is durable.
     pub async fn commit(&self) -> Result<()> {
         let releasable = std::mem::take(

@@ -23,7 +23,7 @@ use sovra_sandbox::{JobInput, ValidatedSpec};
 
 use crate::access::auth::Principal;
 use crate::access::policy;
-use crate::engine::{features, Engine};
+use crate::engine::Engine;
 use crate::error::{Result, VaultError};
 use crate::schema::FieldDef;
 
@@ -119,7 +119,7 @@ pub(crate) fn select(
     let mut policies = BTreeSet::new();
     let mut max_slot = None;
     let mut denied_by: BTreeMap<String, u64> = BTreeMap::new();
-    for (customer, slot) in features::slots(&engine.store().features, tenant)? {
+    for (customer, slot) in engine.features().slots(tenant)? {
         let (subject, revealed) = if fetch.is_empty() {
             (engine.pseudonym(tenant, &customer, false)?, Vec::new())
         } else {
@@ -184,10 +184,7 @@ fn job_input(
     }
     let mut columns = BTreeMap::new();
     for f in spec.features() {
-        columns.insert(
-            f.clone(),
-            features::column(&engine.store().features, tenant, &f, blocks)?,
-        );
+        columns.insert(f.clone(), engine.features().column(tenant, &f, blocks)?);
     }
     Ok(JobInput { columns, cohort })
 }

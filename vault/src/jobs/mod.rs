@@ -53,6 +53,7 @@
 
 pub(crate) mod admission;
 pub(crate) mod cohort;
+pub mod record;
 pub(crate) mod release;
 pub(crate) mod release_policy;
 pub(crate) mod releases;

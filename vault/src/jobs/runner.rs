@@ -30,13 +30,14 @@ use sovra_sandbox::{
 
 use super::admission::{Admit, Slot};
 use super::cohort::Selection;
+use super::record::Recorder;
 use super::release::{self, Released};
 use super::release_policy::{check_release, min_cohort, MIN_COHORT_POLICY};
 use super::releases::{Releases, NO_DIFFERENCING_POLICY};
 use super::table::JobEntry;
 use crate::app::App;
 use crate::error::{Result, VaultError};
-use crate::lineage::{self, Agent, JobRecord, Recorder};
+use crate::lineage::{self, Agent, JobRecord};
 
 /// What running jobs share.
 pub(crate) struct Runner {

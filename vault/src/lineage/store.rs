@@ -325,8 +325,8 @@ fn check_range((from_ms, to_ms): (i64, i64)) -> Result<(i64, i64)> {
 /// The `lineage` tree, and the tenant lineage keys that value hashes are
 /// made with.
 pub struct LineageStore {
-    // For activity ids: unique across the database, and monotone, so that
-    // ids order a customer's writes.
+    // Activity ids come from sled's id generator: unique in the database,
+    // across restarts too, so an id is never reused for another activity.
     db: sled::Db,
     tree: sled::Tree,
     // Only its lineage keys are used (value hashes); the store never sees a
