@@ -12,8 +12,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sovra_ledger::entry::{Decision, Disclosure, FieldAccess, Reveal, Write};
 use sovra_ledger::{Body, Ledger, LedgerOptions, LogKey};
 use sovra_proto::lineage::v1 as lpb;
-use sovra_vault::engine::{Engine, Source, WriteLineage};
 use sovra_vault::crypto::keys::RootKey;
+use sovra_vault::engine::{Engine, Source, WriteLineage};
 use sovra_vault::lineage::{transformation, Agent};
 use sovra_vault::schema::{RawValue, Schema};
 

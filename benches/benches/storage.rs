@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sovra_vault::engine::{Engine, Source, WriteLineage};
 use sovra_vault::crypto::keys::RootKey;
+use sovra_vault::engine::{Engine, Source, WriteLineage};
 use sovra_vault::lineage::Agent;
 use sovra_vault::schema::{FieldDef, FieldValue, RawValue, Schema};
 use sovra_vault::synthetic;

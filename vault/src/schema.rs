@@ -721,9 +721,9 @@ fn field_def(f: RawField, purposes: &BTreeSet<String>, origin: &str) -> Result<F
 fn field_bounds(f: &RawField, bad: &impl Fn(String) -> VaultError) -> Result<(u32, i64, i64)> {
     Ok(match f.ty {
         FieldType::String => {
-            let max_len = f.max_len.ok_or_else(|| {
-                bad(format!("field `{}`: string fields need max_len", f.name))
-            })?;
+            let max_len = f
+                .max_len
+                .ok_or_else(|| bad(format!("field `{}`: string fields need max_len", f.name)))?;
             if max_len == 0 || max_len > MAX_STRING_LEN {
                 return Err(bad(format!(
                     "field `{}`: max_len must be 1..={MAX_STRING_LEN}",

@@ -202,11 +202,8 @@ async fn open(cfg: &Config) -> Result<App> {
     // it, never taken as an empty vault.
     let ledger = Arc::new(cfg.open_ledger()?);
     let data_dir = cfg.resolve(&cfg.data_dir);
-    let engine = Arc::new(Engine::open_with(
-        &data_dir,
-        root,
-        schema,
-        || match ledger.size() {
+    let engine = Arc::new(Engine::open_with(&data_dir, root, schema, || {
+        match ledger.size() {
             0 => Ok(()),
             n => Err(VaultError::config(
                 data_dir.display().to_string(),
@@ -215,8 +212,8 @@ async fn open(cfg: &Config) -> Result<App> {
                      the database was lost, truncated or replaced; restore it from a backup"
                 ),
             )),
-        },
-    )?);
+        }
+    })?);
     crate::files::make_private_dir(&data_dir)?;
     ensure_tenant_keys(cfg, &engine)?;
     // An invalid policy set refuses to start, naming file, line and problem.
@@ -328,7 +325,10 @@ async fn bind(cfg: &Config, listener: Option<TcpListener>) -> Result<TcpListener
 /// A sandbox that could admit no job is a configuration mistake.
 fn check_admission(cfg: &Config) -> Result<()> {
     let a = cfg.sandbox;
-    if a.max_running == 0 || a.eval_threads == 0 || a.max_queued == 0 || a.max_jobs_per_principal == 0
+    if a.max_running == 0
+        || a.eval_threads == 0
+        || a.max_queued == 0
+        || a.max_jobs_per_principal == 0
     {
         return Err(VaultError::config(
             "sandbox",
@@ -371,7 +371,10 @@ fn transport(cfg: &Config) -> Result<Server> {
     };
     let read = |p: &std::path::Path, what: &str| {
         std::fs::read(p).map_err(|e| {
-            VaultError::config(p.display().to_string(), format!("cannot read TLS {what}: {e}"))
+            VaultError::config(
+                p.display().to_string(),
+                format!("cannot read TLS {what}: {e}"),
+            )
         })
     };
     let cert = read(&cfg.resolve(&tls.cert_file), "certificate")?;

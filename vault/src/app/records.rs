@@ -495,9 +495,8 @@ impl App {
         let subject = self.engine.pseudonym(&p.tenant, &customer_id, false)?;
         // The erasure's own lineage names the fields erased, never the
         // customer: it outlives them.
-        let mut activity =
-            Agent::of(&p.name, p.role.as_str(), reason.clone(), policies)
-                .activity(lpb::ActivityKind::Erase, &p.tenant);
+        let mut activity = Agent::of(&p.name, p.role.as_str(), reason.clone(), policies)
+            .activity(lpb::ActivityKind::Erase, &p.tenant);
         let fields = self.engine.fields_held(&p.tenant, &customer_id)?;
         activity.count = fields.len() as u64;
         activity.used = fields.into_iter().map(lineage::erased_usage).collect();
