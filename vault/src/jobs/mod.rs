@@ -20,7 +20,8 @@
 //!   (`release`) decrypts after re-checking the release policy
 //!   (`release_policy`), and the release is anchored in the ledger (job
 //!   id, spec hash, purpose, cohort size, output hash, releasing principal)
-//!   with the job's lineage before anyone can fetch it (`runner`);
+//!   with the job's lineage before anyone can fetch it (`runner`, which
+//!   anchors through `record`);
 //! - only the submitter receives a result; the submitter, officers and
 //!   admins of the tenant see a job's state (`table`);
 //! - admission is bounded ([`AdmissionConfig`]): at most `max_running` jobs
