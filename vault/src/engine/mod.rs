@@ -92,7 +92,7 @@ pub struct Idempotency<'a> {
 }
 
 /// Where an idempotent write's record lives, and its request's digest.
-struct IdempotencySlot {
+struct IdempotencyRef {
     key: [u8; 32],
     request_mac: [u8; 32],
 }
@@ -489,17 +489,17 @@ impl Engine {
                 "at least one field is required",
             ));
         }
-        let slot = match idem {
+        let idem_ref = match idem {
             Some(i) => {
                 validate_id("idempotency_key", i.key, MAX_CUSTOMER_ID_LEN)?;
-                Some(self.idempotency_slot(tenant, i, customer, values, source))
+                Some(self.idempotency_ref(tenant, i, customer, values, source))
             }
             None => None,
         };
         let _guard = self.lock(tenant, customer);
         let now = now_ms();
-        if let Some(slot) = &slot {
-            if let Some(out) = self.replay(slot, now)? {
+        if let Some(r) = &idem_ref {
+            if let Some(out) = self.replay(r, now)? {
                 return Ok(out);
             }
         }
@@ -517,7 +517,7 @@ impl Engine {
             new_wrapped.as_ref().map(|(_, w)| w.as_slice()),
             values,
             lineage,
-            slot.as_ref(),
+            idem_ref.as_ref(),
         );
         if result.is_err() {
             if let Some((slot, _)) = new_wrapped {
@@ -603,7 +603,7 @@ impl Engine {
         new_wrapped: Option<&[u8]>,
         values: &[(&FieldDef, FieldValue)],
         lineage: WriteLineage<'_>,
-        slot: Option<&IdempotencySlot>,
+        idem_ref: Option<&IdempotencyRef>,
     ) -> Result<PutOutcome> {
         let (tenant, customer) = (cx.tenant, cx.customer);
         let subject = Digest(cx.dek.pseudonym(tenant, customer));
@@ -623,7 +623,7 @@ impl Engine {
         } else {
             Some(self.features.secret(tenant)?)
         };
-        let idempotency = slot.map(|sl| {
+        let idempotency = idem_ref.map(|sl| {
             let r = store::IdempotencyRecord {
                 request_mac: sl.request_mac.to_vec(),
                 created: new_wrapped.is_some(),
@@ -794,14 +794,14 @@ impl Engine {
     }
 
     /// The record key and request digest of an idempotent write.
-    fn idempotency_slot(
+    fn idempotency_ref(
         &self,
         tenant: &str,
         idem: Idempotency<'_>,
         customer: &str,
         values: &[(&FieldDef, FieldValue)],
         source: &Source,
-    ) -> IdempotencySlot {
+    ) -> IdempotencyRef {
         let mac_key = self.keyring.idempotency_key(tenant);
         let mac = |label: &[u8], parts: &[&[u8]]| -> [u8; 32] {
             let tag = ring::hmac::sign(&mac_key, &crate::crypto::keys::encode_aad(label, parts));
@@ -829,22 +829,22 @@ impl Engine {
             parts.push(name.as_bytes());
             parts.push(bytes);
         }
-        IdempotencySlot {
+        IdempotencyRef {
             key,
             request_mac: mac(b"sovra/v1/idempotent-put", &parts),
         }
     }
 
-    /// The first write's outcome if `slot` already answers (a retry), or
-    /// `None`; the same key with another request is ALREADY_EXISTS.
-    fn replay(&self, slot: &IdempotencySlot, now: i64) -> Result<Option<PutOutcome>> {
-        let Some(bytes) = self.store.idempotency.get(slot.key)? else {
+    /// The first write's outcome if `idem_ref` already answers (a retry),
+    /// or `None`; the same key with another request is ALREADY_EXISTS.
+    fn replay(&self, idem_ref: &IdempotencyRef, now: i64) -> Result<Option<PutOutcome>> {
+        let Some(bytes) = self.store.idempotency.get(idem_ref.key)? else {
             return Ok(None);
         };
         let Some(prior) = store::IdempotencyRecord::live(&bytes, now)? else {
             return Ok(None);
         };
-        if prior.request_mac != slot.request_mac {
+        if prior.request_mac != idem_ref.request_mac {
             return Err(VaultError::already_exists(
                 "idempotency_key",
                 "was used for a different request (another customer, fields, values or source); \

@@ -1,12 +1,12 @@
 //! Admission of sandbox jobs: how many evaluate at once, how many wait, and
 //! how many one principal may have.
 //!
-//! Guarantees: at most `max_running` admitted jobs hold a running slot at
+//! Guarantees: at most `max_running` admitted jobs hold a running place at
 //! once; the others wait in one FIFO queue of at most `max_queued`; an
 //! owner (a principal of a tenant) has at most `max_jobs_per_principal`
 //! jobs queued or running; a refusal is RESOURCE_EXHAUSTED
 //! ([`VaultError::exhausted`]) and takes no place. A place is given up when
-//! its [`Slot`] drops: a running slot goes to the next waiter still
+//! its [`Place`] drops: a running place goes to the next waiter still
 //! listening, a queued place leaves the queue.
 //!
 //! Does not: size the evaluation pool (the service does, from
@@ -48,20 +48,20 @@ pub(crate) struct Admission {
 /// What admission decided for a job.
 pub(crate) enum Admit {
     /// It may run now.
-    Run(Slot),
+    Run(Place),
     /// It waits; the receiver fires when it may run, and errs if it was
     /// cancelled while waiting.
-    Wait(Slot, tokio::sync::oneshot::Receiver<()>),
+    Wait(Place, tokio::sync::oneshot::Receiver<()>),
 }
 
 /// A job's place in admission; dropping it gives the place up (hands a
-/// running slot to the next queued job, or leaves the queue).
-pub(crate) struct Slot {
+/// running place to the next queued job, or leaves the queue).
+pub(crate) struct Place {
     admission: Admission,
     job: String,
 }
 
-impl Drop for Slot {
+impl Drop for Place {
     fn drop(&mut self) {
         self.admission.leave(&self.job);
     }
@@ -105,17 +105,17 @@ impl Admission {
                 running: run,
             },
         );
-        let slot = Slot {
+        let place = Place {
             admission: self.clone(),
             job: job.to_owned(),
         };
         if run {
             s.running += 1;
-            Ok(Admit::Run(slot))
+            Ok(Admit::Run(place))
         } else {
             let (tx, rx) = tokio::sync::oneshot::channel();
             s.queue.push_back((job.to_owned(), tx));
-            Ok(Admit::Wait(slot, rx))
+            Ok(Admit::Wait(place, rx))
         }
     }
 
@@ -139,12 +139,12 @@ impl Admission {
         true
     }
 
-    /// Removes `job` wherever it is; a running job's slot goes to the next
+    /// Removes `job` wherever it is; a running job's place goes to the next
     /// queued job.
     fn leave(&self, job: &str) {
         let mut s = self.state();
         if let Some(true) = Self::forget(&mut s, job) {
-            // Hand the slot on, skipping waiters that are gone.
+            // Hand the place on, skipping waiters that are gone.
             while let Some((next, tx)) = s.queue.pop_front() {
                 if let Some(a) = s.jobs.get_mut(&next) {
                     a.running = true;
@@ -152,8 +152,8 @@ impl Admission {
                 if tx.send(()).is_ok() {
                     return;
                 }
-                // Its task is gone (its Slot, when it drops, finds nothing
-                // left to give up): forget it and offer the slot on.
+                // Its task is gone (its Place, when it drops, finds nothing
+                // left to give up): forget it and offer the place on.
                 let _ = Self::forget(&mut s, &next);
             }
             s.running = s.running.saturating_sub(1);
@@ -189,7 +189,7 @@ mod tests {
         })
     }
 
-    fn waits(a: Admit) -> (Slot, tokio::sync::oneshot::Receiver<()>) {
+    fn waits(a: Admit) -> (Place, tokio::sync::oneshot::Receiver<()>) {
         match a {
             Admit::Wait(s, r) => (s, r),
             Admit::Run(_) => panic!("expected to wait"),
@@ -250,7 +250,7 @@ mod tests {
         };
         let (s2, r2) = waits(a.admit("j2", "x").unwrap());
         let (_s3, mut r3) = waits(a.admit("j3", "x").unwrap());
-        drop(r2); // j2's task went away before its Slot.
+        drop(r2); // j2's task went away before its Place.
         drop(first);
         assert!(r3.try_recv().is_ok(), "the slot went to j3");
         drop(s2);

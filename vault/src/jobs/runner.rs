@@ -3,7 +3,7 @@
 //! ([`super::release`]) and the ledger.
 //!
 //! Guarantees: a job evaluates only once admission gives it a running
-//! slot, and gives the slot up as soon as evaluation ends; evaluation sees
+//! place, and gives the place up as soon as evaluation ends; evaluation sees
 //! public material only (the bootstrap key for bootstrapped jobs); before
 //! anything is decrypted the release policy is checked again with the
 //! policy set then in force, and for an aggregate k is found again and the
@@ -28,7 +28,7 @@ use sovra_sandbox::{
     ValidatedSpec,
 };
 
-use super::admission::{Admit, Slot};
+use super::admission::{Admit, Place};
 use super::cohort::Selection;
 use super::record::Recorder;
 use super::release::{self, Released};
@@ -73,12 +73,12 @@ fn output_name(spec: &ValidatedSpec) -> String {
     format!("{base}_{what}")
 }
 
-/// Waits for the job's turn: its running slot, or None if it was cancelled
+/// Waits for the job's turn: its running place, or None if it was cancelled
 /// while queued.
-async fn turn(admitted: Admit) -> Option<Slot> {
+async fn turn(admitted: Admit) -> Option<Place> {
     match admitted {
-        Admit::Run(slot) => Some(slot),
-        Admit::Wait(slot, turn) => turn.await.ok().map(|()| slot),
+        Admit::Run(place) => Some(place),
+        Admit::Wait(place, turn) => turn.await.ok().map(|()| place),
     }
 }
 
@@ -89,7 +89,7 @@ pub(crate) async fn execute(
     selection: Selection,
     admitted: Admit,
 ) {
-    let Some(slot) = turn(admitted).await else {
+    let Some(place) = turn(admitted).await else {
         // Cancelled while queued: CancelJob already finished it.
         return;
     };
@@ -105,7 +105,7 @@ pub(crate) async fn execute(
     let outcome = evaluate(&runner, &entry, pool, selection.input).await;
     // The next queued job may start: what is left (decryption, the ledger)
     // is light.
-    drop(slot);
+    drop(place);
     entry.status().eval_micros = started.elapsed().as_micros() as u64;
     let output = match outcome {
         Outcome::Done(o) => o,
@@ -161,7 +161,7 @@ async fn evaluate(
 
 /// Who a job computed on, and under which `compute` decisions.
 struct Cohort {
-    /// Global slot to customer id.
+    /// Global place to customer id.
     customers: HashMap<u32, String>,
     /// The cohort's pseudonyms, sorted.
     subjects: Vec<Digest>,
