@@ -399,18 +399,6 @@ impl Body {
     }
 
     fn encode_into(&self, w: &mut Writer, version: u8) -> Result<()> {
-        // Format 1 has no lineage anchors: such an entry can be written
-        // again only as it was.
-        let anchor = |w: &mut Writer, d: &Digest| -> Result<()> {
-            if version >= 2 {
-                w.digest(d);
-            } else if d.0 != [0; 32] {
-                return Err(LedgerError::invalid(
-                    "entry: format 1 cannot carry a lineage anchor",
-                ));
-            }
-            Ok(())
-        };
         if self.code() > last_kind(version) && !matches!(self, Body::Unknown { .. }) {
             return Err(LedgerError::invalid(format!(
                 "entry: kind {} does not exist in format {version}",
@@ -418,242 +406,36 @@ impl Body {
             )));
         }
         match self {
-            Body::ConsentGranted(c) | Body::ConsentWithdrawn(c) => {
-                w.str("tenant", &c.tenant)?;
-                w.digest(&c.subject);
-                w.str("purpose", &c.purpose)?;
-                w.str("channel", &c.channel)?;
-                w.str("legal_basis", &c.legal_basis)?;
-                w.str("notice_version", &c.notice_version)?;
-                w.digest(&c.evidence_sha256);
-                w.str("actor", &c.actor)?;
-            }
-            Body::FieldRevealed(r) => {
-                w.str("tenant", &r.tenant)?;
-                w.digest(&r.subject);
-                w.str("actor", &r.actor)?;
-                w.str("role", &r.role)?;
-                w.str("purpose", &r.purpose)?;
-                w.u8(match r.decision {
-                    Decision::Allowed => 1,
-                    Decision::Denied => 2,
-                });
-                w.str("reason", &r.reason)?;
-                if r.fields.len() > MAX_FIELDS {
-                    return Err(LedgerError::invalid(format!(
-                        "entry: {} fields; at most {MAX_FIELDS}",
-                        r.fields.len()
-                    )));
-                }
-                // INVARIANT: MAX_FIELDS fits in u16.
-                w.u16(r.fields.len() as u16);
-                for f in &r.fields {
-                    w.str("field", &f.field)?;
-                    w.u8(match f.disclosure {
-                        Disclosure::Plaintext => 1,
-                        Disclosure::Masked => 2,
-                        Disclosure::Withheld => 3,
-                    });
-                }
-                anchor(w, &r.lineage)?;
-            }
-            Body::CustomerErased(e) => {
-                w.str("tenant", &e.tenant)?;
-                w.digest(&e.subject);
-                w.str("actor", &e.actor)?;
-                anchor(w, &e.lineage)?;
-            }
-            Body::JobRun(j) => {
-                w.str("tenant", &j.tenant)?;
-                w.str("actor", &j.actor)?;
-                w.str("job_id", &j.job_id)?;
-                w.digest(&j.spec_sha256);
-                w.str("purpose", &j.purpose)?;
-                w.u64(j.cohort_size);
-                w.digest(&j.output_sha256);
-                w.digest(&j.lineage);
-            }
-            Body::FieldsWritten(x) => {
-                w.str("tenant", &x.tenant)?;
-                w.digest(&x.subject);
-                w.str("actor", &x.actor)?;
-                w.str("channel", &x.channel)?;
-                if x.fields.len() > MAX_FIELDS {
-                    return Err(LedgerError::invalid(format!(
-                        "entry: {} fields; at most {MAX_FIELDS}",
-                        x.fields.len()
-                    )));
-                }
-                // INVARIANT: MAX_FIELDS fits in u16.
-                w.u16(x.fields.len() as u16);
-                for f in &x.fields {
-                    w.str("field", &f.field)?;
-                    w.u64(f.version);
-                }
-                w.digest(&x.lineage);
-            }
-            Body::TenantKeyRotated(k) => {
-                w.str("tenant", &k.tenant)?;
-                w.str("actor", &k.actor)?;
-                w.u32(k.from_version);
-                w.u32(k.to_version);
-            }
-            Body::TenantKeyRetired(k) => {
-                w.str("tenant", &k.tenant)?;
-                w.str("actor", &k.actor)?;
-                w.u32(k.from_min_version);
-                w.u32(k.to_min_version);
-                w.u8(u8::from(k.forced));
-                w.u64(k.data_keys_lost);
-            }
-            Body::PolicyChanged(p) => {
-                w.str("actor", &p.actor)?;
-                w.digest(&p.policy_sha256);
-                w.str("summary", &p.summary)?;
-            }
-            Body::Unknown { code, body } => {
-                let last = last_kind(version);
-                if (0..=last).contains(code) {
-                    return Err(LedgerError::invalid(format!(
-                        "entry: kind {code} is not an unknown kind (0 is invalid, 1..={last} are known)"
-                    )));
-                }
-                w.buf.extend_from_slice(body);
-            }
+            Body::ConsentGranted(c) | Body::ConsentWithdrawn(c) => encode_consent(w, c),
+            Body::FieldRevealed(r) => encode_reveal(w, r, version),
+            Body::CustomerErased(e) => encode_erasure(w, e, version),
+            Body::JobRun(j) => encode_job_run(w, j),
+            Body::FieldsWritten(x) => encode_write(w, x),
+            Body::TenantKeyRotated(k) => encode_key_rotation(w, k),
+            Body::TenantKeyRetired(k) => encode_key_retirement(w, k),
+            Body::PolicyChanged(p) => encode_policy_change(w, p),
+            Body::Unknown { code, body } => encode_unknown(w, *code, body, version),
         }
-        Ok(())
     }
 
     fn decode(code: u8, b: &[u8], version: u8) -> Result<Body> {
         let mut r = Reader { b, at: 0 };
-        let anchor = |r: &mut Reader<'_>| -> Result<Digest> {
-            if version >= 2 {
-                r.digest("lineage")
-            } else {
-                Ok(Digest::default())
-            }
-        };
         let body = match code {
             1 | 2 => {
-                let c = Consent {
-                    tenant: r.str("tenant")?,
-                    subject: r.digest("subject")?,
-                    purpose: r.str("purpose")?,
-                    channel: r.str("channel")?,
-                    legal_basis: r.str("legal_basis")?,
-                    notice_version: r.str("notice_version")?,
-                    evidence_sha256: r.digest("evidence_sha256")?,
-                    actor: r.str("actor")?,
-                };
+                let c = decode_consent(&mut r)?;
                 if code == 1 {
                     Body::ConsentGranted(c)
                 } else {
                     Body::ConsentWithdrawn(c)
                 }
             }
-            3 => {
-                let tenant = r.str("tenant")?;
-                let subject = r.digest("subject")?;
-                let actor = r.str("actor")?;
-                let role = r.str("role")?;
-                let purpose = r.str("purpose")?;
-                let decision = match r.u8("decision")? {
-                    1 => Decision::Allowed,
-                    2 => Decision::Denied,
-                    d => return Err(malformed(format!("unknown decision {d}"))),
-                };
-                let reason = r.str("reason")?;
-                let n = usize::from(r.u16("field count")?);
-                if n > MAX_FIELDS {
-                    return Err(malformed(format!("{n} fields; at most {MAX_FIELDS}")));
-                }
-                let mut fields = Vec::with_capacity(n.min(b.len()));
-                for _ in 0..n {
-                    let field = r.str("field")?;
-                    let disclosure = match r.u8("disclosure")? {
-                        1 => Disclosure::Plaintext,
-                        2 => Disclosure::Masked,
-                        3 => Disclosure::Withheld,
-                        d => return Err(malformed(format!("unknown disclosure {d}"))),
-                    };
-                    fields.push(FieldAccess { field, disclosure });
-                }
-                Body::FieldRevealed(Reveal {
-                    tenant,
-                    subject,
-                    actor,
-                    role,
-                    purpose,
-                    decision,
-                    reason,
-                    fields,
-                    lineage: anchor(&mut r)?,
-                })
-            }
-            4 => Body::CustomerErased(Erasure {
-                tenant: r.str("tenant")?,
-                subject: r.digest("subject")?,
-                actor: r.str("actor")?,
-                lineage: anchor(&mut r)?,
-            }),
-            7 if version >= 2 => Body::JobRun(JobRun {
-                tenant: r.str("tenant")?,
-                actor: r.str("actor")?,
-                job_id: r.str("job_id")?,
-                spec_sha256: r.digest("spec_sha256")?,
-                purpose: r.str("purpose")?,
-                cohort_size: r.u64("cohort_size")?,
-                output_sha256: r.digest("output_sha256")?,
-                lineage: r.digest("lineage")?,
-            }),
-            8 if version >= 2 => {
-                let tenant = r.str("tenant")?;
-                let subject = r.digest("subject")?;
-                let actor = r.str("actor")?;
-                let channel = r.str("channel")?;
-                let n = usize::from(r.u16("field count")?);
-                if n > MAX_FIELDS {
-                    return Err(malformed(format!("{n} fields; at most {MAX_FIELDS}")));
-                }
-                let mut fields = Vec::with_capacity(n.min(b.len()));
-                for _ in 0..n {
-                    fields.push(WrittenField {
-                        field: r.str("field")?,
-                        version: r.u64("version")?,
-                    });
-                }
-                Body::FieldsWritten(Write {
-                    tenant,
-                    subject,
-                    actor,
-                    channel,
-                    fields,
-                    lineage: r.digest("lineage")?,
-                })
-            }
-            5 => Body::TenantKeyRotated(KeyRotation {
-                tenant: r.str("tenant")?,
-                actor: r.str("actor")?,
-                from_version: r.u32("from_version")?,
-                to_version: r.u32("to_version")?,
-            }),
-            9 if version >= 2 => Body::TenantKeyRetired(KeyRetirement {
-                tenant: r.str("tenant")?,
-                actor: r.str("actor")?,
-                from_min_version: r.u32("from_min_version")?,
-                to_min_version: r.u32("to_min_version")?,
-                forced: match r.u8("forced")? {
-                    0 => false,
-                    1 => true,
-                    b => return Err(malformed(format!("`forced` is {b}; 0 or 1"))),
-                },
-                data_keys_lost: r.u64("data_keys_lost")?,
-            }),
-            6 => Body::PolicyChanged(PolicyChange {
-                actor: r.str("actor")?,
-                policy_sha256: r.digest("policy_sha256")?,
-                summary: r.str("summary")?,
-            }),
+            3 => Body::FieldRevealed(decode_reveal(&mut r, version)?),
+            4 => Body::CustomerErased(decode_erasure(&mut r, version)?),
+            7 if version >= 2 => Body::JobRun(decode_job_run(&mut r)?),
+            8 if version >= 2 => Body::FieldsWritten(decode_write(&mut r)?),
+            5 => Body::TenantKeyRotated(decode_key_rotation(&mut r)?),
+            9 if version >= 2 => Body::TenantKeyRetired(decode_key_retirement(&mut r)?),
+            6 => Body::PolicyChanged(decode_policy_change(&mut r)?),
             0 => return Err(malformed("kind 0 is not a kind".to_string())),
             code => {
                 r.at = b.len();
@@ -671,6 +453,297 @@ impl Body {
         }
         Ok(body)
     }
+}
+
+/// Writes the lineage anchor of kinds 3 and 4. Format 1 has no lineage
+/// anchors: such an entry can be written again only as it was.
+fn encode_anchor(w: &mut Writer, d: &Digest, version: u8) -> Result<()> {
+    if version >= 2 {
+        w.digest(d);
+    } else if d.0 != [0; 32] {
+        return Err(LedgerError::invalid(
+            "entry: format 1 cannot carry a lineage anchor",
+        ));
+    }
+    Ok(())
+}
+
+/// Kinds 1 and 2.
+fn encode_consent(w: &mut Writer, c: &Consent) -> Result<()> {
+    w.str("tenant", &c.tenant)?;
+    w.digest(&c.subject);
+    w.str("purpose", &c.purpose)?;
+    w.str("channel", &c.channel)?;
+    w.str("legal_basis", &c.legal_basis)?;
+    w.str("notice_version", &c.notice_version)?;
+    w.digest(&c.evidence_sha256);
+    w.str("actor", &c.actor)?;
+    Ok(())
+}
+
+/// Kind 3.
+fn encode_reveal(w: &mut Writer, r: &Reveal, version: u8) -> Result<()> {
+    w.str("tenant", &r.tenant)?;
+    w.digest(&r.subject);
+    w.str("actor", &r.actor)?;
+    w.str("role", &r.role)?;
+    w.str("purpose", &r.purpose)?;
+    w.u8(match r.decision {
+        Decision::Allowed => 1,
+        Decision::Denied => 2,
+    });
+    w.str("reason", &r.reason)?;
+    if r.fields.len() > MAX_FIELDS {
+        return Err(LedgerError::invalid(format!(
+            "entry: {} fields; at most {MAX_FIELDS}",
+            r.fields.len()
+        )));
+    }
+    // INVARIANT: MAX_FIELDS fits in u16.
+    w.u16(r.fields.len() as u16);
+    for f in &r.fields {
+        w.str("field", &f.field)?;
+        w.u8(match f.disclosure {
+            Disclosure::Plaintext => 1,
+            Disclosure::Masked => 2,
+            Disclosure::Withheld => 3,
+        });
+    }
+    encode_anchor(w, &r.lineage, version)
+}
+
+/// Kind 4.
+fn encode_erasure(w: &mut Writer, e: &Erasure, version: u8) -> Result<()> {
+    w.str("tenant", &e.tenant)?;
+    w.digest(&e.subject);
+    w.str("actor", &e.actor)?;
+    encode_anchor(w, &e.lineage, version)
+}
+
+/// Kind 7.
+fn encode_job_run(w: &mut Writer, j: &JobRun) -> Result<()> {
+    w.str("tenant", &j.tenant)?;
+    w.str("actor", &j.actor)?;
+    w.str("job_id", &j.job_id)?;
+    w.digest(&j.spec_sha256);
+    w.str("purpose", &j.purpose)?;
+    w.u64(j.cohort_size);
+    w.digest(&j.output_sha256);
+    w.digest(&j.lineage);
+    Ok(())
+}
+
+/// Kind 8.
+fn encode_write(w: &mut Writer, x: &Write) -> Result<()> {
+    w.str("tenant", &x.tenant)?;
+    w.digest(&x.subject);
+    w.str("actor", &x.actor)?;
+    w.str("channel", &x.channel)?;
+    if x.fields.len() > MAX_FIELDS {
+        return Err(LedgerError::invalid(format!(
+            "entry: {} fields; at most {MAX_FIELDS}",
+            x.fields.len()
+        )));
+    }
+    // INVARIANT: MAX_FIELDS fits in u16.
+    w.u16(x.fields.len() as u16);
+    for f in &x.fields {
+        w.str("field", &f.field)?;
+        w.u64(f.version);
+    }
+    w.digest(&x.lineage);
+    Ok(())
+}
+
+/// Kind 5.
+fn encode_key_rotation(w: &mut Writer, k: &KeyRotation) -> Result<()> {
+    w.str("tenant", &k.tenant)?;
+    w.str("actor", &k.actor)?;
+    w.u32(k.from_version);
+    w.u32(k.to_version);
+    Ok(())
+}
+
+/// Kind 9.
+fn encode_key_retirement(w: &mut Writer, k: &KeyRetirement) -> Result<()> {
+    w.str("tenant", &k.tenant)?;
+    w.str("actor", &k.actor)?;
+    w.u32(k.from_min_version);
+    w.u32(k.to_min_version);
+    w.u8(u8::from(k.forced));
+    w.u64(k.data_keys_lost);
+    Ok(())
+}
+
+/// Kind 6.
+fn encode_policy_change(w: &mut Writer, p: &PolicyChange) -> Result<()> {
+    w.str("actor", &p.actor)?;
+    w.digest(&p.policy_sha256);
+    w.str("summary", &p.summary)?;
+    Ok(())
+}
+
+/// A kind this version does not know: its raw body, as it was read.
+fn encode_unknown(w: &mut Writer, code: u8, body: &[u8], version: u8) -> Result<()> {
+    let last = last_kind(version);
+    if (0..=last).contains(&code) {
+        return Err(LedgerError::invalid(format!(
+            "entry: kind {code} is not an unknown kind (0 is invalid, 1..={last} are known)"
+        )));
+    }
+    w.buf.extend_from_slice(body);
+    Ok(())
+}
+
+/// Reads the lineage anchor of kinds 3 and 4 (zero in format 1, which has
+/// none).
+fn decode_anchor(r: &mut Reader<'_>, version: u8) -> Result<Digest> {
+    if version >= 2 {
+        r.digest("lineage")
+    } else {
+        Ok(Digest::default())
+    }
+}
+
+/// Kinds 1 and 2.
+fn decode_consent(r: &mut Reader<'_>) -> Result<Consent> {
+    Ok(Consent {
+        tenant: r.str("tenant")?,
+        subject: r.digest("subject")?,
+        purpose: r.str("purpose")?,
+        channel: r.str("channel")?,
+        legal_basis: r.str("legal_basis")?,
+        notice_version: r.str("notice_version")?,
+        evidence_sha256: r.digest("evidence_sha256")?,
+        actor: r.str("actor")?,
+    })
+}
+
+/// Kind 3.
+fn decode_reveal(r: &mut Reader<'_>, version: u8) -> Result<Reveal> {
+    let tenant = r.str("tenant")?;
+    let subject = r.digest("subject")?;
+    let actor = r.str("actor")?;
+    let role = r.str("role")?;
+    let purpose = r.str("purpose")?;
+    let decision = match r.u8("decision")? {
+        1 => Decision::Allowed,
+        2 => Decision::Denied,
+        d => return Err(malformed(format!("unknown decision {d}"))),
+    };
+    let reason = r.str("reason")?;
+    let n = usize::from(r.u16("field count")?);
+    if n > MAX_FIELDS {
+        return Err(malformed(format!("{n} fields; at most {MAX_FIELDS}")));
+    }
+    let mut fields = Vec::with_capacity(n.min(r.b.len()));
+    for _ in 0..n {
+        let field = r.str("field")?;
+        let disclosure = match r.u8("disclosure")? {
+            1 => Disclosure::Plaintext,
+            2 => Disclosure::Masked,
+            3 => Disclosure::Withheld,
+            d => return Err(malformed(format!("unknown disclosure {d}"))),
+        };
+        fields.push(FieldAccess { field, disclosure });
+    }
+    Ok(Reveal {
+        tenant,
+        subject,
+        actor,
+        role,
+        purpose,
+        decision,
+        reason,
+        fields,
+        lineage: decode_anchor(r, version)?,
+    })
+}
+
+/// Kind 4.
+fn decode_erasure(r: &mut Reader<'_>, version: u8) -> Result<Erasure> {
+    Ok(Erasure {
+        tenant: r.str("tenant")?,
+        subject: r.digest("subject")?,
+        actor: r.str("actor")?,
+        lineage: decode_anchor(r, version)?,
+    })
+}
+
+/// Kind 7 (format 2 on).
+fn decode_job_run(r: &mut Reader<'_>) -> Result<JobRun> {
+    Ok(JobRun {
+        tenant: r.str("tenant")?,
+        actor: r.str("actor")?,
+        job_id: r.str("job_id")?,
+        spec_sha256: r.digest("spec_sha256")?,
+        purpose: r.str("purpose")?,
+        cohort_size: r.u64("cohort_size")?,
+        output_sha256: r.digest("output_sha256")?,
+        lineage: r.digest("lineage")?,
+    })
+}
+
+/// Kind 8 (format 2 on).
+fn decode_write(r: &mut Reader<'_>) -> Result<Write> {
+    let tenant = r.str("tenant")?;
+    let subject = r.digest("subject")?;
+    let actor = r.str("actor")?;
+    let channel = r.str("channel")?;
+    let n = usize::from(r.u16("field count")?);
+    if n > MAX_FIELDS {
+        return Err(malformed(format!("{n} fields; at most {MAX_FIELDS}")));
+    }
+    let mut fields = Vec::with_capacity(n.min(r.b.len()));
+    for _ in 0..n {
+        fields.push(WrittenField {
+            field: r.str("field")?,
+            version: r.u64("version")?,
+        });
+    }
+    Ok(Write {
+        tenant,
+        subject,
+        actor,
+        channel,
+        fields,
+        lineage: r.digest("lineage")?,
+    })
+}
+
+/// Kind 5.
+fn decode_key_rotation(r: &mut Reader<'_>) -> Result<KeyRotation> {
+    Ok(KeyRotation {
+        tenant: r.str("tenant")?,
+        actor: r.str("actor")?,
+        from_version: r.u32("from_version")?,
+        to_version: r.u32("to_version")?,
+    })
+}
+
+/// Kind 9 (format 2 on).
+fn decode_key_retirement(r: &mut Reader<'_>) -> Result<KeyRetirement> {
+    Ok(KeyRetirement {
+        tenant: r.str("tenant")?,
+        actor: r.str("actor")?,
+        from_min_version: r.u32("from_min_version")?,
+        to_min_version: r.u32("to_min_version")?,
+        forced: match r.u8("forced")? {
+            0 => false,
+            1 => true,
+            b => return Err(malformed(format!("`forced` is {b}; 0 or 1"))),
+        },
+        data_keys_lost: r.u64("data_keys_lost")?,
+    })
+}
+
+/// Kind 6.
+fn decode_policy_change(r: &mut Reader<'_>) -> Result<PolicyChange> {
+    Ok(PolicyChange {
+        actor: r.str("actor")?,
+        policy_sha256: r.digest("policy_sha256")?,
+        summary: r.str("summary")?,
+    })
 }
 
 /// One entry of the log.

@@ -160,159 +160,25 @@ impl Policies {
 
     /// Parses and validates a set given as (file name, text) pairs.
     pub fn from_files(files: Vec<(String, String)>) -> Result<Policies> {
-        let (schema, _) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| {
-            InvalidPolicies::new(vec![Problem::new(
-                SCHEMA_FILE,
-                SCHEMA,
-                first_offset(&e),
-                e.to_string(),
-            )])
-        })?;
-        let mut problems = Vec::new();
-        if files.is_empty() {
-            problems.push(Problem::new(
-                "(policy directory)",
-                "",
-                None,
-                "no `.cedar` files: with no policies everything would be denied".into(),
-            ));
-        }
-        if files.len() > MAX_FILES {
-            problems.push(Problem::new(
-                "(policy directory)",
-                "",
-                None,
-                format!("{} files; the limit is {MAX_FILES}", files.len()),
-            ));
-            return Err(InvalidPolicies::new(problems).into());
-        }
-        let mut set = PolicySet::new();
-        let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
-        // For validation messages: policy id -> (file, text).
-        let mut texts: BTreeMap<String, usize> = BTreeMap::new();
-        let mut hasher = Sha256::new();
-        hasher.update(b"sovra-policy-set v1\n");
-        hash_part(&mut hasher, SCHEMA_FILE.as_bytes());
-        hash_part(&mut hasher, SCHEMA.as_bytes());
+        let schema = parse_schema()?;
+        let mut problems = check_file_count(&files)?;
+        let mut collected = Collected::new();
         for (fi, (file, text)) in files.iter().enumerate() {
-            hash_part(&mut hasher, file.as_bytes());
-            hash_part(&mut hasher, text.as_bytes());
-            if text.len() > MAX_FILE_BYTES {
-                problems.push(Problem::new(
-                    file,
-                    "",
-                    None,
-                    format!("{} bytes; the limit is {MAX_FILE_BYTES}", text.len()),
-                ));
-                continue;
-            }
-            let parsed = match PolicySet::from_str(text) {
-                Ok(s) => s,
-                Err(errs) => {
-                    for e in errs.iter() {
-                        problems.push(Problem::new(file, text, first_offset(e), e.to_string()));
-                    }
-                    continue;
-                }
-            };
-            if parsed.templates().next().is_some() {
-                problems.push(Problem::new(
-                    file,
-                    text,
-                    None,
-                    "templates (policies with ?principal or ?resource slots) are not supported"
-                        .into(),
-                ));
-            }
-            for p in parsed.policies() {
-                let start = policy_offset(p, text);
-                let Some(id) = p.annotation("id") else {
-                    problems.push(Problem::new(
-                        file,
-                        text,
-                        start,
-                        "policy has no `@id(\"...\")` annotation; every policy needs a unique id"
-                            .into(),
-                    ));
-                    continue;
-                };
-                if id.is_empty()
-                    || id.len() > MAX_ID_LEN
-                    || !id
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                {
-                    problems.push(Problem::new(
-                        file,
-                        text,
-                        start,
-                        format!(
-                            "policy id must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, `-`, `_`, `.`"
-                        ),
-                    ));
-                    continue;
-                }
-                if let Some(o) = origins.get(id) {
-                    problems.push(Problem::new(
-                        file,
-                        text,
-                        start,
-                        format!(
-                            "duplicate policy id `{id}` (first in {}:{})",
-                            o.file, o.line
-                        ),
-                    ));
-                    continue;
-                }
-                let line = Problem::new(file, text, start, String::new()).line();
-                origins.insert(
-                    id.to_owned(),
-                    Origin {
-                        file: file.clone(),
-                        line,
-                    },
-                );
-                texts.insert(id.to_owned(), fi);
-                if let Err(e) = set.add(p.new_id(PolicyId::new(id))) {
-                    problems.push(Problem::new(file, text, start, e.to_string()));
-                }
-            }
+            collected.add_file(fi, file, text, &mut problems);
         }
+        let Collected {
+            set,
+            origins,
+            texts,
+            hasher,
+        } = collected;
         if problems.is_empty() {
-            let v = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
-            for e in v.validation_errors() {
-                let (file, text) = texts
-                    .get(e.policy_id().to_string().as_str())
-                    .and_then(|i| files.get(*i))
-                    .map_or(("(unknown file)", ""), |(f, t)| (f.as_str(), t.as_str()));
-                problems.push(Problem::new(
-                    file,
-                    text,
-                    first_offset(e),
-                    format!("policy `{}`: {e}", e.policy_id()),
-                ));
-            }
+            problems.extend(validation_errors(&schema, &set, &files, &texts));
         }
         if !problems.is_empty() {
             return Err(InvalidPolicies::new(problems).into());
         }
-        let v = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
-        let warnings = v
-            .validation_warnings()
-            .map(|w| {
-                let (file, text) = texts
-                    .get(w.policy_id().to_string().as_str())
-                    .and_then(|i| files.get(*i))
-                    .map_or(("(unknown file)", ""), |(f, t)| (f.as_str(), t.as_str()));
-                Problem::new(
-                    file,
-                    text,
-                    first_offset(w),
-                    format!("policy `{}`: {w}", w.policy_id()),
-                )
-                .to_string()
-            })
-            .collect();
+        let warnings = validation_warnings(&schema, &set, &files, &texts);
         let mut actions = Vec::with_capacity(crate::Action::ALL.len());
         for a in crate::Action::ALL {
             actions.push(crate::authorize::action_uid(a)?);
@@ -389,6 +255,228 @@ impl Policies {
     pub fn warnings(&self) -> &[String] {
         &self.warnings
     }
+}
+
+/// The compiled-in schema, parsed.
+fn parse_schema() -> Result<Schema> {
+    let (schema, _) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| {
+        InvalidPolicies::new(vec![Problem::new(
+            SCHEMA_FILE,
+            SCHEMA,
+            first_offset(&e),
+            e.to_string(),
+        )])
+    })?;
+    Ok(schema)
+}
+
+/// The problems with the number of files: none is one problem (returned
+/// for the caller to report with the others), too many an error at once.
+fn check_file_count(files: &[(String, String)]) -> Result<Vec<Problem>> {
+    let mut problems = Vec::new();
+    if files.is_empty() {
+        problems.push(Problem::new(
+            "(policy directory)",
+            "",
+            None,
+            "no `.cedar` files: with no policies everything would be denied".into(),
+        ));
+    }
+    if files.len() > MAX_FILES {
+        problems.push(Problem::new(
+            "(policy directory)",
+            "",
+            None,
+            format!("{} files; the limit is {MAX_FILES}", files.len()),
+        ));
+        return Err(InvalidPolicies::new(problems).into());
+    }
+    Ok(problems)
+}
+
+/// The policies of the files read so far, where each came from, and the
+/// hash of everything read.
+struct Collected {
+    set: PolicySet,
+    origins: BTreeMap<String, Origin>,
+    // For validation messages: policy id -> (file, text).
+    texts: BTreeMap<String, usize>,
+    hasher: Sha256,
+}
+
+impl Collected {
+    /// Nothing read yet; the hash covers the schema.
+    fn new() -> Collected {
+        let mut hasher = Sha256::new();
+        hasher.update(b"sovra-policy-set v1\n");
+        hash_part(&mut hasher, SCHEMA_FILE.as_bytes());
+        hash_part(&mut hasher, SCHEMA.as_bytes());
+        Collected {
+            set: PolicySet::new(),
+            origins: BTreeMap::new(),
+            texts: BTreeMap::new(),
+            hasher,
+        }
+    }
+
+    /// Hashes file `fi` and adds its policies, recording what is wrong with
+    /// it in `problems`.
+    fn add_file(&mut self, fi: usize, file: &str, text: &str, problems: &mut Vec<Problem>) {
+        hash_part(&mut self.hasher, file.as_bytes());
+        hash_part(&mut self.hasher, text.as_bytes());
+        if text.len() > MAX_FILE_BYTES {
+            problems.push(Problem::new(
+                file,
+                "",
+                None,
+                format!("{} bytes; the limit is {MAX_FILE_BYTES}", text.len()),
+            ));
+            return;
+        }
+        let parsed = match PolicySet::from_str(text) {
+            Ok(s) => s,
+            Err(errs) => {
+                for e in errs.iter() {
+                    problems.push(Problem::new(file, text, first_offset(e), e.to_string()));
+                }
+                return;
+            }
+        };
+        if parsed.templates().next().is_some() {
+            problems.push(Problem::new(
+                file,
+                text,
+                None,
+                "templates (policies with ?principal or ?resource slots) are not supported".into(),
+            ));
+        }
+        for p in parsed.policies() {
+            self.add_policy(fi, file, text, p, problems);
+        }
+    }
+
+    /// Adds one policy of file `fi` under its `@id`, if it has a valid one
+    /// no other policy has taken.
+    fn add_policy(
+        &mut self,
+        fi: usize,
+        file: &str,
+        text: &str,
+        p: &cedar_policy::Policy,
+        problems: &mut Vec<Problem>,
+    ) {
+        let start = policy_offset(p, text);
+        let Some(id) = p.annotation("id") else {
+            problems.push(Problem::new(
+                file,
+                text,
+                start,
+                "policy has no `@id(\"...\")` annotation; every policy needs a unique id".into(),
+            ));
+            return;
+        };
+        if !is_policy_id(id) {
+            problems.push(Problem::new(
+                file,
+                text,
+                start,
+                format!(
+                    "policy id must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, `-`, `_`, `.`"
+                ),
+            ));
+            return;
+        }
+        if let Some(o) = self.origins.get(id) {
+            problems.push(Problem::new(
+                file,
+                text,
+                start,
+                format!(
+                    "duplicate policy id `{id}` (first in {}:{})",
+                    o.file, o.line
+                ),
+            ));
+            return;
+        }
+        let line = Problem::new(file, text, start, String::new()).line();
+        self.origins.insert(
+            id.to_owned(),
+            Origin {
+                file: file.to_owned(),
+                line,
+            },
+        );
+        self.texts.insert(id.to_owned(), fi);
+        if let Err(e) = self.set.add(p.new_id(PolicyId::new(id))) {
+            problems.push(Problem::new(file, text, start, e.to_string()));
+        }
+    }
+}
+
+/// Whether `id` is 1 to [`MAX_ID_LEN`] characters of A-Z, a-z, 0-9, `-`,
+/// `_`, `.`.
+fn is_policy_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The file (name, text) policy `id` came from, for messages.
+fn source_of<'a>(
+    files: &'a [(String, String)],
+    texts: &BTreeMap<String, usize>,
+    id: &str,
+) -> (&'a str, &'a str) {
+    texts
+        .get(id)
+        .and_then(|i| files.get(*i))
+        .map_or(("(unknown file)", ""), |(f, t)| (f.as_str(), t.as_str()))
+}
+
+/// The errors of Cedar's strict validation of `set` against `schema`.
+fn validation_errors(
+    schema: &Schema,
+    set: &PolicySet,
+    files: &[(String, String)],
+    texts: &BTreeMap<String, usize>,
+) -> Vec<Problem> {
+    let v = Validator::new(schema.clone()).validate(set, ValidationMode::Strict);
+    v.validation_errors()
+        .map(|e| {
+            let (file, text) = source_of(files, texts, e.policy_id().to_string().as_str());
+            Problem::new(
+                file,
+                text,
+                first_offset(e),
+                format!("policy `{}`: {e}", e.policy_id()),
+            )
+        })
+        .collect()
+}
+
+/// The warnings of Cedar's strict validation of `set` against `schema`,
+/// as messages.
+fn validation_warnings(
+    schema: &Schema,
+    set: &PolicySet,
+    files: &[(String, String)],
+    texts: &BTreeMap<String, usize>,
+) -> Vec<String> {
+    let v = Validator::new(schema.clone()).validate(set, ValidationMode::Strict);
+    v.validation_warnings()
+        .map(|w| {
+            let (file, text) = source_of(files, texts, w.policy_id().to_string().as_str());
+            Problem::new(
+                file,
+                text,
+                first_offset(w),
+                format!("policy `{}`: {w}", w.policy_id()),
+            )
+            .to_string()
+        })
+        .collect()
 }
 
 /// Index of the (action, principal kind) slice.

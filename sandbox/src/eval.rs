@@ -403,31 +403,7 @@ pub fn run(
         Ok(b)
     };
     if spec.needs_bootstrap() {
-        let key = material
-            .bootstrap
-            .as_deref()
-            .ok_or(SandboxError::NoBootstrapKey)?;
-        progress.per_customer.store(true, Ordering::Relaxed);
-        progress.total.store(input.cohort_size(), Ordering::Relaxed);
-        let customers: Vec<(usize, u16)> = blocks
-            .iter()
-            .flat_map(|&b| input.cohort[b].iter().map(move |&s| (b, s)))
-            .collect();
-        let step_customer = |b: usize| -> Result<()> {
-            step(b)?;
-            progress.done.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        };
-        return match spec.model() {
-            Model::Tree(t) => tree_outputs(t, spec, input, key, &customers, &step_customer)
-                .map(EncryptedOutput::PerCustomerValue),
-            Model::Aggregate { edges, .. } => {
-                histogram(spec, edges, input, key, &blocks, &customers, &step_customer)
-                    .map(EncryptedOutput::Histogram)
-            }
-            // INVARIANT: needs_bootstrap() is true only for the two above.
-            _ => Err(InvalidSpecError::error("model", "not a bootstrapped model")),
-        };
+        return run_bootstrapped(material, spec, input, progress, &blocks, &step);
     }
     let Some(model) = spec.linear() else {
         // `count`: the cohort size is the answer and is known in the clear.
@@ -439,83 +415,157 @@ pub fn run(
     };
     match spec.model() {
         Model::Aggregate { .. } => {
-            let chunk = spec.aggregate_chunk();
-            // Split the cohort into pieces of at most `chunk` customers that
-            // never straddle a block, then add pieces into chunks.
-            let mut pieces: Vec<(usize, &[u16])> = Vec::new();
-            for &b in &blocks {
-                for piece in input.cohort[b].chunks(chunk.min(SLOTS)) {
-                    pieces.push((b, piece));
-                }
-            }
-            let products: Vec<(usize, GlweCiphertextOwned<u64>)> = pieces
-                .par_iter()
-                .map(|&(b, slots)| {
-                    step(b)?;
-                    let (score, _) = linear_block(&model, input, b, false);
-                    let sel = selector(slots);
-                    let mut out = zero_glwe();
-                    for (mut o, i) in out
-                        .as_mut_polynomial_list()
-                        .iter_mut()
-                        .zip(score.as_polynomial_list().iter())
-                    {
-                        polynomial_wrapping_add_mul_assign(&mut o, &i, &sel);
-                    }
-                    progress.done.fetch_add(1, Ordering::Relaxed);
-                    Ok((slots.len(), out))
-                })
-                .collect::<Result<_>>()?;
-            progress
-                .total
-                .store(progress.done.load(Ordering::Relaxed), Ordering::Relaxed);
-            let mut chunks = Vec::new();
-            let mut acc = zero_glwe();
-            let mut used = 0usize;
-            let lwe_size = params::glwe_dimension()
-                .to_equivalent_lwe_dimension(params::polynomial_size())
-                .to_lwe_size();
-            let flush = |acc: &GlweCiphertextOwned<u64>, chunks: &mut Vec<_>| {
-                let mut lwe = LweCiphertext::new(0u64, lwe_size, params::ciphertext_modulus());
-                extract_lwe_sample_from_glwe_ciphertext(acc, &mut lwe, MonomialDegree(0));
-                chunks.push(lwe);
-            };
-            for (n, p) in products {
-                if used + n > chunk {
-                    flush(&acc, &mut chunks);
-                    acc = zero_glwe();
-                    used = 0;
-                }
-                glwe_ciphertext_add_assign(&mut acc, &p);
-                used += n;
-            }
-            if used > 0 {
-                flush(&acc, &mut chunks);
-            }
-            Ok(EncryptedOutput::Aggregate(EncryptedAggregate {
-                chunks,
-                cohort_size: input.cohort_size(),
-            }))
+            aggregate(&model, spec, input, progress, &blocks, &step).map(EncryptedOutput::Aggregate)
         }
-        _ => {
-            let keep = spec.explain() > 0;
-            let scored = blocks
-                .par_iter()
-                .map(|&b| {
-                    step(b)?;
-                    let (score, terms) = linear_block(&model, input, b, keep);
-                    progress.done.fetch_add(1, Ordering::Relaxed);
-                    Ok(ScoredBlock {
-                        block: b,
-                        slots: input.cohort[b].clone(),
-                        score,
-                        terms,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(EncryptedOutput::PerCustomer(scored))
+        _ => score_blocks(&model, spec, input, progress, &blocks, &step)
+            .map(EncryptedOutput::PerCustomer),
+    }
+}
+
+/// Checks for cancellation and the wall-time limit before the work on a
+/// block (or a customer of it); passes the block number on.
+type Step<'a> = dyn Fn(usize) -> Result<usize> + Sync + 'a;
+
+/// A tree or a histogram: customer by customer, with bootstraps; progress
+/// counts customers.
+fn run_bootstrapped(
+    material: &EvaluationMaterial,
+    spec: &ValidatedSpec,
+    input: &JobInput,
+    progress: &Progress,
+    blocks: &[usize],
+    step: &Step<'_>,
+) -> Result<EncryptedOutput> {
+    let key = material
+        .bootstrap
+        .as_deref()
+        .ok_or(SandboxError::NoBootstrapKey)?;
+    progress.per_customer.store(true, Ordering::Relaxed);
+    progress.total.store(input.cohort_size(), Ordering::Relaxed);
+    let customers: Vec<(usize, u16)> = blocks
+        .iter()
+        .flat_map(|&b| input.cohort[b].iter().map(move |&s| (b, s)))
+        .collect();
+    let step_customer = |b: usize| -> Result<()> {
+        step(b)?;
+        progress.done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    };
+    match spec.model() {
+        Model::Tree(t) => tree_outputs(t, spec, input, key, &customers, &step_customer)
+            .map(EncryptedOutput::PerCustomerValue),
+        Model::Aggregate { edges, .. } => {
+            histogram(spec, edges, input, key, blocks, &customers, &step_customer)
+                .map(EncryptedOutput::Histogram)
+        }
+        // INVARIANT: needs_bootstrap() is true only for the two above.
+        _ => Err(InvalidSpecError::error("model", "not a bootstrapped model")),
+    }
+}
+
+/// A leveled aggregate: the cohort's scores summed per chunk of at most
+/// [`ValidatedSpec::aggregate_chunk`] customers, one LWE ciphertext each.
+fn aggregate(
+    model: &LinearModel,
+    spec: &ValidatedSpec,
+    input: &JobInput,
+    progress: &Progress,
+    blocks: &[usize],
+    step: &Step<'_>,
+) -> Result<EncryptedAggregate> {
+    let chunk = spec.aggregate_chunk();
+    // Split the cohort into pieces of at most `chunk` customers that
+    // never straddle a block, then add pieces into chunks.
+    let mut pieces: Vec<(usize, &[u16])> = Vec::new();
+    for &b in blocks {
+        for piece in input.cohort[b].chunks(chunk.min(SLOTS)) {
+            pieces.push((b, piece));
         }
     }
+    let products: Vec<(usize, GlweCiphertextOwned<u64>)> = pieces
+        .par_iter()
+        .map(|&(b, slots)| {
+            step(b)?;
+            let (score, _) = linear_block(model, input, b, false);
+            let sel = selector(slots);
+            let mut out = zero_glwe();
+            for (mut o, i) in out
+                .as_mut_polynomial_list()
+                .iter_mut()
+                .zip(score.as_polynomial_list().iter())
+            {
+                polynomial_wrapping_add_mul_assign(&mut o, &i, &sel);
+            }
+            progress.done.fetch_add(1, Ordering::Relaxed);
+            Ok((slots.len(), out))
+        })
+        .collect::<Result<_>>()?;
+    progress
+        .total
+        .store(progress.done.load(Ordering::Relaxed), Ordering::Relaxed);
+    Ok(EncryptedAggregate {
+        chunks: add_into_chunks(products, chunk),
+        cohort_size: input.cohort_size(),
+    })
+}
+
+/// Adds the pieces' products (each with its number of customers) into
+/// chunks of at most `chunk` customers and extracts each chunk's sum.
+fn add_into_chunks(
+    products: Vec<(usize, GlweCiphertextOwned<u64>)>,
+    chunk: usize,
+) -> Vec<LweCiphertextOwned<u64>> {
+    let mut chunks = Vec::new();
+    let mut acc = zero_glwe();
+    let mut used = 0usize;
+    let lwe_size = params::glwe_dimension()
+        .to_equivalent_lwe_dimension(params::polynomial_size())
+        .to_lwe_size();
+    let flush = |acc: &GlweCiphertextOwned<u64>, chunks: &mut Vec<_>| {
+        let mut lwe = LweCiphertext::new(0u64, lwe_size, params::ciphertext_modulus());
+        extract_lwe_sample_from_glwe_ciphertext(acc, &mut lwe, MonomialDegree(0));
+        chunks.push(lwe);
+    };
+    for (n, p) in products {
+        if used + n > chunk {
+            flush(&acc, &mut chunks);
+            acc = zero_glwe();
+            used = 0;
+        }
+        glwe_ciphertext_add_assign(&mut acc, &p);
+        used += n;
+    }
+    if used > 0 {
+        flush(&acc, &mut chunks);
+    }
+    chunks
+}
+
+/// A linear or logistic score per block, with the per-feature terms if the
+/// spec asks for an explanation.
+fn score_blocks(
+    model: &LinearModel,
+    spec: &ValidatedSpec,
+    input: &JobInput,
+    progress: &Progress,
+    blocks: &[usize],
+    step: &Step<'_>,
+) -> Result<Vec<ScoredBlock>> {
+    let keep = spec.explain() > 0;
+    blocks
+        .par_iter()
+        .map(|&b| {
+            step(b)?;
+            let (score, terms) = linear_block(model, input, b, keep);
+            progress.done.fetch_add(1, Ordering::Relaxed);
+            Ok(ScoredBlock {
+                block: b,
+                slots: input.cohort[b].clone(),
+                score,
+                terms,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
 }
 
 /// A customer's feature as a ciphertext: the slot of its block, or a

@@ -470,8 +470,8 @@ pub fn parse(text: &str, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
             ),
         ));
     }
-    let raw: RawSpec =
-        toml::from_str(text).map_err(|e| InvalidSpecError::error("spec", e.message().to_owned()))?;
+    let raw: RawSpec = toml::from_str(text)
+        .map_err(|e| InvalidSpecError::error("spec", e.message().to_owned()))?;
     validate(raw, catalog)
 }
 
@@ -479,149 +479,9 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
     let canonical = serde_json::to_vec(&raw)
         .map_err(|e| InvalidSpecError::error("spec", format!("cannot encode: {e}")))?;
     let sha256: [u8; 32] = Sha256::digest(&canonical).into();
-    if !is_name(&raw.name, 64) {
-        return Err(InvalidSpecError::error(
-            "name",
-            "1 to 64 characters of [a-z0-9_-], starting with a letter",
-        ));
-    }
-    if !is_name(&raw.purpose, 64) || raw.purpose.contains('-') {
-        return Err(InvalidSpecError::error(
-            "purpose",
-            "1 to 64 characters of [a-z0-9_], starting with a letter",
-        ));
-    }
-    if raw.explain > MAX_EXPLAIN {
-        return Err(InvalidSpecError::error(
-            "explain",
-            format!("at most {MAX_EXPLAIN} contributing features may be named"),
-        ));
-    }
-    let (model, bound) = match raw.model {
-        RawModel::Linear { bias, weights } => {
-            let (m, b) = linear("model", bias, weights, catalog)?;
-            (Model::Linear(m), b)
-        }
-        RawModel::Logistic {
-            bias,
-            weights,
-            scale,
-            bands,
-        } => {
-            let (m, b) = linear("model", bias, weights, catalog)?;
-            if !(1..=MAX_SCALE).contains(&scale) {
-                return Err(InvalidSpecError::error(
-                    "model.scale",
-                    format!("must be 1..={MAX_SCALE}"),
-                ));
-            }
-            let bands = bands.unwrap_or_default();
-            if !(bands.medium > 0.0 && bands.medium < bands.high && bands.high < 1.0) {
-                return Err(InvalidSpecError::error(
-                    "model.bands",
-                    "need 0 < medium < high < 1",
-                ));
-            }
-            (
-                Model::Logistic {
-                    linear: m,
-                    scale,
-                    bands,
-                },
-                b,
-            )
-        }
-        RawModel::Tree { tree } => {
-            let t = tree_of(&tree, catalog)?;
-            (Model::Tree(t), MAX_LEAF as u64)
-        }
-        RawModel::Aggregate {
-            op,
-            feature,
-            linear: lin,
-            edges,
-        } => {
-            let (over, b) =
-                match (op, feature, lin) {
-                    (AggregateOp::Count, None, None) => (None, 1),
-                    (AggregateOp::Count, _, _) => {
-                        return Err(InvalidSpecError::error(
-                            "model",
-                            "`count` counts the cohort: give neither `feature` nor `linear`",
-                        ))
-                    }
-                    (_, Some(f), None) => {
-                        let (_, b) = linear("model", 0, BTreeMap::from([(f.clone(), 1)]), catalog)?;
-                        (Some(AggregateInput::Feature(f)), b)
-                    }
-                    (_, None, Some(l)) => {
-                        let (m, b) = linear("model.linear", l.bias, l.weights, catalog)?;
-                        (Some(AggregateInput::Linear(m)), b)
-                    }
-                    _ => return Err(InvalidSpecError::error(
-                        "model",
-                        "`sum`, `mean` and `histogram` need exactly one of `feature` or `linear`",
-                    )),
-                };
-            let edges = match (op, edges) {
-                (AggregateOp::Histogram, Some(e)) => {
-                    check_edges(&e)?;
-                    let l1 = over.as_ref().map_or(1, |o| o.as_linear().l1());
-                    if l1 > MAX_COMPARED_L1 {
-                        return Err(InvalidSpecError::error(
-                            "model.linear",
-                            format!(
-                                "noise bound: a histogram compares the score on ciphertexts, so Σ|weight| must be at most {MAX_COMPARED_L1}, this one is {l1}"
-                            ),
-                        ));
-                    }
-                    e
-                }
-                (AggregateOp::Histogram, None) => {
-                    return Err(InvalidSpecError::error(
-                        "model.edges",
-                        "a histogram needs `edges` (strictly increasing bucket boundaries)",
-                    ))
-                }
-                (_, Some(_)) => {
-                    return Err(InvalidSpecError::error(
-                        "model.edges",
-                        "only a `histogram` has edges",
-                    ))
-                }
-                (_, None) => Vec::new(),
-            };
-            (Model::Aggregate { op, over, edges }, b)
-        }
-    };
-    let aggregate = matches!(model, Model::Aggregate { .. });
-    match (raw.output, aggregate) {
-        (OutputClass::Aggregate, false) => {
-            return Err(InvalidSpecError::error(
-                "output",
-                "`aggregate` output needs an aggregate model (kind = \"aggregate\")",
-            ))
-        }
-        (OutputClass::PerCustomer, true) => {
-            return Err(InvalidSpecError::error(
-                "output",
-                "an aggregate model has `aggregate` output",
-            ))
-        }
-        _ => {}
-    }
-    if aggregate && raw.explain > 0 {
-        return Err(InvalidSpecError::error(
-            "explain",
-            "only per-customer outputs name contributing features",
-        ));
-    }
-    if matches!(model, Model::Tree(_)) && raw.explain > 0 {
-        return Err(InvalidSpecError::error(
-            "explain",
-            "a tree's output is a leaf: there are no per-feature terms to rank",
-        ));
-    }
+    check_names(&raw)?;
+    let (model, bound) = model_of(raw.model, catalog)?;
+    check_output(raw.output, raw.explain, &model)?;
     let mut spec = ValidatedSpec {
         name: raw.name,
         purpose: raw.purpose,
@@ -650,6 +510,186 @@ fn validate(raw: RawSpec, catalog: &[FeatureInfo]) -> Result<ValidatedSpec> {
         ));
     }
     Ok(spec)
+}
+
+/// The spec's name and purpose, and how many features it may explain.
+fn check_names(raw: &RawSpec) -> Result<()> {
+    if !is_name(&raw.name, 64) {
+        return Err(InvalidSpecError::error(
+            "name",
+            "1 to 64 characters of [a-z0-9_-], starting with a letter",
+        ));
+    }
+    if !is_name(&raw.purpose, 64) || raw.purpose.contains('-') {
+        return Err(InvalidSpecError::error(
+            "purpose",
+            "1 to 64 characters of [a-z0-9_], starting with a letter",
+        ));
+    }
+    if raw.explain > MAX_EXPLAIN {
+        return Err(InvalidSpecError::error(
+            "explain",
+            format!("at most {MAX_EXPLAIN} contributing features may be named"),
+        ));
+    }
+    Ok(())
+}
+
+/// The checked model and its per-customer magnitude bound.
+fn model_of(raw: RawModel, catalog: &[FeatureInfo]) -> Result<(Model, u64)> {
+    match raw {
+        RawModel::Linear { bias, weights } => {
+            let (m, b) = linear("model", bias, weights, catalog)?;
+            Ok((Model::Linear(m), b))
+        }
+        RawModel::Logistic {
+            bias,
+            weights,
+            scale,
+            bands,
+        } => logistic(bias, weights, scale, bands, catalog),
+        RawModel::Tree { tree } => {
+            let t = tree_of(&tree, catalog)?;
+            Ok((Model::Tree(t), MAX_LEAF as u64))
+        }
+        RawModel::Aggregate {
+            op,
+            feature,
+            linear: lin,
+            edges,
+        } => {
+            let (over, b) = aggregate_input(op, feature, lin, catalog)?;
+            let edges = aggregate_edges(op, edges, over.as_ref())?;
+            Ok((Model::Aggregate { op, over, edges }, b))
+        }
+    }
+}
+
+/// A logistic model: its linear part, scale and bands.
+fn logistic(
+    bias: i64,
+    weights: BTreeMap<String, i64>,
+    scale: i64,
+    bands: Option<Bands>,
+    catalog: &[FeatureInfo],
+) -> Result<(Model, u64)> {
+    let (m, b) = linear("model", bias, weights, catalog)?;
+    if !(1..=MAX_SCALE).contains(&scale) {
+        return Err(InvalidSpecError::error(
+            "model.scale",
+            format!("must be 1..={MAX_SCALE}"),
+        ));
+    }
+    let bands = bands.unwrap_or_default();
+    if !(bands.medium > 0.0 && bands.medium < bands.high && bands.high < 1.0) {
+        return Err(InvalidSpecError::error(
+            "model.bands",
+            "need 0 < medium < high < 1",
+        ));
+    }
+    Ok((
+        Model::Logistic {
+            linear: m,
+            scale,
+            bands,
+        },
+        b,
+    ))
+}
+
+/// What an aggregate adds up (None for `count`), and its per-customer
+/// magnitude bound.
+fn aggregate_input(
+    op: AggregateOp,
+    feature: Option<String>,
+    lin: Option<RawLinear>,
+    catalog: &[FeatureInfo],
+) -> Result<(Option<AggregateInput>, u64)> {
+    match (op, feature, lin) {
+        (AggregateOp::Count, None, None) => Ok((None, 1)),
+        (AggregateOp::Count, _, _) => Err(InvalidSpecError::error(
+            "model",
+            "`count` counts the cohort: give neither `feature` nor `linear`",
+        )),
+        (_, Some(f), None) => {
+            let (_, b) = linear("model", 0, BTreeMap::from([(f.clone(), 1)]), catalog)?;
+            Ok((Some(AggregateInput::Feature(f)), b))
+        }
+        (_, None, Some(l)) => {
+            let (m, b) = linear("model.linear", l.bias, l.weights, catalog)?;
+            Ok((Some(AggregateInput::Linear(m)), b))
+        }
+        _ => Err(InvalidSpecError::error(
+            "model",
+            "`sum`, `mean` and `histogram` need exactly one of `feature` or `linear`",
+        )),
+    }
+}
+
+/// An aggregate's histogram edges: given for a histogram and only for one.
+fn aggregate_edges(
+    op: AggregateOp,
+    edges: Option<Vec<i64>>,
+    over: Option<&AggregateInput>,
+) -> Result<Vec<i64>> {
+    match (op, edges) {
+        (AggregateOp::Histogram, Some(e)) => {
+            check_edges(&e)?;
+            let l1 = over.map_or(1, |o| o.as_linear().l1());
+            if l1 > MAX_COMPARED_L1 {
+                return Err(InvalidSpecError::error(
+                    "model.linear",
+                    format!(
+                        "noise bound: a histogram compares the score on ciphertexts, so Σ|weight| must be at most {MAX_COMPARED_L1}, this one is {l1}"
+                    ),
+                ));
+            }
+            Ok(e)
+        }
+        (AggregateOp::Histogram, None) => Err(InvalidSpecError::error(
+            "model.edges",
+            "a histogram needs `edges` (strictly increasing bucket boundaries)",
+        )),
+        (_, Some(_)) => Err(InvalidSpecError::error(
+            "model.edges",
+            "only a `histogram` has edges",
+        )),
+        (_, None) => Ok(Vec::new()),
+    }
+}
+
+/// That the output class fits the model, and that only models with
+/// per-feature terms explain.
+fn check_output(output: OutputClass, explain: u32, model: &Model) -> Result<()> {
+    let aggregate = matches!(model, Model::Aggregate { .. });
+    match (output, aggregate) {
+        (OutputClass::Aggregate, false) => {
+            return Err(InvalidSpecError::error(
+                "output",
+                "`aggregate` output needs an aggregate model (kind = \"aggregate\")",
+            ))
+        }
+        (OutputClass::PerCustomer, true) => {
+            return Err(InvalidSpecError::error(
+                "output",
+                "an aggregate model has `aggregate` output",
+            ))
+        }
+        _ => {}
+    }
+    if aggregate && explain > 0 {
+        return Err(InvalidSpecError::error(
+            "explain",
+            "only per-customer outputs name contributing features",
+        ));
+    }
+    if matches!(model, Model::Tree(_)) && explain > 0 {
+        return Err(InvalidSpecError::error(
+            "explain",
+            "a tree's output is a leaf: there are no per-feature terms to rank",
+        ));
+    }
+    Ok(())
 }
 
 fn check_edges(edges: &[i64]) -> Result<()> {

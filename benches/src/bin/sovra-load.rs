@@ -76,58 +76,109 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.clients == 0 || args.clients > 1024 || args.seconds == 0 || args.seconds > 600 {
         return Err("--clients must be 1..=1024 and --seconds 1..=600".into());
     }
-    let mut _embedded = None;
-    let mut partners = Vec::new();
-    let (url, token) = if args.embedded {
-        let e = sovra_benches::embedded().await?;
-        let r = (e.url.clone(), e.service_token.clone());
-        partners = e.partner_tokens.clone();
-        _embedded = Some(e);
-        r
-    } else {
-        (
-            args.server.clone(),
-            args.token
-                .clone()
-                .ok_or("--token or SOVRA_TOKEN is required")?,
-        )
-    };
+    let target = Target::new(&args).await?;
+    let (url, token) = (&target.url, &target.token);
     let run_id = std::process::id();
 
     let people = Arc::new(synthetic::generate(u64::from(run_id), args.preload.max(1)));
     if matches!(args.mode, Mode::Read | Mode::Consent) {
-        eprintln!("preloading {} customers…", people.len());
-        let mut c = client::connect(&url, Some(&token), None).await?;
-        let reqs: Vec<_> = people
-            .iter()
-            .map(|p| {
-                let mut r = p.to_request("load");
-                r.customer_id = format!("{}-{run_id}", p.id);
-                r
-            })
-            .collect();
-        let mut s = c.batch_put(tokio_stream::iter(reqs)).await?.into_inner();
-        while let Some(r) = s.message().await? {
-            if r.code != 0 {
-                return Err(format!("preload failed: {}", r.message).into());
-            }
-        }
+        preload(url, token, &people, run_id).await?;
     }
 
     if args.sandbox_jobs > 0 {
-        if partners.is_empty() {
+        if target.partners.is_empty() {
             return Err("--sandbox-jobs needs --embedded (it uses the embedded partners)".into());
         }
-        submit_heavy_jobs(&url, &token, &partners, &people, run_id, &args).await?;
+        submit_heavy_jobs(url, token, &target.partners, &people, run_id, &args).await?;
     }
 
+    let (all, errors) = measure(url, token, &people, run_id, &args).await?;
+    report(&args, &all, errors);
+    if let Some(e) = target.embedded {
+        e.handle.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// The server the clients call, and the tokens they call it with.
+struct Target {
+    /// The embedded server, kept running until the end (None with
+    /// `--server`).
+    embedded: Option<sovra_benches::Embedded>,
+    /// The embedded server's partner tokens (none with `--server`).
+    partners: Vec<String>,
+    url: String,
+    token: String,
+}
+
+impl Target {
+    /// Starts the embedded server, or takes `--server` and `--token`.
+    async fn new(args: &Args) -> Result<Target, Box<dyn std::error::Error>> {
+        if args.embedded {
+            let e = sovra_benches::embedded().await?;
+            Ok(Target {
+                url: e.url.clone(),
+                token: e.service_token.clone(),
+                partners: e.partner_tokens.clone(),
+                embedded: Some(e),
+            })
+        } else {
+            Ok(Target {
+                url: args.server.clone(),
+                token: args
+                    .token
+                    .clone()
+                    .ok_or("--token or SOVRA_TOKEN is required")?,
+                partners: Vec::new(),
+                embedded: None,
+            })
+        }
+    }
+}
+
+/// Stores every customer of `people` (as `ID-RUN_ID`) for the modes that
+/// read or consent.
+async fn preload(
+    url: &str,
+    token: &str,
+    people: &[synthetic::Customer],
+    run_id: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    eprintln!("preloading {} customers…", people.len());
+    let mut c = client::connect(url, Some(token), None).await?;
+    let reqs: Vec<_> = people
+        .iter()
+        .map(|p| {
+            let mut r = p.to_request("load");
+            r.customer_id = format!("{}-{run_id}", p.id);
+            r
+        })
+        .collect();
+    let mut s = c.batch_put(tokio_stream::iter(reqs)).await?.into_inner();
+    while let Some(r) = s.message().await? {
+        if r.code != 0 {
+            return Err(format!("preload failed: {}", r.message).into());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `--clients` clients for one second of warm-up and `--seconds` of
+/// measurement; returns their latencies together and their errors.
+async fn measure(
+    url: &str,
+    token: &str,
+    people: &Arc<Vec<synthetic::Customer>>,
+    run_id: u32,
+    args: &Args,
+) -> Result<(Histogram<u64>, u64), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let warmup = Duration::from_secs(1);
     let end = warmup + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
     for w in 0..args.clients {
-        let url = url.clone();
-        let token = token.clone();
+        let url = url.to_owned();
+        let token = token.to_owned();
         let people = people.clone();
         let mode = args.mode;
         tasks.push(tokio::spawn(async move {
@@ -142,58 +193,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     break;
                 }
                 let t = Instant::now();
-                let ok = match mode {
-                    Mode::Read => {
-                        let p = &people[(i * 7919 + w * 104_729) % people.len()];
-                        c.get_fields(pb::GetFieldsRequest {
-                            customer_id: format!("{}-{run_id}", p.id),
-                            fields: vec!["phone".into()],
-                            purpose: "customer_service".into(),
-                        })
-                        .await
-                        .is_ok()
-                    }
-                    Mode::Write => {
-                        let mut fields = std::collections::HashMap::new();
-                        fields.insert(
-                            "purchase_count".to_owned(),
-                            pb::Value {
-                                kind: Some(pb::value::Kind::Integer(i as i64)),
-                            },
-                        );
-                        c.put_record(pb::PutRecordRequest {
-                            idempotency_key: String::new(),
-                            customer_id: format!("lw-{run_id}-{w}-{i}"),
-                            fields,
-                            source: Some(pb::CollectionSource {
-                                channel: "load".into(),
-                                collector: "sovra-load".into(),
-                                consent_ref: String::new(),
-                            }),
-                        })
-                        .await
-                        .is_ok()
-                    }
-                    Mode::Consent => {
-                        let p = &people[(i * 7919 + w * 104_729) % people.len()];
-                        l.record_consent(lpb::RecordConsentRequest {
-                            customer_id: format!("{}-{run_id}", p.id),
-                            purpose: "marketing".into(),
-                            action: lpb::ConsentAction::Grant as i32,
-                            channel: "load".into(),
-                            legal_basis: "consent".into(),
-                            notice_version: "v1".into(),
-                            evidence_sha256: vec![(i % 251) as u8; 32],
-                        })
-                        .await
-                        .is_ok()
-                    }
-                    Mode::WriteRecord => {
-                        let mut r = people[i % people.len()].to_request("load");
-                        r.customer_id = format!("lr-{run_id}-{w}-{i}");
-                        c.put_record(r).await.is_ok()
-                    }
-                };
+                let ok = call(mode, &mut c, &mut l, &people, run_id, w, i).await;
                 i += 1;
                 if elapsed >= warmup {
                     if ok {
@@ -213,6 +213,75 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         all.add(h)?;
         errors += e;
     }
+    Ok((all, errors))
+}
+
+/// Call `i` of client `w` in `mode`; whether it succeeded.
+async fn call(
+    mode: Mode,
+    c: &mut client::Client,
+    l: &mut client::LedgerClient,
+    people: &[synthetic::Customer],
+    run_id: u32,
+    w: usize,
+    i: usize,
+) -> bool {
+    match mode {
+        Mode::Read => {
+            let p = &people[(i * 7919 + w * 104_729) % people.len()];
+            c.get_fields(pb::GetFieldsRequest {
+                customer_id: format!("{}-{run_id}", p.id),
+                fields: vec!["phone".into()],
+                purpose: "customer_service".into(),
+            })
+            .await
+            .is_ok()
+        }
+        Mode::Write => {
+            let mut fields = std::collections::HashMap::new();
+            fields.insert(
+                "purchase_count".to_owned(),
+                pb::Value {
+                    kind: Some(pb::value::Kind::Integer(i as i64)),
+                },
+            );
+            c.put_record(pb::PutRecordRequest {
+                idempotency_key: String::new(),
+                customer_id: format!("lw-{run_id}-{w}-{i}"),
+                fields,
+                source: Some(pb::CollectionSource {
+                    channel: "load".into(),
+                    collector: "sovra-load".into(),
+                    consent_ref: String::new(),
+                }),
+            })
+            .await
+            .is_ok()
+        }
+        Mode::Consent => {
+            let p = &people[(i * 7919 + w * 104_729) % people.len()];
+            l.record_consent(lpb::RecordConsentRequest {
+                customer_id: format!("{}-{run_id}", p.id),
+                purpose: "marketing".into(),
+                action: lpb::ConsentAction::Grant as i32,
+                channel: "load".into(),
+                legal_basis: "consent".into(),
+                notice_version: "v1".into(),
+                evidence_sha256: vec![(i % 251) as u8; 32],
+            })
+            .await
+            .is_ok()
+        }
+        Mode::WriteRecord => {
+            let mut r = people[i % people.len()].to_request("load");
+            r.customer_id = format!("lr-{run_id}-{w}-{i}");
+            c.put_record(r).await.is_ok()
+        }
+    }
+}
+
+/// Prints the one-line result.
+fn report(args: &Args, all: &Histogram<u64>, errors: u64) {
     let secs = args.seconds as f64;
     println!(
         "mode={:?} clients={} seconds={} ops={} errors={} throughput={:.0}/s p50={}us p90={}us p99={}us p999={}us max={}us",
@@ -228,10 +297,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         all.value_at_quantile(0.999),
         all.max()
     );
-    if let Some(e) = _embedded {
-        e.handle.shutdown().await?;
-    }
-    Ok(())
 }
 
 /// Gives the first `--sandbox-cohort` preloaded customers `lead_scoring`
