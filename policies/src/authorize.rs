@@ -21,7 +21,7 @@ use cedar_policy::{
     EntityTypeName, EntityUid, Request, RestrictedExpression,
 };
 
-use crate::error::{BadRequest, Result};
+use crate::error::{BadRequestError, Result};
 use crate::model::{Action, Context, CustomerAttrs, FieldAttrs, Principal, Target};
 use crate::set::Policies;
 
@@ -112,7 +112,7 @@ pub(crate) fn action_uid(a: Action) -> Result<EntityUid> {
 
 fn uid(ty: &str, id: &str) -> Result<EntityUid> {
     let t = EntityTypeName::from_str(&format!("Sovra::{ty}"))
-        .map_err(|e| BadRequest::new(format!("entity type `{ty}`: {e}")))?;
+        .map_err(|e| BadRequestError::new(format!("entity type `{ty}`: {e}")))?;
     Ok(EntityUid::from_type_name_and_id(t, EntityId::new(id)))
 }
 
@@ -200,7 +200,7 @@ impl EntityCache {
                 ]),
                 HashSet::new(),
             )
-            .map_err(BadRequest::new)?;
+            .map_err(BadRequestError::new)?;
             Ok((u, e))
         })
     }
@@ -232,7 +232,7 @@ impl EntityCache {
                 ]),
                 HashSet::new(),
             )
-            .map_err(BadRequest::new)?;
+            .map_err(BadRequestError::new)?;
             Ok((u, e))
         })
     }
@@ -279,7 +279,7 @@ impl Policies {
         fields: &[&FieldAttrs],
         validate: bool,
     ) -> Result<Scope> {
-        let bad = |e: &dyn std::fmt::Display| BadRequest::new(e);
+        let bad = |e: &dyn std::fmt::Display| BadRequestError::new(e);
         let (p_uid, p_entity) = self.cache.principal(principal)?;
         let (t_uid, t_entity) = self.cache.tenant(tenant)?;
         let c_uid = self.cache.customer()?;
@@ -351,13 +351,11 @@ impl Policies {
             Target::Customer => scope.customer.clone(),
             Target::Field => {
                 let name = field.ok_or_else(|| {
-                    BadRequest::new(format!("action `{}` needs a field", action.name()))
+                    BadRequestError::new(format!("action `{}` needs a field", action.name()))
                 })?;
-                scope
-                    .fields
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| BadRequest::new("the field is not in the request's scope"))?
+                scope.fields.get(name).cloned().ok_or_else(|| {
+                    BadRequestError::new("the field is not in the request's scope")
+                })?
             }
         };
         let context = CedarContext::from_pairs([
@@ -378,12 +376,12 @@ impl Policies {
                 RestrictedExpression::new_long(ctx.cohort_size),
             ),
         ])
-        .map_err(BadRequest::new)?;
+        .map_err(BadRequestError::new)?;
         let action_uid = self
             .actions
             .get(action.index())
             .cloned()
-            .ok_or_else(|| BadRequest::new("unknown action"))?;
+            .ok_or_else(|| BadRequestError::new("unknown action"))?;
         let req = Request::new(
             scope.principal.clone(),
             action_uid,
@@ -391,13 +389,13 @@ impl Policies {
             context,
             whole.map(|_| &self.schema),
         )
-        .map_err(BadRequest::new)?;
+        .map_err(BadRequestError::new)?;
         let set = match whole {
             Some(w) => w,
             None => self
                 .sliced
                 .get(crate::set::slice_index(action, scope.kind))
-                .ok_or_else(|| BadRequest::new("no policy slice for the request"))?,
+                .ok_or_else(|| BadRequestError::new("no policy slice for the request"))?,
         };
         let resp = Authorizer::new().is_authorized(&req, set, &scope.entities);
         let mut policies: Vec<String> = resp

@@ -11,14 +11,14 @@ use std::fmt;
 pub enum PolicyError {
     /// A policy file or the schema is malformed, ill-typed or inconsistent.
     #[error(transparent)]
-    Invalid(#[from] InvalidPolicies),
+    Invalid(#[from] InvalidPoliciesError),
     /// A policy directory or file could not be read.
     #[error(transparent)]
-    Io(#[from] PolicyIo),
+    Io(#[from] PolicyIoError),
     /// A request could not be built (a bug in the caller, or input that the
     /// caller should have refused); it is never an allow.
     #[error(transparent)]
-    Request(#[from] BadRequest),
+    Request(#[from] BadRequestError),
 }
 
 /// One problem in a policy file, located by line and column (1-based).
@@ -86,13 +86,13 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// A policy set that cannot take effect, with every problem found.
 #[derive(Debug, Clone)]
-pub struct InvalidPolicies {
+pub struct InvalidPoliciesError {
     problems: Vec<Problem>,
 }
 
-impl InvalidPolicies {
+impl InvalidPoliciesError {
     pub(crate) fn new(problems: Vec<Problem>) -> Self {
-        InvalidPolicies { problems }
+        InvalidPoliciesError { problems }
     }
     /// The problems, in file order.
     pub fn problems(&self) -> &[Problem] {
@@ -100,7 +100,7 @@ impl InvalidPolicies {
     }
 }
 
-impl fmt::Display for InvalidPolicies {
+impl fmt::Display for InvalidPoliciesError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invalid policy set: ")?;
         for (i, p) in self.problems.iter().enumerate() {
@@ -113,19 +113,19 @@ impl fmt::Display for InvalidPolicies {
     }
 }
 
-impl std::error::Error for InvalidPolicies {}
+impl std::error::Error for InvalidPoliciesError {}
 
 /// A file or directory that could not be read.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("cannot read policies from `{path}`: {reason}")]
-pub struct PolicyIo {
+pub struct PolicyIoError {
     path: String,
     reason: String,
 }
 
-impl PolicyIo {
+impl PolicyIoError {
     pub(crate) fn new(path: &std::path::Path, reason: impl fmt::Display) -> Self {
-        PolicyIo {
+        PolicyIoError {
             path: path.display().to_string(),
             reason: reason.to_string(),
         }
@@ -135,13 +135,13 @@ impl PolicyIo {
 /// A request that does not fit the model.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("cannot evaluate the request: {reason}")]
-pub struct BadRequest {
+pub struct BadRequestError {
     reason: String,
 }
 
-impl BadRequest {
+impl BadRequestError {
     pub(crate) fn new(reason: impl fmt::Display) -> Self {
-        BadRequest {
+        BadRequestError {
             reason: reason.to_string(),
         }
     }

@@ -7,6 +7,8 @@ mod model;
 mod set;
 
 pub use authorize::{Decision, Disclosure, FieldDecision, Scope};
-pub use error::{BadRequest, InvalidPolicies, PolicyError, PolicyIo, Problem, Result};
+pub use error::{
+    BadRequestError, InvalidPoliciesError, PolicyError, PolicyIoError, Problem, Result,
+};
 pub use model::{Action, Context, CustomerAttrs, FieldAttrs, Principal, PrincipalKind, Target};
 pub use set::{Origin, Policies, DEFAULT_FILES, MAX_FILES, MAX_FILE_BYTES, SCHEMA, SCHEMA_FILE};

@@ -18,7 +18,7 @@ use cedar_policy::{PolicyId, PolicySet, Schema, ValidationMode, Validator};
 use miette::Diagnostic;
 use sha2::{Digest, Sha256};
 
-use crate::error::{InvalidPolicies, PolicyIo, Problem, Result};
+use crate::error::{InvalidPoliciesError, PolicyIoError, Problem, Result};
 
 /// The Cedar schema every policy set is validated against.
 pub const SCHEMA: &str = include_str!("../sovra.cedarschema");
@@ -120,17 +120,17 @@ impl Policies {
     /// Loads every `*.cedar` file of `dir` (other files are ignored), in
     /// name order.
     pub fn load_dir(dir: &Path) -> Result<Policies> {
-        let rd = std::fs::read_dir(dir).map_err(|e| PolicyIo::new(dir, e))?;
+        let rd = std::fs::read_dir(dir).map_err(|e| PolicyIoError::new(dir, e))?;
         let mut paths = Vec::new();
         for e in rd {
-            let e = e.map_err(|e| PolicyIo::new(dir, e))?;
+            let e = e.map_err(|e| PolicyIoError::new(dir, e))?;
             let p = e.path();
             if p.extension().is_some_and(|x| x == "cedar") && p.is_file() {
                 paths.push(p);
             }
         }
         if paths.len() > MAX_FILES {
-            return Err(PolicyIo::new(
+            return Err(PolicyIoError::new(
                 dir,
                 format!("{} policy files; the limit is {MAX_FILES}", paths.len()),
             )
@@ -139,17 +139,17 @@ impl Policies {
         paths.sort();
         let mut files = Vec::with_capacity(paths.len());
         for p in paths {
-            let meta = std::fs::metadata(&p).map_err(|e| PolicyIo::new(&p, e))?;
+            let meta = std::fs::metadata(&p).map_err(|e| PolicyIoError::new(&p, e))?;
             if meta.len() > MAX_FILE_BYTES as u64 {
-                return Err(PolicyIo::new(
+                return Err(PolicyIoError::new(
                     &p,
                     format!("{} bytes; the limit is {MAX_FILE_BYTES}", meta.len()),
                 )
                 .into());
             }
-            let bytes = std::fs::read(&p).map_err(|e| PolicyIo::new(&p, e))?;
+            let bytes = std::fs::read(&p).map_err(|e| PolicyIoError::new(&p, e))?;
             let text = String::from_utf8(bytes)
-                .map_err(|e| PolicyIo::new(&p, format!("not UTF-8 text ({e})")))?;
+                .map_err(|e| PolicyIoError::new(&p, format!("not UTF-8 text ({e})")))?;
             let name = p
                 .file_name()
                 .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -176,7 +176,7 @@ impl Policies {
             problems.extend(validation_errors(&schema, &set, &files, &texts));
         }
         if !problems.is_empty() {
-            return Err(InvalidPolicies::new(problems).into());
+            return Err(InvalidPoliciesError::new(problems).into());
         }
         let warnings = validation_warnings(&schema, &set, &files, &texts);
         let mut actions = Vec::with_capacity(crate::Action::ALL.len());
@@ -260,7 +260,7 @@ impl Policies {
 /// The compiled-in schema, parsed.
 fn parse_schema() -> Result<Schema> {
     let (schema, _) = Schema::from_cedarschema_str(SCHEMA).map_err(|e| {
-        InvalidPolicies::new(vec![Problem::new(
+        InvalidPoliciesError::new(vec![Problem::new(
             SCHEMA_FILE,
             SCHEMA,
             first_offset(&e),
@@ -289,7 +289,7 @@ fn check_file_count(files: &[(String, String)]) -> Result<Vec<Problem>> {
             None,
             format!("{} files; the limit is {MAX_FILES}", files.len()),
         ));
-        return Err(InvalidPolicies::new(problems).into());
+        return Err(InvalidPoliciesError::new(problems).into());
     }
     Ok(problems)
 }
@@ -524,7 +524,7 @@ fn slice(set: &PolicySet, actions: &[cedar_policy::EntityUid]) -> Result<Vec<Pol
                 };
                 if action_ok && principal_ok {
                     part.add(p.clone()).map_err(|e| {
-                        InvalidPolicies::new(vec![Problem::new(
+                        InvalidPoliciesError::new(vec![Problem::new(
                             "(policy set)",
                             "",
                             None,
