@@ -53,15 +53,3 @@ pub fn approvals_header<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
         })
         .transpose()
 }
-
-/// The caller, once the policy set allows it the tenant or customer
-/// `action`.
-pub fn authorized<T>(
-    app: &crate::app::App,
-    req: &Request<T>,
-    action: sovra_policy::Action,
-) -> Result<Arc<Principal>, Status> {
-    let p = caller(req)?;
-    app.authorize(&p, action)?;
-    Ok(p)
-}

@@ -13,8 +13,6 @@ use crate::app::audit::{BundleWindow, ConsentRequest};
 use crate::app::App;
 use crate::grpc::authn::caller;
 
-pub use crate::app::audit::{LEGAL_BASES, MAX_ENTRIES_PER_CALL};
-
 fn action_pb(a: ConsentAction) -> i32 {
     match a {
         ConsentAction::Grant => pb::ConsentAction::Grant as i32,
