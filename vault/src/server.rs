@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::access::policy::PolicyHolder;
-use crate::app::App;
+use crate::app::{recovery, App};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::{Result, VaultError};
@@ -214,6 +214,9 @@ async fn open(cfg: &Config) -> Result<App> {
             )),
         }
     })?);
+    // Before anything reads or writes: faults refuse here, naming the file;
+    // erasures the ledger records are completed or applied again.
+    recovery::reconcile(&engine, &ledger, &data_dir, &data_dir.join("ledger"))?;
     crate::files::make_private_dir(&data_dir)?;
     ensure_tenant_keys(cfg, &engine)?;
     // An invalid policy set refuses to start, naming file, line and problem.
@@ -228,6 +231,7 @@ async fn open(cfg: &Config) -> Result<App> {
     );
     engine.resume_rotations();
     spawn_sweeper(&engine);
+    spawn_anchor(&engine, &ledger);
     watch_sighup(&policies, &engine)?;
     Ok(App {
         engine,
@@ -274,6 +278,24 @@ fn spawn_sweeper(engine: &Arc<Engine>) {
                 return;
             };
             let _ = tokio::task::spawn_blocking(move || sweep_idempotency(&engine)).await;
+        }
+    });
+}
+
+/// Every second, records the ledger's durable position in the vault (the
+/// anchor start-up checks the ledger against; see `app::recovery`).
+fn spawn_anchor(engine: &Arc<Engine>, ledger: &Arc<Ledger>) {
+    let (engine, ledger) = (Arc::downgrade(engine), Arc::downgrade(ledger));
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            let (Some(engine), Some(ledger)) = (engine.upgrade(), ledger.upgrade()) else {
+                return;
+            };
+            if let Err(e) = recovery::record_anchor(&engine, &ledger) {
+                tracing::error!(error = %e, "cannot record the ledger anchor");
+            }
         }
     });
 }

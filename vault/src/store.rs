@@ -150,6 +150,7 @@ pub struct Store {
     pub(crate) features: sled::Tree,
     pub(crate) idempotency: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
+    pub(crate) dir: std::path::PathBuf,
     committer: Option<mpsc::Sender<Waiter>>,
     commit_thread: Option<thread::JoinHandle<()>>,
 }
@@ -218,6 +219,7 @@ impl Store {
             features,
             idempotency,
             slots,
+            dir: dir.to_path_buf(),
             committer: Some(committer),
             commit_thread: Some(commit_thread),
         })

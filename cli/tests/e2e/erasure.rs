@@ -8,7 +8,6 @@ use sovra_proto::vault::v1 as pb;
 use sovra_vault::config::Config;
 use sovra_vault::crypto::keys::{KeyRing, WrappedKey};
 use sovra_vault::synthetic;
-use tonic::Code;
 
 use sovra_testkit::*;
 
@@ -91,73 +90,4 @@ async fn erased_customer_leaves_no_plaintext_no_data_key_and_no_pad_on_disk() {
     for n in people[3].secrets() {
         assert_eq!(occurs_in(&data, n.as_bytes()), None);
     }
-}
-
-#[tokio::test]
-async fn an_interrupted_erasure_is_completed_at_start() {
-    let env = Env::new();
-    let srv = env.start().await;
-    let mut svc = srv.client(Some(&env.service)).await;
-    svc.put_record(put(
-        "gone",
-        &[
-            ("phone", text("13800000077")),
-            ("email", text("gone@example.com")),
-        ],
-    ))
-    .await
-    .unwrap();
-    svc.put_record(put("kept", &[("phone", text("13800000078"))]))
-        .await
-        .unwrap();
-    srv.stop().await;
-    // The pad was shredded, then the process died before sled saw the rest.
-    let (w, _) = key_material(&env, "gone");
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(env.data_dir().join("shred.slots"))
-            .unwrap();
-        f.write_all_at(&[0u8; 32], 16 + w.slot * 32).unwrap();
-        f.sync_all().unwrap();
-    }
-    let srv = env.start().await;
-    let mut svc = srv.client(Some(&env.service)).await;
-    let e = svc
-        .get_fields(get("gone", &[], "billing"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
-    let s = svc
-        .search(search_req("email", "gone@example.com", 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(s.customer_ids.is_empty(), "index entries were removed too");
-    assert_eq!(
-        svc.get_fields(get("kept", &[], "billing"))
-            .await
-            .unwrap()
-            .into_inner()
-            .fields
-            .len(),
-        1
-    );
-    // The slot is reused by the next customer, with a fresh pad.
-    svc.put_record(put("new", &[("phone", text("13800000079"))]))
-        .await
-        .unwrap();
-    assert_eq!(
-        svc.get_fields(get("new", &[], "billing"))
-            .await
-            .unwrap()
-            .into_inner()
-            .fields
-            .len(),
-        1
-    );
-    srv.stop().await;
-    let (w2, _) = key_material(&env, "new");
-    assert_eq!(w2.slot, w.slot);
 }

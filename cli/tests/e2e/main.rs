@@ -20,6 +20,7 @@ mod integrity;
 mod ledger;
 mod lineage;
 mod policy;
+mod recovery;
 mod refused_reads;
 mod rotation;
 mod sandbox;

@@ -29,6 +29,7 @@ pub mod keys;
 pub mod lineage;
 pub mod policies;
 pub mod records;
+pub mod recovery;
 pub mod setup;
 
 /// What every use case shares: the engine, authentication, the audit

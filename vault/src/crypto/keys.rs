@@ -244,6 +244,17 @@ pub struct WrappedKey {
     /// The customer's shred slot, holding the pad the data key is masked with.
     #[prost(uint64, tag = "6")]
     pub slot: u64,
+    /// The customer's ledger pseudonym (already in the ledger; not
+    /// secret), so that start-up can ask the ledger whether a customer
+    /// whose pad is zero was erased. Empty in keys wrapped before it
+    /// existed.
+    #[prost(bytes = "vec", tag = "7")]
+    pub subject: Vec<u8>,
+    /// [`Pad::check`] of the pad in `slot`: a damaged or swapped pad is
+    /// refused at start-up, never taken for another key. Empty in keys
+    /// wrapped before it existed.
+    #[prost(bytes = "vec", tag = "8")]
+    pub pad_check: Vec<u8>,
 }
 
 /// Length-prefixed concatenation, so that no two different tuples of parts
@@ -425,6 +436,8 @@ impl KeyRing {
             dek_version: place.dek_version,
             created_at_ms,
             slot: place.slot,
+            subject: dek.pseudonym(place.tenant, place.customer).to_vec(),
+            pad_check: pad.check(place.slot).to_vec(),
         })
     }
 

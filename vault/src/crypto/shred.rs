@@ -47,10 +47,38 @@ impl std::fmt::Debug for Pad {
 }
 
 impl Pad {
+    /// A 16-byte check of the pad in `slot`, stored with the wrapped data
+    /// key so that start-up tells a damaged or swapped pad from a good one.
+    /// It reveals nothing usable about the pad (a preimage of SHA-256 over
+    /// 256 random bits), so it may outlive an erasure.
+    pub fn check(&self, slot: u64) -> [u8; 16] {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(b"sovra/v1/pad-check\0");
+        h.update(slot.to_be_bytes());
+        h.update(self.0);
+        let d = h.finalize();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&d[..16]);
+        out
+    }
+
     /// A pad from raw bytes, for tests that play an attacker reading disks.
     pub fn from_bytes_for_tests(bytes: [u8; PAD_LEN]) -> Pad {
         Pad(bytes)
     }
+}
+
+/// What a slot holds, for start-up's reconciliation.
+#[derive(Debug)]
+pub enum SlotState {
+    /// The slot lies beyond the end of the file: the file was truncated,
+    /// deleted or replaced by a shorter copy.
+    Missing,
+    /// All zeros: free, or erased.
+    Zero,
+    /// A pad.
+    Pad(Pad),
 }
 
 struct Free {
@@ -63,6 +91,7 @@ pub struct ShredSlots {
     file: File,
     free: Mutex<Free>,
     dirty: AtomicBool,
+    created: bool,
 }
 
 impl std::fmt::Debug for ShredSlots {
@@ -116,6 +145,7 @@ impl ShredSlots {
         }
         let file = opts.open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
+        let created = len == 0;
         if len == 0 {
             write_at(&file, MAGIC, 0).map_err(io)?;
             file.sync_all().map_err(io)?;
@@ -141,6 +171,34 @@ impl ShredSlots {
                 next,
             }),
             dirty: AtomicBool::new(false),
+            created,
+        })
+    }
+
+    /// Whether this open found the file empty or absent (and so wrote its
+    /// header): with data keys beside it, the pads were lost.
+    pub fn was_created(&self) -> bool {
+        self.created
+    }
+
+    /// What `slot` holds, telling a slot beyond the end of the file (lost)
+    /// from a zero one (free or erased).
+    pub fn state(&self, slot: u64) -> Result<SlotState> {
+        if slot >= self.len() {
+            return Ok(SlotState::Missing);
+        }
+        let mut pad = Pad([0u8; PAD_LEN]);
+        match read_at(&self.file, &mut pad.0, offset(slot)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(SlotState::Missing)
+            }
+            Err(e) => return Err(Self::io_err(e)),
+        }
+        Ok(if pad.0.iter().all(|&b| b == 0) {
+            SlotState::Zero
+        } else {
+            SlotState::Pad(pad)
         })
     }
 

@@ -24,6 +24,7 @@
 
 pub(crate) mod features;
 mod locks;
+mod recovery;
 pub mod rotation;
 
 use std::path::Path;
@@ -46,6 +47,7 @@ use crate::store::{self, Store, StoredField};
 use sovra_ledger::{Digest, Ledger, Pseudonym};
 use sovra_proto::lineage::v1 as lpb;
 
+pub use self::recovery::{ErasureFacts, NoLedger, Recovered};
 pub use crate::schema::{validate_id, Revealed, Source, MAX_CUSTOMER_ID_LEN};
 /// Most ids a search returns.
 pub const MAX_SEARCH_LIMIT: u32 = 1000;
@@ -275,14 +277,19 @@ fn decode_field(bytes: &[u8], what: impl FnOnce() -> String) -> Result<StoredFie
 
 impl Engine {
     /// Opens the engine on `dir` with `root` and `schema`.
+    /// Without a ledger no erasure is known, so a zero pad beside a data key
+    /// refuses the open (see [`Engine::recover`]).
     pub fn open(dir: &Path, root: RootKey, schema: Schema) -> Result<Engine> {
-        Engine::open_with(dir, root, schema, || Ok(()))
+        let engine = Engine::open_with(dir, root, schema, || Ok(()))?;
+        engine.recover(&NoLedger::default())?;
+        Ok(engine)
     }
 
     /// [`Engine::open`], calling `on_new` first if the database holds
     /// neither a root key check value nor data keys: a vault made just now,
     /// or a database that lost its contents (the server tells them apart by
-    /// the ledger). If `on_new` fails, nothing is written.
+    /// the ledger). If `on_new` fails, nothing is written. The caller runs
+    /// [`Engine::recover`] before anything else.
     pub fn open_with(
         dir: &Path,
         root: RootKey,
@@ -312,67 +319,7 @@ impl Engine {
             features,
             pending_release: Mutex::new(Vec::new()),
         };
-        engine.recover()?;
         Ok(engine)
-    }
-
-    /// Reconciles the shred slots with the data keys after a crash:
-    /// - a data key whose pad is zero belongs to a customer whose erasure
-    ///   zeroed the pad but did not reach sled, or whose creation reached sled
-    ///   but not its pad (never acknowledged): its data is unrecoverable
-    ///   either way, so its remains are removed;
-    /// - a pad no data key references (a creation that never reached sled) is
-    ///   zeroed;
-    /// - every zero, unreferenced slot becomes reusable.
-    fn recover(&self) -> Result<()> {
-        let mut referenced = std::collections::HashSet::new();
-        let mut orphans = Vec::new();
-        let mut damaged = 0usize;
-        for item in self.store.data_keys.iter() {
-            let (k, v) = item?;
-            let Ok(w) = WrappedKey::decode(&v[..]) else {
-                // Its reads report DATA_LOSS; it must not keep the vault down.
-                damaged += 1;
-                continue;
-            };
-            if self.store.slots.read(w.slot)?.is_none() {
-                orphans.push(k.to_vec());
-            } else {
-                referenced.insert(w.slot);
-            }
-        }
-        for k in &orphans {
-            let Some(pos) = k.iter().position(|&b| b == 0) else {
-                continue;
-            };
-            let tenant = String::from_utf8_lossy(&k[..pos]).into_owned();
-            let customer = String::from_utf8_lossy(&k[pos + 1..]).into_owned();
-            self.remove_customer(&tenant, &customer, None, None)?;
-        }
-        let mut free = Vec::new();
-        for slot in 0..self.store.slots.len() {
-            if referenced.contains(&slot) {
-                continue;
-            }
-            if self.store.slots.read(slot)?.is_some() {
-                // A damaged entry might reference this pad: keep it for
-                // repair from a backup rather than destroy it.
-                if damaged > 0 {
-                    continue;
-                }
-                self.store.slots.shred(slot)?;
-            }
-            free.push(slot);
-        }
-        if damaged > 0 {
-            tracing::error!(entries = damaged, "data-key entries fail to decode; unreferenced pads are kept until they are repaired");
-        }
-        self.store.flush()?;
-        self.store.slots.release(free);
-        if !orphans.is_empty() {
-            tracing::warn!(customers = orphans.len(), "removed the remains of customers whose pad was destroyed (interrupted erasure or unacknowledged creation)");
-        }
-        Ok(())
     }
 
     /// The schema in force.

@@ -1,0 +1,257 @@
+//! Start-up reconciliation of the shred slots with the data keys, telling
+//! faults from facts.
+//!
+//! Guarantees:
+//! - An erasure is recognised only by its ledger entry ([`ErasureFacts`]):
+//!   a data key whose pad is zero is removed only if the ledger records the
+//!   erasure of that customer (an erasure interrupted after its
+//!   write-ahead entry). Without such an entry the zero pad is a fault.
+//! - A pad that lies beyond the end of `shred.slots` (the file was deleted,
+//!   truncated or replaced by an older, shorter copy), or whose check value
+//!   disagrees with the one stored beside its wrapped key, refuses the start,
+//!   naming the file and the slots; nothing is changed.
+//! - A customer whose erasure the ledger recorded after the vault's anchor
+//!   (its files were restored from an older copy) is erased again before
+//!   anything is served.
+//! - A pad no data key references (a creation that never reached sled) is
+//!   zeroed; every zero, unreferenced slot becomes reusable.
+//!
+//! Does not guarantee: that a data key wrapped before pad check values
+//! existed (format without `pad_check`) is checked; such a key with a
+//! zero pad and no stored pseudonym cannot be told from a lost pad, and is
+//! refused too.
+
+use std::collections::HashSet;
+
+use prost::Message;
+
+use super::Engine;
+use crate::crypto::keys::WrappedKey;
+use crate::crypto::shred::SlotState;
+use crate::error::{Result, VaultError};
+use sovra_ledger::{Digest, Pseudonym};
+
+/// What the ledger says about erasures, for [`Engine::recover`].
+pub trait ErasureFacts {
+    /// Whether the ledger records the erasure of `subject` in `tenant`.
+    fn erased(&self, tenant: &str, subject: &Pseudonym) -> Result<bool>;
+    /// The `(tenant, subject)` pairs whose erasure the ledger recorded
+    /// after the position the vault last recorded (its anchor): if the
+    /// vault still holds one, its files are older than the ledger and the
+    /// erasure is applied again.
+    fn erased_since_anchor(&self) -> &HashSet<(String, Pseudonym)>;
+}
+
+/// No ledger (tools and tests that open the engine alone): no erasure is
+/// known, so a zero pad beside a data key refuses the start.
+#[derive(Debug, Default)]
+pub struct NoLedger(HashSet<(String, Pseudonym)>);
+
+impl ErasureFacts for NoLedger {
+    fn erased(&self, _: &str, _: &Pseudonym) -> Result<bool> {
+        Ok(false)
+    }
+    fn erased_since_anchor(&self) -> &HashSet<(String, Pseudonym)> {
+        &self.0
+    }
+}
+
+/// What [`Engine::recover`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    /// Erasures interrupted after their ledger entry, completed now.
+    pub completed_erasures: usize,
+    /// Erasures the ledger recorded since the vault's anchor, applied again
+    /// because the vault's files still held the customer.
+    pub reapplied_erasures: usize,
+    /// Unreferenced pads zeroed.
+    pub zeroed_pads: usize,
+}
+
+/// At most this many slots are named in a refusal.
+const NAMED: usize = 8;
+
+fn named(slots: &[u64]) -> String {
+    let mut s: Vec<String> = slots.iter().take(NAMED).map(u64::to_string).collect();
+    if slots.len() > NAMED {
+        s.push(format!("and {} more", slots.len() - NAMED));
+    }
+    s.join(", ")
+}
+
+struct Scan {
+    referenced: HashSet<u64>,
+    zero: Vec<(String, String, Vec<u8>, u64)>,
+    missing: Vec<u64>,
+    bad_check: Vec<u64>,
+    reerase: Vec<(String, String, Pseudonym, u64)>,
+    damaged: usize,
+    keys: usize,
+}
+
+fn split_key(k: &[u8]) -> Option<(String, String)> {
+    let pos = k.iter().position(|&b| b == 0)?;
+    let tenant = std::str::from_utf8(&k[..pos]).ok()?.to_owned();
+    let customer = std::str::from_utf8(&k[pos + 1..]).ok()?.to_owned();
+    Some((tenant, customer))
+}
+
+impl Engine {
+    /// Reconciles the shred slots with the data keys and the ledger's
+    /// erasures (see the module docs); refuses, changing nothing, if a pad
+    /// was lost or damaged.
+    pub fn recover(&self, facts: &dyn ErasureFacts) -> Result<Recovered> {
+        let scan = self.scan_keys(facts)?;
+        let path = self.store.dir.join("shred.slots");
+        let shown = path.display().to_string();
+        if scan.keys > 0 && self.store.slots.was_created() {
+            return Err(VaultError::config(
+                &shown,
+                format!(
+                    "the file was missing, but {} customers' data keys reference pads in it: a lost pad file \
+                     is not an erasure; nothing was changed: restore shred.slots from the backup taken with this database",
+                    scan.keys
+                ),
+            ));
+        }
+        if !scan.missing.is_empty() {
+            return Err(VaultError::config(
+                &shown,
+                format!(
+                    "{} customers' pads lie beyond the end of the file (it holds {} slots; missing: slot {}): \
+                     it was truncated or replaced by an older copy; a lost pad is not an erasure; nothing was \
+                     changed: restore shred.slots from the backup taken with this database",
+                    scan.missing.len(),
+                    self.store.slots.len(),
+                    named(&scan.missing)
+                ),
+            ));
+        }
+        if !scan.bad_check.is_empty() {
+            return Err(VaultError::config(
+                &shown,
+                format!(
+                    "the pad in slot {} does not match the check value stored with its data key: the file was \
+                     altered or swapped; nothing was changed: restore shred.slots from the backup taken with this database",
+                    named(&scan.bad_check)
+                ),
+            ));
+        }
+        let mut unexplained = Vec::new();
+        let mut completions = Vec::new();
+        for (tenant, customer, subject, slot) in scan.zero {
+            let erased = match Digest::from_slice("subject", &subject) {
+                Ok(s) => facts.erased(&tenant, &s)?.then_some(s),
+                Err(_) => None,
+            };
+            match erased {
+                Some(s) => completions.push((tenant, customer, s)),
+                None => unexplained.push(slot),
+            }
+        }
+        if !unexplained.is_empty() {
+            return Err(VaultError::config(
+                &shown,
+                format!(
+                    "the pad in slot {} is zero, but the ledger records no erasure of its customer: the file \
+                     was altered or restored from another copy; a zero pad is not an erasure; nothing was \
+                     changed: restore shred.slots from the backup taken with this database",
+                    named(&unexplained)
+                ),
+            ));
+        }
+        let mut out = Recovered::default();
+        for (tenant, customer, subject) in &completions {
+            self.remove_customer(tenant, customer, Some(*subject), None)?;
+            out.completed_erasures += 1;
+        }
+        let mut shredded = Vec::new();
+        for (tenant, customer, subject, slot) in &scan.reerase {
+            // INVARIANT: the pad goes first, as in `Engine::erase`.
+            self.store.slots.shred(*slot)?;
+            self.remove_customer(tenant, customer, Some(*subject), None)?;
+            shredded.push(*slot);
+            out.reapplied_erasures += 1;
+        }
+        let mut free = Vec::new();
+        for slot in 0..self.store.slots.len() {
+            if scan.referenced.contains(&slot) {
+                continue;
+            }
+            if let SlotState::Pad(_) = self.store.slots.state(slot)? {
+                // A damaged entry might reference this pad: keep it for
+                // repair from a backup rather than destroy it.
+                if scan.damaged > 0 {
+                    continue;
+                }
+                if !shredded.contains(&slot) {
+                    out.zeroed_pads += 1;
+                }
+                self.store.slots.shred(slot)?;
+            }
+            free.push(slot);
+        }
+        if scan.damaged > 0 {
+            tracing::error!(entries = scan.damaged, "data-key entries fail to decode; unreferenced pads are kept until they are repaired");
+        }
+        self.store.flush()?;
+        self.store.slots.release(free);
+        if out.completed_erasures > 0 {
+            tracing::warn!(customers = out.completed_erasures, "completed erasures that the ledger records but that were interrupted before they reached the vault's files");
+        }
+        if out.reapplied_erasures > 0 {
+            tracing::warn!(customers = out.reapplied_erasures, "the vault's files still held customers whose erasure the ledger records (files restored from an older copy): erased them again");
+        }
+        Ok(out)
+    }
+
+    fn scan_keys(&self, facts: &dyn ErasureFacts) -> Result<Scan> {
+        let recent = facts.erased_since_anchor();
+        let mut scan = Scan {
+            referenced: HashSet::new(),
+            zero: Vec::new(),
+            missing: Vec::new(),
+            bad_check: Vec::new(),
+            reerase: Vec::new(),
+            damaged: 0,
+            keys: 0,
+        };
+        for item in self.store.data_keys.iter() {
+            let (k, v) = item?;
+            scan.keys += 1;
+            let (Ok(w), Some((tenant, customer))) = (WrappedKey::decode(&v[..]), split_key(&k))
+            else {
+                // Its reads report DATA_LOSS; it must not keep the vault down.
+                scan.damaged += 1;
+                continue;
+            };
+            match self.store.slots.state(w.slot)? {
+                SlotState::Missing => scan.missing.push(w.slot),
+                SlotState::Zero => scan.zero.push((tenant, customer, w.subject, w.slot)),
+                SlotState::Pad(pad) => {
+                    if !w.pad_check.is_empty() && pad.check(w.slot)[..] != w.pad_check[..] {
+                        scan.bad_check.push(w.slot);
+                        continue;
+                    }
+                    scan.referenced.insert(w.slot);
+                    if recent.is_empty() {
+                        continue;
+                    }
+                    let subject = match Digest::from_slice("subject", &w.subject) {
+                        Ok(s) => s,
+                        // A key wrapped before pseudonyms were stored with it.
+                        Err(_) => match self.unwrap_dek(&tenant, &customer, &w) {
+                            Ok(dek) => Digest(dek.pseudonym(&tenant, &customer)),
+                            Err(_) => continue,
+                        },
+                    };
+                    if recent.contains(&(tenant.clone(), subject)) {
+                        scan.referenced.remove(&w.slot);
+                        scan.reerase.push((tenant, customer, subject, w.slot));
+                    }
+                }
+            }
+        }
+        Ok(scan)
+    }
+}
