@@ -111,6 +111,12 @@ def cmd_parse_sovra(args):
             "p999_us": us("p999"),
             "errors": int(f["errors"]),
         })
+        # --mode batch-put: one op is a stream of records; rate in records/s.
+        for ln in text.splitlines():
+            if ln.startswith("records=") and "records_per_s=" in ln:
+                g = dict(p.split("=", 1) for p in ln.split() if "=" in p)
+                rec["streams_per_s"] = rec["rate"]
+                rec["rate"] = float(g["records_per_s"])
     print(json.dumps(rec))
 
 
