@@ -135,6 +135,19 @@ async fn three_customers(env: &Env) {
     srv.stop().await;
 }
 
+/// Erases `customer` through a server started for it.
+async fn erase(env: &Env, customer: &str) {
+    let srv = env.start().await;
+    let mut adm = srv.client(Some(&env.admin)).await;
+    adm.erase_customer(sovra_proto::vault::v1::EraseCustomerRequest {
+        customer_id: customer.into(),
+        reason: "gdpr_art17".into(),
+    })
+    .await
+    .unwrap();
+    srv.stop().await;
+}
+
 async fn readable(url: &str, env: &Env, customer: &str) -> Result<usize, tonic::Status> {
     let mut svc = sovra_vault::client::connect(url, Some(&env.service), None)
         .await
@@ -202,15 +215,7 @@ async fn an_interrupted_erasure_is_completed_at_start() {
     three_customers(&env).await;
     // The vault's database as it was before the erasure reached it.
     let before = copy_vault_files(&env, false);
-    let srv = env.start().await;
-    let mut adm = srv.client(Some(&env.admin)).await;
-    adm.erase_customer(sovra_proto::vault::v1::EraseCustomerRequest {
-        customer_id: "ben".into(),
-        reason: "gdpr_art17".into(),
-    })
-    .await
-    .unwrap();
-    srv.stop().await;
+    erase(&env, "ben").await;
     // The ledger entry and the zeroed pad are on disk, the rest of the
     // erasure is not: the process died in between.
     restore(&env, before.path(), false);
@@ -228,15 +233,7 @@ async fn an_older_copy_of_the_vault_files_gets_the_ledgers_erasures_again() {
     let env = Env::new();
     three_customers(&env).await;
     let before = copy_vault_files(&env, true);
-    let srv = env.start().await;
-    let mut adm = srv.client(Some(&env.admin)).await;
-    adm.erase_customer(sovra_proto::vault::v1::EraseCustomerRequest {
-        customer_id: "cat".into(),
-        reason: "gdpr_art17".into(),
-    })
-    .await
-    .unwrap();
-    srv.stop().await;
+    erase(&env, "cat").await;
     // A backup of the vault's files (pads included) from before the erasure
     // is restored; the ledger is kept.
     restore(&env, before.path(), true);
