@@ -41,7 +41,27 @@ pub fn open_raw(dir: &Path) -> sled::Db {
     panic!("cannot open {}", dir.display());
 }
 
-/// `tenant 0 customer 0 field`, the record layout documented in store.rs.
-pub fn record_key(customer: &str, field: &str) -> Vec<u8> {
-    format!("default\0{customer}\0{field}").into_bytes()
+/// The reference at rest of `customer` of tenant `default` in `env`'s vault
+/// (computed from its root key, as the vault does).
+pub fn customer_ref(env: &crate::Env, customer: &str) -> [u8; 16] {
+    let root = env.config().load_root_key().unwrap();
+    sovra_vault::crypto::keys::KeyRing::new(root)
+        .customer_ref("default", customer)
+        .0
+}
+
+/// `tenant 0 ref 0 field`, the record layout documented in store.rs.
+pub fn record_key(env: &crate::Env, customer: &str, field: &str) -> Vec<u8> {
+    [
+        b"default\0".as_slice(),
+        &customer_ref(env, customer),
+        b"\0",
+        field.as_bytes(),
+    ]
+    .concat()
+}
+
+/// `tenant 0 ref`, the data-key layout documented in store.rs.
+pub fn data_key_key(env: &crate::Env, customer: &str) -> Vec<u8> {
+    [b"default\0".as_slice(), &customer_ref(env, customer)].concat()
 }

@@ -232,6 +232,7 @@ async fn open(cfg: &Config) -> Result<App> {
     engine.resume_rotations();
     spawn_sweeper(&engine);
     spawn_anchor(&engine, &ledger);
+    spawn_packer(&engine);
     watch_sighup(&policies, &engine)?;
     Ok(App {
         engine,
@@ -295,6 +296,38 @@ fn spawn_anchor(engine: &Arc<Engine>, ledger: &Arc<Ledger>) {
             };
             if let Err(e) = recovery::record_anchor(&engine, &ledger) {
                 tracing::error!(error = %e, "cannot record the ledger anchor");
+            }
+        }
+    });
+}
+
+/// Folds pending feature writes into their encrypted blocks in the
+/// background (a job also does before it reads them): every 250 ms, off the
+/// request path, one fresh encryption per block and feature whatever the
+/// number of writes.
+fn spawn_packer(engine: &Arc<Engine>) {
+    if engine.schema().feature_catalog().is_empty() {
+        return;
+    }
+    let engine = Arc::downgrade(engine);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(250));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A damaged block fails every round: said once, until it changes.
+        let mut last = String::new();
+        loop {
+            every.tick().await;
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            let r = tokio::task::spawn_blocking(move || engine.pack_features(None, None)).await;
+            match r {
+                Ok(Err(e)) if e.to_string() != last => {
+                    last = e.to_string();
+                    tracing::error!(error = %e, "cannot pack pending feature writes; jobs on that feature fail until it is repaired");
+                }
+                Ok(Ok(_)) => last.clear(),
+                _ => {}
             }
         }
     });

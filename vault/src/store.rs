@@ -1,9 +1,13 @@
 //! Storage layout on sled, and group commit.
 //!
 //! One sled database per data directory, one tree per concern:
-//! - `records`: `tenant 0 customer 0 field` → [`StoredField`] (sealed value)
-//! - `data_keys`: `tenant 0 customer` → [`WrappedKey`](crate::crypto::keys::WrappedKey)
-//! - `blind_index`: `tenant 0 field 0 token customer` → empty
+//! - `records`: `tenant 0 ref 0 field` → [`StoredField`] (sealed value)
+//! - `data_keys`: `tenant 0 ref` → [`WrappedKey`](crate::crypto::keys::WrappedKey)
+//!   (which holds the customer id, sealed under a key derived from the pad)
+//! - `blind_index`: `tenant 0 field 0 token ref` → empty
+//!
+//! `ref` is the customer's [`CustomerRef`], a 16-byte keyed pseudonym of
+//! the customer id: no key and no value holds a customer id in the clear.
 //! - `meta`: `keystate 0 tenant` → tenant key state
 //! - `lineage`: field lineage (see `lineage.rs` for its key spaces)
 //! - `idempotency`: keyed hash of (tenant, principal, idempotency key) →
@@ -26,13 +30,14 @@ use std::thread;
 
 use tokio::sync::oneshot;
 
+use crate::crypto::keys::{CustomerRef, CUSTOMER_REF_LEN};
 use crate::crypto::shred::ShredSlots;
 use crate::error::{Result, VaultError};
 
-// INVARIANT: tenants, customer ids and field names are validated to contain
-// no 0 byte (see `validate_id` and the schema's identifier rule), so the 0
-// separators below make every key layout unambiguous and every prefix scan
-// exact.
+// INVARIANT: tenants and field names are validated to contain no 0 byte
+// (see `validate_id` and the schema's identifier rule), and a customer
+// reference and a blind-index token have fixed lengths, so the 0 separators
+// below make every key layout unambiguous and every prefix scan exact.
 const SEP: u8 = 0;
 
 /// One stored value version of a field.
@@ -278,28 +283,35 @@ fn spawn_committer(
     Ok((tx, handle))
 }
 
-/// `tenant 0 customer 0`: prefix of every record of a customer.
-pub(crate) fn customer_prefix(tenant: &str, customer: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(tenant.len() + customer.len() + 2);
+/// `tenant 0 ref 0`: prefix of every record of a customer.
+pub(crate) fn customer_prefix(tenant: &str, c: &CustomerRef) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + CUSTOMER_REF_LEN + 2);
     k.extend_from_slice(tenant.as_bytes());
     k.push(SEP);
-    k.extend_from_slice(customer.as_bytes());
+    k.extend_from_slice(&c.0);
     k.push(SEP);
     k
 }
 
-/// `tenant 0 customer 0 field`.
-pub(crate) fn record_key(tenant: &str, customer: &str, field: &str) -> Vec<u8> {
-    let mut k = customer_prefix(tenant, customer);
+/// `tenant 0 ref 0 field`.
+pub(crate) fn record_key(tenant: &str, c: &CustomerRef, field: &str) -> Vec<u8> {
+    let mut k = customer_prefix(tenant, c);
     k.extend_from_slice(field.as_bytes());
     k
 }
 
-/// `tenant 0 customer`.
-pub(crate) fn data_key_key(tenant: &str, customer: &str) -> Vec<u8> {
+/// `tenant 0 ref`.
+pub(crate) fn data_key_key(tenant: &str, c: &CustomerRef) -> Vec<u8> {
     let mut k = tenant_prefix(tenant);
-    k.extend_from_slice(customer.as_bytes());
+    k.extend_from_slice(&c.0);
     k
+}
+
+/// The tenant and reference of a `data_keys` key.
+pub(crate) fn split_data_key(k: &[u8]) -> Option<(String, CustomerRef)> {
+    let pos = k.iter().position(|&b| b == SEP)?;
+    let tenant = std::str::from_utf8(&k[..pos]).ok()?.to_owned();
+    Some((tenant, CustomerRef::from_slice(&k[pos + 1..])?))
 }
 
 /// `tenant 0`.
@@ -319,10 +331,10 @@ pub(crate) fn index_prefix(tenant: &str, field: &str, token: &[u8]) -> Vec<u8> {
     k
 }
 
-/// `tenant 0 field 0 token customer`.
-pub(crate) fn index_entry(tenant: &str, field: &str, token: &[u8], customer: &str) -> Vec<u8> {
+/// `tenant 0 field 0 token ref`.
+pub(crate) fn index_entry(tenant: &str, field: &str, token: &[u8], c: &CustomerRef) -> Vec<u8> {
     let mut k = index_prefix(tenant, field, token);
-    k.extend_from_slice(customer.as_bytes());
+    k.extend_from_slice(&c.0);
     k
 }
 
@@ -339,13 +351,20 @@ mod tests {
 
     #[test]
     fn layouts_do_not_collide() {
-        // A customer id that is a prefix of another never shares records.
-        let a = customer_prefix("t", "c1");
-        let b = record_key("t", "c12", "x");
-        assert!(!b.starts_with(&a));
-        assert!(record_key("t", "c1", "phone").starts_with(&a));
-        assert!(index_entry("t", "phone", &[1; 32], "c")
+        // References have a fixed length, whatever bytes they hold.
+        let (c1, c2) = (
+            CustomerRef([0; 16]),
+            CustomerRef([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+        );
+        let a = customer_prefix("t", &c1);
+        assert!(!record_key("t", &c2, "x").starts_with(&a));
+        assert!(record_key("t", &c1, "phone").starts_with(&a));
+        assert!(index_entry("t", "phone", &[1; 32], &c1)
             .starts_with(&index_prefix("t", "phone", &[1; 32])));
+        assert_eq!(
+            split_data_key(&data_key_key("t", &c2)),
+            Some(("t".to_owned(), c2))
+        );
     }
 
     #[tokio::test]

@@ -28,8 +28,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 enum Mode {
     /// GetFields of one field of a random preloaded customer.
     Read,
-    /// PutRecord of one field of a new customer (durable before the reply).
+    /// PutRecord of one field of a new customer (durable before the reply):
+    /// `purchase_count`, an encrypted model feature.
     Write,
+    /// The same with a plain field (`last_contact_ms`, no feature): beside
+    /// `write`, what a feature field costs.
+    WritePlain,
     /// PutRecord of a whole 11-field record of a new customer.
     WriteRecord,
     /// RecordConsent (grant) for a random preloaded customer: one durable
@@ -243,14 +247,20 @@ async fn call(
             .await
             .is_ok()
         }
-        Mode::Write => {
+        Mode::Write | Mode::WritePlain => {
             let mut fields = std::collections::HashMap::new();
-            fields.insert(
-                "purchase_count".to_owned(),
-                pb::Value {
-                    kind: Some(pb::value::Kind::Integer(i as i64)),
-                },
-            );
+            let (name, kind) = if mode == Mode::Write {
+                (
+                    "purchase_count",
+                    pb::value::Kind::Integer((i % 1000) as i64),
+                )
+            } else {
+                (
+                    "last_contact_ms",
+                    pb::value::Kind::TimestampMs(1_700_000_000_000 + i as i64),
+                )
+            };
+            fields.insert(name.to_owned(), pb::Value { kind: Some(kind) });
             c.put_record(pb::PutRecordRequest {
                 idempotency_key: String::new(),
                 customer_id: format!("lw-{run_id}-{w}-{i}"),

@@ -125,10 +125,20 @@ async fn write_read_search_erase_through_grpc() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (s.customer_ids, s.truncated),
-        (vec!["dup-1".to_owned(), "dup-2".to_owned()], true)
-    );
+    // The order is that of the keyed references (stable, not the ids').
+    assert!(s.truncated);
+    assert_eq!(s.customer_ids.len(), 2);
+    assert!(s.customer_ids.iter().all(|i| i.starts_with("dup-")));
+    let all = svc
+        .search(search_req("email", "shared@example.com", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!all.truncated);
+    assert_eq!(all.customer_ids[..2], s.customer_ids[..]);
+    let mut sorted = all.customer_ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["dup-1", "dup-2", "dup-3"]);
 
     // Erasure: receipt, then NOT_FOUND and no search hits.
     let receipt = adm

@@ -7,7 +7,7 @@ use prost::Message;
 use sovra_proto::vault::v1 as pb;
 use sovra_vault::config::Config;
 use sovra_vault::crypto::keys::{KeyRing, WrappedKey};
-use sovra_vault::synthetic;
+use sovra_vault::{client, synthetic};
 
 use sovra_testkit::*;
 
@@ -17,7 +17,7 @@ fn key_material(env: &Env, customer: &str) -> (WrappedKey, Vec<u8>) {
     let w = db
         .open_tree("data_keys")
         .unwrap()
-        .get(format!("default\0{customer}"))
+        .get(data_key_key(env, customer))
         .unwrap()
         .unwrap();
     let w = WrappedKey::decode(&w[..]).unwrap();
@@ -89,5 +89,53 @@ async fn erased_customer_leaves_no_plaintext_no_data_key_and_no_pad_on_disk() {
     // Nothing is ever stored in the clear, erased or not.
     for n in people[3].secrets() {
         assert_eq!(occurs_in(&data, n.as_bytes()), None);
+    }
+}
+
+#[tokio::test]
+async fn the_data_directory_holds_no_customer_id() {
+    let env = Env::new();
+    let ids: Vec<String> = (0..12).map(|i| format!("crm-id-{i:02}-q7zx")).collect();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        svc.put_record(put(
+            id,
+            &[
+                ("phone", text(&format!("1380000{i:04}"))),
+                ("email", text(&format!("{id}@example.com"))),
+            ],
+        ))
+        .await
+        .unwrap();
+        led.record_consent(consent(id, "marketing", true))
+            .await
+            .unwrap();
+        svc.get_fields(get(id, &["phone"], "customer_service"))
+            .await
+            .unwrap();
+    }
+    // Search resolves references back to ids (sealed with the pads).
+    let hits = svc
+        .search(search_req("email", &format!("{}@example.com", ids[4]), 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hits.customer_ids, vec![ids[4].clone()]);
+    let mut adm = srv.client(Some(&env.admin)).await;
+    adm.erase_customer(pb::EraseCustomerRequest {
+        customer_id: ids[7].clone(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    srv.stop().await;
+    // Nowhere in the data directory (vault, pads, ledger), erased or not.
+    let data = env.data_dir();
+    for id in &ids {
+        assert_eq!(occurs_in(&data, id.as_bytes()), None, "{id} is on disk");
     }
 }

@@ -33,25 +33,32 @@ async fn moved_or_flipped_ciphertexts_fail_integrity() {
     {
         let db = open_raw(&env.data_dir());
         let records = db.open_tree("records").unwrap();
-        let alice_phone = records.get(record_key("alice", "phone")).unwrap().unwrap();
+        let alice_phone = records
+            .get(record_key(&env, "alice", "phone"))
+            .unwrap()
+            .unwrap();
         // Alice's phone ciphertext copied onto Bob's phone, and onto Alice's email.
         records
-            .insert(record_key("bob", "phone"), alice_phone.clone())
+            .insert(record_key(&env, "bob", "phone"), alice_phone.clone())
             .unwrap();
         records
-            .insert(record_key("alice", "email"), alice_phone)
+            .insert(record_key(&env, "alice", "email"), alice_phone)
             .unwrap();
         // One flipped byte in Carol's name ciphertext.
-        let mut rec =
-            StoredField::decode(&records.get(record_key("carol", "name")).unwrap().unwrap()[..])
-                .unwrap();
+        let mut rec = StoredField::decode(
+            &records
+                .get(record_key(&env, "carol", "name"))
+                .unwrap()
+                .unwrap()[..],
+        )
+        .unwrap();
         rec.ciphertext[0] ^= 0x01;
         records
-            .insert(record_key("carol", "name"), rec.encode_to_vec())
+            .insert(record_key(&env, "carol", "name"), rec.encode_to_vec())
             .unwrap();
         // Garbage where a record belongs.
         records
-            .insert(record_key("carol", "email"), &b"\xff\xff\xff"[..])
+            .insert(record_key(&env, "carol", "email"), &b"\xff\xff\xff"[..])
             .unwrap();
         db.flush().unwrap();
     }
@@ -112,8 +119,8 @@ async fn a_data_key_moved_to_another_customer_does_not_unwrap() {
     {
         let db = open_raw(&env.data_dir());
         let keys = db.open_tree("data_keys").unwrap();
-        let a = keys.get(b"default\0alice").unwrap().unwrap();
-        keys.insert(b"default\0bob", a).unwrap();
+        let a = keys.get(data_key_key(&env, "alice")).unwrap().unwrap();
+        keys.insert(data_key_key(&env, "bob"), a).unwrap();
         db.flush().unwrap();
     }
     let srv = env.start().await;

@@ -111,7 +111,7 @@ fn wrapped(env: &Env, customer: &str) -> Option<WrappedKey> {
     let w = db
         .open_tree("data_keys")
         .unwrap()
-        .get(format!("default\0{customer}"))
+        .get(data_key_key(env, customer))
         .unwrap()?;
     Some(WrappedKey::decode(&w[..]).unwrap())
 }

@@ -255,6 +255,28 @@ pub struct WrappedKey {
     /// wrapped before it existed.
     #[prost(bytes = "vec", tag = "8")]
     pub pad_check: Vec<u8>,
+    /// The AES-GCM nonce of `sealed_id`.
+    #[prost(bytes = "vec", tag = "9")]
+    pub id_nonce: Vec<u8>,
+    /// The customer id, sealed under a key derived from the tenant's
+    /// id-seal key and the pad (see [`KeyRing::open_id`]): storage keys
+    /// hold only the [`CustomerRef`], and the id goes with the pad.
+    #[prost(bytes = "vec", tag = "10")]
+    pub sealed_id: Vec<u8>,
+}
+
+/// Length of a [`CustomerRef`].
+pub const CUSTOMER_REF_LEN: usize = 16;
+
+/// A customer's reference at rest (see [`KeyRing::customer_ref`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct CustomerRef(pub [u8; CUSTOMER_REF_LEN]);
+
+impl CustomerRef {
+    /// The reference in `b`, if it is one.
+    pub fn from_slice(b: &[u8]) -> Option<CustomerRef> {
+        b.try_into().ok().map(CustomerRef)
+    }
 }
 
 /// Length-prefixed concatenation, so that no two different tuples of parts
@@ -314,6 +336,8 @@ pub struct KeyRing {
     keks: RwLock<HashMap<(String, u32), Arc<Kek>>>,
     index_keys: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
     lineage_keys: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
+    ref_keys: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
+    id_seal_keys: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
 }
 
 impl fmt::Debug for KeyRing {
@@ -330,7 +354,86 @@ impl KeyRing {
             keks: RwLock::new(HashMap::new()),
             index_keys: RwLock::new(HashMap::new()),
             lineage_keys: RwLock::new(HashMap::new()),
+            ref_keys: RwLock::new(HashMap::new()),
+            id_seal_keys: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// The customer's reference at rest: a keyed pseudonym under the
+    /// tenant's reference key. Every storage key is built from it, so the
+    /// data directory never holds a customer id.
+    pub fn customer_ref(&self, tenant: &str, customer: &str) -> CustomerRef {
+        let t = self
+            .hmac_key(&self.ref_keys, b"customer-ref\0", tenant)
+            .token("", customer.as_bytes());
+        let mut out = [0u8; CUSTOMER_REF_LEN];
+        out.copy_from_slice(&t[..CUSTOMER_REF_LEN]);
+        CustomerRef(out)
+    }
+
+    /// The key that seals the customer's id beside its data key: derived
+    /// from the tenant's id-seal key and the customer's pad, so the id is
+    /// shredded with the pad, even for someone holding the root key.
+    fn id_seal_cipher(&self, tenant: &str, pad: &Pad) -> Aes256Gcm {
+        let k = Zeroizing::new(
+            self.hmac_key(&self.id_seal_keys, b"customer-id-seal\0", tenant)
+                .token("", &pad.0),
+        );
+        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(k.as_ref()))
+    }
+
+    /// Seals `customer` for its wrapped key.
+    fn seal_id(&self, tenant: &str, customer: &str, pad: &Pad) -> Result<(Vec<u8>, Vec<u8>)> {
+        let r = self.customer_ref(tenant, customer);
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let aad = encode_aad(b"sovra/v1/customer-id", &[tenant.as_bytes(), &r.0]);
+        let ct = self
+            .id_seal_cipher(tenant, pad)
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: customer.as_bytes(),
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| VaultError::storage("customer id sealing failed"))?;
+        Ok((nonce.to_vec(), ct))
+    }
+
+    /// The customer id sealed in `w`, the wrapped key stored under `r`,
+    /// opened with its pad; checked to be the id `r` was derived from.
+    pub fn open_id(
+        &self,
+        tenant: &str,
+        r: &CustomerRef,
+        w: &WrappedKey,
+        pad: &Pad,
+    ) -> Result<String> {
+        let bad = || {
+            VaultError::integrity(format!(
+                "the sealed customer id of reference {}",
+                hex::encode(r.0)
+            ))
+        };
+        if w.id_nonce.len() != 12 {
+            return Err(bad());
+        }
+        let aad = encode_aad(b"sovra/v1/customer-id", &[tenant.as_bytes(), &r.0]);
+        let id = self
+            .id_seal_cipher(tenant, pad)
+            .decrypt(
+                Nonce::from_slice(&w.id_nonce),
+                Payload {
+                    msg: &w.sealed_id,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| bad())?;
+        let id = String::from_utf8(id).map_err(|_| bad())?;
+        if self.customer_ref(tenant, &id) != *r {
+            return Err(bad());
+        }
+        Ok(id)
     }
 
     /// The tenant's KEK of `version` (derived on first use, then cached).
@@ -416,6 +519,7 @@ impl KeyRing {
         pad: &Pad,
         created_at_ms: i64,
     ) -> Result<WrappedKey> {
+        let (id_nonce, sealed_id) = self.seal_id(place.tenant, place.customer, pad)?;
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let aad = wrap_aad(place, kek.version);
         let m = masked(&dek.0, pad);
@@ -438,6 +542,8 @@ impl KeyRing {
             slot: place.slot,
             subject: dek.pseudonym(place.tenant, place.customer).to_vec(),
             pad_check: pad.check(place.slot).to_vec(),
+            id_nonce,
+            sealed_id,
         })
     }
 

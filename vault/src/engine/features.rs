@@ -8,9 +8,15 @@
 //!
 //! Guarantees: a customer gets one slot per tenant (block = slot / 2048,
 //! coefficient = slot % 2048) the first time one of its feature fields is
-//! written; the slot's value in every feature block is written in the same
-//! sled transaction as the field itself, so a field and its encrypted
-//! feature never disagree after a crash; erasure zeroes the customer's slot
+//! written. The write itself does no TFHE work: in its transaction it marks
+//! each written feature of the slot *pending* (a stamp; no value), and the
+//! packer ([`pack`], run in the background and by every job before it reads
+//! a block) folds the current sealed values of pending slots into their
+//! blocks, one fresh encryption per block and feature whatever the number
+//! of writes; a damaged block stops only its own feature. A pending mark is removed only by a packing that saw its
+//! stamp, so a write racing a packing is packed again, and a job never
+//! misses an acknowledged write. A mark is durable with the field, so a
+//! crash loses no packing work. Erasure zeroes the customer's slot
 //! in every block, re-encrypting each block freshly, and removes the
 //! customer ↔ slot links in the erasure's transaction. At rest a block is
 //! the whole GLWE ciphertext, 2 × 2048 × 8 bytes plus framing (about 16
@@ -24,11 +30,11 @@
 //!
 //! Key layout in the `fhe_features` tree (`0` is a zero byte):
 //! `K tenant` wrapped secret key; `N tenant` next slot; `S tenant 0
-//! customer` slot; `R tenant 0 slot` customer; `B tenant 0 feature 0
-//! block` block.
+//! ref` slot; `R tenant 0 slot` ref (the customer's [`CustomerRef`]);
+//! `P tenant 0 feature 0 slot` pending stamp; `B tenant 0 feature 0 block` block.
 
 use crate::crypto::fhe::FheSecret;
-use crate::crypto::keys::KeyRing;
+use crate::crypto::keys::{CustomerRef, KeyRing};
 use crate::error::{Result, VaultError};
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sovra_sandbox::params::SLOTS;
@@ -55,11 +61,25 @@ fn secret_key(tenant: &str) -> Vec<u8> {
 fn next_key(tenant: &str) -> Vec<u8> {
     key(b'N', tenant, &[])
 }
-fn slot_key(tenant: &str, customer: &str) -> Vec<u8> {
-    key(b'S', tenant, &[customer.as_bytes()])
+fn slot_key(tenant: &str, customer: &CustomerRef) -> Vec<u8> {
+    key(b'S', tenant, &[&customer.0])
 }
 fn reverse_key(tenant: &str, slot: u32) -> Vec<u8> {
     key(b'R', tenant, &[&slot.to_be_bytes()])
+}
+fn pending_key(tenant: &str, feature: &str, slot: u32) -> Vec<u8> {
+    key(b'P', tenant, &[feature.as_bytes(), &slot.to_be_bytes()])
+}
+
+/// Stamps of pending marks: unique within the process (seeded with the
+/// time, so marks left by an earlier process differ too).
+static STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn next_stamp() -> [u8; 8] {
+    use std::sync::atomic::Ordering;
+    let seed = u64::try_from(crate::clock::now_ms()).unwrap_or(0) << 20;
+    let _ = STAMP.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
+    STAMP.fetch_add(1, Ordering::Relaxed).to_be_bytes()
 }
 fn block_prefix(tenant: &str, feature: &str) -> Vec<u8> {
     let mut k = key(b'B', tenant, &[feature.as_bytes()]);
@@ -172,12 +192,70 @@ impl FeatureStore {
     }
 
     /// The slot of `customer`, if it has one.
-    pub(crate) fn slot_of(&self, tenant: &str, customer: &str) -> Result<Option<u32>> {
+    pub(crate) fn slot_of(&self, tenant: &str, customer: &CustomerRef) -> Result<Option<u32>> {
         slot_of(&self.tree, tenant, customer)
     }
 
-    /// Every customer of the tenant with a slot: (customer, slot), by slot.
-    pub(crate) fn slots(&self, tenant: &str) -> Result<Vec<(String, u32)>> {
+    /// Every pending mark, of `tenant` or of every tenant: (tenant,
+    /// feature, slot, stamp).
+    pub(crate) fn pending(&self, tenant: Option<&str>) -> Result<Vec<Pending>> {
+        let prefix = match tenant {
+            Some(t) => {
+                let mut p = key(b'P', t, &[]);
+                p.push(0);
+                p
+            }
+            None => vec![b'P'],
+        };
+        let bad = || VaultError::integrity("an encrypted-feature pending mark");
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            // INVARIANT: tenants and feature names hold no 0 byte; the slot
+            // is the last 4 bytes.
+            let body = k.get(1..k.len().saturating_sub(5)).ok_or_else(bad)?;
+            let pos = body.iter().position(|&b| b == 0).ok_or_else(bad)?;
+            let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_owned).map_err(|_| bad());
+            out.push(Pending {
+                tenant: text(&body[..pos])?,
+                feature: text(&body[pos + 1..])?,
+                slot: u32_of(&k[k.len() - 4..], "pending slot")?,
+                stamp: v.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The customer in `slot`, if any.
+    pub(crate) fn customer_at(&self, tenant: &str, slot: u32) -> Result<Option<CustomerRef>> {
+        self.tree
+            .get(reverse_key(tenant, slot))?
+            .map(|v| {
+                CustomerRef::from_slice(&v)
+                    .ok_or_else(|| VaultError::integrity("encrypted-feature slot link"))
+            })
+            .transpose()
+    }
+
+    /// Folds `slots` of one block of `feature` into it, in one
+    /// transaction: (slot, the stamp seen before its value was read, its
+    /// quantised value). A slot whose mark is gone (erased, or packed by a
+    /// concurrent packing) is left as it is; a mark is removed only if it
+    /// still holds the stamp seen. Returns how many marks were removed.
+    pub(crate) fn pack(
+        &self,
+        secret: &FheSecret,
+        tenant: &str,
+        feature: &str,
+        slots: &[(u32, Vec<u8>, i64)],
+    ) -> Result<usize> {
+        self.tree
+            .transaction(|f| pack_block(f, secret, tenant, feature, slots))
+            .map_err(crate::engine::tx_err)
+    }
+
+    /// Every customer of the tenant with a slot: (reference, slot), by slot.
+    pub(crate) fn slots(&self, tenant: &str) -> Result<Vec<(CustomerRef, u32)>> {
         slots(&self.tree, tenant)
     }
 
@@ -228,13 +306,75 @@ fn rewrite(
     Ok(())
 }
 
-/// In the write's transaction: gives `customer` a slot if it has none and
-/// writes each (feature, quantised value).
-pub(crate) fn put(
+/// A pending mark: the slot's `feature` was written and is not yet in its
+/// block.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) tenant: String,
+    pub(crate) feature: String,
+    pub(crate) slot: u32,
+    pub(crate) stamp: Vec<u8>,
+}
+
+/// One packing transaction (see [`FeatureStore::pack`]); every slot is in
+/// the same block.
+fn pack_block(
     f: &TransactionalTree,
     secret: &FheSecret,
     tenant: &str,
-    customer: &str,
+    feature: &str,
+    slots: &[(u32, Vec<u8>, i64)],
+) -> TxResult<usize> {
+    let Some(block) = slots.first().map(|s| s.0 / SLOTS as u32) else {
+        return Ok(0);
+    };
+    let mut live = Vec::with_capacity(slots.len());
+    let mut removed = 0;
+    for (slot, stamp, value) in slots {
+        let pk = pending_key(tenant, feature, *slot);
+        let Some(cur) = f.get(&pk)? else {
+            continue;
+        };
+        if cur.as_ref() == stamp.as_slice() {
+            f.remove(pk)?;
+            removed += 1;
+        }
+        live.push((*slot, *value));
+    }
+    if live.is_empty() {
+        return Ok(0);
+    }
+    let k = block_key(tenant, feature, block);
+    let mut values = match f.get(&k)? {
+        Some(bytes) => {
+            let what = format!("block {block} of feature `{feature}`");
+            match FeatureBlock::from_bytes(&bytes, &what) {
+                Ok(b) => secret.decrypt_block(&b),
+                Err(e) => return abort(VaultError::integrity(e.to_string())),
+            }
+        }
+        None => zeroize::Zeroizing::new(vec![0i64; SLOTS]),
+    };
+    for (slot, v) in &live {
+        values[*slot as usize % SLOTS] = *v;
+    }
+    let fresh = match secret
+        .encrypt_block(&values)
+        .and_then(|b| b.to_bytes().map_err(|e| VaultError::storage(e.to_string())))
+    {
+        Ok(b) => b,
+        Err(e) => return abort(e),
+    };
+    f.insert(k, fresh)?;
+    Ok(removed)
+}
+
+/// In the write's transaction: gives `customer` a slot if it has none and
+/// marks it pending (the packer folds the values in; see the module docs).
+pub(crate) fn put(
+    f: &TransactionalTree,
+    tenant: &str,
+    customer: &CustomerRef,
     values: &[(String, i64)],
 ) -> TxResult<()> {
     if values.is_empty() {
@@ -262,12 +402,13 @@ pub(crate) fn put(
             };
             f.insert(nk, &after.to_be_bytes())?;
             f.insert(sk, &next.to_be_bytes())?;
-            f.insert(reverse_key(tenant, next), customer.as_bytes())?;
+            f.insert(reverse_key(tenant, next), &customer.0[..])?;
             next
         }
     };
-    for (feature, v) in values {
-        rewrite(f, secret, tenant, feature, slot, *v)?;
+    let stamp = next_stamp();
+    for (feature, _) in values {
+        f.insert(pending_key(tenant, feature, slot), &stamp[..])?;
     }
     Ok(())
 }
@@ -278,7 +419,7 @@ pub(crate) fn erase(
     f: &TransactionalTree,
     secret: &FheSecret,
     tenant: &str,
-    customer: &str,
+    customer: &CustomerRef,
     features: &[String],
 ) -> TxResult<()> {
     let sk = slot_key(tenant, customer);
@@ -298,18 +439,21 @@ pub(crate) fn erase(
     }
     f.remove(sk)?;
     f.remove(reverse_key(tenant, slot))?;
+    for feature in features {
+        f.remove(pending_key(tenant, feature, slot))?;
+    }
     Ok(())
 }
 
 /// The slot of `customer`, if it has one.
-fn slot_of(tree: &sled::Tree, tenant: &str, customer: &str) -> Result<Option<u32>> {
+fn slot_of(tree: &sled::Tree, tenant: &str, customer: &CustomerRef) -> Result<Option<u32>> {
     tree.get(slot_key(tenant, customer))?
         .map(|b| u32_of(&b, "slot"))
         .transpose()
 }
 
-/// Every customer of the tenant with a slot: (customer, slot), by slot.
-fn slots(tree: &sled::Tree, tenant: &str) -> Result<Vec<(String, u32)>> {
+/// Every customer of the tenant with a slot: (reference, slot), by slot.
+fn slots(tree: &sled::Tree, tenant: &str) -> Result<Vec<(CustomerRef, u32)>> {
     let prefix = key(b'R', tenant, &[]);
     let mut prefix = prefix;
     prefix.push(0);
@@ -317,8 +461,8 @@ fn slots(tree: &sled::Tree, tenant: &str) -> Result<Vec<(String, u32)>> {
     for item in tree.scan_prefix(&prefix) {
         let (k, v) = item?;
         let slot = u32_of(&k[prefix.len()..], "slot link")?;
-        let customer = String::from_utf8(v.to_vec())
-            .map_err(|_| VaultError::integrity("encrypted-feature slot link"))?;
+        let customer = CustomerRef::from_slice(&v)
+            .ok_or_else(|| VaultError::integrity("encrypted-feature slot link"))?;
         out.push((customer, slot));
     }
     Ok(out)
@@ -368,6 +512,10 @@ pub(crate) fn quantised(
 mod tests {
     use super::*;
 
+    fn stamp_any() -> Vec<u8> {
+        next_stamp().to_vec()
+    }
+
     #[test]
     fn erasure_zeroes_the_slot_in_a_fresh_encryption_and_removes_the_links() {
         let dir = tempfile::tempdir().unwrap();
@@ -375,17 +523,38 @@ mod tests {
         let t = db.open_tree("fhe_features").unwrap();
         let secret = FheSecret::generate();
         let features = vec!["budget".to_owned()];
+        let (alice, bob, carol) = (
+            CustomerRef([1; 16]),
+            CustomerRef([2; 16]),
+            CustomerRef([3; 16]),
+        );
         t.transaction(|f| {
-            put(f, &secret, "t", "alice", &[("budget".into(), 5)])?;
-            put(f, &secret, "t", "bob", &[("budget".into(), 9)])
+            put(f, "t", &alice, &[("budget".into(), 5)])?;
+            put(f, "t", &bob, &[("budget".into(), 9)])
         })
         .unwrap();
+        // A write marks its slot pending and does no TFHE work; packing
+        // folds the values in and clears the marks it saw.
+        assert!(t.get(block_key("t", "budget", 0)).unwrap().is_none());
+        let stamp = |slot: u32| {
+            t.get(pending_key("t", "budget", slot))
+                .unwrap()
+                .unwrap()
+                .to_vec()
+        };
+        let packed = vec![(0, stamp(0), 5), (1, b"stale".to_vec(), 9)];
+        let removed = t
+            .transaction(|f| pack_block(f, &secret, "t", "budget", &packed))
+            .unwrap();
+        assert_eq!(removed, 1, "a mark whose stamp changed stays");
+        assert!(t.get(pending_key("t", "budget", 0)).unwrap().is_none());
+        assert!(t.get(pending_key("t", "budget", 1)).unwrap().is_some());
         let col = column(&t, "t", "budget", 1).unwrap();
         let v = secret.decrypt_block(col[0].as_ref().unwrap());
         assert_eq!((v[0], v[1]), (5, 9));
         let before = t.get(block_key("t", "budget", 0)).unwrap().unwrap();
 
-        t.transaction(|f| erase(f, &secret, "t", "alice", &features))
+        t.transaction(|f| erase(f, &secret, "t", &alice, &features))
             .unwrap();
         let after = t.get(block_key("t", "budget", 0)).unwrap().unwrap();
         // A fresh encryption: no byte of the body is kept.
@@ -399,15 +568,23 @@ mod tests {
         let col = column(&t, "t", "budget", 1).unwrap();
         let v = secret.decrypt_block(col[0].as_ref().unwrap());
         assert_eq!((v[0], v[1]), (0, 9));
-        assert_eq!(slot_of(&t, "t", "alice").unwrap(), None);
-        assert_eq!(slots(&t, "t").unwrap(), vec![("bob".to_owned(), 1)]);
+        assert_eq!(slot_of(&t, "t", &alice).unwrap(), None);
+        assert_eq!(slots(&t, "t").unwrap(), vec![(bob, 1)]);
+        assert!(t.get(pending_key("t", "budget", 0)).unwrap().is_none());
+        // A packing that read the erased customer's value writes nothing
+        // back for it: its mark is gone.
+        let late = vec![(0, stamp_any(), 5)];
+        t.transaction(|f| pack_block(f, &secret, "t", "budget", &late))
+            .unwrap();
+        let col = column(&t, "t", "budget", 1).unwrap();
+        assert_eq!(secret.decrypt_block(col[0].as_ref().unwrap())[0], 0);
         for item in t.iter() {
             let (k, v) = item.unwrap();
-            assert!(!k.windows(5).any(|w| w == b"alice"));
-            assert!(!v.windows(5).any(|w| w == b"alice"));
+            assert!(!k.windows(16).any(|w| w == alice.0));
+            assert!(!v.windows(16).any(|w| w == alice.0));
         }
         // Erasing a customer without features changes nothing.
-        t.transaction(|f| erase(f, &secret, "t", "carol", &features))
+        t.transaction(|f| erase(f, &secret, "t", &carol, &features))
             .unwrap();
     }
 }

@@ -38,7 +38,7 @@ use self::features::FeatureStore;
 use self::locks::CustomerLocks;
 use self::rotation::{KeyRotation, KeyState, KeyStatus, Retirement};
 use crate::crypto::envelope::{self, FieldContext};
-use crate::crypto::keys::{DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
+use crate::crypto::keys::{CustomerRef, DataKey, KeyPlace, KeyRing, RootKey, WrappedKey};
 use crate::crypto::shred::Pad;
 use crate::error::{Result, VaultError};
 use crate::lineage::{self, Agent, Anchor, LineageStore, Page};
@@ -146,7 +146,7 @@ struct PutTransaction<'a> {
     new_wrapped: Option<&'a [u8]>,
     writes: &'a [FieldWrite],
     lineage: &'a lineage::Staged,
-    features: Option<(&'a crate::crypto::fhe::FheSecret, &'a [(String, i64)])>,
+    features: Option<&'a [(String, i64)]>,
     idempotency: Option<&'a ([u8; 32], Vec<u8>)>,
 }
 
@@ -264,6 +264,34 @@ fn check_root_key(
     }
 }
 
+/// The `meta` key of the storage key format.
+const KEY_FORMAT_KEY: &[u8] = b"key-format";
+/// The storage key format this build writes and reads: 2, every key built
+/// from customer references, ids sealed with the pads.
+const KEY_FORMAT: u8 = 2;
+
+/// Refuses a database whose keys hold customer ids in the clear (made
+/// before key format 2); stores the format on a new one.
+fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
+    match store.meta.get(KEY_FORMAT_KEY)? {
+        Some(v) if v.as_ref() == [KEY_FORMAT] => Ok(()),
+        None if store.data_keys.is_empty() => {
+            store.meta.insert(KEY_FORMAT_KEY, &[KEY_FORMAT][..])?;
+            store.db.flush()?;
+            Ok(())
+        }
+        found => Err(VaultError::config(
+            dir.display().to_string(),
+            format!(
+                "the vault database uses storage key format {} and this build reads only format {KEY_FORMAT} \
+                 (customer references instead of ids); nothing was read or changed: open it with the build \
+                 that made it",
+                found.map_or_else(|| "1".to_owned(), |v| format!("{v:?}"))
+            ),
+        )),
+    }
+}
+
 pub(crate) fn tx_err(e: TransactionError<VaultError>) -> VaultError {
     match e {
         TransactionError::Abort(e) => e,
@@ -299,6 +327,7 @@ impl Engine {
         let store = Arc::new(Store::open(dir)?);
         let keyring = Arc::new(KeyRing::new(root));
         check_root_key(&store, &keyring, dir, on_new)?;
+        check_key_format(&store, dir)?;
         let locks = Arc::new(CustomerLocks::new());
         let rotation = Arc::new(KeyRotation::load(
             store.clone(),
@@ -400,11 +429,35 @@ impl Engine {
         self.keyring.unwrap(tenant, customer, w, &pad)
     }
 
+    /// The customer's reference at rest (every storage key is built from it).
+    pub(crate) fn cref(&self, tenant: &str, customer: &str) -> CustomerRef {
+        self.keyring.customer_ref(tenant, customer)
+    }
+
+    /// The id of the customer stored under `r`: NOT_FOUND if the vault holds
+    /// no data key under it or its pad is gone (erased).
+    pub(crate) fn customer_id(&self, tenant: &str, r: &CustomerRef) -> Result<String> {
+        let gone = || VaultError::not_found(format!("customer reference {}", hex::encode(r.0)));
+        let b = self
+            .store
+            .data_keys
+            .get(store::data_key_key(tenant, r))?
+            .ok_or_else(gone)?;
+        let w = WrappedKey::decode(&b[..]).map_err(|_| {
+            VaultError::integrity(format!(
+                "the data key of customer reference {}",
+                hex::encode(r.0)
+            ))
+        })?;
+        let pad = self.store.slots.read(w.slot)?.ok_or_else(gone)?;
+        self.keyring.open_id(tenant, r, &w, &pad)
+    }
+
     fn load_wrapped(&self, tenant: &str, customer: &str) -> Result<Option<WrappedKey>> {
         match self
             .store
             .data_keys
-            .get(store::data_key_key(tenant, customer))?
+            .get(store::data_key_key(tenant, &self.cref(tenant, customer)))?
         {
             None => Ok(None),
             Some(b) => WrappedKey::decode(&b[..]).map(Some).map_err(|_| {
@@ -531,7 +584,7 @@ impl Engine {
             if let Err(e) = self
                 .store
                 .data_keys
-                .insert(store::data_key_key(tenant, customer), w)
+                .insert(store::data_key_key(tenant, &self.cref(tenant, customer)), w)
             {
                 self.store.slots.shred(slot)?;
                 self.store.slots.release([slot]);
@@ -565,11 +618,12 @@ impl Engine {
             self.lineage
                 .stage_write(tenant, customer, &subject, activity, lineage.anchor)?;
         let feature_values = features::quantised(values);
-        let secret = if feature_values.is_empty() {
-            None
-        } else {
-            Some(self.features.secret(tenant)?)
-        };
+        if !feature_values.is_empty() {
+            // No TFHE work here (the packer does it), but a write the packer
+            // could never fold in is refused now, naming the damaged key,
+            // rather than acknowledged (the key is cached once read).
+            self.features.secret(tenant)?;
+        }
         let idempotency = idem_ref.map(|sl| {
             let r = store::IdempotencyRecord {
                 request_mac: sl.request_mac.to_vec(),
@@ -584,7 +638,7 @@ impl Engine {
             new_wrapped,
             writes: &writes,
             lineage: &record.staged,
-            features: secret.as_deref().map(|s| (s, feature_values.as_slice())),
+            features: (!feature_values.is_empty()).then_some(feature_values.as_slice()),
             idempotency: idempotency.as_ref(),
         };
         self.write_put(cx, &tx).map_err(|e| {
@@ -617,8 +671,9 @@ impl Engine {
             generated: Vec::with_capacity(values.len()),
             updated: false,
         };
+        let cref = self.cref(tenant, customer);
         for (def, value) in values {
-            let key = store::record_key(tenant, customer, &def.name);
+            let key = store::record_key(tenant, &cref, &def.name);
             let prev = match self.store.records.get(&key)? {
                 Some(b) => Some(decode_field(&b, || {
                     format!("field `{}` of customer `{customer}`", def.name)
@@ -649,9 +704,9 @@ impl Engine {
             let sealed = envelope::seal(&cipher, &ctx, &value.to_bytes())?;
             let old_entry = prev
                 .filter(|p| !p.index_token.is_empty())
-                .map(|p| store::index_entry(tenant, &def.name, &p.index_token, customer));
-            let new_entry = (!token.is_empty())
-                .then(|| store::index_entry(tenant, &def.name, &token, customer));
+                .map(|p| store::index_entry(tenant, &def.name, &p.index_token, &cref));
+            let new_entry =
+                (!token.is_empty()).then(|| store::index_entry(tenant, &def.name, &token, &cref));
             let rec = StoredField {
                 version,
                 nonce: sealed.nonce.to_vec(),
@@ -692,8 +747,9 @@ impl Engine {
     /// The put's one transaction over the records, data-key, index, lineage,
     /// feature and idempotency trees.
     fn write_put(&self, cx: &PutContext<'_>, tx: &PutTransaction<'_>) -> Result<()> {
-        let (tenant, customer, now) = (cx.tenant, cx.customer, cx.now);
-        let dek_k = store::data_key_key(tenant, customer);
+        let (tenant, now) = (cx.tenant, cx.now);
+        let cref = self.cref(tenant, cx.customer);
+        let dek_k = store::data_key_key(tenant, &cref);
         let s = &self.store;
         (
             &s.records,
@@ -720,8 +776,8 @@ impl Engine {
                     d.insert(&key[..], bytes.as_slice())?;
                 }
                 tx.lineage.apply(l)?;
-                if let Some((secret, values)) = tx.features {
-                    features::put(f, secret, tenant, customer, values)?;
+                if let Some(values) = tx.features {
+                    features::put(f, tenant, &cref, values)?;
                 }
                 if let Some(w) = tx.new_wrapped {
                     k.insert(dek_k.as_slice(), w)?;
@@ -845,11 +901,12 @@ impl Engine {
             fields
         };
         let mut out = Vec::with_capacity(fields.len());
+        let cref = self.cref(tenant, customer);
         for def in fields {
             let Some(bytes) = self
                 .store
                 .records
-                .get(store::record_key(tenant, customer, &def.name))?
+                .get(store::record_key(tenant, &cref, &def.name))?
             else {
                 continue;
             };
@@ -923,9 +980,15 @@ impl Engine {
                 truncated = true;
                 break;
             }
-            let id = String::from_utf8(k[prefix.len()..].to_vec())
-                .map_err(|_| VaultError::integrity("a blind-index entry"))?;
-            ids.push(id);
+            let r = CustomerRef::from_slice(&k[prefix.len()..])
+                .ok_or_else(|| VaultError::integrity("a blind-index entry"))?;
+            // Storage holds references; the id is sealed with the pad. An
+            // entry whose customer is gone (an erasure under way) is no hit.
+            match self.customer_id(tenant, &r) {
+                Ok(id) => ids.push(id),
+                Err(VaultError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok((ids, truncated))
     }
@@ -956,8 +1019,12 @@ impl Engine {
         // The shred comes first: from here on the customer's data is gone,
         // whatever happens to the rest of this erasure.
         self.store.slots.shred(wrapped.slot)?;
-        let (fields_erased, index_entries_removed) =
-            self.remove_customer(tenant, customer, subject, Some((activity, ledger_index)))?;
+        let (fields_erased, index_entries_removed) = self.remove_customer(
+            tenant,
+            &self.cref(tenant, customer),
+            subject,
+            Some((activity, ledger_index)),
+        )?;
         self.pending_release
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -989,9 +1056,89 @@ impl Engine {
         self.features.secret(tenant).map(|_| ())
     }
 
+    /// Folds pending feature values into their encrypted blocks: of
+    /// `tenant` (or every tenant), of `only` the named features (or all).
+    /// Returns how many pending marks it cleared. A job calls it for its
+    /// own features before reading blocks, so its input holds every
+    /// acknowledged write; the server calls it in the background. A block
+    /// that fails (damaged) stops only its own feature: the first error is
+    /// returned after the other blocks are packed.
+    pub(crate) fn pack_features(
+        &self,
+        tenant: Option<&str>,
+        only: Option<&[String]>,
+    ) -> Result<usize> {
+        let mut blocks: std::collections::BTreeMap<(String, String, u32), Vec<_>> =
+            Default::default();
+        for p in self.features.pending(tenant)? {
+            if only.is_some_and(|o| !o.contains(&p.feature)) {
+                continue;
+            }
+            let block = p.slot / sovra_sandbox::params::SLOTS as u32;
+            blocks
+                .entry((p.tenant, p.feature, block))
+                .or_default()
+                .push((p.slot, p.stamp));
+        }
+        let (mut cleared, mut first_err) = (0, None);
+        for ((t, feature, _), slots) in blocks {
+            let r = self.pack_block(&t, &feature, slots);
+            match r {
+                Ok(n) => cleared += n,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(cleared), Err)
+    }
+
+    fn pack_block(&self, tenant: &str, feature: &str, slots: Vec<(u32, Vec<u8>)>) -> Result<usize> {
+        let Some(def) = self
+            .schema
+            .field(feature)
+            .ok()
+            .filter(|d| d.feature.is_some())
+        else {
+            return Err(VaultError::integrity(format!(
+                "a pending mark names `{feature}`, which is not a feature of the schema"
+            )));
+        };
+        let secret = self.features.secret(tenant)?;
+        let mut packed = Vec::with_capacity(slots.len());
+        for (slot, stamp) in slots {
+            // INVARIANT: the stamp was read before the value, so a write
+            // after it changes the stamp and keeps the slot pending.
+            let value = self.feature_value(tenant, slot, def)?;
+            packed.push((slot, stamp, value));
+        }
+        self.features.pack(&secret, tenant, feature, &packed)
+    }
+
+    /// The quantised value of `def` now stored for the customer in `slot`
+    /// (0 if it is gone).
+    fn feature_value(&self, tenant: &str, slot: u32, def: &FieldDef) -> Result<i64> {
+        let Some(r) = self.features.customer_at(tenant, slot)? else {
+            return Ok(0);
+        };
+        let customer = match self.customer_id(tenant, &r) {
+            Ok(c) => c,
+            Err(VaultError::NotFound(_)) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let revealed = match self.get(tenant, &customer, &[def]) {
+            Ok((_, r)) => r,
+            Err(VaultError::NotFound(_)) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let pairs: Vec<(&FieldDef, FieldValue)> =
+            revealed.into_iter().map(|f| (f.def, f.value)).collect();
+        Ok(features::quantised(&pairs).first().map_or(0, |(_, v)| *v))
+    }
+
     /// The names of the fields `customer` holds a value for.
     pub fn fields_held(&self, tenant: &str, customer: &str) -> Result<Vec<String>> {
-        let prefix = store::customer_prefix(tenant, customer);
+        let prefix = store::customer_prefix(tenant, &self.cref(tenant, customer));
         let mut out = Vec::new();
         for item in self.store.records.scan_prefix(&prefix) {
             let (k, _) = item?;
@@ -1006,7 +1153,7 @@ impl Engine {
     fn remove_customer(
         &self,
         tenant: &str,
-        customer: &str,
+        customer: &CustomerRef,
         subject: Option<Pseudonym>,
         erase: Option<(&lineage::Pending, u64)>,
     ) -> Result<(u32, u32)> {

@@ -26,9 +26,10 @@ use std::collections::HashSet;
 use prost::Message;
 
 use super::Engine;
-use crate::crypto::keys::WrappedKey;
+use crate::crypto::keys::{CustomerRef, WrappedKey};
 use crate::crypto::shred::SlotState;
 use crate::error::{Result, VaultError};
+use crate::store;
 use sovra_ledger::{Digest, Pseudonym};
 
 /// What the ledger says about erasures, for [`Engine::recover`].
@@ -81,19 +82,12 @@ fn named(slots: &[u64]) -> String {
 
 struct Scan {
     referenced: HashSet<u64>,
-    zero: Vec<(String, String, Vec<u8>, u64)>,
+    zero: Vec<(String, CustomerRef, Vec<u8>, u64)>,
     missing: Vec<u64>,
     bad_check: Vec<u64>,
-    reerase: Vec<(String, String, Pseudonym, u64)>,
+    reerase: Vec<(String, CustomerRef, Pseudonym, u64)>,
     damaged: usize,
     keys: usize,
-}
-
-fn split_key(k: &[u8]) -> Option<(String, String)> {
-    let pos = k.iter().position(|&b| b == 0)?;
-    let tenant = std::str::from_utf8(&k[..pos]).ok()?.to_owned();
-    let customer = std::str::from_utf8(&k[pos + 1..]).ok()?.to_owned();
-    Some((tenant, customer))
 }
 
 impl Engine {
@@ -219,7 +213,8 @@ impl Engine {
         for item in self.store.data_keys.iter() {
             let (k, v) = item?;
             scan.keys += 1;
-            let (Ok(w), Some((tenant, customer))) = (WrappedKey::decode(&v[..]), split_key(&k))
+            let (Ok(w), Some((tenant, customer))) =
+                (WrappedKey::decode(&v[..]), store::split_data_key(&k))
             else {
                 // Its reads report DATA_LOSS; it must not keep the vault down.
                 scan.damaged += 1;
@@ -240,8 +235,12 @@ impl Engine {
                     let subject = match Digest::from_slice("subject", &w.subject) {
                         Ok(s) => s,
                         // A key wrapped before pseudonyms were stored with it.
-                        Err(_) => match self.unwrap_dek(&tenant, &customer, &w) {
-                            Ok(dek) => Digest(dek.pseudonym(&tenant, &customer)),
+                        Err(_) => match self
+                            .keyring
+                            .open_id(&tenant, &customer, &w, &pad)
+                            .and_then(|id| Ok((self.unwrap_dek(&tenant, &id, &w)?, id)))
+                        {
+                            Ok((dek, id)) => Digest(dek.pseudonym(&tenant, &id)),
                             Err(_) => continue,
                         },
                     };

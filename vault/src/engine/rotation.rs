@@ -309,12 +309,22 @@ impl KeyRotation {
         let kek = self.keyring.kek(tenant, job.target_version);
         let mut processed = 0usize;
         for item in self.store.data_keys.range(start..) {
-            let (k, _) = item?;
+            let (k, v) = item?;
             if !k.starts_with(&prefix) {
                 break;
             }
-            let customer = String::from_utf8(k[prefix.len()..].to_vec())
-                .map_err(|_| VaultError::integrity("a data-key entry"))?;
+            let customer = match self.id_of(tenant, &k, &v) {
+                Ok(Some(c)) => c,
+                // A shredded pad means the customer is being erased.
+                Ok(None) => continue,
+                Err(e @ VaultError::Integrity(_)) => {
+                    tracing::error!(tenant, error = %e, "a data key cannot be re-wrapped");
+                    job.cursor = k.to_vec();
+                    processed += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match self.rewrap_one(
                 tenant,
                 &customer,
@@ -350,6 +360,18 @@ impl KeyRotation {
         st.job = Some(job);
         self.states.set(&self.store, tenant, st)?;
         Ok(done)
+    }
+
+    /// The id sealed in the data key stored under `key` (value `v`), or
+    /// `None` if its pad is zero (an erasure under way).
+    fn id_of(&self, tenant: &str, key: &[u8], v: &[u8]) -> Result<Option<String>> {
+        let bad = || VaultError::integrity("a data-key entry");
+        let (_, r) = store::split_data_key(key).ok_or_else(bad)?;
+        let w = WrappedKey::decode(v).map_err(|_| bad())?;
+        let Some(pad) = self.store.slots.read(w.slot)? else {
+            return Ok(None);
+        };
+        self.keyring.open_id(tenant, &r, &w, &pad).map(Some)
     }
 
     /// Re-wraps one data key to `kek`, under the customer's lock.

@@ -104,6 +104,9 @@ pub(crate) fn select(
     spec: &ValidatedSpec,
 ) -> Result<Selection> {
     let tenant = &run_as.tenant;
+    // INVARIANT: every acknowledged feature write is in the blocks before
+    // the job reads them (writes only mark their slot pending).
+    engine.pack_features(Some(tenant), Some(&spec.features()))?;
     let schema = engine.schema();
     let feature_defs: Vec<&FieldDef> = spec
         .features()
@@ -119,7 +122,16 @@ pub(crate) fn select(
     let mut policies = BTreeSet::new();
     let mut max_slot = None;
     let mut denied_by: BTreeMap<String, u64> = BTreeMap::new();
-    for (customer, slot) in engine.features().slots(tenant)? {
+    for (r, slot) in engine.features().slots(tenant)? {
+        // Storage holds references; the id is sealed with the pad.
+        let customer = match engine.customer_id(tenant, &r) {
+            Ok(c) => c,
+            Err(VaultError::NotFound(_)) => {
+                excluded += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let (subject, revealed) = if fetch.is_empty() {
             (engine.pseudonym(tenant, &customer, false)?, Vec::new())
         } else {

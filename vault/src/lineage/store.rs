@@ -16,7 +16,7 @@
 //!   (every activity of the customer's own has a `w` or `r` entry, which is
 //!   how erasure finds them; one entry per activity, not per field, keeps
 //!   recording to two sled inserts)
-//! - `C tenant 0 customer` → S, so that an erasure interrupted by a crash can
+//! - `C tenant 0 ref` → S (ref: the customer's [`CustomerRef`], never its id), so that an erasure interrupted by a crash can
 //!   still find the customer's lineage once the pseudonym can no longer be
 //!   computed
 //! - `G tenant 0 job` → [`pb::JobLineage`]: the aggregated, customer-free
@@ -41,7 +41,7 @@ use sovra_proto::lineage::v1 as pb;
 
 use super::{activity_hash, fold, merge, Anchor, Pending, StoredActivity, MAX_PAGE};
 use crate::clock::now_ms;
-use crate::crypto::keys::KeyRing;
+use crate::crypto::keys::{CustomerRef, KeyRing};
 use crate::error::{Result, VaultError};
 
 /// How far in the future a range may end.
@@ -160,9 +160,9 @@ fn derived_key(tenant: &str, subject: &Pseudonym, field: &str, id: u64) -> Vec<u
     k
 }
 
-fn customer_key(tenant: &str, customer: &str) -> Vec<u8> {
+fn customer_key(tenant: &str, customer: &CustomerRef) -> Vec<u8> {
     let mut k = space_prefix(SUBJECTS, tenant);
-    k.extend_from_slice(customer.as_bytes());
+    k.extend_from_slice(&customer.0);
     k
 }
 
@@ -329,7 +329,8 @@ pub struct LineageStore {
     // across restarts too, so an id is never reused for another activity.
     db: sled::Db,
     tree: sled::Tree,
-    // Only its lineage keys are used (value hashes); the store never sees a
+    // Only its lineage keys (value hashes) and customer references are
+    // used; the store never sees a
     // data key.
     keyring: Arc<KeyRing>,
 }
@@ -452,7 +453,7 @@ impl LineageStore {
         customer: &str,
         subject: &Pseudonym,
     ) -> Result<()> {
-        let ck = customer_key(tenant, customer);
+        let ck = customer_key(tenant, &self.keyring.customer_ref(tenant, customer));
         if !self.tree.contains_key(&ck)? {
             staged.link(ck, subject.0.to_vec());
         }
@@ -486,7 +487,7 @@ impl LineageStore {
     pub(crate) fn stage_removal(
         &self,
         tenant: &str,
-        customer: &str,
+        customer: &CustomerRef,
         subject: Option<Pseudonym>,
         erase: Option<(&Pending, u64)>,
     ) -> Result<Staged> {
