@@ -282,7 +282,26 @@ fn rewrite(
     slot: u32,
     value: i64,
 ) -> TxResult<()> {
-    let block = slot / SLOTS as u32;
+    set_slots(
+        f,
+        secret,
+        tenant,
+        feature,
+        slot / SLOTS as u32,
+        &[(slot, value)],
+    )
+}
+
+/// Re-encrypts `block` of `feature` freshly with each (slot, value) of
+/// `sets` (all in that block) set.
+fn set_slots(
+    f: &TransactionalTree,
+    secret: &FheSecret,
+    tenant: &str,
+    feature: &str,
+    block: u32,
+    sets: &[(u32, i64)],
+) -> TxResult<()> {
     let k = block_key(tenant, feature, block);
     let mut values = match f.get(&k)? {
         Some(bytes) => {
@@ -294,7 +313,9 @@ fn rewrite(
         }
         None => zeroize::Zeroizing::new(vec![0i64; SLOTS]),
     };
-    values[slot as usize % SLOTS] = value;
+    for (slot, v) in sets {
+        values[*slot as usize % SLOTS] = *v;
+    }
     let fresh = match secret
         .encrypt_block(&values)
         .and_then(|b| b.to_bytes().map_err(|e| VaultError::storage(e.to_string())))
@@ -344,28 +365,7 @@ fn pack_block(
     if live.is_empty() {
         return Ok(0);
     }
-    let k = block_key(tenant, feature, block);
-    let mut values = match f.get(&k)? {
-        Some(bytes) => {
-            let what = format!("block {block} of feature `{feature}`");
-            match FeatureBlock::from_bytes(&bytes, &what) {
-                Ok(b) => secret.decrypt_block(&b),
-                Err(e) => return abort(VaultError::integrity(e.to_string())),
-            }
-        }
-        None => zeroize::Zeroizing::new(vec![0i64; SLOTS]),
-    };
-    for (slot, v) in &live {
-        values[*slot as usize % SLOTS] = *v;
-    }
-    let fresh = match secret
-        .encrypt_block(&values)
-        .and_then(|b| b.to_bytes().map_err(|e| VaultError::storage(e.to_string())))
-    {
-        Ok(b) => b,
-        Err(e) => return abort(e),
-    };
-    f.insert(k, fresh)?;
+    set_slots(f, secret, tenant, feature, block, &live)?;
     Ok(removed)
 }
 
