@@ -338,7 +338,9 @@ impl KeyRotation {
                 // must not stall the job for everyone else. Reads of it
                 // report DATA_LOSS.
                 Err(e @ VaultError::Integrity(_)) => {
-                    tracing::warn!(tenant, customer = %customer, error = %e, "rotation skips a data key that fails authentication");
+                    // The key is named by its storage reference, never the
+                    // customer id: logs hold no personal data.
+                    tracing::warn!(tenant, key = %hex::encode(&k), error = %e, "rotation skips a data key that fails authentication");
                 }
                 Err(e) => return Err(e),
             }
