@@ -14,7 +14,8 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::str::FromStr;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use cedar_policy::{
     Authorizer, Context as CedarContext, Decision as CedarDecision, Entities, Entity, EntityId,
@@ -126,18 +127,50 @@ fn strings<'a>(it: impl IntoIterator<Item = &'a String>) -> RestrictedExpression
 /// The fixed id of the one customer in a request's entity store.
 const CUSTOMER_ID: &str = "customer";
 
-/// Most principals or fields whose entities are kept.
+/// Most principals, fields or tenants whose entities are kept.
 const CACHE_LIMIT: usize = 4096;
+/// Most customer-attribute sets that are given a scope id.
+const SCOPE_LIMIT: usize = 16_384;
+/// Most decisions kept; the cache is emptied when it is full.
+const DECISION_LIMIT: usize = 65_536;
+
+/// A cached entity: its uid, the entity, and a number that names it in
+/// decision keys (never reused within one policy set).
+type CachedEntity = (EntityUid, Arc<Entity>, u64);
 
 /// Principal and field entities, built once: they depend only on the
 /// configuration and the schema (a field's `customer` is always the one
 /// fixed customer id), and building one costs several microseconds.
+///
+/// Decisions are cached too. A decision reads nothing but the request's
+/// entities, its action, resource and context, and the policy set; the key
+/// is all of them (the set by being this cache's owner: a reload builds a
+/// new [`Policies`] and so a new, empty cache). The context's `time_ms` is
+/// left out of the key only when no policy text mentions it.
 #[derive(Default)]
 pub(crate) struct EntityCache {
-    principals: RwLock<HashMap<Principal, (EntityUid, Entity)>>,
-    fields: RwLock<HashMap<FieldAttrs, (EntityUid, Entity)>>,
-    tenants: RwLock<HashMap<String, (EntityUid, Entity)>>,
-    customer: std::sync::OnceLock<EntityUid>,
+    principals: RwLock<HashMap<Principal, CachedEntity>>,
+    fields: RwLock<HashMap<FieldAttrs, CachedEntity>>,
+    tenants: RwLock<HashMap<String, CachedEntity>>,
+    customer: OnceLock<EntityUid>,
+    /// (principal, tenant, customer attributes) → scope number.
+    scopes: RwLock<HashMap<(u64, u64, CustomerAttrs), u64>>,
+    decisions: RwLock<HashMap<DecisionKey, Decision>>,
+    next_id: AtomicU64,
+    /// Whether `time_ms` is part of a decision's key.
+    pub(crate) reads_time: bool,
+}
+
+/// Everything a cached decision depends on besides the policy set.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct DecisionKey {
+    scope: u64,
+    field: u64,
+    action: usize,
+    purpose: String,
+    time_ms: i64,
+    approvals: i64,
+    cohort_size: i64,
 }
 
 impl std::fmt::Debug for EntityCache {
@@ -146,33 +179,50 @@ impl std::fmt::Debug for EntityCache {
     }
 }
 
-fn cached<K: std::hash::Hash + Eq + Clone>(
-    map: &RwLock<HashMap<K, (EntityUid, Entity)>>,
-    key: &K,
-    build: impl FnOnce() -> Result<(EntityUid, Entity)>,
-) -> Result<(EntityUid, Entity)> {
-    // A poisoned lock still holds whole entries: only inserts happen under it.
-    let hit = match map.read() {
-        Ok(g) => g.get(key).cloned(),
-        Err(p) => p.into_inner().get(key).cloned(),
-    };
-    if let Some(e) = hit {
-        return Ok(e);
-    }
-    let built = build()?;
-    let mut g = match map.write() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
-    if g.len() < CACHE_LIMIT {
-        g.insert(key.clone(), built.clone());
-    }
-    Ok(built)
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A poisoned lock still holds whole entries: only whole inserts and
+    // clears happen under it.
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl EntityCache {
-    fn tenant(&self, tenant: &str) -> Result<(EntityUid, Entity)> {
-        cached(&self.tenants, &tenant.to_owned(), || {
+    pub(crate) fn new(reads_time: bool) -> Self {
+        Self {
+            reads_time,
+            ..Self::default()
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn cached<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        map: &RwLock<HashMap<K, CachedEntity>>,
+        key: &K,
+        build: impl FnOnce() -> Result<(EntityUid, Entity)>,
+    ) -> Result<CachedEntity> {
+        if let Some(e) = read(map).get(key).cloned() {
+            return Ok(e);
+        }
+        let (u, e) = build()?;
+        let mut g = write(map);
+        if let Some(e) = g.get(key) {
+            return Ok(e.clone());
+        }
+        let built = (u, Arc::new(e), self.id());
+        if g.len() < CACHE_LIMIT {
+            g.insert(key.clone(), built.clone());
+        }
+        Ok(built)
+    }
+
+    fn tenant(&self, tenant: &str) -> Result<CachedEntity> {
+        self.cached(&self.tenants, &tenant.to_owned(), || {
             let u = uid("Tenant", tenant)?;
             Ok((u.clone(), Entity::new_no_attrs(u, HashSet::new())))
         })
@@ -186,8 +236,8 @@ impl EntityCache {
         Ok(self.customer.get_or_init(|| u).clone())
     }
 
-    fn principal(&self, p: &Principal) -> Result<(EntityUid, Entity)> {
-        cached(&self.principals, p, || {
+    fn principal(&self, p: &Principal) -> Result<CachedEntity> {
+        self.cached(&self.principals, p, || {
             let u = uid(p.kind.type_name(), &p.name)?;
             let e = Entity::new(
                 u.clone(),
@@ -205,8 +255,8 @@ impl EntityCache {
         })
     }
 
-    fn field(&self, f: &FieldAttrs) -> Result<(EntityUid, Entity)> {
-        cached(&self.fields, f, || {
+    fn field(&self, f: &FieldAttrs) -> Result<CachedEntity> {
+        self.cached(&self.fields, f, || {
             let u = uid("Field", &f.name)?;
             let c = self.customer()?;
             let e = Entity::new(
@@ -236,17 +286,55 @@ impl EntityCache {
             Ok((u, e))
         })
     }
+
+    /// The number of the scope (principal, tenant, customer attributes).
+    fn scope_id(&self, principal: u64, tenant: u64, customer: &CustomerAttrs) -> u64 {
+        let key = (principal, tenant, customer.clone());
+        if let Some(id) = read(&self.scopes).get(&key) {
+            return *id;
+        }
+        let mut g = write(&self.scopes);
+        if let Some(id) = g.get(&key) {
+            return *id;
+        }
+        // INVARIANT: numbers are never reused, so emptying this map can only
+        // orphan cached decisions, never give one to another scope.
+        if g.len() >= SCOPE_LIMIT {
+            g.clear();
+        }
+        let id = self.id();
+        g.insert(key, id);
+        id
+    }
+
+    fn decision(&self, key: &DecisionKey) -> Option<Decision> {
+        read(&self.decisions).get(key).cloned()
+    }
+
+    fn keep(&self, key: DecisionKey, d: &Decision) {
+        let mut g = write(&self.decisions);
+        if g.len() >= DECISION_LIMIT {
+            g.clear();
+        }
+        g.insert(key, d.clone());
+    }
 }
 
 /// The entities of one request: the principal, the tenant, the customer and
-/// any fields. Built once and shared by every per-field evaluation.
+/// any fields. The Cedar entity store is built at most once, on the first
+/// decision the cache does not hold, and shared by every per-field
+/// evaluation.
 pub struct Scope {
     kind: crate::PrincipalKind,
     principal: EntityUid,
     tenant: EntityUid,
     customer: EntityUid,
-    fields: HashMap<String, EntityUid>,
-    entities: Entities,
+    fields: HashMap<String, (EntityUid, u64)>,
+    id: u64,
+    parts: Vec<Arc<Entity>>,
+    customer_attrs: CustomerAttrs,
+    entities: OnceLock<Entities>,
+    validate: bool,
 }
 
 impl std::fmt::Debug for Scope {
@@ -279,48 +367,62 @@ impl Policies {
         fields: &[&FieldAttrs],
         validate: bool,
     ) -> Result<Scope> {
-        let bad = |e: &dyn std::fmt::Display| BadRequestError::new(e);
-        let (p_uid, p_entity) = self.cache.principal(principal)?;
-        let (t_uid, t_entity) = self.cache.tenant(tenant)?;
+        let (p_uid, p_entity, p_id) = self.cache.principal(principal)?;
+        let (t_uid, t_entity, t_id) = self.cache.tenant(tenant)?;
         let c_uid = self.cache.customer()?;
-        let mut entities = Vec::with_capacity(3 + fields.len());
-        entities.push(p_entity);
-        entities.push(t_entity);
-        entities.push(
-            Entity::new(
-                c_uid.clone(),
-                HashMap::from([
-                    ("consents".to_owned(), strings(&customer.consents)),
-                    ("withdrawn".to_owned(), strings(&customer.withdrawn)),
-                    (
-                        "kind".to_owned(),
-                        RestrictedExpression::new_string(customer.kind.clone()),
-                    ),
-                    (
-                        "contract_value".to_owned(),
-                        RestrictedExpression::new_long(customer.contract_value),
-                    ),
-                ]),
-                HashSet::new(),
-            )
-            .map_err(|e| bad(&e))?,
-        );
+        let mut parts = Vec::with_capacity(2 + fields.len());
+        parts.push(p_entity);
+        parts.push(t_entity);
         let mut field_uids = HashMap::with_capacity(fields.len());
         for f in fields {
-            let (f_uid, f_entity) = self.cache.field(f)?;
-            entities.push(f_entity);
-            field_uids.insert(f.name.clone(), f_uid);
+            let (f_uid, f_entity, f_id) = self.cache.field(f)?;
+            parts.push(f_entity);
+            field_uids.insert(f.name.clone(), (f_uid, f_id));
         }
-        let entities = Entities::from_entities(entities, validate.then_some(&self.schema))
-            .map_err(|e| bad(&e))?;
         Ok(Scope {
             kind: principal.kind,
             principal: p_uid,
             tenant: t_uid,
             customer: c_uid,
             fields: field_uids,
-            entities,
+            id: self.cache.scope_id(p_id, t_id, customer),
+            parts,
+            customer_attrs: customer.clone(),
+            entities: OnceLock::new(),
+            validate,
         })
+    }
+
+    /// The scope's Cedar entity store, built on first use.
+    fn entities<'s>(&self, scope: &'s Scope) -> Result<&'s Entities> {
+        if let Some(e) = scope.entities.get() {
+            return Ok(e);
+        }
+        let bad = |e: &dyn std::fmt::Display| BadRequestError::new(e);
+        let c = &scope.customer_attrs;
+        let mut entities: Vec<Entity> = scope.parts.iter().map(|e| (**e).clone()).collect();
+        entities.push(
+            Entity::new(
+                scope.customer.clone(),
+                HashMap::from([
+                    ("consents".to_owned(), strings(&c.consents)),
+                    ("withdrawn".to_owned(), strings(&c.withdrawn)),
+                    (
+                        "kind".to_owned(),
+                        RestrictedExpression::new_string(c.kind.clone()),
+                    ),
+                    (
+                        "contract_value".to_owned(),
+                        RestrictedExpression::new_long(c.contract_value),
+                    ),
+                ]),
+                HashSet::new(),
+            )
+            .map_err(|e| bad(&e))?,
+        );
+        let built = Entities::from_entities(entities, scope.validate.then_some(&self.schema))
+            .map_err(|e| bad(&e))?;
+        Ok(scope.entities.get_or_init(|| built))
     }
 
     /// Decides `action` in `scope`. `field` names the resource of a field
@@ -346,9 +448,9 @@ impl Policies {
         ctx: &Context,
         whole: Option<&cedar_policy::PolicySet>,
     ) -> Result<Decision> {
-        let resource = match action.target() {
-            Target::Tenant => scope.tenant.clone(),
-            Target::Customer => scope.customer.clone(),
+        let (resource, resource_id) = match action.target() {
+            Target::Tenant => (scope.tenant.clone(), 0),
+            Target::Customer => (scope.customer.clone(), 0),
             Target::Field => {
                 let name = field.ok_or_else(|| {
                     BadRequestError::new(format!("action `{}` needs a field", action.name()))
@@ -358,6 +460,22 @@ impl Policies {
                 })?
             }
         };
+        let key = whole.is_none().then(|| DecisionKey {
+            scope: scope.id,
+            field: resource_id,
+            action: action.index(),
+            purpose: ctx.purpose.clone(),
+            time_ms: if self.cache.reads_time {
+                ctx.time_ms
+            } else {
+                0
+            },
+            approvals: ctx.approvals,
+            cohort_size: ctx.cohort_size,
+        });
+        if let Some(d) = key.as_ref().and_then(|k| self.cache.decision(k)) {
+            return Ok(d);
+        }
         let context = CedarContext::from_pairs([
             (
                 "purpose".to_owned(),
@@ -397,7 +515,7 @@ impl Policies {
                 .get(crate::set::slice_index(action, scope.kind))
                 .ok_or_else(|| BadRequestError::new("no policy slice for the request"))?,
         };
-        let resp = Authorizer::new().is_authorized(&req, set, &scope.entities);
+        let resp = Authorizer::new().is_authorized(&req, set, self.entities(scope)?);
         let mut policies: Vec<String> = resp
             .diagnostics()
             .reason()
@@ -415,11 +533,15 @@ impl Policies {
             .collect();
         // INVARIANT: any evaluation error is a deny (see the module docs).
         let allowed = resp.decision() == CedarDecision::Allow && errors.is_empty();
-        Ok(Decision {
+        let d = Decision {
             allowed,
             policies,
             errors,
-        })
+        };
+        if let Some(k) = key {
+            self.cache.keep(k, &d);
+        }
+        Ok(d)
     }
 
     /// Checks, once per load, that the entities and requests this module
@@ -540,6 +662,9 @@ mod tests {
                                 };
                                 for a in Action::ALL {
                                     let sliced = pol.decide(&scope, a, Some("f"), &ctx).unwrap();
+                                    // The second answer comes from the cache.
+                                    let again = pol.decide(&scope, a, Some("f"), &ctx).unwrap();
+                                    assert_eq!(sliced, again);
                                     let whole = pol
                                         .decide_in(&scope, a, Some("f"), &ctx, Some(&pol.set))
                                         .unwrap();
@@ -553,5 +678,68 @@ mod tests {
             }
         }
         assert!(n > 5000, "{n}");
+    }
+
+    /// A policy that reads the time is decided per time, not from a cached
+    /// answer for another instant; one that does not is cached across times.
+    #[test]
+    fn cached_decisions_key_on_the_time_only_when_a_policy_reads_it() {
+        let mut files: Vec<(String, String)> = crate::set::DEFAULT_FILES
+            .iter()
+            .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+            .collect();
+        let plain = Policies::from_files(files.clone()).unwrap();
+        assert!(!plain.cache.reads_time);
+        files.push((
+            "99-hours.cedar".into(),
+            "@id(\"no-reveal-after-time\")\nforbid(principal, action == Sovra::Action::\"reveal\", resource is Sovra::Field)\nwhen { context.time_ms > 1000 };\n".into(),
+        ));
+        let timed = Policies::from_files(files).unwrap();
+        assert!(timed.cache.reads_time);
+        let p = Principal {
+            kind: PrincipalKind::Service,
+            name: "crm".into(),
+            department: "sales".into(),
+            purposes: ["marketing".to_owned()].into(),
+        };
+        let f = FieldAttrs {
+            name: "f".into(),
+            sensitivity: "internal".into(),
+            department: String::new(),
+            purposes: ["marketing".to_owned()].into(),
+        };
+        let c = CustomerAttrs {
+            consents: ["marketing".to_owned()].into(),
+            ..CustomerAttrs::default()
+        };
+        let at = |t: i64| Context {
+            purpose: "marketing".into(),
+            time_ms: t,
+            ..Context::default()
+        };
+        let scope = timed.scope(&p, "t", &c, &[&f]).unwrap();
+        let early = timed
+            .decide(&scope, Action::Reveal, Some("f"), &at(10))
+            .unwrap();
+        let late = timed
+            .decide(&scope, Action::Reveal, Some("f"), &at(5000))
+            .unwrap();
+        assert!(early.allowed(), "{}", early.summary());
+        assert!(!late.allowed());
+        assert_eq!(late.policies(), ["no-reveal-after-time".to_owned()]);
+        // A changed customer attribute is another scope, never a stale hit.
+        let withdrawn = CustomerAttrs {
+            withdrawn: ["marketing".to_owned()].into(),
+            ..CustomerAttrs::default()
+        };
+        let s2 = timed.scope(&p, "t", &withdrawn, &[&f]).unwrap();
+        assert!(!timed
+            .decide(&s2, Action::Reveal, Some("f"), &at(10))
+            .unwrap()
+            .allowed());
+        assert!(timed
+            .decide(&scope, Action::Reveal, Some("f"), &at(10))
+            .unwrap()
+            .allowed());
     }
 }

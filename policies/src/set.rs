@@ -189,7 +189,11 @@ impl Policies {
             schema,
             actions,
             sliced,
-            cache: crate::authorize::EntityCache::default(),
+            // Conservative: a mention anywhere (even in a comment) keys
+            // cached decisions on the time.
+            cache: crate::authorize::EntityCache::new(
+                files.iter().any(|(_, t)| t.contains("time_ms")),
+            ),
             origins,
             files: files.into_iter().map(|(f, _)| f).collect(),
             sha256: hasher.finalize().into(),
