@@ -1,0 +1,541 @@
+//! Segments on disk, the group-commit thread, recovery and replay.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+
+use crate::error::{Result, WalError};
+use crate::frame::{self, Frame, FRAME_HEADER, MAX_FRAME, SEGMENT_HEADER};
+
+/// Options for opening a log.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// A new segment is started once the current one reaches this size.
+    pub segment_bytes: u64,
+    /// The LSN the caller's views have applied and made durable: damage
+    /// below it is never a torn tail.
+    pub floor: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 * 1024 * 1024,
+            floor: 0,
+        }
+    }
+}
+
+/// A torn tail found and cut off at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Where the valid frames end (the file's new length).
+    pub offset: u64,
+    /// Bytes removed.
+    pub dropped: u64,
+    /// Why the bytes there were not a frame.
+    pub reason: String,
+}
+
+/// What [`Wal::open`] found.
+#[derive(Debug)]
+pub struct Opened {
+    /// The log.
+    pub wal: Wal,
+    /// The torn tail that was cut off, if any.
+    pub torn: Option<TornTail>,
+}
+
+struct Segment {
+    path: PathBuf,
+    first: u64,
+}
+
+struct Pending {
+    buf: Vec<u8>,
+    /// LSN of the next record appended.
+    next: u64,
+    closing: bool,
+}
+
+struct Durable {
+    lsn: u64,
+    failed: Option<String>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    pending: Mutex<Pending>,
+    work: Condvar,
+    durable: Mutex<Durable>,
+    synced: Condvar,
+    watch: tokio::sync::watch::Sender<u64>,
+    segments: Mutex<Vec<Segment>>,
+    segment_bytes: u64,
+}
+
+/// The write-ahead log of one data directory.
+pub struct Wal {
+    shared: Arc<Shared>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Wal({})", self.shared.dir.display())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves whole values behind.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.wal")
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| WalError::io(dir, "sync the directory", &e))
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<Segment>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| WalError::io(dir, "list", &e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| WalError::io(dir, "list", &e))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(".wal") else {
+            continue;
+        };
+        let first = stem.parse::<u64>().map_err(|_| {
+            WalError::corrupt(format!(
+                "{}: a segment name must be its first LSN in 20 digits",
+                ent.path().display()
+            ))
+        })?;
+        out.push(Segment {
+            path: ent.path(),
+            first,
+        });
+    }
+    out.sort_by_key(|s| s.first);
+    Ok(out)
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir`, recovering as the crate docs
+    /// say.
+    pub fn open(dir: &Path, opts: WalOptions) -> Result<Opened> {
+        if opts.segment_bytes < (SEGMENT_HEADER + FRAME_HEADER) as u64 {
+            return Err(WalError::invalid(format!(
+                "segment size {} is too small",
+                opts.segment_bytes
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, "create", &e))?;
+        let mut segments = list_segments(dir)?;
+        let mut torn = None;
+        let mut next = 0u64;
+        let mut removed_last = false;
+        let n = segments.len();
+        for (i, seg) in segments.iter().enumerate() {
+            let last = i + 1 == n;
+            let bytes =
+                std::fs::read(&seg.path).map_err(|e| WalError::io(&seg.path, "read", &e))?;
+            if last && bytes.len() < SEGMENT_HEADER && seg.first == next {
+                // A segment whose creation a crash interrupted: it holds no
+                // record, so removing it loses nothing.
+                std::fs::remove_file(&seg.path)
+                    .map_err(|e| WalError::io(&seg.path, "remove the torn segment", &e))?;
+                torn = Some(TornTail {
+                    segment: seg.path.clone(),
+                    offset: 0,
+                    dropped: bytes.len() as u64,
+                    reason: "the segment's header was never completely written".into(),
+                });
+                removed_last = true;
+                continue;
+            }
+            let (first, scan) = frame::scan_segment(&bytes).map_err(|why| {
+                WalError::corrupt(format!("{}: offset 0: {why}", seg.path.display()))
+            })?;
+            if first != seg.first {
+                return Err(WalError::corrupt(format!(
+                    "{}: its header says it starts at LSN {first}, its name says {}",
+                    seg.path.display(),
+                    seg.first
+                )));
+            }
+            if i > 0 && first != next {
+                return Err(WalError::corrupt(format!(
+                    "{}: starts at LSN {first} but the segment before ends at LSN {next}: records {}..{} are missing",
+                    seg.path.display(),
+                    next.min(first),
+                    next.max(first)
+                )));
+            }
+            next = scan.next_lsn;
+            let Some((offset, reason)) = scan.stop else {
+                continue;
+            };
+            let here = format!("{}: offset {offset}", seg.path.display());
+            if !last {
+                return Err(WalError::corrupt(format!(
+                    "{here}: {reason}; the segment was complete when the next one began, so this is damage, not a torn write"
+                )));
+            }
+            if next < opts.floor {
+                return Err(WalError::corrupt(format!(
+                    "{here}: {reason}; records from LSN {next} were already applied and durable (up to {}), so this is damage, not a torn write",
+                    opts.floor
+                )));
+            }
+            if let Some(f) = frame::find_later_frame(&bytes, offset as usize) {
+                if f.synced > next {
+                    return Err(WalError::corrupt(format!(
+                        "{here}: {reason}; a later frame (offset {}) records that LSN {} was durable, so this is damage, not a torn write",
+                        f.offset, f.synced
+                    )));
+                }
+            }
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&seg.path)
+                .map_err(|e| WalError::io(&seg.path, "open", &e))?;
+            file.set_len(offset)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| WalError::io(&seg.path, "truncate the torn tail", &e))?;
+            torn = Some(TornTail {
+                segment: seg.path.clone(),
+                offset,
+                dropped: bytes.len() as u64 - offset,
+                reason,
+            });
+        }
+        if removed_last {
+            segments.pop();
+        }
+        if next < opts.floor {
+            return Err(WalError::corrupt(format!(
+                "{}: the log ends at LSN {next} but records up to {} were applied: segments were lost or restored from an older copy",
+                dir.display(),
+                opts.floor
+            )));
+        }
+        let file = match segments.last() {
+            Some(s) => OpenOptions::new()
+                .append(true)
+                .open(&s.path)
+                .map_err(|e| WalError::io(&s.path, "open", &e))?,
+            None => {
+                let s = create_segment(dir, next)?;
+                let f = OpenOptions::new()
+                    .append(true)
+                    .open(&s.path)
+                    .map_err(|e| WalError::io(&s.path, "open", &e))?;
+                segments.push(s);
+                f
+            }
+        };
+        let size = file
+            .metadata()
+            .map_err(|e| WalError::io(dir, "stat the last segment", &e))?
+            .len();
+        let (watch, _) = tokio::sync::watch::channel(next);
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            pending: Mutex::new(Pending {
+                buf: Vec::new(),
+                next,
+                closing: false,
+            }),
+            work: Condvar::new(),
+            durable: Mutex::new(Durable {
+                lsn: next,
+                failed: None,
+            }),
+            synced: Condvar::new(),
+            watch,
+            segments: Mutex::new(segments),
+            segment_bytes: opts.segment_bytes,
+        });
+        let s = shared.clone();
+        let thread = thread::Builder::new()
+            .name("sovra-wal".into())
+            .spawn(move || commit_loop(&s, file, size))
+            .map_err(|e| WalError::io(dir, "start the commit thread", &e))?;
+        Ok(Opened {
+            wal: Wal {
+                shared,
+                thread: Some(thread),
+            },
+            torn,
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Appends `records` as one frame; returns the LSN after its last
+    /// record (the value to wait for). Not durable until that LSN is.
+    pub fn append(&self, records: &[&[u8]]) -> Result<u64> {
+        let len = frame::payload_len(records);
+        if len > MAX_FRAME {
+            return Err(WalError::invalid(format!(
+                "an append of {len} bytes is over the {MAX_FRAME}-byte frame limit"
+            )));
+        }
+        let synced = self.durable_lsn()?;
+        let mut p = lock(&self.shared.pending);
+        if p.closing {
+            return Err(WalError::failed("the log is closing"));
+        }
+        let lsn = p.next;
+        frame::encode_frame(&mut p.buf, lsn, synced, records);
+        p.next = lsn + records.len() as u64;
+        let end = p.next;
+        drop(p);
+        self.shared.work.notify_one();
+        Ok(end)
+    }
+
+    /// The LSN after the last appended record.
+    pub fn next_lsn(&self) -> u64 {
+        lock(&self.shared.pending).next
+    }
+
+    /// Every record below the returned LSN is durable; an error once a
+    /// write or sync failed.
+    pub fn durable_lsn(&self) -> Result<u64> {
+        let d = lock(&self.shared.durable);
+        match &d.failed {
+            Some(e) => Err(WalError::failed(e.clone())),
+            None => Ok(d.lsn),
+        }
+    }
+
+    /// Waits until every record below `lsn` is durable.
+    pub async fn wait_durable(&self, lsn: u64) -> Result<()> {
+        let mut rx = self.shared.watch.subscribe();
+        loop {
+            if self.durable_lsn()? >= lsn {
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                return Err(WalError::failed("the log's commit thread has stopped"));
+            }
+        }
+    }
+
+    /// [`Wal::wait_durable`] for callers without a runtime.
+    pub fn wait_durable_blocking(&self, lsn: u64) -> Result<()> {
+        let mut d = lock(&self.shared.durable);
+        loop {
+            if let Some(e) = &d.failed {
+                return Err(WalError::failed(e.clone()));
+            }
+            if d.lsn >= lsn {
+                return Ok(());
+            }
+            d = self
+                .shared
+                .synced
+                .wait(d)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// The LSN of the oldest record still held.
+    pub fn first_lsn(&self) -> u64 {
+        lock(&self.shared.segments).first().map_or(0, |s| s.first)
+    }
+
+    /// Calls `f` with every durable record from `from` on, in order. Reads
+    /// the segments again, so damage since open is caught (and refused)
+    /// here too.
+    pub fn replay(&self, from: u64, mut f: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+        let end = self.durable_lsn()?;
+        let first = self.first_lsn();
+        if from < first {
+            return Err(WalError::corrupt(format!(
+                "{}: records from LSN {from} are needed but the log starts at LSN {first}",
+                self.shared.dir.display()
+            )));
+        }
+        let paths: Vec<(PathBuf, u64)> = lock(&self.shared.segments)
+            .iter()
+            .map(|s| (s.path.clone(), s.first))
+            .collect();
+        let mut seen = first;
+        for (i, (path, seg_first)) in paths.iter().enumerate() {
+            let seg_end = paths.get(i + 1).map(|(_, f)| *f);
+            if let Some(e) = seg_end.filter(|e| *e <= from) {
+                seen = e;
+                continue;
+            }
+            if *seg_first != seen {
+                return Err(WalError::corrupt(format!(
+                    "{}: starts at LSN {seg_first}, expected {seen}",
+                    path.display()
+                )));
+            }
+            let bytes = std::fs::read(path).map_err(|e| WalError::io(path, "read", &e))?;
+            let (_, scan) = frame::scan_segment(&bytes)
+                .map_err(|why| WalError::corrupt(format!("{}: offset 0: {why}", path.display())))?;
+            for Frame { lsn, records, .. } in &scan.frames {
+                for (j, r) in records.iter().enumerate() {
+                    let l = lsn + j as u64;
+                    if l >= end {
+                        return Ok(end);
+                    }
+                    if l >= from {
+                        f(l, r)?;
+                    }
+                }
+            }
+            seen = scan.next_lsn;
+            if seen < end && (scan.stop.is_some() || seg_end.is_some_and(|e| e != seen)) {
+                let off = scan.stop.map_or(scan.end, |(o, _)| o);
+                return Err(WalError::corrupt(format!(
+                    "{}: offset {off}: durable record {seen} cannot be read",
+                    path.display()
+                )));
+            }
+        }
+        if seen < end {
+            return Err(WalError::corrupt(format!(
+                "{}: durable records {seen}..{end} are missing",
+                self.shared.dir.display()
+            )));
+        }
+        Ok(end)
+    }
+
+    /// Deletes every segment whose records all lie below `lsn` (never the
+    /// segment being written). Returns how many were deleted.
+    pub fn retire_below(&self, lsn: u64) -> Result<usize> {
+        let mut segs = lock(&self.shared.segments);
+        let mut n = 0;
+        while segs.len() > 1 && segs.get(1).is_some_and(|s| s.first <= lsn) {
+            let s = segs.remove(0);
+            std::fs::remove_file(&s.path).map_err(|e| WalError::io(&s.path, "delete", &e))?;
+            n += 1;
+        }
+        drop(segs);
+        if n > 0 {
+            sync_dir(&self.shared.dir)?;
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        lock(&self.shared.pending).closing = true;
+        self.shared.work.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn create_segment(dir: &Path, first: u64) -> Result<Segment> {
+    let path = dir.join(segment_name(first));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| WalError::io(&path, "create", &e))?;
+    f.write_all(&frame::segment_header(first))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| WalError::io(&path, "write the header", &e))?;
+    sync_dir(dir)?;
+    Ok(Segment { path, first })
+}
+
+/// The group-commit thread: writes what is pending, syncs once, wakes the
+/// waiters; starts a new segment when the current one is full.
+fn commit_loop(s: &Shared, mut file: File, mut size: u64) {
+    let mut buf = Vec::new();
+    loop {
+        let end = {
+            let mut p = lock(&s.pending);
+            while p.buf.is_empty() && !p.closing {
+                p = s
+                    .work
+                    .wait(p)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if p.buf.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut buf, &mut p.buf);
+            p.next
+        };
+        let r = (|| -> Result<()> {
+            let path = lock(&s.segments)
+                .last()
+                .map(|x| x.path.clone())
+                .unwrap_or_default();
+            file.write_all(&buf)
+                .map_err(|e| WalError::io(&path, "write", &e))?;
+            file.sync_data()
+                .map_err(|e| WalError::io(&path, "fdatasync", &e))?;
+            size += buf.len() as u64;
+            Ok(())
+        })();
+        buf.clear();
+        let failed = r.err().map(|e| e.to_string());
+        {
+            let mut d = lock(&s.durable);
+            match &failed {
+                Some(e) => {
+                    tracing::error!(error = %e, "the write-ahead log failed; nothing more is accepted until a restart");
+                    d.failed = Some(e.clone());
+                }
+                None => d.lsn = end,
+            }
+        }
+        s.synced.notify_all();
+        s.watch.send_replace(end);
+        if failed.is_some() {
+            return;
+        }
+        if size >= s.segment_bytes {
+            match create_segment(&s.dir, end).and_then(|seg| {
+                let f = OpenOptions::new()
+                    .append(true)
+                    .open(&seg.path)
+                    .map_err(|e| WalError::io(&seg.path, "open", &e))?;
+                Ok((seg, f))
+            }) {
+                Ok((seg, f)) => {
+                    // INVARIANT: the new segment starts at `end`, and every
+                    // record below `end` is in the synced segment before it.
+                    // Appends made meanwhile are still pending, so they go
+                    // to the new file.
+                    lock(&s.segments).push(seg);
+                    file = f;
+                    size = SEGMENT_HEADER as u64;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a new write-ahead log segment");
+                    lock(&s.durable).failed = Some(e.to_string());
+                    s.synced.notify_all();
+                    s.watch.send_replace(end);
+                    return;
+                }
+            }
+        }
+    }
+}
