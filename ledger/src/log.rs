@@ -48,6 +48,10 @@ use crate::hashes::HashFile;
 use crate::proof::{leaf_hash, TlogProof};
 
 const META_SIZE: &[u8] = b"m/size";
+/// With a write-ahead log: (LSN, size) at the last view flush. Every ledger
+/// record below the LSN, and so every entry below the size, was in the view
+/// when it was flushed.
+const META_WAL: &[u8] = b"m/wal";
 
 fn entry_key(seq: u64) -> [u8; 9] {
     let mut k = [b'e'; 9];
@@ -85,6 +89,11 @@ pub struct LedgerOptions {
     /// Re-derive and check every stored hash at open (recommended; linear
     /// in the log size).
     pub verify_on_open: bool,
+    /// The data directory's write-ahead log. With one, an append is durable
+    /// once its entries' log frame is, and the ledger's own files are a
+    /// view flushed by [`Ledger::flush_view`]; without one, every commit
+    /// flushes the ledger's files.
+    pub wal: Option<Arc<sovra_wal::Wal>>,
 }
 
 impl Default for LedgerOptions {
@@ -92,6 +101,16 @@ impl Default for LedgerOptions {
         Self {
             checkpoint_interval: Duration::from_secs(1),
             verify_on_open: true,
+            wal: None,
+        }
+    }
+}
+
+impl From<sovra_wal::WalError> for LedgerError {
+    fn from(e: sovra_wal::WalError) -> Self {
+        match e {
+            sovra_wal::WalError::Corrupt(c) => LedgerError::integrity(c.to_string()),
+            e => LedgerError::storage(e.to_string()),
         }
     }
 }
@@ -253,6 +272,8 @@ struct Head {
     last_leaf: [u8; 32],
     last_ts: u64,
     frontier: Frontier,
+    /// The write-ahead log's LSN after this ledger's last frame.
+    lsn: u64,
 }
 
 struct Inner {
@@ -264,6 +285,9 @@ struct Inner {
     applied: AtomicU64,
     durable: AtomicU64,
     latest: Mutex<Option<SignedCheckpoint>>,
+    wal: Option<Arc<sovra_wal::Wal>>,
+    /// With a write-ahead log: (LSN after the last frame, size after it).
+    logged: Mutex<(u64, u64)>,
 }
 
 type Waiter = oneshot::Sender<std::result::Result<u64, String>>;
@@ -303,6 +327,16 @@ fn be_u64(v: &[u8]) -> Option<u64> {
 }
 
 impl Inner {
+    /// With a write-ahead log: counts as durable every entry whose frame
+    /// the log has synced.
+    fn note_durable(&self, wal: &sovra_wal::Wal) -> Result<()> {
+        let (lsn, size) = *self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if wal.durable_lsn()? >= lsn {
+            self.durable.fetch_max(size, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
     fn tree_hash(&self, size: u64) -> Result<[u8; 32]> {
         tlog_tiles::tree_hash(size, &Stored(&self.hashes))
             .map(|h| h.0)
@@ -330,6 +364,8 @@ impl Inner {
         Ok(cp)
     }
 
+    /// Without a write-ahead log: makes every applied entry durable by
+    /// flushing the ledger's own files.
     fn flush(&self) -> std::result::Result<u64, String> {
         let target = self.applied.load(Ordering::Acquire);
         // Hashes first: a durable entry should find its hashes durable too
@@ -372,7 +408,20 @@ impl Ledger {
                 .ok_or_else(|| LedgerError::integrity("the stored log size is damaged"))?,
         };
         let hashes = HashFile::open(&dir.join("hashes.dat"))?;
-        let needed = tlog_tiles::stored_hash_count(size);
+        let flushed = match log.get(META_WAL)? {
+            None => None,
+            Some(v) => Some(
+                <[u8; 16]>::try_from(&v[..])
+                    .map(|b| (be_u64(&b[..8]).unwrap_or(0), be_u64(&b[8..]).unwrap_or(0)))
+                    .map_err(|_| LedgerError::integrity("the stored log position is damaged"))?,
+            ),
+        };
+        let mut needed = tlog_tiles::stored_hash_count(size);
+        if let (Some(_), Some((_, at))) = (&opts.wal, flushed) {
+            // Beyond the last view flush the hash file may hold pages a
+            // crash left unwritten: rebuild that part from the entries.
+            needed = needed.min(tlog_tiles::stored_hash_count(at.min(size)));
+        }
         if hashes.len() > needed {
             // Hashes of appends whose entries never reached sled.
             hashes.truncate(needed)?;
@@ -386,6 +435,8 @@ impl Ledger {
             applied: AtomicU64::new(size),
             durable: AtomicU64::new(size),
             latest: Mutex::new(None),
+            wal: opts.wal.clone(),
+            logged: Mutex::new((0, 0)),
         });
         let head = if opts.verify_on_open {
             verify_stored(&inner, size)?
@@ -407,7 +458,12 @@ impl Ledger {
                 last_leaf,
                 last_ts,
                 frontier: Frontier::load(&inner.hashes, size)?,
+                lsn: 0,
             }
+        };
+        let head = match &opts.wal {
+            None => head,
+            Some(wal) => replay_wal(&inner, head, wal, flushed)?.0,
         };
         if let Some(item) = inner.checkpoints.iter().next_back() {
             let (_, note) = item?;
@@ -438,12 +494,18 @@ impl Ledger {
             .map_err(|e| {
                 LedgerError::storage(format!("cannot start the ledger commit thread: {e}"))
             })?;
-        Ok(Ledger {
+        let ledger = Ledger {
             inner,
             head: Mutex::new(head),
             committer: Some(tx),
             thread: Some(thread),
-        })
+        };
+        if ledger.inner.wal.is_some() {
+            // Records where the view now stands, so that a crash before
+            // the next flush replays from here.
+            ledger.flush_view()?;
+        }
+        Ok(ledger)
     }
 
     fn head(&self) -> MutexGuard<'_, Head> {
@@ -476,64 +538,81 @@ impl Ledger {
     /// [`Ledger::commit`].
     pub fn append(&self, bodies: &[Body]) -> Result<Vec<Appended>> {
         let mut head = self.head();
-        let mut frontier = head.frontier.clone();
-        let mut size = head.size;
-        let mut prev = head.last_leaf;
         let ts = now_ms().max(head.last_ts);
-        let mut batch = sled::Batch::default();
-        let mut out = Vec::with_capacity(bodies.len());
-        let first_hash = tlog_tiles::stored_hash_index(0, size);
-        let mut new_hashes = Vec::with_capacity(bodies.len() * 2 + 1);
-        for body in bodies {
+        let mut items: Vec<(Entry, Vec<u8>)> = Vec::with_capacity(bodies.len());
+        for (i, body) in (head.size..).zip(bodies) {
+            let prev = match items.last() {
+                Some((_, bytes)) => leaf_hash(bytes),
+                None => head.last_leaf,
+            };
             let entry = Entry {
                 format: crate::entry::FORMAT_VERSION,
-                seq: size,
+                seq: i,
                 timestamp_ms: ts,
                 prev_hash: Digest(prev),
                 body: body.clone(),
             };
             let bytes = entry.encode()?;
-            let leaf = leaf_hash(&bytes);
-            new_hashes.extend(frontier.push(size, Hash(leaf))?);
-            if let Some(s) = body.subject() {
-                batch.insert(subject_key(s, size), &[][..]);
-            }
-            if let Some((c, action)) = body.consent() {
-                let st = ConsentStatus {
-                    purpose: c.purpose.clone(),
-                    action,
-                    index: size,
-                    timestamp_ms: ts,
-                };
-                batch.insert(consent_key(&c.subject, &c.purpose), &st.encode()[..]);
-            }
-            batch.insert(&entry_key(size), bytes.as_slice());
-            out.push(Appended {
-                index: size,
-                leaf_hash: leaf,
-                bytes,
-            });
-            prev = leaf;
-            size += 1;
+            items.push((entry, bytes));
         }
-        batch.insert(META_SIZE, &size.to_be_bytes());
-        // INVARIANT: stored hashes are dense and written in index order, so
-        // this batch's hashes start where the file ends.
-        self.inner.hashes.write(first_hash, &new_hashes)?;
-        self.inner.log.apply_batch(batch)?;
-        // INVARIANT: the head moves only after sled accepted the batch, so a
-        // failed append leaves no gap and no half-built tree.
-        head.frontier = frontier;
-        head.size = size;
-        head.last_leaf = prev;
-        head.last_ts = ts;
-        self.inner.applied.store(size, Ordering::Release);
+        let out = apply_entries(&self.inner, &mut head, items)?;
+        if let Some(wal) = &self.inner.wal {
+            // INVARIANT: logged under the head lock, so the log holds the
+            // ledger's entries in sequence order.
+            let records: Vec<Vec<u8>> = out
+                .iter()
+                .map(|a| {
+                    let mut r = Vec::with_capacity(1 + a.bytes.len());
+                    r.push(sovra_wal::tag::LEDGER_ENTRY);
+                    r.extend_from_slice(&a.bytes);
+                    r
+                })
+                .collect();
+            let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+            head.lsn = wal.append(&refs)?;
+            *self.inner.logged.lock().unwrap_or_else(|p| p.into_inner()) = (head.lsn, head.size);
+        }
         Ok(out)
+    }
+
+    /// Makes the ledger's own files current and records the log position
+    /// they hold (with a write-ahead log; without one, the same as
+    /// [`Ledger::flush`]). Returns the LSN below which the log's ledger
+    /// records are no longer needed.
+    pub fn flush_view(&self) -> Result<u64> {
+        let Some(wal) = &self.inner.wal else {
+            return self.inner.flush().map(|_| 0).map_err(LedgerError::storage);
+        };
+        let (lsn, size) = {
+            let h = self.head();
+            (h.lsn, h.size)
+        };
+        wal.wait_durable_blocking(lsn)?;
+        self.inner.durable.fetch_max(size, Ordering::AcqRel);
+        // INVARIANT: the view is on disk before the position that lets
+        // start-up skip the records it holds.
+        self.inner
+            .hashes
+            .sync()
+            .map_err(|e| LedgerError::storage(format!("hash file: sync: {e}")))?;
+        self.inner.db.flush()?;
+        let mut pos = [0u8; 16];
+        pos[..8].copy_from_slice(&lsn.to_be_bytes());
+        pos[8..].copy_from_slice(&size.to_be_bytes());
+        self.inner.log.insert(META_WAL, &pos[..])?;
+        self.inner.db.flush()?;
+        Ok(lsn)
     }
 
     /// Waits until every append made before the call is on disk; returns the
     /// durable size.
     pub async fn commit(&self) -> Result<u64> {
+        if let Some(wal) = &self.inner.wal {
+            let (lsn, _) = *self.inner.logged.lock().unwrap_or_else(|p| p.into_inner());
+            wal.wait_durable(lsn).await?;
+            self.inner.note_durable(wal)?;
+            return Ok(self.durable_size());
+        }
         let (tx, rx) = oneshot::channel();
         self.committer
             .as_ref()
@@ -547,8 +626,13 @@ impl Ledger {
         }
     }
 
-    /// Flushes synchronously (for callers without a runtime).
+    /// Flushes synchronously (for callers without a runtime): every append
+    /// is durable and, with a write-ahead log, the view is flushed too.
     pub fn flush(&self) -> Result<u64> {
+        if self.inner.wal.is_some() {
+            self.flush_view()?;
+            return Ok(self.durable_size());
+        }
         self.inner.flush().map_err(LedgerError::storage)
     }
 
@@ -851,6 +935,162 @@ pub fn open_sled(config: &sled::Config) -> std::result::Result<sled::Db, SledOpe
     }
 }
 
+/// Stores entries whose sequence numbers continue `head`, with their
+/// hashes and index records, in one sled batch; moves the head.
+fn apply_entries(
+    inner: &Inner,
+    head: &mut Head,
+    items: Vec<(Entry, Vec<u8>)>,
+) -> Result<Vec<Appended>> {
+    let mut frontier = head.frontier.clone();
+    let mut size = head.size;
+    let mut prev = head.last_leaf;
+    let mut last_ts = head.last_ts;
+    let mut batch = sled::Batch::default();
+    let mut out = Vec::with_capacity(items.len());
+    let first_hash = tlog_tiles::stored_hash_index(0, size);
+    let mut new_hashes = Vec::with_capacity(items.len() * 2 + 1);
+    for (entry, bytes) in items {
+        // INVARIANT: callers build (append) or check (replay) both.
+        if entry.seq != size || entry.prev_hash.0 != prev {
+            return Err(LedgerError::integrity(format!(
+                "entry {} does not continue the log at {size}",
+                entry.seq
+            )));
+        }
+        let leaf = leaf_hash(&bytes);
+        new_hashes.extend(frontier.push(size, Hash(leaf))?);
+        if let Some(s) = entry.body.subject() {
+            batch.insert(subject_key(s, size), &[][..]);
+        }
+        if let Some((c, action)) = entry.body.consent() {
+            let st = ConsentStatus {
+                purpose: c.purpose.clone(),
+                action,
+                index: size,
+                timestamp_ms: entry.timestamp_ms,
+            };
+            batch.insert(consent_key(&c.subject, &c.purpose), &st.encode()[..]);
+        }
+        batch.insert(&entry_key(size), bytes.as_slice());
+        out.push(Appended {
+            index: size,
+            leaf_hash: leaf,
+            bytes,
+        });
+        prev = leaf;
+        last_ts = last_ts.max(entry.timestamp_ms);
+        size += 1;
+    }
+    batch.insert(META_SIZE, &size.to_be_bytes());
+    // INVARIANT: stored hashes are dense and written in index order, so
+    // this batch's hashes start where the file ends.
+    inner.hashes.write(first_hash, &new_hashes)?;
+    inner.log.apply_batch(batch)?;
+    // INVARIANT: the head moves only after sled accepted the batch, so a
+    // failed append leaves no gap and no half-built tree.
+    head.frontier = frontier;
+    head.size = size;
+    head.last_leaf = prev;
+    head.last_ts = last_ts;
+    inner.applied.store(size, Ordering::Release);
+    Ok(out)
+}
+
+/// Brings the view up to the write-ahead log: entries the view holds are
+/// checked byte for byte against their records and entries it lacks are
+/// applied. Returns the head and how many entries the view holds beyond
+/// the log (see the end of the function).
+fn replay_wal(
+    inner: &Inner,
+    mut head: Head,
+    wal: &sovra_wal::Wal,
+    flushed: Option<(u64, u64)>,
+) -> Result<(Head, u64)> {
+    let (from, flushed_size) = match flushed {
+        Some(p) => p,
+        // A ledger from before the write-ahead log (its files were flushed
+        // at every commit) starts the log here; only an empty log may meet
+        // it, or the ledger's files were replaced.
+        None if wal.durable_lsn()? == wal.first_lsn() => (wal.first_lsn(), head.size),
+        None => {
+            return Err(LedgerError::integrity(format!(
+                "the ledger's files record no position in the write-ahead log, which holds records up to LSN {}: the ledger's files were replaced or restored from a copy made before the log",
+                wal.durable_lsn()?
+            )))
+        }
+    };
+    let log_end = wal.durable_lsn()?;
+    if from > log_end {
+        return Err(LedgerError::integrity(format!(
+            "the ledger's files were flushed at LSN {from} of the write-ahead log, which ends at LSN {log_end}: the log in {} was deleted or restored from an older copy",
+            wal.dir().display()
+        )));
+    }
+    let mut logged_end = flushed_size;
+    let mut failed: Option<LedgerError> = None;
+    let end = wal.replay(from, |lsn, rec| {
+        if failed.is_some() || rec.first() != Some(&sovra_wal::tag::LEDGER_ENTRY) {
+            return Ok(());
+        }
+        let bytes = &rec[1..];
+        let r = (|| -> Result<u64> {
+            let e = Entry::decode(bytes).map_err(|e| {
+                LedgerError::integrity(format!(
+                    "the write-ahead log's record at LSN {lsn} is not a ledger entry: {e}"
+                ))
+            })?;
+            let seq = e.seq;
+            if seq < head.size {
+                let stored = inner.log.get(entry_key(seq))?;
+                if stored.as_deref() != Some(bytes) {
+                    return Err(LedgerError::integrity(format!(
+                        "entry {seq} in the ledger's files differs from the write-ahead log (LSN {lsn}): the ledger's files were altered"
+                    )));
+                }
+            } else if seq == head.size {
+                apply_entries(inner, &mut head, vec![(e, bytes.to_vec())])?;
+            } else {
+                return Err(LedgerError::integrity(format!(
+                    "the write-ahead log holds entry {seq} (LSN {lsn}) but the ledger ends at {}: entries {}..{seq} are missing from both",
+                    head.size, head.size
+                )));
+            }
+            Ok(seq)
+        })();
+        match r {
+            Ok(seq) => logged_end = logged_end.max(seq + 1),
+            Err(e) => failed = Some(e),
+        }
+        Ok(())
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    head.lsn = end;
+    *inner.logged.lock().unwrap_or_else(|p| p.into_inner()) = (end, logged_end.min(head.size));
+    if head.size <= logged_end {
+        inner.durable.store(head.size, Ordering::Release);
+        return Ok((head, 0));
+    }
+    // The view is ahead of the log: sled wrote entries whose frame the
+    // process did not live to write. They are whole, chained entries the
+    // ledger built itself, each describing an attempt that may not have
+    // been acknowledged; keeping them over-reports (a reveal that may not
+    // have reached its caller), cutting them could hide an acknowledged
+    // one if the log itself was damaged. They are kept, and made durable by
+    // the view flush that ends the open.
+    tracing::warn!(
+        entries = head.size - logged_end,
+        from = logged_end,
+        "the ledger's files hold entries whose log frame never reached disk; they are kept"
+    );
+    inner.durable.store(head.size, Ordering::Release);
+    *inner.logged.lock().unwrap_or_else(|p| p.into_inner()) = (end, head.size);
+    let ahead = head.size - logged_end;
+    Ok((head, ahead))
+}
+
 /// Re-derives every stored hash from the entries and checks the chain.
 fn verify_stored(inner: &Inner, size: u64) -> Result<Head> {
     if let Some(item) = inner.log.scan_prefix(b"e").next_back() {
@@ -918,6 +1158,7 @@ fn verify_stored(inner: &Inner, size: u64) -> Result<Head> {
         last_leaf: prev,
         last_ts,
         frontier,
+        lsn: 0,
     })
 }
 
@@ -938,7 +1179,13 @@ fn commit_loop(inner: &Inner, rx: &mpsc::Receiver<Waiter>, interval: Duration) {
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if inner.applied.load(Ordering::Acquire) > inner.durable.load(Ordering::Acquire) {
+                if let Some(wal) = &inner.wal {
+                    if let Err(e) = inner.note_durable(wal) {
+                        tracing::error!(error = %e, "the ledger's write-ahead log failed");
+                    }
+                } else if inner.applied.load(Ordering::Acquire)
+                    > inner.durable.load(Ordering::Acquire)
+                {
                     if let Err(e) = inner.flush() {
                         tracing::error!(error = %e, "ledger flush failed");
                     }

@@ -32,3 +32,13 @@ mod log;
 
 pub use error::{CorruptError, InvalidArgumentError, IoError, Result, WalError};
 pub use log::{Opened, TornTail, Wal, WalOptions};
+
+/// The first byte of every record names its owner, so one log serves every
+/// view of a data directory.
+pub mod tag {
+    /// A ledger entry: the tag, then the entry's bytes exactly as the
+    /// ledger stores and hashes them.
+    pub const LEDGER_ENTRY: u8 = 1;
+    /// A batch of writes to the vault's trees (see the vault's `store`).
+    pub const VAULT_WRITES: u8 = 2;
+}
