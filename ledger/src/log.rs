@@ -386,10 +386,15 @@ impl Ledger {
                 dir.display()
             ))
         })?;
-        let config = sled::Config::new()
+        let mut config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(128 * 1024 * 1024);
+        if opts.wal.is_some() {
+            // sled writes on its own only when a buffer fills: the log, not
+            // sled's flusher, is what makes an entry durable.
+            config = config.flush_every_ms(None);
+        }
         let db = open_sled(&config).map_err(|e| match e {
             SledOpenError::Damaged => LedgerError::integrity(format!(
                 "{}: the ledger database is damaged (truncated or altered) and cannot be opened; restore it from a backup",
@@ -583,9 +588,13 @@ impl Ledger {
         let Some(wal) = &self.inner.wal else {
             return self.inner.flush().map(|_| 0).map_err(LedgerError::storage);
         };
+        // INVARIANT: taken under the head lock, so every ledger record
+        // below `lsn` was appended, and so applied, already: the view needs
+        // nothing below it, even when other owners' records come after the
+        // ledger's last.
         let (lsn, size) = {
             let h = self.head();
-            (h.lsn, h.size)
+            (wal.next_lsn(), h.size)
         };
         wal.wait_durable_blocking(lsn)?;
         self.inner.durable.fetch_max(size, Ordering::AcqRel);
@@ -608,9 +617,11 @@ impl Ledger {
     /// durable size.
     pub async fn commit(&self) -> Result<u64> {
         if let Some(wal) = &self.inner.wal {
-            let (lsn, _) = *self.inner.logged.lock().unwrap_or_else(|p| p.into_inner());
+            // INVARIANT: the size is the one logged with `lsn`: once that
+            // frame is durable, so is every entry below the size.
+            let (lsn, size) = *self.inner.logged.lock().unwrap_or_else(|p| p.into_inner());
             wal.wait_durable(lsn).await?;
-            self.inner.note_durable(wal)?;
+            self.inner.durable.fetch_max(size, Ordering::AcqRel);
             return Ok(self.durable_size());
         }
         let (tx, rx) = oneshot::channel();
@@ -1007,19 +1018,12 @@ fn replay_wal(
     wal: &sovra_wal::Wal,
     flushed: Option<(u64, u64)>,
 ) -> Result<(Head, u64)> {
-    let (from, flushed_size) = match flushed {
-        Some(p) => p,
-        // A ledger from before the write-ahead log (its files were flushed
-        // at every commit) starts the log here; only an empty log may meet
-        // it, or the ledger's files were replaced.
-        None if wal.durable_lsn()? == wal.first_lsn() => (wal.first_lsn(), head.size),
-        None => {
-            return Err(LedgerError::integrity(format!(
-                "the ledger's files record no position in the write-ahead log, which holds records up to LSN {}: the ledger's files were replaced or restored from a copy made before the log",
-                wal.durable_lsn()?
-            )))
-        }
-    };
+    // Without a recorded position the ledger is new, or from before the
+    // log (its files were flushed at every commit): it starts the log here,
+    // and the log must hold none of its entries, or the ledger's files were
+    // deleted or replaced under it.
+    let legacy = flushed.is_none();
+    let (from, flushed_size) = flushed.unwrap_or((wal.first_lsn(), head.size));
     let log_end = wal.durable_lsn()?;
     if from > log_end {
         return Err(LedgerError::integrity(format!(
@@ -1035,6 +1039,12 @@ fn replay_wal(
         }
         let bytes = &rec[1..];
         let r = (|| -> Result<u64> {
+            if legacy {
+                return Err(LedgerError::integrity(format!(
+                    "the ledger's files record no position in the write-ahead log, which holds ledger entries (the first at LSN {lsn}): \
+                     the ledger folder was deleted, replaced or restored from a copy made before the log"
+                )));
+            }
             let e = Entry::decode(bytes).map_err(|e| {
                 LedgerError::integrity(format!(
                     "the write-ahead log's record at LSN {lsn} is not a ledger entry: {e}"

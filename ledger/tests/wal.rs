@@ -28,7 +28,11 @@ fn body(n: u8) -> Body {
 }
 
 fn wal(dir: &Path) -> Arc<Wal> {
-    Arc::new(Wal::open(&dir.join("wal"), WalOptions::default()).unwrap().wal)
+    Arc::new(
+        Wal::open(&dir.join("wal"), WalOptions::default())
+            .unwrap()
+            .wal,
+    )
 }
 
 fn open(dir: &Path, wal: Option<Arc<Wal>>) -> sovra_ledger::Result<Ledger> {
@@ -126,7 +130,10 @@ async fn view_entries_that_differ_from_the_log_are_refused() {
     forged.flush().unwrap();
     drop(forged);
     let msg = integrity(open(d.path(), Some(wal(d.path()))).unwrap_err());
-    assert!(msg.contains("entry 3 in the ledger's files differs from the write-ahead log"), "{msg}");
+    assert!(
+        msg.contains("entry 3 in the ledger's files differs from the write-ahead log"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -174,7 +181,10 @@ async fn a_deleted_log_under_a_flushed_ledger_is_refused() {
     drop(w);
     std::fs::remove_dir_all(d.path().join("wal")).unwrap();
     let msg = integrity(open(d.path(), Some(wal(d.path()))).unwrap_err());
-    assert!(msg.contains("was deleted or restored from an older copy"), "{msg}");
+    assert!(
+        msg.contains("was deleted or restored from an older copy"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -197,4 +207,23 @@ async fn a_ledger_from_before_the_log_starts_it() {
     drop(w);
     let l = open(d.path(), Some(wal(d.path()))).unwrap();
     assert_eq!(l.size(), 3);
+}
+
+#[tokio::test]
+async fn a_deleted_ledger_folder_under_a_log_with_its_entries_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let w = wal(d.path());
+    // Records of another owner only: a new ledger starts beside them.
+    let end = w
+        .append(&[&[sovra_wal::tag::VAULT_WRITES, 0, 0, 0, 0]])
+        .unwrap();
+    w.wait_durable_blocking(end).unwrap();
+    let l = open(d.path(), Some(w.clone())).unwrap();
+    l.append(&[body(1)]).unwrap();
+    l.commit().await.unwrap();
+    drop(l);
+    drop(w);
+    std::fs::remove_dir_all(d.path().join("ledger")).unwrap();
+    let msg = integrity(open(d.path(), Some(wal(d.path()))).unwrap_err());
+    assert!(msg.contains("the ledger folder was deleted"), "{msg}");
 }

@@ -287,7 +287,25 @@ impl Config {
     /// Opens the ledger in `<data_dir>/ledger`. A missing key file is
     /// created only for a ledger that does not exist yet; an existing log
     /// without its key is refused (its checkpoints could not be verified).
-    pub fn open_ledger(&self) -> Result<Ledger> {
+    /// The data directory's write-ahead log (`wal/` in it), reporting a
+    /// torn tail it cut.
+    pub fn open_wal(&self) -> Result<std::sync::Arc<sovra_wal::Wal>> {
+        let dir = self.resolve(&self.data_dir).join("wal");
+        let opened = sovra_wal::Wal::open(&dir, sovra_wal::WalOptions::default())?;
+        if let Some(t) = &opened.torn {
+            tracing::warn!(
+                segment = %t.segment.display(),
+                offset = t.offset,
+                dropped = t.dropped,
+                reason = %t.reason,
+                "cut the write-ahead log's torn tail (a group whose write a crash interrupted; none of it was acknowledged)"
+            );
+        }
+        Ok(std::sync::Arc::new(opened.wal))
+    }
+
+    /// Opens the ledger over `wal`.
+    pub fn open_ledger(&self, wal: std::sync::Arc<sovra_wal::Wal>) -> Result<Ledger> {
         let key_path = self.resolve(&self.ledger.key_file);
         let dir = self.resolve(&self.data_dir).join("ledger");
         if !key_path.exists() {
@@ -306,6 +324,7 @@ impl Config {
                 self.ledger.checkpoint_interval_ms.clamp(10, 3_600_000),
             ),
             verify_on_open: true,
+            wal: Some(wal),
         };
         Ok(Ledger::open(&dir, key, opts)?)
     }

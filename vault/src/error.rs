@@ -287,6 +287,19 @@ impl std::error::Error for StorageError {
     }
 }
 
+impl From<sovra_wal::WalError> for VaultError {
+    fn from(e: sovra_wal::WalError) -> Self {
+        match e {
+            // Damage found at open refuses the start; the message names the
+            // segment and offset.
+            sovra_wal::WalError::Corrupt(c) => {
+                VaultError::config("the write-ahead log", c.message())
+            }
+            e => VaultError::storage(e.to_string()),
+        }
+    }
+}
+
 impl From<sled::Error> for VaultError {
     fn from(e: sled::Error) -> Self {
         VaultError::Storage(StorageError {

@@ -49,6 +49,7 @@ pub struct ServerHandle {
     ledger: Arc<Ledger>,
     shutdown: Option<oneshot::Sender<()>>,
     join: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    views: Option<ViewTask>,
 }
 
 impl ServerHandle {
@@ -85,8 +86,14 @@ impl ServerHandle {
     /// `stop` future given to [`start`], or an error), then flushes.
     pub async fn wait(mut self) -> Result<()> {
         let served = (&mut self.join).await;
-        self.engine.store().flush()?;
-        self.ledger.flush()?;
+        // INVARIANT: the periodic flush has finished (it holds the engine
+        // and the ledger while it runs), so once this returns and the
+        // handle is dropped, nothing of the server holds the data
+        // directory.
+        if let Some(v) = self.views.take() {
+            v.finish().await;
+        }
+        flush_views(&self.engine, &self.ledger)?;
         match served {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(VaultError::storage(format!("server error: {e}"))),
@@ -108,7 +115,7 @@ pub async fn start(
     cfg.refuse_shared_writes()?;
     cfg.limits.validate()?;
     check_admission(cfg)?;
-    let app = open(cfg).await?;
+    let (app, views) = open(cfg).await?;
     let listener = bind(cfg, listener).await?;
     let addr = listener
         .local_addr()
@@ -185,6 +192,7 @@ pub async fn start(
         ledger: app.ledger,
         shutdown: Some(tx),
         join,
+        views: Some(views),
     })
 }
 
@@ -192,7 +200,7 @@ pub async fn start(
 /// engine (refused if its database was lost beside a used ledger), every
 /// tenant's TFHE keys, the policy set in force; then resumes unfinished key
 /// rotations and starts the background sweeps and the SIGHUP watcher.
-async fn open(cfg: &Config) -> Result<App> {
+async fn open(cfg: &Config) -> Result<(App, ViewTask)> {
     let schema = cfg.load_schema()?;
     let root = cfg.load_root_key()?;
     let auth = Arc::new(cfg.authenticator()?);
@@ -200,9 +208,10 @@ async fn open(cfg: &Config) -> Result<App> {
     // initialisation beside a ledger that has recorded its use was lost,
     // truncated or replaced, and is refused before anything is written to
     // it, never taken as an empty vault.
-    let ledger = Arc::new(cfg.open_ledger()?);
+    let wal = cfg.open_wal()?;
+    let ledger = Arc::new(cfg.open_ledger(wal.clone())?);
     let data_dir = cfg.resolve(&cfg.data_dir);
-    let engine = Arc::new(Engine::open_with(&data_dir, root, schema, || {
+    let engine = Arc::new(Engine::open_with(&data_dir, root, schema, wal, || {
         match ledger.size() {
             0 => Ok(()),
             n => Err(VaultError::config(
@@ -217,6 +226,9 @@ async fn open(cfg: &Config) -> Result<App> {
     // Before anything reads or writes: faults refuse here, naming the file;
     // erasures the ledger records are completed or applied again.
     recovery::reconcile(&engine, &ledger, &data_dir, &data_dir.join("ledger"))?;
+    // Both views are current: from here, damage to the log below this
+    // point is never taken for a torn tail.
+    flush_views(&engine, &ledger)?;
     crate::files::make_private_dir(&data_dir)?;
     ensure_tenant_keys(cfg, &engine)?;
     // An invalid policy set refuses to start, naming file, line and problem.
@@ -231,16 +243,17 @@ async fn open(cfg: &Config) -> Result<App> {
     );
     engine.resume_rotations();
     spawn_sweeper(&engine);
-    spawn_anchor(&engine, &ledger);
+    let views = spawn_anchor(&engine, &ledger);
     spawn_packer(&engine);
     watch_sighup(&policies, &engine)?;
-    Ok(App {
+    let app = App {
         engine,
         auth,
         ledger,
         policies,
         operator_tenant: Arc::from(cfg.policy.operator_tenant.as_str()),
-    })
+    };
+    Ok((app, views))
 }
 
 /// Every tenant a principal belongs to has its TFHE keys before the first
@@ -284,21 +297,73 @@ fn spawn_sweeper(engine: &Arc<Engine>) {
 }
 
 /// Every second, records the ledger's durable position in the vault (the
-/// anchor start-up checks the ledger against; see `app::recovery`).
-fn spawn_anchor(engine: &Arc<Engine>, ledger: &Arc<Ledger>) {
+/// anchor start-up checks the ledger against; see `app::recovery`); every
+/// few seconds, flushes both views of the write-ahead log, records the
+/// floor they reached and deletes the log segments neither needs.
+fn spawn_anchor(engine: &Arc<Engine>, ledger: &Arc<Ledger>) -> ViewTask {
     let (engine, ledger) = (Arc::downgrade(engine), Arc::downgrade(ledger));
-    tokio::spawn(async move {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let join = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = 0u64;
         loop {
-            every.tick().await;
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = stopped.changed() => return,
+            }
+            tick += 1;
             let (Some(engine), Some(ledger)) = (engine.upgrade(), ledger.upgrade()) else {
                 return;
             };
             if let Err(e) = recovery::record_anchor(&engine, &ledger) {
                 tracing::error!(error = %e, "cannot record the ledger anchor");
             }
+            if tick % VIEW_FLUSH_TICKS == 0 {
+                let r = tokio::task::spawn_blocking(move || flush_views(&engine, &ledger)).await;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot flush the views of the write-ahead log")
+                    }
+                    Err(e) => tracing::error!(error = %e, "the view flush task failed"),
+                }
+            }
         }
     });
+    ViewTask { stop, join }
+}
+
+/// The anchor and view-flush task.
+#[derive(Debug)]
+struct ViewTask {
+    stop: tokio::sync::watch::Sender<bool>,
+    join: JoinHandle<()>,
+}
+
+impl ViewTask {
+    /// Stops the task and waits until a flush it was running has finished.
+    async fn finish(self) {
+        let _ = self.stop.send(true);
+        let _ = self.join.await;
+    }
+}
+
+/// Seconds between two flushes of the views.
+const VIEW_FLUSH_TICKS: u64 = 2;
+
+/// Flushes the vault's and the ledger's views; the log below the lower of
+/// their positions is no longer needed.
+fn flush_views(engine: &Engine, ledger: &Ledger) -> Result<()> {
+    let vault = engine.store().flush_view()?;
+    let entries = ledger.flush_view()?;
+    let floor = vault.min(entries);
+    let wal = engine.store().wal();
+    wal.record_floor(floor)?;
+    let retired = wal.retire_below(floor)?;
+    if retired > 0 {
+        tracing::debug!(retired, floor, "write-ahead log segments retired");
+    }
+    Ok(())
 }
 
 /// Folds pending feature writes into their encrypted blocks in the

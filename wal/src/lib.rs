@@ -1,3 +1,4 @@
+#![doc = include_str!("../README.md")]
 //! Sovra's write-ahead log: the one durability point of a data directory.
 //!
 //! Records are appended in frames (one frame per caller's append, so a

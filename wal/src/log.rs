@@ -67,8 +67,14 @@ struct Durable {
     failed: Option<String>,
 }
 
+/// A step the commit thread runs before writing each group.
+type BeforeWrite = Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
+
+const FLOOR_FILE: &str = "floor";
+
 struct Shared {
     dir: PathBuf,
+    before_write: Mutex<Option<BeforeWrite>>,
     pending: Mutex<Pending>,
     work: Condvar,
     durable: Mutex<Durable>,
@@ -82,6 +88,8 @@ struct Shared {
 pub struct Wal {
     shared: Arc<Shared>,
     thread: Option<thread::JoinHandle<()>>,
+    /// Held open with an exclusive lock: one process per log.
+    _lock: File,
 }
 
 impl std::fmt::Debug for Wal {
@@ -141,6 +149,26 @@ impl Wal {
             )));
         }
         std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, "create", &e))?;
+        // INVARIANT: taken before anything is read, so a second process
+        // can never take a live log's tail for a torn one and cut it.
+        let lock_path = dir.join("lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| WalError::io(&lock_path, "open", &e))?;
+        fs2::FileExt::try_lock_exclusive(&lock_file).map_err(|e| {
+            WalError::io(
+                &lock_path,
+                "lock (is another `sovra serve` using this data directory?)",
+                &e,
+            )
+        })?;
+        let opts = WalOptions {
+            floor: opts.floor.max(read_floor(dir)?),
+            ..opts
+        };
         let mut segments = list_segments(dir)?;
         let mut torn = None;
         let mut next = 0u64;
@@ -252,6 +280,7 @@ impl Wal {
         let (watch, _) = tokio::sync::watch::channel(next);
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
+            before_write: Mutex::new(None),
             pending: Mutex::new(Pending {
                 buf: Vec::new(),
                 next,
@@ -276,6 +305,7 @@ impl Wal {
             wal: Wal {
                 shared,
                 thread: Some(thread),
+                _lock: lock_file,
             },
             torn,
         })
@@ -284,6 +314,40 @@ impl Wal {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
+    }
+
+    /// Sets a step the commit thread runs before it writes each group (for
+    /// files the group's records depend on, which must be on disk first).
+    /// An error fails the log as a failed write would.
+    pub fn set_before_write(
+        &self,
+        f: impl Fn() -> std::result::Result<(), String> + Send + Sync + 'static,
+    ) {
+        *lock(&self.shared.before_write) = Some(Box::new(f));
+    }
+
+    /// Records that every record below `lsn` was applied to the caller's
+    /// views and those are on disk: from the next open, damage below `lsn`
+    /// is never taken for a torn tail. Written atomically (a temporary file
+    /// renamed over the last).
+    pub fn record_floor(&self, lsn: u64) -> Result<()> {
+        let durable = self.durable_lsn()?;
+        if lsn > durable {
+            return Err(WalError::invalid(format!(
+                "floor {lsn} is beyond the durable end {durable}"
+            )));
+        }
+        let dir = &self.shared.dir;
+        let tmp = dir.join("floor.tmp");
+        let mut b = lsn.to_be_bytes().to_vec();
+        b.extend_from_slice(&crc32c::crc32c(&b).to_be_bytes());
+        let mut f = File::create(&tmp).map_err(|e| WalError::io(&tmp, "create", &e))?;
+        f.write_all(&b)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| WalError::io(&tmp, "write", &e))?;
+        std::fs::rename(&tmp, dir.join(FLOOR_FILE))
+            .map_err(|e| WalError::io(&tmp, "rename", &e))?;
+        sync_dir(dir)
     }
 
     /// Appends `records` as one frame; returns the LSN after its last
@@ -449,6 +513,26 @@ impl Drop for Wal {
     }
 }
 
+/// The recorded floor; 0 if none was recorded.
+fn read_floor(dir: &Path) -> Result<u64> {
+    let path = dir.join(FLOOR_FILE);
+    let b = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(WalError::io(&path, "read", &e)),
+    };
+    let ok = b.len() == 12 && crc32c::crc32c(&b[..8]).to_be_bytes()[..] == b[8..];
+    if !ok {
+        return Err(WalError::corrupt(format!(
+            "{}: the recorded floor is damaged (12 bytes with a checksum expected)",
+            path.display()
+        )));
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    Ok(u64::from_be_bytes(a))
+}
+
 fn create_segment(dir: &Path, first: u64) -> Result<Segment> {
     let path = dir.join(segment_name(first));
     let mut f = OpenOptions::new()
@@ -483,6 +567,9 @@ fn commit_loop(s: &Shared, mut file: File, mut size: u64) {
             p.next
         };
         let r = (|| -> Result<()> {
+            if let Some(f) = lock(&s.before_write).as_ref() {
+                f().map_err(|e| WalError::failed(format!("before writing a group: {e}")))?;
+            }
             let path = lock(&s.segments)
                 .last()
                 .map(|x| x.path.clone())

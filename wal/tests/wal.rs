@@ -353,3 +353,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_recorded_floor_makes_tail_damage_a_refusal() {
+    let d = tempfile::tempdir().unwrap();
+    let w = open(d.path()).wal;
+    let end = w.append(&[b"applied"]).unwrap();
+    w.wait_durable_blocking(end).unwrap();
+    assert!(w.record_floor(end + 1).is_err());
+    w.record_floor(end).unwrap();
+    drop(w);
+    let seg = segments(d.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&seg, &bytes).unwrap();
+    let msg = corrupt_message(Wal::open(d.path(), WalOptions::default()).unwrap_err());
+    assert!(msg.contains("already applied"), "{msg}");
+    // A damaged floor file is refused, naming it.
+    std::fs::write(d.path().join("floor"), b"garbage").unwrap();
+    let msg = corrupt_message(Wal::open(d.path(), WalOptions::default()).unwrap_err());
+    assert!(msg.contains("floor"), "{msg}");
+}
+
+#[test]
+fn the_step_before_each_write_runs_and_its_failure_fails_the_log() {
+    let d = tempfile::tempdir().unwrap();
+    let w = open(d.path()).wal;
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = runs.clone();
+    w.set_before_write(move || {
+        if r.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Ok(())
+        } else {
+            Err("the pad file cannot be synced".into())
+        }
+    });
+    let a = w.append(&[b"a"]).unwrap();
+    w.wait_durable_blocking(a).unwrap();
+    let b = w.append(&[b"b"]).unwrap();
+    let e = w.wait_durable_blocking(b).unwrap_err();
+    assert!(e.to_string().contains("pad file"), "{e}");
+    assert!(w.append(&[b"c"]).is_err());
+    drop(w);
+    let o = open(d.path());
+    assert_eq!(records(&o.wal, 0), vec![(0, b"a".to_vec())]);
+}
+
+#[test]
+fn a_second_process_cannot_open_a_live_log() {
+    let d = tempfile::tempdir().unwrap();
+    let w = open(d.path()).wal;
+    let e = Wal::open(d.path(), WalOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("another `sovra serve`"), "{e}");
+    drop(w);
+    open(d.path());
+}

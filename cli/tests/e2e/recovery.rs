@@ -61,12 +61,13 @@ fn stop(mut child: std::process::Child) {
 }
 
 /// Copies of the vault's own files (everything in the data directory but
-/// the ledger), to play a restore of an older backup.
+/// the ledger and the write-ahead log), to play a restore of an older
+/// backup.
 fn copy_vault_files(env: &Env, with_pads: bool) -> tempfile::TempDir {
     let out = tempfile::tempdir().unwrap();
     copy_tree(&env.data_dir(), out.path(), &|p: &Path| {
         p.file_name()
-            .is_some_and(|n| n != "ledger" && (with_pads || n != "shred.slots"))
+            .is_some_and(|n| n != "ledger" && n != "wal" && (with_pads || n != "shred.slots"))
     });
     out
 }
@@ -89,12 +90,12 @@ fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) {
 
 /// Puts the copied files back over the data directory: the vault's files
 /// now there (sled's newer segments and snapshots included) are removed
-/// first, the ledger (and the pads, unless copied) are kept.
+/// first, the ledger and the log (and the pads, unless copied) are kept.
 fn restore(env: &Env, copy: &Path, with_pads: bool) {
     for e in std::fs::read_dir(env.data_dir()).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap();
-        if name == "ledger" || (!with_pads && name == "shred.slots") {
+        if name == "ledger" || name == "wal" || (!with_pads && name == "shred.slots") {
             continue;
         }
         if p.is_dir() {
@@ -251,14 +252,8 @@ async fn an_older_copy_of_the_vault_files_gets_the_ledgers_erasures_again() {
     );
 }
 
-#[tokio::test]
-async fn an_older_or_deleted_ledger_refuses_to_start() {
-    let env = Env::new();
-    three_customers(&env).await;
-    let ledger = env.data_dir().join("ledger");
-    let old = tempfile::tempdir().unwrap();
-    copy_tree(&ledger, old.path(), &|_| true);
-    // More history, and time for the vault to record the ledger's position.
+/// Starts the server on `env`, records a consent of ann and ben, stops it.
+async fn two_consents(env: &Env) {
     let srv = env.start().await;
     let mut led = sovra_vault::client::connect_ledger(&srv.url, Some(&env.service), None)
         .await
@@ -268,31 +263,102 @@ async fn an_older_or_deleted_ledger_refuses_to_start() {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     srv.stop().await;
-    let current = tempfile::tempdir().unwrap();
-    copy_tree(&ledger, current.path(), &|_| true);
+}
 
+async fn consents_of(url: &str, env: &Env, customer: &str) -> usize {
+    let mut led = sovra_vault::client::connect_ledger(url, Some(&env.service), None)
+        .await
+        .unwrap();
+    led.get_consent_state(sovra_proto::ledger::v1::GetConsentStateRequest {
+        customer_id: customer.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .purposes
+    .len()
+}
+
+#[tokio::test]
+async fn an_older_ledger_is_brought_up_to_date_by_the_log_and_a_deleted_one_refuses() {
+    let env = Env::new();
+    three_customers(&env).await;
+    let ledger = env.data_dir().join("ledger");
+    let old = tempfile::tempdir().unwrap();
+    copy_tree(&ledger, old.path(), &|_| true);
+    two_consents(&env).await;
+    // An older copy of the ledger's files: the log holds every entry since,
+    // byte for byte, and they are applied again before anything is served.
     std::fs::remove_dir_all(&ledger).unwrap();
     copy_tree(old.path(), &ledger, &|_| true);
-    let out = refused_start(&env);
-    assert!(
-        out.contains("older copy") && out.contains(&ledger.display().to_string()),
-        "{out}"
-    );
-
-    std::fs::remove_dir_all(&ledger).unwrap();
-    let out = refused_start(&env);
-    assert!(
-        out.contains("ledger") && out.contains("holds 0 entries"),
-        "{out}"
-    );
-
-    std::fs::remove_dir_all(&ledger).unwrap();
-    copy_tree(current.path(), &ledger, &|_| true);
     let (child, url) = serve_process(&env).await;
-    assert!(readable(&url, &env, "ann").await.unwrap() > 0);
+    assert_eq!(consents_of(&url, &env, "ann").await, 1);
     stop(child);
+    // A deleted ledger folder beside a log that holds its entries.
+    std::fs::remove_dir_all(&ledger).unwrap();
+    let out = refused_start(&env);
+    assert!(out.contains("the ledger folder was deleted"), "{out}");
+}
+
+#[tokio::test]
+async fn an_older_deleted_or_damaged_log_refuses_to_start_and_a_torn_tail_is_cut() {
+    let env = Env::new();
+    three_customers(&env).await;
+    let wal = env.data_dir().join("wal");
+    let old = tempfile::tempdir().unwrap();
+    copy_tree(&wal, old.path(), &|_| true);
+    two_consents(&env).await;
+    let current = tempfile::tempdir().unwrap();
+    copy_tree(&wal, current.path(), &|_| true);
+    let put_back = |from: &Path| {
+        std::fs::remove_dir_all(&wal).unwrap();
+        copy_tree(from, &wal, &|_| true);
+    };
+    // An older copy of the log, under views that hold more.
+    put_back(old.path());
+    let out = refused_start(&env);
+    assert!(
+        out.contains("restored from an older copy") && out.contains(&wal.display().to_string()),
+        "{out}"
+    );
+    // A deleted log.
+    std::fs::remove_dir_all(&wal).unwrap();
+    let out = refused_start(&env);
+    assert!(out.contains("restored from an older copy"), "{out}");
+    // A byte changed in an early frame, with later frames after it.
+    put_back(current.path());
+    let seg = files_under(&wal)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "wal"))
+        .unwrap();
+    let good = std::fs::read(&seg).unwrap();
+    let mut bad = good.clone();
+    bad[sovra_wal::frame::SEGMENT_HEADER + sovra_wal::frame::FRAME_HEADER + 2] ^= 0x10;
+    std::fs::write(&seg, &bad).unwrap();
+    let out = refused_start(&env);
+    assert!(
+        out.contains(&seg.display().to_string())
+            && out.contains(&format!("offset {}", sovra_wal::frame::SEGMENT_HEADER)),
+        "{out}"
+    );
+    // A torn tail (half a frame) is cut and reported; nothing is lost.
+    let mut torn = good.clone();
+    let mut half = Vec::new();
+    sovra_wal::frame::encode_frame(&mut half, 1 << 40, 0, &[b"never acknowledged"]);
+    torn.extend_from_slice(&half[..half.len() / 2]);
+    std::fs::write(&seg, &torn).unwrap();
+    let (child, url) = serve_process(&env).await;
+    assert_eq!(consents_of(&url, &env, "ben").await, 1);
+    assert!(readable(&url, &env, "cat").await.unwrap() > 0);
+    stop(child);
+    let log = std::fs::read_to_string(
+        env.dir
+            .path()
+            .join(format!("serve-{}.log", url.rsplit(':').next().unwrap())),
+    )
+    .unwrap();
+    assert!(log.contains("torn tail"), "{log}");
 }
 
 #[tokio::test]

@@ -36,7 +36,9 @@
 use crate::crypto::fhe::FheSecret;
 use crate::crypto::keys::{CustomerRef, KeyRing};
 use crate::error::{Result, VaultError};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::ConflictableTransactionError;
+
+use crate::store::{Tx, Writer};
 use sovra_sandbox::params::SLOTS;
 use sovra_sandbox::{BootstrapKey, FeatureBlock};
 use std::collections::{BTreeMap, HashMap};
@@ -105,6 +107,7 @@ fn abort<T>(e: VaultError) -> TxResult<T> {
 /// The `fhe_features` tree and the tenants' TFHE keys.
 pub(crate) struct FeatureStore {
     tree: sled::Tree,
+    writer: Writer,
     keyring: Arc<KeyRing>,
     // Unwrapped once per tenant and kept for the process's life: every
     // write of a feature and every release needs the key.
@@ -121,9 +124,10 @@ impl std::fmt::Debug for FeatureStore {
 impl FeatureStore {
     /// The store over `tree` (the `fhe_features` tree), wrapping keys with
     /// `keyring`.
-    pub(crate) fn new(tree: sled::Tree, keyring: Arc<KeyRing>) -> Self {
+    pub(crate) fn new(tree: sled::Tree, writer: Writer, keyring: Arc<KeyRing>) -> Self {
         Self {
             tree,
+            writer,
             keyring,
             secrets: RwLock::new(HashMap::new()),
             bootstrap: Mutex::new(HashMap::new()),
@@ -155,15 +159,9 @@ impl FeatureStore {
                 let wrapped = fresh.wrap(keyring, tenant)?;
                 // Two first writers race: the first stored key wins, the
                 // other is dropped (and zeroed) unused.
-                match self
-                    .tree
-                    .compare_and_swap(&key, None as Option<&[u8]>, Some(wrapped))?
-                {
-                    Ok(()) => fresh,
-                    Err(cas) => match cas.current {
-                        Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
-                        None => return Err(VaultError::storage("TFHE key creation raced")),
-                    },
+                match self.writer.insert_if_absent(&self.tree, &key, &wrapped)? {
+                    None => fresh,
+                    Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
                 }
             }
         };
@@ -249,9 +247,9 @@ impl FeatureStore {
         feature: &str,
         slots: &[(u32, Vec<u8>, i64)],
     ) -> Result<usize> {
-        self.tree
-            .transaction(|f| pack_block(f, secret, tenant, feature, slots))
-            .map_err(crate::engine::tx_err)
+        self.writer.transact([&self.tree], |[f]| {
+            pack_block(f, secret, tenant, feature, slots)
+        })
     }
 
     /// Every customer of the tenant with a slot: (reference, slot), by slot.
@@ -275,7 +273,7 @@ impl FeatureStore {
 /// Re-encrypts one block of `feature` with `slot` set to `value` (a fresh
 /// encryption of every slot).
 fn rewrite(
-    f: &TransactionalTree,
+    f: &Tx<'_>,
     secret: &FheSecret,
     tenant: &str,
     feature: &str,
@@ -295,7 +293,7 @@ fn rewrite(
 /// Re-encrypts `block` of `feature` freshly with each (slot, value) of
 /// `sets` (all in that block) set.
 fn set_slots(
-    f: &TransactionalTree,
+    f: &Tx<'_>,
     secret: &FheSecret,
     tenant: &str,
     feature: &str,
@@ -340,7 +338,7 @@ pub(crate) struct Pending {
 /// One packing transaction (see [`FeatureStore::pack`]); every slot is in
 /// the same block.
 fn pack_block(
-    f: &TransactionalTree,
+    f: &Tx<'_>,
     secret: &FheSecret,
     tenant: &str,
     feature: &str,
@@ -372,7 +370,7 @@ fn pack_block(
 /// In the write's transaction: gives `customer` a slot if it has none and
 /// marks it pending (the packer folds the values in; see the module docs).
 pub(crate) fn put(
-    f: &TransactionalTree,
+    f: &Tx<'_>,
     tenant: &str,
     customer: &CustomerRef,
     values: &[(String, i64)],
@@ -416,7 +414,7 @@ pub(crate) fn put(
 /// In the erasure's transaction: zeroes the customer's slot in every
 /// feature block that exists and removes its slot links.
 pub(crate) fn erase(
-    f: &TransactionalTree,
+    f: &Tx<'_>,
     secret: &FheSecret,
     tenant: &str,
     customer: &CustomerRef,
@@ -521,6 +519,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let t = db.open_tree("fhe_features").unwrap();
+        let wal = Arc::new(
+            sovra_wal::Wal::open(&dir.path().join("wal"), sovra_wal::WalOptions::default())
+                .unwrap()
+                .wal,
+        );
+        let w = Writer::new(db.clone(), wal);
         let secret = FheSecret::generate();
         let features = vec!["budget".to_owned()];
         let (alice, bob, carol) = (
@@ -528,7 +532,7 @@ mod tests {
             CustomerRef([2; 16]),
             CustomerRef([3; 16]),
         );
-        t.transaction(|f| {
+        w.transact([&t], |[f]| {
             put(f, "t", &alice, &[("budget".into(), 5)])?;
             put(f, "t", &bob, &[("budget".into(), 9)])
         })
@@ -543,8 +547,8 @@ mod tests {
                 .to_vec()
         };
         let packed = vec![(0, stamp(0), 5), (1, b"stale".to_vec(), 9)];
-        let removed = t
-            .transaction(|f| pack_block(f, &secret, "t", "budget", &packed))
+        let removed = w
+            .transact([&t], |[f]| pack_block(f, &secret, "t", "budget", &packed))
             .unwrap();
         assert_eq!(removed, 1, "a mark whose stamp changed stays");
         assert!(t.get(pending_key("t", "budget", 0)).unwrap().is_none());
@@ -554,7 +558,7 @@ mod tests {
         assert_eq!((v[0], v[1]), (5, 9));
         let before = t.get(block_key("t", "budget", 0)).unwrap().unwrap();
 
-        t.transaction(|f| erase(f, &secret, "t", &alice, &features))
+        w.transact([&t], |[f]| erase(f, &secret, "t", &alice, &features))
             .unwrap();
         let after = t.get(block_key("t", "budget", 0)).unwrap().unwrap();
         // A fresh encryption: no byte of the body is kept.
@@ -574,7 +578,7 @@ mod tests {
         // A packing that read the erased customer's value writes nothing
         // back for it: its mark is gone.
         let late = vec![(0, stamp_any(), 5)];
-        t.transaction(|f| pack_block(f, &secret, "t", "budget", &late))
+        w.transact([&t], |[f]| pack_block(f, &secret, "t", "budget", &late))
             .unwrap();
         let col = column(&t, "t", "budget", 1).unwrap();
         assert_eq!(secret.decrypt_block(col[0].as_ref().unwrap())[0], 0);
@@ -584,7 +588,7 @@ mod tests {
             assert!(!v.windows(16).any(|w| w == alice.0));
         }
         // Erasing a customer without features changes nothing.
-        t.transaction(|f| erase(f, &secret, "t", &carol, &features))
+        w.transact([&t], |[f]| erase(f, &secret, "t", &carol, &features))
             .unwrap();
     }
 }

@@ -32,7 +32,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use self::features::FeatureStore;
 use self::locks::CustomerLocks;
@@ -308,7 +307,9 @@ impl Engine {
     /// Without a ledger no erasure is known, so a zero pad beside a data key
     /// refuses the open (see [`Engine::recover`]).
     pub fn open(dir: &Path, root: RootKey, schema: Schema) -> Result<Engine> {
-        let engine = Engine::open_with(dir, root, schema, || Ok(()))?;
+        let wal =
+            Arc::new(sovra_wal::Wal::open(&dir.join("wal"), sovra_wal::WalOptions::default())?.wal);
+        let engine = Engine::open_with(dir, root, schema, wal, || Ok(()))?;
         engine.recover(&NoLedger::default())?;
         Ok(engine)
     }
@@ -322,9 +323,10 @@ impl Engine {
         dir: &Path,
         root: RootKey,
         schema: Schema,
+        wal: Arc<sovra_wal::Wal>,
         on_new: impl FnOnce() -> Result<()>,
     ) -> Result<Engine> {
-        let store = Arc::new(Store::open(dir)?);
+        let store = Arc::new(Store::open(dir, wal)?);
         let keyring = Arc::new(KeyRing::new(root));
         check_root_key(&store, &keyring, dir, on_new)?;
         check_key_format(&store, dir)?;
@@ -336,8 +338,17 @@ impl Engine {
         )?);
         // The components get handles on the trees the store opened, so the
         // on-disk layout stays the store's.
-        let lineage = LineageStore::new(store.db.clone(), store.lineage.clone(), keyring.clone());
-        let features = FeatureStore::new(store.features.clone(), keyring.clone());
+        let lineage = LineageStore::new(
+            store.db.clone(),
+            store.lineage.clone(),
+            store.writer.clone(),
+            keyring.clone(),
+        );
+        let features = FeatureStore::new(
+            store.features.clone(),
+            store.writer.clone(),
+            keyring.clone(),
+        );
         let engine = Engine {
             store,
             keyring,
@@ -581,11 +592,11 @@ impl Engine {
         let (dek, new_wrapped, _) = self.load_or_new_key(tenant, customer, now_ms())?;
         let created = new_wrapped.is_some();
         if let Some((slot, w)) = new_wrapped {
-            if let Err(e) = self
-                .store
-                .data_keys
-                .insert(store::data_key_key(tenant, &self.cref(tenant, customer)), w)
-            {
+            if let Err(e) = self.store.writer.insert(
+                &self.store.data_keys,
+                store::data_key_key(tenant, &self.cref(tenant, customer)),
+                w,
+            ) {
                 self.store.slots.shred(slot)?;
                 self.store.slots.release([slot]);
                 return Err(e.into());
@@ -751,15 +762,16 @@ impl Engine {
         let cref = self.cref(tenant, cx.customer);
         let dek_k = store::data_key_key(tenant, &cref);
         let s = &self.store;
-        (
-            &s.records,
-            &s.data_keys,
-            &s.index,
-            self.lineage.tree(),
-            self.features.tree(),
-            &s.idempotency,
-        )
-            .transaction(|(r, k, i, l, f, d)| {
+        s.writer.transact(
+            [
+                &s.records,
+                &s.data_keys,
+                &s.index,
+                self.lineage.tree(),
+                self.features.tree(),
+                &s.idempotency,
+            ],
+            |[r, k, i, l, f, d]| {
                 if let Some((key, bytes)) = tx.idempotency {
                     // INVARIANT: checked again inside the transaction, so two
                     // concurrent writes with one key cannot both apply.
@@ -792,8 +804,8 @@ impl Engine {
                     }
                 }
                 Ok::<_, ConflictableTransactionError<VaultError>>(())
-            })
-            .map_err(tx_err)
+            },
+        )
     }
 
     /// The record key and request digest of an idempotent write.
@@ -870,7 +882,7 @@ impl Engine {
             let (k, v) = item?;
             // Damaged records stay: their retries are refused as DATA_LOSS.
             if let Ok(None) = store::IdempotencyRecord::live(&v, now) {
-                self.store.idempotency.remove(k)?;
+                self.store.writer.remove(&self.store.idempotency, k)?;
                 removed += 1;
             }
         }
@@ -1193,14 +1205,15 @@ impl Engine {
             None
         };
         let s = &self.store;
-        (
-            &s.records,
-            &s.data_keys,
-            &s.index,
-            self.lineage.tree(),
-            self.features.tree(),
-        )
-            .transaction(|(r, k, i, l, f)| {
+        s.writer.transact(
+            [
+                &s.records,
+                &s.data_keys,
+                &s.index,
+                self.lineage.tree(),
+                self.features.tree(),
+            ],
+            |[r, k, i, l, f]| {
                 staged.apply(l)?;
                 if let Some(secret) = &secret {
                     features::erase(f, secret, tenant, customer, &feature_names)?;
@@ -1213,8 +1226,8 @@ impl Engine {
                     i.remove(e.as_slice())?;
                 }
                 Ok::<_, ConflictableTransactionError<VaultError>>(())
-            })
-            .map_err(tx_err)?;
+            },
+        )?;
         Ok((
             u32::try_from(record_keys.len()).unwrap_or(u32::MAX),
             u32::try_from(entries.len()).unwrap_or(u32::MAX),

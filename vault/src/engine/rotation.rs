@@ -126,8 +126,8 @@ impl KeyStates {
 
     fn set(&self, store: &Store, tenant: &str, st: KeyState) -> Result<()> {
         store
-            .meta
-            .insert(store::keystate_key(tenant), st.encode_to_vec())?;
+            .writer
+            .insert(&store.meta, store::keystate_key(tenant), st.encode_to_vec())?;
         if let Ok(mut m) = self.map.write() {
             m.insert(tenant.to_owned(), st);
         }
@@ -413,7 +413,9 @@ impl KeyRotation {
         let nw = self
             .keyring
             .wrap(kek, &place, &dek, &pad, w.created_at_ms)?;
-        self.store.data_keys.insert(key, nw.encode_to_vec())?;
+        self.store
+            .writer
+            .insert(&self.store.data_keys, key, nw.encode_to_vec())?;
         Ok(())
     }
 

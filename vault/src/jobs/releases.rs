@@ -219,7 +219,8 @@ impl Releases {
             if let Some(earlier) = differencing_conflict(&tree, &tenant, &name, &subjects, k)? {
                 return Ok(Some(earlier));
             }
-            tree.insert(
+            engine.store().writer.insert(
+                &tree,
                 release_key(&tenant, &name, &job),
                 encode_record(&subjects, &[]),
             )?;
@@ -242,7 +243,8 @@ impl Releases {
         subjects: &[Digest],
         aggregate: &[u8],
     ) -> Result<()> {
-        Self::tree(engine)?.insert(
+        engine.store().writer.insert(
+            &Self::tree(engine)?,
             release_key(&p.tenant, &p.name, job_id),
             encode_record(subjects, aggregate),
         )?;

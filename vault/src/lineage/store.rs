@@ -34,7 +34,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prost::Message;
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::ConflictableTransactionError;
+
+use crate::store::{Tx, Writer};
 use sovra_ledger::entry::WrittenField;
 use sovra_ledger::{Digest, Ledger, Pseudonym};
 use sovra_proto::lineage::v1 as pb;
@@ -197,7 +199,7 @@ impl Staged {
     /// Applies the staged writes inside a transaction over `lineage`.
     pub(crate) fn apply(
         &self,
-        t: &TransactionalTree,
+        t: &Tx<'_>,
     ) -> sled::transaction::ConflictableTransactionResult<(), VaultError> {
         for (k, v) in &self.ops {
             match v {
@@ -329,6 +331,7 @@ pub struct LineageStore {
     // across restarts too, so an id is never reused for another activity.
     db: sled::Db,
     tree: sled::Tree,
+    writer: Writer,
     // Only its lineage keys (value hashes) and customer references are
     // used; the store never sees a
     // data key.
@@ -343,8 +346,18 @@ impl std::fmt::Debug for LineageStore {
 
 impl LineageStore {
     /// The store over `tree` (the `lineage` tree of `db`).
-    pub(crate) fn new(db: sled::Db, tree: sled::Tree, keyring: Arc<KeyRing>) -> Self {
-        Self { db, tree, keyring }
+    pub(crate) fn new(
+        db: sled::Db,
+        tree: sled::Tree,
+        writer: Writer,
+        keyring: Arc<KeyRing>,
+    ) -> Self {
+        Self {
+            db,
+            tree,
+            writer,
+            keyring,
+        }
     }
 
     /// The tree, for the transactions that apply [`Staged`] writes.
@@ -465,14 +478,13 @@ impl LineageStore {
         // INVARIANT: only erasures stage aggregates, and they go through
         // the erasure's transaction (`Staged::apply`).
         debug_assert!(staged.stats.is_empty());
-        let mut batch = sled::Batch::default();
-        for (k, v) in &staged.ops {
-            match v {
-                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
-                None => batch.remove(k.as_slice()),
-            }
-        }
-        Ok(self.tree.apply_batch(batch)?)
+        let writes: Vec<(&[u8], Option<&[u8]>)> = staged
+            .ops
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_deref()))
+            .collect();
+        self.writer.write(&self.tree, &writes)?;
+        Ok(())
     }
 
     /// Stages the removal of a customer's lineage at erasure: every

@@ -1,4 +1,4 @@
-//! Storage layout on sled, and group commit.
+//! Storage layout on sled, a view of the write-ahead log.
 //!
 //! One sled database per data directory, one tree per concern:
 //! - `records`: `tenant 0 ref 0 field` → [`StoredField`] (sealed value)
@@ -15,21 +15,28 @@
 //!
 //! Beside it, `shred.slots` holds each customer's pad (see `shred.rs`).
 //!
-//! Guarantees: [`Store::commit`] returns only once every write made before
-//! it was called is on disk (the shred slots fsynced, then the sled flush). Concurrent callers share
-//! one flush (group commit), so durable writes cost one fsync per group, not
-//! per write.
+//! Every write goes through the [`Writer`] (see `log.rs`), which logs it in
+//! the data directory's write-ahead log (`wal/`); sled is flushed only by
+//! [`Store::flush_view`].
 //!
-//! Does not guarantee: that removed bytes are overwritten on disk. sled is
-//! log-structured, so a removed wrapped key may survive in an old segment
-//! until the segment is reused (SECURITY.md discusses what this means for
-//! erasure).
+//! Guarantees: [`Store::commit`] returns only once every write made before
+//! it was called is durable in the log (the shred slots are synced before
+//! each group is written). Concurrent callers share one sync (group
+//! commit), so durable writes cost one fsync per group, not per write.
+//!
+//! Does not guarantee: that removed bytes are overwritten on disk. sled and
+//! the log are append-only, so a removed wrapped key may survive in an old
+//! sled segment until it is reused, and in a log segment until it is
+//! retired (SECURITY.md says what this means for erasure: the pads are
+//! never logged).
 
-use std::sync::{mpsc, Arc};
-use std::thread;
+pub(crate) mod log;
 
-use tokio::sync::oneshot;
+use std::sync::Arc;
 
+use sovra_wal::Wal;
+
+pub(crate) use self::log::{Tx, Writer};
 use crate::crypto::keys::{CustomerRef, CUSTOMER_REF_LEN};
 use crate::crypto::shred::ShredSlots;
 use crate::error::{Result, VaultError};
@@ -156,23 +163,13 @@ pub struct Store {
     pub(crate) idempotency: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
     pub(crate) dir: std::path::PathBuf,
-    committer: Option<mpsc::Sender<Waiter>>,
-    commit_thread: Option<thread::JoinHandle<()>>,
+    /// Every write to the trees above goes through it.
+    pub(crate) writer: Writer,
 }
 
-type Waiter = oneshot::Sender<std::result::Result<(), String>>;
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        // Closing the queue ends the commit thread; joining it releases its
-        // handle on the database, so the directory's lock is free once the
-        // store is gone.
-        self.committer.take();
-        if let Some(t) = self.commit_thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+/// `meta` key: the log position the view holds (see `log.rs`). View
+/// bookkeeping, written outside the log.
+const WAL_APPLIED_KEY: &[u8] = b"wal-applied";
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -181,17 +178,21 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database under `dir`.
-    pub fn open(dir: &std::path::Path) -> Result<Store> {
+    /// Opens (or creates) the database under `dir`, a view of `wal`: the
+    /// writes the log holds beyond the view's position are applied again.
+    pub fn open(dir: &std::path::Path, wal: Arc<Wal>) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| {
             VaultError::config(
                 dir.display().to_string(),
                 format!("cannot create the data directory: {e}"),
             )
         })?;
+        // sled writes on its own only when a buffer fills: the log, not
+        // sled's flusher, is what makes a write durable.
         let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
             .cache_capacity(256 * 1024 * 1024);
         let db = sovra_ledger::open_sled(&config).map_err(|e| {
             VaultError::config(
@@ -213,8 +214,13 @@ impl Store {
         let idempotency = db.open_tree("idempotency")?;
         // Opened after sled, whose lock keeps a second server out.
         let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
-        let (committer, commit_thread) = spawn_committer(db.clone(), slots.clone())?;
-        Ok(Store {
+        // INVARIANT: pads are written before the frame that references
+        // them is appended, and synced before any group is written, so a
+        // durable data key never references a pad that is not.
+        let s = slots.clone();
+        wal.set_before_write(move || s.sync().map_err(|e| e.to_string()));
+        let writer = Writer::new(db.clone(), wal.clone());
+        let store = Store {
             db,
             records,
             data_keys,
@@ -225,62 +231,85 @@ impl Store {
             idempotency,
             slots,
             dir: dir.to_path_buf(),
-            committer: Some(committer),
-            commit_thread: Some(commit_thread),
-        })
+            writer,
+        };
+        store.catch_up(&wal)?;
+        Ok(store)
+    }
+
+    /// Applies the log's writes from the view's position on, then flushes
+    /// the view.
+    fn catch_up(&self, wal: &Wal) -> Result<()> {
+        let durable = wal.durable_lsn()?;
+        let from = match self.meta.get(WAL_APPLIED_KEY)? {
+            Some(v) => <[u8; 8]>::try_from(&v[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| VaultError::integrity("the vault's recorded log position"))?,
+            // A vault from before the log (flushed at every commit) starts
+            // it here; only an empty log may meet it.
+            None if durable == wal.first_lsn() => durable,
+            None => {
+                return Err(VaultError::config(
+                    self.dir.display().to_string(),
+                    format!(
+                        "the vault database was lost, truncated or replaced: it records no position in the write-ahead log, \
+                         which holds records up to LSN {durable}; nothing was changed: restore it from a backup"
+                    ),
+                ))
+            }
+        };
+        if from > durable {
+            return Err(VaultError::config(
+                wal.dir().display().to_string(),
+                format!(
+                    "the vault database in {} holds the log up to LSN {from} but the log ends at LSN {durable}: \
+                     the log was deleted or restored from an older copy; nothing was changed",
+                    self.dir.display()
+                ),
+            ));
+        }
+        let (_, applied) = self.writer.replay(from)?;
+        if applied > 0 {
+            tracing::info!(
+                writes = applied,
+                from,
+                "vault writes applied again from the write-ahead log"
+            );
+        }
+        self.flush_view()?;
+        Ok(())
     }
 
     /// Waits until everything written before the call is durable.
     pub async fn commit(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.committer
-            .as_ref()
-            .ok_or_else(|| VaultError::storage("the store is closing"))?
-            .send(tx)
-            .map_err(|_| VaultError::storage("the commit thread has stopped"))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(VaultError::storage(format!("flush failed: {e}"))),
-            Err(_) => Err(VaultError::storage("the commit thread has stopped")),
-        }
+        self.writer.commit().await
     }
 
-    /// Flushes synchronously (for callers without an async runtime).
+    /// Makes every write durable and flushes the view (for callers without
+    /// an async runtime, and at shutdown).
     pub fn flush(&self) -> Result<()> {
-        self.slots.sync()?;
-        self.db.flush()?;
-        Ok(())
+        self.flush_view().map(|_| ())
     }
-}
 
-/// The group-commit thread: it takes every waiter queued while the previous
-/// flush ran, flushes once, and answers them all.
-fn spawn_committer(
-    db: sled::Db,
-    slots: Arc<ShredSlots>,
-) -> Result<(mpsc::Sender<Waiter>, thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::channel::<Waiter>();
-    let handle = thread::Builder::new()
-        .name("sovra-commit".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut waiters = vec![first];
-                while let Ok(w) = rx.try_recv() {
-                    waiters.push(w);
-                }
-                // Pads first: a durable record must never reference a pad
-                // that is not durable.
-                let r = slots
-                    .sync()
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| db.flush().map(|_| ()).map_err(|e| e.to_string()));
-                for w in waiters {
-                    let _ = w.send(r.clone());
-                }
-            }
-        })
-        .map_err(|e| VaultError::storage(format!("cannot start the commit thread: {e}")))?;
-    Ok((tx, handle))
+    /// Flushes the view and records the log position it holds; returns
+    /// that position (the log's records below it are no longer needed by
+    /// the vault).
+    pub fn flush_view(&self) -> Result<u64> {
+        let at = self.writer.position();
+        self.writer.wal().wait_durable_blocking(at)?;
+        self.slots.sync()?;
+        // INVARIANT: the view is on disk before the position that lets
+        // start-up skip the writes it holds.
+        self.db.flush()?;
+        self.meta.insert(WAL_APPLIED_KEY, &at.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(at)
+    }
+
+    /// The write-ahead log.
+    pub(crate) fn wal(&self) -> &Arc<Wal> {
+        self.writer.wal()
+    }
 }
 
 /// `tenant 0 ref 0`: prefix of every record of a customer.
@@ -367,21 +396,88 @@ mod tests {
         );
     }
 
+    fn wal(dir: &std::path::Path) -> Arc<Wal> {
+        Arc::new(
+            Wal::open(&dir.join("wal"), sovra_wal::WalOptions::default())
+                .unwrap()
+                .wal,
+        )
+    }
+
+    fn copy_files(from: &std::path::Path, to: &std::path::Path, skip: &str) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() == skip {
+                continue;
+            }
+            let dest = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_files(&e.path(), &dest, skip);
+            } else {
+                std::fs::copy(e.path(), dest).unwrap();
+            }
+        }
+    }
+
+    /// Writes committed by concurrent callers are in the log: a view
+    /// restored from a copy taken before them gets them back at open.
     #[tokio::test]
-    async fn commit_is_shared_by_concurrent_callers() {
+    async fn committed_writes_replay_into_an_older_view() {
         let dir = tempfile::tempdir().unwrap();
-        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        let data = dir.path().join("data");
+        let snap = dir.path().join("snap");
+        let store = Arc::new(Store::open(&data, wal(&data)).unwrap());
+        store.flush_view().unwrap();
+        copy_files(&data, &snap, "wal");
         let mut tasks = Vec::new();
         for i in 0..32u32 {
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
-                s.records.insert(i.to_be_bytes(), &[1u8][..]).unwrap();
+                s.writer.insert(&s.records, i.to_be_bytes(), [1u8]).unwrap();
                 s.commit().await.unwrap();
             }));
         }
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(store.records.len(), 32);
+        store
+            .writer
+            .remove(&store.records, 7u32.to_be_bytes())
+            .unwrap();
+        store.commit().await.unwrap();
+        drop(store);
+        for e in std::fs::read_dir(&data).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() != "wal" {
+                let p = e.path();
+                if p.is_dir() {
+                    std::fs::remove_dir_all(p).unwrap();
+                } else {
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+        }
+        copy_files(&snap, &data, "wal");
+        let store = Store::open(&data, wal(&data)).unwrap();
+        assert_eq!(store.records.len(), 31);
+        assert!(store.records.get(7u32.to_be_bytes()).unwrap().is_none());
+    }
+
+    /// A deleted log under a view that recorded a position is refused.
+    #[tokio::test]
+    async fn a_deleted_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), wal(dir.path())).unwrap();
+        store.writer.insert(&store.records, b"k", b"v").unwrap();
+        store.flush_view().unwrap();
+        drop(store);
+        std::fs::remove_dir_all(dir.path().join("wal")).unwrap();
+        let e = Store::open(dir.path(), wal(dir.path())).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the log was deleted or restored from an older copy"),
+            "{e}"
+        );
     }
 }
