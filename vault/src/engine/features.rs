@@ -398,8 +398,8 @@ pub(crate) fn put(
                     "the tenant has used every feature slot",
                 ));
             };
-            f.insert(nk, &after.to_be_bytes())?;
-            f.insert(sk, &next.to_be_bytes())?;
+            f.insert(nk, after.to_be_bytes())?;
+            f.insert(sk, next.to_be_bytes())?;
             f.insert(reverse_key(tenant, next), &customer.0[..])?;
             next
         }

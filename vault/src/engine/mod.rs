@@ -599,7 +599,7 @@ impl Engine {
             ) {
                 self.store.slots.shred(slot)?;
                 self.store.slots.release([slot]);
-                return Err(e.into());
+                return Err(e);
             }
         }
         Ok((Digest(dek.pseudonym(tenant, customer)), created))
