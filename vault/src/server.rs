@@ -93,6 +93,18 @@ impl ServerHandle {
         if let Some(v) = self.views.take() {
             v.finish().await;
         }
+        // A clean stop folds pending feature values into their blocks, so
+        // the next start has nothing left to pack.
+        if !self.engine.schema().feature_catalog().is_empty() {
+            let engine = self.engine.clone();
+            match tokio::task::spawn_blocking(move || engine.pack_features(None, None)).await {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot pack pending feature writes at shutdown")
+                }
+                Err(e) => tracing::error!(error = %e, "the shutdown packing task failed"),
+                Ok(Ok(_)) => {}
+            }
+        }
         flush_views(&self.engine, &self.ledger)?;
         match served {
             Ok(Ok(())) => Ok(()),
