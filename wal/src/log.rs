@@ -170,94 +170,7 @@ impl Wal {
             ..opts
         };
         let mut segments = list_segments(dir)?;
-        let mut torn = None;
-        let mut next = 0u64;
-        let mut removed_last = false;
-        let n = segments.len();
-        for (i, seg) in segments.iter().enumerate() {
-            let last = i + 1 == n;
-            let bytes =
-                std::fs::read(&seg.path).map_err(|e| WalError::io(&seg.path, "read", &e))?;
-            if last && bytes.len() < SEGMENT_HEADER && seg.first == next {
-                // A segment whose creation a crash interrupted: it holds no
-                // record, so removing it loses nothing.
-                std::fs::remove_file(&seg.path)
-                    .map_err(|e| WalError::io(&seg.path, "remove the torn segment", &e))?;
-                torn = Some(TornTail {
-                    segment: seg.path.clone(),
-                    offset: 0,
-                    dropped: bytes.len() as u64,
-                    reason: "the segment's header was never completely written".into(),
-                });
-                removed_last = true;
-                continue;
-            }
-            let (first, scan) = frame::scan_segment(&bytes).map_err(|why| {
-                WalError::corrupt(format!("{}: offset 0: {why}", seg.path.display()))
-            })?;
-            if first != seg.first {
-                return Err(WalError::corrupt(format!(
-                    "{}: its header says it starts at LSN {first}, its name says {}",
-                    seg.path.display(),
-                    seg.first
-                )));
-            }
-            if i > 0 && first != next {
-                return Err(WalError::corrupt(format!(
-                    "{}: starts at LSN {first} but the segment before ends at LSN {next}: records {}..{} are missing",
-                    seg.path.display(),
-                    next.min(first),
-                    next.max(first)
-                )));
-            }
-            next = scan.next_lsn;
-            let Some((offset, reason)) = scan.stop else {
-                continue;
-            };
-            let here = format!("{}: offset {offset}", seg.path.display());
-            if !last {
-                return Err(WalError::corrupt(format!(
-                    "{here}: {reason}; the segment was complete when the next one began, so this is damage, not a torn write"
-                )));
-            }
-            if next < opts.floor {
-                return Err(WalError::corrupt(format!(
-                    "{here}: {reason}; records from LSN {next} were already applied and durable (up to {}), so this is damage, not a torn write",
-                    opts.floor
-                )));
-            }
-            if let Some(f) = frame::find_later_frame(&bytes, offset as usize) {
-                if f.synced > next {
-                    return Err(WalError::corrupt(format!(
-                        "{here}: {reason}; a later frame (offset {}) records that LSN {} was durable, so this is damage, not a torn write",
-                        f.offset, f.synced
-                    )));
-                }
-            }
-            let file = OpenOptions::new()
-                .write(true)
-                .open(&seg.path)
-                .map_err(|e| WalError::io(&seg.path, "open", &e))?;
-            file.set_len(offset)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| WalError::io(&seg.path, "truncate the torn tail", &e))?;
-            torn = Some(TornTail {
-                segment: seg.path.clone(),
-                offset,
-                dropped: bytes.len() as u64 - offset,
-                reason,
-            });
-        }
-        if removed_last {
-            segments.pop();
-        }
-        if next < opts.floor {
-            return Err(WalError::corrupt(format!(
-                "{}: the log ends at LSN {next} but records up to {} were applied: segments were lost or restored from an older copy",
-                dir.display(),
-                opts.floor
-            )));
-        }
+        let (next, torn) = recover(dir, &mut segments, opts.floor)?;
         let file = match segments.last() {
             Some(s) => OpenOptions::new()
                 .append(true)
@@ -511,6 +424,98 @@ impl Drop for Wal {
             let _ = t.join();
         }
     }
+}
+
+/// Scans every segment, cutting a torn tail and refusing damage (see the
+/// crate docs); returns the LSN after the last record and the tail cut.
+fn recover(dir: &Path, segments: &mut Vec<Segment>, floor: u64) -> Result<(u64, Option<TornTail>)> {
+    let mut torn = None;
+    let mut next = 0u64;
+    let mut removed_last = false;
+    let n = segments.len();
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == n;
+        let bytes = std::fs::read(&seg.path).map_err(|e| WalError::io(&seg.path, "read", &e))?;
+        if last && bytes.len() < SEGMENT_HEADER && seg.first == next {
+            // A segment whose creation a crash interrupted: it holds no
+            // record, so removing it loses nothing.
+            std::fs::remove_file(&seg.path)
+                .map_err(|e| WalError::io(&seg.path, "remove the torn segment", &e))?;
+            torn = Some(TornTail {
+                segment: seg.path.clone(),
+                offset: 0,
+                dropped: bytes.len() as u64,
+                reason: "the segment's header was never completely written".into(),
+            });
+            removed_last = true;
+            continue;
+        }
+        let (first, scan) = frame::scan_segment(&bytes)
+            .map_err(|why| WalError::corrupt(format!("{}: offset 0: {why}", seg.path.display())))?;
+        if first != seg.first {
+            return Err(WalError::corrupt(format!(
+                "{}: its header says it starts at LSN {first}, its name says {}",
+                seg.path.display(),
+                seg.first
+            )));
+        }
+        if i > 0 && first != next {
+            return Err(WalError::corrupt(format!(
+                    "{}: starts at LSN {first} but the segment before ends at LSN {next}: records {}..{} are missing",
+                    seg.path.display(),
+                    next.min(first),
+                    next.max(first)
+                )));
+        }
+        next = scan.next_lsn;
+        let Some((offset, reason)) = scan.stop else {
+            continue;
+        };
+        let here = format!("{}: offset {offset}", seg.path.display());
+        if !last {
+            return Err(WalError::corrupt(format!(
+                    "{here}: {reason}; the segment was complete when the next one began, so this is damage, not a torn write"
+                )));
+        }
+        if next < floor {
+            return Err(WalError::corrupt(format!(
+                    "{here}: {reason}; records from LSN {next} were already applied and durable (up to {}), so this is damage, not a torn write",
+                    floor
+                )));
+        }
+        if let Some(f) = frame::find_later_frame(&bytes, offset as usize) {
+            if f.synced > next {
+                return Err(WalError::corrupt(format!(
+                        "{here}: {reason}; a later frame (offset {}) records that LSN {} was durable, so this is damage, not a torn write",
+                        f.offset, f.synced
+                    )));
+            }
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&seg.path)
+            .map_err(|e| WalError::io(&seg.path, "open", &e))?;
+        file.set_len(offset)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| WalError::io(&seg.path, "truncate the torn tail", &e))?;
+        torn = Some(TornTail {
+            segment: seg.path.clone(),
+            offset,
+            dropped: bytes.len() as u64 - offset,
+            reason,
+        });
+    }
+    if removed_last {
+        segments.pop();
+    }
+    if next < floor {
+        return Err(WalError::corrupt(format!(
+                "{}: the log ends at LSN {next} but records up to {} were applied: segments were lost or restored from an older copy",
+                dir.display(),
+                floor
+            )));
+    }
+    Ok((next, torn))
 }
 
 /// The recorded floor; 0 if none was recorded.
