@@ -377,6 +377,76 @@ impl Inner {
     }
 }
 
+/// Opens the ledger's sled database in `dir`; with `logged`, sled's own
+/// flusher is off.
+fn open_db(dir: &Path, logged: bool) -> Result<sled::Db> {
+    let mut config = sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .cache_capacity(128 * 1024 * 1024);
+    if logged {
+        // sled writes on its own only when a buffer fills: the log, not
+        // sled's flusher, is what makes an entry durable.
+        config = config.flush_every_ms(None);
+    }
+    open_sled(&config).map_err(|e| match e {
+            SledOpenError::Damaged => LedgerError::integrity(format!(
+                "{}: the ledger database is damaged (truncated or altered) and cannot be opened; restore it from a backup",
+                dir.display()
+            )),
+            e => LedgerError::config(format!(
+                "{}: cannot open the ledger database: {e}",
+                dir.display()
+            )),
+        })
+}
+
+/// The head of `size` stored entries, trusting the stored hashes.
+fn stored_head(inner: &Inner, size: u64) -> Result<Head> {
+    let (last_leaf, last_ts) = match size.checked_sub(1) {
+        None => ([0; 32], 0),
+        Some(i) => {
+            let b = inner.log.get(entry_key(i))?.ok_or_else(|| {
+                LedgerError::integrity(format!("entry {i} (the last) is missing"))
+            })?;
+            let e = Entry::decode(&b).map_err(|e| {
+                LedgerError::integrity(format!("entry {i} (the last) does not decode: {e}"))
+            })?;
+            (leaf_hash(&b), e.timestamp_ms)
+        }
+    };
+    Ok(Head {
+        size,
+        last_leaf,
+        last_ts,
+        frontier: Frontier::load(&inner.hashes, size)?,
+        lsn: 0,
+    })
+}
+
+/// Checks the log against the latest checkpoint it signed, and keeps it.
+fn check_latest_checkpoint(inner: &Inner, size: u64) -> Result<()> {
+    if let Some(item) = inner.checkpoints.iter().next_back() {
+        let (_, note) = item?;
+        let cp = crate::checkpoint::verify_checkpoint(&note, &inner.key.verifier_key())
+            .map_err(|e| LedgerError::integrity(format!("the latest stored checkpoint: {e}")))?;
+        if cp.size > size {
+            return Err(LedgerError::integrity(format!(
+                    "the log holds {size} entries but signed a checkpoint at size {}: entries {size}..{} were removed",
+                    cp.size, cp.size
+                )));
+        }
+        if cp.root != inner.tree_hash(cp.size)? {
+            return Err(LedgerError::integrity(format!(
+                "the entries do not match the checkpoint signed at size {}: history was rewritten",
+                cp.size
+            )));
+        }
+        *inner.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
+    }
+    Ok(())
+}
+
 impl Ledger {
     /// Opens (or creates) the ledger in `dir`, signing with `key`.
     pub fn open(dir: &Path, key: LogKey, opts: LedgerOptions) -> Result<Ledger> {
@@ -386,25 +456,7 @@ impl Ledger {
                 dir.display()
             ))
         })?;
-        let mut config = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .cache_capacity(128 * 1024 * 1024);
-        if opts.wal.is_some() {
-            // sled writes on its own only when a buffer fills: the log, not
-            // sled's flusher, is what makes an entry durable.
-            config = config.flush_every_ms(None);
-        }
-        let db = open_sled(&config).map_err(|e| match e {
-            SledOpenError::Damaged => LedgerError::integrity(format!(
-                "{}: the ledger database is damaged (truncated or altered) and cannot be opened; restore it from a backup",
-                dir.display()
-            )),
-            e => LedgerError::config(format!(
-                "{}: cannot open the ledger database: {e}",
-                dir.display()
-            )),
-        })?;
+        let db = open_db(dir, opts.wal.is_some())?;
         let log = db.open_tree("log")?;
         let checkpoints = db.open_tree("checkpoints")?;
         let size = match log.get(META_SIZE)? {
@@ -446,50 +498,13 @@ impl Ledger {
         let head = if opts.verify_on_open {
             verify_stored(&inner, size)?
         } else {
-            let (last_leaf, last_ts) = match size.checked_sub(1) {
-                None => ([0; 32], 0),
-                Some(i) => {
-                    let b = inner.log.get(entry_key(i))?.ok_or_else(|| {
-                        LedgerError::integrity(format!("entry {i} (the last) is missing"))
-                    })?;
-                    let e = Entry::decode(&b).map_err(|e| {
-                        LedgerError::integrity(format!("entry {i} (the last) does not decode: {e}"))
-                    })?;
-                    (leaf_hash(&b), e.timestamp_ms)
-                }
-            };
-            Head {
-                size,
-                last_leaf,
-                last_ts,
-                frontier: Frontier::load(&inner.hashes, size)?,
-                lsn: 0,
-            }
+            stored_head(&inner, size)?
         };
         let head = match &opts.wal {
             None => head,
             Some(wal) => replay_wal(&inner, head, wal, flushed)?.0,
         };
-        if let Some(item) = inner.checkpoints.iter().next_back() {
-            let (_, note) = item?;
-            let cp = crate::checkpoint::verify_checkpoint(&note, &inner.key.verifier_key())
-                .map_err(|e| {
-                    LedgerError::integrity(format!("the latest stored checkpoint: {e}"))
-                })?;
-            if cp.size > size {
-                return Err(LedgerError::integrity(format!(
-                    "the log holds {size} entries but signed a checkpoint at size {}: entries {size}..{} were removed",
-                    cp.size, cp.size
-                )));
-            }
-            if cp.root != inner.tree_hash(cp.size)? {
-                return Err(LedgerError::integrity(format!(
-                    "the entries do not match the checkpoint signed at size {}: history was rewritten",
-                    cp.size
-                )));
-            }
-            *inner.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(cp);
-        }
+        check_latest_checkpoint(&inner, size)?;
         let (tx, rx) = mpsc::channel::<Waiter>();
         let t_inner = inner.clone();
         let interval = opts.checkpoint_interval.max(Duration::from_millis(10));

@@ -31,7 +31,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prost::Message;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::ConflictableTransactionError;
 
 use self::features::FeatureStore;
 use self::locks::CustomerLocks;
@@ -288,13 +288,6 @@ fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
                 found.map_or_else(|| "1".to_owned(), |v| format!("{v:?}"))
             ),
         )),
-    }
-}
-
-pub(crate) fn tx_err(e: TransactionError<VaultError>) -> VaultError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => e.into(),
     }
 }
 

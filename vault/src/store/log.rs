@@ -248,7 +248,7 @@ impl Writer {
                 });
                 f(&txs)
             })
-            .map_err(crate::engine::tx_err)?;
+            .map_err(tx_err)?;
         // INVARIANT: logged under the lock that ordered the apply.
         self.log(&ops.borrow())?;
         Ok(r)
@@ -388,6 +388,14 @@ impl Writer {
             Some(e) => Err(e),
             None => Ok((end, applied)),
         }
+    }
+}
+
+/// A transaction's own abort, or sled's failure as a storage error.
+fn tx_err(e: sled::transaction::TransactionError<VaultError>) -> VaultError {
+    match e {
+        sled::transaction::TransactionError::Abort(e) => e,
+        sled::transaction::TransactionError::Storage(e) => e.into(),
     }
 }
 
