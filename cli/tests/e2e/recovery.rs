@@ -252,6 +252,43 @@ async fn an_older_copy_of_the_vault_files_gets_the_ledgers_erasures_again() {
     );
 }
 
+/// A view older than the ledger whose recorded log position was forged (so
+/// the log does not bring it up to date) is refused, naming the field and
+/// the ledger entry, rather than serving ann's old phone number as current.
+#[tokio::test]
+async fn values_older_than_the_ledgers_versions_are_refused_not_served() {
+    let env = Env::new();
+    three_customers(&env).await;
+    let before = copy_vault_files(&env, true);
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    for phone in ["13800000901", "13800000902"] {
+        svc.put_record(put("ann", &[("phone", text(phone))]))
+            .await
+            .unwrap();
+    }
+    srv.stop().await;
+    restore(&env, before.path(), true);
+    let end = sovra_wal::Wal::open(&env.data_dir().join("wal"), Default::default())
+        .unwrap()
+        .wal
+        .next_lsn();
+    {
+        let db = open_raw(&env.data_dir());
+        db.open_tree("meta")
+            .unwrap()
+            .insert(b"wal-applied", &end.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let out = refused_start(&env);
+    assert!(
+        out.contains("older than the versions the ledger records")
+            && out.contains("field `phone` holds version 1, below version 2"),
+        "{out}"
+    );
+}
+
 /// Starts the server on `env`, records a consent of ann and ben, stops it.
 async fn two_consents(env: &Env) {
     let srv = env.start().await;

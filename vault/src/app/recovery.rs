@@ -18,18 +18,26 @@
 //!   record that disagrees is rebuilt, so a changed view byte is never
 //!   taken as a consent.
 //!
-//! Does not guarantee: that a value older than the ledger's latest
-//! `fields_written` version is refused after a restore of the vault's
-//! files alone. The vault and the ledger are flushed separately, so after a
-//! crash the ledger may name a version the vault never acknowledged; only a
-//! single log under both can tell that apart (SECURITY.md, "Recovery").
+//! - a field value older than the ledger's `fields_written` entries from
+//!   the anchor on say the vault holds refuses to start, naming the
+//!   customer's pseudonym, the field and the entry (the write-ahead log
+//!   normally brings restored files up to date first; this catches a view
+//!   whose recorded log position was forged or a log restored with it).
+//!   An entry whose write failed after it was appended is marked in the
+//!   vault (`store::void_anchor_key`) and sets no floor.
+//!
+//! Does not guarantee: that a customer's *latest* write, restored away,
+//! is noticed. Its ledger entry is appended before the write is applied, so
+//! a crash leaves the same picture; the floor of the latest entry is one
+//! version lower. Nor that a value altered in place below the anchor is
+//! noticed: only entries from the anchor on are read at start.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use sovra_ledger::{Body, Ledger, Pseudonym};
 
-use crate::engine::{Engine, ErasureFacts, Recovered};
+use crate::engine::{Engine, ErasureFacts, Floor, Floors, Recovered};
 use crate::error::{Result, VaultError};
 
 /// The `meta` key of the anchor: size (8 bytes, big-endian) and root (32).
@@ -145,25 +153,89 @@ fn check_anchor(
     Ok(anchor.size)
 }
 
-/// The ledger's erasures, for the engine's reconciliation.
+/// The ledger's erasures and written versions, for the engine's
+/// reconciliation.
 struct LedgerFacts<'a> {
     ledger: &'a Ledger,
     since_anchor: HashSet<(String, Pseudonym)>,
+    floors: Floors,
+}
+
+/// A customer's written versions while the entries are read in order.
+#[derive(Default)]
+struct Versions {
+    /// From every entry but the latest.
+    settled: HashMap<String, Floor>,
+    /// From the latest entry.
+    last: Vec<(String, Floor)>,
 }
 
 impl LedgerFacts<'_> {
-    fn collect(ledger: &Ledger, from: u64) -> Result<LedgerFacts<'_>> {
+    fn collect<'a>(engine: &Engine, ledger: &'a Ledger, from: u64) -> Result<LedgerFacts<'a>> {
+        let void = engine.store().void_anchors()?;
         let mut since_anchor = HashSet::new();
+        let mut versions: HashMap<(String, Pseudonym), Versions> = HashMap::new();
         for i in from..ledger.size() {
             let (_, e) = ledger.entry(i)?;
-            if let Body::CustomerErased(x) = e.body {
-                since_anchor.insert((x.tenant, x.subject));
+            match e.body {
+                Body::CustomerErased(x) => {
+                    since_anchor.insert((x.tenant, x.subject));
+                }
+                // A sandbox job's output is a derived value in the lineage,
+                // not a stored field.
+                Body::FieldsWritten(w)
+                    if !w.channel.starts_with("sandbox:") && !void.contains(&i) =>
+                {
+                    let v = versions.entry((w.tenant, w.subject)).or_default();
+                    for (f, floor) in std::mem::take(&mut v.last) {
+                        raise(&mut v.settled, f, floor);
+                    }
+                    v.last = w
+                        .fields
+                        .into_iter()
+                        .map(|f| {
+                            (
+                                f.field,
+                                Floor {
+                                    version: f.version,
+                                    index: i,
+                                },
+                            )
+                        })
+                        .collect();
+                }
+                _ => {}
             }
         }
+        let floors = versions
+            .into_iter()
+            .map(|(k, v)| {
+                let mut fields = v.settled;
+                for (f, floor) in v.last {
+                    // INVARIANT: a write's ledger entry is appended before
+                    // the write is applied (its lineage names the entry), so
+                    // a crash can leave a customer's latest entry without
+                    // its write: one version less is then what the vault
+                    // holds.
+                    let version = floor.version.saturating_sub(1);
+                    raise(&mut fields, f, Floor { version, ..floor });
+                }
+                (k, fields)
+            })
+            .collect();
         Ok(LedgerFacts {
             ledger,
             since_anchor,
+            floors,
         })
+    }
+}
+
+/// Keeps the higher of `floor` and the one `fields` holds for `field`.
+fn raise(fields: &mut HashMap<String, Floor>, field: String, floor: Floor) {
+    let e = fields.entry(field).or_insert(floor);
+    if floor.version > e.version {
+        *e = floor;
     }
 }
 
@@ -185,6 +257,10 @@ impl ErasureFacts for LedgerFacts<'_> {
     fn erased_since_anchor(&self) -> &HashSet<(String, Pseudonym)> {
         &self.since_anchor
     }
+
+    fn floors_since_anchor(&self) -> &Floors {
+        &self.floors
+    }
 }
 
 /// Runs every start-up check (see the module docs) and records a fresh
@@ -196,7 +272,7 @@ pub fn reconcile(
     ledger_dir: &Path,
 ) -> Result<Recovered> {
     let from = check_anchor(engine, ledger, data_dir, ledger_dir)?;
-    let facts = LedgerFacts::collect(ledger, from)?;
+    let facts = LedgerFacts::collect(engine, ledger, from)?;
     let recovered = engine.recover(&facts)?;
     let rebuilt = ledger.rebuild_consent_view()?;
     if rebuilt > 0 {

@@ -46,7 +46,7 @@ use crate::store::{self, Store, StoredField};
 use sovra_ledger::{Digest, Ledger, Pseudonym};
 use sovra_proto::lineage::v1 as lpb;
 
-pub use self::recovery::{ErasureFacts, NoLedger, Recovered};
+pub use self::recovery::{ErasureFacts, Floor, Floors, NoLedger, Recovered};
 pub use crate::schema::{validate_id, Revealed, Source, MAX_CUSTOMER_ID_LEN};
 /// Most ids a search returns.
 pub const MAX_SEARCH_LIMIT: u32 = 1000;
@@ -332,11 +332,12 @@ impl Engine {
         // The components get handles on the trees the store opened, so the
         // on-disk layout stays the store's.
         let lineage = LineageStore::new(
-            store.db.clone(),
+            &store.db,
+            store.meta.clone(),
             store.lineage.clone(),
             store.writer.clone(),
             keyring.clone(),
-        );
+        )?;
         let features = FeatureStore::new(
             store.features.clone(),
             store.writer.clone(),
@@ -647,8 +648,16 @@ impl Engine {
         };
         self.write_put(cx, &tx).map_err(|e| {
             // The anchor is in the ledger already: say which entry now
-            // anchors nothing, so an audit can tell it from tampering.
+            // anchors nothing, so an audit can tell it from tampering, and
+            // record it, so start-up does not take its versions for a floor.
             tracing::error!(error = %e, ledger_index = record.ledger_index, "a write failed after its lineage anchor was appended; that ledger entry anchors no activity");
+            if let Err(e) = self.store.writer.insert(
+                &self.store.meta,
+                store::void_anchor_key(record.ledger_index),
+                [],
+            ) {
+                tracing::error!(error = %e, ledger_index = record.ledger_index, "could not record that the ledger entry anchors no write");
+            }
             e
         })?;
         Ok(PutOutcome {

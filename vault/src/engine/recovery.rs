@@ -21,7 +21,7 @@
 //! zero pad and no stored pseudonym cannot be told from a lost pad, and is
 //! refused too.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use prost::Message;
 
@@ -41,12 +41,31 @@ pub trait ErasureFacts {
     /// vault still holds one, its files are older than the ledger and the
     /// erasure is applied again.
     fn erased_since_anchor(&self) -> &HashSet<(String, Pseudonym)>;
+    /// The lowest field versions the vault must hold, by `(tenant,
+    /// subject)`, from the ledger's `fields_written` entries after the
+    /// anchor (see [`Floor`]).
+    fn floors_since_anchor(&self) -> &Floors;
 }
+
+/// A field version the vault must hold: `version`, from ledger entry
+/// `index`. The ledger entry of a write is appended before the write is
+/// applied, so after a crash a customer's *latest* write may be in the
+/// ledger and not in the vault: its floor is one version lower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Floor {
+    /// The lowest version the vault may hold.
+    pub version: u64,
+    /// The ledger entry that wrote it.
+    pub index: u64,
+}
+
+/// Floors by `(tenant, subject)`, then by field name.
+pub type Floors = HashMap<(String, Pseudonym), HashMap<String, Floor>>;
 
 /// No ledger (tools and tests that open the engine alone): no erasure is
 /// known, so a zero pad beside a data key refuses the start.
 #[derive(Debug, Default)]
-pub struct NoLedger(HashSet<(String, Pseudonym)>);
+pub struct NoLedger(HashSet<(String, Pseudonym)>, Floors);
 
 impl ErasureFacts for NoLedger {
     fn erased(&self, _: &str, _: &Pseudonym) -> Result<bool> {
@@ -54,6 +73,9 @@ impl ErasureFacts for NoLedger {
     }
     fn erased_since_anchor(&self) -> &HashSet<(String, Pseudonym)> {
         &self.0
+    }
+    fn floors_since_anchor(&self) -> &Floors {
+        &self.1
     }
 }
 
@@ -86,6 +108,7 @@ struct Scan {
     missing: Vec<u64>,
     bad_check: Vec<u64>,
     reerase: Vec<(String, CustomerRef, Pseudonym, u64)>,
+    stale: Vec<String>,
     damaged: usize,
     keys: usize,
 }
@@ -128,6 +151,23 @@ impl Engine {
                     "the pad in slot {} does not match the check value stored with its data key: the file was \
                      altered or swapped; nothing was changed: restore shred.slots from the backup taken with this database",
                     named(&scan.bad_check)
+                ),
+            ));
+        }
+        if !scan.stale.is_empty() {
+            let n = scan.stale.len();
+            let mut shown: Vec<String> = scan.stale.into_iter().take(NAMED).collect();
+            if n > NAMED {
+                shown.push(format!("and {} more", n - NAMED));
+            }
+            return Err(VaultError::config(
+                self.store.dir.display().to_string(),
+                format!(
+                    "{n} field values are older than the versions the ledger records for them ({}): the vault's \
+                     files were restored from an older copy or altered, and the write-ahead log did not bring them \
+                     up to date; a stale value is never served as current; nothing was changed: restore vault \
+                     files at least as new as the ledger",
+                    shown.join("; ")
                 ),
             ));
         }
@@ -199,14 +239,53 @@ impl Engine {
         Ok(out)
     }
 
+    /// Adds to `stale` each of the customer's fields whose stored version
+    /// is below its floor (or that holds no value at all).
+    fn check_floors(
+        &self,
+        tenant: &str,
+        customer: &CustomerRef,
+        subject: &Pseudonym,
+        fields: &HashMap<String, Floor>,
+        stale: &mut Vec<String>,
+    ) -> Result<()> {
+        for (field, floor) in fields {
+            // A field the schema no longer has is not served at all.
+            if floor.version == 0 || self.schema.field(field).is_err() {
+                continue;
+            }
+            let held = match self
+                .store
+                .records
+                .get(store::record_key(tenant, customer, field))?
+            {
+                None => 0,
+                Some(b) => {
+                    super::decode_field(&b, || format!("field `{field}` of a customer"))?.version
+                }
+            };
+            if held < floor.version {
+                stale.push(format!(
+                    "subject {}…: field `{field}` holds version {held}, below version {} (ledger entry {})",
+                    hex::encode(&subject.0[..8]),
+                    floor.version,
+                    floor.index
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn scan_keys(&self, facts: &dyn ErasureFacts) -> Result<Scan> {
         let recent = facts.erased_since_anchor();
+        let floors = facts.floors_since_anchor();
         let mut scan = Scan {
             referenced: HashSet::new(),
             zero: Vec::new(),
             missing: Vec::new(),
             bad_check: Vec::new(),
             reerase: Vec::new(),
+            stale: Vec::new(),
             damaged: 0,
             keys: 0,
         };
@@ -229,7 +308,7 @@ impl Engine {
                         continue;
                     }
                     scan.referenced.insert(w.slot);
-                    if recent.is_empty() {
+                    if recent.is_empty() && floors.is_empty() {
                         continue;
                     }
                     let subject = match Digest::from_slice("subject", &w.subject) {
@@ -244,9 +323,12 @@ impl Engine {
                             Err(_) => continue,
                         },
                     };
-                    if recent.contains(&(tenant.clone(), subject)) {
+                    let at = (tenant, subject);
+                    if recent.contains(&at) {
                         scan.referenced.remove(&w.slot);
-                        scan.reerase.push((tenant, customer, subject, w.slot));
+                        scan.reerase.push((at.0, customer, subject, w.slot));
+                    } else if let Some(fields) = floors.get(&at) {
+                        self.check_floors(&at.0, &customer, &subject, fields, &mut scan.stale)?;
                     }
                 }
             }

@@ -280,6 +280,20 @@ impl Store {
         Ok(())
     }
 
+    /// The ledger entries recorded as anchoring no write (their write
+    /// failed after they were appended).
+    pub fn void_anchors(&self) -> Result<std::collections::HashSet<u64>> {
+        let mut out = std::collections::HashSet::new();
+        for item in self.meta.scan_prefix(VOID_ANCHOR) {
+            let (k, _) = item?;
+            let i = <[u8; 8]>::try_from(&k[VOID_ANCHOR.len()..]).map_err(|_| {
+                VaultError::integrity("a void-anchor mark in the vault's meta tree")
+            })?;
+            out.insert(u64::from_be_bytes(i));
+        }
+        Ok(out)
+    }
+
     /// Waits until everything written before the call is durable.
     pub async fn commit(&self) -> Result<()> {
         self.writer.commit().await
@@ -323,6 +337,17 @@ pub(crate) fn customer_prefix(tenant: &str, c: &CustomerRef) -> Vec<u8> {
 }
 
 /// `tenant 0 ref 0 field`.
+/// `meta` prefix of the ledger entries whose write failed after they were
+/// appended (they anchor nothing; see `app::recovery`).
+const VOID_ANCHOR: &[u8] = b"void-anchor/";
+
+/// The `meta` key that marks ledger entry `index` as anchoring no write.
+pub(crate) fn void_anchor_key(index: u64) -> Vec<u8> {
+    let mut k = VOID_ANCHOR.to_vec();
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
 pub(crate) fn record_key(tenant: &str, c: &CustomerRef, field: &str) -> Vec<u8> {
     let mut k = customer_prefix(tenant, c);
     k.extend_from_slice(field.as_bytes());
