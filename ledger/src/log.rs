@@ -424,6 +424,30 @@ fn stored_head(inner: &Inner, size: u64) -> Result<Head> {
     })
 }
 
+/// With the log, sled gets an append's records key by key (entry, subject
+/// record, consent record, then the size), so a crash can leave entries
+/// beyond the recorded size: removes them with their subject records and
+/// returns how many. None was acknowledged as stored by the view; the log
+/// applies again those it holds.
+fn drop_unfinished(log: &sled::Tree, size: u64) -> Result<u64> {
+    let mut dropped = 0;
+    let tail: Vec<(sled::IVec, sled::IVec)> = log
+        .range(entry_key(size)..=entry_key(u64::MAX))
+        .collect::<std::result::Result<_, _>>()?;
+    for (k, v) in tail {
+        let seq =
+            be_u64(&k[1..]).ok_or_else(|| LedgerError::integrity("an entry key is damaged"))?;
+        if let Ok(e) = Entry::decode(&v) {
+            if let Some(s) = e.body.subject() {
+                log.remove(subject_key(s, seq))?;
+            }
+        }
+        log.remove(k)?;
+        dropped += 1;
+    }
+    Ok(dropped)
+}
+
 /// Checks the log against the latest checkpoint it signed, and keeps it.
 fn check_latest_checkpoint(inner: &Inner, size: u64) -> Result<()> {
     if let Some(item) = inner.checkpoints.iter().next_back() {
@@ -464,6 +488,17 @@ impl Ledger {
             Some(v) => be_u64(&v)
                 .ok_or_else(|| LedgerError::integrity("the stored log size is damaged"))?,
         };
+        let dropped = match opts.wal {
+            Some(_) => drop_unfinished(&log, size)?,
+            None => 0,
+        };
+        if dropped > 0 {
+            tracing::warn!(
+                entries = dropped,
+                from = size,
+                "the ledger's files hold entries beyond their recorded size (an append a crash cut short); removed them"
+            );
+        }
         let hashes = HashFile::open(&dir.join("hashes.dat"))?;
         let flushed = match log.get(META_WAL)? {
             None => None,
@@ -520,6 +555,11 @@ impl Ledger {
             committer: Some(tx),
             thread: Some(thread),
         };
+        if dropped > 0 {
+            // Their consent records, if any reached the file, are derived
+            // again from the entries.
+            ledger.rebuild_consent_view()?;
+        }
         if ledger.inner.wal.is_some() {
             // Records where the view now stands, so that a crash before
             // the next flush replays from here.
@@ -962,7 +1002,8 @@ pub fn open_sled(config: &sled::Config) -> std::result::Result<sled::Db, SledOpe
 }
 
 /// Stores entries whose sequence numbers continue `head`, with their
-/// hashes and index records, in one sled batch; moves the head.
+/// hashes and index records (one sled batch without the log, key by key
+/// with it); moves the head.
 fn apply_entries(
     inner: &Inner,
     head: &mut Head,
@@ -972,7 +1013,12 @@ fn apply_entries(
     let mut size = head.size;
     let mut prev = head.last_leaf;
     let mut last_ts = head.last_ts;
-    let mut batch = sled::Batch::default();
+    // In order: each entry, then its index records, then the size. With
+    // the log, sled gets them key by key (a sled batch seals and writes one
+    // of its I/O buffers, most of an append's cost); a crash can then leave
+    // a prefix of them, and open drops entries beyond the size with their
+    // subject records (`drop_unfinished`). Without the log, one batch.
+    let mut ops: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(items.len() * 3 + 1);
     let mut out = Vec::with_capacity(items.len());
     let first_hash = tlog_tiles::stored_hash_index(0, size);
     let mut new_hashes = Vec::with_capacity(items.len() * 2 + 1);
@@ -986,8 +1032,9 @@ fn apply_entries(
         }
         let leaf = leaf_hash(&bytes);
         new_hashes.extend(frontier.push(size, Hash(leaf))?);
+        ops.push((entry_key(size).to_vec(), bytes.clone()));
         if let Some(s) = entry.body.subject() {
-            batch.insert(subject_key(s, size), &[][..]);
+            ops.push((subject_key(s, size), Vec::new()));
         }
         if let Some((c, action)) = entry.body.consent() {
             let st = ConsentStatus {
@@ -996,9 +1043,8 @@ fn apply_entries(
                 index: size,
                 timestamp_ms: entry.timestamp_ms,
             };
-            batch.insert(consent_key(&c.subject, &c.purpose), &st.encode()[..]);
+            ops.push((consent_key(&c.subject, &c.purpose), st.encode().to_vec()));
         }
-        batch.insert(&entry_key(size), bytes.as_slice());
         out.push(Appended {
             index: size,
             leaf_hash: leaf,
@@ -1008,11 +1054,21 @@ fn apply_entries(
         last_ts = last_ts.max(entry.timestamp_ms);
         size += 1;
     }
-    batch.insert(META_SIZE, &size.to_be_bytes());
+    ops.push((META_SIZE.to_vec(), size.to_be_bytes().to_vec()));
     // INVARIANT: stored hashes are dense and written in index order, so
     // this batch's hashes start where the file ends.
     inner.hashes.write(first_hash, &new_hashes)?;
-    inner.log.apply_batch(batch)?;
+    if inner.wal.is_some() {
+        for (k, v) in ops {
+            inner.log.insert(k, v)?;
+        }
+    } else {
+        let mut batch = sled::Batch::default();
+        for (k, v) in ops {
+            batch.insert(k, v);
+        }
+        inner.log.apply_batch(batch)?;
+    }
     // INVARIANT: the head moves only after sled accepted the batch, so a
     // failed append leaves no gap and no half-built tree.
     head.frontier = frontier;

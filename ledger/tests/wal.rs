@@ -227,3 +227,41 @@ async fn a_deleted_ledger_folder_under_a_log_with_its_entries_is_refused() {
     let msg = integrity(open(d.path(), Some(wal(d.path()))).unwrap_err());
     assert!(msg.contains("the ledger folder was deleted"), "{msg}");
 }
+
+/// With the log, sled gets an append's records key by key: a crash can
+/// leave an entry and its subject record beyond the recorded size. Open
+/// drops them, and the sequence number goes to the next append.
+#[tokio::test]
+async fn an_append_a_crash_cut_short_is_dropped_with_its_subject_record() {
+    let d = tempfile::tempdir().unwrap();
+    let w = wal(d.path());
+    let l = open(d.path(), Some(w.clone())).unwrap();
+    for n in 0..3 {
+        l.append(&[body(n)]).unwrap();
+    }
+    l.commit().await.unwrap();
+    l.flush_view().unwrap();
+    let (third, _) = l.entry(2).unwrap();
+    drop(l);
+    drop(w);
+    {
+        let db = sled::open(d.path().join("ledger")).unwrap();
+        let log = db.open_tree("log").unwrap();
+        let mut k = vec![b'e'];
+        k.extend_from_slice(&3u64.to_be_bytes());
+        log.insert(k, third).unwrap();
+        let mut s = vec![b's'];
+        s.extend_from_slice(&[2; 32]);
+        s.extend_from_slice(&3u64.to_be_bytes());
+        log.insert(s, Vec::new()).unwrap();
+        db.flush().unwrap();
+    }
+    let w = wal(d.path());
+    let l = open(d.path(), Some(w.clone())).unwrap();
+    assert_eq!(l.size(), 3);
+    assert_eq!(l.subject_entries(&Digest([2; 32])).unwrap(), vec![2]);
+    l.append(&[body(9)]).unwrap();
+    assert_eq!(l.commit().await.unwrap(), 4);
+    assert_eq!(l.subject_entries(&Digest([9; 32])).unwrap(), vec![3]);
+    assert_eq!(l.subject_entries(&Digest([2; 32])).unwrap(), vec![2]);
+}

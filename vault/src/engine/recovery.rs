@@ -155,21 +155,7 @@ impl Engine {
             ));
         }
         if !scan.stale.is_empty() {
-            let n = scan.stale.len();
-            let mut shown: Vec<String> = scan.stale.into_iter().take(NAMED).collect();
-            if n > NAMED {
-                shown.push(format!("and {} more", n - NAMED));
-            }
-            return Err(VaultError::config(
-                self.store.dir.display().to_string(),
-                format!(
-                    "{n} field values are older than the versions the ledger records for them ({}): the vault's \
-                     files were restored from an older copy or altered, and the write-ahead log did not bring them \
-                     up to date; a stale value is never served as current; nothing was changed: restore vault \
-                     files at least as new as the ledger",
-                    shown.join("; ")
-                ),
-            ));
+            return Err(self.stale_refusal(scan.stale));
         }
         let mut unexplained = Vec::new();
         let mut completions = Vec::new();
@@ -237,6 +223,25 @@ impl Engine {
             tracing::warn!(customers = out.reapplied_erasures, "the vault's files still held customers whose erasure the ledger records (files restored from an older copy): erased them again");
         }
         Ok(out)
+    }
+
+    /// The refusal for field values older than their floors.
+    fn stale_refusal(&self, stale: Vec<String>) -> VaultError {
+        let n = stale.len();
+        let mut shown: Vec<String> = stale.into_iter().take(NAMED).collect();
+        if n > NAMED {
+            shown.push(format!("and {} more", n - NAMED));
+        }
+        VaultError::config(
+            self.store.dir.display().to_string(),
+            format!(
+                "{n} field values are older than the versions the ledger records for them ({}): the vault's \
+                 files were restored from an older copy or altered, and the write-ahead log did not bring them \
+                 up to date; a stale value is never served as current; nothing was changed: restore vault \
+                 files at least as new as the ledger",
+                shown.join("; ")
+            ),
+        )
     }
 
     /// Adds to `stale` each of the customer's fields whose stored version

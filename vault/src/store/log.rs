@@ -20,16 +20,22 @@
 //! commit waited for is replayed after a crash; a record that does not
 //! decode refuses the open, naming its LSN.
 //!
-//! Does not guarantee: that sled holds nothing the log lacks. sled may
-//! write its pages before the process dies and before the log's frame is
-//! written: such a write was never acknowledged, and stays in the view.
+//! Writes are applied key by key, not as sled batches or transactions
+//! (the writer's lock orders them; see [`Writer::transact`]); a write that
+//! fails before it is applied changes nothing, and one that sled fails in
+//! the middle of stops the writer until a restart.
+//!
+//! Does not guarantee: that sled holds nothing the log lacks. sled writes
+//! its I/O buffers when they fill, and may do so before the process dies
+//! and before the log's frame is written: that write was never
+//! acknowledged, and stays in the view, possibly in part.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sled::transaction::{
-    ConflictableTransactionResult, TransactionalTree, UnabortableTransactionError,
+    ConflictableTransactionError, ConflictableTransactionResult, UnabortableTransactionError,
 };
 use sled::IVec;
 use sovra_wal::Wal;
@@ -114,12 +120,22 @@ fn decode(b: &[u8]) -> std::result::Result<Decoded<'_>, String> {
     Ok(out)
 }
 
-/// A tree inside a [`Writer::transact`] transaction: sled's transactional
-/// tree, recording what it writes.
+/// What a [`Writer::transact`] call has written so far: the writes in
+/// order, and each key's latest value (so the call reads its own writes).
+#[derive(Default)]
+struct Pending {
+    ops: Vec<(usize, Op)>,
+    latest: HashMap<(usize, Vec<u8>), Option<Vec<u8>>>,
+}
+
+/// A tree inside a [`Writer::transact`] call: reads see the tree as the
+/// call has changed it; writes are buffered and applied, in order, only if
+/// the call succeeds.
 pub(crate) struct Tx<'a> {
-    t: &'a TransactionalTree,
+    t: &'a sled::Tree,
+    at: usize,
     tree: &'a Arc<str>,
-    ops: &'a RefCell<Vec<Op>>,
+    pending: &'a RefCell<Pending>,
 }
 
 impl Tx<'_> {
@@ -128,36 +144,48 @@ impl Tx<'_> {
         &self,
         key: impl AsRef<[u8]>,
     ) -> std::result::Result<Option<IVec>, UnabortableTransactionError> {
-        self.t.get(key)
+        let k = key.as_ref();
+        if let Some(v) = self.pending.borrow().latest.get(&(self.at, k.to_vec())) {
+            return Ok(v.as_deref().map(IVec::from));
+        }
+        self.t.get(k).map_err(UnabortableTransactionError::Storage)
     }
 
-    /// Sets a key.
+    fn put(
+        &self,
+        k: &[u8],
+        value: Option<&[u8]>,
+    ) -> std::result::Result<Option<IVec>, UnabortableTransactionError> {
+        let old = self.get(k)?;
+        let mut p = self.pending.borrow_mut();
+        p.latest
+            .insert((self.at, k.to_vec()), value.map(<[u8]>::to_vec));
+        p.ops.push((
+            self.at,
+            Op {
+                tree: self.tree.clone(),
+                key: k.to_vec(),
+                value: value.map(<[u8]>::to_vec),
+            },
+        ));
+        Ok(old)
+    }
+
+    /// Sets a key; returns the value it held.
     pub(crate) fn insert(
         &self,
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> std::result::Result<Option<IVec>, UnabortableTransactionError> {
-        let (k, v) = (key.as_ref(), value.as_ref());
-        self.ops.borrow_mut().push(Op {
-            tree: self.tree.clone(),
-            key: k.to_vec(),
-            value: Some(v.to_vec()),
-        });
-        self.t.insert(k, v)
+        self.put(key.as_ref(), Some(value.as_ref()))
     }
 
-    /// Removes a key.
+    /// Removes a key; returns the value it held.
     pub(crate) fn remove(
         &self,
         key: impl AsRef<[u8]>,
     ) -> std::result::Result<Option<IVec>, UnabortableTransactionError> {
-        let k = key.as_ref();
-        self.ops.borrow_mut().push(Op {
-            tree: self.tree.clone(),
-            key: k.to_vec(),
-            value: None,
-        });
-        self.t.remove(k)
+        self.put(key.as_ref(), None)
     }
 }
 
@@ -165,6 +193,10 @@ struct Inner {
     db: sled::Db,
     wal: Arc<Wal>,
     lock: Mutex<()>,
+    /// Set when sled failed in the middle of applying a write: the view
+    /// may hold part of a write the log does not, so no further write is
+    /// accepted until a restart replays the log into it.
+    broken: std::sync::atomic::AtomicBool,
     names: Mutex<HashMap<Vec<u8>, Arc<str>>>,
 }
 
@@ -187,6 +219,7 @@ impl Writer {
                 db,
                 wal,
                 lock: Mutex::new(()),
+                broken: std::sync::atomic::AtomicBool::new(false),
                 names: Mutex::new(HashMap::new()),
             }),
         }
@@ -226,32 +259,79 @@ impl Writer {
         Ok(())
     }
 
-    /// Runs `f` as one sled transaction over `trees` and logs its writes as
-    /// one frame.
+    /// Runs `f` over `trees` and, if it succeeds, applies its writes in
+    /// order and logs them as one frame; if it fails, nothing is written.
+    ///
+    /// Not a sled transaction: every vault write holds the writer's lock,
+    /// so no other write can interleave, and sled's batches and
+    /// transactions each seal and write one of its I/O buffers (half of the
+    /// server's CPU under load). A reader may see a write half applied,
+    /// as it may see one write applied and the next not; what is durable
+    /// is the log's frame.
     pub(crate) fn transact<const N: usize, R>(
         &self,
         trees: [&sled::Tree; N],
         f: impl Fn(&[Tx<'_>; N]) -> ConflictableTransactionResult<R, VaultError>,
     ) -> Result<R> {
-        use sled::Transactional;
         let names: [Arc<str>; N] = std::array::from_fn(|i| self.name(trees[i]));
-        let ops = RefCell::new(Vec::new());
+        let pending = RefCell::new(Pending::default());
         let _held = self.held();
-        let r = trees[..]
-            .transaction(|views| {
-                // A retried attempt starts from nothing.
-                ops.borrow_mut().clear();
-                let txs: [Tx<'_>; N] = std::array::from_fn(|i| Tx {
-                    t: &views[i],
-                    tree: &names[i],
-                    ops: &ops,
-                });
-                f(&txs)
-            })
-            .map_err(tx_err)?;
+        self.usable()?;
+        let txs: [Tx<'_>; N] = std::array::from_fn(|i| Tx {
+            t: trees[i],
+            at: i,
+            tree: &names[i],
+            pending: &pending,
+        });
+        let r = f(&txs).map_err(|e| match e {
+            ConflictableTransactionError::Abort(e) => e,
+            ConflictableTransactionError::Storage(e) => e.into(),
+            // INVARIANT: `Tx` never reports a conflict.
+            _ => VaultError::internal("a write reported a conflict under the writer's lock"),
+        })?;
+        let ops = pending.into_inner().ops;
+        self.apply(
+            &ops.iter()
+                .map(|(at, op)| (trees[*at], op))
+                .collect::<Vec<_>>(),
+        )?;
+        let ops: Vec<Op> = ops.into_iter().map(|(_, op)| op).collect();
         // INVARIANT: logged under the lock that ordered the apply.
-        self.log(&ops.borrow())?;
+        self.log(&ops)?;
         Ok(r)
+    }
+
+    /// Refuses writes once an apply failed half-way (see `Inner::broken`).
+    fn usable(&self) -> Result<()> {
+        if self.inner.broken.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(VaultError::storage(
+                "an earlier write failed half-applied in the vault's database; restart the server to replay the log",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies `ops` to sled in order; returns each key's previous value.
+    fn apply(&self, ops: &[(&sled::Tree, &Op)]) -> Result<Vec<Option<IVec>>> {
+        let mut old = Vec::with_capacity(ops.len());
+        for (tree, op) in ops {
+            let r = match &op.value {
+                Some(v) => tree.insert(&op.key, v.as_slice()),
+                None => tree.remove(&op.key),
+            };
+            match r {
+                Ok(o) => old.push(o),
+                Err(e) => {
+                    if !old.is_empty() {
+                        self.inner
+                            .broken
+                            .store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(old)
     }
 
     /// Sets a key.
@@ -301,25 +381,8 @@ impl Writer {
         tree: &sled::Tree,
         writes: &[(&[u8], Option<&[u8]>)],
     ) -> Result<Vec<Option<IVec>>> {
+        self.usable()?;
         let name = self.name(tree);
-        let old = if let [(k, v)] = writes {
-            vec![match v {
-                Some(v) => tree.insert(k, *v)?,
-                None => tree.remove(k)?,
-            }]
-        } else {
-            let mut old = Vec::with_capacity(writes.len());
-            let mut batch = sled::Batch::default();
-            for (k, v) in writes {
-                old.push(tree.get(k)?);
-                match v {
-                    Some(v) => batch.insert(*k, *v),
-                    None => batch.remove(*k),
-                }
-            }
-            tree.apply_batch(batch)?;
-            old
-        };
         let ops: Vec<Op> = writes
             .iter()
             .map(|(k, v)| Op {
@@ -328,6 +391,7 @@ impl Writer {
                 value: v.map(<[u8]>::to_vec),
             })
             .collect();
+        let old = self.apply(&ops.iter().map(|op| (tree, op)).collect::<Vec<_>>())?;
         self.log(&ops)?;
         Ok(old)
     }
@@ -388,14 +452,6 @@ impl Writer {
             Some(e) => Err(e),
             None => Ok((end, applied)),
         }
-    }
-}
-
-/// A transaction's own abort, or sled's failure as a storage error.
-fn tx_err(e: sled::transaction::TransactionError<VaultError>) -> VaultError {
-    match e {
-        sled::transaction::TransactionError::Abort(e) => e,
-        sled::transaction::TransactionError::Storage(e) => e.into(),
     }
 }
 
