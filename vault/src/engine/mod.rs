@@ -5,10 +5,12 @@
 //! - Every value is sealed under its customer's data key with its place bound
 //!   in (see `envelope.rs`); no plaintext value and no unwrapped key is ever
 //!   written to storage.
-//! - A put or an erasure of one customer is applied atomically across the
-//!   records, data-key and index trees (one sled transaction), and writers of
-//!   the same customer are serialised, so versions never go backwards and a
-//!   customer never gets two data keys.
+//! - A put or an erasure of one customer is one write across the records,
+//!   data-key and index trees (`Writer::transact`: applied only if it
+//!   succeeds, logged as one frame, so durable whole or not at all), and
+//!   writers of the same customer are serialised, so versions never go
+//!   backwards and a customer never gets two data keys. A concurrent reader
+//!   may see a write half applied, before it is acknowledged.
 //! - Nothing is durable until [`Engine::commit`] returns; callers acknowledge
 //!   only after it.
 //!
