@@ -151,12 +151,7 @@ impl Tx<'_> {
         self.t.get(k).map_err(UnabortableTransactionError::Storage)
     }
 
-    fn put(
-        &self,
-        k: &[u8],
-        value: Option<&[u8]>,
-    ) -> std::result::Result<Option<IVec>, UnabortableTransactionError> {
-        let old = self.get(k)?;
+    fn put(&self, k: &[u8], value: Option<&[u8]>) {
         let mut p = self.pending.borrow_mut();
         p.latest
             .insert((self.at, k.to_vec()), value.map(<[u8]>::to_vec));
@@ -168,24 +163,26 @@ impl Tx<'_> {
                 value: value.map(<[u8]>::to_vec),
             },
         ));
-        Ok(old)
     }
 
-    /// Sets a key; returns the value it held.
+    /// Sets a key (the value it held is not looked up: no caller needs it,
+    /// and the lookup is a sled read per write).
     pub(crate) fn insert(
         &self,
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
-    ) -> std::result::Result<Option<IVec>, UnabortableTransactionError> {
-        self.put(key.as_ref(), Some(value.as_ref()))
+    ) -> std::result::Result<(), UnabortableTransactionError> {
+        self.put(key.as_ref(), Some(value.as_ref()));
+        Ok(())
     }
 
-    /// Removes a key; returns the value it held.
+    /// Removes a key.
     pub(crate) fn remove(
         &self,
         key: impl AsRef<[u8]>,
-    ) -> std::result::Result<Option<IVec>, UnabortableTransactionError> {
-        self.put(key.as_ref(), None)
+    ) -> std::result::Result<(), UnabortableTransactionError> {
+        self.put(key.as_ref(), None);
+        Ok(())
     }
 }
 
