@@ -48,6 +48,19 @@ fn open(dir: &Path, wal: Option<Arc<Wal>>) -> sovra_ledger::Result<Ledger> {
     )
 }
 
+/// A ledger over a new log in `dir` holding `n` entries, committed and
+/// flushed.
+async fn flushed(dir: &Path, n: u8) -> (Ledger, Arc<Wal>) {
+    let w = wal(dir);
+    let l = open(dir, Some(w.clone())).unwrap();
+    for i in 0..n {
+        l.append(&[body(i)]).unwrap();
+    }
+    l.commit().await.unwrap();
+    l.flush_view().unwrap();
+    (l, w)
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -75,13 +88,7 @@ fn integrity(e: LedgerError) -> String {
 #[tokio::test]
 async fn a_view_restored_from_an_older_copy_is_brought_up_to_date_by_the_log() {
     let d = tempfile::tempdir().unwrap();
-    let w = wal(d.path());
-    let l = open(d.path(), Some(w.clone())).unwrap();
-    for n in 0..5 {
-        l.append(&[body(n)]).unwrap();
-    }
-    l.commit().await.unwrap();
-    l.flush_view().unwrap();
+    let (l, w) = flushed(d.path(), 5).await;
     let snap = d.path().join("snap");
     copy_dir(&d.path().join("ledger"), &snap);
     for n in 5..12 {
@@ -105,13 +112,7 @@ async fn a_view_restored_from_an_older_copy_is_brought_up_to_date_by_the_log() {
 #[tokio::test]
 async fn view_entries_that_differ_from_the_log_are_refused() {
     let d = tempfile::tempdir().unwrap();
-    let w = wal(d.path());
-    let l = open(d.path(), Some(w.clone())).unwrap();
-    for n in 0..3 {
-        l.append(&[body(n)]).unwrap();
-    }
-    l.commit().await.unwrap();
-    l.flush_view().unwrap();
+    let (l, w) = flushed(d.path(), 3).await;
     let snap = d.path().join("snap");
     copy_dir(&d.path().join("ledger"), &snap);
     for n in 3..6 {
@@ -139,13 +140,7 @@ async fn view_entries_that_differ_from_the_log_are_refused() {
 #[tokio::test]
 async fn entries_the_log_never_got_are_kept_and_made_durable() {
     let d = tempfile::tempdir().unwrap();
-    let w = wal(d.path());
-    let l = open(d.path(), Some(w.clone())).unwrap();
-    for n in 0..4 {
-        l.append(&[body(n)]).unwrap();
-    }
-    l.commit().await.unwrap();
-    l.flush_view().unwrap();
+    let (l, w) = flushed(d.path(), 4).await;
     drop(l);
     drop(w);
     // Two entries reach the ledger's files but not the log (as when sled
@@ -234,13 +229,7 @@ async fn a_deleted_ledger_folder_under_a_log_with_its_entries_is_refused() {
 #[tokio::test]
 async fn an_append_a_crash_cut_short_is_dropped_with_its_subject_record() {
     let d = tempfile::tempdir().unwrap();
-    let w = wal(d.path());
-    let l = open(d.path(), Some(w.clone())).unwrap();
-    for n in 0..3 {
-        l.append(&[body(n)]).unwrap();
-    }
-    l.commit().await.unwrap();
-    l.flush_view().unwrap();
+    let (l, w) = flushed(d.path(), 3).await;
     let (third, _) = l.entry(2).unwrap();
     drop(l);
     drop(w);

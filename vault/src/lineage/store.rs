@@ -927,6 +927,29 @@ mod tests {
         }
     }
 
+    /// A damaged reservation is refused, naming it, rather than taken
+    /// for "no ids handed out yet".
+    #[test]
+    fn a_damaged_id_reservation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ids) = open(dir.path());
+        drop(ids);
+        store
+            .writer
+            .insert(&store.meta, IDS_KEY, [1u8, 2, 3])
+            .unwrap();
+        let ring = Arc::new(KeyRing::new(RootKey::from_hex(&"11".repeat(32)).unwrap()));
+        let e = LineageStore::new(
+            &store.db,
+            store.meta.clone(),
+            store.lineage.clone(),
+            store.writer.clone(),
+            ring,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("lineage-ids"), "{e}");
+    }
+
     /// An older copy of the view, restored under a newer log, hands out no
     /// id the log's records already hold, even after more ids than sled's
     /// own generator skips at a restart (1,000,000).
