@@ -489,6 +489,28 @@ mod tests {
         assert!(store.records.get(7u32.to_be_bytes()).unwrap().is_none());
     }
 
+    /// Void-anchor marks read back as ledger indexes; a damaged one is
+    /// refused, never skipped.
+    #[test]
+    fn void_anchor_marks_round_trip_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), wal(dir.path())).unwrap();
+        for i in [7u64, 1 << 40] {
+            store
+                .writer
+                .insert(&store.meta, void_anchor_key(i), [])
+                .unwrap();
+        }
+        let got = store.void_anchors().unwrap();
+        assert_eq!(got, [7u64, 1 << 40].into_iter().collect());
+        store
+            .writer
+            .insert(&store.meta, b"void-anchor/xyz", [])
+            .unwrap();
+        let e = store.void_anchors().unwrap_err();
+        assert!(e.to_string().contains("void-anchor"), "{e}");
+    }
+
     /// A deleted log under a view that recorded a position is refused.
     #[tokio::test]
     async fn a_deleted_log_is_refused() {
