@@ -50,15 +50,46 @@ pub fn customer_ref(env: &crate::Env, customer: &str) -> [u8; 16] {
         .0
 }
 
-/// `tenant 0 ref 0 field`, the record layout documented in store.rs.
-pub fn record_key(env: &crate::Env, customer: &str, field: &str) -> Vec<u8> {
-    [
-        b"default\0".as_slice(),
-        &customer_ref(env, customer),
-        b"\0",
-        field.as_bytes(),
-    ]
-    .concat()
+/// `tenant 0 ref`, the key of a customer's record (its
+/// [`FieldSet`](sovra_vault::store::FieldSet)), as documented in store/mod.rs.
+pub fn record_key(env: &crate::Env, customer: &str) -> Vec<u8> {
+    data_key_key(env, customer)
+}
+
+/// The stored bytes of `field` of `customer` in a raw `records` tree.
+pub fn get_field(
+    records: &sled::Tree,
+    env: &crate::Env,
+    customer: &str,
+    field: &str,
+) -> Option<Vec<u8>> {
+    let held = records.get(record_key(env, customer)).unwrap()?;
+    let set = sovra_vault::store::FieldSet::decode(&held).expect("a well-formed record");
+    set.get(field).map(<[u8]>::to_vec)
+}
+
+/// Sets the stored bytes of `field` of `customer` in a raw `records` tree,
+/// keeping its other fields.
+pub fn set_field(
+    records: &sled::Tree,
+    env: &crate::Env,
+    customer: &str,
+    field: &str,
+    bytes: &[u8],
+) {
+    let k = record_key(env, customer);
+    let held = records
+        .get(&k)
+        .unwrap()
+        .map(|v| v.to_vec())
+        .unwrap_or_default();
+    let set = if held.is_empty() {
+        sovra_vault::store::FieldSet::default()
+    } else {
+        sovra_vault::store::FieldSet::decode(&held).expect("a well-formed record")
+    };
+    let new = set.encode_with(&[(field, bytes)]).unwrap();
+    records.insert(k, new).unwrap();
 }
 
 /// `tenant 0 ref`, the data-key layout documented in store.rs.

@@ -80,9 +80,23 @@ struct Args {
     sandbox_cohort: usize,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    // Against a separate server the clients share one thread, as a wrk
+    // thread's connections share its event loop: no wake-ups cross threads,
+    // so the generator takes as little of the server's cores as it can.
+    // The embedded server needs the cores itself.
+    let rt = if args.embedded {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    }
+    .enable_all()
+    .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.clients == 0 || args.clients > 1024 || args.seconds == 0 || args.seconds > 600 {
         return Err("--clients must be 1..=1024 and --seconds 1..=600".into());
     }

@@ -496,17 +496,17 @@ async fn provenance_changed_on_disk_is_refused() {
         let db = open_raw(&env.data_dir());
         let records = db.open_tree("records").unwrap();
         for (id, f) in &tamper {
-            let k = record_key(&env, id, "phone");
-            let mut rec = StoredField::decode(&records.get(&k).unwrap().unwrap()[..]).unwrap();
+            let held = get_field(&records, &env, id, "phone").unwrap();
+            let mut rec = StoredField::decode(&held[..]).unwrap();
             assert_eq!(rec.format, 2);
             f(&mut rec);
-            records.insert(&k, rec.encode_to_vec()).unwrap();
+            set_field(&records, &env, id, "phone", &rec.encode_to_vec());
         }
         // A downgrade to the unbound format is refused too.
-        let k = record_key(&env, "p-5", "phone");
-        let mut rec = StoredField::decode(&records.get(&k).unwrap().unwrap()[..]).unwrap();
+        let held = get_field(&records, &env, "p-5", "phone").unwrap();
+        let mut rec = StoredField::decode(&held[..]).unwrap();
         rec.format = 0;
-        records.insert(&k, rec.encode_to_vec()).unwrap();
+        set_field(&records, &env, "p-5", "phone", &rec.encode_to_vec());
         db.flush().unwrap();
     }
     let srv = env.start().await;

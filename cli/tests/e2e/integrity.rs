@@ -16,6 +16,7 @@ async fn moved_or_flipped_ciphertexts_fail_integrity() {
         ("alice", "13800000001", "a@example.com"),
         ("bob", "13800000002", "b@example.com"),
         ("carol", "13800000003", "c@example.com"),
+        ("dave", "13800000004", "d@example.com"),
     ] {
         svc.put_record(put(
             id,
@@ -33,32 +34,21 @@ async fn moved_or_flipped_ciphertexts_fail_integrity() {
     {
         let db = open_raw(&env.data_dir());
         let records = db.open_tree("records").unwrap();
-        let alice_phone = records
-            .get(record_key(&env, "alice", "phone"))
-            .unwrap()
-            .unwrap();
+        let alice_phone = get_field(&records, &env, "alice", "phone").unwrap();
         // Alice's phone ciphertext copied onto Bob's phone, and onto Alice's email.
-        records
-            .insert(record_key(&env, "bob", "phone"), alice_phone.clone())
-            .unwrap();
-        records
-            .insert(record_key(&env, "alice", "email"), alice_phone)
-            .unwrap();
+        set_field(&records, &env, "bob", "phone", &alice_phone);
+        set_field(&records, &env, "alice", "email", &alice_phone);
         // One flipped byte in Carol's name ciphertext.
-        let mut rec = StoredField::decode(
-            &records
-                .get(record_key(&env, "carol", "name"))
-                .unwrap()
-                .unwrap()[..],
-        )
-        .unwrap();
+        let mut rec =
+            StoredField::decode(&get_field(&records, &env, "carol", "name").unwrap()[..]).unwrap();
         rec.ciphertext[0] ^= 0x01;
+        set_field(&records, &env, "carol", "name", &rec.encode_to_vec());
+        // Garbage where a field's record belongs.
+        set_field(&records, &env, "carol", "email", b"\xff\xff\xff");
+        // Dave's whole record cut short.
+        let dave = records.get(record_key(&env, "dave")).unwrap().unwrap();
         records
-            .insert(record_key(&env, "carol", "name"), rec.encode_to_vec())
-            .unwrap();
-        // Garbage where a record belongs.
-        records
-            .insert(record_key(&env, "carol", "email"), &b"\xff\xff\xff"[..])
+            .insert(record_key(&env, "dave"), &dave[..dave.len() - 1])
             .unwrap();
         db.flush().unwrap();
     }
@@ -83,6 +73,16 @@ async fn moved_or_flipped_ciphertexts_fail_integrity() {
         );
         assert!(!e.message().contains("1380000"), "no value in the message");
     }
+    let e = svc
+        .get_fields(get("dave", &["name"], "customer_service"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(
+        e.message().contains("stored record of customer `dave`"),
+        "{}",
+        e.message()
+    );
     // Untouched fields still read.
     let ok = svc
         .get_fields(get("alice", &["phone", "name"], "customer_service"))

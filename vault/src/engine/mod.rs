@@ -124,17 +124,17 @@ struct PutContext<'a> {
     now: i64,
 }
 
-/// One sealed field record a put stores, and its index entry change.
-struct FieldWrite {
-    key: Vec<u8>,
-    bytes: Vec<u8>,
+/// A blind-index entry change of one field a put writes.
+struct IndexChange {
     old_entry: Option<Vec<u8>>,
     new_entry: Option<Vec<u8>>,
 }
 
 /// The sealed records of a put, and what its lineage says of them.
 struct SealedFields {
-    writes: Vec<FieldWrite>,
+    /// The customer's record key and its new [`store::FieldSet`], encoded.
+    record: (Vec<u8>, Vec<u8>),
+    index: Vec<IndexChange>,
     /// The new version per field, sorted by field name.
     versions: Vec<(String, u64)>,
     generated: Vec<lpb::Generation>,
@@ -145,7 +145,8 @@ struct SealedFields {
 /// What a put's transaction writes besides the sealed records.
 struct PutTransaction<'a> {
     new_wrapped: Option<&'a [u8]>,
-    writes: &'a [FieldWrite],
+    record: &'a (Vec<u8>, Vec<u8>),
+    index: &'a [IndexChange],
     lineage: &'a lineage::Staged,
     features: Option<&'a [(String, i64)]>,
     idempotency: Option<&'a ([u8; 32], Vec<u8>)>,
@@ -267,12 +268,14 @@ fn check_root_key(
 
 /// The `meta` key of the storage key format.
 const KEY_FORMAT_KEY: &[u8] = b"key-format";
-/// The storage key format this build writes and reads: 2, every key built
-/// from customer references, ids sealed with the pads.
-const KEY_FORMAT: u8 = 2;
+/// The storage key format this build writes and reads: 3, every key built
+/// from customer references, ids sealed with the pads (format 2), and one
+/// `records` value per customer holding all of its fields.
+const KEY_FORMAT: u8 = 3;
 
-/// Refuses a database whose keys hold customer ids in the clear (made
-/// before key format 2); stores the format on a new one.
+/// Refuses a database of another storage key format (format 1 held
+/// customer ids in the clear; format 2 kept one `records` key per field);
+/// stores the format on a new one.
 fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
     match store.meta.get(KEY_FORMAT_KEY)? {
         Some(v) if v.as_ref() == [KEY_FORMAT] => Ok(()),
@@ -285,11 +288,24 @@ fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
             dir.display().to_string(),
             format!(
                 "the vault database uses storage key format {} and this build reads only format {KEY_FORMAT} \
-                 (customer references instead of ids); nothing was read or changed: open it with the build \
-                 that made it",
+                 (customer references instead of ids, one record per customer); nothing was read or changed: \
+                 open it with the build that made it",
                 found.map_or_else(|| "1".to_owned(), |v| format!("{v:?}"))
             ),
         )),
+    }
+}
+
+/// The customer's stored fields (none if it holds no record); damage is an
+/// integrity error naming the customer.
+fn field_set<'a>(held: Option<&'a [u8]>, customer: &str) -> Result<store::FieldSet<'a>> {
+    match held {
+        None => Ok(store::FieldSet::default()),
+        Some(b) => store::FieldSet::decode(b).ok_or_else(|| {
+            VaultError::integrity(format!(
+                "the stored record of customer `{customer}` (its fields cannot be decoded)"
+            ))
+        }),
     }
 }
 
@@ -615,7 +631,8 @@ impl Engine {
         let (tenant, customer) = (cx.tenant, cx.customer);
         let subject = Digest(cx.dek.pseudonym(tenant, customer));
         let SealedFields {
-            writes,
+            record: stored,
+            index,
             versions,
             generated,
             updated,
@@ -643,7 +660,8 @@ impl Engine {
         });
         let tx = PutTransaction {
             new_wrapped,
-            writes: &writes,
+            record: &stored,
+            index: &index,
             lineage: &record.staged,
             features: (!feature_values.is_empty()).then_some(feature_values.as_slice()),
             idempotency: idempotency.as_ref(),
@@ -680,17 +698,23 @@ impl Engine {
         let (tenant, customer, source) = (cx.tenant, cx.customer, cx.source);
         let cipher = cx.dek.cipher();
         let index_key = self.keyring.index_key(tenant);
+        let cref = self.cref(tenant, customer);
+        let key = store::record_key(tenant, &cref);
+        // INVARIANT: the caller holds the customer's lock, so the set read
+        // here is the one the put replaces.
+        let held = self.store.records.get(&key)?;
+        let set = field_set(held.as_deref(), customer)?;
+        let mut sealed_values: Vec<(&str, Vec<u8>)> = Vec::with_capacity(values.len());
         let mut out = SealedFields {
-            writes: Vec::with_capacity(values.len()),
+            record: (Vec::new(), Vec::new()),
+            index: Vec::with_capacity(values.len()),
             versions: Vec::with_capacity(values.len()),
             generated: Vec::with_capacity(values.len()),
             updated: false,
         };
-        let cref = self.cref(tenant, customer);
         for (def, value) in values {
-            let key = store::record_key(tenant, &cref, &def.name);
-            let prev = match self.store.records.get(&key)? {
-                Some(b) => Some(decode_field(&b, || {
+            let prev = match set.get(&def.name) {
+                Some(b) => Some(decode_field(b, || {
                     format!("field `{}` of customer `{customer}`", def.name)
                 })?),
                 None => None,
@@ -734,9 +758,8 @@ impl Engine {
                 dek_version: cx.dek_version,
                 format: store::RECORD_FORMAT,
             };
-            out.writes.push(FieldWrite {
-                key,
-                bytes: rec.encode_to_vec(),
+            sealed_values.push((&def.name, rec.encode_to_vec()));
+            out.index.push(IndexChange {
                 old_entry,
                 new_entry,
             });
@@ -756,6 +779,11 @@ impl Engine {
             });
         }
         out.versions.sort();
+        let updates: Vec<(&str, &[u8])> = sealed_values
+            .iter()
+            .map(|(n, v)| (*n, v.as_slice()))
+            .collect();
+        out.record = (key, set.encode_with(&updates)?);
         Ok(out)
     }
 
@@ -798,8 +826,8 @@ impl Engine {
                 if let Some(w) = tx.new_wrapped {
                     k.insert(dek_k.as_slice(), w)?;
                 }
-                for w in tx.writes {
-                    r.insert(w.key.as_slice(), w.bytes.as_slice())?;
+                r.insert(tx.record.0.as_slice(), tx.record.1.as_slice())?;
+                for w in tx.index {
                     if let Some(old) = &w.old_entry {
                         i.remove(old.as_slice())?;
                     }
@@ -918,16 +946,14 @@ impl Engine {
         };
         let mut out = Vec::with_capacity(fields.len());
         let cref = self.cref(tenant, customer);
+        let held = self.store.records.get(store::record_key(tenant, &cref))?;
+        let set = field_set(held.as_deref(), customer)?;
         for def in fields {
-            let Some(bytes) = self
-                .store
-                .records
-                .get(store::record_key(tenant, &cref, &def.name))?
-            else {
+            let Some(bytes) = set.get(&def.name) else {
                 continue;
             };
             let what = || format!("field `{}` of customer `{customer}`", def.name);
-            let rec = decode_field(&bytes, what)?;
+            let rec = decode_field(bytes, what)?;
             let ctx = FieldContext {
                 tenant,
                 customer,
@@ -1154,13 +1180,12 @@ impl Engine {
 
     /// The names of the fields `customer` holds a value for.
     pub fn fields_held(&self, tenant: &str, customer: &str) -> Result<Vec<String>> {
-        let prefix = store::customer_prefix(tenant, &self.cref(tenant, customer));
-        let mut out = Vec::new();
-        for item in self.store.records.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-        }
-        Ok(out)
+        let held = self
+            .store
+            .records
+            .get(store::record_key(tenant, &self.cref(tenant, customer)))?;
+        let set = field_set(held.as_deref(), customer)?;
+        Ok(set.iter().map(|(n, _)| n.to_owned()).collect())
     }
 
     /// Removes a customer's data key, records, index entries and lineage in
@@ -1173,24 +1198,30 @@ impl Engine {
         subject: Option<Pseudonym>,
         erase: Option<(&lineage::Pending, u64)>,
     ) -> Result<(u32, u32)> {
-        let mut record_keys = Vec::new();
         let mut entries = Vec::new();
-        let prefix = store::customer_prefix(tenant, customer);
-        for item in self.store.records.scan_prefix(&prefix) {
-            let (k, v) = item?;
-            // A corrupted record must not block erasure: its key is enough.
-            if let Ok(rec) = StoredField::decode(&v[..]) {
+        let record_key = store::record_key(tenant, customer);
+        let held = self.store.records.get(&record_key)?;
+        // A corrupted record must not block erasure: its key is enough.
+        let set = held
+            .as_deref()
+            .and_then(store::FieldSet::decode)
+            .unwrap_or_default();
+        let fields = if held.is_some() {
+            set.iter().count().max(1)
+        } else {
+            0
+        };
+        for (field, v) in set.iter() {
+            if let Ok(rec) = StoredField::decode(v) {
                 if !rec.index_token.is_empty() {
-                    let field = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
                     entries.push(store::index_entry(
                         tenant,
-                        &field,
+                        field,
                         &rec.index_token,
                         customer,
                     ));
                 }
             }
-            record_keys.push(k);
         }
         let dek_k = store::data_key_key(tenant, customer);
         let staged = self
@@ -1223,9 +1254,7 @@ impl Engine {
                     features::erase(f, secret, tenant, customer, &feature_names)?;
                 }
                 k.remove(dek_k.as_slice())?;
-                for key in &record_keys {
-                    r.remove(key)?;
-                }
+                r.remove(record_key.as_slice())?;
                 for e in &entries {
                     i.remove(e.as_slice())?;
                 }
@@ -1233,7 +1262,7 @@ impl Engine {
             },
         )?;
         Ok((
-            u32::try_from(record_keys.len()).unwrap_or(u32::MAX),
+            u32::try_from(fields).unwrap_or(u32::MAX),
             u32::try_from(entries.len()).unwrap_or(u32::MAX),
         ))
     }

@@ -254,19 +254,34 @@ impl Engine {
         fields: &HashMap<String, Floor>,
         stale: &mut Vec<String>,
     ) -> Result<()> {
-        for (field, floor) in fields {
-            // A field the schema no longer has is not served at all.
-            if floor.version == 0 || self.schema.field(field).is_err() {
-                continue;
-            }
-            let held = match self
-                .store
-                .records
-                .get(store::record_key(tenant, customer, field))?
-            {
+        // A field the schema no longer has is not served at all.
+        let checked: Vec<(&String, &Floor)> = fields
+            .iter()
+            .filter(|(field, floor)| floor.version > 0 && self.schema.field(field).is_ok())
+            .collect();
+        if checked.is_empty() {
+            return Ok(());
+        }
+        let record = self
+            .store
+            .records
+            .get(store::record_key(tenant, customer))?;
+        let set = match record.as_deref() {
+            None => store::FieldSet::default(),
+            Some(b) => store::FieldSet::decode(b).ok_or_else(|| {
+                VaultError::integrity(format!(
+                    "{}: the stored record of subject {}… cannot be decoded (its fields are damaged); \
+                     nothing was changed: restore the vault's files from a backup",
+                    self.store.dir.display(),
+                    hex::encode(&subject.0[..8])
+                ))
+            })?,
+        };
+        for (field, floor) in checked {
+            let held = match set.get(field) {
                 None => 0,
                 Some(b) => {
-                    super::decode_field(&b, || format!("field `{field}` of a customer"))?.version
+                    super::decode_field(b, || format!("field `{field}` of a customer"))?.version
                 }
             };
             if held < floor.version {

@@ -1,7 +1,9 @@
 //! Storage layout on sled, a view of the write-ahead log.
 //!
 //! One sled database per data directory, one tree per concern:
-//! - `records`: `tenant 0 ref 0 field` → [`StoredField`] (sealed value)
+//! - `records`: `tenant 0 ref` → [`FieldSet`]: every field the customer
+//!   holds, each a sealed [`StoredField`] (one value per customer, so a
+//!   write of many fields is one insert and a read is one lookup)
 //! - `data_keys`: `tenant 0 ref` → [`WrappedKey`](crate::crypto::keys::WrappedKey)
 //!   (which holds the customer id, sealed under a key derived from the pad)
 //! - `blind_index`: `tenant 0 field 0 token ref` → empty
@@ -37,7 +39,7 @@ use std::sync::Arc;
 use sovra_wal::Wal;
 
 pub(crate) use self::log::{Tx, Writer};
-use crate::crypto::keys::{CustomerRef, CUSTOMER_REF_LEN};
+use crate::crypto::keys::CustomerRef;
 use crate::crypto::shred::ShredSlots;
 use crate::error::{Result, VaultError};
 
@@ -326,17 +328,6 @@ impl Store {
     }
 }
 
-/// `tenant 0 ref 0`: prefix of every record of a customer.
-pub(crate) fn customer_prefix(tenant: &str, c: &CustomerRef) -> Vec<u8> {
-    let mut k = Vec::with_capacity(tenant.len() + CUSTOMER_REF_LEN + 2);
-    k.extend_from_slice(tenant.as_bytes());
-    k.push(SEP);
-    k.extend_from_slice(&c.0);
-    k.push(SEP);
-    k
-}
-
-/// `tenant 0 ref 0 field`.
 /// `meta` prefix of the ledger entries whose write failed after they were
 /// appended (they anchor nothing; see `app::recovery`).
 const VOID_ANCHOR: &[u8] = b"void-anchor/";
@@ -348,10 +339,99 @@ pub(crate) fn void_anchor_key(index: u64) -> Vec<u8> {
     k
 }
 
-pub(crate) fn record_key(tenant: &str, c: &CustomerRef, field: &str) -> Vec<u8> {
-    let mut k = customer_prefix(tenant, c);
-    k.extend_from_slice(field.as_bytes());
-    k
+/// `tenant 0 ref`: the customer's [`FieldSet`] in `records`.
+pub fn record_key(tenant: &str, c: &CustomerRef) -> Vec<u8> {
+    data_key_key(tenant, c)
+}
+
+/// The version byte of an encoded [`FieldSet`].
+const FIELD_SET_VERSION: u8 = 1;
+
+/// One customer's `records` value: its fields by name, each the bytes of an
+/// encoded [`StoredField`]. Each value is sealed on its own, with its
+/// tenant, customer, field and version in its associated data, so moving a
+/// value to another field or customer fails authentication; the set only
+/// groups them.
+///
+/// Encoding: the version byte (1), the number of fields (u16, big-endian),
+/// then per field, in strictly increasing name order: the name's length
+/// (u8), the name (UTF-8), the value's length (u32, big-endian) and the
+/// value. Nothing may follow the last field, so a set cut short anywhere,
+/// even between fields, is refused.
+#[derive(Debug, Default)]
+pub struct FieldSet<'a> {
+    fields: Vec<(&'a str, &'a [u8])>,
+}
+
+impl<'a> FieldSet<'a> {
+    /// Decodes `b`; `None` if it is not a well-formed set (damage).
+    pub fn decode(b: &'a [u8]) -> Option<FieldSet<'a>> {
+        let (&version, rest) = b.split_first()?;
+        if version != FIELD_SET_VERSION {
+            return None;
+        }
+        let count = u16::from_be_bytes(<[u8; 2]>::try_from(rest.get(..2)?).ok()?);
+        let mut rest = &rest[2..];
+        let mut fields: Vec<(&'a str, &'a [u8])> = Vec::with_capacity(usize::from(count).min(64));
+        while let Some((&n, r)) = rest.split_first() {
+            let n = usize::from(n);
+            let name = std::str::from_utf8(r.get(..n)?).ok()?;
+            let len = r.get(n..n + 4)?;
+            let len = u32::from_be_bytes(<[u8; 4]>::try_from(len).ok()?) as usize;
+            let value = r.get(n + 4..(n + 4).checked_add(len)?)?;
+            // INVARIANT: names strictly increase, so `get` can bisect and
+            // no field appears twice.
+            if name.is_empty() || fields.last().is_some_and(|(last, _)| *last >= name) {
+                return None;
+            }
+            fields.push((name, value));
+            rest = &r[n + 4 + len..];
+        }
+        (fields.len() == usize::from(count)).then_some(FieldSet { fields })
+    }
+
+    /// The value of `name`, if held.
+    pub fn get(&self, name: &str) -> Option<&'a [u8]> {
+        self.fields
+            .binary_search_by(|(n, _)| (*n).cmp(name))
+            .ok()
+            .map(|i| self.fields[i].1)
+    }
+
+    /// Every (name, value), in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + '_ {
+        self.fields.iter().copied()
+    }
+
+    /// The set with `updates` (name, value) set: encoded.
+    pub fn encode_with(&self, updates: &[(&str, &[u8])]) -> Result<Vec<u8>> {
+        let mut all: std::collections::BTreeMap<&str, &[u8]> = self.iter().collect();
+        for (n, v) in updates {
+            all.insert(n, v);
+        }
+        let size: usize = all.iter().map(|(n, v)| 5 + n.len() + v.len()).sum();
+        let Ok(count) = u16::try_from(all.len()) else {
+            return Err(VaultError::internal("more fields than a record can hold"));
+        };
+        let mut out = Vec::with_capacity(3 + size);
+        out.push(FIELD_SET_VERSION);
+        out.extend_from_slice(&count.to_be_bytes());
+        for (n, v) in all {
+            let (Ok(nl), Ok(vl)) = (u8::try_from(n.len()), u32::try_from(v.len())) else {
+                return Err(VaultError::internal(
+                    "a field name or value too long to store",
+                ));
+            };
+            if nl == 0 {
+                return Err(VaultError::internal("an empty field name"));
+            }
+            out.push(nl);
+            out.extend_from_slice(n.as_bytes());
+            out.extend_from_slice(&vl.to_be_bytes());
+            out.extend_from_slice(v);
+        }
+        Ok(out)
+    }
 }
 
 /// `tenant 0 ref`.
@@ -410,15 +490,68 @@ mod tests {
             CustomerRef([0; 16]),
             CustomerRef([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
         );
-        let a = customer_prefix("t", &c1);
-        assert!(!record_key("t", &c2, "x").starts_with(&a));
-        assert!(record_key("t", &c1, "phone").starts_with(&a));
+        assert_ne!(record_key("t", &c1), record_key("t", &c2));
+        assert_ne!(record_key("t", &c1), record_key("t2", &c1));
         assert!(index_entry("t", "phone", &[1; 32], &c1)
             .starts_with(&index_prefix("t", "phone", &[1; 32])));
         assert_eq!(
             split_data_key(&data_key_key("t", &c2)),
             Some(("t".to_owned(), c2))
         );
+    }
+
+    #[test]
+    fn a_field_set_keeps_each_field_and_refuses_damage() {
+        let empty = FieldSet::default();
+        let one = empty
+            .encode_with(&[("phone", b"p1"), ("email", b"e1")])
+            .unwrap();
+        let set = FieldSet::decode(&one).unwrap();
+        assert_eq!(set.get("phone"), Some(&b"p1"[..]));
+        assert_eq!(set.get("email"), Some(&b"e1"[..]));
+        assert_eq!(set.get("name"), None);
+        let two = set.encode_with(&[("phone", b"p2"), ("name", b"")]).unwrap();
+        let set = FieldSet::decode(&two).unwrap();
+        let names: Vec<&str> = set.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["email", "name", "phone"]);
+        assert_eq!(set.get("phone"), Some(&b"p2"[..]));
+        assert_eq!(set.get("name"), Some(&b""[..]));
+        // Truncated anywhere, a trailing byte, another version, or a field
+        // out of order: damage, refused.
+        for cut in 0..two.len() {
+            assert!(FieldSet::decode(&two[..cut]).is_none(), "cut at {cut}");
+        }
+        assert!(FieldSet::decode(&[&two[..], &[9]].concat()).is_none());
+        assert!(FieldSet::decode(&[&[2], &two[1..]].concat()).is_none());
+        let swapped = [
+            &[FIELD_SET_VERSION, 0, 2][..],
+            &[1, b'b', 0, 0, 0, 0],
+            &[1, b'a', 0, 0, 0, 0],
+        ]
+        .concat();
+        assert!(FieldSet::decode(&swapped).is_none());
+        let twice = [
+            &[FIELD_SET_VERSION, 0, 2][..],
+            &[1, b'a', 0, 0, 0, 0],
+            &[1, b'a', 0, 0, 0, 0],
+        ]
+        .concat();
+        assert!(FieldSet::decode(&twice).is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn field_sets_round_trip_and_hostile_bytes_never_panic(
+            fields in proptest::collection::btree_map("[a-z][a-z0-9_]{0,63}", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 0..12),
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let updates: Vec<(&str, &[u8])> = fields.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+            let b = FieldSet::default().encode_with(&updates).unwrap();
+            let set = FieldSet::decode(&b).unwrap();
+            let back: Vec<(&str, &[u8])> = set.iter().collect();
+            proptest::prop_assert_eq!(back, updates);
+            let _ = FieldSet::decode(&junk);
+        }
     }
 
     fn wal(dir: &std::path::Path) -> Arc<Wal> {
