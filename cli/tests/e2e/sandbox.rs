@@ -388,7 +388,7 @@ async fn bad_specs_and_corrupted_ciphertexts_release_nothing() {
     // before any evaluation, and nothing is released.
     {
         let db = open_raw(&env.data_dir());
-        let t = db.open_tree("fhe_features").unwrap();
+        let t = db.open_tree("fhe_blocks").unwrap();
         let mut n = 0;
         for item in t.scan_prefix(b"Bdefault\0budget\0") {
             let (k, v) = item.unwrap();
@@ -419,7 +419,7 @@ async fn bad_specs_and_corrupted_ciphertexts_release_nothing() {
     // A tampered TFHE key: writes of features fail, losing nothing.
     {
         let db = open_raw(&env.data_dir());
-        let t = db.open_tree("fhe_features").unwrap();
+        let t = db.open_tree("fhe_blocks").unwrap();
         let k = b"Kdefault".to_vec();
         let mut w = t.get(&k).unwrap().unwrap().to_vec();
         w[20] ^= 1;
@@ -491,14 +491,15 @@ async fn erasure_removes_a_customers_encrypted_features() {
     srv.stop().await;
     // No key or value of the encrypted-feature store names the customer.
     let db = open_raw(&env.data_dir());
-    let t = db.open_tree("fhe_features").unwrap();
     let needle = cust(4).into_bytes();
     let mut blocks = 0;
-    for item in t.iter() {
-        let (k, v) = item.unwrap();
-        assert!(!k.windows(needle.len()).any(|w| w == needle));
-        assert!(!v.windows(needle.len()).any(|w| w == needle));
-        blocks += usize::from(k.first() == Some(&b'B'));
+    for tree in ["fhe_features", "fhe_blocks"] {
+        for item in db.open_tree(tree).unwrap().iter() {
+            let (k, v) = item.unwrap();
+            assert!(!k.windows(needle.len()).any(|w| w == needle));
+            assert!(!v.windows(needle.len()).any(|w| w == needle));
+            blocks += usize::from(k.first() == Some(&b'B'));
+        }
     }
     assert!(blocks >= 3);
 }
@@ -509,7 +510,7 @@ async fn a_tenant_has_its_tfhe_key_from_init_and_the_first_start() {
     // `sovra init` (app::setup::init) made the default tenant's key.
     let at_init = {
         let db = open_raw(&env.data_dir());
-        let t = db.open_tree("fhe_features").unwrap();
+        let t = db.open_tree("fhe_blocks").unwrap();
         t.get(b"Kdefault")
             .unwrap()
             .expect("the key exists after init")
@@ -518,7 +519,7 @@ async fn a_tenant_has_its_tfhe_key_from_init_and_the_first_start() {
     assert_eq!(at_init.len(), 12 + 256 + 16);
     env.start().await.stop().await;
     let db = open_raw(&env.data_dir());
-    let t = db.open_tree("fhe_features").unwrap();
+    let t = db.open_tree("fhe_blocks").unwrap();
     let wrapped = t.get(b"Kdefault").unwrap().expect("the key exists");
     assert_eq!(wrapped, at_init, "the server kept the key init made");
 }

@@ -1,7 +1,8 @@
 //! Encrypted model features: each feature field of each customer, quantised
 //! as the schema says, also kept packed in TFHE blocks for the sandbox.
 //!
-//! [`FeatureStore`] owns the `fhe_features` tree and the tenants' TFHE keys
+//! [`FeatureStore`] owns the `fhe_features` and `fhe_blocks` trees and the
+//! tenants' TFHE keys
 //! (wrapped in that tree, cached in memory with their bootstrap keys); the
 //! engine holds it. The writes that must agree with a field ([`put`],
 //! [`erase`]) run inside the engine's transaction over that tree.
@@ -9,13 +10,14 @@
 //! Guarantees: a customer gets one slot per tenant (block = slot / 2048,
 //! coefficient = slot % 2048) the first time one of its feature fields is
 //! written. The write itself does no TFHE work: in its transaction it marks
-//! each written feature of the slot *pending* (a stamp; no value), and the
-//! packer ([`pack`], run in the background and by every job before it reads
-//! a block) folds the current sealed values of pending slots into their
-//! blocks, one fresh encryption per block and feature whatever the number
-//! of writes; a damaged block stops only its own feature. A pending mark is removed only by a packing that saw its
-//! stamp, so a write racing a packing is packed again, and a job never
-//! misses an acknowledged write. A mark is durable with the field, so a
+//! each written feature of the slot *pending* (a stamp per feature, all in
+//! the slot's one mark; no value), and the packer ([`pack`], run in the
+//! background and by every job before it reads a block) folds the current
+//! sealed values of pending slots into their blocks, one transaction per
+//! block holding one fresh encryption per feature whatever the number of
+//! writes; a damaged block stops only its own feature. A feature's stamp is
+//! removed from a mark only by a packing that saw it, so a write racing a
+//! packing is packed again, and a job never misses an acknowledged write. A mark is durable with the field, so a
 //! crash loses no packing work. Erasure zeroes the customer's slot
 //! in every block, re-encrypting each block freshly, and removes the
 //! customer ↔ slot links in the erasure's transaction. At rest a block is
@@ -28,10 +30,15 @@
 //! it has not compacted yet (the TFHE key is tenant-wide, so these are not
 //! crypto-shredded; see SECURITY.md).
 //!
-//! Key layout in the `fhe_features` tree (`0` is a zero byte):
-//! `K tenant` wrapped secret key; `N tenant` next slot; `S tenant 0
-//! ref` slot; `R tenant 0 slot` ref (the customer's [`CustomerRef`]);
-//! `P tenant 0 feature 0 slot` pending stamp; `B tenant 0 feature 0 block` block.
+//! Key layout (`0` is a zero byte). The `fhe_features` tree holds the small
+//! keys every write updates: `N tenant` next slot; `S tenant 0 ref` slot;
+//! `R tenant 0 slot` ref (the customer's [`CustomerRef`]); `P tenant 0
+//! slot` pending mark (per feature, in name order: the name, a zero byte
+//! and an 8-byte stamp). The `fhe_blocks` tree holds the large values:
+//! `K tenant` wrapped secret key; `B tenant 0 feature 0 block` block. They
+//! are apart because sled rewrites a whole node when it consolidates one:
+//! with a block or a key in the same node, every slot or mark update wrote
+//! tens of kilobytes (a sled blob file each time).
 
 use crate::crypto::fhe::FheSecret;
 use crate::crypto::keys::{CustomerRef, KeyRing};
@@ -69,15 +76,56 @@ fn slot_key(tenant: &str, customer: &CustomerRef) -> Vec<u8> {
 fn reverse_key(tenant: &str, slot: u32) -> Vec<u8> {
     key(b'R', tenant, &[&slot.to_be_bytes()])
 }
-fn pending_key(tenant: &str, feature: &str, slot: u32) -> Vec<u8> {
-    key(b'P', tenant, &[feature.as_bytes(), &slot.to_be_bytes()])
+fn pending_key(tenant: &str, slot: u32) -> Vec<u8> {
+    key(b'P', tenant, &[&slot.to_be_bytes()])
+}
+
+/// Length of a pending stamp.
+const STAMP_LEN: usize = 8;
+
+/// A slot's pending mark: (feature, stamp) in strictly increasing feature
+/// order. `None` if `b` is not a well-formed mark.
+fn decode_mark(mut b: &[u8]) -> Option<Vec<(String, [u8; STAMP_LEN])>> {
+    let mut out: Vec<(String, [u8; STAMP_LEN])> = Vec::new();
+    while !b.is_empty() {
+        let end = b.iter().position(|&c| c == 0)?;
+        let name = std::str::from_utf8(&b[..end]).ok()?;
+        let stamp = <[u8; STAMP_LEN]>::try_from(b.get(end + 1..end + 1 + STAMP_LEN)?).ok()?;
+        if name.is_empty() || out.last().is_some_and(|(last, _)| last.as_str() >= name) {
+            return None;
+        }
+        out.push((name.to_owned(), stamp));
+        b = &b[end + 1 + STAMP_LEN..];
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn encode_mark(entries: &BTreeMap<String, [u8; STAMP_LEN]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 24);
+    for (name, stamp) in entries {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.extend_from_slice(stamp);
+    }
+    out
+}
+
+/// The mark stored at `k` in a transaction, as a map; damage aborts.
+fn read_mark(f: &Tx<'_>, k: &[u8]) -> TxResult<BTreeMap<String, [u8; STAMP_LEN]>> {
+    match f.get(k)? {
+        None => Ok(BTreeMap::new()),
+        Some(b) => match decode_mark(&b) {
+            Some(m) => Ok(m.into_iter().collect()),
+            None => abort(VaultError::integrity("an encrypted-feature pending mark")),
+        },
+    }
 }
 
 /// Stamps of pending marks: unique within the process (seeded with the
 /// time, so marks left by an earlier process differ too).
 static STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn next_stamp() -> [u8; 8] {
+fn next_stamp() -> [u8; STAMP_LEN] {
     use std::sync::atomic::Ordering;
     let seed = u64::try_from(crate::clock::now_ms()).unwrap_or(0) << 20;
     let _ = STAMP.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
@@ -104,9 +152,10 @@ fn abort<T>(e: VaultError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
-/// The `fhe_features` tree and the tenants' TFHE keys.
+/// The `fhe_features` and `fhe_blocks` trees and the tenants' TFHE keys.
 pub(crate) struct FeatureStore {
     tree: sled::Tree,
+    blocks: sled::Tree,
     writer: Writer,
     keyring: Arc<KeyRing>,
     // Unwrapped once per tenant and kept for the process's life: every
@@ -124,9 +173,15 @@ impl std::fmt::Debug for FeatureStore {
 impl FeatureStore {
     /// The store over `tree` (the `fhe_features` tree), wrapping keys with
     /// `keyring`.
-    pub(crate) fn new(tree: sled::Tree, writer: Writer, keyring: Arc<KeyRing>) -> Self {
+    pub(crate) fn new(
+        tree: sled::Tree,
+        blocks: sled::Tree,
+        writer: Writer,
+        keyring: Arc<KeyRing>,
+    ) -> Self {
         Self {
             tree,
+            blocks,
             writer,
             keyring,
             secrets: RwLock::new(HashMap::new()),
@@ -137,6 +192,11 @@ impl FeatureStore {
     /// The tree, for the engine's transactions.
     pub(crate) fn tree(&self) -> &sled::Tree {
         &self.tree
+    }
+
+    /// The blocks' tree, for the erasure's transaction.
+    pub(crate) fn blocks(&self) -> &sled::Tree {
+        &self.blocks
     }
 
     /// The tenant's key, created (and stored wrapped under `K tenant`) on
@@ -152,14 +212,14 @@ impl FeatureStore {
         }
         let key = secret_key(tenant);
         let keyring = &*self.keyring;
-        let secret = match self.tree.get(&key)? {
+        let secret = match self.blocks.get(&key)? {
             Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
             None => {
                 let fresh = FheSecret::generate();
                 let wrapped = fresh.wrap(keyring, tenant)?;
                 // Two first writers race: the first stored key wins, the
                 // other is dropped (and zeroed) unused.
-                match self.writer.insert_if_absent(&self.tree, &key, &wrapped)? {
+                match self.writer.insert_if_absent(&self.blocks, &key, &wrapped)? {
                     None => fresh,
                     Some(w) => FheSecret::unwrap(keyring, tenant, &w)?,
                 }
@@ -194,8 +254,8 @@ impl FeatureStore {
         slot_of(&self.tree, tenant, customer)
     }
 
-    /// Every pending mark, of `tenant` or of every tenant: (tenant,
-    /// feature, slot, stamp).
+    /// Every pending (feature, slot) of `tenant` or of every tenant:
+    /// (tenant, feature, slot, stamp).
     pub(crate) fn pending(&self, tenant: Option<&str>) -> Result<Vec<Pending>> {
         let prefix = match tenant {
             Some(t) => {
@@ -209,17 +269,22 @@ impl FeatureStore {
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(&prefix) {
             let (k, v) = item?;
-            // INVARIANT: tenants and feature names hold no 0 byte; the slot
-            // is the last 4 bytes.
-            let body = k.get(1..k.len().saturating_sub(5)).ok_or_else(bad)?;
-            let pos = body.iter().position(|&b| b == 0).ok_or_else(bad)?;
-            let text = |b: &[u8]| std::str::from_utf8(b).map(str::to_owned).map_err(|_| bad());
-            out.push(Pending {
-                tenant: text(&body[..pos])?,
-                feature: text(&body[pos + 1..])?,
-                slot: u32_of(&k[k.len() - 4..], "pending slot")?,
-                stamp: v.to_vec(),
-            });
+            // INVARIANT: tenants hold no 0 byte; the key is `P tenant 0
+            // slot` with a 4-byte slot.
+            let tenant = k
+                .get(1..k.len().saturating_sub(5))
+                .filter(|t| k.get(k.len().saturating_sub(5)) == Some(&0) && !t.contains(&0))
+                .ok_or_else(bad)?;
+            let tenant = std::str::from_utf8(tenant).map_err(|_| bad())?;
+            let slot = u32_of(&k[k.len() - 4..], "pending slot")?;
+            for (feature, stamp) in decode_mark(&v).ok_or_else(bad)? {
+                out.push(Pending {
+                    tenant: tenant.to_owned(),
+                    feature,
+                    slot,
+                    stamp: stamp.to_vec(),
+                });
+            }
         }
         Ok(out)
     }
@@ -244,11 +309,10 @@ impl FeatureStore {
         &self,
         secret: &FheSecret,
         tenant: &str,
-        feature: &str,
-        slots: &[(u32, Vec<u8>, i64)],
-    ) -> Result<usize> {
-        self.writer.transact([&self.tree], |[f]| {
-            pack_block(f, secret, tenant, feature, slots)
+        features: &[PackFeature],
+    ) -> Result<Packed> {
+        self.writer.transact([&self.tree, &self.blocks], |[f, fb]| {
+            pack_block(f, fb, secret, tenant, features)
         })
     }
 
@@ -266,7 +330,7 @@ impl FeatureStore {
         feature: &str,
         blocks: usize,
     ) -> Result<Vec<Option<FeatureBlock>>> {
-        column(&self.tree, tenant, feature, blocks)
+        column(&self.blocks, tenant, feature, blocks)
     }
 }
 
@@ -335,36 +399,88 @@ pub(crate) struct Pending {
     pub(crate) stamp: Vec<u8>,
 }
 
-/// One packing transaction (see [`FeatureStore::pack`]); every slot is in
-/// the same block.
+/// What a packing folds in for one feature of one block: (slot, stamp
+/// read before the value, value).
+#[derive(Debug)]
+pub(crate) struct PackFeature {
+    pub(crate) feature: String,
+    pub(crate) slots: Vec<(u32, Vec<u8>, i64)>,
+}
+
+/// What one packing did: the (feature, slot) stamps it cleared, and the
+/// features whose block failed (damaged), which it left pending.
+#[derive(Debug, Default)]
+pub(crate) struct Packed {
+    pub(crate) cleared: usize,
+    pub(crate) failed: Vec<VaultError>,
+}
+
+/// One packing transaction (see [`FeatureStore::pack`]): every slot of
+/// every feature is in the same block. Each feature's block is encrypted
+/// afresh with the values of the slots still marked for it; a feature whose
+/// block fails is skipped, and its stamps stay. Each slot's mark is then
+/// written once, without the stamps the packing saw.
 fn pack_block(
     f: &Tx<'_>,
+    fb: &Tx<'_>,
     secret: &FheSecret,
     tenant: &str,
-    feature: &str,
-    slots: &[(u32, Vec<u8>, i64)],
-) -> TxResult<usize> {
-    let Some(block) = slots.first().map(|s| s.0 / SLOTS as u32) else {
-        return Ok(0);
-    };
-    let mut live = Vec::with_capacity(slots.len());
-    let mut removed = 0;
-    for (slot, stamp, value) in slots {
-        let pk = pending_key(tenant, feature, *slot);
-        let Some(cur) = f.get(&pk)? else {
+    features: &[PackFeature],
+) -> TxResult<Packed> {
+    let mut marks: BTreeMap<u32, BTreeMap<String, [u8; STAMP_LEN]>> = BTreeMap::new();
+    for pf in features {
+        for (slot, _, _) in &pf.slots {
+            if !marks.contains_key(slot) {
+                marks.insert(*slot, read_mark(f, &pending_key(tenant, *slot))?);
+            }
+        }
+    }
+    let mut out = Packed::default();
+    let mut changed: std::collections::BTreeSet<u32> = Default::default();
+    for pf in features {
+        let Some(block) = pf.slots.first().map(|s| s.0 / SLOTS as u32) else {
             continue;
         };
-        if cur.as_ref() == stamp.as_slice() {
-            f.remove(pk)?;
-            removed += 1;
+        // A slot no longer marked for the feature (erased, or packed by
+        // another packing) is left as its block holds it.
+        let live: Vec<(u32, i64)> = pf
+            .slots
+            .iter()
+            .filter(|(slot, _, _)| marks.get(slot).is_some_and(|m| m.contains_key(&pf.feature)))
+            .map(|(slot, _, v)| (*slot, *v))
+            .collect();
+        if live.is_empty() {
+            continue;
         }
-        live.push((*slot, *value));
+        match set_slots(fb, secret, tenant, &pf.feature, block, &live) {
+            Ok(()) => {}
+            Err(ConflictableTransactionError::Abort(e)) => {
+                out.failed.push(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        for (slot, stamp, _) in &pf.slots {
+            let Some(m) = marks.get_mut(slot) else {
+                continue;
+            };
+            if m.get(&pf.feature)
+                .is_some_and(|s| s.as_slice() == stamp.as_slice())
+            {
+                m.remove(&pf.feature);
+                changed.insert(*slot);
+                out.cleared += 1;
+            }
+        }
     }
-    if live.is_empty() {
-        return Ok(0);
+    for slot in changed {
+        let k = pending_key(tenant, slot);
+        match marks.get(&slot) {
+            Some(m) if !m.is_empty() => f.insert(k, encode_mark(m))?,
+            _ => f.remove(k)?,
+        }
     }
-    set_slots(f, secret, tenant, feature, block, &live)?;
-    Ok(removed)
+    Ok(out)
 }
 
 /// In the write's transaction: gives `customer` a slot if it has none and
@@ -404,10 +520,14 @@ pub(crate) fn put(
             next
         }
     };
+    // One mark per slot, so a write of many features is one insert.
     let stamp = next_stamp();
+    let pk = pending_key(tenant, slot);
+    let mut mark = read_mark(f, &pk)?;
     for (feature, _) in values {
-        f.insert(pending_key(tenant, feature, slot), &stamp[..])?;
+        mark.insert(feature.clone(), stamp);
     }
+    f.insert(pk, encode_mark(&mark))?;
     Ok(())
 }
 
@@ -415,6 +535,7 @@ pub(crate) fn put(
 /// feature block that exists and removes its slot links.
 pub(crate) fn erase(
     f: &Tx<'_>,
+    fb: &Tx<'_>,
     secret: &FheSecret,
     tenant: &str,
     customer: &CustomerRef,
@@ -429,17 +550,16 @@ pub(crate) fn erase(
         Err(e) => return abort(e),
     };
     for feature in features {
-        if f.get(block_key(tenant, feature, slot / SLOTS as u32))?
+        if fb
+            .get(block_key(tenant, feature, slot / SLOTS as u32))?
             .is_some()
         {
-            rewrite(f, secret, tenant, feature, slot, 0)?;
+            rewrite(fb, secret, tenant, feature, slot, 0)?;
         }
     }
     f.remove(sk)?;
     f.remove(reverse_key(tenant, slot))?;
-    for feature in features {
-        f.remove(pending_key(tenant, feature, slot))?;
-    }
+    f.remove(pending_key(tenant, slot))?;
     Ok(())
 }
 
@@ -514,11 +634,137 @@ mod tests {
         next_stamp().to_vec()
     }
 
+    fn budget(slots: Vec<(u32, Vec<u8>, i64)>) -> Vec<PackFeature> {
+        vec![PackFeature {
+            feature: "budget".into(),
+            slots,
+        }]
+    }
+
+    #[test]
+    fn one_mark_per_slot_keeps_each_features_stamp_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let t = db.open_tree("fhe_features").unwrap();
+        let tb = db.open_tree("fhe_blocks").unwrap();
+        let wal = Arc::new(
+            sovra_wal::Wal::open(&dir.path().join("wal"), sovra_wal::WalOptions::default())
+                .unwrap()
+                .wal,
+        );
+        let w = Writer::new(db.clone(), wal);
+        let secret = FheSecret::generate();
+        let alice = CustomerRef([1; 16]);
+        let store = FeatureStore::new(
+            t.clone(),
+            tb.clone(),
+            w.clone(),
+            Arc::new(KeyRing::new(crate::crypto::keys::RootKey::generate())),
+        );
+        // Two features in one write: one mark, one insert.
+        w.transact([&t], |[f]| {
+            put(
+                f,
+                "t",
+                &alice,
+                &[("budget".into(), 5), ("visits".into(), 2)],
+            )
+        })
+        .unwrap();
+        let marks: Vec<_> = t.scan_prefix(b"P").collect();
+        assert_eq!(marks.len(), 1);
+        let pending = store.pending(Some("t")).unwrap();
+        let names: Vec<&str> = pending.iter().map(|p| p.feature.as_str()).collect();
+        assert_eq!(names, ["budget", "visits"]);
+        let stamp_of = |feature: &str| {
+            store
+                .pending(Some("t"))
+                .unwrap()
+                .into_iter()
+                .find(|p| p.feature == feature)
+                .map(|p| p.stamp)
+        };
+        let (b1, v1) = (stamp_of("budget").unwrap(), stamp_of("visits").unwrap());
+        // A later write of `visits` alone gives it a new stamp and keeps
+        // `budget`'s.
+        w.transact([&t], |[f]| put(f, "t", &alice, &[("visits".into(), 3)]))
+            .unwrap();
+        assert_eq!(stamp_of("budget").unwrap(), b1);
+        assert_ne!(stamp_of("visits").unwrap(), v1);
+        // Packing both with the first stamps clears `budget` only.
+        let work = vec![
+            PackFeature {
+                feature: "budget".into(),
+                slots: vec![(0, b1, 5)],
+            },
+            PackFeature {
+                feature: "visits".into(),
+                slots: vec![(0, v1, 2)],
+            },
+        ];
+        let p = w
+            .transact([&t, &tb], |[f, fb]| pack_block(f, fb, &secret, "t", &work))
+            .unwrap();
+        assert_eq!((p.cleared, p.failed.len()), (1, 0));
+        let left: Vec<String> = store
+            .pending(Some("t"))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.feature)
+            .collect();
+        assert_eq!(left, ["visits"]);
+        // A damaged block stops its own feature only, and leaves its stamp.
+        w.transact([&t], |[f]| put(f, "t", &alice, &[("budget".into(), 7)]))
+            .unwrap();
+        w.insert(&tb, block_key("t", "visits", 0), b"garbage")
+            .unwrap();
+        let work: Vec<PackFeature> = store
+            .pending(Some("t"))
+            .unwrap()
+            .into_iter()
+            .map(|p| PackFeature {
+                feature: p.feature,
+                slots: vec![(0, p.stamp, 7)],
+            })
+            .collect();
+        let p = w
+            .transact([&t, &tb], |[f, fb]| pack_block(f, fb, &secret, "t", &work))
+            .unwrap();
+        assert_eq!((p.cleared, p.failed.len()), (1, 1));
+        let left: Vec<String> = store
+            .pending(Some("t"))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.feature)
+            .collect();
+        assert_eq!(left, ["visits"]);
+        assert_eq!(
+            secret.decrypt_block(column(&tb, "t", "budget", 1).unwrap()[0].as_ref().unwrap())[0],
+            7
+        );
+        // A damaged mark is refused, by the scan and by a write.
+        w.insert(&t, pending_key("t", 0), b"budget").unwrap();
+        assert!(store.pending(Some("t")).is_err());
+        assert!(w
+            .transact([&t], |[f]| put(f, "t", &alice, &[("budget".into(), 1)]))
+            .is_err());
+        for bad in [
+            &b""[..],
+            b"budget",
+            b"\0stampstm",
+            b"b\0short",
+            b"b\0stamp_01a\0stamp_02",
+        ] {
+            assert!(decode_mark(bad).is_none(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn erasure_zeroes_the_slot_in_a_fresh_encryption_and_removes_the_links() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let t = db.open_tree("fhe_features").unwrap();
+        let tb = db.open_tree("fhe_blocks").unwrap();
         let wal = Arc::new(
             sovra_wal::Wal::open(&dir.path().join("wal"), sovra_wal::WalOptions::default())
                 .unwrap()
@@ -539,28 +785,31 @@ mod tests {
         .unwrap();
         // A write marks its slot pending and does no TFHE work; packing
         // folds the values in and clears the marks it saw.
-        assert!(t.get(block_key("t", "budget", 0)).unwrap().is_none());
+        assert!(tb.get(block_key("t", "budget", 0)).unwrap().is_none());
         let stamp = |slot: u32| {
-            t.get(pending_key("t", "budget", slot))
-                .unwrap()
-                .unwrap()
-                .to_vec()
+            let m = decode_mark(&t.get(pending_key("t", slot)).unwrap().unwrap()).unwrap();
+            assert_eq!(m.len(), 1);
+            m[0].1.to_vec()
         };
-        let packed = vec![(0, stamp(0), 5), (1, b"stale".to_vec(), 9)];
+        let packed = budget(vec![(0, stamp(0), 5), (1, b"stale".to_vec(), 9)]);
         let removed = w
-            .transact([&t], |[f]| pack_block(f, &secret, "t", "budget", &packed))
+            .transact([&t, &tb], |[f, fb]| {
+                pack_block(f, fb, &secret, "t", &packed)
+            })
             .unwrap();
-        assert_eq!(removed, 1, "a mark whose stamp changed stays");
-        assert!(t.get(pending_key("t", "budget", 0)).unwrap().is_none());
-        assert!(t.get(pending_key("t", "budget", 1)).unwrap().is_some());
-        let col = column(&t, "t", "budget", 1).unwrap();
+        assert_eq!(removed.cleared, 1, "a mark whose stamp changed stays");
+        assert!(t.get(pending_key("t", 0)).unwrap().is_none());
+        assert!(t.get(pending_key("t", 1)).unwrap().is_some());
+        let col = column(&tb, "t", "budget", 1).unwrap();
         let v = secret.decrypt_block(col[0].as_ref().unwrap());
         assert_eq!((v[0], v[1]), (5, 9));
-        let before = t.get(block_key("t", "budget", 0)).unwrap().unwrap();
+        let before = tb.get(block_key("t", "budget", 0)).unwrap().unwrap();
 
-        w.transact([&t], |[f]| erase(f, &secret, "t", &alice, &features))
-            .unwrap();
-        let after = t.get(block_key("t", "budget", 0)).unwrap().unwrap();
+        w.transact([&t, &tb], |[f, fb]| {
+            erase(f, fb, &secret, "t", &alice, &features)
+        })
+        .unwrap();
+        let after = tb.get(block_key("t", "budget", 0)).unwrap().unwrap();
         // A fresh encryption: no byte of the body is kept.
         let same = before
             .iter()
@@ -569,18 +818,18 @@ mod tests {
             .filter(|(a, b)| a == b)
             .count();
         assert!(same < 512, "{same} bytes unchanged");
-        let col = column(&t, "t", "budget", 1).unwrap();
+        let col = column(&tb, "t", "budget", 1).unwrap();
         let v = secret.decrypt_block(col[0].as_ref().unwrap());
         assert_eq!((v[0], v[1]), (0, 9));
         assert_eq!(slot_of(&t, "t", &alice).unwrap(), None);
         assert_eq!(slots(&t, "t").unwrap(), vec![(bob, 1)]);
-        assert!(t.get(pending_key("t", "budget", 0)).unwrap().is_none());
+        assert!(t.get(pending_key("t", 0)).unwrap().is_none());
         // A packing that read the erased customer's value writes nothing
         // back for it: its mark is gone.
-        let late = vec![(0, stamp_any(), 5)];
-        w.transact([&t], |[f]| pack_block(f, &secret, "t", "budget", &late))
+        let late = budget(vec![(0, stamp_any(), 5)]);
+        w.transact([&t, &tb], |[f, fb]| pack_block(f, fb, &secret, "t", &late))
             .unwrap();
-        let col = column(&t, "t", "budget", 1).unwrap();
+        let col = column(&tb, "t", "budget", 1).unwrap();
         assert_eq!(secret.decrypt_block(col[0].as_ref().unwrap())[0], 0);
         for item in t.iter() {
             let (k, v) = item.unwrap();
@@ -588,7 +837,9 @@ mod tests {
             assert!(!v.windows(16).any(|w| w == alice.0));
         }
         // Erasing a customer without features changes nothing.
-        w.transact([&t], |[f]| erase(f, &secret, "t", &carol, &features))
-            .unwrap();
+        w.transact([&t, &tb], |[f, fb]| {
+            erase(f, fb, &secret, "t", &carol, &features)
+        })
+        .unwrap();
     }
 }

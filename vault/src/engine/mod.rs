@@ -29,6 +29,7 @@ mod locks;
 mod recovery;
 pub mod rotation;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -358,6 +359,7 @@ impl Engine {
         )?;
         let features = FeatureStore::new(
             store.features.clone(),
+            store.feature_blocks.clone(),
             store.writer.clone(),
             keyring.clone(),
         );
@@ -1110,23 +1112,30 @@ impl Engine {
         tenant: Option<&str>,
         only: Option<&[String]>,
     ) -> Result<usize> {
-        let mut blocks: std::collections::BTreeMap<(String, String, u32), Vec<_>> =
-            Default::default();
+        // (tenant, block) → slot → [(feature, stamp)]
+        type Marked = BTreeMap<u32, Vec<(String, Vec<u8>)>>;
+        let mut blocks: BTreeMap<(String, u32), Marked> = BTreeMap::new();
         for p in self.features.pending(tenant)? {
             if only.is_some_and(|o| !o.contains(&p.feature)) {
                 continue;
             }
             let block = p.slot / sovra_sandbox::params::SLOTS as u32;
             blocks
-                .entry((p.tenant, p.feature, block))
+                .entry((p.tenant, block))
                 .or_default()
-                .push((p.slot, p.stamp));
+                .entry(p.slot)
+                .or_default()
+                .push((p.feature, p.stamp));
         }
         let (mut cleared, mut first_err) = (0, None);
-        for ((t, feature, _), slots) in blocks {
-            let r = self.pack_block(&t, &feature, slots);
-            match r {
-                Ok(n) => cleared += n,
+        for ((t, _), slots) in blocks {
+            match self.pack_block(&t, slots) {
+                Ok(p) => {
+                    cleared += p.cleared;
+                    if let Some(e) = p.failed.into_iter().next() {
+                        first_err.get_or_insert(e);
+                    }
+                }
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -1135,47 +1144,89 @@ impl Engine {
         first_err.map_or(Ok(cleared), Err)
     }
 
-    fn pack_block(&self, tenant: &str, feature: &str, slots: Vec<(u32, Vec<u8>)>) -> Result<usize> {
-        let Some(def) = self
-            .schema
-            .field(feature)
-            .ok()
-            .filter(|d| d.feature.is_some())
-        else {
-            return Err(VaultError::integrity(format!(
-                "a pending mark names `{feature}`, which is not a feature of the schema"
-            )));
-        };
+    /// Packs one block's pending (slot → [(feature, stamp)]): each slot's
+    /// values are read once, then every feature is folded in, in one
+    /// transaction.
+    fn pack_block(
+        &self,
+        tenant: &str,
+        slots: BTreeMap<u32, Vec<(String, Vec<u8>)>>,
+    ) -> Result<features::Packed> {
         let secret = self.features.secret(tenant)?;
-        let mut packed = Vec::with_capacity(slots.len());
-        for (slot, stamp) in slots {
-            // INVARIANT: the stamp was read before the value, so a write
-            // after it changes the stamp and keeps the slot pending.
-            let value = self.feature_value(tenant, slot, def)?;
-            packed.push((slot, stamp, value));
+        let mut by_feature: BTreeMap<String, Vec<(u32, Vec<u8>, i64)>> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (slot, marked) in slots {
+            let mut defs = Vec::with_capacity(marked.len());
+            for (feature, _) in &marked {
+                match self
+                    .schema
+                    .field(feature)
+                    .ok()
+                    .filter(|d| d.feature.is_some())
+                {
+                    Some(d) => defs.push(d),
+                    None => failed.push(VaultError::integrity(format!(
+                        "a pending mark names `{feature}`, which is not a feature of the schema"
+                    ))),
+                }
+            }
+            // INVARIANT: the stamps were read before the values, so a write
+            // after them changes the stamps and keeps the slot pending.
+            let values = self.feature_values(tenant, slot, &defs)?;
+            for (feature, stamp) in marked {
+                if let Some(v) = values.iter().find(|(f, _)| *f == feature) {
+                    by_feature
+                        .entry(feature)
+                        .or_default()
+                        .push((slot, stamp, v.1));
+                }
+            }
         }
-        self.features.pack(&secret, tenant, feature, &packed)
+        let work: Vec<features::PackFeature> = by_feature
+            .into_iter()
+            .map(|(feature, slots)| features::PackFeature { feature, slots })
+            .collect();
+        let mut packed = self.features.pack(&secret, tenant, &work)?;
+        failed.append(&mut packed.failed);
+        packed.failed = failed;
+        Ok(packed)
     }
 
-    /// The quantised value of `def` now stored for the customer in `slot`
-    /// (0 if it is gone).
-    fn feature_value(&self, tenant: &str, slot: u32, def: &FieldDef) -> Result<i64> {
+    /// The quantised values of `defs` now stored for the customer in `slot`
+    /// (0 for each if it is gone), by feature name.
+    fn feature_values(
+        &self,
+        tenant: &str,
+        slot: u32,
+        defs: &[&FieldDef],
+    ) -> Result<Vec<(String, i64)>> {
+        let zeros = || defs.iter().map(|d| (d.name.clone(), 0)).collect();
+        if defs.is_empty() {
+            return Ok(Vec::new());
+        }
         let Some(r) = self.features.customer_at(tenant, slot)? else {
-            return Ok(0);
+            return Ok(zeros());
         };
         let customer = match self.customer_id(tenant, &r) {
             Ok(c) => c,
-            Err(VaultError::NotFound(_)) => return Ok(0),
+            Err(VaultError::NotFound(_)) => return Ok(zeros()),
             Err(e) => return Err(e),
         };
-        let revealed = match self.get(tenant, &customer, &[def]) {
+        let revealed = match self.get(tenant, &customer, defs) {
             Ok((_, r)) => r,
-            Err(VaultError::NotFound(_)) => return Ok(0),
+            Err(VaultError::NotFound(_)) => return Ok(zeros()),
             Err(e) => return Err(e),
         };
         let pairs: Vec<(&FieldDef, FieldValue)> =
             revealed.into_iter().map(|f| (f.def, f.value)).collect();
-        Ok(features::quantised(&pairs).first().map_or(0, |(_, v)| *v))
+        let q = features::quantised(&pairs);
+        Ok(defs
+            .iter()
+            .map(|d| {
+                let v = q.iter().find(|(n, _)| *n == d.name).map_or(0, |(_, v)| *v);
+                (d.name.clone(), v)
+            })
+            .collect())
     }
 
     /// The names of the fields `customer` holds a value for.
@@ -1247,11 +1298,12 @@ impl Engine {
                 &s.index,
                 self.lineage.tree(),
                 self.features.tree(),
+                self.features.blocks(),
             ],
-            |[r, k, i, l, f]| {
+            |[r, k, i, l, f, fb]| {
                 staged.apply(l)?;
                 if let Some(secret) = &secret {
-                    features::erase(f, secret, tenant, customer, &feature_names)?;
+                    features::erase(f, fb, secret, tenant, customer, &feature_names)?;
                 }
                 k.remove(dek_k.as_slice())?;
                 r.remove(record_key.as_slice())?;

@@ -12,6 +12,10 @@
 //! the customer id: no key and no value holds a customer id in the clear.
 //! - `meta`: `keystate 0 tenant` → tenant key state
 //! - `lineage`: field lineage (see `lineage.rs` for its key spaces)
+//! - `fhe_features`: feature slots and pending marks; `fhe_blocks`: the
+//!   packed TFHE blocks and the tenants' wrapped TFHE keys (see
+//!   `engine/features.rs`; the large values have a tree of their own, so
+//!   updating a small key never makes sled rewrite a node holding a block)
 //! - `idempotency`: keyed hash of (tenant, principal, idempotency key) →
 //!   [`IdempotencyRecord`], kept for [`IDEMPOTENCY_RETENTION_MS`]
 //!
@@ -162,6 +166,7 @@ pub struct Store {
     pub(crate) meta: sled::Tree,
     pub(crate) lineage: sled::Tree,
     pub(crate) features: sled::Tree,
+    pub(crate) feature_blocks: sled::Tree,
     pub(crate) idempotency: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
     pub(crate) dir: std::path::PathBuf,
@@ -213,6 +218,7 @@ impl Store {
         let meta = db.open_tree("meta")?;
         let lineage = db.open_tree("lineage")?;
         let features = db.open_tree("fhe_features")?;
+        let feature_blocks = db.open_tree("fhe_blocks")?;
         let idempotency = db.open_tree("idempotency")?;
         // Opened after sled, whose lock keeps a second server out.
         let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
@@ -230,6 +236,7 @@ impl Store {
             meta,
             lineage,
             features,
+            feature_blocks,
             idempotency,
             slots,
             dir: dir.to_path_buf(),
