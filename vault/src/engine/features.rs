@@ -634,15 +634,8 @@ mod tests {
         next_stamp().to_vec()
     }
 
-    fn budget(slots: Vec<(u32, Vec<u8>, i64)>) -> Vec<PackFeature> {
-        vec![PackFeature {
-            feature: "budget".into(),
-            slots,
-        }]
-    }
-
-    #[test]
-    fn one_mark_per_slot_keeps_each_features_stamp_and_damage_is_refused() {
+    /// The two trees over a temporary database, and their writer.
+    fn trees() -> (tempfile::TempDir, sled::Tree, sled::Tree, Writer) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let t = db.open_tree("fhe_features").unwrap();
@@ -652,7 +645,19 @@ mod tests {
                 .unwrap()
                 .wal,
         );
-        let w = Writer::new(db.clone(), wal);
+        (dir, t, tb, Writer::new(db, wal))
+    }
+
+    fn budget(slots: Vec<(u32, Vec<u8>, i64)>) -> Vec<PackFeature> {
+        vec![PackFeature {
+            feature: "budget".into(),
+            slots,
+        }]
+    }
+
+    #[test]
+    fn one_mark_per_slot_keeps_each_features_stamp_and_damage_is_refused() {
+        let (_dir, t, tb, w) = trees();
         let secret = FheSecret::generate();
         let alice = CustomerRef([1; 16]);
         let store = FeatureStore::new(
@@ -761,16 +766,7 @@ mod tests {
 
     #[test]
     fn erasure_zeroes_the_slot_in_a_fresh_encryption_and_removes_the_links() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let t = db.open_tree("fhe_features").unwrap();
-        let tb = db.open_tree("fhe_blocks").unwrap();
-        let wal = Arc::new(
-            sovra_wal::Wal::open(&dir.path().join("wal"), sovra_wal::WalOptions::default())
-                .unwrap()
-                .wal,
-        );
-        let w = Writer::new(db.clone(), wal);
+        let (_dir, t, tb, w) = trees();
         let secret = FheSecret::generate();
         let features = vec!["budget".to_owned()];
         let (alice, bob, carol) = (
