@@ -415,6 +415,56 @@ async fn files_are_private_whatever_the_umask() {
 /// Item 9: a wrong root key is refused at start by the key check value
 /// stored at init; a database truncated to half is refused naming it, with
 /// no panic and no "another serve" hint, which only a held lock gets.
+/// A data directory of another storage key format (format 1: ids as keys,
+/// no format marker; format 2: one `records` key per field) is refused at
+/// start, naming the directory, and nothing is changed: with its marker
+/// back, the same directory serves its customer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_storage_key_format_is_refused_and_changes_nothing() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    svc.put_record(put("kf-1", &[("phone", text("13800000001"))]))
+        .await
+        .unwrap();
+    srv.stop().await;
+    let set_marker = |v: Option<&[u8]>| {
+        let db = open_raw(&env.data_dir());
+        let meta = db.open_tree("meta").unwrap();
+        let before = meta.get(b"key-format").unwrap().map(|v| v.to_vec());
+        match v {
+            Some(v) => meta.insert(b"key-format", v).unwrap(),
+            None => meta.remove(b"key-format").unwrap(),
+        };
+        db.flush().unwrap();
+        before
+    };
+    assert_eq!(
+        set_marker(Some(&[2])),
+        Some(vec![3]),
+        "this build writes format 3"
+    );
+    let out = serve_refused(&env.config_path);
+    assert!(
+        out.contains("storage key format [2]") && out.contains("reads only format 3"),
+        "{out}"
+    );
+    assert!(out.contains(&env.data_dir().display().to_string()), "{out}");
+    set_marker(None);
+    let out = serve_refused(&env.config_path);
+    assert!(out.contains("storage key format 1"), "{out}");
+    set_marker(Some(&[3]));
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    let r = svc
+        .get_fields(get("kf-1", &["phone"], "customer_service"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.fields.len(), 1);
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_root_key_and_damaged_database_are_refused_at_start() {
     let env = Env::new();
