@@ -17,9 +17,9 @@
 //! block holding one fresh encryption per feature whatever the number of
 //! writes; a damaged block stops only its own feature. A feature's stamp is
 //! removed from a mark only by a packing that saw it, so a write racing a
-//! packing is packed again, and a job never misses an acknowledged write. A mark is durable with the field, so a
-//! crash loses no packing work. Erasure zeroes the customer's slot
-//! in every block, re-encrypting each block freshly, and removes the
+//! packing is packed again, and a job never misses an acknowledged write.
+//! A mark is durable with the field, so a crash loses no packing work.
+//! Erasure zeroes the customer's slot in every block, re-encrypting each block freshly, and removes the
 //! customer ↔ slot links in the erasure's transaction. At rest a block is
 //! the whole GLWE ciphertext, 2 × 2048 × 8 bytes plus framing (about 16
 //! bytes per value). Blocks read back are checked by tfhe's conformant

@@ -16,8 +16,8 @@
 //!
 //! The engine holds three components, each owning its state and its tree:
 //! [`KeyRotation`] (the tenants' key versions, in `meta`), [`LineageStore`]
-//! (the `lineage` tree) and the feature store (the `fhe_features` tree and
-//! the tenants' TFHE keys). They share the store, the key ring and the
+//! (the `lineage` tree) and the feature store (the `fhe_features` and
+//! `fhe_blocks` trees and the tenants' TFHE keys). They share the store, the key ring and the
 //! per-customer locks; the engine resolves customers to data keys and
 //! pseudonyms, and runs the transactions that span several trees.
 //!
@@ -300,13 +300,20 @@ fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
 /// The customer's stored fields (none if it holds no record); damage is an
 /// integrity error naming the customer.
 fn field_set<'a>(held: Option<&'a [u8]>, customer: &str) -> Result<store::FieldSet<'a>> {
+    decode_set(held, || {
+        format!("the stored record of customer `{customer}` (its fields cannot be decoded)")
+    })
+}
+
+/// A stored field set (empty if none is held); damage is an integrity
+/// error saying `what`.
+fn decode_set<'a>(
+    held: Option<&'a [u8]>,
+    what: impl FnOnce() -> String,
+) -> Result<store::FieldSet<'a>> {
     match held {
         None => Ok(store::FieldSet::default()),
-        Some(b) => store::FieldSet::decode(b).ok_or_else(|| {
-            VaultError::integrity(format!(
-                "the stored record of customer `{customer}` (its fields cannot be decoded)"
-            ))
-        }),
+        Some(b) => store::FieldSet::decode(b).ok_or_else(|| VaultError::integrity(what())),
     }
 }
 
@@ -392,8 +399,8 @@ impl Engine {
         &self.lineage
     }
 
-    /// The feature store (the `fhe_features` tree and the tenants' TFHE
-    /// keys).
+    /// The feature store (the `fhe_features` and `fhe_blocks` trees and
+    /// the tenants' TFHE keys).
     pub(crate) fn features(&self) -> &FeatureStore {
         &self.features
     }

@@ -266,17 +266,14 @@ impl Engine {
             .store
             .records
             .get(store::record_key(tenant, customer))?;
-        let set = match record.as_deref() {
-            None => store::FieldSet::default(),
-            Some(b) => store::FieldSet::decode(b).ok_or_else(|| {
-                VaultError::integrity(format!(
-                    "{}: the stored record of subject {}… cannot be decoded (its fields are damaged); \
-                     nothing was changed: restore the vault's files from a backup",
-                    self.store.dir.display(),
-                    hex::encode(&subject.0[..8])
-                ))
-            })?,
-        };
+        let set = super::decode_set(record.as_deref(), || {
+            format!(
+                "{}: the stored record of subject {}… cannot be decoded (its fields are damaged); \
+                 nothing was changed: restore the vault's files from a backup",
+                self.store.dir.display(),
+                hex::encode(&subject.0[..8])
+            )
+        })?;
         for (field, floor) in checked {
             let held = match set.get(field) {
                 None => 0,
