@@ -441,19 +441,19 @@ async fn another_storage_key_format_is_refused_and_changes_nothing() {
     };
     assert_eq!(
         set_marker(Some(&[2])),
-        Some(vec![3]),
-        "this build writes format 3"
+        Some(vec![4]),
+        "this build writes format 4"
     );
     let out = serve_refused(&env.config_path);
     assert!(
-        out.contains("storage key format [2]") && out.contains("reads only format 3"),
+        out.contains("storage key format [2]") && out.contains("reads only format 4"),
         "{out}"
     );
     assert!(out.contains(&env.data_dir().display().to_string()), "{out}");
     set_marker(None);
     let out = serve_refused(&env.config_path);
     assert!(out.contains("storage key format 1"), "{out}");
-    set_marker(Some(&[3]));
+    set_marker(Some(&[4]));
     let srv = env.start().await;
     let mut svc = srv.client(Some(&env.service)).await;
     let r = svc

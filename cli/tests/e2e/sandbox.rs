@@ -846,3 +846,103 @@ async fn queued_jobs_report_their_place_and_admission_is_bounded() {
     }
     srv.stop().await;
 }
+
+/// A data directory of storage key format 3 (feature slots keyed by
+/// customer, with `R` reverse links and `P` pending marks beside them, and
+/// no slot in the record sets) is upgraded in place at start: its
+/// customers stay in the cohort with their slots, new customers get slots
+/// after the format-3 counter, a job packs and sums both, every record set
+/// holds its slot and no format-3 key is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_3_directory_is_upgraded_and_its_slots_kept() {
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, 20, &[]).await;
+    srv.stop().await;
+    {
+        // Back to format 3: `S tenant 0 ref` → slot, a reverse link `R` per
+        // slot, no slot in the record sets (version 1), the counter at the
+        // next slot, the marker 3.
+        let db = open_raw(&env.data_dir());
+        let t = db.open_tree("fhe_features").unwrap();
+        let records = db.open_tree("records").unwrap();
+        let mut n = 0u32;
+        for item in t.scan_prefix(b"Mdefault\0").collect::<Vec<_>>() {
+            let (k, v) = item.unwrap();
+            let slot = u32::from_be_bytes(k[k.len() - 4..].try_into().unwrap());
+            assert_eq!(v.len(), 16, "a clean stop packed every mark");
+            let cref = &v[..16];
+            t.insert([&b"Sdefault\0"[..], cref].concat(), &slot.to_be_bytes()[..])
+                .unwrap();
+            t.insert([&b"Rdefault\0"[..], &slot.to_be_bytes()].concat(), cref)
+                .unwrap();
+            t.remove(&k).unwrap();
+            let rk = [&b"default\0"[..], cref].concat();
+            let set = records.get(&rk).unwrap().unwrap();
+            assert_eq!(set[..5], [&[2][..], &slot.to_be_bytes()].concat()[..]);
+            records.insert(&rk, [&[1][..], &set[5..]].concat()).unwrap();
+            n = n.max(slot + 1);
+        }
+        assert_eq!(n, 20);
+        t.insert(b"Ndefault", &n.to_be_bytes()[..]).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(b"key-format", &[3u8][..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let srv = env.start().await;
+    let mut svc = srv.client(Some(&env.service)).await;
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    for i in 20..23 {
+        let (b, ..) = features(i);
+        svc.put_record(put(&cust(i), &[("budget", int(b))]))
+            .await
+            .unwrap();
+        led.record_consent(consent(&cust(i), "lead_scoring", true))
+            .await
+            .unwrap();
+    }
+    let mut partner = sandbox(&srv, &env.partner).await;
+    let r = run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+    assert_eq!(r.job.unwrap().cohort_size, 23);
+    assert_eq!(
+        r.aggregate.unwrap().sum,
+        (0..23).map(|i| q(i)[0]).sum::<i64>()
+    );
+    srv.stop().await;
+    let db = open_raw(&env.data_dir());
+    assert_eq!(
+        db.open_tree("meta")
+            .unwrap()
+            .get(b"key-format")
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        [4]
+    );
+    let t = db.open_tree("fhe_features").unwrap();
+    let mut slots = Vec::new();
+    for item in t.iter() {
+        let (k, _) = item.unwrap();
+        assert!(matches!(k[0], b'N' | b'M'), "a format-3 key is left: {k:?}");
+        if k[0] == b'M' {
+            slots.push(u32::from_be_bytes(k[k.len() - 4..].try_into().unwrap()));
+        }
+    }
+    // Every record set holds its customer's slot again.
+    let records = db.open_tree("records").unwrap();
+    assert_eq!(
+        records
+            .iter()
+            .filter(|i| i.as_ref().unwrap().1[0] == 2)
+            .count(),
+        23
+    );
+    slots.sort();
+    // The 20 kept slots, then the new customers' after the old counter.
+    assert_eq!(slots[..20], (0..20).collect::<Vec<_>>()[..]);
+    assert_eq!(slots[20..], [20, 21, 22]);
+}

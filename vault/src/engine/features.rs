@@ -9,18 +9,30 @@
 //!
 //! Guarantees: a customer gets one slot per tenant (block = slot / 2048,
 //! coefficient = slot % 2048) the first time one of its feature fields is
-//! written. The write itself does no TFHE work: in its transaction it marks
-//! each written feature of the slot *pending* (a stamp per feature, all in
-//! the slot's one mark; no value), and the packer ([`pack`], run in the
-//! background and by every job before it reads a block) folds the current
-//! sealed values of pending slots into their blocks, one transaction per
-//! block holding one fresh encryption per feature whatever the number of
-//! writes; a damaged block stops only its own feature. A feature's stamp is
-//! removed from a mark only by a packing that saw it, so a write racing a
-//! packing is packed again, and a job never misses an acknowledged write.
-//! A mark is durable with the field, so a crash loses no packing work.
-//! Erasure zeroes the customer's slot in every block, re-encrypting each block freshly, and removes the
-//! customer ↔ slot links in the erasure's transaction. At rest a block is
+//! written. Slots come from blocks of [`SLOT_BLOCK`] reserved through the
+//! write-ahead log (as lineage ids are), so a new customer costs one insert,
+//! and a slot is never handed out twice, across crashes and restores of the
+//! view too; a restart leaves the rest of a reserved block unused. The write
+//! itself does no TFHE work: in its transaction it marks each written
+//! feature of the slot *pending* (a stamp per feature, kept in the slot's one
+//! value beside the slot number; no value), and the packer ([`pack`], run in
+//! the background and by every job before it reads a block) folds the
+//! current sealed values of pending slots into their blocks, one
+//! transaction per block holding one fresh encryption per feature whatever
+//! the number of writes; a damaged block stops only its own feature. A
+//! feature's stamp is removed from a mark only by a packing that saw it, so a
+//! write racing a packing is packed again, and a job never misses an
+//! acknowledged write. A mark is durable with the field, so a crash loses no
+//! packing work. The marks are also kept in memory with the values their
+//! writes noted (loaded from the tree at open, after the log's replay,
+//! without values; noted by every write after its transaction and before
+//! its answer), so the packer neither scans the tree for marks nor reads a
+//! noted value back; it reads back only the values of marks found at open.
+//! The stored marks stay the authority: a packing checks each stamp in its
+//! transaction.
+//! Erasure zeroes the customer's slot in every block, re-encrypting each
+//! block freshly, and removes the slot's key (and so its mark) in the
+//! erasure's transaction. At rest a block is
 //! the whole GLWE ciphertext, 2 × 2048 × 8 bytes plus framing (about 16
 //! bytes per value). Blocks read back are checked by tfhe's conformant
 //! deserialisation before any use.
@@ -30,15 +42,24 @@
 //! it has not compacted yet (the TFHE key is tenant-wide, so these are not
 //! crypto-shredded; see SECURITY.md).
 //!
-//! Key layout (`0` is a zero byte). The `fhe_features` tree holds the small
-//! keys every write updates: `N tenant` next slot; `S tenant 0 ref` slot;
-//! `R tenant 0 slot` ref (the customer's [`CustomerRef`]); `P tenant 0
-//! slot` pending mark (per feature, in name order: the name, a zero byte
-//! and an 8-byte stamp). The `fhe_blocks` tree holds the large values:
+//! Key layout (`0` is a zero byte), storage key format 4. The customer's
+//! slot is in its record set (`records`, see `store::FieldSet`), which
+//! every put reads anyway. The `fhe_features` tree holds the small keys
+//! every feature write updates: `N tenant` the end (exclusive) of the
+//! reserved slots; `M tenant 0 slot` (slot big-endian, so new customers'
+//! slots are appended at the end of the tree, which costs sled far less
+//! than a random key) the slot's customer (its 16-byte [`CustomerRef`])
+//! followed by its pending mark (per feature, in name order: the name, a
+//! zero byte and an 8-byte stamp; empty when nothing is pending). A
+//! record set naming a slot another customer holds is refused. The
+//! `fhe_blocks` tree holds the large values:
 //! `K tenant` wrapped secret key; `B tenant 0 feature 0 block` block. They
 //! are apart because sled rewrites a whole node when it consolidates one:
 //! with a block or a key in the same node, every slot or mark update wrote
-//! tens of kilobytes (a sled blob file each time).
+//! tens of kilobytes (a sled blob file each time). Format 3 kept
+//! `S tenant 0 ref` (customer to slot), `R tenant 0 slot` (slot to
+//! customer) and `P tenant 0 slot` (the mark); [`upgrade_from_format_3`]
+//! turns them into the record sets' slots and `M` keys.
 
 use crate::crypto::fhe::FheSecret;
 use crate::crypto::keys::{CustomerRef, KeyRing};
@@ -70,21 +91,32 @@ fn secret_key(tenant: &str) -> Vec<u8> {
 fn next_key(tenant: &str) -> Vec<u8> {
     key(b'N', tenant, &[])
 }
-fn slot_key(tenant: &str, customer: &CustomerRef) -> Vec<u8> {
+fn mark_key(tenant: &str, slot: u32) -> Vec<u8> {
+    key(b'M', tenant, &[&slot.to_be_bytes()])
+}
+/// The `S` key of format 3 (see [`upgrade_from_format_3`]).
+#[cfg(test)]
+fn legacy_slot_key(tenant: &str, customer: &CustomerRef) -> Vec<u8> {
     key(b'S', tenant, &[&customer.0])
 }
-fn reverse_key(tenant: &str, slot: u32) -> Vec<u8> {
-    key(b'R', tenant, &[&slot.to_be_bytes()])
-}
-fn pending_key(tenant: &str, slot: u32) -> Vec<u8> {
-    key(b'P', tenant, &[&slot.to_be_bytes()])
+/// The `R` and `P` keys of format 3 (see [`upgrade_from_format_3`]).
+#[cfg(test)]
+fn legacy_key(tag: u8, tenant: &str, slot: u32) -> Vec<u8> {
+    key(tag, tenant, &[&slot.to_be_bytes()])
 }
 
 /// Length of a pending stamp.
 const STAMP_LEN: usize = 8;
 
+/// A pending stamp: unique per write (see [`next_stamp`]).
+pub(crate) type Stamp = [u8; STAMP_LEN];
+
+/// Slots reserved per logged reservation.
+const SLOT_BLOCK: u32 = 256;
+
 /// A slot's pending mark: (feature, stamp) in strictly increasing feature
-/// order. `None` if `b` is not a well-formed mark.
+/// order (empty if nothing is pending). `None` if `b` is not a well-formed
+/// mark.
 fn decode_mark(mut b: &[u8]) -> Option<Vec<(String, [u8; STAMP_LEN])>> {
     let mut out: Vec<(String, [u8; STAMP_LEN])> = Vec::new();
     while !b.is_empty() {
@@ -97,7 +129,7 @@ fn decode_mark(mut b: &[u8]) -> Option<Vec<(String, [u8; STAMP_LEN])>> {
         out.push((name.to_owned(), stamp));
         b = &b[end + 1 + STAMP_LEN..];
     }
-    (!out.is_empty()).then_some(out)
+    Some(out)
 }
 
 fn encode_mark(entries: &BTreeMap<String, [u8; STAMP_LEN]>) -> Vec<u8> {
@@ -110,13 +142,34 @@ fn encode_mark(entries: &BTreeMap<String, [u8; STAMP_LEN]>) -> Vec<u8> {
     out
 }
 
-/// The mark stored at `k` in a transaction, as a map; damage aborts.
-fn read_mark(f: &Tx<'_>, k: &[u8]) -> TxResult<BTreeMap<String, [u8; STAMP_LEN]>> {
+/// A stored slot value: the slot's customer and its pending mark.
+type SlotValue = (CustomerRef, BTreeMap<String, Stamp>);
+
+/// The customer and mark in a stored `M` value; `None` if damaged.
+fn decode_slot(b: &[u8]) -> Option<SlotValue> {
+    use crate::crypto::keys::CUSTOMER_REF_LEN;
+    let customer = CustomerRef::from_slice(b.get(..CUSTOMER_REF_LEN)?)?;
+    let mark = decode_mark(&b[CUSTOMER_REF_LEN..])?;
+    Some((customer, mark.into_iter().collect()))
+}
+
+fn encode_slot(customer: &CustomerRef, mark: &BTreeMap<String, Stamp>) -> Vec<u8> {
+    let mut out = customer.0.to_vec();
+    out.extend_from_slice(&encode_mark(mark));
+    out
+}
+
+fn bad_slot() -> VaultError {
+    VaultError::integrity("an encrypted-feature slot (its customer or pending mark)")
+}
+
+/// The slot value stored at `k` in a transaction; damage aborts.
+fn read_slot(f: &Tx<'_>, k: &[u8]) -> TxResult<Option<SlotValue>> {
     match f.get(k)? {
-        None => Ok(BTreeMap::new()),
-        Some(b) => match decode_mark(&b) {
-            Some(m) => Ok(m.into_iter().collect()),
-            None => abort(VaultError::integrity("an encrypted-feature pending mark")),
+        None => Ok(None),
+        Some(b) => match decode_slot(&b) {
+            Some(v) => Ok(Some(v)),
+            None => abort(bad_slot()),
         },
     }
 }
@@ -125,7 +178,8 @@ fn read_mark(f: &Tx<'_>, k: &[u8]) -> TxResult<BTreeMap<String, [u8; STAMP_LEN]>
 /// time, so marks left by an earlier process differ too).
 static STAMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn next_stamp() -> [u8; STAMP_LEN] {
+/// A fresh stamp for one write's marks.
+pub(crate) fn next_stamp() -> Stamp {
     use std::sync::atomic::Ordering;
     let seed = u64::try_from(crate::clock::now_ms()).unwrap_or(0) << 20;
     let _ = STAMP.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
@@ -152,6 +206,25 @@ fn abort<T>(e: VaultError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
+/// The slots being handed out for one tenant: `next..end`.
+#[derive(Debug)]
+struct SlotIds {
+    next: u32,
+    end: u32,
+}
+
+/// A pending slot known in memory: its customer and, per feature, the
+/// stamp of the latest write and the value it wrote (`None` when loaded
+/// from the tree at open: the packer reads it back then).
+#[derive(Debug)]
+struct MarkedSlot {
+    customer: CustomerRef,
+    features: BTreeMap<String, (Stamp, Option<zeroize::Zeroizing<i64>>)>,
+}
+
+/// The pending slots known in memory: tenant → slot → what is pending.
+type Marked = HashMap<String, BTreeMap<u32, MarkedSlot>>;
+
 /// The `fhe_features` and `fhe_blocks` trees and the tenants' TFHE keys.
 pub(crate) struct FeatureStore {
     tree: sled::Tree,
@@ -162,6 +235,15 @@ pub(crate) struct FeatureStore {
     // write of a feature and every release needs the key.
     secrets: RwLock<HashMap<String, Arc<FheSecret>>>,
     bootstrap: Mutex<HashMap<String, Arc<BootstrapKey>>>,
+    // Per tenant, the reserved block of slots being handed out (see
+    // `slot_for`).
+    next_slots: Mutex<HashMap<String, SlotIds>>,
+    // INVARIANT: every (slot, feature, stamp) of a stored mark is here,
+    // or a later stamp of that feature (loaded at open; a write notes its
+    // own after its transaction, before it is answered). The tree is the
+    // authority: a packing clears a stamp only if the stored mark still
+    // holds it, then forgets it here if it is still the one noted.
+    marked: Mutex<Marked>,
 }
 
 impl std::fmt::Debug for FeatureStore {
@@ -172,21 +254,108 @@ impl std::fmt::Debug for FeatureStore {
 
 impl FeatureStore {
     /// The store over `tree` (the `fhe_features` tree), wrapping keys with
-    /// `keyring`.
+    /// `keyring`. Reads every slot once, to know the pending ones: call it
+    /// after the log's replay.
     pub(crate) fn new(
         tree: sled::Tree,
         blocks: sled::Tree,
         writer: Writer,
         keyring: Arc<KeyRing>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        let mut marked: Marked = HashMap::new();
+        for item in tree.scan_prefix(b"M") {
+            let (k, v) = item?;
+            let (tenant, slot) = split_mark_key(&k).ok_or_else(bad_slot)?;
+            let (customer, mark) = decode_slot(&v).ok_or_else(bad_slot)?;
+            if !mark.is_empty() {
+                let features = mark.into_iter().map(|(f, st)| (f, (st, None))).collect();
+                marked
+                    .entry(tenant.to_owned())
+                    .or_default()
+                    .insert(slot, MarkedSlot { customer, features });
+            }
+        }
+        Ok(Self {
             tree,
             blocks,
             writer,
             keyring,
             secrets: RwLock::new(HashMap::new()),
             bootstrap: Mutex::new(HashMap::new()),
+            next_slots: Mutex::new(HashMap::new()),
+            marked: Mutex::new(marked),
+        })
+    }
+
+    /// A new slot for a customer's first feature write (its record set
+    /// then holds it). Called with the customer's lock held, before the
+    /// write's transaction. A slot is unused if that transaction fails.
+    pub(crate) fn new_slot(&self, tenant: &str) -> Result<u32> {
+        let mut all = self
+            .next_slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ids = match all.get_mut(tenant) {
+            Some(ids) => ids,
+            None => {
+                let end = match self.tree.get(next_key(tenant))? {
+                    Some(b) => u32_of(&b, "slot reservation")?,
+                    None => 0,
+                };
+                all.entry(tenant.to_owned())
+                    .or_insert(SlotIds { next: end, end })
+            }
+        };
+        if ids.next == ids.end {
+            let end = ids
+                .end
+                .checked_add(SLOT_BLOCK)
+                .ok_or_else(|| VaultError::storage("the tenant has used every feature slot"))?;
+            // INVARIANT: the reservation is logged before any of its slots
+            // is used, so every logged slot lies after the reservation that
+            // covers it: replaying the log (after a crash, or into a
+            // restored older view) restores a reservation at least as high
+            // as any slot in the view.
+            self.writer
+                .insert(&self.tree, next_key(tenant), end.to_be_bytes())?;
+            ids.end = end;
         }
+        let slot = ids.next;
+        ids.next += 1;
+        Ok(slot)
+    }
+
+    /// After a write's transaction marked `slot` pending with `stamp`
+    /// for each of `values` (quantised): the packer folds them in without
+    /// reading them back.
+    pub(crate) fn note_pending(
+        &self,
+        tenant: &str,
+        slot: u32,
+        customer: &CustomerRef,
+        stamp: Stamp,
+        values: &[(String, i64)],
+    ) {
+        let mut m = self.lock_marked();
+        let entry = m
+            .entry(tenant.to_owned())
+            .or_default()
+            .entry(slot)
+            .or_insert_with(|| MarkedSlot {
+                customer: *customer,
+                features: BTreeMap::new(),
+            });
+        for (feature, v) in values {
+            entry
+                .features
+                .insert(feature.clone(), (stamp, Some(zeroize::Zeroizing::new(*v))));
+        }
+    }
+
+    fn lock_marked(&self) -> std::sync::MutexGuard<'_, Marked> {
+        self.marked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The tree, for the engine's transactions.
@@ -249,71 +418,83 @@ impl FeatureStore {
         Ok(k)
     }
 
-    /// The slot of `customer`, if it has one.
-    pub(crate) fn slot_of(&self, tenant: &str, customer: &CustomerRef) -> Result<Option<u32>> {
-        slot_of(&self.tree, tenant, customer)
+    /// The slot held by `customer`, found by scanning the tenant's slots:
+    /// only for an erasure whose record set is lost or damaged.
+    pub(crate) fn find_slot(&self, tenant: &str, customer: &CustomerRef) -> Result<Option<u32>> {
+        Ok(slots(&self.tree, tenant)?
+            .into_iter()
+            .find(|(c, _)| c == customer)
+            .map(|(_, s)| s))
     }
 
-    /// Every pending (feature, slot) of `tenant` or of every tenant:
-    /// (tenant, feature, slot, stamp).
-    pub(crate) fn pending(&self, tenant: Option<&str>) -> Result<Vec<Pending>> {
-        let prefix = match tenant {
-            Some(t) => {
-                let mut p = key(b'P', t, &[]);
-                p.push(0);
-                p
-            }
-            None => vec![b'P'],
-        };
-        let bad = || VaultError::integrity("an encrypted-feature pending mark");
+    /// Every pending (feature, slot) of `tenant` or of every tenant, by
+    /// tenant, slot and feature, as known in memory (see
+    /// [`FeatureStore::pack`] for why that is enough).
+    pub(crate) fn pending(&self, tenant: Option<&str>) -> Vec<Pending> {
+        let m = self.lock_marked();
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix(&prefix) {
-            let (k, v) = item?;
-            // INVARIANT: tenants hold no 0 byte; the key is `P tenant 0
-            // slot` with a 4-byte slot.
-            let tenant = k
-                .get(1..k.len().saturating_sub(5))
-                .filter(|t| k.get(k.len().saturating_sub(5)) == Some(&0) && !t.contains(&0))
-                .ok_or_else(bad)?;
-            let tenant = std::str::from_utf8(tenant).map_err(|_| bad())?;
-            let slot = u32_of(&k[k.len() - 4..], "pending slot")?;
-            for (feature, stamp) in decode_mark(&v).ok_or_else(bad)? {
-                out.push(Pending {
-                    tenant: tenant.to_owned(),
-                    feature,
-                    slot,
-                    stamp: stamp.to_vec(),
-                });
+        let mut tenants: Vec<&String> = m
+            .keys()
+            .filter(|t| tenant.is_none_or(|want| want == t.as_str()))
+            .collect();
+        tenants.sort();
+        for t in tenants {
+            for (slot, marked) in &m[t] {
+                for (feature, (stamp, value)) in &marked.features {
+                    out.push(Pending {
+                        tenant: t.clone(),
+                        feature: feature.clone(),
+                        slot: *slot,
+                        customer: marked.customer,
+                        stamp: *stamp,
+                        value: value.as_deref().copied(),
+                    });
+                }
             }
         }
-        Ok(out)
+        out
     }
 
-    /// The customer in `slot`, if any.
-    pub(crate) fn customer_at(&self, tenant: &str, slot: u32) -> Result<Option<CustomerRef>> {
-        self.tree
-            .get(reverse_key(tenant, slot))?
-            .map(|v| {
-                CustomerRef::from_slice(&v)
-                    .ok_or_else(|| VaultError::integrity("encrypted-feature slot link"))
-            })
-            .transpose()
-    }
-
-    /// Folds `slots` of one block of `feature` into it, in one
-    /// transaction: (slot, the stamp seen before its value was read, its
-    /// quantised value). A slot whose mark is gone (erased, or packed by a
-    /// concurrent packing) is left as it is; a mark is removed only if it
-    /// still holds the stamp seen. Returns how many marks were removed.
+    /// Folds `features` of one block into it, in one transaction: per
+    /// feature, (slot, customer, the stamp seen before its value was read,
+    /// its quantised value). A slot whose stored mark no longer holds the
+    /// feature (erased, or packed by a concurrent packing) is left as its
+    /// block holds it; a stamp is removed from a stored mark only if the
+    /// mark still holds it, and then from memory only if no later write
+    /// noted another. What the stored marks no longer hold is forgotten
+    /// in memory too, so memory never keeps a slot pending for ever.
     pub(crate) fn pack(
         &self,
         secret: &FheSecret,
         tenant: &str,
         features: &[PackFeature],
     ) -> Result<Packed> {
-        self.writer.transact([&self.tree, &self.blocks], |[f, fb]| {
-            pack_block(f, fb, secret, tenant, features)
-        })
+        let packed = self
+            .writer
+            .transact([&self.tree, &self.blocks], |[f, fb]| {
+                pack_block(f, fb, secret, tenant, features)
+            })?;
+        let mut m = self.lock_marked();
+        if let Some(slots) = m.get_mut(tenant) {
+            for (slot, feature, stamp) in &packed.settled {
+                if let Some(marked) = slots.get_mut(slot) {
+                    if marked
+                        .features
+                        .get(feature)
+                        .is_some_and(|(s, _)| s == stamp)
+                    {
+                        marked.features.remove(feature);
+                    }
+                    if marked.features.is_empty() {
+                        slots.remove(slot);
+                    }
+                }
+            }
+            if slots.is_empty() {
+                m.remove(tenant);
+            }
+        }
+        Ok(packed)
     }
 
     /// Every customer of the tenant with a slot: (reference, slot), by slot.
@@ -396,15 +577,18 @@ pub(crate) struct Pending {
     pub(crate) tenant: String,
     pub(crate) feature: String,
     pub(crate) slot: u32,
-    pub(crate) stamp: Vec<u8>,
+    pub(crate) customer: CustomerRef,
+    pub(crate) stamp: Stamp,
+    /// The value the write noted; `None` for a mark found at open.
+    pub(crate) value: Option<i64>,
 }
 
-/// What a packing folds in for one feature of one block: (slot, stamp
-/// read before the value, value).
+/// What a packing folds in for one feature of one block: (slot, its
+/// customer, stamp read before the value, value).
 #[derive(Debug)]
 pub(crate) struct PackFeature {
     pub(crate) feature: String,
-    pub(crate) slots: Vec<(u32, Vec<u8>, i64)>,
+    pub(crate) slots: Vec<(u32, CustomerRef, Stamp, i64)>,
 }
 
 /// What one packing did: the (feature, slot) stamps it cleared, and the
@@ -413,6 +597,9 @@ pub(crate) struct PackFeature {
 pub(crate) struct Packed {
     pub(crate) cleared: usize,
     pub(crate) failed: Vec<VaultError>,
+    /// (slot, feature, stamp) no longer pending in the tree: cleared now,
+    /// or found cleared or erased.
+    settled: Vec<(u32, String, Stamp)>,
 }
 
 /// One packing transaction (see [`FeatureStore::pack`]): every slot of
@@ -427,11 +614,18 @@ fn pack_block(
     tenant: &str,
     features: &[PackFeature],
 ) -> TxResult<Packed> {
-    let mut marks: BTreeMap<u32, BTreeMap<String, [u8; STAMP_LEN]>> = BTreeMap::new();
+    // slot → (customer, mark), for the slots still held by their customer.
+    let mut marks: BTreeMap<u32, (CustomerRef, BTreeMap<String, [u8; STAMP_LEN]>)> =
+        BTreeMap::new();
     for pf in features {
-        for (slot, _, _) in &pf.slots {
-            if !marks.contains_key(slot) {
-                marks.insert(*slot, read_mark(f, &pending_key(tenant, *slot))?);
+        for (slot, customer, _, _) in &pf.slots {
+            if marks.contains_key(slot) {
+                continue;
+            }
+            if let Some((c, mark)) = read_slot(f, &mark_key(tenant, *slot))? {
+                if c == *customer {
+                    marks.insert(*slot, (c, mark));
+                }
             }
         }
     }
@@ -446,9 +640,19 @@ fn pack_block(
         let live: Vec<(u32, i64)> = pf
             .slots
             .iter()
-            .filter(|(slot, _, _)| marks.get(slot).is_some_and(|m| m.contains_key(&pf.feature)))
-            .map(|(slot, _, v)| (*slot, *v))
+            .filter(|(slot, ..)| {
+                marks
+                    .get(slot)
+                    .is_some_and(|(_, m)| m.contains_key(&pf.feature))
+            })
+            .map(|(slot, _, _, v)| (*slot, *v))
             .collect();
+        for (slot, _, stamp, _) in &pf.slots {
+            let held = marks.get(slot).and_then(|(_, m)| m.get(&pf.feature));
+            if held.is_none() {
+                out.settled.push((*slot, pf.feature.clone(), *stamp));
+            }
+        }
         if live.is_empty() {
             continue;
         }
@@ -460,95 +664,81 @@ fn pack_block(
             }
             Err(e) => return Err(e),
         }
-        for (slot, stamp, _) in &pf.slots {
-            let Some(m) = marks.get_mut(slot) else {
+        for (slot, _, stamp, _) in &pf.slots {
+            let Some((_, m)) = marks.get_mut(slot) else {
                 continue;
             };
-            if m.get(&pf.feature)
-                .is_some_and(|s| s.as_slice() == stamp.as_slice())
-            {
+            if m.get(&pf.feature).is_some_and(|s| s == stamp) {
                 m.remove(&pf.feature);
                 changed.insert(*slot);
                 out.cleared += 1;
+                out.settled.push((*slot, pf.feature.clone(), *stamp));
             }
         }
     }
     for slot in changed {
-        let k = pending_key(tenant, slot);
-        match marks.get(&slot) {
-            Some(m) if !m.is_empty() => f.insert(k, encode_mark(m))?,
-            _ => f.remove(k)?,
+        if let Some((customer, m)) = marks.get(&slot) {
+            f.insert(mark_key(tenant, slot), encode_slot(customer, m))?;
         }
     }
     Ok(out)
 }
 
-/// In the write's transaction: gives `customer` a slot if it has none and
-/// marks it pending (the packer folds the values in; see the module docs).
+/// In the write's transaction: marks the written features of `customer`'s
+/// `slot` pending (its record set holds the slot, from
+/// [`FeatureStore::new_slot`] for a first feature write); the packer folds
+/// the values in, see the module docs. The caller then tells
+/// [`FeatureStore::note_pending`].
 pub(crate) fn put(
     f: &Tx<'_>,
     tenant: &str,
     customer: &CustomerRef,
+    slot: u32,
+    stamp: Stamp,
     values: &[(String, i64)],
 ) -> TxResult<()> {
     if values.is_empty() {
         return Ok(());
     }
-    let sk = slot_key(tenant, customer);
-    let slot = match f.get(&sk)? {
-        Some(b) => match u32_of(&b, "slot") {
-            Ok(s) => s,
-            Err(e) => return abort(e),
-        },
-        None => {
-            let nk = next_key(tenant);
-            let next = match f.get(&nk)? {
-                Some(b) => match u32_of(&b, "slot counter") {
-                    Ok(s) => s,
-                    Err(e) => return abort(e),
-                },
-                None => 0,
-            };
-            let Some(after) = next.checked_add(1) else {
-                return abort(VaultError::storage(
-                    "the tenant has used every feature slot",
-                ));
-            };
-            f.insert(nk, after.to_be_bytes())?;
-            f.insert(sk, next.to_be_bytes())?;
-            f.insert(reverse_key(tenant, next), &customer.0[..])?;
-            next
+    let k = mark_key(tenant, slot);
+    let mut mark = match read_slot(f, &k)? {
+        Some((c, _)) if c != *customer => {
+            return abort(VaultError::integrity(format!(
+                "encrypted-feature slot {slot} (its record set names a slot another customer holds)"
+            )));
         }
+        Some((_, mark)) => mark,
+        None => BTreeMap::new(),
     };
-    // One mark per slot, so a write of many features is one insert.
-    let stamp = next_stamp();
-    let pk = pending_key(tenant, slot);
-    let mut mark = read_mark(f, &pk)?;
+    // One value per slot, so a write of many features is one insert.
     for (feature, _) in values {
         mark.insert(feature.clone(), stamp);
     }
-    f.insert(pk, encode_mark(&mark))?;
+    f.insert(k, encode_slot(customer, &mark))?;
     Ok(())
 }
 
-/// In the erasure's transaction: zeroes the customer's slot in every
-/// feature block that exists and removes its slot links.
+/// In the erasure's transaction: zeroes `customer`'s `slot` in every
+/// feature block that exists and removes the slot (and its mark). A slot
+/// held by another customer is refused (a damaged record set), and nothing
+/// of it changed.
 pub(crate) fn erase(
     f: &Tx<'_>,
     fb: &Tx<'_>,
     secret: &FheSecret,
     tenant: &str,
     customer: &CustomerRef,
+    slot: u32,
     features: &[String],
 ) -> TxResult<()> {
-    let sk = slot_key(tenant, customer);
-    let Some(b) = f.get(&sk)? else {
-        return Ok(());
-    };
-    let slot = match u32_of(&b, "slot") {
-        Ok(s) => s,
-        Err(e) => return abort(e),
-    };
+    let k = mark_key(tenant, slot);
+    if let Some((c, _)) = read_slot(f, &k)? {
+        if c != *customer {
+            return abort(VaultError::integrity(format!(
+                "encrypted-feature slot {slot} (the erased customer's record set names a slot another customer holds)"
+            )));
+        }
+    }
     for feature in features {
         if fb
             .get(block_key(tenant, feature, slot / SLOTS as u32))?
@@ -557,30 +747,112 @@ pub(crate) fn erase(
             rewrite(fb, secret, tenant, feature, slot, 0)?;
         }
     }
-    f.remove(sk)?;
-    f.remove(reverse_key(tenant, slot))?;
-    f.remove(pending_key(tenant, slot))?;
+    f.remove(k)?;
     Ok(())
 }
 
-/// The slot of `customer`, if it has one.
-fn slot_of(tree: &sled::Tree, tenant: &str, customer: &CustomerRef) -> Result<Option<u32>> {
-    tree.get(slot_key(tenant, customer))?
-        .map(|b| u32_of(&b, "slot"))
-        .transpose()
+/// The tenant and slot of an `M tenant 0 slot` key.
+fn split_mark_key(k: &[u8]) -> Option<(&str, u32)> {
+    // INVARIANT: tenants hold no 0 byte; the slot has 4 bytes.
+    let at = k.len().checked_sub(5)?;
+    if k.first() != Some(&b'M') || k.get(at) != Some(&0) || at < 1 {
+        return None;
+    }
+    let tenant = std::str::from_utf8(&k[1..at]).ok()?;
+    let slot = u32::from_be_bytes(k[at + 1..].try_into().ok()?);
+    (!tenant.contains('\0')).then_some((tenant, slot))
+}
+
+/// The tenant and customer of a format-3 `S tenant 0 ref` key.
+fn split_legacy_slot_key(k: &[u8]) -> Option<(&str, CustomerRef)> {
+    use crate::crypto::keys::CUSTOMER_REF_LEN;
+    let at = k.len().checked_sub(CUSTOMER_REF_LEN + 1)?;
+    if k.first() != Some(&b'S') || k.get(at) != Some(&0) || at < 1 {
+        return None;
+    }
+    let tenant = std::str::from_utf8(&k[1..at]).ok()?;
+    Some((tenant, CustomerRef::from_slice(&k[at + 1..])?))
+}
+
+/// Storage key format 3 to 4, in place. Format 3 kept `S tenant 0 ref` →
+/// slot, `R tenant 0 slot` → ref and `P tenant 0 slot` → mark; format 4
+/// keeps `M tenant 0 slot` → ref and mark, and the slot in the customer's
+/// record set (`records`). Run at open, after the log's replay, before
+/// anything reads the trees; the caller flushes, then records format 4.
+/// Idempotent, and the old keys go last, slots before marks, so a crash
+/// half-way (sled keeps a prefix of its writes) runs it again with nothing
+/// lost. Returns how many slots it kept.
+pub(crate) fn upgrade_from_format_3(tree: &sled::Tree, records: &sled::Tree) -> Result<usize> {
+    let mut marks: HashMap<(String, u32), Vec<u8>> = HashMap::new();
+    for item in tree.scan_prefix(b"P") {
+        let (k, v) = item?;
+        let what = "a format-3 pending mark (`P` key)";
+        let at = k.len().checked_sub(5).filter(|&at| at >= 1 && k[at] == 0);
+        let at = at.ok_or_else(|| VaultError::integrity(what))?;
+        let tenant = std::str::from_utf8(&k[1..at])
+            .map_err(|_| VaultError::integrity(what))?
+            .to_owned();
+        let slot = u32_of(&k[at + 1..], "format-3 pending slot")?;
+        if decode_mark(&v).is_none_or(|m| m.is_empty()) {
+            return Err(VaultError::integrity(what));
+        }
+        marks.insert((tenant, slot), v.to_vec());
+    }
+    let mut kept = 0;
+    let mut old = Vec::new();
+    for item in tree.scan_prefix(b"S") {
+        let (k, v) = item?;
+        let what = "a format-3 feature slot (`S` key)";
+        let (tenant, customer) =
+            split_legacy_slot_key(&k).ok_or_else(|| VaultError::integrity(what))?;
+        let slot = u32_of(&v, "format-3 slot")?;
+        let mut value = customer.0.to_vec();
+        if let Some(m) = marks.get(&(tenant.to_owned(), slot)) {
+            value.extend_from_slice(m);
+        }
+        tree.insert(mark_key(tenant, slot), value)?;
+        let rk = crate::store::record_key(tenant, &customer);
+        if let Some(held) = records.get(&rk)? {
+            let set = crate::store::FieldSet::decode(&held).ok_or_else(|| {
+                VaultError::integrity(format!(
+                    "the record set of the customer in format-3 feature slot {slot} of tenant `{tenant}`"
+                ))
+            })?;
+            match set.slot() {
+                None => {
+                    records.insert(&rk, set.with_slot(slot).encode_with(&[])?)?;
+                }
+                Some(s) if s == slot => {}
+                Some(s) => {
+                    return Err(VaultError::integrity(format!(
+                        "format-3 feature slot {slot} of tenant `{tenant}`: its customer's record set names slot {s}"
+                    )))
+                }
+            }
+        }
+        old.push(k);
+        kept += 1;
+    }
+    for tag in [b'R', b'P'] {
+        for item in tree.scan_prefix([tag]) {
+            old.push(item?.0);
+        }
+    }
+    for k in old {
+        tree.remove(k)?;
+    }
+    Ok(kept)
 }
 
 /// Every customer of the tenant with a slot: (reference, slot), by slot.
 fn slots(tree: &sled::Tree, tenant: &str) -> Result<Vec<(CustomerRef, u32)>> {
-    let prefix = key(b'R', tenant, &[]);
-    let mut prefix = prefix;
+    let mut prefix = key(b'M', tenant, &[]);
     prefix.push(0);
     let mut out = Vec::new();
     for item in tree.scan_prefix(&prefix) {
         let (k, v) = item?;
-        let slot = u32_of(&k[prefix.len()..], "slot link")?;
-        let customer = CustomerRef::from_slice(&v)
-            .ok_or_else(|| VaultError::integrity("encrypted-feature slot link"))?;
+        let (_, slot) = split_mark_key(&k).ok_or_else(bad_slot)?;
+        let (customer, _) = decode_slot(&v).ok_or_else(bad_slot)?;
         out.push((customer, slot));
     }
     Ok(out)
@@ -630,61 +902,106 @@ pub(crate) fn quantised(
 mod tests {
     use super::*;
 
-    fn stamp_any() -> Vec<u8> {
-        next_stamp().to_vec()
+    fn stamp_any() -> Stamp {
+        next_stamp()
     }
 
-    /// The two trees over a temporary database, and their writer.
-    fn trees() -> (tempfile::TempDir, sled::Tree, sled::Tree, Writer) {
+    /// The feature trees and the records tree over a temporary database,
+    /// and their writer.
+    struct Trees {
+        _dir: tempfile::TempDir,
+        t: sled::Tree,
+        tb: sled::Tree,
+        records: sled::Tree,
+        w: Writer,
+    }
+
+    fn trees() -> Trees {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let t = db.open_tree("fhe_features").unwrap();
         let tb = db.open_tree("fhe_blocks").unwrap();
+        let records = db.open_tree("records").unwrap();
         let wal = Arc::new(
             sovra_wal::Wal::open(&dir.path().join("wal"), sovra_wal::WalOptions::default())
                 .unwrap()
                 .wal,
         );
-        (dir, t, tb, Writer::new(db, wal))
+        Trees {
+            _dir: dir,
+            t,
+            tb,
+            records,
+            w: Writer::new(db, wal),
+        }
     }
 
-    fn budget(slots: Vec<(u32, Vec<u8>, i64)>) -> Vec<PackFeature> {
+    fn budget(slots: Vec<(u32, CustomerRef, Stamp, i64)>) -> Vec<PackFeature> {
         vec![PackFeature {
             feature: "budget".into(),
             slots,
         }]
     }
 
+    fn store_over(x: &Trees) -> FeatureStore {
+        FeatureStore::new(
+            x.t.clone(),
+            x.tb.clone(),
+            x.w.clone(),
+            Arc::new(KeyRing::new(crate::crypto::keys::RootKey::generate())),
+        )
+        .unwrap()
+    }
+
+    /// A write as the engine does it (the engine keeps the slot in the
+    /// record set; here it is found by a scan): the slot, the transaction,
+    /// the note. Returns the slot.
+    fn write(store: &FeatureStore, x: &Trees, who: &CustomerRef, values: &[(String, i64)]) -> u32 {
+        let slot = match store.find_slot("t", who).unwrap() {
+            Some(s) => s,
+            None => store.new_slot("t").unwrap(),
+        };
+        let stamp = next_stamp();
+        x.w.transact([store.tree()], |[f]| put(f, "t", who, slot, stamp, values))
+            .unwrap();
+        store.note_pending("t", slot, who, stamp, values);
+        slot
+    }
+
+    fn mark_of(t: &sled::Tree, slot: u32) -> Option<SlotValue> {
+        t.get(mark_key("t", slot))
+            .unwrap()
+            .map(|v| decode_slot(&v).unwrap())
+    }
+
     #[test]
     fn one_mark_per_slot_keeps_each_features_stamp_and_damage_is_refused() {
-        let (_dir, t, tb, w) = trees();
+        let x = trees();
+        let (t, tb, w) = (&x.t, &x.tb, &x.w);
         let secret = FheSecret::generate();
-        let alice = CustomerRef([1; 16]);
-        let store = FeatureStore::new(
-            t.clone(),
-            tb.clone(),
-            w.clone(),
-            Arc::new(KeyRing::new(crate::crypto::keys::RootKey::generate())),
+        let (alice, bob) = (CustomerRef([1; 16]), CustomerRef([2; 16]));
+        let store = store_over(&x);
+        // Two features in one write: one value (the customer and its mark).
+        let slot = write(
+            &store,
+            &x,
+            &alice,
+            &[("budget".into(), 5), ("visits".into(), 2)],
         );
-        // Two features in one write: one mark, one insert.
-        w.transact([&t], |[f]| {
-            put(
-                f,
-                "t",
-                &alice,
-                &[("budget".into(), 5), ("visits".into(), 2)],
-            )
-        })
-        .unwrap();
-        let marks: Vec<_> = t.scan_prefix(b"P").collect();
-        assert_eq!(marks.len(), 1);
-        let pending = store.pending(Some("t")).unwrap();
+        assert_eq!(slot, 0);
+        assert_eq!(t.scan_prefix(b"M").count(), 1);
+        let (c, m) = mark_of(t, 0).unwrap();
+        assert_eq!((c, m.len()), (alice, 2));
+        let pending = store.pending(Some("t"));
         let names: Vec<&str> = pending.iter().map(|p| p.feature.as_str()).collect();
         assert_eq!(names, ["budget", "visits"]);
+        assert!(pending.iter().all(|p| p.customer == alice && p.slot == 0));
+        let noted: Vec<Option<i64>> = pending.iter().map(|p| p.value).collect();
+        assert_eq!(noted, [Some(5), Some(2)]);
+        assert!(store.pending(Some("other")).is_empty());
         let stamp_of = |feature: &str| {
             store
                 .pending(Some("t"))
-                .unwrap()
                 .into_iter()
                 .find(|p| p.feature == feature)
                 .map(|p| p.stamp)
@@ -692,117 +1009,308 @@ mod tests {
         let (b1, v1) = (stamp_of("budget").unwrap(), stamp_of("visits").unwrap());
         // A later write of `visits` alone gives it a new stamp and keeps
         // `budget`'s.
-        w.transact([&t], |[f]| put(f, "t", &alice, &[("visits".into(), 3)]))
-            .unwrap();
+        write(&store, &x, &alice, &[("visits".into(), 3)]);
         assert_eq!(stamp_of("budget").unwrap(), b1);
         assert_ne!(stamp_of("visits").unwrap(), v1);
         // Packing both with the first stamps clears `budget` only.
         let work = vec![
             PackFeature {
                 feature: "budget".into(),
-                slots: vec![(0, b1, 5)],
+                slots: vec![(0, alice, b1, 5)],
             },
             PackFeature {
                 feature: "visits".into(),
-                slots: vec![(0, v1, 2)],
+                slots: vec![(0, alice, v1, 2)],
             },
         ];
-        let p = w
-            .transact([&t, &tb], |[f, fb]| pack_block(f, fb, &secret, "t", &work))
-            .unwrap();
+        let p = store.pack(&secret, "t", &work).unwrap();
         assert_eq!((p.cleared, p.failed.len()), (1, 0));
         let left: Vec<String> = store
             .pending(Some("t"))
-            .unwrap()
             .into_iter()
             .map(|p| p.feature)
             .collect();
         assert_eq!(left, ["visits"]);
         // A damaged block stops its own feature only, and leaves its stamp.
-        w.transact([&t], |[f]| put(f, "t", &alice, &[("budget".into(), 7)]))
-            .unwrap();
-        w.insert(&tb, block_key("t", "visits", 0), b"garbage")
+        write(&store, &x, &alice, &[("budget".into(), 7)]);
+        w.insert(tb, block_key("t", "visits", 0), b"garbage")
             .unwrap();
         let work: Vec<PackFeature> = store
             .pending(Some("t"))
-            .unwrap()
             .into_iter()
             .map(|p| PackFeature {
                 feature: p.feature,
-                slots: vec![(0, p.stamp, 7)],
+                slots: vec![(0, alice, p.stamp, 7)],
             })
             .collect();
-        let p = w
-            .transact([&t, &tb], |[f, fb]| pack_block(f, fb, &secret, "t", &work))
-            .unwrap();
+        let p = store.pack(&secret, "t", &work).unwrap();
         assert_eq!((p.cleared, p.failed.len()), (1, 1));
         let left: Vec<String> = store
             .pending(Some("t"))
-            .unwrap()
             .into_iter()
             .map(|p| p.feature)
             .collect();
         assert_eq!(left, ["visits"]);
         assert_eq!(
-            secret.decrypt_block(column(&tb, "t", "budget", 1).unwrap()[0].as_ref().unwrap())[0],
+            secret.decrypt_block(column(tb, "t", "budget", 1).unwrap()[0].as_ref().unwrap())[0],
             7
         );
-        // A damaged mark is refused, by the scan and by a write.
-        w.insert(&t, pending_key("t", 0), b"budget").unwrap();
-        assert!(store.pending(Some("t")).is_err());
+        // The pending slots are found again by a store opened later, with
+        // no value (the packer reads it back).
+        let reopened = store_over(&x);
+        let again: Vec<(String, Option<i64>)> = reopened
+            .pending(None)
+            .into_iter()
+            .map(|p| (p.feature, p.value))
+            .collect();
+        assert_eq!(again, [("visits".to_owned(), None)]);
+        // A slot another customer holds is refused by a write and by an
+        // erasure, and nothing changes.
+        let before = t.get(mark_key("t", 0)).unwrap();
         assert!(w
-            .transact([&t], |[f]| put(f, "t", &alice, &[("budget".into(), 1)]))
+            .transact([t], |[f]| put(
+                f,
+                "t",
+                &bob,
+                0,
+                stamp_any(),
+                &[("budget".into(), 1)]
+            ))
             .is_err());
+        assert!(w
+            .transact([t, tb], |[f, fb]| erase(
+                f,
+                fb,
+                &secret,
+                "t",
+                &bob,
+                0,
+                &["budget".into()]
+            ))
+            .is_err());
+        assert_eq!(t.get(mark_key("t", 0)).unwrap(), before);
+        // A damaged slot value is refused: by a packing, by a write, by the
+        // cohort's scan and at open.
+        w.insert(t, mark_key("t", 0), b"short").unwrap();
+        let work = budget(vec![(0, alice, stamp_any(), 1)]);
+        assert!(store.pack(&secret, "t", &work).is_err());
+        assert!(w
+            .transact([t], |[f]| put(
+                f,
+                "t",
+                &alice,
+                0,
+                stamp_any(),
+                &[("budget".into(), 1)]
+            ))
+            .is_err());
+        assert!(store.slots("t").is_err());
+        assert!(FeatureStore::new(
+            t.clone(),
+            tb.clone(),
+            w.clone(),
+            Arc::new(KeyRing::new(crate::crypto::keys::RootKey::generate())),
+        )
+        .is_err());
         for bad in [
-            &b""[..],
-            b"budget",
+            &b"budget"[..],
             b"\0stampstm",
             b"b\0short",
             b"b\0stamp_01a\0stamp_02",
         ] {
             assert!(decode_mark(bad).is_none(), "{bad:?}");
         }
+        for bad in [&b""[..], &[1; 15], &[[1; 16].as_slice(), b"x"].concat()] {
+            assert!(decode_slot(bad).is_none(), "{bad:?}");
+        }
+        assert_eq!(
+            decode_slot(&[7; 16]).unwrap(),
+            (CustomerRef([7; 16]), BTreeMap::new())
+        );
+        for bad in [&b"M"[..], b"Mt\0\0\0\0", b"Mt\x01\0\0\0\0", b"St\0\0\0\0\0"] {
+            assert!(split_mark_key(bad).is_none(), "{bad:?}");
+        }
+        assert_eq!(split_mark_key(&mark_key("t", 9)), Some(("t", 9)));
     }
 
     #[test]
-    fn erasure_zeroes_the_slot_in_a_fresh_encryption_and_removes_the_links() {
-        let (_dir, t, tb, w) = trees();
+    fn slots_come_from_logged_reservations_and_are_never_handed_out_twice() {
+        let x = trees();
+        let (t, w) = (&x.t, &x.w);
+        let store = store_over(&x);
+        let who = |i: u8| CustomerRef([i; 16]);
+        for i in 0..3 {
+            assert_eq!(
+                write(&store, &x, &who(i), &[("budget".into(), 1)]),
+                u32::from(i)
+            );
+        }
+        // One reservation for the three.
+        assert_eq!(
+            t.get(next_key("t")).unwrap().unwrap().as_ref(),
+            SLOT_BLOCK.to_be_bytes()
+        );
+        // A slot handed out to a write that failed stays unused.
+        assert_eq!(store.new_slot("t").unwrap(), 3);
+        // A store opened later (a restart) starts after the reservation.
+        let later = store_over(&x);
+        assert_eq!(later.new_slot("t").unwrap(), SLOT_BLOCK);
+        assert_eq!(
+            later.slots("t").unwrap(),
+            vec![(who(0), 0), (who(1), 1), (who(2), 2)]
+        );
+        assert_eq!(later.find_slot("t", &who(2)).unwrap(), Some(2));
+        assert_eq!(later.find_slot("t", &who(9)).unwrap(), None);
+        // A damaged reservation is refused.
+        w.insert(t, next_key("u"), b"xx").unwrap();
+        assert!(later.new_slot("u").is_err());
+    }
+
+    #[test]
+    fn memory_forgets_what_the_tree_no_longer_holds_and_keeps_later_writes() {
+        let x = trees();
+        let (t, tb, w) = (&x.t, &x.tb, &x.w);
         let secret = FheSecret::generate();
-        let features = vec!["budget".to_owned()];
+        let store = store_over(&x);
+        let (alice, bob) = (CustomerRef([1; 16]), CustomerRef([2; 16]));
+        write(&store, &x, &alice, &[("budget".into(), 5)]);
+        let first = store.pending(None)[0].stamp;
+        // A write after the packer's look: its stamp is kept, in the tree
+        // and in memory, and the packing clears nothing.
+        write(&store, &x, &alice, &[("budget".into(), 6)]);
+        let work = budget(vec![(0, alice, first, 5)]);
+        assert_eq!(store.pack(&secret, "t", &work).unwrap().cleared, 0);
+        let p = store.pending(None);
+        assert_eq!((p.len(), p[0].value), (1, Some(6)));
+        assert!(!mark_of(t, 0).unwrap().1.is_empty());
+        // Packing the latest clears it in both.
+        let work = budget(vec![(0, alice, p[0].stamp, 6)]);
+        assert_eq!(store.pack(&secret, "t", &work).unwrap().cleared, 1);
+        assert!(store.pending(None).is_empty());
+        assert!(store.marked.lock().unwrap().is_empty());
+        assert!(mark_of(t, 0).unwrap().1.is_empty());
+        let col = column(tb, "t", "budget", 1).unwrap();
+        assert_eq!(secret.decrypt_block(col[0].as_ref().unwrap())[0], 6);
+        // An erased customer's pending slot is forgotten by the next
+        // packing, which writes nothing for it.
+        let slot = write(&store, &x, &bob, &[("budget".into(), 9)]);
+        w.transact([t, tb], |[f, fb]| {
+            erase(f, fb, &secret, "t", &bob, slot, &["budget".to_owned()])
+        })
+        .unwrap();
+        let p = store.pending(None);
+        assert_eq!(p.len(), 1);
+        let work = budget(vec![(slot, bob, p[0].stamp, 9)]);
+        assert_eq!(store.pack(&secret, "t", &work).unwrap().cleared, 0);
+        assert!(store.pending(None).is_empty());
+        let col = column(tb, "t", "budget", 1).unwrap();
+        assert_eq!(secret.decrypt_block(col[0].as_ref().unwrap())[1], 0);
+    }
+
+    #[test]
+    fn format_3_slots_move_into_record_sets_and_keep_their_marks() {
+        let x = trees();
+        let (t, w) = (&x.t, &x.w);
         let (alice, bob, carol) = (
             CustomerRef([1; 16]),
             CustomerRef([2; 16]),
             CustomerRef([3; 16]),
         );
-        w.transact([&t], |[f]| {
-            put(f, "t", &alice, &[("budget".into(), 5)])?;
-            put(f, "t", &bob, &[("budget".into(), 9)])
-        })
-        .unwrap();
+        let mark = encode_mark(
+            &[("budget".to_owned(), [7; STAMP_LEN])]
+                .into_iter()
+                .collect(),
+        );
+        // Format 3: slots, reverse links, one mark (bob's is packed); alice
+        // and bob have record sets, carol's is lost.
+        w.insert(t, next_key("t"), 3u32.to_be_bytes()).unwrap();
+        for (who, slot) in [(alice, 0u32), (bob, 1), (carol, 2)] {
+            w.insert(t, legacy_slot_key("t", &who), slot.to_be_bytes())
+                .unwrap();
+            w.insert(t, legacy_key(b'R', "t", slot), &who.0[..])
+                .unwrap();
+        }
+        w.insert(t, legacy_key(b'P', "t", 0), mark.as_slice())
+            .unwrap();
+        for who in [alice, bob] {
+            let set = crate::store::FieldSet::default()
+                .encode_with(&[("budget", b"sealed")])
+                .unwrap();
+            w.insert(&x.records, crate::store::record_key("t", &who), set)
+                .unwrap();
+        }
+        assert_eq!(upgrade_from_format_3(t, &x.records).unwrap(), 3);
+        // Idempotent: a second run (after a crash) changes nothing.
+        assert_eq!(upgrade_from_format_3(t, &x.records).unwrap(), 0);
+        let keys: Vec<u8> = t.iter().map(|i| i.unwrap().0[0]).collect();
+        assert_eq!(keys, b"MMMN");
+        assert_eq!(
+            mark_of(t, 0).unwrap(),
+            (alice, decode_mark(&mark).unwrap().into_iter().collect())
+        );
+        assert_eq!(mark_of(t, 1).unwrap(), (bob, BTreeMap::new()));
+        for (who, slot) in [(alice, 0), (bob, 1)] {
+            let held = x
+                .records
+                .get(crate::store::record_key("t", &who))
+                .unwrap()
+                .unwrap();
+            let set = crate::store::FieldSet::decode(&held).unwrap();
+            assert_eq!(
+                (set.slot(), set.get("budget")),
+                (Some(slot), Some(&b"sealed"[..]))
+            );
+        }
+        let store = store_over(&x);
+        let p = store.pending(None);
+        assert_eq!((p.len(), p[0].customer, p[0].slot), (1, alice, 0));
+        assert_eq!(store.new_slot("t").unwrap(), 3);
+        // A damaged format-3 key, or a record set naming another slot, is
+        // refused, naming it.
+        w.insert(t, legacy_key(b'P', "t", 1), b"junk").unwrap();
+        let e = upgrade_from_format_3(t, &x.records)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("format-3 pending mark"), "{e}");
+        t.remove(legacy_key(b'P', "t", 1)).unwrap();
+        w.insert(t, legacy_slot_key("t", &alice), 5u32.to_be_bytes())
+            .unwrap();
+        let e = upgrade_from_format_3(t, &x.records)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("names slot 0"), "{e}");
+    }
+
+    #[test]
+    fn erasure_zeroes_the_slot_in_a_fresh_encryption_and_removes_the_links() {
+        let x = trees();
+        let (t, tb, w) = (&x.t, &x.tb, &x.w);
+        let secret = FheSecret::generate();
+        let features = vec!["budget".to_owned()];
+        let (alice, bob) = (CustomerRef([1; 16]), CustomerRef([2; 16]));
+        let store = store_over(&x);
+        write(&store, &x, &alice, &[("budget".into(), 5)]);
+        write(&store, &x, &bob, &[("budget".into(), 9)]);
         // A write marks its slot pending and does no TFHE work; packing
         // folds the values in and clears the marks it saw.
         assert!(tb.get(block_key("t", "budget", 0)).unwrap().is_none());
         let stamp = |slot: u32| {
-            let m = decode_mark(&t.get(pending_key("t", slot)).unwrap().unwrap()).unwrap();
+            let m = mark_of(t, slot).unwrap().1;
             assert_eq!(m.len(), 1);
-            m[0].1.to_vec()
+            m["budget"]
         };
-        let packed = budget(vec![(0, stamp(0), 5), (1, b"stale".to_vec(), 9)]);
-        let removed = w
-            .transact([&t, &tb], |[f, fb]| {
-                pack_block(f, fb, &secret, "t", &packed)
-            })
-            .unwrap();
+        let packed = budget(vec![(0, alice, stamp(0), 5), (1, bob, *b"stale-01", 9)]);
+        let removed = store.pack(&secret, "t", &packed).unwrap();
         assert_eq!(removed.cleared, 1, "a mark whose stamp changed stays");
-        assert!(t.get(pending_key("t", 0)).unwrap().is_none());
-        assert!(t.get(pending_key("t", 1)).unwrap().is_some());
-        let col = column(&tb, "t", "budget", 1).unwrap();
+        assert!(mark_of(t, 0).unwrap().1.is_empty());
+        assert!(!mark_of(t, 1).unwrap().1.is_empty());
+        let col = column(tb, "t", "budget", 1).unwrap();
         let v = secret.decrypt_block(col[0].as_ref().unwrap());
         assert_eq!((v[0], v[1]), (5, 9));
         let before = tb.get(block_key("t", "budget", 0)).unwrap().unwrap();
 
-        w.transact([&t, &tb], |[f, fb]| {
-            erase(f, fb, &secret, "t", &alice, &features)
+        w.transact([t, tb], |[f, fb]| {
+            erase(f, fb, &secret, "t", &alice, 0, &features)
         })
         .unwrap();
         let after = tb.get(block_key("t", "budget", 0)).unwrap().unwrap();
@@ -814,28 +1322,22 @@ mod tests {
             .filter(|(a, b)| a == b)
             .count();
         assert!(same < 512, "{same} bytes unchanged");
-        let col = column(&tb, "t", "budget", 1).unwrap();
+        let col = column(tb, "t", "budget", 1).unwrap();
         let v = secret.decrypt_block(col[0].as_ref().unwrap());
         assert_eq!((v[0], v[1]), (0, 9));
-        assert_eq!(slot_of(&t, "t", &alice).unwrap(), None);
-        assert_eq!(slots(&t, "t").unwrap(), vec![(bob, 1)]);
-        assert!(t.get(pending_key("t", 0)).unwrap().is_none());
+        assert_eq!(store.find_slot("t", &alice).unwrap(), None);
+        assert_eq!(store.slots("t").unwrap(), vec![(bob, 1)]);
+        assert!(mark_of(t, 0).is_none());
         // A packing that read the erased customer's value writes nothing
-        // back for it: its mark is gone.
-        let late = budget(vec![(0, stamp_any(), 5)]);
-        w.transact([&t, &tb], |[f, fb]| pack_block(f, fb, &secret, "t", &late))
-            .unwrap();
-        let col = column(&tb, "t", "budget", 1).unwrap();
+        // back for it: its slot is gone.
+        let late = budget(vec![(0, alice, stamp_any(), 5)]);
+        store.pack(&secret, "t", &late).unwrap();
+        let col = column(tb, "t", "budget", 1).unwrap();
         assert_eq!(secret.decrypt_block(col[0].as_ref().unwrap())[0], 0);
         for item in t.iter() {
             let (k, v) = item.unwrap();
             assert!(!k.windows(16).any(|w| w == alice.0));
             assert!(!v.windows(16).any(|w| w == alice.0));
         }
-        // Erasing a customer without features changes nothing.
-        w.transact([&t, &tb], |[f, fb]| {
-            erase(f, fb, &secret, "t", &carol, &features)
-        })
-        .unwrap();
     }
 }

@@ -141,7 +141,14 @@ struct SealedFields {
     generated: Vec<lpb::Generation>,
     /// Whether any field had a value before.
     updated: bool,
+    /// The customer's feature slot (kept in its record set), if the put
+    /// writes a feature: its own, or a new one.
+    slot: Option<u32>,
 }
+
+/// A put's feature values: the customer's slot (from its record set, or
+/// `FeatureStore::new_slot`), the marks' stamp and the quantised values.
+type FeatureWrite<'a> = (u32, features::Stamp, &'a [(String, i64)]);
 
 /// What a put's transaction writes besides the sealed records.
 struct PutTransaction<'a> {
@@ -149,7 +156,8 @@ struct PutTransaction<'a> {
     record: &'a (Vec<u8>, Vec<u8>),
     index: &'a [IndexChange],
     lineage: &'a lineage::Staged,
-    features: Option<&'a [(String, i64)]>,
+    /// The feature values the write marks pending, if it holds any.
+    features: Option<FeatureWrite<'a>>,
     idempotency: Option<&'a ([u8; 32], Vec<u8>)>,
 }
 
@@ -267,16 +275,23 @@ fn check_root_key(
     }
 }
 
+/// A pending feature of a slot: (feature, stamp, the value its write
+/// noted, if known).
+type Noted = (String, features::Stamp, Option<i64>);
+
 /// The `meta` key of the storage key format.
 const KEY_FORMAT_KEY: &[u8] = b"key-format";
-/// The storage key format this build writes and reads: 3, every key built
-/// from customer references, ids sealed with the pads (format 2), and one
-/// `records` value per customer holding all of its fields.
-const KEY_FORMAT: u8 = 3;
+/// The storage key format this build writes and reads: 4, every key built
+/// from customer references, ids sealed with the pads (format 2), one
+/// `records` value per customer holding all of its fields (format 3), and
+/// a feature slot's pending mark kept in the slot's value (see
+/// `features`).
+const KEY_FORMAT: u8 = 4;
 
 /// Refuses a database of another storage key format (format 1 held
 /// customer ids in the clear; format 2 kept one `records` key per field);
-/// stores the format on a new one.
+/// upgrades format 3 in place (its feature slots); stores the format on a
+/// new one. Runs after the log's replay.
 fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
     match store.meta.get(KEY_FORMAT_KEY)? {
         Some(v) if v.as_ref() == [KEY_FORMAT] => Ok(()),
@@ -285,12 +300,28 @@ fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
             store.db.flush()?;
             Ok(())
         }
+        Some(v) if v.as_ref() == [3] => {
+            // Not through the log: the upgrade rewrites the view in place,
+            // and the flush makes it durable before the marker says so (a
+            // crash before runs it again; it is idempotent). Later log
+            // records are of format 4 and replay over it.
+            let slots = features::upgrade_from_format_3(&store.features, &store.records)?;
+            store.db.flush()?;
+            store.meta.insert(KEY_FORMAT_KEY, &[KEY_FORMAT][..])?;
+            store.db.flush()?;
+            tracing::info!(
+                slots,
+                dir = %dir.display(),
+                "upgraded the vault database from storage key format 3 to 4 (feature slots hold their pending marks)"
+            );
+            Ok(())
+        }
         found => Err(VaultError::config(
             dir.display().to_string(),
             format!(
                 "the vault database uses storage key format {} and this build reads only format {KEY_FORMAT} \
-                 (customer references instead of ids, one record per customer); nothing was read or changed: \
-                 open it with the build that made it",
+                 (customer references instead of ids, one record per customer) and upgrades format 3; \
+                 nothing was read or changed: open it with the build that made it",
                 found.map_or_else(|| "1".to_owned(), |v| format!("{v:?}"))
             ),
         )),
@@ -369,7 +400,7 @@ impl Engine {
             store.feature_blocks.clone(),
             store.writer.clone(),
             keyring.clone(),
-        );
+        )?;
         let engine = Engine {
             store,
             keyring,
@@ -645,18 +676,22 @@ impl Engine {
             versions,
             generated,
             updated,
+            slot,
         } = self.seal_fields(cx, values, lineage.transformed)?;
         let activity = write_activity(cx, lineage.agent, &subject, updated, generated);
         let record =
             self.lineage
                 .stage_write(tenant, customer, &subject, activity, lineage.anchor)?;
         let feature_values = features::quantised(values);
-        if !feature_values.is_empty() {
+        let cref = self.cref(tenant, customer);
+        let slot = slot.filter(|_| !feature_values.is_empty());
+        if slot.is_some() {
             // No TFHE work here (the packer does it), but a write the packer
             // could never fold in is refused now, naming the damaged key,
             // rather than acknowledged (the key is cached once read).
             self.features.secret(tenant)?;
         }
+        let stamp = features::next_stamp();
         let idempotency = idem_ref.map(|sl| {
             let r = store::IdempotencyRecord {
                 request_mac: sl.request_mac.to_vec(),
@@ -672,7 +707,7 @@ impl Engine {
             record: &stored,
             index: &index,
             lineage: &record.staged,
-            features: (!feature_values.is_empty()).then_some(feature_values.as_slice()),
+            features: slot.map(|s| (s, stamp, feature_values.as_slice())),
             idempotency: idempotency.as_ref(),
         };
         self.write_put(cx, &tx).map_err(|e| {
@@ -689,6 +724,12 @@ impl Engine {
             }
             e
         })?;
+        if let Some(slot) = slot {
+            // INVARIANT: before the write is answered, so a job that starts
+            // after the answer packs it.
+            self.features
+                .note_pending(tenant, slot, &cref, stamp, &feature_values);
+        }
         Ok(PutOutcome {
             created: new_wrapped.is_some(),
             versions,
@@ -720,7 +761,22 @@ impl Engine {
             versions: Vec::with_capacity(values.len()),
             generated: Vec::with_capacity(values.len()),
             updated: false,
+            slot: None,
         };
+        let mut set = set;
+        if values
+            .iter()
+            .any(|(d, v)| d.feature.is_some() && matches!(v, FieldValue::Integer(_)))
+        {
+            // INVARIANT: the same test as `features::quantised`, so a put
+            // with feature values always has a slot.
+            let slot = match set.slot() {
+                Some(s) => s,
+                None => self.features.new_slot(tenant)?,
+            };
+            set = set.with_slot(slot);
+            out.slot = Some(slot);
+        }
         for (def, value) in values {
             let prev = match set.get(&def.name) {
                 Some(b) => Some(decode_field(b, || {
@@ -829,8 +885,8 @@ impl Engine {
                     d.insert(&key[..], bytes.as_slice())?;
                 }
                 tx.lineage.apply(l)?;
-                if let Some(values) = tx.features {
-                    features::put(f, tenant, &cref, values)?;
+                if let Some((slot, stamp, values)) = tx.features {
+                    features::put(f, tenant, &cref, slot, stamp, values)?;
                 }
                 if let Some(w) = tx.new_wrapped {
                     k.insert(dek_k.as_slice(), w)?;
@@ -1119,10 +1175,10 @@ impl Engine {
         tenant: Option<&str>,
         only: Option<&[String]>,
     ) -> Result<usize> {
-        // (tenant, block) → slot → [(feature, stamp)]
-        type Marked = BTreeMap<u32, Vec<(String, Vec<u8>)>>;
+        // (tenant, block) → slot → (customer, [(feature, stamp, value)])
+        type Marked = BTreeMap<u32, (CustomerRef, Vec<Noted>)>;
         let mut blocks: BTreeMap<(String, u32), Marked> = BTreeMap::new();
-        for p in self.features.pending(tenant)? {
+        for p in self.features.pending(tenant) {
             if only.is_some_and(|o| !o.contains(&p.feature)) {
                 continue;
             }
@@ -1131,8 +1187,9 @@ impl Engine {
                 .entry((p.tenant, block))
                 .or_default()
                 .entry(p.slot)
-                .or_default()
-                .push((p.feature, p.stamp));
+                .or_insert_with(|| (p.customer, Vec::new()))
+                .1
+                .push((p.feature, p.stamp, p.value));
         }
         let (mut cleared, mut first_err) = (0, None);
         for ((t, _), slots) in blocks {
@@ -1151,20 +1208,25 @@ impl Engine {
         first_err.map_or(Ok(cleared), Err)
     }
 
-    /// Packs one block's pending (slot → [(feature, stamp)]): each slot's
-    /// values are read once, then every feature is folded in, in one
-    /// transaction.
+    /// Packs one block's pending (slot → (customer, [(feature, stamp,
+    /// noted value)])): the values a write noted are used as they are, the
+    /// others (marks found at open) are read back, each slot's once; then
+    /// every feature is folded in, in one transaction.
     fn pack_block(
         &self,
         tenant: &str,
-        slots: BTreeMap<u32, Vec<(String, Vec<u8>)>>,
+        slots: BTreeMap<u32, (CustomerRef, Vec<Noted>)>,
     ) -> Result<features::Packed> {
         let secret = self.features.secret(tenant)?;
-        let mut by_feature: BTreeMap<String, Vec<(u32, Vec<u8>, i64)>> = BTreeMap::new();
+        let mut by_feature: BTreeMap<String, Vec<(u32, CustomerRef, features::Stamp, i64)>> =
+            BTreeMap::new();
         let mut failed = Vec::new();
-        for (slot, marked) in slots {
-            let mut defs = Vec::with_capacity(marked.len());
-            for (feature, _) in &marked {
+        for (slot, (customer, marked)) in slots {
+            let mut defs = Vec::new();
+            for (feature, _, value) in &marked {
+                if value.is_some() {
+                    continue;
+                }
                 match self
                     .schema
                     .field(feature)
@@ -1179,13 +1241,14 @@ impl Engine {
             }
             // INVARIANT: the stamps were read before the values, so a write
             // after them changes the stamps and keeps the slot pending.
-            let values = self.feature_values(tenant, slot, &defs)?;
-            for (feature, stamp) in marked {
-                if let Some(v) = values.iter().find(|(f, _)| *f == feature) {
+            let read = self.feature_values(tenant, &customer, &defs)?;
+            for (feature, stamp, value) in marked {
+                let v = value.or_else(|| read.iter().find(|(f, _)| *f == feature).map(|v| v.1));
+                if let Some(v) = v {
                     by_feature
                         .entry(feature)
                         .or_default()
-                        .push((slot, stamp, v.1));
+                        .push((slot, customer, stamp, v));
                 }
             }
         }
@@ -1199,22 +1262,19 @@ impl Engine {
         Ok(packed)
     }
 
-    /// The quantised values of `defs` now stored for the customer in `slot`
+    /// The quantised values of `defs` now stored for the customer `r`
     /// (0 for each if it is gone), by feature name.
     fn feature_values(
         &self,
         tenant: &str,
-        slot: u32,
+        r: &CustomerRef,
         defs: &[&FieldDef],
     ) -> Result<Vec<(String, i64)>> {
         let zeros = || defs.iter().map(|d| (d.name.clone(), 0)).collect();
         if defs.is_empty() {
             return Ok(Vec::new());
         }
-        let Some(r) = self.features.customer_at(tenant, slot)? else {
-            return Ok(zeros());
-        };
-        let customer = match self.customer_id(tenant, &r) {
+        let customer = match self.customer_id(tenant, r) {
             Ok(c) => c,
             Err(VaultError::NotFound(_)) => return Ok(zeros()),
             Err(e) => return Err(e),
@@ -1260,10 +1320,16 @@ impl Engine {
         let record_key = store::record_key(tenant, customer);
         let held = self.store.records.get(&record_key)?;
         // A corrupted record must not block erasure: its key is enough.
-        let set = held
-            .as_deref()
-            .and_then(store::FieldSet::decode)
-            .unwrap_or_default();
+        let decoded = held.as_deref().and_then(store::FieldSet::decode);
+        // The feature slot is in the set; with the set damaged, the
+        // tenant's slots are searched for the customer. (A customer with no
+        // set never wrote a feature: a feature write writes the set.)
+        let slot = match (&decoded, &held) {
+            (Some(set), _) => set.slot(),
+            (None, Some(_)) => self.features.find_slot(tenant, customer)?,
+            (None, None) => None,
+        };
+        let set = decoded.unwrap_or_default();
         let fields = if held.is_some() {
             set.iter().count().max(1)
         } else {
@@ -1292,10 +1358,9 @@ impl Engine {
             .filter(|f| f.feature.is_some())
             .map(|f| f.name.clone())
             .collect();
-        let secret = if self.features.slot_of(tenant, customer)?.is_some() {
-            Some(self.fhe_secret(tenant)?)
-        } else {
-            None
+        let secret = match slot {
+            Some(slot) => Some((slot, self.fhe_secret(tenant)?)),
+            None => None,
         };
         let s = &self.store;
         s.writer.transact(
@@ -1309,8 +1374,8 @@ impl Engine {
             ],
             |[r, k, i, l, f, fb]| {
                 staged.apply(l)?;
-                if let Some(secret) = &secret {
-                    features::erase(f, fb, secret, tenant, customer, &feature_names)?;
+                if let Some((slot, secret)) = &secret {
+                    features::erase(f, fb, secret, tenant, customer, *slot, &feature_names)?;
                 }
                 k.remove(dek_k.as_slice())?;
                 r.remove(record_key.as_slice())?;

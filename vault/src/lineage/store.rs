@@ -897,7 +897,20 @@ mod tests {
         let wal = sovra_wal::Wal::open(&dir.join("wal"), sovra_wal::WalOptions::default())
             .unwrap()
             .wal;
-        let store = Store::open(dir, Arc::new(wal)).unwrap();
+        let wal = Arc::new(wal);
+        // A store just dropped may still hold sled's lock for a moment
+        // (its background threads end on their own).
+        let mut tries = 0;
+        let store = loop {
+            match Store::open(dir, wal.clone()) {
+                Ok(s) => break s,
+                Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         let ring = Arc::new(KeyRing::new(RootKey::from_hex(&"11".repeat(32)).unwrap()));
         let ids = LineageStore::new(
             &store.db,

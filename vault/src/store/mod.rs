@@ -12,7 +12,8 @@
 //! the customer id: no key and no value holds a customer id in the clear.
 //! - `meta`: `keystate 0 tenant` → tenant key state
 //! - `lineage`: field lineage (see `lineage.rs` for its key spaces)
-//! - `fhe_features`: feature slots and pending marks; `fhe_blocks`: the
+//! - `fhe_features`: feature slot reservations and slots, each with its
+//!   pending mark; `fhe_blocks`: the
 //!   packed TFHE blocks and the tenants' wrapped TFHE keys (see
 //!   `engine/features.rs`; the large values have a tree of their own, so
 //!   updating a small key never makes sled rewrite a node holding a block)
@@ -351,8 +352,10 @@ pub fn record_key(tenant: &str, c: &CustomerRef) -> Vec<u8> {
     data_key_key(tenant, c)
 }
 
-/// The version byte of an encoded [`FieldSet`].
+/// The version byte of an encoded [`FieldSet`] without a feature slot.
 const FIELD_SET_VERSION: u8 = 1;
+/// The version byte of an encoded [`FieldSet`] with a feature slot.
+const FIELD_SET_WITH_SLOT: u8 = 2;
 
 /// One customer's `records` value: its fields by name, each the bytes of an
 /// encoded [`StoredField`]. Each value is sealed on its own, with its
@@ -360,7 +363,12 @@ const FIELD_SET_VERSION: u8 = 1;
 /// value to another field or customer fails authentication; the set only
 /// groups them.
 ///
-/// Encoding: the version byte (1), the number of fields (u16, big-endian),
+/// The set also holds the customer's slot in the tenant's encrypted
+/// feature blocks, once it has one (see `engine/features.rs`): the put
+/// reads the set anyway, so finding the slot costs no lookup.
+///
+/// Encoding: the version byte (1, or 2 with a slot, then the slot as u32
+/// big-endian), the number of fields (u16, big-endian),
 /// then per field, in strictly increasing name order: the name's length
 /// (u8), the name (UTF-8), the value's length (u32, big-endian) and the
 /// value. Nothing may follow the last field, so a set cut short anywhere,
@@ -368,15 +376,21 @@ const FIELD_SET_VERSION: u8 = 1;
 #[derive(Debug, Default)]
 pub struct FieldSet<'a> {
     fields: Vec<(&'a str, &'a [u8])>,
+    slot: Option<u32>,
 }
 
 impl<'a> FieldSet<'a> {
     /// Decodes `b`; `None` if it is not a well-formed set (damage).
     pub fn decode(b: &'a [u8]) -> Option<FieldSet<'a>> {
         let (&version, rest) = b.split_first()?;
-        if version != FIELD_SET_VERSION {
-            return None;
-        }
+        let (slot, rest) = match version {
+            FIELD_SET_VERSION => (None, rest),
+            FIELD_SET_WITH_SLOT => (
+                Some(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)),
+                &rest[4..],
+            ),
+            _ => return None,
+        };
         let count = u16::from_be_bytes(<[u8; 2]>::try_from(rest.get(..2)?).ok()?);
         let mut rest = &rest[2..];
         let mut fields: Vec<(&'a str, &'a [u8])> = Vec::with_capacity(usize::from(count).min(64));
@@ -394,7 +408,18 @@ impl<'a> FieldSet<'a> {
             fields.push((name, value));
             rest = &r[n + 4 + len..];
         }
-        (fields.len() == usize::from(count)).then_some(FieldSet { fields })
+        (fields.len() == usize::from(count)).then_some(FieldSet { fields, slot })
+    }
+
+    /// The customer's feature slot, if it has one.
+    pub fn slot(&self) -> Option<u32> {
+        self.slot
+    }
+
+    /// The set with `slot` as the customer's feature slot.
+    pub fn with_slot(mut self, slot: u32) -> Self {
+        self.slot = Some(slot);
+        self
     }
 
     /// The value of `name`, if held.
@@ -420,8 +445,14 @@ impl<'a> FieldSet<'a> {
         let Ok(count) = u16::try_from(all.len()) else {
             return Err(VaultError::internal("more fields than a record can hold"));
         };
-        let mut out = Vec::with_capacity(3 + size);
-        out.push(FIELD_SET_VERSION);
+        let mut out = Vec::with_capacity(7 + size);
+        match self.slot {
+            None => out.push(FIELD_SET_VERSION),
+            Some(slot) => {
+                out.push(FIELD_SET_WITH_SLOT);
+                out.extend_from_slice(&slot.to_be_bytes());
+            }
+        }
         out.extend_from_slice(&count.to_be_bytes());
         for (n, v) in all {
             let (Ok(nl), Ok(vl)) = (u8::try_from(n.len()), u32::try_from(v.len())) else {
@@ -529,7 +560,18 @@ mod tests {
             assert!(FieldSet::decode(&two[..cut]).is_none(), "cut at {cut}");
         }
         assert!(FieldSet::decode(&[&two[..], &[9]].concat()).is_none());
-        assert!(FieldSet::decode(&[&[2], &two[1..]].concat()).is_none());
+        assert!(FieldSet::decode(&[&[3], &two[1..]].concat()).is_none());
+        assert_eq!(set.slot(), None);
+        // A slot is kept by later writes, and refused cut short too.
+        let slotted = set.with_slot(7).encode_with(&[("phone", b"p3")]).unwrap();
+        assert_eq!(slotted[..5], [FIELD_SET_WITH_SLOT, 0, 0, 0, 7]);
+        let set = FieldSet::decode(&slotted).unwrap();
+        assert_eq!((set.slot(), set.get("phone")), (Some(7), Some(&b"p3"[..])));
+        let again = set.encode_with(&[("email", b"e2")]).unwrap();
+        assert_eq!(FieldSet::decode(&again).unwrap().slot(), Some(7));
+        for cut in 0..slotted.len() {
+            assert!(FieldSet::decode(&slotted[..cut]).is_none(), "cut at {cut}");
+        }
         let swapped = [
             &[FIELD_SET_VERSION, 0, 2][..],
             &[1, b'b', 0, 0, 0, 0],
@@ -555,6 +597,12 @@ mod tests {
             let updates: Vec<(&str, &[u8])> = fields.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
             let b = FieldSet::default().encode_with(&updates).unwrap();
             let set = FieldSet::decode(&b).unwrap();
+            let back: Vec<(&str, &[u8])> = set.iter().collect();
+            proptest::prop_assert_eq!(back, updates.clone());
+            let slot = u32::try_from(junk.len()).unwrap();
+            let b = FieldSet::default().with_slot(slot).encode_with(&updates).unwrap();
+            let set = FieldSet::decode(&b).unwrap();
+            proptest::prop_assert_eq!(set.slot(), Some(slot));
             let back: Vec<(&str, &[u8])> = set.iter().collect();
             proptest::prop_assert_eq!(back, updates);
             let _ = FieldSet::decode(&junk);
