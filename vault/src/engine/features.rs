@@ -236,7 +236,7 @@ pub(crate) struct FeatureStore {
     secrets: RwLock<HashMap<String, Arc<FheSecret>>>,
     bootstrap: Mutex<HashMap<String, Arc<BootstrapKey>>>,
     // Per tenant, the reserved block of slots being handed out (see
-    // `slot_for`).
+    // `new_slot`).
     next_slots: Mutex<HashMap<String, SlotIds>>,
     // INVARIANT: every (slot, feature, stamp) of a stored mark is here,
     // or a later stamp of that feature (loaded at open; a write notes its
