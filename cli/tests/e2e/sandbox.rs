@@ -946,3 +946,82 @@ async fn a_format_3_directory_is_upgraded_and_its_slots_kept() {
     assert_eq!(slots[..20], (0..20).collect::<Vec<_>>()[..]);
     assert_eq!(slots[20..], [20, 21, 22]);
 }
+
+/// Feature values still pending when the real server is killed (-9) are
+/// neither lost nor packed twice: the marks are durable with the fields
+/// (in the write-ahead log), start-up finds them (with no noted value, so
+/// the packer reads them back), and the first job after the restart sums
+/// every acknowledged write, the latest value of each customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_feature_values_survive_kill_9_and_the_next_job_sums_them() {
+    let env = Env::new();
+    let budget = |i: usize, round: i64| ((i as i64 % 50) + 1 + round * 100) * 10_000;
+    let mut round = 0;
+    // Each try: a burst of writes, one per customer, all at once, then
+    // SIGKILL as soon as the last is acknowledged. The packer runs every
+    // 250 ms, so the burst's values are pending unless it ran just then;
+    // the log is replayed into the view (as start-up does) to count them.
+    let pending = loop {
+        let port = free_port();
+        let mut child = spawn_server(crate::SOVRA, &env, port).await;
+        let url = format!("http://127.0.0.1:{port}");
+        if round == 0 {
+            let mut led = client::connect_ledger(&url, Some(&env.service), None)
+                .await
+                .unwrap();
+            for i in 0..22 {
+                led.record_consent(consent(&cust(i), "lead_scoring", true))
+                    .await
+                    .unwrap();
+            }
+        }
+        let mut writes = Vec::new();
+        for i in 0..22 {
+            let (url, token) = (url.clone(), env.service.clone());
+            let value = budget(i, round);
+            writes.push(tokio::spawn(async move {
+                let mut c = client::connect(&url, Some(&token), None).await.unwrap();
+                c.put_record(put(&cust(i), &[("budget", int(value))]))
+                    .await
+                    .unwrap();
+            }));
+        }
+        for w in writes {
+            w.await.unwrap();
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let dir = env.data_dir();
+        let wal = sovra_wal::Wal::open(&dir.join("wal"), sovra_wal::WalOptions::default())
+            .unwrap()
+            .wal;
+        let store = sovra_vault::store::Store::open(&dir, std::sync::Arc::new(wal)).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let db = open_raw(&dir);
+        let pending = db
+            .open_tree("fhe_features")
+            .unwrap()
+            .scan_prefix(b"M")
+            .filter(|i| i.as_ref().unwrap().1.len() > 16)
+            .count();
+        drop(db);
+        if pending > 0 || round == 4 {
+            break pending;
+        }
+        round += 1;
+    };
+    eprintln!(
+        "{pending} of 22 slots pending at the kill, try {}",
+        round + 1
+    );
+    assert!(pending > 0, "five bursts were all packed before the kill");
+    let srv = env.start().await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+    let r = run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+    assert_eq!(r.job.unwrap().cohort_size, 22);
+    // Quantised as the schema says: 10,000 CNY a step, at most 1023.
+    let want: i64 = (0..22).map(|i| (budget(i, round) / 10_000).min(1023)).sum();
+    assert_eq!(r.aggregate.unwrap().sum, want);
+    srv.stop().await;
+}
