@@ -418,13 +418,67 @@ impl FeatureStore {
         Ok(k)
     }
 
-    /// The slot held by `customer`, found by scanning the tenant's slots:
-    /// only for an erasure whose record set is lost or damaged.
+    /// The slot `customer` holds, for its erasure: `named` (from its
+    /// record set) unless that slot's value names another customer (a
+    /// missing or damaged value claims nothing), else found by scanning the tenant's slots
+    /// (a record set damaged or naming another customer's slot). A damaged
+    /// value met in the scan is skipped: it must not block an erasure.
+    pub(crate) fn slot_of(
+        &self,
+        tenant: &str,
+        customer: &CustomerRef,
+        named: Option<u32>,
+    ) -> Result<Option<u32>> {
+        if let Some(slot) = named {
+            let ours = match self.tree.get(mark_key(tenant, slot))? {
+                None => true,
+                Some(b) => decode_slot(&b).is_none_or(|(c, _)| c == *customer),
+            };
+            if ours {
+                return Ok(Some(slot));
+            }
+        }
+        self.find_slot(tenant, customer)
+    }
+
+    /// The slot held by `customer`, found by scanning the tenant's slots
+    /// (damaged values skipped).
     pub(crate) fn find_slot(&self, tenant: &str, customer: &CustomerRef) -> Result<Option<u32>> {
-        Ok(slots(&self.tree, tenant)?
-            .into_iter()
-            .find(|(c, _)| c == customer)
-            .map(|(_, s)| s))
+        let mut prefix = key(b'M', tenant, &[]);
+        prefix.push(0);
+        for item in self.tree.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            if let (Some((_, slot)), Some((c, _))) = (split_mark_key(&k), decode_slot(&v)) {
+                if c == *customer {
+                    return Ok(Some(slot));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Refuses a slot named by a record set that no reservation covers (a
+    /// damaged or altered set): it would take a slot a later customer gets.
+    pub(crate) fn check_reserved(&self, tenant: &str, slot: u32) -> Result<()> {
+        let known = self
+            .next_slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(tenant)
+            .map(|ids| ids.end);
+        let end = match known {
+            Some(end) => end,
+            None => match self.tree.get(next_key(tenant))? {
+                Some(b) => u32_of(&b, "slot reservation")?,
+                None => 0,
+            },
+        };
+        if slot >= end {
+            return Err(VaultError::integrity(format!(
+                "the record set names encrypted-feature slot {slot}, and only slots below {end} are reserved"
+            )));
+        }
+        Ok(())
     }
 
     /// Every pending (feature, slot) of `tenant` or of every tenant, by
@@ -600,6 +654,10 @@ pub(crate) struct Packed {
     /// (slot, feature, stamp) no longer pending in the tree: cleared now,
     /// or found cleared or erased.
     settled: Vec<(u32, String, Stamp)>,
+    /// How many (slot, feature) the tree marked with another stamp than
+    /// the one seen: a write committed since, whose own value a later
+    /// packing folds in (see `Engine::pack_features_for_job`).
+    pub(crate) raced: usize,
 }
 
 /// One packing transaction (see [`FeatureStore::pack`]): every slot of
@@ -635,22 +693,28 @@ fn pack_block(
         let Some(block) = pf.slots.first().map(|s| s.0 / SLOTS as u32) else {
             continue;
         };
-        // A slot no longer marked for the feature (erased, or packed by
-        // another packing) is left as its block holds it.
+        // INVARIANT: a value is folded in only if the stored mark still
+        // holds the very stamp it was read (or noted) with. A slot no
+        // longer marked for the feature (erased, or packed by another
+        // packing) is left as its block holds it; one marked with another
+        // stamp was written since, and that write's own value is folded in
+        // by a later packing (every job packs first), so an older value
+        // never overwrites a newer one that another packing put in.
         let live: Vec<(u32, i64)> = pf
             .slots
             .iter()
-            .filter(|(slot, ..)| {
+            .filter(|(slot, _, stamp, _)| {
                 marks
                     .get(slot)
-                    .is_some_and(|(_, m)| m.contains_key(&pf.feature))
+                    .is_some_and(|(_, m)| m.get(&pf.feature) == Some(stamp))
             })
             .map(|(slot, _, _, v)| (*slot, *v))
             .collect();
         for (slot, _, stamp, _) in &pf.slots {
-            let held = marks.get(slot).and_then(|(_, m)| m.get(&pf.feature));
-            if held.is_none() {
-                out.settled.push((*slot, pf.feature.clone(), *stamp));
+            match marks.get(slot).and_then(|(_, m)| m.get(&pf.feature)) {
+                None => out.settled.push((*slot, pf.feature.clone(), *stamp)),
+                Some(held) if held != stamp => out.raced += 1,
+                Some(_) => {}
             }
         }
         if live.is_empty() {
@@ -720,8 +784,9 @@ pub(crate) fn put(
 
 /// In the erasure's transaction: zeroes `customer`'s `slot` in every
 /// feature block that exists and removes the slot (and its mark). A slot
-/// held by another customer is refused (a damaged record set), and nothing
-/// of it changed.
+/// that holds another customer is left as it is (the engine picks the slot
+/// with [`FeatureStore::slot_of`], so only a change since makes it so); a
+/// damaged slot value does not block the erasure.
 pub(crate) fn erase(
     f: &Tx<'_>,
     fb: &Tx<'_>,
@@ -732,11 +797,9 @@ pub(crate) fn erase(
     features: &[String],
 ) -> TxResult<()> {
     let k = mark_key(tenant, slot);
-    if let Some((c, _)) = read_slot(f, &k)? {
-        if c != *customer {
-            return abort(VaultError::integrity(format!(
-                "encrypted-feature slot {slot} (the erased customer's record set names a slot another customer holds)"
-            )));
+    if let Some(b) = f.get(&k)? {
+        if decode_slot(&b).is_some_and(|(c, _)| c != *customer) {
+            return Ok(());
         }
     }
     for feature in features {
@@ -778,11 +841,20 @@ fn split_legacy_slot_key(k: &[u8]) -> Option<(&str, CustomerRef)> {
 /// slot, `R tenant 0 slot` → ref and `P tenant 0 slot` → mark; format 4
 /// keeps `M tenant 0 slot` → ref and mark, and the slot in the customer's
 /// record set (`records`). Run at open, after the log's replay, before
-/// anything reads the trees; the caller flushes, then records format 4.
-/// Idempotent, and the old keys go last, slots before marks, so a crash
-/// half-way (sled keeps a prefix of its writes) runs it again with nothing
-/// lost. Returns how many slots it kept.
-pub(crate) fn upgrade_from_format_3(tree: &sled::Tree, records: &sled::Tree) -> Result<usize> {
+/// anything reads the trees; the caller then records format 4 through the
+/// same writer. Every change goes through the write-ahead log, so a view
+/// restored from before the upgrade replays it in its place among the
+/// writes before and after it. Idempotent, and the old keys go last,
+/// slots before marks, so a crash half-way runs it again with nothing
+/// lost. A slot whose customer has no record set (nothing left to pack) is
+/// dropped, so no key names a customer the vault holds nothing of; one
+/// whose set is damaged keeps its `M` (an erasure then finds it by scan).
+/// Returns how many slots it kept.
+pub(crate) fn upgrade_from_format_3(
+    tree: &sled::Tree,
+    records: &sled::Tree,
+    writer: &Writer,
+) -> Result<usize> {
     let mut marks: HashMap<(String, u32), Vec<u8>> = HashMap::new();
     for item in tree.scan_prefix(b"P") {
         let (k, v) = item?;
@@ -806,21 +878,25 @@ pub(crate) fn upgrade_from_format_3(tree: &sled::Tree, records: &sled::Tree) -> 
         let (tenant, customer) =
             split_legacy_slot_key(&k).ok_or_else(|| VaultError::integrity(what))?;
         let slot = u32_of(&v, "format-3 slot")?;
-        let mut value = customer.0.to_vec();
-        if let Some(m) = marks.get(&(tenant.to_owned(), slot)) {
-            value.extend_from_slice(m);
-        }
-        tree.insert(mark_key(tenant, slot), value)?;
         let rk = crate::store::record_key(tenant, &customer);
-        if let Some(held) = records.get(&rk)? {
-            let set = crate::store::FieldSet::decode(&held).ok_or_else(|| {
-                VaultError::integrity(format!(
-                    "the record set of the customer in format-3 feature slot {slot} of tenant `{tenant}`"
-                ))
-            })?;
-            match set.slot() {
+        old.push(k.clone());
+        let Some(held) = records.get(&rk)? else {
+            tracing::warn!(
+                tenant,
+                slot,
+                "format-3 feature slot of a customer with no record set: dropped"
+            );
+            continue;
+        };
+        match crate::store::FieldSet::decode(&held) {
+            None => tracing::warn!(
+                tenant,
+                slot,
+                "the record set of the customer in a format-3 feature slot is damaged: the slot is kept, not recorded in the set"
+            ),
+            Some(set) => match set.slot() {
                 None => {
-                    records.insert(&rk, set.with_slot(slot).encode_with(&[])?)?;
+                    writer.insert(records, &rk, set.with_slot(slot).encode_with(&[])?)?;
                 }
                 Some(s) if s == slot => {}
                 Some(s) => {
@@ -828,9 +904,13 @@ pub(crate) fn upgrade_from_format_3(tree: &sled::Tree, records: &sled::Tree) -> 
                         "format-3 feature slot {slot} of tenant `{tenant}`: its customer's record set names slot {s}"
                     )))
                 }
-            }
+            },
         }
-        old.push(k);
+        let mut value = customer.0.to_vec();
+        if let Some(m) = marks.get(&(tenant.to_owned(), slot)) {
+            value.extend_from_slice(m);
+        }
+        writer.insert(tree, mark_key(tenant, slot), value)?;
         kept += 1;
     }
     for tag in [b'R', b'P'] {
@@ -839,7 +919,7 @@ pub(crate) fn upgrade_from_format_3(tree: &sled::Tree, records: &sled::Tree) -> 
         }
     }
     for k in old {
-        tree.remove(k)?;
+        writer.remove(tree, k)?;
     }
     Ok(kept)
 }
@@ -1064,31 +1144,30 @@ mod tests {
             .map(|p| (p.feature, p.value))
             .collect();
         assert_eq!(again, [("visits".to_owned(), None)]);
-        // A slot another customer holds is refused by a write and by an
-        // erasure, and nothing changes.
+        // A slot another customer holds is refused by a write, left alone
+        // by an erasure, and not taken for bob's by the erasure's lookup.
         let before = t.get(mark_key("t", 0)).unwrap();
-        assert!(w
-            .transact([t], |[f]| put(
-                f,
-                "t",
-                &bob,
-                0,
-                stamp_any(),
-                &[("budget".into(), 1)]
-            ))
-            .is_err());
-        assert!(w
-            .transact([t, tb], |[f, fb]| erase(
-                f,
-                fb,
-                &secret,
-                "t",
-                &bob,
-                0,
-                &["budget".into()]
-            ))
-            .is_err());
+        let block = tb.get(block_key("t", "budget", 0)).unwrap();
+        let bobs = |f: &Tx<'_>| put(f, "t", &bob, 0, stamp_any(), &[("budget".into(), 1)]);
+        assert!(w.transact([t], |[f]| bobs(f)).is_err());
+        let gone = ["budget".to_owned()];
+        w.transact([t, tb], |[f, fb]| {
+            erase(f, fb, &secret, "t", &bob, 0, &gone)
+        })
+        .unwrap();
         assert_eq!(t.get(mark_key("t", 0)).unwrap(), before);
+        assert_eq!(tb.get(block_key("t", "budget", 0)).unwrap(), block);
+        assert_eq!(store.slot_of("t", &bob, Some(0)).unwrap(), None);
+        assert_eq!(store.slot_of("t", &alice, Some(0)).unwrap(), Some(0));
+        assert_eq!(store.slot_of("t", &alice, Some(7)).unwrap(), Some(7));
+        assert_eq!(store.slot_of("t", &alice, None).unwrap(), Some(0));
+        // A slot no reservation covers is refused.
+        assert!(store.check_reserved("t", SLOT_BLOCK - 1).is_ok());
+        let e = store
+            .check_reserved("t", SLOT_BLOCK)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only slots below 256"), "{e}");
         // A damaged slot value is refused: by a packing, by a write, by the
         // cohort's scan and at open.
         w.insert(t, mark_key("t", 0), b"short").unwrap();
@@ -1105,6 +1184,9 @@ mod tests {
             ))
             .is_err());
         assert!(store.slots("t").is_err());
+        // ...but not an erasure's lookup, which takes the named slot.
+        assert_eq!(store.slot_of("t", &alice, Some(0)).unwrap(), Some(0));
+        assert_eq!(store.find_slot("t", &alice).unwrap(), None);
         assert!(FeatureStore::new(
             t.clone(),
             tb.clone(),
@@ -1176,10 +1258,13 @@ mod tests {
         write(&store, &x, &alice, &[("budget".into(), 5)]);
         let first = store.pending(None)[0].stamp;
         // A write after the packer's look: its stamp is kept, in the tree
-        // and in memory, and the packing clears nothing.
+        // and in memory; the packing clears nothing, writes nothing (an
+        // older value never overwrites a newer one), and says it raced.
         write(&store, &x, &alice, &[("budget".into(), 6)]);
         let work = budget(vec![(0, alice, first, 5)]);
-        assert_eq!(store.pack(&secret, "t", &work).unwrap().cleared, 0);
+        let p = store.pack(&secret, "t", &work).unwrap();
+        assert_eq!((p.cleared, p.raced), (0, 1));
+        assert!(tb.get(block_key("t", "budget", 0)).unwrap().is_none());
         let p = store.pending(None);
         assert_eq!((p.len(), p[0].value), (1, Some(6)));
         assert!(!mark_of(t, 0).unwrap().1.is_empty());
@@ -1239,11 +1324,15 @@ mod tests {
             w.insert(&x.records, crate::store::record_key("t", &who), set)
                 .unwrap();
         }
-        assert_eq!(upgrade_from_format_3(t, &x.records).unwrap(), 3);
+        assert_eq!(upgrade_from_format_3(t, &x.records, w).unwrap(), 2);
         // Idempotent: a second run (after a crash) changes nothing.
-        assert_eq!(upgrade_from_format_3(t, &x.records).unwrap(), 0);
+        assert_eq!(upgrade_from_format_3(t, &x.records, w).unwrap(), 0);
         let keys: Vec<u8> = t.iter().map(|i| i.unwrap().0[0]).collect();
-        assert_eq!(keys, b"MMMN");
+        // carol, with no record set, has no slot left: nothing names her.
+        assert_eq!(keys, b"MMN");
+        assert!(t
+            .iter()
+            .all(|i| !i.unwrap().1.windows(16).any(|w| w == carol.0)));
         assert_eq!(
             mark_of(t, 0).unwrap(),
             (alice, decode_mark(&mark).unwrap().into_iter().collect())
@@ -1268,14 +1357,14 @@ mod tests {
         // A damaged format-3 key, or a record set naming another slot, is
         // refused, naming it.
         w.insert(t, legacy_key(b'P', "t", 1), b"junk").unwrap();
-        let e = upgrade_from_format_3(t, &x.records)
+        let e = upgrade_from_format_3(t, &x.records, w)
             .unwrap_err()
             .to_string();
         assert!(e.contains("format-3 pending mark"), "{e}");
         t.remove(legacy_key(b'P', "t", 1)).unwrap();
         w.insert(t, legacy_slot_key("t", &alice), 5u32.to_be_bytes())
             .unwrap();
-        let e = upgrade_from_format_3(t, &x.records)
+        let e = upgrade_from_format_3(t, &x.records, w)
             .unwrap_err()
             .to_string();
         assert!(e.contains("names slot 0"), "{e}");
@@ -1302,8 +1391,18 @@ mod tests {
         let packed = budget(vec![(0, alice, stamp(0), 5), (1, bob, *b"stale-01", 9)]);
         let removed = store.pack(&secret, "t", &packed).unwrap();
         assert_eq!(removed.cleared, 1, "a mark whose stamp changed stays");
+        assert_eq!(removed.raced, 1);
         assert!(mark_of(t, 0).unwrap().1.is_empty());
         assert!(!mark_of(t, 1).unwrap().1.is_empty());
+        let col = column(tb, "t", "budget", 1).unwrap();
+        let v = secret.decrypt_block(col[0].as_ref().unwrap());
+        assert_eq!(
+            (v[0], v[1]),
+            (5, 0),
+            "a value read with another stamp is not folded in"
+        );
+        let packed = budget(vec![(1, bob, stamp(1), 9)]);
+        assert_eq!(store.pack(&secret, "t", &packed).unwrap().cleared, 1);
         let col = column(tb, "t", "budget", 1).unwrap();
         let v = secret.decrypt_block(col[0].as_ref().unwrap());
         assert_eq!((v[0], v[1]), (5, 9));

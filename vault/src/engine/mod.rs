@@ -301,14 +301,17 @@ fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
             Ok(())
         }
         Some(v) if v.as_ref() == [3] => {
-            // Not through the log: the upgrade rewrites the view in place,
-            // and the flush makes it durable before the marker says so (a
-            // crash before runs it again; it is idempotent). Later log
-            // records are of format 4 and replay over it.
-            let slots = features::upgrade_from_format_3(&store.features, &store.records)?;
-            store.db.flush()?;
-            store.meta.insert(KEY_FORMAT_KEY, &[KEY_FORMAT][..])?;
-            store.db.flush()?;
+            // Through the log, marker last: replay puts the upgrade where
+            // it happened among the writes (a view restored from before it
+            // is upgraded by the replay, not again over later writes); a
+            // crash before the marker is durable runs it again (it is
+            // idempotent).
+            let slots =
+                features::upgrade_from_format_3(&store.features, &store.records, &store.writer)?;
+            store
+                .writer
+                .insert(&store.meta, KEY_FORMAT_KEY, [KEY_FORMAT])?;
+            store.flush()?;
             tracing::info!(
                 slots,
                 dir = %dir.display(),
@@ -771,7 +774,10 @@ impl Engine {
             // INVARIANT: the same test as `features::quantised`, so a put
             // with feature values always has a slot.
             let slot = match set.slot() {
-                Some(s) => s,
+                Some(s) => {
+                    self.features.check_reserved(tenant, s)?;
+                    s
+                }
                 None => self.features.new_slot(tenant)?,
             };
             set = set.with_slot(slot);
@@ -1165,16 +1171,44 @@ impl Engine {
 
     /// Folds pending feature values into their encrypted blocks: of
     /// `tenant` (or every tenant), of `only` the named features (or all).
-    /// Returns how many pending marks it cleared. A job calls it for its
-    /// own features before reading blocks, so its input holds every
-    /// acknowledged write; the server calls it in the background. A block
-    /// that fails (damaged) stops only its own feature: the first error is
-    /// returned after the other blocks are packed.
+    /// Returns how many pending marks it cleared. The server calls it in
+    /// the background and at a clean stop; a job calls
+    /// [`Engine::pack_features_for_job`]. A block that fails (damaged)
+    /// stops only its own feature: the first error is returned after the
+    /// other blocks are packed.
     pub(crate) fn pack_features(
         &self,
         tenant: Option<&str>,
         only: Option<&[String]>,
     ) -> Result<usize> {
+        self.pack_round(tenant, only).map(|(cleared, _)| cleared)
+    }
+
+    /// [`Engine::pack_features`] for a job's `features`, before it reads
+    /// their blocks, so its input holds every acknowledged write: a value
+    /// is folded in only with the stamp the tree still holds, so while a
+    /// write that committed after the packing looked is not yet noted
+    /// (microseconds; it is noted before it is answered), the packing
+    /// leaves that slot and is run again. Refused if writes to the same
+    /// customers keep racing it for 100 rounds.
+    pub(crate) fn pack_features_for_job(&self, tenant: &str, features: &[String]) -> Result<usize> {
+        let mut cleared = 0;
+        for _ in 0..100 {
+            let (c, raced) = self.pack_round(Some(tenant), Some(features))?;
+            cleared += c;
+            if raced == 0 {
+                return Ok(cleared);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Err(VaultError::exhausted(
+            "the job's features are being written faster than they can be packed into their encrypted blocks; submit the job again",
+        ))
+    }
+
+    /// One packing of every pending value of `tenant` and `only`: (marks
+    /// cleared, values left because a write raced the packing).
+    fn pack_round(&self, tenant: Option<&str>, only: Option<&[String]>) -> Result<(usize, usize)> {
         // (tenant, block) → slot → (customer, [(feature, stamp, value)])
         type Marked = BTreeMap<u32, (CustomerRef, Vec<Noted>)>;
         let mut blocks: BTreeMap<(String, u32), Marked> = BTreeMap::new();
@@ -1191,11 +1225,12 @@ impl Engine {
                 .1
                 .push((p.feature, p.stamp, p.value));
         }
-        let (mut cleared, mut first_err) = (0, None);
+        let (mut cleared, mut raced, mut first_err) = (0, 0, None);
         for ((t, _), slots) in blocks {
             match self.pack_block(&t, slots) {
                 Ok(p) => {
                     cleared += p.cleared;
+                    raced += p.raced;
                     if let Some(e) = p.failed.into_iter().next() {
                         first_err.get_or_insert(e);
                     }
@@ -1205,7 +1240,7 @@ impl Engine {
                 }
             }
         }
-        first_err.map_or(Ok(cleared), Err)
+        first_err.map_or(Ok((cleared, raced)), Err)
     }
 
     /// Packs one block's pending (slot → (customer, [(feature, stamp,
@@ -1325,7 +1360,7 @@ impl Engine {
         // tenant's slots are searched for the customer. (A customer with no
         // set never wrote a feature: a feature write writes the set.)
         let slot = match (&decoded, &held) {
-            (Some(set), _) => set.slot(),
+            (Some(set), _) => self.features.slot_of(tenant, customer, set.slot())?,
             (None, Some(_)) => self.features.find_slot(tenant, customer)?,
             (None, None) => None,
         };

@@ -106,7 +106,7 @@ pub(crate) fn select(
     let tenant = &run_as.tenant;
     // INVARIANT: every acknowledged feature write is in the blocks before
     // the job reads them (writes only mark their slot pending).
-    engine.pack_features(Some(tenant), Some(&spec.features()))?;
+    engine.pack_features_for_job(tenant, &spec.features())?;
     let schema = engine.schema();
     let feature_defs: Vec<&FieldDef> = spec
         .features()

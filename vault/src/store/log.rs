@@ -190,9 +190,10 @@ struct Inner {
     db: sled::Db,
     wal: Arc<Wal>,
     lock: Mutex<()>,
-    /// Set when sled failed in the middle of applying a write: the view
-    /// may hold part of a write the log does not, so no further write is
-    /// accepted until a restart replays the log into it.
+    /// Set when sled failed in the middle of applying a write, or the log
+    /// refused a write already applied: the view may hold (part of) a
+    /// write the log does not, so no further write is accepted until a
+    /// restart replays the log into it.
     broken: std::sync::atomic::AtomicBool,
     names: Mutex<HashMap<Vec<u8>, Arc<str>>>,
 }
@@ -252,7 +253,16 @@ impl Writer {
         if ops.is_empty() {
             return Ok(());
         }
-        self.inner.wal.append(&[&encode(ops)])?;
+        if let Err(e) = self.inner.wal.append(&[&encode(ops)]) {
+            // INVARIANT: called after `ops` were applied, so the view now
+            // holds a write the log does not: refuse writes until a
+            // restart replays the log into the view (as a half-applied
+            // write does), so nothing builds on it.
+            self.inner
+                .broken
+                .store(true, std::sync::atomic::Ordering::Release);
+            return Err(e.into());
+        }
         Ok(())
     }
 
