@@ -288,7 +288,7 @@ fn text_of(o: &std::process::Output) -> String {
 
 /// Runs `sovra serve --config` expecting it to refuse to start; returns
 /// its output. A server that starts is killed after 20 s and fails the test.
-fn serve_refused(config: &std::path::Path) -> String {
+pub(crate) fn serve_refused(config: &std::path::Path) -> String {
     let mut child = Command::new(SOVRA)
         .args(["serve", "--config"])
         .arg(config)

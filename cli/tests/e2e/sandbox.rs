@@ -1025,3 +1025,40 @@ async fn pending_feature_values_survive_kill_9_and_the_next_job_sums_them() {
     assert_eq!(r.aggregate.unwrap().sum, want);
     srv.stop().await;
 }
+
+/// A feature slot's stored value (its customer and pending mark) altered
+/// in a stopped server is refused at start, naming it, and nothing is
+/// changed: with the bytes back, the same directory serves and a job sums
+/// every customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_feature_slot_is_refused_at_start_and_changes_nothing() {
+    let env = Env::new();
+    let srv = env.start().await;
+    populate(&srv, &env, 20, &[]).await;
+    srv.stop().await;
+    let slot0 = b"Mdefault\0\0\0\0\0".to_vec();
+    let set = |v: &[u8]| {
+        let db = open_raw(&env.data_dir());
+        let t = db.open_tree("fhe_features").unwrap();
+        let before = t.insert(&slot0, v).unwrap().unwrap().to_vec();
+        db.flush().unwrap();
+        before
+    };
+    let good = set(b"junk");
+    let out = crate::hardening::serve_refused(&env.config_path);
+    assert!(
+        out.contains("encrypted-feature slot 0 of tenant `default`")
+            && out.contains("fhe_features"),
+        "{out}"
+    );
+    assert_eq!(set(&good), b"junk");
+    let srv = env.start().await;
+    let mut partner = sandbox(&srv, &env.partner).await;
+    let r = run_to_result(&mut partner, spec_job(&sum_spec("lead_scoring", "budget"))).await;
+    assert_eq!(r.job.unwrap().cohort_size, 20);
+    assert_eq!(
+        r.aggregate.unwrap().sum,
+        (0..20).map(|i| q(i)[0]).sum::<i64>()
+    );
+    srv.stop().await;
+}

@@ -265,8 +265,14 @@ impl FeatureStore {
         let mut marked: Marked = HashMap::new();
         for item in tree.scan_prefix(b"M") {
             let (k, v) = item?;
-            let (tenant, slot) = split_mark_key(&k).ok_or_else(bad_slot)?;
-            let (customer, mark) = decode_slot(&v).ok_or_else(bad_slot)?;
+            let (tenant, slot) = split_mark_key(&k).ok_or_else(|| {
+                VaultError::integrity("a key of the vault's `fhe_features` tree (an `M` key)")
+            })?;
+            let (customer, mark) = decode_slot(&v).ok_or_else(|| {
+                VaultError::integrity(format!(
+                    "encrypted-feature slot {slot} of tenant `{tenant}` (its customer or pending mark, in the vault's `fhe_features` tree)"
+                ))
+            })?;
             if !mark.is_empty() {
                 let features = mark.into_iter().map(|(f, st)| (f, (st, None))).collect();
                 marked
