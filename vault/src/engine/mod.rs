@@ -141,9 +141,12 @@ struct SealedFields {
     generated: Vec<lpb::Generation>,
     /// Whether any field had a value before.
     updated: bool,
-    /// The customer's feature slot (kept in its record set), if the put
-    /// writes a feature: its own, or a new one.
-    slot: Option<u32>,
+    /// The customer's reference, computed once per put.
+    cref: CustomerRef,
+    /// The put's quantised feature values (see `features::quantised`) and
+    /// the customer's slot (kept in its record set: its own, or a new
+    /// one), if it writes any.
+    features: Option<(u32, Vec<(String, i64)>)>,
 }
 
 /// A put's feature values: the customer's slot (from its record set, or
@@ -152,6 +155,7 @@ type FeatureWrite<'a> = (u32, features::Stamp, &'a [(String, i64)]);
 
 /// What a put's transaction writes besides the sealed records.
 struct PutTransaction<'a> {
+    cref: &'a CustomerRef,
     new_wrapped: Option<&'a [u8]>,
     record: &'a (Vec<u8>, Vec<u8>),
     index: &'a [IndexChange],
@@ -679,16 +683,14 @@ impl Engine {
             versions,
             generated,
             updated,
-            slot,
+            cref,
+            features: feature_write,
         } = self.seal_fields(cx, values, lineage.transformed)?;
         let activity = write_activity(cx, lineage.agent, &subject, updated, generated);
         let record =
             self.lineage
                 .stage_write(tenant, customer, &subject, activity, lineage.anchor)?;
-        let feature_values = features::quantised(values);
-        let cref = self.cref(tenant, customer);
-        let slot = slot.filter(|_| !feature_values.is_empty());
-        if slot.is_some() {
+        if feature_write.is_some() {
             // No TFHE work here (the packer does it), but a write the packer
             // could never fold in is refused now, naming the damaged key,
             // rather than acknowledged (the key is cached once read).
@@ -706,11 +708,14 @@ impl Engine {
             (sl.key, r.encode_to_vec())
         });
         let tx = PutTransaction {
+            cref: &cref,
             new_wrapped,
             record: &stored,
             index: &index,
             lineage: &record.staged,
-            features: slot.map(|s| (s, stamp, feature_values.as_slice())),
+            features: feature_write
+                .as_ref()
+                .map(|(slot, values)| (*slot, stamp, values.as_slice())),
             idempotency: idempotency.as_ref(),
         };
         self.write_put(cx, &tx).map_err(|e| {
@@ -727,11 +732,11 @@ impl Engine {
             }
             e
         })?;
-        if let Some(slot) = slot {
+        if let Some((slot, values)) = &feature_write {
             // INVARIANT: before the write is answered, so a job that starts
             // after the answer packs it.
             self.features
-                .note_pending(tenant, slot, &cref, stamp, &feature_values);
+                .note_pending(tenant, *slot, &cref, stamp, values);
         }
         Ok(PutOutcome {
             created: new_wrapped.is_some(),
@@ -764,15 +769,12 @@ impl Engine {
             versions: Vec::with_capacity(values.len()),
             generated: Vec::with_capacity(values.len()),
             updated: false,
-            slot: None,
+            cref,
+            features: None,
         };
         let mut set = set;
-        if values
-            .iter()
-            .any(|(d, v)| d.feature.is_some() && matches!(v, FieldValue::Integer(_)))
-        {
-            // INVARIANT: the same test as `features::quantised`, so a put
-            // with feature values always has a slot.
+        let feature_values = features::quantised(values);
+        if !feature_values.is_empty() {
             let slot = match set.slot() {
                 Some(s) => {
                     self.features.check_reserved(tenant, s)?;
@@ -781,7 +783,7 @@ impl Engine {
                 None => self.features.new_slot(tenant)?,
             };
             set = set.with_slot(slot);
-            out.slot = Some(slot);
+            out.features = Some((slot, feature_values));
         }
         for (def, value) in values {
             let prev = match set.get(&def.name) {
@@ -862,7 +864,7 @@ impl Engine {
     /// feature and idempotency trees.
     fn write_put(&self, cx: &PutContext<'_>, tx: &PutTransaction<'_>) -> Result<()> {
         let (tenant, now) = (cx.tenant, cx.now);
-        let cref = self.cref(tenant, cx.customer);
+        let cref = *tx.cref;
         let dek_k = store::data_key_key(tenant, &cref);
         let s = &self.store;
         s.writer.transact(
