@@ -44,6 +44,12 @@ pub struct Config {
     /// `text` or `json` logs.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Longest time, in microseconds, the write-ahead log may hold a group
+    /// commit back while other requests are still working towards their
+    /// appends, so that they share its sync (0..=100000; 0 syncs every
+    /// group at once). A lone client never waits for it.
+    #[serde(default = "default_commit_delay_us")]
+    pub commit_delay_us: u64,
     /// Optional TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -181,6 +187,9 @@ fn default_max_request_bytes() -> usize {
 fn default_log_format() -> String {
     "text".into()
 }
+fn default_commit_delay_us() -> u64 {
+    u64::try_from(sovra_wal::DEFAULT_MAX_COMMIT_DELAY.as_micros()).unwrap_or(u64::MAX)
+}
 /// The tenant used when none is named.
 pub fn default_tenant() -> String {
     "default".into()
@@ -205,6 +214,15 @@ impl Config {
             return Err(VaultError::config(
                 origin,
                 "max_request_bytes must be 1 KiB..=64 MiB",
+            ));
+        }
+        if u128::from(c.commit_delay_us) > sovra_wal::MAX_COMMIT_DELAY.as_micros() {
+            return Err(VaultError::config(
+                origin,
+                format!(
+                    "commit_delay_us must be 0..={}",
+                    sovra_wal::MAX_COMMIT_DELAY.as_micros()
+                ),
             ));
         }
         if !matches!(c.log_format.as_str(), "text" | "json") {
@@ -291,7 +309,13 @@ impl Config {
     /// torn tail it cut.
     pub fn open_wal(&self) -> Result<std::sync::Arc<sovra_wal::Wal>> {
         let dir = self.resolve(&self.data_dir).join("wal");
-        let opened = sovra_wal::Wal::open(&dir, sovra_wal::WalOptions::default())?;
+        let opened = sovra_wal::Wal::open(
+            &dir,
+            sovra_wal::WalOptions {
+                max_commit_delay: std::time::Duration::from_micros(self.commit_delay_us),
+                ..sovra_wal::WalOptions::default()
+            },
+        )?;
         if let Some(t) = &opened.torn {
             tracing::warn!(
                 segment = %t.segment.display(),
@@ -392,6 +416,7 @@ impl Config {
             root_key_file: default_root_key_file(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             log_format: default_log_format(),
+            commit_delay_us: default_commit_delay_us(),
             tls: None,
             ledger: LedgerConfig {
                 origin,
@@ -585,6 +610,9 @@ mod tests {
             ("listen = 'nope'", "listen"),
             ("bogus = 1", "bogus"),
             ("max_request_bytes = 1", "max_request_bytes"),
+            ("commit_delay_us = 100001", "commit_delay_us"),
+            ("commit_delay_us = -1", "commit_delay_us"),
+            ("commit_delay_us = 'soon'", "commit_delay_us"),
             ("log_format = 'xml'", "log_format"),
             (
                 "[[principals]]\nname='a'\nrole='root'\ntoken_sha256='00'",

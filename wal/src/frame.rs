@@ -17,6 +17,12 @@
 //! | 4     | CRC32C of the 28 header bytes before it and the payload    |
 //! | len   | payload: per record, its length (u32) and its bytes        |
 //!
+//! After the last frame, the rest of a segment may be zeros: space the
+//! writer allocated ahead of its appends, so that a group's `fdatasync`
+//! need not also write the file's new size. No frame begins with a zero
+//! byte (the magic), so zeros to the end of the file are a clean end, never
+//! a frame and never damage; anything else after the last frame is.
+//!
 //! A record's LSN is its position in the log counting records from 0, so
 //! LSNs are dense and frames chain: each frame's first LSN is the previous
 //! frame's first LSN plus its count.
@@ -214,7 +220,11 @@ pub fn scan_segment(b: &[u8]) -> Result<(u64, Scan), String> {
                 frames.push(f);
             }
             Err(why) => {
-                stop = Some((at as u64, why));
+                // INVARIANT: a frame's first byte is its magic's, never
+                // zero, so zeros to the end are preallocated space.
+                if !b[at..].iter().all(|&x| x == 0) {
+                    stop = Some((at as u64, why));
+                }
                 break;
             }
         }
@@ -262,6 +272,28 @@ mod tests {
         assert_eq!(s.frames[0].records, vec![b"a".to_vec(), Vec::new()]);
         assert_eq!(s.frames[1].synced, 9);
         assert_eq!(s.end as usize, seg.len());
+    }
+
+    #[test]
+    fn zeros_after_the_last_frame_are_a_clean_end_and_anything_else_is_not() {
+        let mut seg = segment_header(0).to_vec();
+        encode_frame(&mut seg, 0, 0, &[b"a"]);
+        let end = seg.len();
+        seg.resize(end + 4096, 0);
+        let (_, s) = scan_segment(&seg).unwrap();
+        assert_eq!((s.stop.clone(), s.end as usize, s.next_lsn), (None, end, 1));
+        // A half-written frame in the preallocated space is not.
+        let mut torn = seg.clone();
+        let mut half = Vec::new();
+        encode_frame(&mut half, 1, 0, &[b"cut short"]);
+        torn[end..end + half.len() / 2].copy_from_slice(&half[..half.len() / 2]);
+        let (_, s) = scan_segment(&torn).unwrap();
+        assert_eq!(s.stop.map(|(o, _)| o as usize), Some(end));
+        // Nor is one stray byte far into it.
+        let mut stray = seg;
+        stray[end + 4000] = 1;
+        let (_, s) = scan_segment(&stray).unwrap();
+        assert_eq!(s.stop.map(|(o, _)| o as usize), Some(end));
     }
 
     #[test]

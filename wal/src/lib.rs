@@ -32,7 +32,9 @@ pub mod frame;
 mod log;
 
 pub use error::{CorruptError, InvalidArgumentError, IoError, Result, WalError};
-pub use log::{Opened, TornTail, Wal, WalOptions};
+pub use log::{
+    Intent, Opened, TornTail, Wal, WalOptions, DEFAULT_MAX_COMMIT_DELAY, MAX_COMMIT_DELAY,
+};
 
 /// The first byte of every record names its owner, so one log serves every
 /// view of a data directory.

@@ -2,9 +2,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::error::{Result, WalError};
 use crate::frame::{self, Frame, FRAME_HEADER, MAX_FRAME, SEGMENT_HEADER};
@@ -17,13 +19,27 @@ pub struct WalOptions {
     /// The LSN the caller's views have applied and made durable: damage
     /// below it is never a torn tail.
     pub floor: u64,
+    /// How long the commit thread may hold a group back while requests
+    /// that announced an append ([`Wal::intent`]) are still working
+    /// towards it; zero syncs each group at once. See [`Intent`].
+    pub max_commit_delay: Duration,
 }
+
+/// The default [`WalOptions::max_commit_delay`].
+pub const DEFAULT_MAX_COMMIT_DELAY: Duration = Duration::from_micros(1000);
+
+/// Largest [`WalOptions::max_commit_delay`] accepted.
+pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(100);
+
+/// A group this large is written at once, whoever is still working.
+const GROUP_BYTES: usize = 1024 * 1024;
 
 impl Default for WalOptions {
     fn default() -> Self {
         Self {
             segment_bytes: 64 * 1024 * 1024,
             floor: 0,
+            max_commit_delay: DEFAULT_MAX_COMMIT_DELAY,
         }
     }
 }
@@ -60,6 +76,22 @@ struct Pending {
     /// LSN of the next record appended.
     next: u64,
     closing: bool,
+    /// Live [`Intent`]s: requests still working towards an append.
+    working: usize,
+    /// Intents that ended since the commit thread last took a group: the
+    /// requests waiting for it.
+    joined: usize,
+}
+
+impl Pending {
+    /// Whether a pending group is worth holding back: more requests are
+    /// still working towards an append than wait in the group. Holding
+    /// then costs the cores nothing (the working half keeps them busy)
+    /// while the group grows; once the waiting half is the larger, holding
+    /// longer would leave the cores idle.
+    fn holds(&self) -> bool {
+        self.working > self.joined && !self.closing && self.buf.len() < GROUP_BYTES
+    }
 }
 
 struct Durable {
@@ -82,6 +114,7 @@ struct Shared {
     watch: tokio::sync::watch::Sender<u64>,
     segments: Mutex<Vec<Segment>>,
     segment_bytes: u64,
+    max_commit_delay: Duration,
 }
 
 /// The write-ahead log of one data directory.
@@ -148,6 +181,12 @@ impl Wal {
                 opts.segment_bytes
             )));
         }
+        if opts.max_commit_delay > MAX_COMMIT_DELAY {
+            return Err(WalError::invalid(format!(
+                "a commit delay of {:?} is over the {MAX_COMMIT_DELAY:?} limit",
+                opts.max_commit_delay
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, "create", &e))?;
         // INVARIANT: taken before anything is read, so a second process
         // can never take a live log's tail for a torn one and cut it.
@@ -170,26 +209,21 @@ impl Wal {
             ..opts
         };
         let mut segments = list_segments(dir)?;
-        let (next, torn) = recover(dir, &mut segments, opts.floor)?;
-        let file = match segments.last() {
-            Some(s) => OpenOptions::new()
-                .append(true)
-                .open(&s.path)
-                .map_err(|e| WalError::io(&s.path, "open", &e))?,
+        let (next, torn, tail_end) = recover(dir, &mut segments, opts.floor)?;
+        let (file, size) = match segments.last() {
+            Some(s) => (open_segment(&s.path)?, tail_end),
             None => {
                 let s = create_segment(dir, next)?;
-                let f = OpenOptions::new()
-                    .append(true)
-                    .open(&s.path)
-                    .map_err(|e| WalError::io(&s.path, "open", &e))?;
+                let f = open_segment(&s.path)?;
                 segments.push(s);
-                f
+                (f, SEGMENT_HEADER as u64)
             }
         };
-        let size = file
+        let allocated = file
             .metadata()
             .map_err(|e| WalError::io(dir, "stat the last segment", &e))?
-            .len();
+            .len()
+            .max(size);
         let (watch, _) = tokio::sync::watch::channel(next);
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
@@ -198,6 +232,8 @@ impl Wal {
                 buf: Vec::new(),
                 next,
                 closing: false,
+                working: 0,
+                joined: 0,
             }),
             work: Condvar::new(),
             durable: Mutex::new(Durable {
@@ -208,11 +244,12 @@ impl Wal {
             watch,
             segments: Mutex::new(segments),
             segment_bytes: opts.segment_bytes,
+            max_commit_delay: opts.max_commit_delay,
         });
         let s = shared.clone();
         let thread = thread::Builder::new()
             .name("sovra-wal".into())
-            .spawn(move || commit_loop(&s, file, size))
+            .spawn(move || commit_loop(&s, file, size, allocated))
             .map_err(|e| WalError::io(dir, "start the commit thread", &e))?;
         Ok(Opened {
             wal: Wal {
@@ -278,12 +315,32 @@ impl Wal {
             return Err(WalError::failed("the log is closing"));
         }
         let lsn = p.next;
+        let was_empty = p.buf.is_empty();
         frame::encode_frame(&mut p.buf, lsn, synced, records);
         p.next = lsn + records.len() as u64;
         let end = p.next;
+        // The commit thread waits for a first frame, or (holding a group)
+        // for the group to fill or the last intent to go: other appends
+        // need not wake it.
+        let wake = was_empty || p.buf.len() >= GROUP_BYTES;
         drop(p);
-        self.shared.work.notify_one();
+        if wake {
+            self.shared.work.notify_one();
+        }
         Ok(end)
+    }
+
+    /// Announces a request that will append and then wait for its records:
+    /// until the returned [`Intent`] is dropped, the commit thread may hold
+    /// a pending group back (at most the log's `max_commit_delay`) so that
+    /// this request's records join it and share its sync. Drop it after
+    /// the request's last append, before waiting: a request that waits
+    /// with its intent still held only adds the delay to its own answer.
+    pub fn intent(&self) -> Intent {
+        lock(&self.shared.pending).working += 1;
+        Intent {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The LSN after the last appended record.
@@ -416,6 +473,33 @@ impl Wal {
     }
 }
 
+/// A request working towards an append (see [`Wal::intent`]). Dropping
+/// it says the request will append nothing more before it waits.
+pub struct Intent {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Intent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Intent")
+    }
+}
+
+impl Drop for Intent {
+    fn drop(&mut self) {
+        let mut p = lock(&self.shared.pending);
+        p.working = p.working.saturating_sub(1);
+        p.joined += 1;
+        let wake = !p.holds();
+        drop(p);
+        if wake {
+            // INVARIANT: the count changed under the lock the commit
+            // thread checks it under, so this wake-up cannot be lost.
+            self.shared.work.notify_one();
+        }
+    }
+}
+
 impl Drop for Wal {
     fn drop(&mut self) {
         lock(&self.shared.pending).closing = true;
@@ -427,9 +511,15 @@ impl Drop for Wal {
 }
 
 /// Scans every segment, cutting a torn tail and refusing damage (see the
-/// crate docs); returns the LSN after the last record and the tail cut.
-fn recover(dir: &Path, segments: &mut Vec<Segment>, floor: u64) -> Result<(u64, Option<TornTail>)> {
+/// crate docs); returns the LSN after the last record, the tail cut, and
+/// where the last segment's frames end (the next group's offset).
+fn recover(
+    dir: &Path,
+    segments: &mut Vec<Segment>,
+    floor: u64,
+) -> Result<(u64, Option<TornTail>, u64)> {
     let mut torn = None;
+    let mut tail_end = SEGMENT_HEADER as u64;
     let mut next = 0u64;
     let mut removed_last = false;
     let n = segments.len();
@@ -468,6 +558,7 @@ fn recover(dir: &Path, segments: &mut Vec<Segment>, floor: u64) -> Result<(u64, 
                 )));
         }
         next = scan.next_lsn;
+        tail_end = scan.end;
         let Some((offset, reason)) = scan.stop else {
             continue;
         };
@@ -515,7 +606,7 @@ fn recover(dir: &Path, segments: &mut Vec<Segment>, floor: u64) -> Result<(u64, 
                 floor
             )));
     }
-    Ok((next, torn))
+    Ok((next, torn, tail_end))
 }
 
 /// The recorded floor; 0 if none was recorded.
@@ -538,6 +629,38 @@ fn read_floor(dir: &Path) -> Result<u64> {
     Ok(u64::from_be_bytes(a))
 }
 
+/// Opens a segment for the commit thread, which writes at its own offsets
+/// (groups over preallocated zeros), not at the file's end.
+fn open_segment(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| WalError::io(path, "open", &e))
+}
+
+/// How far ahead of the groups a segment is filled with zeros.
+const PREALLOCATE: u64 = 1024 * 1024;
+
+/// Makes sure `file` has written zeros up to at least `need`, in steps of
+/// [`PREALLOCATE`]; returns the new allocated length. Written, not
+/// `fallocate`d: an unwritten extent would still make the next sync write
+/// metadata. The zeros become durable with the group sync that follows.
+fn preallocate(file: &File, path: &Path, allocated: u64, need: u64) -> Result<u64> {
+    if need <= allocated {
+        return Ok(allocated);
+    }
+    let target = need.max(allocated + PREALLOCATE);
+    let zeros = [0u8; 64 * 1024];
+    let mut at = allocated;
+    while at < target {
+        let n = (target - at).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], at)
+            .map_err(|e| WalError::io(path, "preallocate", &e))?;
+        at += n;
+    }
+    Ok(target)
+}
+
 fn create_segment(dir: &Path, first: u64) -> Result<Segment> {
     let path = dir.join(segment_name(first));
     let mut f = OpenOptions::new()
@@ -552,9 +675,36 @@ fn create_segment(dir: &Path, first: u64) -> Result<Segment> {
     Ok(Segment { path, first })
 }
 
+/// Holds a pending group back while more announced requests are still
+/// working towards their appends than wait in it ([`Pending::holds`]), so
+/// that they share one sync: at most the log's `max_commit_delay`, and
+/// never once the group is [`GROUP_BYTES`] or the log is closing. A sync
+/// costs CPU (on a virtual machine, an exit for each request sent to the
+/// disk), so under load fewer, larger groups leave more of the cores to
+/// the requests; with no other request working, nothing is held back and
+/// a lone client waits for one sync as before.
+fn hold_group<'a>(s: &'a Shared, mut p: MutexGuard<'a, Pending>) -> MutexGuard<'a, Pending> {
+    if s.max_commit_delay.is_zero() {
+        return p;
+    }
+    let deadline = Instant::now() + s.max_commit_delay;
+    while p.holds() {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        p = s
+            .work
+            .wait_timeout(p, deadline - now)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+    p
+}
+
 /// The group-commit thread: writes what is pending, syncs once, wakes the
 /// waiters; starts a new segment when the current one is full.
-fn commit_loop(s: &Shared, mut file: File, mut size: u64) {
+fn commit_loop(s: &Shared, mut file: File, mut size: u64, mut allocated: u64) {
     let mut buf = Vec::new();
     loop {
         let end = {
@@ -568,6 +718,8 @@ fn commit_loop(s: &Shared, mut file: File, mut size: u64) {
             if p.buf.is_empty() {
                 return;
             }
+            p = hold_group(s, p);
+            p.joined = 0;
             std::mem::swap(&mut buf, &mut p.buf);
             p.next
         };
@@ -579,7 +731,11 @@ fn commit_loop(s: &Shared, mut file: File, mut size: u64) {
                 .last()
                 .map(|x| x.path.clone())
                 .unwrap_or_default();
-            file.write_all(&buf)
+            // INVARIANT: `size` is where the last frame ends; groups are
+            // written there, over zeros written ahead, so a sync writes
+            // the group and not the file's size (except when extending).
+            allocated = preallocate(&file, &path, allocated, size + buf.len() as u64)?;
+            file.write_all_at(&buf, size)
                 .map_err(|e| WalError::io(&path, "write", &e))?;
             file.sync_data()
                 .map_err(|e| WalError::io(&path, "fdatasync", &e))?;
@@ -604,11 +760,11 @@ fn commit_loop(s: &Shared, mut file: File, mut size: u64) {
             return;
         }
         if size >= s.segment_bytes {
+            // The full segment keeps no preallocated tail (zeros would read
+            // as a clean end anyway, so this need not be synced).
+            let _ = file.set_len(size);
             match create_segment(&s.dir, end).and_then(|seg| {
-                let f = OpenOptions::new()
-                    .append(true)
-                    .open(&seg.path)
-                    .map_err(|e| WalError::io(&seg.path, "open", &e))?;
+                let f = open_segment(&seg.path)?;
                 Ok((seg, f))
             }) {
                 Ok((seg, f)) => {
@@ -619,6 +775,7 @@ fn commit_loop(s: &Shared, mut file: File, mut size: u64) {
                     lock(&s.segments).push(seg);
                     file = f;
                     size = SEGMENT_HEADER as u64;
+                    allocated = size;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start a new write-ahead log segment");
@@ -629,5 +786,36 @@ fn commit_loop(s: &Shared, mut file: File, mut size: u64) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(working: usize, joined: usize, bytes: usize, closing: bool) -> Pending {
+        Pending {
+            buf: vec![0; bytes],
+            next: 0,
+            closing,
+            working,
+            joined,
+        }
+    }
+
+    #[test]
+    fn a_group_is_held_only_while_more_requests_work_than_wait() {
+        // Nobody working: a lone client's group goes at once.
+        assert!(!pending(0, 0, 10, false).holds());
+        assert!(!pending(0, 3, 10, false).holds());
+        // More working than waiting: hold.
+        assert!(pending(1, 0, 10, false).holds());
+        assert!(pending(9, 8, 10, false).holds());
+        // As many waiting as working, or more: go.
+        assert!(!pending(8, 8, 10, false).holds());
+        assert!(!pending(2, 14, 10, false).holds());
+        // A full group or a closing log never waits.
+        assert!(!pending(9, 0, GROUP_BYTES, false).holds());
+        assert!(!pending(9, 0, 10, true).holds());
     }
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use proptest::prelude::*;
 use sovra_wal::{frame, Opened, Wal, WalError, WalOptions};
@@ -16,6 +17,7 @@ fn small(floor: u64) -> WalOptions {
     WalOptions {
         segment_bytes: 256,
         floor,
+        ..WalOptions::default()
     }
 }
 
@@ -37,6 +39,11 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// Where a segment's frames end (the writer preallocates zeros after).
+fn frames_end(bytes: &[u8]) -> usize {
+    frame::scan_segment(bytes).unwrap().1.end as usize
 }
 
 fn corrupt_message(e: WalError) -> String {
@@ -111,20 +118,22 @@ fn a_torn_tail_is_cut_and_reported() {
     w.wait_durable_blocking(end).unwrap();
     drop(w);
     let seg = segments(d.path()).pop().unwrap();
-    let good = std::fs::metadata(&seg).unwrap().len();
-    // Half of a frame, as a crash during its write leaves it.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let good = frames_end(&bytes);
+    // The rest of the file is zeros written ahead: a clean end.
+    assert!(bytes.len() > good && bytes[good..].iter().all(|&b| b == 0));
+    // Half of a frame over them, as a crash during its write leaves it.
     let mut half = Vec::new();
     frame::encode_frame(&mut half, 1, 1, &[b"lost in the crash"]);
     half.truncate(half.len() / 2);
-    let mut bytes = std::fs::read(&seg).unwrap();
-    bytes.extend_from_slice(&half);
+    bytes[good..good + half.len()].copy_from_slice(&half);
     std::fs::write(&seg, &bytes).unwrap();
     let o = open(d.path());
     let torn = o.torn.clone().expect("a torn tail");
     assert_eq!(torn.segment, seg);
-    assert_eq!(torn.offset, good);
-    assert_eq!(torn.dropped, half.len() as u64);
-    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good);
+    assert_eq!(torn.offset, good as u64);
+    assert_eq!(torn.dropped, (bytes.len() - good) as u64);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good as u64);
     assert_eq!(records(&o.wal, 0), vec![(0, b"kept".to_vec())]);
     // The log goes on from the cut.
     let next = o.wal.append(&[b"after"]).unwrap();
@@ -133,6 +142,47 @@ fn a_torn_tail_is_cut_and_reported() {
     let o = open(d.path());
     assert!(o.torn.is_none());
     assert_eq!(records(&o.wal, 0).len(), 2);
+}
+
+#[test]
+fn a_clean_stop_leaves_zeros_after_the_frames_and_they_are_no_tail() {
+    let d = tempfile::tempdir().unwrap();
+    let w = open(d.path()).wal;
+    for i in 0..3u8 {
+        let end = w.append(&[&[i; 100]]).unwrap();
+        w.wait_durable_blocking(end).unwrap();
+    }
+    drop(w);
+    let seg = segments(d.path()).pop().unwrap();
+    let bytes = std::fs::read(&seg).unwrap();
+    let end = frames_end(&bytes);
+    assert!(bytes.len() > end, "the segment is preallocated");
+    // Reopened: no torn tail, nothing cut, and the next group goes right
+    // after the last frame.
+    let o = open(d.path());
+    assert!(o.torn.is_none());
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), bytes.len() as u64);
+    let next = o.wal.append(&[b"next"]).unwrap();
+    o.wal.wait_durable_blocking(next).unwrap();
+    drop(o);
+    let bytes = std::fs::read(&seg).unwrap();
+    let (_, scan) = frame::scan_segment(&bytes).unwrap();
+    assert_eq!((scan.frames.len(), scan.stop), (4, None));
+    assert_eq!(records(&open(d.path()).wal, 3), vec![(3, b"next".to_vec())]);
+    // A segment that filled up keeps no zeros: the next begins where its
+    // frames end.
+    let d = tempfile::tempdir().unwrap();
+    let w = Wal::open(d.path(), small(0)).unwrap().wal;
+    for i in 0..20u32 {
+        let end = w.append(&[&i.to_be_bytes(), &[3; 40]]).unwrap();
+        w.wait_durable_blocking(end).unwrap();
+    }
+    drop(w);
+    let segs = segments(d.path());
+    for full in &segs[..segs.len() - 1] {
+        let b = std::fs::read(full).unwrap();
+        assert_eq!(frames_end(&b), b.len(), "{}", full.display());
+    }
 }
 
 #[test]
@@ -166,7 +216,7 @@ fn damage_below_the_floor_is_never_a_torn_tail() {
     drop(w);
     let seg = segments(d.path()).pop().unwrap();
     let mut bytes = std::fs::read(&seg).unwrap();
-    let last = bytes.len() - 1;
+    let last = frames_end(&bytes) - 1;
     bytes[last] ^= 0x40;
     std::fs::write(&seg, &bytes).unwrap();
     let floor = WalOptions {
@@ -274,6 +324,76 @@ fn a_segment_whose_creation_was_interrupted_is_removed() {
     assert_eq!(records(&o.wal, 0).len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_appenders_share_held_groups_and_lose_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let opts = WalOptions {
+        max_commit_delay: Duration::from_millis(5),
+        ..WalOptions::default()
+    };
+    let w = Arc::new(Wal::open(d.path(), opts.clone()).unwrap().wal);
+    let mut tasks = Vec::new();
+    for t in 0..16u8 {
+        let w = w.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50u8 {
+                let intent = w.intent();
+                // Some requests fail before they append: their intent
+                // goes all the same.
+                if i % 7 == 3 {
+                    continue;
+                }
+                let lsn = w.append(&[&[t, i]]).unwrap();
+                drop(intent);
+                w.wait_durable(lsn).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drop(Arc::into_inner(w).unwrap());
+    let o = Wal::open(d.path(), opts).unwrap();
+    let got = records(&o.wal, 0);
+    let expected: Vec<u8> = (0..50u8).filter(|i| i % 7 != 3).collect();
+    assert_eq!(got.len(), 16 * expected.len());
+    for t in 0..16u8 {
+        let mine: Vec<u8> = got
+            .iter()
+            .filter(|(_, r)| r[0] == t)
+            .map(|(_, r)| r[1])
+            .collect();
+        assert_eq!(mine, expected);
+    }
+}
+
+#[test]
+fn an_intent_that_is_never_dropped_only_delays_a_group() {
+    let d = tempfile::tempdir().unwrap();
+    let w = Wal::open(
+        d.path(),
+        WalOptions {
+            max_commit_delay: sovra_wal::MAX_COMMIT_DELAY,
+            ..WalOptions::default()
+        },
+    )
+    .unwrap()
+    .wal;
+    // A request that announced an append and then stalls (or forgot its
+    // intent) holds groups back for at most the delay, never for good.
+    let stalled = (w.intent(), w.intent());
+    for i in 0..3u8 {
+        let lsn = w.append(&[&[i]]).unwrap();
+        w.wait_durable_blocking(lsn).unwrap();
+    }
+    drop(stalled);
+    // With none working, a group goes at once; closing goes at once too.
+    let lsn = w.append(&[b"last"]).unwrap();
+    let _late = w.intent();
+    w.wait_durable_blocking(lsn).unwrap();
+    assert_eq!(w.durable_lsn().unwrap(), 4);
+}
+
 #[test]
 fn oversized_appends_and_bad_options_are_refused() {
     let d = tempfile::tempdir().unwrap();
@@ -285,12 +405,20 @@ fn oversized_appends_and_bad_options_are_refused() {
     ));
     let bad = WalOptions {
         segment_bytes: 10,
-        floor: 0,
+        ..WalOptions::default()
     };
     assert!(matches!(
         Wal::open(&d.path().join("other"), bad),
         Err(WalError::InvalidArgument(_))
     ));
+    let slow = WalOptions {
+        max_commit_delay: sovra_wal::MAX_COMMIT_DELAY + Duration::from_micros(1),
+        ..WalOptions::default()
+    };
+    match Wal::open(&d.path().join("slow"), slow) {
+        Err(WalError::InvalidArgument(e)) => assert!(e.to_string().contains("commit delay")),
+        other => panic!("expected the delay to be refused, got {other:?}"),
+    }
 }
 
 fn sample_segment() -> Vec<u8> {
@@ -365,7 +493,7 @@ fn a_recorded_floor_makes_tail_damage_a_refusal() {
     drop(w);
     let seg = segments(d.path()).pop().unwrap();
     let mut bytes = std::fs::read(&seg).unwrap();
-    let last = bytes.len() - 1;
+    let last = frames_end(&bytes) - 1;
     bytes[last] ^= 1;
     std::fs::write(&seg, &bytes).unwrap();
     let msg = corrupt_message(Wal::open(d.path(), WalOptions::default()).unwrap_err());

@@ -122,14 +122,18 @@ impl App {
         r: ConsentRequest,
     ) -> Result<ConsentRecorded> {
         self.authorize(p, Action::RecordConsent)?;
+        let intent = self.engine.intent();
         let (body, created) = self.consent_entry(p, &r)?;
         let subject = body.subject().copied().unwrap_or_default();
-        if created {
+        let index = if created {
             // A customer first seen here got a data key: make it durable
             // before the entry that names its pseudonym.
+            drop(intent);
             self.engine.commit().await?;
-        }
-        let index = self.audit(body).await?;
+            self.audit(body).await?
+        } else {
+            self.audit_announced(body, intent).await?
+        };
         let receipt = self.ledger.receipt(index)?;
         tracing::info!(principal = %p.name, index, purpose = %r.purpose, "consent recorded");
         Ok(ConsentRecorded {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use sovra_ledger::{Body, Ledger};
 use sovra_policy::Action;
+use sovra_wal::Intent;
 
 use crate::access::auth::{Authenticator, Principal, Role};
 use crate::access::policy::{self, PolicyHolder};
@@ -110,6 +111,17 @@ impl App {
             .ledger
             .append_durable(std::slice::from_ref(&body))
             .await?;
+        Ok(a.first().map_or(0, |a| a.index))
+    }
+
+    /// [`App::audit`] for a request that announced its append
+    /// ([`Engine::intent`](crate::engine::Engine::intent)): the intent
+    /// goes once the entry is appended, before the wait.
+    pub(crate) async fn audit_announced(&self, body: Body, intent: Intent) -> Result<u64> {
+        let a = self.ledger.append(std::slice::from_ref(&body));
+        drop(intent);
+        let a = a?;
+        self.ledger.commit().await?;
         Ok(a.first().map_or(0, |a| a.index))
     }
 }

@@ -18,6 +18,7 @@ use sovra_ledger::entry::{
 use sovra_ledger::{Body, ConsentAction, Digest};
 use sovra_policy::{Action, CustomerAttrs, Disclosure, FieldAttrs, FieldDecision};
 use sovra_proto::lineage::v1 as lpb;
+use sovra_wal::Intent;
 
 use super::App;
 use crate::access::auth::Principal;
@@ -117,6 +118,19 @@ pub struct Reading<'s> {
     pub fields: Vec<FieldReading<'s>>,
 }
 
+/// The fields a read fetches: those asked for, and the customer's kind and
+/// contract value, which are policy attributes (read with the fields,
+/// never returned unless asked for).
+fn with_attribute_fields<'s>(schema: &'s Schema, defs: &[&'s FieldDef]) -> Vec<&'s FieldDef> {
+    let mut fetch = defs.to_vec();
+    for d in policy::attribute_fields(schema) {
+        if !fetch.iter().any(|f| f.name == d.name) {
+            fetch.push(d);
+        }
+    }
+    fetch
+}
+
 /// A blind-index search (no `Debug`: it holds a value).
 pub struct SearchRequest {
     /// The indexed field.
@@ -158,7 +172,10 @@ struct ParsedWrite<'s> {
 impl App {
     /// Writes some fields of one customer, durably.
     pub async fn put(&self, p: &Principal, w: WriteRequest) -> Result<Written> {
-        let out = self.apply_put(p, w)?;
+        let intent = self.engine.intent();
+        let out = self.apply_put(p, w);
+        drop(intent);
+        let out = out?;
         self.commit().await?;
         Ok(out)
     }
@@ -272,6 +289,9 @@ impl App {
     /// fetch; decide again with the customer's attributes; record the read
     /// durably (allowed or refused); only then return values.
     pub async fn read<'s>(&'s self, p: &Principal, r: ReadRequest) -> Result<Reading<'s>> {
+        // Every read that gets past validation appends (its reveal, or its
+        // refusal) and waits: announce it, so that it can share a sync.
+        let intent = self.engine.intent();
         let schema = self.engine.schema();
         validate_id("customer_id", &r.customer_id, engine::MAX_CUSTOMER_ID_LEN)?;
         schema.check_purpose(&r.purpose)?;
@@ -291,18 +311,11 @@ impl App {
             .scope(&p.policy, &p.tenant, &optimistic, &attrs)
             .and_then(|s| pol.read_fields(&s, &attrs, &ctx))?;
         if defs.is_empty() || refused(all, &pre) {
-            self.record_refused_before_lookup(p, &r.purpose, &defs, &pre)
+            self.record_refused_before_lookup(p, &r.purpose, &defs, &pre, intent)
                 .await?;
             return Err(first_denial(p, &ctx, &pre));
         }
-        // The customer's kind and contract value are policy attributes:
-        // read them with the fields, never return them unless asked.
-        let mut fetch = defs.clone();
-        for d in policy::attribute_fields(schema) {
-            if !fetch.iter().any(|f| f.name == d.name) {
-                fetch.push(d);
-            }
-        }
+        let fetch = with_attribute_fields(schema, &defs);
         let (subject, revealed) = self.engine.get(&p.tenant, &r.customer_id, &fetch)?;
         let consent = self.ledger.consent_state(&subject)?;
         let withdrawn_at = consent
@@ -339,7 +352,7 @@ impl App {
                 .iter()
                 .map(|f| access(&f.def.name, Disclosure::Denied))
                 .collect();
-            self.record_read(p, &r.customer_id, reveal, &versions, ids)
+            self.record_read(p, &r.customer_id, reveal, &versions, ids, intent)
                 .await?;
             return Err(match (withdrawn_at, first_denial(p, &ctx, &decisions)) {
                 (Some(index), VaultError::PermissionDenied(d)) => d
@@ -365,7 +378,7 @@ impl App {
         // INVARIANT: the reveal is durable in the ledger and the lineage
         // before any value leaves the server; if either fails, nothing is
         // returned.
-        self.record_read(p, &r.customer_id, reveal, &versions, ids)
+        self.record_read(p, &r.customer_id, reveal, &versions, ids, intent)
             .await?;
         let fields = present
             .into_iter()
@@ -401,21 +414,25 @@ impl App {
         purpose: &str,
         defs: &[&FieldDef],
         pre: &[FieldDecision],
+        intent: Intent,
     ) -> Result<()> {
-        self.audit(Body::FieldRevealed(Reveal {
-            tenant: p.tenant.clone(),
-            subject: Digest::default(),
-            actor: p.name.clone(),
-            role: p.role.as_str().to_owned(),
-            purpose: purpose.to_owned(),
-            decision: Decision::Denied,
-            reason: policy::reason(denying_policies(pre)),
-            fields: defs
-                .iter()
-                .map(|d| access(&d.name, Disclosure::Denied))
-                .collect(),
-            lineage: Digest::default(),
-        }))
+        self.audit_announced(
+            Body::FieldRevealed(Reveal {
+                tenant: p.tenant.clone(),
+                subject: Digest::default(),
+                actor: p.name.clone(),
+                role: p.role.as_str().to_owned(),
+                purpose: purpose.to_owned(),
+                decision: Decision::Denied,
+                reason: policy::reason(denying_policies(pre)),
+                fields: defs
+                    .iter()
+                    .map(|d| access(&d.name, Disclosure::Denied))
+                    .collect(),
+                lineage: Digest::default(),
+            }),
+            intent,
+        )
         .await?;
         Ok(())
     }
@@ -429,6 +446,7 @@ impl App {
         mut reveal: Reveal,
         versions: &[u64],
         policies: Vec<String>,
+        intent: Intent,
     ) -> Result<u64> {
         let kind = if reveal.purpose == EXPORT_PURPOSE {
             lpb::ActivityKind::Export
@@ -452,7 +470,9 @@ impl App {
             .record_access(&p.tenant, customer, activity, |_, hash| {
                 reveal.lineage = *hash;
                 lineage::appended_index(ledger.append(&[Body::FieldRevealed(reveal)])?)
-            })?;
+            });
+        drop(intent);
+        let index = index?;
         self.commit().await?;
         Ok(index)
     }

@@ -443,6 +443,15 @@ impl Engine {
         &self.features
     }
 
+    /// Announces a request that will write and then wait for
+    /// [`Engine::commit`]: the log may hold its next group back a little
+    /// while such requests are still working, so they share one sync. Drop
+    /// it after the request's last write, before it waits
+    /// ([`sovra_wal::Wal::intent`]).
+    pub fn intent(&self) -> sovra_wal::Intent {
+        self.store.wal().intent()
+    }
+
     /// Waits until every write made so far is durable.
     pub async fn commit(&self) -> Result<()> {
         let releasable = std::mem::take(
