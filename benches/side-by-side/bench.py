@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Helpers for benches/side-by-side.sh (standard library only).
 
-  bench.py fsync DIR ITERATIONS           median of a 4 KiB append + fdatasync in DIR
+  bench.py fsync DIR ITERATIONS           median of a 4 KiB append + fdatasync in DIR,
+                                          and of the same over zeros written ahead
   bench.py parse-wrk  KEY=VALUE... < out  one JSON result line from wrk's WRKJSON line
   bench.py parse-sovra KEY=VALUE... < out one JSON result line from sovra-load's line
   bench.py na KEY=VALUE...                a result line for a workload that was not run
@@ -29,29 +30,57 @@ def kv_args(args):
     return out
 
 
+def probe_syncs(fd, iterations, write):
+    """Times `write(i)` + fdatasync `iterations` times (after a warm-up);
+    returns the sorted latencies (ns) and the process CPU per sync (µs)."""
+    for i in range(min(50, iterations)):  # warm-up: allocate, settle
+        write(i)
+        os.fdatasync(fd)
+    times = []
+    cpu0 = os.times()
+    for i in range(iterations):
+        t = time.perf_counter_ns()
+        write(i)
+        os.fdatasync(fd)
+        times.append(time.perf_counter_ns() - t)
+    cpu1 = os.times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    times.sort()
+    return times, cpu * 1e6 / iterations
+
+
+def quantile(times, p):
+    return times[min(len(times) - 1, int(p * len(times)))] / 1000.0
+
+
 def cmd_fsync(directory, iterations):
-    """4 KiB appends, each followed by fdatasync, on a file opened O_APPEND."""
+    """4 KiB appends, each followed by fdatasync, on a file opened O_APPEND
+    (the bound); then the same 4 KiB writes over zeros written and synced
+    beforehand, as the write-ahead log writes its groups (for the record:
+    a sync that need not write the file's size)."""
     iterations = int(iterations)
     path = os.path.join(directory, "fsync-probe.%d" % os.getpid())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     buf = os.urandom(4096)
-    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        for _ in range(min(50, iterations)):  # warm-up: allocate, settle
-            os.write(fd, buf)
-            os.fdatasync(fd)
-        for _ in range(iterations):
-            t = time.perf_counter_ns()
-            os.write(fd, buf)
-            os.fdatasync(fd)
-            times.append(time.perf_counter_ns() - t)
+        times, cpu_us = probe_syncs(fd, iterations, lambda i: os.write(fd, buf))
     finally:
         os.close(fd)
         os.unlink(path)
-    times.sort()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        n = iterations + min(50, iterations)
+        for _ in range(n):
+            os.write(fd, bytes(4096))
+        os.fsync(fd)
+        over, over_cpu_us = probe_syncs(fd, iterations,
+                                        lambda i: os.pwrite(fd, buf, (i % n) * 4096))
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
     def q(p):
-        return times[min(len(times) - 1, int(p * len(times)))] / 1000.0
+        return quantile(times, p)
 
     print(json.dumps({
         "dir": directory,
@@ -60,6 +89,10 @@ def cmd_fsync(directory, iterations):
         "p90_us": q(0.90),
         "p99_us": q(0.99),
         "max_us": times[-1] / 1000.0,
+        "cpu_us": cpu_us,
+        "prealloc_median_us": statistics.median(over) / 1000.0,
+        "prealloc_p99_us": quantile(over, 0.99),
+        "prealloc_cpu_us": over_cpu_us,
     }))
 
 
@@ -260,6 +293,12 @@ def cmd_report(results_path, fsync_path, meta_path, out_dir):
         "(p90 %.0f, p99 %.0f, %d iterations); fsync bound = clients / median" % (
             fsync["median_us"], fsync["p90_us"], fsync["p99_us"], fsync["iterations"]),
     ]
+    if "prealloc_median_us" in fsync:
+        intro.append(
+            "sync CPU: %.0f µs per 4 KiB append + fdatasync; over zeros written beforehand (as the "
+            "log writes its groups) median %.0f µs (p99 %.0f), %.0f µs of CPU" % (
+                fsync["cpu_us"], fsync["prealloc_median_us"], fsync["prealloc_p99_us"],
+                fsync["prealloc_cpu_us"]))
     notes = [
         "vs OpenBao: sovra rate / OpenBao rate at the same client count (GetFields vs KV read, "
         "PutRecord vs KV write).",
