@@ -761,8 +761,16 @@ fn commit_loop(s: &Shared, mut file: File, mut size: u64, mut allocated: u64) {
         }
         if size >= s.segment_bytes {
             // The full segment keeps no preallocated tail (zeros would read
-            // as a clean end anyway, so this need not be synced).
-            let _ = file.set_len(size);
+            // as a clean end anyway, so this need not be synced, and a
+            // failure loses nothing: it is reported, not fatal).
+            if let Err(e) = file.set_len(size) {
+                let path = lock(&s.segments).last().map(|x| x.path.clone());
+                tracing::warn!(
+                    segment = %path.unwrap_or_default().display(),
+                    error = %e,
+                    "cannot cut a full write-ahead log segment to its last frame; its zeros stay"
+                );
+            }
             match create_segment(&s.dir, end).and_then(|seg| {
                 let f = open_segment(&seg.path)?;
                 Ok((seg, f))
