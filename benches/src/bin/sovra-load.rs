@@ -42,6 +42,12 @@ enum Mode {
     /// BatchPut of `BATCH` whole 11-field records of new customers per
     /// call, as the demo loads them; the report adds records/s.
     BatchPut,
+    /// DescribeSchema: authenticated and policy-checked like every call,
+    /// but it reads one in-memory schema and writes nothing (no audit
+    /// entry, no lineage, no sync). Beside `read`, the floor that the
+    /// transport, authentication and one Cedar decision set on this
+    /// machine with the load generator on the same cores.
+    Describe,
 }
 
 /// Records per BatchPut stream in `--mode batch-put` (the demo's batch).
@@ -307,6 +313,10 @@ async fn call(
             r.customer_id = format!("lr-{run_id}-{w}-{i}");
             c.put_record(r).await.is_ok()
         }
+        Mode::Describe => c
+            .describe_schema(pb::DescribeSchemaRequest {})
+            .await
+            .is_ok(),
         Mode::BatchPut => {
             let reqs: Vec<pb::PutRecordRequest> = (0..BATCH)
                 .map(|k| {
