@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 pub mod commands;
 pub mod common;
 
-use commands::{audit, consent, demo, init, job, keys, lineage, policy, records, serve, token};
+use commands::{
+    audit, consent, contract, demo, init, job, keys, lineage, policy, records, serve, token,
+};
 use common::Conn;
 
 // The command line. Only `//` comments on the types clap derives from:
@@ -71,6 +73,12 @@ pub enum Cmd {
     Job {
         #[command(subcommand)]
         cmd: job::JobCmd,
+    },
+    /// CRM contracts: check a manifest offline, or dry-run it on an events
+    /// file.
+    Contract {
+        #[command(subcommand)]
+        cmd: contract::ContractCmd,
     },
     /// Show the schema.
     Schema {

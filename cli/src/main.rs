@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sovra_cli::commands::{
-    audit, consent, demo, init, job, keys, lineage, policy, records, serve, token,
+    audit, consent, contract, demo, init, job, keys, lineage, policy, records, serve, token,
 };
 use sovra_cli::common::CmdResult;
 use sovra_cli::{Cli, Cmd};
@@ -59,6 +59,7 @@ async fn run(cmd: Cmd) -> CmdResult {
         Cmd::Policy { cmd } => policy::run(cmd).await,
         Cmd::Lineage { cmd } => lineage::run(cmd).await,
         Cmd::Job { cmd } => job::run(cmd).await,
+        Cmd::Contract { cmd } => contract::run(cmd),
         Cmd::Schema { conn } => records::schema(conn).await,
         Cmd::Demo(a) => demo::run_command(a).await,
     }

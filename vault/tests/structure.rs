@@ -20,6 +20,7 @@ const CRATES: &[&str] = &[
     "../ledger/src",
     "../policies/src",
     "../sandbox/src",
+    "../contracts/src",
     "../benches/src",
 ];
 

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod consent;
+pub mod contract;
 pub mod demo;
 pub mod init;
 pub mod job;
