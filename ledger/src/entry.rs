@@ -32,7 +32,7 @@ pub const MAX_STRING_LEN: usize = 256;
 pub const MAX_FIELDS: usize = 256;
 const HEADER_LEN: usize = 1 + 1 + 8 + 8 + 32 + 4;
 /// The highest kind byte this version knows.
-pub const LAST_KNOWN_KIND: u8 = 9;
+pub const LAST_KNOWN_KIND: u8 = 10;
 
 /// The highest kind byte format `version` defines.
 fn last_kind(version: u8) -> u8 {
@@ -286,6 +286,108 @@ pub struct PolicyChange {
     pub summary: String,
 }
 
+/// What happened in a contract's life (kind 10's `step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContractStep {
+    /// A contract (version, pin) was registered.
+    Registered,
+    /// A contract was disabled.
+    Disabled,
+    /// An event triggered the contract and it was evaluated (`input_sha256`,
+    /// `fuel_used`; `detail` says the condition's result).
+    Evaluated,
+    /// An action was decided allowed and queued for its connector (`detail`:
+    /// the decision and the determining policies).
+    ActionQueued,
+    /// An action was decided denied and not taken (`detail`: why).
+    ActionDenied,
+    /// A connector completed an action.
+    ActionCompleted,
+    /// A connector reported an action failed (`detail`: why).
+    ActionFailed,
+    /// A failed action was scheduled again.
+    ActionRetried,
+    /// An obligation's deadline passed before it was completed (`detail`:
+    /// who was told).
+    Escalated,
+    /// A pending action or deadline was cancelled (`detail`: why).
+    Cancelled,
+    /// An evaluation failed (a guest out of fuel, a trap; `detail`: why).
+    Failed,
+}
+
+impl ContractStep {
+    fn code(self) -> u8 {
+        match self {
+            ContractStep::Registered => 1,
+            ContractStep::Disabled => 2,
+            ContractStep::Evaluated => 3,
+            ContractStep::ActionQueued => 4,
+            ContractStep::ActionDenied => 5,
+            ContractStep::ActionCompleted => 6,
+            ContractStep::ActionFailed => 7,
+            ContractStep::ActionRetried => 8,
+            ContractStep::Escalated => 9,
+            ContractStep::Cancelled => 10,
+            ContractStep::Failed => 11,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            1 => ContractStep::Registered,
+            2 => ContractStep::Disabled,
+            3 => ContractStep::Evaluated,
+            4 => ContractStep::ActionQueued,
+            5 => ContractStep::ActionDenied,
+            6 => ContractStep::ActionCompleted,
+            7 => ContractStep::ActionFailed,
+            8 => ContractStep::ActionRetried,
+            9 => ContractStep::Escalated,
+            10 => ContractStep::Cancelled,
+            11 => ContractStep::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// One step of a CRM contract: its registration, an evaluation, an action
+/// and what became of it. Its subject comes right after the tenant, as in
+/// kinds 1–4 and 8, so a verifier can place it on a customer's timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContractEvent {
+    /// Tenant.
+    pub tenant: String,
+    /// The customer the step concerns; all zero for a step about no one
+    /// customer (registration, disabling).
+    pub subject: Pseudonym,
+    /// The contract's id.
+    pub contract: String,
+    /// Its version.
+    pub version: u32,
+    /// Its pin (SHA-256 of the manifest and the guest).
+    pub contract_sha256: Digest,
+    /// The instance (one triggering event's evaluation and its actions);
+    /// 0 for registration and disabling.
+    pub instance: u64,
+    /// What happened.
+    pub step: ContractStep,
+    /// The action's id ("" when the step is not about one action).
+    pub action: String,
+    /// The principal that caused the step (the registering admin, the
+    /// signalling service, the completing connector, or the contract's own
+    /// workload principal).
+    pub actor: String,
+    /// SHA-256 of the evaluation's inputs (zero when none).
+    pub input_sha256: Digest,
+    /// Fuel the guest used (0 without a guest).
+    pub fuel_used: u64,
+    /// Decision and determining policies, or the reason.
+    pub detail: String,
+    /// SHA-256 of the lineage activity that recorded the step (zero if none).
+    pub lineage: Digest,
+}
+
 /// The kind-specific body of an entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -308,6 +410,8 @@ pub enum Body {
     FieldsWritten(Write),
     /// Kind 9.
     TenantKeyRetired(KeyRetirement),
+    /// Kind 10.
+    ContractEvent(ContractEvent),
     /// A kind this version does not know: kept as bytes so that old
     /// verifiers still verify newer logs.
     Unknown {
@@ -336,6 +440,7 @@ impl Body {
             Body::JobRun(_) => 7,
             Body::FieldsWritten(_) => 8,
             Body::TenantKeyRetired(_) => 9,
+            Body::ContractEvent(_) => 10,
             Body::Unknown { code, .. } => *code,
         }
     }
@@ -347,6 +452,7 @@ impl Body {
             Body::FieldRevealed(r) => Some(&r.subject),
             Body::CustomerErased(e) => Some(&e.subject),
             Body::FieldsWritten(w) => Some(&w.subject),
+            Body::ContractEvent(c) if c.subject.0 != [0; 32] => Some(&c.subject),
             _ => None,
         }
     }
@@ -363,6 +469,7 @@ impl Body {
             Body::TenantKeyRetired(k) => Some(&k.tenant),
             Body::JobRun(j) => Some(&j.tenant),
             Body::FieldsWritten(w) => Some(&w.tenant),
+            Body::ContractEvent(c) => Some(&c.tenant),
             Body::PolicyChanged(_) | Body::Unknown { .. } => None,
         }
     }
@@ -384,6 +491,7 @@ impl Body {
             Body::CustomerErased(e) => &e.lineage,
             Body::JobRun(j) => &j.lineage,
             Body::FieldsWritten(w) => &w.lineage,
+            Body::ContractEvent(c) => &c.lineage,
             _ => return None,
         };
         (d.0 != [0; 32]).then_some(d)
@@ -414,6 +522,7 @@ impl Body {
             Body::TenantKeyRotated(k) => encode_key_rotation(w, k),
             Body::TenantKeyRetired(k) => encode_key_retirement(w, k),
             Body::PolicyChanged(p) => encode_policy_change(w, p),
+            Body::ContractEvent(c) => encode_contract_event(w, c),
             Body::Unknown { code, body } => encode_unknown(w, *code, body, version),
         }
     }
@@ -436,6 +545,7 @@ impl Body {
             5 => Body::TenantKeyRotated(decode_key_rotation(&mut r)?),
             9 if version >= 2 => Body::TenantKeyRetired(decode_key_retirement(&mut r)?),
             6 => Body::PolicyChanged(decode_policy_change(&mut r)?),
+            10 if version >= 2 => Body::ContractEvent(decode_contract_event(&mut r)?),
             0 => return Err(malformed("kind 0 is not a kind".to_string())),
             code => {
                 r.at = b.len();
@@ -530,6 +640,24 @@ fn encode_job_run(w: &mut Writer, j: &JobRun) -> Result<()> {
     w.u64(j.cohort_size);
     w.digest(&j.output_sha256);
     w.digest(&j.lineage);
+    Ok(())
+}
+
+/// Kind 10.
+fn encode_contract_event(w: &mut Writer, c: &ContractEvent) -> Result<()> {
+    w.str("tenant", &c.tenant)?;
+    w.digest(&c.subject);
+    w.str("contract", &c.contract)?;
+    w.u32(c.version);
+    w.digest(&c.contract_sha256);
+    w.u64(c.instance);
+    w.u8(c.step.code());
+    w.str("action", &c.action)?;
+    w.str("actor", &c.actor)?;
+    w.digest(&c.input_sha256);
+    w.u64(c.fuel_used);
+    w.str("detail", &c.detail)?;
+    w.digest(&c.lineage);
     Ok(())
 }
 
@@ -680,6 +808,34 @@ fn decode_job_run(r: &mut Reader<'_>) -> Result<JobRun> {
         purpose: r.str("purpose")?,
         cohort_size: r.u64("cohort_size")?,
         output_sha256: r.digest("output_sha256")?,
+        lineage: r.digest("lineage")?,
+    })
+}
+
+/// Kind 10 (format 2 on).
+fn decode_contract_event(r: &mut Reader<'_>) -> Result<ContractEvent> {
+    let tenant = r.str("tenant")?;
+    let subject = r.digest("subject")?;
+    let contract = r.str("contract")?;
+    let version = r.u32("version")?;
+    let contract_sha256 = r.digest("contract_sha256")?;
+    let instance = r.u64("instance")?;
+    let code = r.u8("step")?;
+    let step = ContractStep::from_code(code)
+        .ok_or_else(|| malformed(format!("`step` is {code}; 1 to 11")))?;
+    Ok(ContractEvent {
+        tenant,
+        subject,
+        contract,
+        version,
+        contract_sha256,
+        instance,
+        step,
+        action: r.str("action")?,
+        actor: r.str("actor")?,
+        input_sha256: r.digest("input_sha256")?,
+        fuel_used: r.u64("fuel_used")?,
+        detail: r.str("detail")?,
         lineage: r.digest("lineage")?,
     })
 }
@@ -1032,6 +1188,21 @@ mod tests {
                 forced: true,
                 data_keys_lost: 12,
             }),
+            Body::ContractEvent(ContractEvent {
+                tenant: "acme".into(),
+                subject: Digest([4; 32]),
+                contract: "poc-activation".into(),
+                version: 2,
+                contract_sha256: Digest([5; 32]),
+                instance: 17,
+                step: ContractStep::Escalated,
+                action: "raise_receivable".into(),
+                actor: "poc-activation".into(),
+                input_sha256: Digest([6; 32]),
+                fuel_used: 1234,
+                detail: "department:customer_success_director".into(),
+                lineage: Digest([7; 32]),
+            }),
             Body::Unknown {
                 code: 200,
                 body: vec![1, 2, 3],
@@ -1048,6 +1219,55 @@ mod tests {
             let b = e.encode().unwrap();
             assert_eq!(Entry::decode(&b).unwrap(), e);
         }
+    }
+
+    #[test]
+    fn a_contract_event_has_its_subject_after_the_tenant_and_a_bounded_step() {
+        let ev = ContractEvent {
+            tenant: "acme".into(),
+            subject: Digest([9; 32]),
+            contract: "c".into(),
+            version: 1,
+            contract_sha256: Digest([1; 32]),
+            instance: 0,
+            step: ContractStep::Registered,
+            action: String::new(),
+            actor: "admin".into(),
+            input_sha256: Digest::default(),
+            fuel_used: 0,
+            detail: String::new(),
+            lineage: Digest::default(),
+        };
+        let e = Entry {
+            format: FORMAT_VERSION,
+            seq: 0,
+            timestamp_ms: 1,
+            prev_hash: Digest::default(),
+            body: Body::ContractEvent(ev.clone()),
+        };
+        let b = e.encode().unwrap();
+        // The subject sits where kinds 1-4 and 8 keep theirs: after the
+        // header and the tenant string (2-byte length, "acme").
+        assert_eq!(&b[HEADER_LEN + 6..HEADER_LEN + 38], &[9; 32]);
+        assert_eq!(e.body.subject(), Some(&Digest([9; 32])));
+        // The step byte: after tenant, subject, contract ("c"), version,
+        // pin and instance.
+        let step_at = HEADER_LEN + 6 + 32 + 3 + 4 + 32 + 8;
+        assert_eq!(b[step_at], 1);
+        for bad in [0u8, 12, 255] {
+            let mut m = b.clone();
+            m[step_at] = bad;
+            let err = Entry::decode(&m).unwrap_err().to_string();
+            assert!(err.contains("`step`"), "{err}");
+        }
+        // No customer: no subject.
+        let none = Body::ContractEvent(ContractEvent {
+            subject: Digest::default(),
+            ..ev
+        });
+        assert_eq!(none.subject(), None);
+        assert_eq!(none.tenant(), Some("acme"));
+        assert!(none.visible_to("acme") && !none.visible_to("other"));
     }
 
     #[test]
