@@ -10,4 +10,7 @@ pub mod plan;
 pub use condition::{AnyField, CelType, Condition, FieldTypes, Scalar};
 pub use error::{ContractError, GuestFault, Result};
 pub use manifest::{Action, ActionKind, Capability, Manifest, Target, Trigger};
-pub use plan::{dry_run, evaluate, DryRun, Evaluation, Event};
+pub use plan::{
+    dry_run, dry_run_decided, evaluate, ActionDecision, CustomerFacts, Decider, DryRun, Evaluation,
+    Event, Planned,
+};

@@ -8,9 +8,9 @@
 //! done. The dry run keeps obligations in memory: a completion line keeps
 //! one; one not completed by its deadline is reported as escalated.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::condition::{Inputs, Scalar};
@@ -110,7 +110,44 @@ pub struct Planned {
     pub escalate_to: Option<String>,
     /// Whether the guest emitted it.
     pub from_guest: bool,
+    /// The policy decision for the contract's principal, when a decider
+    /// was given (a denied action is not taken and sets no deadline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<ActionDecision>,
 }
+
+/// A policy decision on one action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActionDecision {
+    /// Whether it may be taken.
+    pub allowed: bool,
+    /// The determining policies (the permits that allowed it, or the
+    /// forbids that denied it).
+    pub policies: Vec<String>,
+}
+
+/// What a policy decision may know of the customer an event is about, as
+/// an events file gives it (`"customer": {...}`); the vault takes the same
+/// from the ledger's consent view and the record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerFacts {
+    /// Purposes with consent in force.
+    #[serde(default)]
+    pub consents: BTreeSet<String>,
+    /// Purposes whose consent was withdrawn.
+    #[serde(default)]
+    pub withdrawn: BTreeSet<String>,
+    /// The customer's kind (`government`, …).
+    #[serde(default)]
+    pub kind: String,
+    /// The customer's contract value.
+    #[serde(default)]
+    pub contract_value: i64,
+}
+
+/// Decides one planned action for the contract's principal.
+pub type Decider<'a> = dyn FnMut(&Planned, &CustomerFacts) -> ActionDecision + 'a;
 
 /// What one evaluation gave.
 #[derive(Debug, Clone, Serialize)]
@@ -233,6 +270,7 @@ fn plan(a: &Action, inputs: &Inputs<'_>, at_ms: i64, from_guest: bool) -> Result
         due_ms,
         escalate_to: a.escalate_to.as_ref().map(Target::to_string),
         from_guest,
+        decision: None,
     })
 }
 
@@ -370,6 +408,8 @@ struct EventLine {
     fields: BTreeMap<String, Scalar>,
     #[serde(default)]
     complete: Option<String>,
+    #[serde(default)]
+    customer: Option<CustomerFacts>,
 }
 
 /// What happened to one obligation in a dry run.
@@ -423,10 +463,22 @@ pub struct DryRun {
 }
 
 /// Runs `m` over an events file (JSON lines: an event `{"at_ms", "on",
-/// "name", "attrs", "fields"}` or a completion `{"at_ms", "complete":
-/// ACTION_ID}`), in order, up to `until_ms` (default: the last line's
-/// time). Nothing leaves the process.
+/// "name", "attrs", "fields", "customer"}` or a completion `{"at_ms",
+/// "complete": ACTION_ID}`), in order, up to `until_ms` (default: the last
+/// line's time), taking every action. Nothing leaves the process.
 pub fn dry_run(m: &Manifest, events: &str, until_ms: Option<i64>) -> Result<DryRun> {
+    dry_run_decided(m, events, until_ms, None)
+}
+
+/// [`dry_run`], with each action decided by `decide` first: a denied
+/// action is reported with its decision and not taken (it sets no
+/// deadline).
+pub fn dry_run_decided(
+    m: &Manifest,
+    events: &str,
+    until_ms: Option<i64>,
+    mut decide: Option<&mut Decider<'_>>,
+) -> Result<DryRun> {
     let mut steps = Vec::new();
     let mut open: Vec<Obligation> = Vec::new();
     let mut done: Vec<Obligation> = Vec::new();
@@ -445,7 +497,12 @@ pub fn dry_run(m: &Manifest, events: &str, until_ms: Option<i64>) -> Result<DryR
         last = l.at_ms;
         escalate_due(&mut open, &mut done, l.at_ms);
         if let Some(id) = l.complete {
-            if l.on.is_some() || l.name.is_some() || !l.attrs.is_empty() || !l.fields.is_empty() {
+            if l.on.is_some()
+                || l.name.is_some()
+                || !l.attrs.is_empty()
+                || !l.fields.is_empty()
+                || l.customer.is_some()
+            {
                 return Err(EventError::new(
                     line,
                     "a completion line has only `at_ms` and `complete`",
@@ -487,11 +544,18 @@ pub fn dry_run(m: &Manifest, events: &str, until_ms: Option<i64>) -> Result<DryR
         event
             .check()
             .map_err(|e| EventError::new(line, e.message()))?;
+        let customer = l.customer.unwrap_or_default();
         match evaluate(m, &event, l.at_ms) {
-            Ok(ev) => {
+            Ok(mut ev) => {
+                if let Some(d) = decide.as_deref_mut() {
+                    for p in &mut ev.actions {
+                        p.decision = Some(d(p, &customer));
+                    }
+                }
                 if ev.triggered && !ev.actions.is_empty() {
                     for (position, p) in ev.actions.iter().enumerate() {
-                        if let Some(due) = p.due_ms {
+                        let denied = p.decision.as_ref().is_some_and(|d| !d.allowed);
+                        if let (Some(due), false) = (p.due_ms, denied) {
                             open.push(Obligation {
                                 position,
                                 instance: instances,

@@ -111,6 +111,36 @@ fn the_lead_contract_alerts_sales_from_its_guest_within_300_ms() {
     );
     let cold = r.steps[2].evaluation.as_ref().unwrap();
     assert!(cold.triggered && cold.actions.is_empty());
+    // Without a decider every action is taken: the last hot lead's alert
+    // is pending at the end of the file.
+    assert_eq!(
+        outcomes(&r),
+        vec![
+            ("alert_rep".to_string(), "kept"),
+            ("alert_rep".to_string(), "pending")
+        ]
+    );
+}
+
+#[test]
+fn a_denied_action_is_reported_with_its_decision_and_sets_no_deadline() {
+    let m = load("lead-score-alert");
+    let events = std::fs::read_to_string(shipped("events/lead-score-alert.jsonl")).unwrap();
+    // A stand-in for the vault's policies: no action for a customer who
+    // withdrew the contract's purpose.
+    let mut decide = |_: &sovra_contracts::Planned, c: &sovra_contracts::CustomerFacts| {
+        let allowed = !c.withdrawn.contains(&m.purpose);
+        sovra_contracts::ActionDecision {
+            allowed,
+            policies: vec![if allowed { "permit" } else { "forbid" }.into()],
+        }
+    };
+    let r = sovra_contracts::dry_run_decided(&m, &events, None, Some(&mut decide)).unwrap();
+    let last = r.steps[3].evaluation.as_ref().unwrap();
+    assert_eq!(
+        last.actions[0].decision.as_ref().map(|d| d.allowed),
+        Some(false)
+    );
     assert_eq!(outcomes(&r), vec![("alert_rep".to_string(), "kept")]);
 }
 

@@ -114,11 +114,19 @@ pub enum Action {
     /// Receive a sandbox job's aggregate output, decrypted by the release
     /// gate (context `cohort_size` is the cohort's size).
     ReleaseAggregate,
+    /// A contract notifies someone about a customer.
+    Notify,
+    /// A contract opens a task about a customer.
+    CreateTask,
+    /// A contract asks for approvals about a customer.
+    RequestApprovals,
+    /// A contract cancels a customer's pending actions of a purpose.
+    CancelActions,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 21] = [
         Action::Write,
         Action::Read,
         Action::Reveal,
@@ -136,6 +144,10 @@ impl Action {
         Action::ReadLineage,
         Action::ReleaseScores,
         Action::ReleaseAggregate,
+        Action::Notify,
+        Action::CreateTask,
+        Action::RequestApprovals,
+        Action::CancelActions,
     ];
 
     /// The Cedar action id.
@@ -158,6 +170,10 @@ impl Action {
             Action::ReadLineage => "read_lineage",
             Action::ReleaseScores => "release_scores",
             Action::ReleaseAggregate => "release_aggregate",
+            Action::Notify => "notify",
+            Action::CreateTask => "create_task",
+            Action::RequestApprovals => "request_approvals",
+            Action::CancelActions => "cancel_actions",
         }
     }
 
@@ -172,7 +188,13 @@ impl Action {
             Action::Write | Action::Read | Action::Reveal | Action::Search | Action::Compute => {
                 Target::Field
             }
-            Action::Erase | Action::RecordConsent | Action::ReadConsent => Target::Customer,
+            Action::Erase
+            | Action::RecordConsent
+            | Action::ReadConsent
+            | Action::Notify
+            | Action::CreateTask
+            | Action::RequestApprovals
+            | Action::CancelActions => Target::Customer,
             _ => Target::Tenant,
         }
     }

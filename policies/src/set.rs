@@ -72,6 +72,10 @@ pub const DEFAULT_FILES: &[(&str, &str)] = &[
         "92-release.cedar",
         include_str!("../default/92-release.cedar"),
     ),
+    (
+        "95-contracts.cedar",
+        include_str!("../default/95-contracts.cedar"),
+    ),
 ];
 
 /// Largest policy file accepted.

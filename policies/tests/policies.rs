@@ -140,6 +140,68 @@ fn principal(kind: PrincipalKind, dept: &str, purposes: &[&str]) -> Principal {
 }
 
 #[test]
+fn contract_actions_are_for_the_contract_s_purpose_and_the_customer_s_consent() {
+    let pol = Policies::embedded().unwrap();
+    let consenting = CustomerAttrs {
+        consents: ["marketing".to_owned()].into(),
+        ..CustomerAttrs::default()
+    };
+    let withdrawn = CustomerAttrs {
+        withdrawn: ["marketing".to_owned()].into(),
+        ..CustomerAttrs::default()
+    };
+    let decide = |p: &Principal, c: &CustomerAttrs, a: Action, purpose: &str| {
+        let scope = pol.scope(p, "t", c, &[]).unwrap();
+        let ctx = Context {
+            purpose: purpose.into(),
+            ..Context::default()
+        };
+        pol.decide(&scope, a, None, &ctx).unwrap().allowed()
+    };
+    let acts = [Action::Notify, Action::CreateTask, Action::RequestApprovals];
+    // A customer-service contract acts for customer service, not marketing.
+    let cs = principal(
+        PrincipalKind::Workload,
+        "customer_success",
+        &["customer_service"],
+    );
+    for a in acts {
+        assert!(
+            decide(&cs, &CustomerAttrs::default(), a, "customer_service"),
+            "{a:?}"
+        );
+        assert!(!decide(&cs, &consenting, a, "marketing"), "{a:?}");
+    }
+    // A marketing contract needs the consent, and a withdrawal stops it;
+    // cancelling stays allowed, since it honours the withdrawal.
+    let mk = principal(PrincipalKind::Workload, "marketing", &["marketing"]);
+    for a in acts {
+        assert!(
+            !decide(&mk, &CustomerAttrs::default(), a, "marketing"),
+            "{a:?}"
+        );
+        assert!(decide(&mk, &consenting, a, "marketing"), "{a:?}");
+        assert!(!decide(&mk, &withdrawn, a, "marketing"), "{a:?}");
+    }
+    assert!(decide(&mk, &withdrawn, Action::CancelActions, "marketing"));
+    // Only contracts take contract actions.
+    for kind in [
+        PrincipalKind::Service,
+        PrincipalKind::Officer,
+        PrincipalKind::Partner,
+        PrincipalKind::Admin,
+    ] {
+        let p = principal(kind, "customer_success", &["customer_service"]);
+        for a in acts.into_iter().chain([Action::CancelActions]) {
+            assert!(
+                !decide(&p, &consenting, a, "customer_service"),
+                "{kind:?} {a:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn government_export_needs_three_approvals() {
     let pol = Policies::embedded().unwrap();
     let svc = principal(PrincipalKind::Service, "sales", &["export"]);
@@ -241,6 +303,14 @@ proptest! {
         prop_assert_eq!(erase.allowed(), kind == PrincipalKind::Admin);
         let keys = pol.decide(&scope, Action::ManageKeys, None, &ctx).unwrap();
         prop_assert_eq!(keys.allowed(), kind == PrincipalKind::Admin);
+        // Contract actions: only a workload, only for a purpose it holds.
+        for a in [Action::Notify, Action::CreateTask, Action::RequestApprovals, Action::CancelActions] {
+            let d = pol.decide(&scope, a, None, &ctx).unwrap();
+            if d.allowed() {
+                prop_assert_eq!(kind, PrincipalKind::Workload);
+                prop_assert!(p.purposes.contains(&ctx.purpose));
+            }
+        }
     }
 
     /// A purpose the principal may not declare, or the field does not

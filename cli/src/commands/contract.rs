@@ -7,8 +7,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use sovra_contracts::{dry_run, CelType, ContractError, Manifest};
+use sovra_contracts::{
+    dry_run_decided, ActionDecision, CelType, ContractError, CustomerFacts, Manifest, Planned,
+};
+use sovra_policy::{Action, CustomerAttrs, Disclosure, Policies, Principal, PrincipalKind};
+use sovra_vault::access::policy::context;
 use sovra_vault::schema::{FieldType, Schema};
+use sovra_vault::VaultError;
 
 use crate::common::{read_file, CmdResult, Failure};
 
@@ -25,8 +30,9 @@ pub enum ContractCmd {
         #[arg(long)]
         schema: Option<PathBuf>,
     },
-    /// Dry run: evaluate a manifest on the events of a JSON-lines file and
-    /// print decisions, actions and obligations, with no side effects.
+    /// Dry run: evaluate a manifest on the events of a JSON-lines file, decide
+    /// each action with the policies for the contract's workload principal,
+    /// and print decisions, actions and obligations, with no side effects.
     Test {
         /// The manifest (TOML).
         manifest: PathBuf,
@@ -43,6 +49,9 @@ pub enum ContractCmd {
         /// The schema whose fields it may read (default: the built-in CRM schema).
         #[arg(long)]
         schema: Option<PathBuf>,
+        /// A policy directory to decide actions with (default: the built-in set).
+        #[arg(long)]
+        policies: Option<PathBuf>,
     },
 }
 
@@ -72,15 +81,27 @@ pub fn run(cmd: ContractCmd) -> CmdResult {
             until,
             json,
             schema,
+            policies,
         } => {
             let m = load(&manifest, schema.as_deref())?;
             let text = read_file(&events, MAX_EVENTS_FILE)?;
             let text = String::from_utf8(text)
                 .map_err(|_| Failure::Usage(format!("{}: not UTF-8", events.display())))?;
-            let report = dry_run(&m, &text, until).map_err(|e| match e {
-                ContractError::Event(e) => Failure::Usage(format!("{}: {e}", events.display())),
-                other => Failure::Verify(other.to_string()),
-            })?;
+            let pol = match &policies {
+                Some(d) => Policies::load_dir(d),
+                None => Policies::embedded(),
+            }
+            .map_err(VaultError::from)?;
+            let schema = match &schema {
+                Some(p) => Schema::load(p)?,
+                None => Schema::default_crm(),
+            };
+            let mut decide = |p: &Planned, c: &CustomerFacts| decide(&pol, &schema, &m, p, c);
+            let report =
+                dry_run_decided(&m, &text, until, Some(&mut decide)).map_err(|e| match e {
+                    ContractError::Event(e) => Failure::Usage(format!("{}: {e}", events.display())),
+                    other => Failure::Verify(other.to_string()),
+                })?;
             if json {
                 let out = serde_json::to_string_pretty(&report)
                     .map_err(|e| Failure::Local(format!("cannot encode the report: {e}")))?;
@@ -109,6 +130,87 @@ fn field_types(schema: Option<&Path>) -> Result<BTreeMap<String, CelType>, Failu
             (f.name.clone(), t)
         })
         .collect())
+}
+
+/// Decides one action for the contract's workload principal, as the
+/// server will: a customer action on the customer, a field action on each
+/// field, a workload submission on the tenant. An error is a denial.
+fn decide(
+    pol: &Policies,
+    schema: &Schema,
+    m: &Manifest,
+    p: &Planned,
+    c: &CustomerFacts,
+) -> ActionDecision {
+    let principal = Principal {
+        kind: PrincipalKind::Workload,
+        name: m.id.clone(),
+        department: m.department.clone(),
+        purposes: [m.purpose.clone()].into(),
+    };
+    let customer = CustomerAttrs {
+        consents: c.consents.clone(),
+        withdrawn: c.withdrawn.clone(),
+        kind: c.kind.clone(),
+        contract_value: c.contract_value,
+    };
+    let ctx = context(&m.purpose, 0);
+    let field_names: Vec<String> = match p.kind {
+        "read_fields" => p.detail["fields"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        "write_field" => p.detail["field"]
+            .as_str()
+            .map(str::to_owned)
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    };
+    let decided = (|| -> Result<ActionDecision, String> {
+        let mut fields = Vec::new();
+        for f in &field_names {
+            fields.push(&schema.field(f).map_err(|e| e.to_string())?.policy);
+        }
+        let scope = pol
+            .scope(&principal, "default", &customer, &fields)
+            .map_err(|e| e.to_string())?;
+        let one = |a: Action, field: Option<&str>| -> Result<ActionDecision, String> {
+            let d = pol
+                .decide(&scope, a, field, &ctx)
+                .map_err(|e| e.to_string())?;
+            Ok(ActionDecision {
+                allowed: d.allowed(),
+                policies: d.policies().to_vec(),
+            })
+        };
+        match p.kind {
+            "notify" => one(Action::Notify, None),
+            "create_task" => one(Action::CreateTask, None),
+            "request_approvals" => one(Action::RequestApprovals, None),
+            "cancel_actions" => one(Action::CancelActions, None),
+            "submit_workload" => one(Action::SubmitJob, None),
+            "write_field" => one(Action::Write, field_names.first().map(String::as_str)),
+            "read_fields" => {
+                let ds = pol
+                    .read_fields(&scope, &fields, &ctx)
+                    .map_err(|e| e.to_string())?;
+                Ok(ActionDecision {
+                    allowed: ds.iter().all(|d| d.disclosure != Disclosure::Denied),
+                    policies: ds.iter().flat_map(|d| d.determining()).collect(),
+                })
+            }
+            other => Err(format!("no policy action for `{other}`")),
+        }
+    })();
+    decided.unwrap_or_else(|e| ActionDecision {
+        allowed: false,
+        policies: vec![format!("error: {e}")],
+    })
 }
 
 fn load(manifest: &Path, schema: Option<&Path>) -> Result<Manifest, Failure> {
@@ -156,7 +258,12 @@ fn print_report(r: &sovra_contracts::DryRun) {
                 })
                 .unwrap_or_default();
             let from = if a.from_guest { " (guest)" } else { "" };
-            println!("    {} {}{from} {}{due}", a.kind, a.id, a.detail);
+            let decision = match &a.decision {
+                Some(d) if d.allowed => format!(" [allowed by {}]", d.policies.join(", ")),
+                Some(d) => format!(" [DENIED by {}: not taken]", d.policies.join(", ")),
+                None => String::new(),
+            };
+            println!("    {} {}{from} {}{due}{decision}", a.kind, a.id, a.detail);
         }
     }
     if !r.obligations.is_empty() {

@@ -97,6 +97,65 @@ fn the_poc_dry_run_shows_the_missed_obligation_escalated() {
     assert_eq!(outcomes("1700300000000"), ["kept", "kept", "escalated"]);
 }
 
+#[test]
+fn the_dry_run_decides_each_action_with_the_policies_for_the_contract_s_principal() {
+    let o = sovra(&[
+        "contract",
+        "test",
+        &crm("lead-score-alert.toml"),
+        "--events",
+        &crm("events/lead-score-alert.jsonl"),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let decisions: Vec<(bool, String)> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["evaluation"]["actions"].as_array())
+        .flatten()
+        .map(|a| {
+            (
+                a["decision"]["allowed"].as_bool().unwrap(),
+                a["decision"]["policies"].to_string(),
+            )
+        })
+        .collect();
+    // The consenting hot lead's alert is allowed; the one who withdrew
+    // consent to lead scoring is denied by the consent rules, not taken,
+    // and sets no deadline.
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert!(decisions[0].0 && decisions[0].1.contains("contract-act-for-its-purpose"));
+    assert!(!decisions[1].0 && decisions[1].1.contains("contract-consent-withdrawn"));
+    assert_eq!(v["obligations"].as_array().unwrap().len(), 1);
+
+    // A policy directory without the contract rules: every action is denied.
+    let d = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        if !p.ends_with("95-contracts.cedar") {
+            std::fs::copy(&p, d.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let trigger = "{\"at_ms\": 1, \"on\": \"signal\", \"name\": \"poc_report_signed\"}\n";
+    let (_e, events) = scratch(&[("e.jsonl", trigger)]);
+    let o = sovra(&[
+        "contract",
+        "test",
+        &crm("poc-activation.toml"),
+        "--events",
+        events.to_str().unwrap(),
+        "--policies",
+        d.path().to_str().unwrap(),
+    ]);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert_eq!(text.matches("DENIED").count(), 3, "{text}");
+    assert!(!text.contains("obligations:"), "{text}");
+}
+
 fn scratch(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     for (name, text) in files {
