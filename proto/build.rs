@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "sovra/policy/v1/policy.proto",
     "sovra/lineage/v1/lineage.proto",
     "sovra/sandbox/v1/sandbox.proto",
+    "sovra/contracts/v1/contracts.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

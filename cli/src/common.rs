@@ -164,6 +164,12 @@ pub async fn connect_lineage(conn: &Conn) -> Result<client::LineageClient, Failu
     Ok(client::connect_lineage(&conn.server, Some(token.as_str()), ca).await?)
 }
 
+/// A client of the `Contracts` service.
+pub async fn connect_contracts(conn: &Conn) -> Result<client::ContractsClient, Failure> {
+    let (ca, token) = credentials(conn)?;
+    Ok(client::connect_contracts(&conn.server, Some(token.as_str()), ca).await?)
+}
+
 /// A client of the `Sandbox` service.
 pub async fn connect_sandbox(conn: &Conn) -> Result<client::SandboxClient, Failure> {
     let (ca, token) = credentials(conn)?;

@@ -74,8 +74,8 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: job::JobCmd,
     },
-    /// CRM contracts: check a manifest offline, or dry-run it on an events
-    /// file.
+    /// CRM contracts: check a manifest or dry-run it offline; register,
+    /// list, show and disable contracts on the server.
     Contract {
         #[command(subcommand)]
         cmd: contract::ContractCmd,

@@ -59,7 +59,7 @@ async fn run(cmd: Cmd) -> CmdResult {
         Cmd::Policy { cmd } => policy::run(cmd).await,
         Cmd::Lineage { cmd } => lineage::run(cmd).await,
         Cmd::Job { cmd } => job::run(cmd).await,
-        Cmd::Contract { cmd } => contract::run(cmd),
+        Cmd::Contract { cmd } => contract::run(cmd).await,
         Cmd::Schema { conn } => records::schema(conn).await,
         Cmd::Demo(a) => demo::run_command(a).await,
     }

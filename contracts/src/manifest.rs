@@ -783,8 +783,8 @@ impl Manifest {
 }
 
 /// The module named in `[guest] module`, read without checking the rest
-/// (the full parse checks it).
-fn guest_module_name(text: &str) -> Option<String> {
+/// (the full parse checks it): what a client sends beside the manifest.
+pub fn guest_module_name(text: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct G {
         guest: Option<M>,

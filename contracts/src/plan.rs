@@ -496,36 +496,8 @@ pub fn dry_run_decided(
         }
         last = l.at_ms;
         escalate_due(&mut open, &mut done, l.at_ms);
-        if let Some(id) = l.complete {
-            if l.on.is_some()
-                || l.name.is_some()
-                || !l.attrs.is_empty()
-                || !l.fields.is_empty()
-                || l.customer.is_some()
-            {
-                return Err(EventError::new(
-                    line,
-                    "a completion line has only `at_ms` and `complete`",
-                )
-                .into());
-            }
-            let pos = open.iter().position(|o| o.action == id).ok_or_else(|| {
-                ContractError::from(EventError::new(
-                    line,
-                    format!("no pending obligation `{id:.64}`"),
-                ))
-            })?;
-            let mut o = open.remove(pos);
-            o.outcome = "kept";
-            o.at_ms = Some(l.at_ms);
-            done.push(o);
-            steps.push(Step {
-                line,
-                at_ms: l.at_ms,
-                evaluation: None,
-                error: None,
-                completed: Some(id),
-            });
+        if let Some(id) = l.complete.clone() {
+            steps.push(complete(&mut open, &mut done, line, &l, id)?);
             continue;
         }
         let on = l.on.ok_or_else(|| {
@@ -598,6 +570,43 @@ pub fn dry_run_decided(
         hash: hex::encode(m.hash()),
         steps,
         obligations: done,
+    })
+}
+
+/// A completion line: keeps the oldest pending obligation of its action.
+fn complete(
+    open: &mut Vec<Obligation>,
+    done: &mut Vec<Obligation>,
+    line: usize,
+    l: &EventLine,
+    id: String,
+) -> Result<Step> {
+    if l.on.is_some()
+        || l.name.is_some()
+        || !l.attrs.is_empty()
+        || !l.fields.is_empty()
+        || l.customer.is_some()
+    {
+        return Err(
+            EventError::new(line, "a completion line has only `at_ms` and `complete`").into(),
+        );
+    }
+    let pos = open.iter().position(|o| o.action == id).ok_or_else(|| {
+        ContractError::from(EventError::new(
+            line,
+            format!("no pending obligation `{id:.64}`"),
+        ))
+    })?;
+    let mut o = open.remove(pos);
+    o.outcome = "kept";
+    o.at_ms = Some(l.at_ms);
+    done.push(o);
+    Ok(Step {
+        line,
+        at_ms: l.at_ms,
+        evaluation: None,
+        error: None,
+        completed: Some(id),
     })
 }
 

@@ -12,7 +12,7 @@ pub mod receipt;
 
 pub use bundle::{verify_bundle, AuditBundle, ConsistencyProof, Verdict, VerifyOptions};
 pub use checkpoint::{verify_checkpoint, LogKey, SignedCheckpoint};
-pub use entry::{Body, ConsentAction, Digest, Entry, Pseudonym};
+pub use entry::{Body, ConsentAction, ContractEvent, ContractStep, Digest, Entry, Pseudonym};
 pub use error::{LedgerError, Result};
 pub use log::{open_sled, Appended, ConsentStatus, Ledger, LedgerOptions, Receipt, SledOpenError};
 pub use proof::{leaf_hash, verify_consistency, verify_inclusion, TlogProof};

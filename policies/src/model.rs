@@ -122,11 +122,15 @@ pub enum Action {
     RequestApprovals,
     /// A contract cancels a customer's pending actions of a purpose.
     CancelActions,
+    /// Register or disable CRM contracts.
+    ManageContracts,
+    /// List and show CRM contracts.
+    ReadContracts,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 21] = [
+    pub const ALL: [Action; 23] = [
         Action::Write,
         Action::Read,
         Action::Reveal,
@@ -148,6 +152,8 @@ impl Action {
         Action::CreateTask,
         Action::RequestApprovals,
         Action::CancelActions,
+        Action::ManageContracts,
+        Action::ReadContracts,
     ];
 
     /// The Cedar action id.
@@ -174,6 +180,8 @@ impl Action {
             Action::CreateTask => "create_task",
             Action::RequestApprovals => "request_approvals",
             Action::CancelActions => "cancel_actions",
+            Action::ManageContracts => "manage_contracts",
+            Action::ReadContracts => "read_contracts",
         }
     }
 

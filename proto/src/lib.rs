@@ -48,6 +48,15 @@ pub mod lineage {
     }
 }
 
+/// `sovra.contracts.v1`: CRM contracts: registration and listing.
+pub mod contracts {
+    /// Version 1 of the contracts API.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, clippy::pedantic)]
+        include!(concat!(env!("OUT_DIR"), "/sovra.contracts.v1.rs"));
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every Sovra proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sovra_descriptor.bin"));

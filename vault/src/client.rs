@@ -153,6 +153,31 @@ pub fn lineage_with_token(channel: Channel, token: Option<&str>) -> Result<Linea
     )
 }
 
+/// A contracts client with its token.
+pub type ContractsClient = sovra_proto::contracts::v1::contracts_client::ContractsClient<
+    InterceptedService<Channel, BearerAuth>,
+>;
+
+/// Connects a contracts client to `server` with `token`.
+pub async fn connect_contracts(
+    server: &str,
+    token: Option<&str>,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<ContractsClient> {
+    contracts_with_token(channel(server, ca_pem).await?, token)
+}
+
+/// A contracts client on `channel` presenting `token`.
+pub fn contracts_with_token(channel: Channel, token: Option<&str>) -> Result<ContractsClient> {
+    Ok(
+        sovra_proto::contracts::v1::contracts_client::ContractsClient::with_interceptor(
+            channel,
+            bearer(token)?,
+        )
+        .max_decoding_message_size(64 * 1024 * 1024),
+    )
+}
+
 /// A sandbox client with its token.
 pub type SandboxClient = sovra_proto::sandbox::v1::sandbox_client::SandboxClient<
     InterceptedService<Channel, BearerAuth>,

@@ -6,6 +6,7 @@ pub mod app;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod contracts;
 pub mod crypto;
 pub mod engine;
 pub mod error;

@@ -26,10 +26,12 @@ use crate::grpc::admit::AdmitLayer;
 use crate::grpc::ledger::LedgerService;
 use crate::grpc::policy::PolicyService;
 use crate::grpc::vault::VaultService;
+use sovra_proto::contracts::v1::contracts_server::ContractsServer;
 use sovra_proto::lineage::v1::lineage_server::LineageServer;
 use sovra_proto::policy::v1::policy_server::PolicyServer;
 use sovra_proto::sandbox::v1::sandbox_server::SandboxServer;
 
+use crate::grpc::contracts::ContractsService;
 use crate::grpc::lineage::LineageService;
 use crate::grpc::sandbox::SandboxService;
 
@@ -139,6 +141,9 @@ pub async fn start(
     health.set_serving::<PolicyServer<PolicyService>>().await;
     health.set_serving::<LineageServer<LineageService>>().await;
     health.set_serving::<SandboxServer<SandboxService>>().await;
+    health
+        .set_serving::<ContractsServer<ContractsService>>()
+        .await;
     // Reflection in both versions: grpcurl and most tools speak v1,
     // grpcio's reflection client only v1alpha. Both list the health service.
     let reflection = || {
@@ -184,6 +189,13 @@ pub async fn start(
             SandboxServer::new(SandboxService::with_admission(app.clone(), cfg.sandbox))
                 .max_decoding_message_size(max_in)
                 .max_encoding_message_size(64 * 1024 * 1024),
+        )
+        .add_service(
+            ContractsServer::new(ContractsService::new(crate::contracts::Registry::new(
+                app.clone(),
+            )))
+            .max_decoding_message_size(max_in)
+            .max_encoding_message_size(64 * 1024 * 1024),
         );
 
     let (tx, rx) = oneshot::channel::<()>();
@@ -238,6 +250,12 @@ async fn open(cfg: &Config) -> Result<(App, ViewTask)> {
     // Before anything reads or writes: faults refuse here, naming the file;
     // erasures the ledger records are completed or applied again.
     recovery::reconcile(&engine, &ledger, &data_dir, &data_dir.join("ledger"))?;
+    // A contract record that disagrees with its pin or its ledger entries
+    // refuses here; one the ledger disabled is disabled again.
+    let contracts = crate::contracts::check(&engine, &ledger)?;
+    if contracts > 0 {
+        tracing::info!(contracts, "contract registry checked against the ledger");
+    }
     // Both views are current: from here, damage to the log below this
     // point is never taken for a torn tail.
     flush_views(&engine, &ledger)?;

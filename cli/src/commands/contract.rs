@@ -15,13 +15,56 @@ use sovra_vault::access::policy::context;
 use sovra_vault::schema::{FieldType, Schema};
 use sovra_vault::VaultError;
 
-use crate::common::{read_file, CmdResult, Failure};
+use sovra_proto::contracts::v1 as cpb;
+
+use crate::common::{connect_contracts, read_file, CmdResult, Conn, Failure};
 
 /// Longest events file `sovra contract test` reads.
 const MAX_EVENTS_FILE: u64 = 16 * 1024 * 1024;
+/// Longest manifest and guest module `sovra contract register` sends.
+const MAX_MANIFEST_FILE: u64 = sovra_contracts::manifest::MAX_MANIFEST_LEN as u64;
+const MAX_GUEST_FILE: u64 = sovra_contracts::manifest::MAX_GUEST_LEN as u64;
 
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum ContractCmd {
+    /// Register a contract on the server (admin): the manifest and the guest
+    /// module it names, checked there and recorded in the ledger.
+    Register {
+        #[command(flatten)]
+        conn: Conn,
+        /// The manifest (TOML); its `[guest] module` is read from beside it.
+        manifest: PathBuf,
+    },
+    /// List the tenant's contracts (service, officer or admin).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Include disabled contracts.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one contract and its manifest.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        /// The contract's id.
+        id: String,
+        /// The version (default: the latest).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+    },
+    /// Disable a contract id, every version (admin); recorded in the ledger.
+    Disable {
+        #[command(flatten)]
+        conn: Conn,
+        /// The contract's id.
+        id: String,
+        /// Why (recorded in the ledger entry).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Check a manifest and its guest module offline (exit 1 naming file, line and problem).
     Validate {
         /// The manifest (TOML); its `[guest] module` is read from beside it.
@@ -56,8 +99,56 @@ pub enum ContractCmd {
 }
 
 /// Runs a `sovra contract` command.
-pub fn run(cmd: ContractCmd) -> CmdResult {
+pub async fn run(cmd: ContractCmd) -> CmdResult {
     match cmd {
+        ContractCmd::Register { conn, manifest } => register(&conn, &manifest).await,
+        ContractCmd::List { conn, all } => {
+            let mut c = connect_contracts(&conn).await?;
+            let r = c
+                .list_contracts(cpb::ListContractsRequest {
+                    include_disabled: all,
+                })
+                .await?
+                .into_inner();
+            if r.contracts.is_empty() {
+                println!("no contracts");
+            }
+            for k in &r.contracts {
+                println!(
+                    "{} v{}{} sha256 {} purpose {} triggers {}",
+                    k.id,
+                    k.version,
+                    if k.disabled { " (disabled)" } else { "" },
+                    k.sha256,
+                    k.purpose,
+                    k.triggers.join(",")
+                );
+            }
+            Ok(())
+        }
+        ContractCmd::Show { conn, id, version } => {
+            let mut c = connect_contracts(&conn).await?;
+            let r = c
+                .get_contract(cpb::GetContractRequest { id, version })
+                .await?
+                .into_inner();
+            if let Some(k) = &r.contract {
+                print_contract(k);
+            }
+            println!("guest wasm   {} bytes", r.guest_wasm.len());
+            println!("--- manifest");
+            print!("{}", r.manifest);
+            Ok(())
+        }
+        ContractCmd::Disable { conn, id, reason } => {
+            let mut c = connect_contracts(&conn).await?;
+            let r = c
+                .disable_contract(cpb::DisableContractRequest { id, reason })
+                .await?
+                .into_inner();
+            print_contract(&r);
+            Ok(())
+        }
         ContractCmd::Validate { manifest, schema } => {
             let m = load(&manifest, schema.as_deref())?;
             println!(
@@ -130,6 +221,31 @@ fn field_types(schema: Option<&Path>) -> Result<BTreeMap<String, CelType>, Failu
             (f.name.clone(), t)
         })
         .collect())
+}
+
+/// Sends a manifest and the guest module it names to the server.
+async fn register(conn: &Conn, manifest: &Path) -> CmdResult {
+    let text = read_file(manifest, MAX_MANIFEST_FILE)?;
+    let text = String::from_utf8(text)
+        .map_err(|_| Failure::Usage(format!("{}: not UTF-8", manifest.display())))?;
+    let guest = match sovra_contracts::manifest::guest_module_name(&text) {
+        Some(m) => {
+            let p = manifest.parent().unwrap_or(Path::new(".")).join(m);
+            read_file(&p, MAX_GUEST_FILE)?
+        }
+        None => Vec::new(),
+    };
+    let mut c = connect_contracts(conn).await?;
+    let r = c
+        .register_contract(cpb::RegisterContractRequest {
+            manifest: text,
+            guest,
+            file_name: manifest.display().to_string(),
+        })
+        .await?
+        .into_inner();
+    print_contract(&r);
+    Ok(())
 }
 
 /// Decides one action for the contract's workload principal, as the
@@ -216,6 +332,23 @@ fn decide(
 fn load(manifest: &Path, schema: Option<&Path>) -> Result<Manifest, Failure> {
     let fields = field_types(schema)?;
     Manifest::load(manifest, &fields).map_err(|e| Failure::Verify(e.to_string()))
+}
+
+fn print_contract(k: &cpb::Contract) {
+    println!("contract     {} v{}", k.id, k.version);
+    println!("sha256       {}", k.sha256);
+    println!("purpose      {} (department {})", k.purpose, k.department);
+    println!("triggers     {}", k.triggers.join(", "));
+    println!("capabilities {}", k.capabilities.join(", "));
+    println!("actions      {}", k.actions.join(", "));
+    println!("guest        {}", if k.has_guest { "yes" } else { "no" });
+    println!(
+        "registered   by {} at {} (ledger entry {})",
+        k.registered_by, k.registered_at_ms, k.registered_entry
+    );
+    if k.disabled {
+        println!("disabled     yes (ledger entry {})", k.disabled_entry);
+    }
 }
 
 fn print_report(r: &sovra_contracts::DryRun) {

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
+use sovra_proto::contracts::v1 as cpb;
 use sovra_proto::ledger::v1 as lpb;
 use sovra_proto::lineage::v1 as linpb;
 use sovra_proto::policy::v1 as ppb;
@@ -96,6 +97,9 @@ fn every_rpc_has_a_row_for_every_role() {
         );
     }
 }
+
+/// The contract the `RegisterContract` rows register.
+const AUTHZ_CONTRACT: &str = "id = \"authz\"\nversion = 1\npurpose = \"customer_service\"\ndepartment = \"sales\"\ncapabilities = [\"notify\"]\n\n[[triggers]]\non = \"signal\"\nname = \"ping\"\n";
 
 fn values() -> Vec<(&'static str, pb::Value)> {
     vec![
@@ -190,6 +194,9 @@ async fn the_table_holds_through_grpc() {
             .await
             .unwrap();
         let mut sb = client::connect_sandbox(&srv.url, Some(token), None)
+            .await
+            .unwrap();
+        let mut ct = client::connect_contracts(&srv.url, Some(token), None)
             .await
             .unwrap();
         let field = row.field.clone().unwrap_or_default();
@@ -367,6 +374,40 @@ async fn the_table_holds_through_grpc() {
                 }
             }
             "ListWorkloads" => outcome(sb.list_workloads(spb::ListWorkloadsRequest {}).await),
+            "RegisterContract" => outcome(
+                ct.register_contract(cpb::RegisterContractRequest {
+                    manifest: AUTHZ_CONTRACT.into(),
+                    guest: Vec::new(),
+                    file_name: String::new(),
+                })
+                .await,
+            ),
+            "ListContracts" => outcome(
+                ct.list_contracts(cpb::ListContractsRequest::default())
+                    .await,
+            ),
+            // An unknown contract: NOT_FOUND is past the policy check.
+            "GetContract" | "DisableContract" => {
+                let r = if row.rpc == "GetContract" {
+                    ct.get_contract(cpb::GetContractRequest {
+                        id: "authz-unknown".into(),
+                        version: 0,
+                    })
+                    .await
+                    .map(|_| ())
+                } else {
+                    ct.disable_contract(cpb::DisableContractRequest {
+                        id: "authz-unknown".into(),
+                        reason: String::new(),
+                    })
+                    .await
+                    .map(|_| ())
+                };
+                match r {
+                    Err(s) if s.code() == Code::NotFound => Ok("allow"),
+                    r => outcome(r),
+                }
+            }
             other => panic!("authz.table line {}: no executor for {other}", row.line),
         };
         match got {

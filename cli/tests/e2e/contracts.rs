@@ -242,3 +242,378 @@ fn broken_manifests_guests_and_events_exit_non_zero_naming_file_and_line() {
     );
     assert!(text.contains("notify alert_rep (guest)"), "{text}");
 }
+
+// --- the registry, through the real gRPC server ---------------------------
+
+use prost::Message;
+use sovra_proto::contracts::v1 as cpb;
+use sovra_testkit::*;
+use sovra_vault::access::auth::Role;
+use sovra_vault::client::{self, ContractsClient};
+use sovra_vault::store::ContractRecord;
+use tonic::Code;
+
+fn register_req(name: &str) -> cpb::RegisterContractRequest {
+    let manifest = std::fs::read_to_string(crm(&format!("{name}.toml"))).unwrap();
+    let guest = sovra_contracts::manifest::guest_module_name(&manifest)
+        .map(|m| std::fs::read(crm(&m)).unwrap())
+        .unwrap_or_default();
+    cpb::RegisterContractRequest {
+        manifest,
+        guest,
+        file_name: format!("{name}.toml"),
+    }
+}
+
+/// The pin `sovra contract validate` computes offline.
+fn offline_pin(name: &str) -> String {
+    let types = sovra_vault::contracts::field_types(&sovra_vault::schema::Schema::default_crm());
+    let m =
+        sovra_contracts::Manifest::load(Path::new(&crm(&format!("{name}.toml"))), &types).unwrap();
+    hex::encode(m.hash())
+}
+
+async fn contracts_client(url: &str, token: &str) -> ContractsClient {
+    client::connect_contracts(url, Some(token), None)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contracts_are_registered_listed_and_disabled_through_grpc_with_ledger_entries() {
+    let env = Env::new();
+    let mut cfg = env.config();
+    let admin_b = cfg.add_principal("admin-b", Role::Admin, "beta").unwrap();
+    let svc_b = cfg
+        .add_principal_with("svc-b", Role::Service, "beta", "sales", SERVICE_PURPOSES)
+        .unwrap();
+    sovra_vault::config::write_config(&cfg, &env.config_path).unwrap();
+    let srv = env.start().await;
+    let mut adm = contracts_client(&srv.url, &env.admin).await;
+
+    // Registered, pinned as offline, in the ledger.
+    let poc = adm
+        .register_contract(register_req("poc-activation"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((poc.id.as_str(), poc.version), ("poc-activation", 1));
+    assert_eq!(poc.sha256, offline_pin("poc-activation"));
+    assert_eq!(poc.triggers, ["signal:poc_report_signed"]);
+    assert!(!poc.has_guest && !poc.disabled);
+    let lead = adm
+        .register_contract(register_req("lead-score-alert"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(lead.has_guest);
+    assert_eq!(lead.sha256, offline_pin("lead-score-alert"));
+    let entries = ledger_entries(&srv.url, &env.officer).await;
+    let registered: Vec<&serde_json::Value> = entries
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| e["kind"] == "contract_event" && e["step"] == "registered")
+        .collect();
+    assert_eq!(registered.len(), 2, "{registered:?}");
+    assert_eq!(registered[0]["contract_sha256"], poc.sha256);
+    assert_eq!(registered[0]["actor"], "admin");
+    assert_eq!(
+        registered[0]["subject"],
+        sovra_vault::contracts::registry_subject("default", "poc-activation").to_hex()
+    );
+    let at = |entries: &[(u64, serde_json::Value)], i: u64| {
+        entries
+            .iter()
+            .find(|(j, _)| *j == i)
+            .map(|(_, e)| e.clone())
+            .unwrap()
+    };
+    assert_eq!(at(&entries, poc.registered_entry)["step"], "registered");
+
+    // The same registration again is the same; another pin for the same
+    // version is refused.
+    let again = adm
+        .register_contract(register_req("poc-activation"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.registered_entry, poc.registered_entry);
+    let mut changed = register_req("poc-activation");
+    changed.manifest = changed.manifest.replace("\"72h\"", "\"48h\"");
+    let s = expect_code(
+        adm.register_contract(changed.clone()).await,
+        Code::AlreadyExists,
+    );
+    assert!(
+        s.message().contains("register a higher version"),
+        "{}",
+        s.message()
+    );
+
+    // Malformed input: the manifest's line, or the guest's fault.
+    let mut bad = register_req("poc-activation");
+    bad.manifest = bad
+        .manifest
+        .replace("\"set_timer\"]", "\"set_timer\", \"teleport\"]");
+    let s = expect_code(adm.register_contract(bad).await, Code::InvalidArgument);
+    assert!(
+        s.message().contains("poc-activation.toml:10:"),
+        "{}",
+        s.message()
+    );
+    assert!(
+        s.message().contains("unknown capability `teleport`"),
+        "{}",
+        s.message()
+    );
+    let mut looping = register_req("lead-score-alert");
+    looping.guest = b"(module (import \"env\" \"clock\" (func)) (memory (export \"memory\") 1) (func (export \"run\") (result i32) (i32.const 0)))".to_vec();
+    let s = expect_code(adm.register_contract(looping).await, Code::InvalidArgument);
+    assert!(s.message().contains("env.clock"), "{}", s.message());
+    let mut purpose = register_req("poc-activation");
+    purpose.manifest = purpose
+        .manifest
+        .replace("customer_service", "world_domination");
+    let s = expect_code(adm.register_contract(purpose).await, Code::InvalidArgument);
+    assert!(s.message().contains("world_domination"), "{}", s.message());
+    let mut huge = register_req("poc-activation");
+    huge.manifest
+        .push_str(&format!("# {}\n", "x".repeat(70_000)));
+    expect_code(adm.register_contract(huge).await, Code::InvalidArgument);
+
+    // Roles: services list, partners do not; only admins register.
+    let mut svc = contracts_client(&srv.url, &env.service).await;
+    let list = svc
+        .list_contracts(cpb::ListContractsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.contracts.len(), 2);
+    expect_code(
+        svc.register_contract(register_req("gov-export-approvals"))
+            .await,
+        Code::PermissionDenied,
+    );
+    let mut partner = contracts_client(&srv.url, &env.partner).await;
+    expect_code(
+        partner
+            .list_contracts(cpb::ListContractsRequest::default())
+            .await,
+        Code::PermissionDenied,
+    );
+
+    // Tenants: beta sees none of default's contracts and cannot disable them.
+    let mut b = contracts_client(&srv.url, &admin_b.token).await;
+    let mut bs = contracts_client(&srv.url, &svc_b.token).await;
+    assert!(bs
+        .list_contracts(cpb::ListContractsRequest {
+            include_disabled: true
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .contracts
+        .is_empty());
+    expect_code(
+        bs.get_contract(cpb::GetContractRequest {
+            id: "poc-activation".into(),
+            version: 0,
+        })
+        .await,
+        Code::NotFound,
+    );
+    expect_code(
+        b.disable_contract(cpb::DisableContractRequest {
+            id: "poc-activation".into(),
+            reason: String::new(),
+        })
+        .await,
+        Code::NotFound,
+    );
+    let beta_poc = b
+        .register_contract(register_req("poc-activation"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(beta_poc.sha256, poc.sha256);
+
+    // Disabled: in the ledger, out of the list, idempotent; a higher
+    // version enables the id again.
+    let d = adm
+        .disable_contract(cpb::DisableContractRequest {
+            id: "lead-score-alert".into(),
+            reason: "campaign_over".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.disabled && d.disabled_entry > 0);
+    let d2 = adm
+        .disable_contract(cpb::DisableContractRequest {
+            id: "lead-score-alert".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d2.disabled_entry, d.disabled_entry);
+    let e = at(
+        &ledger_entries(&srv.url, &env.officer).await,
+        d.disabled_entry,
+    );
+    assert_eq!(
+        (e["step"].as_str(), e["detail"].as_str()),
+        (Some("disabled"), Some("campaign_over"))
+    );
+    let list = svc
+        .list_contracts(cpb::ListContractsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.contracts
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect::<Vec<_>>(),
+        ["poc-activation"]
+    );
+    let detail = svc
+        .get_contract(cpb::GetContractRequest {
+            id: "lead-score-alert".into(),
+            version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(detail.contract.unwrap().disabled);
+    assert!(detail.manifest.contains("lead-score-alert.wat"));
+    assert!(detail.guest_wasm.starts_with(b"\0asm"));
+    expect_code(
+        svc.get_contract(cpb::GetContractRequest {
+            id: "nothing".into(),
+            version: 0,
+        })
+        .await,
+        Code::NotFound,
+    );
+    let mut v2 = register_req("lead-score-alert");
+    v2.manifest = v2.manifest.replace("version = 1", "version = 2");
+    let r2 = adm.register_contract(v2).await.unwrap().into_inner();
+    assert!(!r2.disabled);
+    srv.stop().await;
+
+    // A restart keeps all of it.
+    let srv = env.start().await;
+    let mut svc = contracts_client(&srv.url, &env.service).await;
+    let list = svc
+        .list_contracts(cpb::ListContractsRequest {
+            include_disabled: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<(String, u32, bool)> = list
+        .contracts
+        .iter()
+        .map(|c| (c.id.clone(), c.version, c.disabled))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("lead-score-alert".to_string(), 2, false),
+            ("poc-activation".to_string(), 1, false)
+        ]
+    );
+    srv.stop().await;
+}
+
+/// Rewrites the record of `id` v`version` of tenant `default` in a stopped
+/// server's database; returns the record as it was.
+fn tamper(
+    env: &Env,
+    id: &str,
+    version: u32,
+    f: impl FnOnce(&mut ContractRecord),
+) -> ContractRecord {
+    let db = open_raw(&env.data_dir());
+    let t = db.open_tree("contracts").unwrap();
+    let mut key = b"default\0".to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    let old = ContractRecord::decode(&t.get(&key).unwrap().unwrap()[..]).unwrap();
+    let mut new = old.clone();
+    f(&mut new);
+    t.insert(&key, new.encode_to_vec()).unwrap();
+    db.flush().unwrap();
+    old
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_changed_on_disk_is_refused_or_disabled_again_at_start() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut adm = contracts_client(&srv.url, &env.admin).await;
+    adm.register_contract(register_req("poc-activation"))
+        .await
+        .unwrap();
+    adm.register_contract(register_req("lead-score-alert"))
+        .await
+        .unwrap();
+    adm.disable_contract(cpb::DisableContractRequest {
+        id: "lead-score-alert".into(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    srv.stop().await;
+
+    // A manifest changed in place (a deadline stretched): refused, naming it.
+    let old = tamper(&env, "poc-activation", 1, |r| {
+        r.manifest = r.manifest.replace("\"72h\"", "\"720h\"")
+    });
+    let e = serve(&env.config())
+        .await
+        .err()
+        .expect("the server started on an altered manifest")
+        .to_string();
+    assert!(
+        e.contains("contract `poc-activation` v1") && e.contains("does not match its pin"),
+        "{e}"
+    );
+    // A registration entry pointed elsewhere: refused, naming the entry.
+    tamper(&env, "poc-activation", 1, |r| {
+        *r = old.clone();
+        r.registered_entry = 0;
+    });
+    let e = serve(&env.config())
+        .await
+        .err()
+        .expect("the server started on a forged entry")
+        .to_string();
+    assert!(
+        e.contains("names ledger entry 0 as its registration"),
+        "{e}"
+    );
+    tamper(&env, "poc-activation", 1, |r| *r = old.clone());
+
+    // A disabled contract brought back to life on disk: the ledger's
+    // disabling is applied again.
+    tamper(&env, "lead-score-alert", 1, |r| r.disabled_entry = 0);
+    let srv = env.start().await;
+    let mut svc = contracts_client(&srv.url, &env.service).await;
+    let list = svc
+        .list_contracts(cpb::ListContractsRequest {
+            include_disabled: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lead = list
+        .contracts
+        .iter()
+        .find(|c| c.id == "lead-score-alert")
+        .unwrap();
+    assert!(lead.disabled, "{lead:?}");
+    srv.stop().await;
+}

@@ -24,6 +24,7 @@
 //! Does not guarantee: authorisation. The engine trusts its caller; the
 //! service layer checks roles before calling it.
 
+pub mod contracts;
 pub(crate) mod features;
 mod locks;
 mod recovery;

@@ -5,6 +5,7 @@
 
 pub mod admit;
 pub mod authn;
+pub mod contracts;
 pub mod ledger;
 pub mod lineage;
 pub mod net;

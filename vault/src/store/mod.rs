@@ -19,6 +19,10 @@
 //!   updating a small key never makes sled rewrite a node holding a block)
 //! - `idempotency`: keyed hash of (tenant, principal, idempotency key) →
 //!   [`IdempotencyRecord`], kept for [`IDEMPOTENCY_RETENTION_MS`]
+//! - `contracts`: `tenant 0 id 0 version` (u32, big-endian) →
+//!   [`ContractRecord`]: a registered CRM contract version, its manifest,
+//!   its compiled guest and the ledger entries that registered and disabled
+//!   it (checked against the ledger at start, `contracts::check`)
 //!
 //! Beside it, `shred.slots` holds each customer's pad (see `shred.rs`).
 //!
@@ -158,6 +162,67 @@ impl StoredField {
     }
 }
 
+/// A registered contract version (tree `contracts`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContractRecord {
+    /// The manifest, as registered.
+    #[prost(string, tag = "1")]
+    pub manifest: String,
+    /// The guest's WebAssembly binary (empty without a guest).
+    #[prost(bytes = "vec", tag = "2")]
+    pub wasm: Vec<u8>,
+    /// The pin: SHA-256 of the manifest and the binary.
+    #[prost(bytes = "vec", tag = "3")]
+    pub sha256: Vec<u8>,
+    /// When it was registered.
+    #[prost(int64, tag = "4")]
+    pub registered_at_ms: i64,
+    /// Who registered it.
+    #[prost(string, tag = "5")]
+    pub registered_by: String,
+    /// The ledger entry that registered it.
+    #[prost(uint64, tag = "6")]
+    pub registered_entry: u64,
+    /// The ledger entry that disabled it (0: not disabled).
+    #[prost(uint64, tag = "7")]
+    pub disabled_entry: u64,
+    /// The manifest's file name at registration (for error messages).
+    #[prost(string, tag = "8")]
+    pub file_name: String,
+    /// The manifest's purpose (a summary of the checked manifest).
+    #[prost(string, tag = "9")]
+    pub purpose: String,
+    /// Its department.
+    #[prost(string, tag = "10")]
+    pub department: String,
+    /// Its triggers, as `kind` or `kind:name`.
+    #[prost(string, repeated, tag = "11")]
+    pub triggers: Vec<String>,
+    /// Its capabilities.
+    #[prost(string, repeated, tag = "12")]
+    pub capabilities: Vec<String>,
+    /// Its declared actions' ids.
+    #[prost(string, repeated, tag = "13")]
+    pub actions: Vec<String>,
+}
+
+/// The key of a contract version.
+pub(crate) fn contract_key(tenant: &str, id: &str, version: u32) -> Vec<u8> {
+    let mut k = contract_prefix(tenant, Some(id));
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// The prefix of a tenant's contracts, or of one id's versions.
+pub(crate) fn contract_prefix(tenant: &str, id: Option<&str>) -> Vec<u8> {
+    let mut k = tenant_prefix(tenant);
+    if let Some(id) = id {
+        k.extend_from_slice(id.as_bytes());
+        k.push(SEP);
+    }
+    k
+}
+
 /// The sled database and its trees.
 pub struct Store {
     pub(crate) db: sled::Db,
@@ -169,6 +234,7 @@ pub struct Store {
     pub(crate) features: sled::Tree,
     pub(crate) feature_blocks: sled::Tree,
     pub(crate) idempotency: sled::Tree,
+    pub(crate) contracts: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
     pub(crate) dir: std::path::PathBuf,
     /// Every write to the trees above goes through it.
@@ -221,6 +287,7 @@ impl Store {
         let features = db.open_tree("fhe_features")?;
         let feature_blocks = db.open_tree("fhe_blocks")?;
         let idempotency = db.open_tree("idempotency")?;
+        let contracts = db.open_tree("contracts")?;
         // Opened after sled, whose lock keeps a second server out.
         let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
         // INVARIANT: pads are written before the frame that references
@@ -239,6 +306,7 @@ impl Store {
             features,
             feature_blocks,
             idempotency,
+            contracts,
             slots,
             dir: dir.to_path_buf(),
             writer,
