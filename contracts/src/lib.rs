@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod condition;
+pub mod crm;
 pub mod error;
 pub mod guest;
 pub mod manifest;

@@ -251,7 +251,7 @@ async fn register(conn: &Conn, manifest: &Path) -> CmdResult {
 /// Decides one action for the contract's workload principal, as the
 /// server will: a customer action on the customer, a field action on each
 /// field, a workload submission on the tenant. An error is a denial.
-fn decide(
+pub(crate) fn decide(
     pol: &Policies,
     schema: &Schema,
     m: &Manifest,

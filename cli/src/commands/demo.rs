@@ -126,6 +126,10 @@ pub struct DemoSummary {
     /// Whether the partner's per-customer job and the under-k aggregate were
     /// refused.
     pub sandbox_refusals_ok: bool,
+    /// CRM contracts registered (each a ledger entry).
+    pub contracts_registered: usize,
+    /// Obligations of the POC contract's dry run that were escalated.
+    pub obligations_escalated: usize,
 }
 
 /// Why the demo stopped.
@@ -294,13 +298,18 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     demo.lineage_of(&c).await?;
     demo.erase(&c).await?;
     demo.export(&c, &opts.openlineage_out).await?;
+    let mut contracts = client::contracts_with_token(
+        client::channel(&url, None).await?,
+        Some(&dir.init.admin_token.token),
+    )?;
+    demo.contracts(&mut contracts).await?;
 
     srv.handle.shutdown().await?;
     let Demo { out, sum, .. } = demo;
     writeln!(
         out,
-        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores, a partner aggregate and a bootstrapped count equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events.",
-        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.lead_scores, sum.openlineage_events
+        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores, a partner aggregate and a bootstrapped count equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events, {} CRM contracts registered ({} obligation escalated in the POC dry run).",
+        sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.lead_scores, sum.openlineage_events, sum.contracts_registered, sum.obligations_escalated
     )
     .map_err(io)?;
     Ok(sum)
@@ -1074,6 +1083,86 @@ impl Demo<'_> {
         )
         .map_err(io)?;
         Ok(())
+    }
+}
+
+impl Demo<'_> {
+    /// Step 11, CRM contracts: the admin registers the four shipped
+    /// contracts (each pinned and a ledger entry); the POC contract is
+    /// dry-run on its events with the default policies deciding each
+    /// action: one obligation is missed and escalated. The server does not
+    /// trigger contracts yet; this step says so.
+    async fn contracts(&mut self, c: &mut sovra_vault::client::ContractsClient) -> Result<()> {
+        use sovra_proto::contracts::v1 as cpb;
+        writeln!(
+            self.out,
+            "11. CRM contracts (contracts/crm/), registered by the admin:"
+        )
+        .map_err(io)?;
+        for s in sovra_contracts::crm::CONTRACTS {
+            let r = c
+                .register_contract(cpb::RegisterContractRequest {
+                    manifest: s.manifest.into(),
+                    guest: s.guest.map(|g| g.as_bytes().to_vec()).unwrap_or_default(),
+                    file_name: s.file.into(),
+                })
+                .await
+                .map_err(|e| demo_err("register a contract", e))?
+                .into_inner();
+            writeln!(
+                self.out,
+                "    {} v{}: pin {}…, {}, ledger entry {}",
+                r.id,
+                r.version,
+                &r.sha256[..16],
+                r.triggers.join(", "),
+                r.registered_entry
+            )
+            .map_err(io)?;
+            self.sum.contracts_registered += 1;
+        }
+        let poc = sovra_contracts::crm::CONTRACTS[0];
+        let schema = sovra_vault::schema::Schema::default_crm();
+        let types = sovra_vault::contracts::field_types(&schema);
+        let m = sovra_contracts::Manifest::parse(poc.file, poc.manifest, None, &types)
+            .map_err(|e| DemoError::Failed(e.to_string()))?;
+        let pol = sovra_policy::Policies::embedded().map_err(VaultError::from)?;
+        let mut decide = |p: &sovra_contracts::Planned, f: &sovra_contracts::CustomerFacts| {
+            super::contract::decide(&pol, &schema, &m, p, f)
+        };
+        let report = sovra_contracts::dry_run_decided(&m, poc.events, None, Some(&mut decide))
+            .map_err(|e| DemoError::Failed(e.to_string()))?;
+        writeln!(
+            self.out,
+            "    dry run of {} (what the server will do once it triggers contracts; `sovra contract test` prints the same):",
+            m.id
+        )
+        .map_err(io)?;
+        for o in &report.obligations {
+            let to = o
+                .escalated_to
+                .as_deref()
+                .filter(|_| o.outcome == "escalated");
+            writeln!(
+                self.out,
+                "    {} due {}: {}{}",
+                o.action,
+                o.due_ms,
+                o.outcome,
+                to.map(|t| format!(", escalated to {t}"))
+                    .unwrap_or_default()
+            )
+            .map_err(io)?;
+        }
+        self.sum.obligations_escalated = report
+            .obligations
+            .iter()
+            .filter(|o| o.outcome == "escalated")
+            .count();
+        check(
+            self.sum.contracts_registered == 4 && self.sum.obligations_escalated == 1,
+            "the four contracts registered and the POC's missed obligation escalated",
+        )
     }
 }
 

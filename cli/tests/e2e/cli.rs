@@ -287,6 +287,14 @@ fn demo_runs_end_to_end() {
         "{out}"
     );
     assert!(std::fs::read_to_string(&export).unwrap().lines().count() >= 4);
+    assert!(
+        out.contains("4 CRM contracts registered (1 obligation escalated in the POC dry run)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("raise_receivable due 1700259200000: escalated, escalated to department:customer_success_director"),
+        "{out}"
+    );
     let o = sovra(&["demo", "--customers", "0"], None, None);
     assert_eq!(o.status.code(), Some(64));
 }
