@@ -8,12 +8,14 @@
 //! `has`/`all`/`exists`/`exists_one`/`map`/`filter` macros, and `size`,
 //! `contains`, `startsWith`, `endsWith`, `int`, `uint`, `double`, `string`.
 //!
-//! Guaranteed: an expression that compiles names no other variable, no
-//! field outside `reads`, no other function, and its result has the
-//! required type, or is `dyn` (an `attrs` value, an untyped field) and is
-//! then checked when it is evaluated. Evaluation is bounded by the
-//! expression (CEL has no loops beyond comprehensions over the bounded
-//! inputs) and errors, never panics, on a wrong-typed input.
+//! Guaranteed: an expression that compiles names no other variable and no
+//! other function, selects on `fields` only fields in `reads` (and the
+//! evaluation is given no other), and its result has the required type,
+//! or is `dyn` (an `attrs` value, an untyped field) and is then checked
+//! when it is evaluated. Comprehensions do not nest and literals hold at
+//! most 64 elements, so one evaluation costs at most the expression's size
+//! times its longest list. Evaluation errors, never panics, on a
+//! wrong-typed input, and its messages never quote a value.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +36,8 @@ const MAX_DEPTH: usize = 48;
 const MAX_BRACKETS: usize = 24;
 /// The parsing thread's stack.
 const PARSER_STACK: usize = 64 << 20;
+/// Most elements of a list or map literal.
+const MAX_LITERAL_ELEMENTS: usize = 64;
 
 /// A CEL type, as far as the checker tracks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +187,7 @@ impl Condition {
         let mut checker = Checker {
             fields,
             scope: Vec::new(),
+            in_loop: false,
         };
         let result = checker.check(program.expression(), 0)?;
         let fits = result == expected
@@ -236,22 +241,55 @@ impl Condition {
         ctx.add_variable_from_value("event", Value::from(event));
         ctx.add_variable_from_value("fields", Value::from(fields));
         ctx.add_variable_from_value("now_ms", Value::Int(inputs.now_ms));
-        let v = self
-            .program
-            .execute(&ctx)
-            .map_err(|e| ConditionError::new(format!("evaluation failed: {e}")))?;
-        match v {
-            Value::Bool(b) => Ok(Scalar::Bool(b)),
-            Value::Int(i) => Ok(Scalar::Int(i)),
-            Value::UInt(u) => i64::try_from(u)
-                .map(Scalar::Int)
-                .map_err(|_| ConditionError::new(format!("{u} does not fit in an int"))),
-            Value::String(s) => Ok(Scalar::Str(s.as_ref().clone())),
-            other => Err(ConditionError::new(format!(
-                "the expression gave {:?}, which is not a bool, int or string",
-                other.type_of()
-            ))),
+        // The cel crate's messages quote the values involved (a field's
+        // value may be personal data): only the kind of failure, and a
+        // missing key's name, leave this function.
+        let v = self.program.execute(&ctx).map_err(|e| {
+            // A key is named only if the expression spells it (a key
+            // computed from a value could be the value).
+            let spelled = |k: &str| !k.is_empty() && k.len() <= 64 && self.source.contains(k);
+            ConditionError::new(match e {
+                cel::ExecutionError::NoSuchKey(k) if spelled(k.as_str()) => {
+                    format!("evaluation failed: no attribute or field `{}`", k.as_str())
+                }
+                cel::ExecutionError::UndeclaredReference(r) if spelled(r.as_str()) => {
+                    format!("evaluation failed: `{}` is not set", r.as_str())
+                }
+                _ => "evaluation failed: a value has the wrong type, or an operation is not defined for it (values are not shown)".to_owned(),
+            })
+        })?;
+        let out = match v {
+            Value::Bool(b) => Scalar::Bool(b),
+            Value::Int(i) => Scalar::Int(i),
+            Value::UInt(u) => Scalar::Int(
+                i64::try_from(u)
+                    .map_err(|_| ConditionError::new("a uint that does not fit in an int"))?,
+            ),
+            Value::String(s) => Scalar::Str(s.as_ref().clone()),
+            other => {
+                return Err(ConditionError::new(format!(
+                    "the expression gave a {:?}, not a bool, int or string",
+                    other.type_of()
+                )))
+            }
+        };
+        let fits = matches!(
+            (&self.result, &out),
+            (CelType::Dyn, _)
+                | (CelType::Bool, Scalar::Bool(_))
+                | (
+                    CelType::Int | CelType::UInt | CelType::Double,
+                    Scalar::Int(_)
+                )
+                | (CelType::String, Scalar::Str(_))
+        );
+        if !fits {
+            return Err(ConditionError::new(format!(
+                "the expression gave a value that is not a {}",
+                self.result.name()
+            )));
         }
+        Ok(out)
     }
 
     /// Evaluates a condition: it must give a bool.
@@ -310,6 +348,12 @@ fn parse(source: &str) -> Result<Program, ConditionError> {
 struct Checker<'a> {
     fields: &'a dyn FieldTypes,
     scope: Vec<(String, CelType)>,
+    // INVARIANT: comprehensions never nest (`in_loop`), and literals hold
+    // at most MAX_LITERAL_ELEMENTS: one evaluation then costs at most the
+    // expression's size times its longest list (a literal, an event's
+    // attributes or a chain of `map`/`filter` over one), never a product
+    // of lists.
+    in_loop: bool,
 }
 
 fn compatible(a: &CelType, b: &CelType) -> bool {
@@ -355,6 +399,12 @@ impl Checker<'_> {
             }
             Expr::Select(s) => self.select(s, d),
             Expr::List(l) => {
+                if l.elements.len() > MAX_LITERAL_ELEMENTS {
+                    return Err(ConditionError::new(format!(
+                        "a list literal of {} elements; at most {MAX_LITERAL_ELEMENTS}",
+                        l.elements.len()
+                    )));
+                }
                 let mut elem: Option<CelType> = None;
                 for x in &l.elements {
                     let t = self.check(x, d)?;
@@ -367,6 +417,12 @@ impl Checker<'_> {
                 Ok(CelType::List(Box::new(elem.unwrap_or(CelType::Dyn))))
             }
             Expr::Map(m) => {
+                if m.entries.len() > MAX_LITERAL_ELEMENTS {
+                    return Err(ConditionError::new(format!(
+                        "a map literal of {} entries; at most {MAX_LITERAL_ELEMENTS}",
+                        m.entries.len()
+                    )));
+                }
                 for entry in &m.entries {
                     if let cel::common::ast::EntryExpr::MapEntry(me) = &entry.expr {
                         let k = self.check(&me.key, d)?;
@@ -430,6 +486,11 @@ impl Checker<'_> {
         c: &cel::common::ast::ComprehensionExpr,
         d: usize,
     ) -> Result<CelType, ConditionError> {
+        if self.in_loop {
+            return Err(ConditionError::new(
+                "a macro (all, exists, exists_one, map, filter) inside another's body: comprehensions do not nest",
+            ));
+        }
         let range = self.check(&c.iter_range, d)?;
         let elem = match range {
             CelType::List(e) => *e,
@@ -449,8 +510,10 @@ impl Checker<'_> {
             self.scope.push((v2.clone(), CelType::Dyn));
         }
         self.scope.push((c.accu_var.clone(), accu));
+        self.in_loop = true;
         let cond = self.check(&c.loop_cond, d);
         let step = self.check(&c.loop_step, d);
+        self.in_loop = false;
         let result = self.check(&c.result, d);
         self.scope.truncate(mark);
         cond?;
@@ -786,6 +849,43 @@ mod tests {
         assert!(r.is_err(), "{r:?}");
         // A missing attribute is an error too, not `false`.
         assert!(c.holds(&Inputs::default()).is_err());
+    }
+
+    #[test]
+    fn costly_expressions_are_refused_and_errors_quote_no_value() {
+        let zeros = vec!["0"; 65].join(", ");
+        assert!(err(&format!("size([{zeros}]) > 0")).contains("at most 64"));
+        assert!(err("[1, 2].all(a, [3, 4].all(b, a < b))").contains("do not nest"));
+        assert!(err("size([1, 2].map(a, [3].map(b, b))) > 0").contains("do not nest"));
+        // Chained (not nested) macros are fine.
+        ok("[1, 2].map(a, a + 1).filter(b, b > 2).size() == 1");
+        // A type error at evaluation does not show the value it met.
+        let types: BTreeMap<String, CelType> =
+            [("email".to_owned(), CelType::Dyn)].into_iter().collect();
+        let c = Condition::compile("[fields.email, 0][0] < 5", &types, CelType::Bool).unwrap();
+        let vals: BTreeMap<String, Scalar> =
+            [("email".to_owned(), Scalar::Str("alice@example.com".into()))]
+                .into_iter()
+                .collect();
+        let e = c
+            .holds(&Inputs {
+                fields: Some(&vals),
+                ..Inputs::default()
+            })
+            .unwrap_err();
+        assert!(!e.message().contains("alice"), "{e}");
+        // A value expression gives the type it was compiled for.
+        let v = Condition::compile("event.attrs.v", &types, CelType::Int).unwrap();
+        let attrs: BTreeMap<String, Scalar> = [("v".to_owned(), Scalar::Str("abc".into()))]
+            .into_iter()
+            .collect();
+        let e = v
+            .eval(&Inputs {
+                attrs: Some(&attrs),
+                ..Inputs::default()
+            })
+            .unwrap_err();
+        assert!(e.message().contains("not a int"), "{e}");
     }
 
     #[test]

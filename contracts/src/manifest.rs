@@ -457,6 +457,16 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Whether `s` is a bare file name: no separator, not `.` or `..`, at
+/// most 255 bytes, no control character.
+pub fn is_bare_file_name(s: &str) -> bool {
+    (1..=255).contains(&s.len())
+        && !s.contains(['/', '\\'])
+        && s != "."
+        && s != ".."
+        && !s.chars().any(char::is_control)
+}
+
 /// Whether `s` is a bounded identifier: 1 to 64 of letters, digits and
 /// `_ . : -`, starting with a letter.
 pub fn is_identifier(s: &str) -> bool {
@@ -710,6 +720,12 @@ impl Manifest {
             }
             (Some(g), Some(bytes)) => {
                 let g = g.get_ref();
+                if !is_bare_file_name(g.module.get_ref()) {
+                    return Err(src.at(
+                        g.module.span(),
+                        "`module` is a file name beside the manifest (no folder, no `..`)",
+                    ));
+                }
                 let mut limits = GuestLimits::default();
                 if let Some(f) = &g.fuel {
                     limits.fuel = src.int("guest.fuel", f, 1, GuestLimits::MAX_FUEL as i64)? as u64;
@@ -752,6 +768,15 @@ impl Manifest {
             .map_err(|_| ContractError::from(ManifestError::new(&file, 0, 0, "not UTF-8")))?;
         let module = guest_module_name(&text);
         let guest = match module {
+            Some(m) if !is_bare_file_name(&m) => {
+                return Err(ManifestError::new(
+                    &file,
+                    0,
+                    0,
+                    "`[guest] module` is a file name beside the manifest (no folder, no `..`)",
+                )
+                .into())
+            }
             Some(m) => {
                 let p = path.parent().unwrap_or(std::path::Path::new(".")).join(&m);
                 Some(read_bounded(&p, MAX_GUEST_LEN).map_err(|e| {

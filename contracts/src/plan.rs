@@ -51,27 +51,29 @@ impl Event {
                 format!("name `{:.64}` is not an identifier", self.name),
             ));
         }
-        if self.attrs.len() > MAX_ATTRS {
-            return Err(EventError::new(
-                0,
-                format!("{} attributes; at most {MAX_ATTRS}", self.attrs.len()),
-            ));
-        }
-        for (k, v) in &self.attrs {
-            if !is_identifier(k) {
+        for (what, map) in [("attribute", &self.attrs), ("field", &self.fields)] {
+            if map.len() > MAX_ATTRS {
                 return Err(EventError::new(
                     0,
-                    format!("attribute name `{k:.64}` is not an identifier"),
+                    format!("{} {what}s; at most {MAX_ATTRS}", map.len()),
                 ));
             }
-            if let Scalar::Str(s) = v {
-                if s.len() > MAX_VALUE_LEN || s.chars().any(char::is_control) {
+            for (k, v) in map {
+                if !is_identifier(k) {
                     return Err(EventError::new(
                         0,
-                        format!(
-                            "attribute `{k}`: at most {MAX_VALUE_LEN} bytes, no control characters"
-                        ),
+                        format!("{what} name `{k:.64}` is not an identifier"),
                     ));
+                }
+                if let Scalar::Str(s) = v {
+                    if s.len() > MAX_VALUE_LEN || s.chars().any(char::is_control) {
+                        return Err(EventError::new(
+                            0,
+                            format!(
+                                "{what} `{k}`: at most {MAX_VALUE_LEN} bytes, no control characters"
+                            ),
+                        ));
+                    }
                 }
             }
         }
@@ -79,8 +81,11 @@ impl Event {
     }
 
     /// SHA-256 of the event's canonical JSON (its kind, name, time,
-    /// attributes and field values): the evaluation's input digest in the
-    /// evidence, which shows what was decided on without holding it.
+    /// attributes and field values): the evaluation's input digest, which
+    /// shows what was decided on without holding it. Offline only: such
+    /// inputs are guessable (a score, a customer kind), so the evidence the
+    /// server writes must key this digest with an erasable key, never
+    /// write it bare.
     pub fn digest(&self) -> [u8; 32] {
         let v = serde_json::json!({
             "kind": self.kind.as_str(),
@@ -167,7 +172,17 @@ pub struct Evaluation {
 /// Evaluates `m` on `event` at host time `now_ms`.
 pub fn evaluate(m: &Manifest, event: &Event, now_ms: i64) -> Result<Evaluation> {
     event.check()?;
-    let digest = hex::encode(event.digest());
+    // The digest covers what the contract sees: its readable fields only.
+    let seen = Event {
+        fields: event
+            .fields
+            .iter()
+            .filter(|(k, _)| m.reads.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        ..event.clone()
+    };
+    let digest = hex::encode(seen.digest());
     if !m.triggered_by(event.kind, &event.name) {
         return Ok(Evaluation {
             triggered: false,
@@ -429,6 +444,9 @@ pub struct Obligation {
     pub at_ms: Option<i64>,
     /// Who was told, for an escalation.
     pub escalated_to: Option<String>,
+    /// When an escalated obligation was completed after all (late).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_late_ms: Option<i64>,
     /// The action's place in its evaluation (reports keep that order).
     #[serde(skip)]
     position: usize,
@@ -536,6 +554,7 @@ pub fn dry_run_decided(
                                 outcome: "pending",
                                 at_ms: None,
                                 escalated_to: p.escalate_to.clone(),
+                                completed_late_ms: None,
                             });
                         }
                     }
@@ -590,6 +609,23 @@ fn complete(
         return Err(
             EventError::new(line, "a completion line has only `at_ms` and `complete`").into(),
         );
+    }
+    if !open.iter().any(|o| o.action == id) {
+        // Completed after its deadline: it was escalated; the completion
+        // is recorded on it, late.
+        if let Some(o) = done
+            .iter_mut()
+            .find(|o| o.action == id && o.outcome == "escalated" && o.completed_late_ms.is_none())
+        {
+            o.completed_late_ms = Some(l.at_ms);
+            return Ok(Step {
+                line,
+                at_ms: l.at_ms,
+                evaluation: None,
+                error: None,
+                completed: Some(id),
+            });
+        }
     }
     let pos = open.iter().position(|o| o.action == id).ok_or_else(|| {
         ContractError::from(EventError::new(

@@ -217,6 +217,7 @@ fn malformed_manifests_are_refused_at_their_line_with_what_to_change() {
         (format!("{BASE}\n[[actions]]\nid = \"a\"\nkind = \"notify\"\nto = \"customer\"\ntemplate = \"t\"\ncount = 3\n"), 11, "`count` does not apply"),
         (format!("{BASE}\n[[actions]]\nid = \"a\"\nkind = \"teleport\"\n"), 13, "unknown action kind `teleport`"),
         (format!("{BASE}\n[guest]\nmodule = \"g.wat\"\n"), 12, "was not given"),
+        (format!("{BASE}\n[guest]\nmodule = \"../../etc/secret\"\n"), 0, ""),
         ("id = \"t\"\n[[[".to_string(), 2, ""),
         (BASE.split("[[triggers]]").next().unwrap().to_string(), 0, "at least one"),
     ];
@@ -386,6 +387,55 @@ fn guest_runs_are_deterministic() {
     e.attrs.clear();
     match evaluate(&m, &e, 10) {
         Err(ContractError::Guest(g)) => assert_eq!(g.fault(), GuestFault::Failed),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_guest_module_outside_the_manifest_s_folder_is_refused() {
+    let text = format!("{BASE}\n[guest]\nmodule = \"../secret.wat\"\n");
+    match Manifest::parse("m.toml", &text, Some(b"(module)"), &crm()) {
+        Err(ContractError::Manifest(e)) => {
+            assert_eq!(e.line(), 12, "{e}");
+            assert!(e.message().contains("file name beside the manifest"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let d = tempfile_dir();
+    std::fs::write(d.join("c.toml"), &text).unwrap();
+    match Manifest::load(&d.join("c.toml"), &crm()) {
+        Err(ContractError::Manifest(e)) => {
+            assert!(e.message().contains("beside the manifest"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn tempfile_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sovra-contracts-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn a_completion_after_the_deadline_is_recorded_late_on_the_escalation() {
+    let m = load("poc-activation");
+    let events = "{\"at_ms\": 0, \"on\": \"signal\", \"name\": \"poc_report_signed\"}\n{\"at_ms\": 300000000, \"complete\": \"raise_receivable\"}\n";
+    let r = dry_run(&m, events, None).unwrap();
+    let o = r
+        .obligations
+        .iter()
+        .find(|o| o.action == "raise_receivable")
+        .unwrap();
+    assert_eq!(o.outcome, "escalated");
+    assert_eq!(o.completed_late_ms, Some(300_000_000));
+    // Field values are bounded like attributes.
+    let long = format!(
+        "{{\"at_ms\": 0, \"on\": \"signal\", \"name\": \"poc_report_signed\", \"fields\": {{\"email\": \"{}\"}}}}",
+        "x".repeat(300)
+    );
+    match dry_run(&m, &long, None) {
+        Err(ContractError::Event(e)) => assert!(e.message().contains("at most 256"), "{e}"),
         other => panic!("{other:?}"),
     }
 }

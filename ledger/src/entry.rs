@@ -358,8 +358,9 @@ impl ContractStep {
 pub struct ContractEvent {
     /// Tenant.
     pub tenant: String,
-    /// The customer the step concerns; all zero for a step about no one
-    /// customer (registration, disabling).
+    /// The customer the step concerns; for registration and disabling the
+    /// contract's registry subject (docs/ledger-format.md, kind 10); all
+    /// zero for another step about no one customer.
     pub subject: Pseudonym,
     /// The contract's id.
     pub contract: String,

@@ -184,6 +184,27 @@ fn contract_actions_are_for_the_contract_s_purpose_and_the_customer_s_consent() 
         assert!(!decide(&mk, &withdrawn, a, "marketing"), "{a:?}");
     }
     assert!(decide(&mk, &withdrawn, Action::CancelActions, "marketing"));
+    // Cancelling is decided for the purpose it cancels: another purpose's
+    // obligations only when the customer withdrew that purpose.
+    let legal = principal(PrincipalKind::Workload, "compliance", &["legal_obligation"]);
+    assert!(decide(
+        &legal,
+        &withdrawn,
+        Action::CancelActions,
+        "marketing"
+    ));
+    assert!(!decide(
+        &legal,
+        &consenting,
+        Action::CancelActions,
+        "marketing"
+    ));
+    assert!(!decide(
+        &legal,
+        &CustomerAttrs::default(),
+        Action::CancelActions,
+        "export"
+    ));
     // Only contracts take contract actions.
     for kind in [
         PrincipalKind::Service,

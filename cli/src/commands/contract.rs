@@ -12,7 +12,7 @@ use sovra_contracts::{
 };
 use sovra_policy::{Action, CustomerAttrs, Disclosure, Policies, Principal, PrincipalKind};
 use sovra_vault::access::policy::context;
-use sovra_vault::schema::{FieldType, Schema};
+use sovra_vault::schema::Schema;
 use sovra_vault::VaultError;
 
 use sovra_proto::contracts::v1 as cpb;
@@ -205,22 +205,13 @@ pub async fn run(cmd: ContractCmd) -> CmdResult {
     }
 }
 
-/// The schema's fields as CEL types (timestamps are integers of ms).
+/// The schema's fields as CEL types, as the server checks them.
 fn field_types(schema: Option<&Path>) -> Result<BTreeMap<String, CelType>, Failure> {
     let s = match schema {
         Some(p) => Schema::load(p)?,
         None => Schema::default_crm(),
     };
-    Ok(s.fields()
-        .iter()
-        .map(|f| {
-            let t = match f.ty {
-                FieldType::String => CelType::String,
-                FieldType::Integer | FieldType::Timestamp => CelType::Int,
-            };
-            (f.name.clone(), t)
-        })
-        .collect())
+    Ok(sovra_vault::contracts::field_types(&s))
 }
 
 /// Sends a manifest and the guest module it names to the server.
@@ -229,6 +220,12 @@ async fn register(conn: &Conn, manifest: &Path) -> CmdResult {
     let text = String::from_utf8(text)
         .map_err(|_| Failure::Usage(format!("{}: not UTF-8", manifest.display())))?;
     let guest = match sovra_contracts::manifest::guest_module_name(&text) {
+        Some(m) if !sovra_contracts::manifest::is_bare_file_name(&m) => {
+            return Err(Failure::Usage(format!(
+                "{}: `[guest] module` must be a file name beside the manifest, not `{m:.80}`",
+                manifest.display()
+            )))
+        }
         Some(m) => {
             let p = manifest.parent().unwrap_or(Path::new(".")).join(m);
             read_file(&p, MAX_GUEST_FILE)?
@@ -270,7 +267,12 @@ pub(crate) fn decide(
         kind: c.kind.clone(),
         contract_value: c.contract_value,
     };
-    let ctx = context(&m.purpose, 0);
+    // Cancelling is decided for the purpose it cancels (95-contracts.cedar).
+    let purpose = match p.kind {
+        "cancel_actions" => p.detail["purpose"].as_str().unwrap_or_default(),
+        _ => m.purpose.as_str(),
+    };
+    let ctx = context(purpose, 0);
     let field_names: Vec<String> = match p.kind {
         "read_fields" => p.detail["fields"]
             .as_array()
@@ -409,8 +411,12 @@ fn print_report(r: &sovra_contracts::DryRun) {
                 .filter(|_| o.outcome == "escalated")
                 .map(|t| format!(" to {t}"))
                 .unwrap_or_default();
+            let late = o
+                .completed_late_ms
+                .map(|t| format!(", completed late at {t}"))
+                .unwrap_or_default();
             println!(
-                "    instance {} {} due {}: {}{when}{to}",
+                "    instance {} {} due {}: {}{when}{to}{late}",
                 o.instance, o.action, o.due_ms, o.outcome
             );
         }

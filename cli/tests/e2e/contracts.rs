@@ -500,6 +500,29 @@ async fn contracts_are_registered_listed_and_disabled_through_grpc_with_ledger_e
     v2.manifest = v2.manifest.replace("version = 1", "version = 2");
     let r2 = adm.register_contract(v2).await.unwrap().into_inner();
     assert!(!r2.disabled);
+    // Versions only go up: v3 after v4 is refused, so an old version can
+    // never outrank a disabling.
+    let version = |v: u32| {
+        let mut r = register_req("lead-score-alert");
+        r.manifest = r.manifest.replace("version = 1", &format!("version = {v}"));
+        r
+    };
+    adm.register_contract(version(4)).await.unwrap();
+    let s = expect_code(
+        adm.register_contract(version(3)).await,
+        Code::FailedPrecondition,
+    );
+    assert!(
+        s.message().contains("register a version above it"),
+        "{}",
+        s.message()
+    );
+    // Bounded: 16 versions of one id (1, 2, 4, and 5 to 17).
+    for v in 5..=17 {
+        adm.register_contract(version(v)).await.unwrap();
+    }
+    let r = version(18);
+    expect_code(adm.register_contract(r).await, Code::ResourceExhausted);
     srv.stop().await;
 
     // A restart keeps all of it.
@@ -520,7 +543,7 @@ async fn contracts_are_registered_listed_and_disabled_through_grpc_with_ledger_e
     assert_eq!(
         ids,
         [
-            ("lead-score-alert".to_string(), 2, false),
+            ("lead-score-alert".to_string(), 17, false),
             ("poc-activation".to_string(), 1, false)
         ]
     );
@@ -593,6 +616,20 @@ async fn a_registry_changed_on_disk_is_refused_or_disabled_again_at_start() {
         .to_string();
     assert!(
         e.contains("names ledger entry 0 as its registration"),
+        "{e}"
+    );
+    // The summary List and Get show, edited to hide a capability: refused.
+    tamper(&env, "poc-activation", 1, |r| {
+        *r = old.clone();
+        r.capabilities.retain(|c| c != "create_task");
+    });
+    let e = serve(&env.config())
+        .await
+        .err()
+        .expect("the server started on an edited summary")
+        .to_string();
+    assert!(
+        e.contains("differs from its manifest and ledger entry"),
         "{e}"
     );
     tamper(&env, "poc-activation", 1, |r| *r = old.clone());

@@ -41,6 +41,10 @@ use crate::schema::{FieldType, Schema};
 const MAX_FILE_NAME: usize = 256;
 /// Longest disabling reason.
 const MAX_REASON: usize = 128;
+/// Most versions one contract id keeps.
+pub const MAX_VERSIONS: usize = 16;
+/// Most contract ids one tenant registers.
+pub const MAX_CONTRACTS: usize = 256;
 
 /// The subject of a contract's registry entries:
 /// SHA-256(`"sovra/v1/contract-registry"` ‖ 0x00 ‖ tenant ‖ 0x00 ‖ id).
@@ -156,6 +160,26 @@ impl Registry {
                 ),
             ));
         }
+        // INVARIANT: versions only go up, so the latest version is always
+        // the latest registration, and a disabling entry newer than a
+        // version's registration covers it (what `check` relies on).
+        if let Some(latest) = versions.last().filter(|l| l.version > m.version) {
+            return Err(VaultError::precondition(format!(
+                "`{}` is registered up to v{}: register a version above it, not v{}",
+                m.id, latest.version, m.version
+            )));
+        }
+        if versions.len() >= MAX_VERSIONS {
+            return Err(VaultError::exhausted(format!(
+                "`{}` has {MAX_VERSIONS} versions registered, the most one contract keeps",
+                m.id
+            )));
+        }
+        if versions.is_empty() && self.app.engine.contract_ids(&p.tenant)? >= MAX_CONTRACTS {
+            return Err(VaultError::exhausted(format!(
+                "the tenant has {MAX_CONTRACTS} contracts registered, the most it may"
+            )));
+        }
         let pin = m.hash();
         let wasm = m
             .guest
@@ -255,10 +279,16 @@ impl Registry {
     /// Disables a contract id (see the proto's `DisableContract`).
     pub async fn disable(&self, p: &Principal, id: &str, reason: &str) -> Result<pb::Contract> {
         self.app.authorize(p, Action::ManageContracts)?;
-        if reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
+        if reason.len() > MAX_REASON
+            || reason
+                .chars()
+                .any(|c| c.is_control() || sovra_ledger::entry::is_bidi_control(c))
+        {
             return Err(VaultError::invalid(
                 "reason",
-                format!("at most {MAX_REASON} bytes, no control characters"),
+                format!(
+                    "at most {MAX_REASON} bytes, no control or bidirectional formatting characters"
+                ),
             ));
         }
         let _one = self.lock.lock().await;
@@ -347,37 +377,41 @@ pub fn check(engine: &Engine, ledger: &Ledger) -> Result<usize> {
     }
     for ((tenant, id), mut versions) in by_id {
         let subject = registry_subject(&tenant, &id);
-        let mut last_disable = None;
+        let mut disables = Vec::new();
         let mut last_register = 0;
         for i in ledger.subject_entries(&subject)? {
             let (_, e) = ledger.entry(i)?;
             if let Body::ContractEvent(ev) = e.body {
                 match ev.step {
                     ContractStep::Registered => last_register = i,
-                    ContractStep::Disabled => last_disable = Some(i),
+                    ContractStep::Disabled => disables.push(i),
                     _ => {}
                 }
             }
         }
-        // The ledger says the id is disabled: its records must say so.
-        if let Some(d) = last_disable.filter(|d| *d > last_register) {
-            let stale: Vec<u32> = versions
+        // A version is disabled by every disabling entry newer than its
+        // registration: a record that says otherwise (a crash between the
+        // entry and the record, or a record restored or edited) is
+        // disabled again. A record is never what brings a contract back.
+        let mut stale = false;
+        for v in versions.iter_mut() {
+            let newer = disables
                 .iter()
-                .filter(|v| v.record.disabled_entry == 0)
-                .map(|v| v.version)
-                .collect();
-            if !stale.is_empty() {
-                tracing::warn!(
-                    contract = %id,
-                    tenant = %tenant,
-                    entry = d,
-                    "the ledger disabled this contract but its record did not say so (a crash before the record was written, or an older copy): disabled again"
-                );
-                for v in versions.iter_mut().filter(|v| v.record.disabled_entry == 0) {
-                    v.record.disabled_entry = d;
-                }
-                engine.put_contracts(&versions)?;
+                .copied()
+                .filter(|d| *d > v.record.registered_entry)
+                .max();
+            if let (Some(d), 0) = (newer, v.record.disabled_entry) {
+                v.record.disabled_entry = d;
+                stale = true;
             }
+        }
+        if stale {
+            tracing::warn!(
+                contract = %id,
+                tenant = %tenant,
+                "the ledger disabled this contract but its record did not say so (a crash before the record was written, or an older or edited copy): disabled again"
+            );
+            engine.put_contracts(&versions)?;
         }
         if let Some(latest) = versions.last() {
             if last_register > latest.record.registered_entry {
@@ -434,5 +468,54 @@ fn check_record(ledger: &Ledger, c: &StoredContract) -> Result<()> {
     if c.record.disabled_entry != 0 {
         want(c.record.disabled_entry, ContractStep::Disabled)?;
     }
+    // What List and Get show must be what the pinned manifest says, and
+    // who registered it what the entry says.
+    let m = Manifest::parse(
+        &c.record.file_name,
+        &c.record.manifest,
+        wasm_source(&c.record.wasm),
+        &sovra_contracts::AnyField,
+    )
+    .map_err(|e| {
+        VaultError::integrity(format!(
+            "{name}: its pinned manifest no longer checks ({e}); this build may be older than the one that registered it"
+        ))
+    })?;
+    let mut summary = c.record.clone();
+    set_summary(&mut summary, &m);
+    let actor = match ledger.entry(c.record.registered_entry)?.1.body {
+        Body::ContractEvent(ev) => ev.actor,
+        _ => String::new(),
+    };
+    if summary != c.record || actor != c.record.registered_by {
+        return Err(VaultError::integrity(format!(
+            "{name}: its summary or registrant in the vault's `contracts` tree differs from its manifest and ledger entry (altered on disk)"
+        )));
+    }
     Ok(())
+}
+
+/// The guest as stored (a WebAssembly binary), for a new check.
+fn wasm_source(wasm: &[u8]) -> Option<&[u8]> {
+    (!wasm.is_empty()).then_some(wasm)
+}
+
+/// Sets a record's summary from its checked manifest.
+fn set_summary(r: &mut ContractRecord, m: &Manifest) {
+    r.purpose = m.purpose.clone();
+    r.department = m.department.clone();
+    r.triggers = m
+        .triggers
+        .iter()
+        .map(|(k, n)| match n {
+            Some(n) => format!("{}:{n}", k.as_str()),
+            None => k.as_str().to_owned(),
+        })
+        .collect();
+    r.capabilities = m
+        .capabilities
+        .iter()
+        .map(|c| c.as_str().to_owned())
+        .collect();
+    r.actions = m.actions.iter().map(|a| a.id.clone()).collect();
 }

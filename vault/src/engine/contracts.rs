@@ -68,6 +68,15 @@ impl Engine {
         Ok(out)
     }
 
+    /// How many contract ids `tenant` has registered.
+    pub fn contract_ids(&self, tenant: &str) -> Result<usize> {
+        let mut ids = std::collections::BTreeSet::new();
+        for c in self.contracts(tenant, None)? {
+            ids.insert(c.id);
+        }
+        Ok(ids.len())
+    }
+
     /// Every contract version of every tenant (for the start-up check).
     pub fn all_contracts(&self) -> Result<Vec<StoredContract>> {
         let mut out = Vec::new();
