@@ -110,75 +110,11 @@ impl Registry {
     /// Checks and registers a contract (see the proto's `RegisterContract`).
     pub async fn register(&self, p: &Principal, r: Registration) -> Result<pb::Contract> {
         self.app.authorize(p, Action::ManageContracts)?;
-        let file_name = if r.file_name.is_empty() {
-            "manifest.toml".to_owned()
-        } else {
-            r.file_name
-        };
-        if file_name.len() > MAX_FILE_NAME || file_name.chars().any(char::is_control) {
-            return Err(VaultError::invalid(
-                "file_name",
-                format!("at most {MAX_FILE_NAME} bytes, no control characters"),
-            ));
-        }
-        let types = field_types(self.app.engine.schema());
-        // Compiling a guest is CPU work (up to 1 MiB of module).
-        let (name, text, guest) = (file_name.clone(), r.manifest.clone(), r.guest);
-        let m = tokio::task::spawn_blocking(move || {
-            let guest = (!guest.is_empty()).then_some(guest.as_slice());
-            Manifest::parse(&name, &text, guest, &types)
-        })
-        .await
-        .map_err(|e| VaultError::internal(format!("the manifest check failed: {e}")))?
-        .map_err(manifest_error)?;
-        self.app
-            .engine
-            .schema()
-            .check_purpose(&m.purpose)
-            .map_err(|_| {
-                VaultError::invalid(
-                    "manifest",
-                    format!(
-                        "{file_name}: purpose `{}` is not one of the schema's purposes",
-                        m.purpose
-                    ),
-                )
-            })?;
+        let (m, file_name) = self.checked(&r).await?;
         let _one = self.lock.lock().await;
         let versions = self.app.engine.contracts(&p.tenant, Some(&m.id))?;
-        if let Some(v) = versions.iter().find(|v| v.version == m.version) {
-            if v.record.sha256 == m.hash() {
-                return Ok(contract(v, &versions));
-            }
-            return Err(VaultError::already_exists(
-                "contract",
-                format!(
-                    "`{}` v{} is registered with another pin ({}); register a higher version",
-                    m.id,
-                    m.version,
-                    hex::encode(&v.record.sha256)
-                ),
-            ));
-        }
-        // INVARIANT: versions only go up, so the latest version is always
-        // the latest registration, and a disabling entry newer than a
-        // version's registration covers it (what `check` relies on).
-        if let Some(latest) = versions.last().filter(|l| l.version > m.version) {
-            return Err(VaultError::precondition(format!(
-                "`{}` is registered up to v{}: register a version above it, not v{}",
-                m.id, latest.version, m.version
-            )));
-        }
-        if versions.len() >= MAX_VERSIONS {
-            return Err(VaultError::exhausted(format!(
-                "`{}` has {MAX_VERSIONS} versions registered, the most one contract keeps",
-                m.id
-            )));
-        }
-        if versions.is_empty() && self.app.engine.contract_ids(&p.tenant)? >= MAX_CONTRACTS {
-            return Err(VaultError::exhausted(format!(
-                "the tenant has {MAX_CONTRACTS} contracts registered, the most it may"
-            )));
+        if let Some(existing) = self.admissible(p, &m, &versions)? {
+            return Ok(existing);
         }
         let pin = m.hash();
         let wasm = m
@@ -242,6 +178,90 @@ impl Registry {
         self.app.commit().await?;
         let versions = self.app.engine.contracts(&p.tenant, Some(&m.id))?;
         Ok(contract(&stored, &versions))
+    }
+
+    /// The manifest checked, with the file name its errors name.
+    async fn checked(&self, r: &Registration) -> Result<(Manifest, String)> {
+        let file_name = if r.file_name.is_empty() {
+            "manifest.toml".to_owned()
+        } else {
+            r.file_name.clone()
+        };
+        if file_name.len() > MAX_FILE_NAME || file_name.chars().any(char::is_control) {
+            return Err(VaultError::invalid(
+                "file_name",
+                format!("at most {MAX_FILE_NAME} bytes, no control characters"),
+            ));
+        }
+        let types = field_types(self.app.engine.schema());
+        // Compiling a guest is CPU work (up to 1 MiB of module).
+        let (name, text, guest) = (file_name.clone(), r.manifest.clone(), r.guest.clone());
+        let m = tokio::task::spawn_blocking(move || {
+            let guest = (!guest.is_empty()).then_some(guest.as_slice());
+            Manifest::parse(&name, &text, guest, &types)
+        })
+        .await
+        .map_err(|e| VaultError::internal(format!("the manifest check failed: {e}")))?
+        .map_err(manifest_error)?;
+        self.app
+            .engine
+            .schema()
+            .check_purpose(&m.purpose)
+            .map_err(|_| {
+                VaultError::invalid(
+                    "manifest",
+                    format!(
+                        "{file_name}: purpose `{}` is not one of the schema's purposes",
+                        m.purpose
+                    ),
+                )
+            })?;
+        Ok((m, file_name))
+    }
+
+    /// Whether `m` may be registered beside `versions`: the registration
+    /// that exists when it is the same; an error when it may not be.
+    fn admissible(
+        &self,
+        p: &Principal,
+        m: &Manifest,
+        versions: &[StoredContract],
+    ) -> Result<Option<pb::Contract>> {
+        if let Some(v) = versions.iter().find(|v| v.version == m.version) {
+            if v.record.sha256 == m.hash() {
+                return Ok(Some(contract(v, versions)));
+            }
+            return Err(VaultError::already_exists(
+                "contract",
+                format!(
+                    "`{}` v{} is registered with another pin ({}); register a higher version",
+                    m.id,
+                    m.version,
+                    hex::encode(&v.record.sha256)
+                ),
+            ));
+        }
+        // INVARIANT: versions only go up, so the latest version is always
+        // the latest registration, and a disabling entry newer than a
+        // version's registration covers it (what `check` relies on).
+        if let Some(latest) = versions.last().filter(|l| l.version > m.version) {
+            return Err(VaultError::precondition(format!(
+                "`{}` is registered up to v{}: register a version above it, not v{}",
+                m.id, latest.version, m.version
+            )));
+        }
+        if versions.len() >= MAX_VERSIONS {
+            return Err(VaultError::exhausted(format!(
+                "`{}` has {MAX_VERSIONS} versions registered, the most one contract keeps",
+                m.id
+            )));
+        }
+        if versions.is_empty() && self.app.engine.contract_ids(&p.tenant)? >= MAX_CONTRACTS {
+            return Err(VaultError::exhausted(format!(
+                "the tenant has {MAX_CONTRACTS} contracts registered, the most it may"
+            )));
+        }
+        Ok(None)
     }
 
     /// The tenant's contracts: the latest version of each id.
