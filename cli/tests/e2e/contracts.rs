@@ -376,6 +376,10 @@ async fn contracts_are_registered_listed_and_disabled_through_grpc_with_ledger_e
         .replace("customer_service", "world_domination");
     let s = expect_code(adm.register_contract(purpose).await, Code::InvalidArgument);
     assert!(s.message().contains("world_domination"), "{}", s.message());
+    let mut named = register_req("poc-activation");
+    named.file_name = "x".repeat(300);
+    let s = expect_code(adm.register_contract(named).await, Code::InvalidArgument);
+    assert!(s.message().contains("file_name"), "{}", s.message());
     let mut huge = register_req("poc-activation");
     huge.manifest
         .push_str(&format!("# {}\n", "x".repeat(70_000)));
@@ -448,6 +452,21 @@ async fn contracts_are_registered_listed_and_disabled_through_grpc_with_ledger_e
         .unwrap()
         .into_inner();
     assert!(d.disabled && d.disabled_entry > 0);
+    for reason in [
+        "x".repeat(200),
+        "over\u{202E}ride".to_owned(),
+        "line\nbreak".to_owned(),
+    ] {
+        let s = expect_code(
+            adm.disable_contract(cpb::DisableContractRequest {
+                id: "poc-activation".into(),
+                reason,
+            })
+            .await,
+            Code::InvalidArgument,
+        );
+        assert!(s.message().contains("reason"), "{}", s.message());
+    }
     let d2 = adm
         .disable_contract(cpb::DisableContractRequest {
             id: "lead-score-alert".into(),
