@@ -122,24 +122,14 @@ impl Registry {
             .as_ref()
             .map(|g| g.wasm().to_vec())
             .unwrap_or_default();
-        let appended = self
-            .app
-            .ledger
-            .append(&[Body::ContractEvent(ContractEvent {
-                tenant: p.tenant.clone(),
-                subject: registry_subject(&p.tenant, &m.id),
-                contract: m.id.clone(),
-                version: m.version,
-                contract_sha256: Digest(pin),
-                instance: 0,
-                step: ContractStep::Registered,
-                action: String::new(),
-                actor: p.name.clone(),
-                input_sha256: Digest::default(),
-                fuel_used: 0,
-                detail: String::new(),
-                lineage: Digest::default(),
-            })])?;
+        let appended = self.app.ledger.append(&[registry_event(
+            p,
+            &m.id,
+            m.version,
+            Digest(pin),
+            ContractStep::Registered,
+            "",
+        )])?;
         let index = appended.first().map_or(0, |a| a.index);
         let stored = StoredContract {
             tenant: p.tenant.clone(),
@@ -317,24 +307,14 @@ impl Registry {
         if latest.record.disabled_entry != 0 {
             return Ok(contract(&latest, &versions));
         }
-        let appended = self
-            .app
-            .ledger
-            .append(&[Body::ContractEvent(ContractEvent {
-                tenant: p.tenant.clone(),
-                subject: registry_subject(&p.tenant, id),
-                contract: id.to_owned(),
-                version: latest.version,
-                contract_sha256: Digest::from_slice("pin", &latest.record.sha256)?,
-                instance: 0,
-                step: ContractStep::Disabled,
-                action: String::new(),
-                actor: p.name.clone(),
-                input_sha256: Digest::default(),
-                fuel_used: 0,
-                detail: reason.to_owned(),
-                lineage: Digest::default(),
-            })])?;
+        let appended = self.app.ledger.append(&[registry_event(
+            p,
+            id,
+            latest.version,
+            Digest::from_slice("pin", &latest.record.sha256)?,
+            ContractStep::Disabled,
+            reason,
+        )])?;
         let index = appended.first().map_or(0, |a| a.index);
         for v in versions.iter_mut().filter(|v| v.record.disabled_entry == 0) {
             v.record.disabled_entry = index;
@@ -344,6 +324,32 @@ impl Registry {
         let latest = versions.last().cloned().ok_or_else(|| not_found(id, 0))?;
         Ok(contract(&latest, &versions))
     }
+}
+
+/// A registration or disabling entry, under the contract's registry subject.
+fn registry_event(
+    p: &Principal,
+    id: &str,
+    version: u32,
+    pin: Digest,
+    step: ContractStep,
+    detail: &str,
+) -> Body {
+    Body::ContractEvent(ContractEvent {
+        tenant: p.tenant.clone(),
+        subject: registry_subject(&p.tenant, id),
+        contract: id.to_owned(),
+        version,
+        contract_sha256: pin,
+        instance: 0,
+        step,
+        action: String::new(),
+        actor: p.name.clone(),
+        input_sha256: Digest::default(),
+        fuel_used: 0,
+        detail: detail.to_owned(),
+        lineage: Digest::default(),
+    })
 }
 
 fn not_found(id: &str, version: u32) -> VaultError {
@@ -453,7 +459,7 @@ fn check_record(ledger: &Ledger, c: &StoredContract) -> Result<()> {
         "contract `{}` v{} of tenant `{}`",
         c.id, c.version, c.tenant
     );
-    let wasm = (!c.record.wasm.is_empty()).then_some(c.record.wasm.as_slice());
+    let wasm = wasm_source(&c.record.wasm);
     if sovra_contracts::manifest::pin(c.record.manifest.as_bytes(), wasm).as_slice()
         != c.record.sha256.as_slice()
     {
@@ -461,22 +467,29 @@ fn check_record(ledger: &Ledger, c: &StoredContract) -> Result<()> {
             "{name}: its manifest or guest in the vault's `contracts` tree does not match its pin (altered on disk)"
         )));
     }
-    let want = |i: u64, step: ContractStep| -> Result<()> {
-        let ok = i < ledger.size()
-            && match ledger.entry(i)?.1.body {
-                Body::ContractEvent(ev) => {
-                    ev.step == step
+    // The entry, when it is the step named; returns its actor.
+    let want = |i: u64, step: ContractStep| -> Result<String> {
+        let found = if i < ledger.size() {
+            match ledger.entry(i)?.1.body {
+                Body::ContractEvent(ev)
+                    if ev.step == step
                         && ev.tenant == c.tenant
                         && ev.contract == c.id
                         && ev.subject == registry_subject(&c.tenant, &c.id)
                         && (step == ContractStep::Disabled
                             || (ev.version == c.version
-                                && ev.contract_sha256.0.as_slice() == c.record.sha256.as_slice()))
+                                && ev.contract_sha256.0.as_slice()
+                                    == c.record.sha256.as_slice())) =>
+                {
+                    Some(ev.actor)
                 }
-                _ => false,
-            };
-        if ok {
-            Ok(())
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Some(actor) = found {
+            Ok(actor)
         } else {
             Err(VaultError::integrity(format!(
                 "{name}: the vault's `contracts` tree names ledger entry {i} as its {}, but that entry is not (the registry was altered, or the ledger replaced)",
@@ -484,7 +497,7 @@ fn check_record(ledger: &Ledger, c: &StoredContract) -> Result<()> {
             )))
         }
     };
-    want(c.record.registered_entry, ContractStep::Registered)?;
+    let actor = want(c.record.registered_entry, ContractStep::Registered)?;
     if c.record.disabled_entry != 0 {
         want(c.record.disabled_entry, ContractStep::Disabled)?;
     }
@@ -493,7 +506,7 @@ fn check_record(ledger: &Ledger, c: &StoredContract) -> Result<()> {
     let m = Manifest::parse(
         &c.record.file_name,
         &c.record.manifest,
-        wasm_source(&c.record.wasm),
+        wasm,
         &sovra_contracts::AnyField,
     )
     .map_err(|e| {
@@ -503,10 +516,6 @@ fn check_record(ledger: &Ledger, c: &StoredContract) -> Result<()> {
     })?;
     let mut summary = c.record.clone();
     set_summary(&mut summary, &m);
-    let actor = match ledger.entry(c.record.registered_entry)?.1.body {
-        Body::ContractEvent(ev) => ev.actor,
-        _ => String::new(),
-    };
     if summary != c.record || actor != c.record.registered_by {
         return Err(VaultError::integrity(format!(
             "{name}: its summary or registrant in the vault's `contracts` tree differs from its manifest and ledger entry (altered on disk)"
