@@ -210,6 +210,64 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// The entries at `indexes` (increasing) with inclusion proofs against
+    /// the latest checkpoint: the checkpoint's note and the entries (for
+    /// reports other than the customer bundle, such as a contract
+    /// instance's evidence). Indexes at or past the checkpoint's size are
+    /// left out.
+    pub fn prove_entries(&self, indexes: &[u64]) -> Result<(String, Vec<BundleEntry>)> {
+        let cp = self.checkpoint()?;
+        let mut out = Vec::with_capacity(indexes.len());
+        for &index in indexes {
+            if index >= cp.size {
+                continue;
+            }
+            if out.len() == MAX_BUNDLE_ENTRIES {
+                return Err(LedgerError::invalid(format!(
+                    "more than {MAX_BUNDLE_ENTRIES} entries to prove"
+                )));
+            }
+            let (bytes, e) = self.entry(index)?;
+            let proof = self.inclusion_proof(index, cp.size)?;
+            out.push(BundleEntry {
+                index,
+                entry: BASE64_STANDARD.encode(&bytes),
+                inclusion_proof: b64_hashes(&proof),
+                decoded: serde_json::to_value(&e)
+                    .map_err(|e| LedgerError::storage(format!("cannot render an entry: {e}")))?,
+            });
+        }
+        Ok((String::from_utf8_lossy(&cp.note).into_owned(), out))
+    }
+}
+
+/// Verifies one proven entry against a verified checkpoint: its inclusion
+/// proof, its decoding, its index and its `decoded` part. Returns the
+/// entry.
+pub fn verify_proven_entry(be: &BundleEntry, cp: &SignedCheckpoint) -> Result<Entry> {
+    let bytes = BASE64_STANDARD
+        .decode(&be.entry)
+        .map_err(|_| LedgerError::verification("the entry is not base64"))?;
+    let leaf = leaf_hash(&bytes);
+    let proof = decode_hashes("inclusion_proof", &be.inclusion_proof)?;
+    verify_inclusion(be.index, cp.size, &leaf, &proof, &cp.root)?;
+    let e = Entry::decode(&bytes)?;
+    if e.seq != be.index {
+        return Err(LedgerError::verification(format!(
+            "the entry says it is entry {}",
+            e.seq
+        )));
+    }
+    let decoded = serde_json::to_value(&e).map_err(|e| LedgerError::verification(e.to_string()))?;
+    if decoded != be.decoded {
+        return Err(LedgerError::verification(
+            "the `decoded` part does not match the entry bytes",
+        ));
+    }
+    Ok(e)
+}
+
 /// What to trust and check besides the bundle itself.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct VerifyOptions<'a> {

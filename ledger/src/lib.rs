@@ -10,7 +10,10 @@ pub mod log;
 pub mod proof;
 pub mod receipt;
 
-pub use bundle::{verify_bundle, AuditBundle, ConsistencyProof, Verdict, VerifyOptions};
+pub use bundle::{
+    verify_bundle, verify_proven_entry, AuditBundle, BundleEntry, ConsistencyProof, Verdict,
+    VerifyOptions,
+};
 pub use checkpoint::{verify_checkpoint, LogKey, SignedCheckpoint};
 pub use entry::{Body, ConsentAction, ContractEvent, ContractStep, Digest, Entry, Pseudonym};
 pub use error::{LedgerError, Result};

@@ -124,13 +124,18 @@ pub enum Action {
     CancelActions,
     /// Register or disable CRM contracts.
     ManageContracts,
-    /// List and show CRM contracts.
+    /// List and show CRM contracts, their instances and evidence.
     ReadContracts,
+    /// Send a business signal to the tenant's contracts.
+    SignalContracts,
+    /// Receive the contracts' actions from the outbox and confirm them
+    /// (a connector).
+    HandleActions,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 23] = [
+    pub const ALL: [Action; 25] = [
         Action::Write,
         Action::Read,
         Action::Reveal,
@@ -154,6 +159,8 @@ impl Action {
         Action::CancelActions,
         Action::ManageContracts,
         Action::ReadContracts,
+        Action::SignalContracts,
+        Action::HandleActions,
     ];
 
     /// The Cedar action id.
@@ -182,6 +189,8 @@ impl Action {
             Action::CancelActions => "cancel_actions",
             Action::ManageContracts => "manage_contracts",
             Action::ReadContracts => "read_contracts",
+            Action::SignalContracts => "signal_contracts",
+            Action::HandleActions => "handle_actions",
         }
     }
 

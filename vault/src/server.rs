@@ -130,6 +130,14 @@ pub async fn start(
     cfg.limits.validate()?;
     check_admission(cfg)?;
     let (app, views) = open(cfg).await?;
+    // The contract runtime: the outbox reconciled with the ledger, then
+    // its loop (inbox and timers).
+    let runtime = crate::contracts::runtime::Runtime::new(app.clone());
+    let open_actions = runtime.start()?;
+    if open_actions > 0 {
+        tracing::info!(open_actions, "contract outbox loaded");
+    }
+    runtime.spawn();
     let listener = bind(cfg, listener).await?;
     let addr = listener
         .local_addr()
@@ -191,9 +199,10 @@ pub async fn start(
                 .max_encoding_message_size(64 * 1024 * 1024),
         )
         .add_service(
-            ContractsServer::new(ContractsService::new(crate::contracts::Registry::new(
-                app.clone(),
-            )))
+            ContractsServer::new(ContractsService::new(
+                crate::contracts::Registry::new(app.clone(), runtime.clone()),
+                runtime.clone(),
+            ))
             .max_decoding_message_size(max_in)
             .max_encoding_message_size(64 * 1024 * 1024),
         );
@@ -202,10 +211,14 @@ pub async fn start(
     let join = tokio::spawn(router.serve_with_incoming_shutdown(
         // Connection limit, handshake timeout, no Nagle (see net.rs).
         crate::grpc::net::incoming(listener, &cfg.limits, cfg.tls.is_some()),
-        async move {
-            tokio::select! {
-                _ = rx => {},
-                () = stop => {},
+        {
+            let runtime = runtime.clone();
+            async move {
+                tokio::select! {
+                    _ = rx => {},
+                    () = stop => {},
+                }
+                runtime.close();
             }
         },
     ));

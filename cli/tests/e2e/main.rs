@@ -13,6 +13,7 @@ mod api;
 mod authz;
 mod bad_input;
 mod cli;
+mod contract_runtime;
 mod contracts;
 mod durability;
 mod erasure;

@@ -125,6 +125,10 @@ impl App {
         let intent = self.engine.intent();
         let (body, created) = self.consent_entry(p, &r)?;
         let subject = body.subject().copied().unwrap_or_default();
+        let trigger = match &body {
+            Body::ConsentWithdrawn(_) => "consent_withdrawn",
+            _ => "consent_granted",
+        };
         let index = if created {
             // A customer first seen here got a data key: make it durable
             // before the entry that names its pseudonym.
@@ -134,6 +138,14 @@ impl App {
         } else {
             self.audit_announced(body, intent).await?
         };
+        // The contracts' inbox, after the entry (the runtime reads the
+        // consent state it changed); durable with the next commit, and
+        // written again on this request's retry.
+        if self.engine.contract_hooks().listens(&p.tenant, trigger) {
+            self.engine
+                .contract_inbox(&p.tenant, trigger, &r.purpose, &r.customer_id, &subject)?;
+            self.engine.commit().await?;
+        }
         let receipt = self.ledger.receipt(index)?;
         tracing::info!(principal = %p.name, index, purpose = %r.purpose, "consent recorded");
         Ok(ConsentRecorded {

@@ -273,6 +273,23 @@ impl App {
                 key: &idempotency_key,
             }),
         )?;
+        if !out.replayed
+            && self
+                .engine
+                .contract_hooks()
+                .listens(&p.tenant, "field_written")
+        {
+            let subject = self.engine.pseudonym(&p.tenant, &put.customer_id, false)?;
+            for (def, _) in &put.values {
+                self.engine.contract_inbox(
+                    &p.tenant,
+                    "field_written",
+                    &def.name,
+                    &put.customer_id,
+                    &subject,
+                )?;
+            }
+        }
         Ok(Written {
             customer_id: put.customer_id,
             created: out.created,
@@ -534,6 +551,9 @@ impl App {
         let outcome = self
             .engine
             .erase(&p.tenant, &customer_id, &activity, ledger_index)?;
+        // The contracts' inbox: its open actions are cancelled.
+        self.engine
+            .contract_inbox(&p.tenant, "customer_erased", "", &customer_id, &subject)?;
         self.engine.commit().await?;
         let mut id = [0u8; 16];
         aes_gcm::aead::OsRng.fill_bytes(&mut id);

@@ -22,6 +22,9 @@
 //! registration leaves the contract not in force, which takes no action on
 //! any customer; it is reported when the ledger holds its registration.
 
+pub mod evidence;
+pub mod runtime;
+
 use std::collections::BTreeMap;
 
 use sha2::{Digest as _, Sha256};
@@ -86,6 +89,7 @@ pub struct Registration {
 #[derive(Clone)]
 pub struct Registry {
     app: App,
+    runtime: runtime::Runtime,
     // INVARIANT: registrations and disablings run one at a time, so the
     // check for an existing version and the write that follows it see the
     // same registry.
@@ -99,10 +103,12 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// The registry over the application layer.
-    pub fn new(app: App) -> Self {
+    /// The registry over the application layer; changes tell `runtime`
+    /// what the tenant's contracts now listen to.
+    pub fn new(app: App, runtime: runtime::Runtime) -> Self {
         Self {
             app,
+            runtime,
             lock: Default::default(),
         }
     }
@@ -166,6 +172,7 @@ impl Registry {
             .engine
             .put_contracts(std::slice::from_ref(&stored))?;
         self.app.commit().await?;
+        self.runtime.refresh_listening(&p.tenant)?;
         let versions = self.app.engine.contracts(&p.tenant, Some(&m.id))?;
         Ok(contract(&stored, &versions))
     }
@@ -321,6 +328,7 @@ impl Registry {
         }
         self.app.engine.put_contracts(&versions)?;
         self.app.commit().await?;
+        self.runtime.refresh_listening(&p.tenant)?;
         let latest = versions.last().cloned().ok_or_else(|| not_found(id, 0))?;
         Ok(contract(&latest, &versions))
     }

@@ -217,6 +217,25 @@ impl DataKey {
         out
     }
 
+    /// A keyed digest of a contract evaluation's input (HMAC-SHA256 under
+    /// a key derived from this data key): the evidence shows what was
+    /// decided on without letting anyone test a guess (a score, a customer
+    /// kind) against it, and erasure (which destroys this key) makes it
+    /// meaningless.
+    pub fn input_digest(&self, digest: &[u8; 32]) -> [u8; 32] {
+        let key = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0),
+            b"sovra/v1/contract-input-key",
+        );
+        let tag = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref()),
+            digest,
+        );
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
     /// The raw bytes, for tests that scan storage for leaked keys.
     pub fn expose_for_tests(&self) -> &[u8; KEY_LEN] {
         &self.0

@@ -24,6 +24,7 @@
 //! Does not guarantee: authorisation. The engine trusts its caller; the
 //! service layer checks roles before calling it.
 
+pub mod contract_runtime;
 pub mod contracts;
 pub(crate) mod features;
 mod locks;
@@ -226,6 +227,8 @@ pub struct Engine {
     features: FeatureStore,
     // Shred slots zeroed by erasures, reusable once the erasure is durable.
     pending_release: Mutex<Vec<u64>>,
+    // What the contract runtime listens to, and its wake-up.
+    hooks: contract_runtime::Hooks,
 }
 
 impl std::fmt::Debug for Engine {
@@ -418,6 +421,7 @@ impl Engine {
             lineage,
             features,
             pending_release: Mutex::new(Vec::new()),
+            hooks: contract_runtime::Hooks::default(),
         };
         Ok(engine)
     }

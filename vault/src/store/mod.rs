@@ -23,6 +23,10 @@
 //!   [`ContractRecord`]: a registered CRM contract version, its manifest,
 //!   its compiled guest and the ledger entries that registered and disabled
 //!   it (checked against the ledger at start, `contracts::check`)
+//! - `contract_runtime`: the contracts' instances, outbox, timers, inbox
+//!   and signal keys, each under a one-byte prefix (the layout is in
+//!   `engine/contract_runtime.rs`); one tree, so one runtime step is one
+//!   logged write
 //!
 //! Beside it, `shred.slots` holds each customer's pad (see `shred.rs`).
 //!
@@ -235,6 +239,7 @@ pub struct Store {
     pub(crate) feature_blocks: sled::Tree,
     pub(crate) idempotency: sled::Tree,
     pub(crate) contracts: sled::Tree,
+    pub(crate) contract_runtime: sled::Tree,
     pub(crate) slots: Arc<ShredSlots>,
     pub(crate) dir: std::path::PathBuf,
     /// Every write to the trees above goes through it.
@@ -288,6 +293,7 @@ impl Store {
         let feature_blocks = db.open_tree("fhe_blocks")?;
         let idempotency = db.open_tree("idempotency")?;
         let contracts = db.open_tree("contracts")?;
+        let contract_runtime = db.open_tree("contract_runtime")?;
         // Opened after sled, whose lock keeps a second server out.
         let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
         // INVARIANT: pads are written before the frame that references
@@ -307,6 +313,7 @@ impl Store {
             feature_blocks,
             idempotency,
             contracts,
+            contract_runtime,
             slots,
             dir: dir.to_path_buf(),
             writer,

@@ -1,0 +1,696 @@
+//! The contract runtime through the real gRPC server: the four shipped
+//! CRM contracts run end to end (signals and vault events, the outbox,
+//! completions, deadlines escalated across a restart, a withdrawal that
+//! cancels), the evidence report verified offline and refused when
+//! tampered with, and the runtime's bad inputs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sovra_proto::contracts::v1 as cpb;
+use sovra_proto::vault::v1 as pb;
+use sovra_testkit::*;
+use sovra_vault::access::auth::Role;
+use sovra_vault::client::{self, ContractsClient};
+use sovra_vault::contracts::evidence;
+use tonic::Code;
+
+pub(crate) fn crm(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../contracts/crm")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A shipped manifest with `edits` (from, to) applied: tests shorten
+/// deadlines so that a missed one is seen in seconds.
+pub(crate) fn shipped(name: &str, edits: &[(&str, &str)]) -> cpb::RegisterContractRequest {
+    let mut manifest = std::fs::read_to_string(crm(&format!("{name}.toml"))).unwrap();
+    for (from, to) in edits {
+        assert!(manifest.contains(from), "{name}: no `{from}`");
+        manifest = manifest.replace(from, to);
+    }
+    let guest = sovra_contracts::manifest::guest_module_name(&manifest)
+        .map(|m| std::fs::read(crm(&m)).unwrap())
+        .unwrap_or_default();
+    cpb::RegisterContractRequest {
+        manifest,
+        guest,
+        file_name: format!("{name}.toml"),
+    }
+}
+
+pub(crate) async fn contracts(url: &str, token: &str) -> ContractsClient {
+    client::connect_contracts(url, Some(token), None)
+        .await
+        .unwrap()
+}
+
+pub(crate) fn signal(name: &str, customer: &str, key: &str) -> cpb::SignalRequest {
+    cpb::SignalRequest {
+        name: name.into(),
+        customer_id: customer.into(),
+        contract: String::new(),
+        idempotency_key: key.into(),
+        attrs: Default::default(),
+    }
+}
+
+pub(crate) fn int_attr(i: i64) -> cpb::Value {
+    cpb::Value {
+        kind: Some(cpb::value::Kind::Integer(i)),
+    }
+}
+
+/// Takes `n` deliveries from a new `WatchActions` stream (lease `lease` s).
+pub(crate) async fn take(c: &mut ContractsClient, n: usize, lease: u32) -> Vec<cpb::Action> {
+    let mut s = c
+        .watch_actions(cpb::WatchActionsRequest {
+            kinds: vec![],
+            contract: String::new(),
+            lease_seconds: lease,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} actions delivered: {out:?}", out.len()))
+            .unwrap()
+            .unwrap();
+        out.push(d.action.unwrap());
+    }
+    out
+}
+
+/// Polls the instance until `f` holds (10 s at most).
+pub(crate) async fn wait_instance(
+    c: &mut ContractsClient,
+    id: u64,
+    f: impl Fn(&cpb::Instance) -> bool,
+) -> cpb::Instance {
+    for _ in 0..100 {
+        let all = c
+            .list_instances(cpb::ListInstancesRequest {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .instances;
+        if let Some(i) = all.into_iter().find(|i| i.id == id) {
+            if f(&i) {
+                return i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("instance {id} never reached the state asked for");
+}
+
+fn action<'a>(i: &'a cpb::Instance, id: &str) -> &'a cpb::Action {
+    i.actions
+        .iter()
+        .find(|a| a.action_id == id)
+        .unwrap_or_else(|| panic!("no action {id} in {i:?}"))
+}
+
+async fn put_customer(url: &str, token: &str, id: &str, fields: &[(&str, pb::Value)]) {
+    let mut c = client::connect(url, Some(token), None).await.unwrap();
+    c.put_record(put(id, fields)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poc_activation_runs_end_to_end_and_a_missed_deadline_escalates_across_a_restart() {
+    let env = Env::new();
+    let mut cfg = env.config();
+    let other = cfg
+        .add_principal_with("svc-2", Role::Service, "default", "sales", SERVICE_PURPOSES)
+        .unwrap();
+    sovra_vault::config::write_config(&cfg, &env.config_path).unwrap();
+    let srv = env.start().await;
+    let mut adm = contracts(&srv.url, &env.admin).await;
+    // The shipped contract with its 72 h deadlines shortened to 3 s.
+    adm.register_contract(shipped("poc-activation", &[("\"72h\"", "\"3s\"")]))
+        .await
+        .unwrap();
+    put_customer(
+        &srv.url,
+        &env.service,
+        "cust-poc",
+        &[("email", text("ana@example.com"))],
+    )
+    .await;
+    let mut svc = contracts(&srv.url, &env.service).await;
+
+    // The signal starts one instance with its three obligations queued.
+    let started = svc
+        .signal(signal("poc_report_signed", "cust-poc", "poc-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!started.replayed);
+    assert_eq!(started.instances.len(), 1);
+    let inst = &started.instances[0];
+    assert_eq!(
+        (inst.contract.as_str(), inst.state.as_str()),
+        ("poc-activation", "open")
+    );
+    assert_eq!(inst.actions.len(), 3);
+    assert!(inst
+        .actions
+        .iter()
+        .all(|a| a.state == "ready" && a.due_at_ms > 0));
+    let id = inst.id;
+
+    // A retry with the same key is the same instance; another signal with
+    // it is refused; an unknown contract and customer are NOT_FOUND.
+    let again = svc
+        .signal(signal("poc_report_signed", "cust-poc", "poc-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.instances[0].id, id);
+    let e = expect_code(
+        svc.signal(signal("poc_report_signed", "cust-other", "poc-1"))
+            .await,
+        Code::AlreadyExists,
+    );
+    assert!(e.message().contains("idempotency_key"), "{e:?}");
+    let mut unknown = signal("poc_report_signed", "cust-poc", "");
+    unknown.contract = "no-such-contract".into();
+    let e = expect_code(svc.signal(unknown).await, Code::NotFound);
+    assert!(e.message().contains("no-such-contract"), "{e:?}");
+    expect_code(
+        svc.signal(signal("poc_report_signed", "nobody", "")).await,
+        Code::NotFound,
+    );
+
+    // The connector gets the three actions with the customer; completes
+    // two. A second completion and another principal's are refused.
+    let got = take(&mut svc, 3, 60).await;
+    assert!(got.iter().all(|a| a.customer_id == "cust-poc"), "{got:?}");
+    for a in ["send_activation_link", "open_delivery_task"] {
+        let out = svc
+            .complete_action(cpb::CompleteActionRequest {
+                handle: format!("{id}/{a}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!out.late && out.entry > 0);
+        assert_eq!(out.action.unwrap().state, "completed");
+    }
+    let e = expect_code(
+        svc.complete_action(cpb::CompleteActionRequest {
+            handle: format!("{id}/send_activation_link"),
+        })
+        .await,
+        Code::AlreadyExists,
+    );
+    assert!(e.message().contains("completed by `svc`"), "{e:?}");
+    let mut svc2 = contracts(&srv.url, &other.token).await;
+    let e = expect_code(
+        svc2.complete_action(cpb::CompleteActionRequest {
+            handle: format!("{id}/raise_receivable"),
+        })
+        .await,
+        Code::PermissionDenied,
+    );
+    assert!(e.message().contains("sent to another principal"), "{e:?}");
+    expect_code(
+        svc.complete_action(cpb::CompleteActionRequest {
+            handle: "not a handle".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        svc.complete_action(cpb::CompleteActionRequest {
+            handle: format!("{}/raise_receivable", id + 1000),
+        })
+        .await,
+        Code::NotFound,
+    );
+
+    // The server stops before the deadline and starts after it: the timer
+    // survived and fires; the missed obligation is escalated.
+    srv.stop().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let srv = env.start().await;
+    let mut off = contracts(&srv.url, &env.officer).await;
+    let inst = wait_instance(&mut off, id, |i| {
+        action(i, "raise_receivable").state == "escalated"
+    })
+    .await;
+    assert_eq!(action(&inst, "send_activation_link").state, "completed");
+    let esc = action(&inst, "escalate.raise_receivable");
+    assert_eq!(esc.kind, "notify");
+    assert!(
+        esc.detail_json
+            .contains("department:customer_success_director"),
+        "{esc:?}"
+    );
+
+    // The evidence report verifies offline, with the log's key pinned.
+    let report = off
+        .get_evidence(cpb::GetEvidenceRequest { instance: id })
+        .await
+        .unwrap()
+        .into_inner();
+    let key = ledger_key(&srv.url, &env.officer).await;
+    let v = evidence::verify(report.json.as_bytes(), Some(&key)).unwrap();
+    let outcome = |a: &str| {
+        v.obligations
+            .iter()
+            .find(|o| o.action == a)
+            .unwrap_or_else(|| panic!("{a}: {:?}", v.obligations))
+            .clone()
+    };
+    assert_eq!(outcome("send_activation_link").outcome, "kept");
+    assert_eq!(outcome("send_activation_link").by, "svc");
+    assert_eq!(outcome("raise_receivable").outcome, "escalated");
+    assert_eq!(
+        outcome("raise_receivable").escalated_to,
+        "department:customer_success_director"
+    );
+    // No customer id or email in it.
+    assert!(!report.json.contains("cust-poc") && !report.json.contains("ana@"));
+
+    // Tampered: an obligation claimed kept, an entry dropped, a proof
+    // altered: each refused, naming what failed.
+    let mut r: serde_json::Value = serde_json::from_str(&report.json).unwrap();
+    let o = r["obligations"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|o| o["action"] == "raise_receivable")
+        .unwrap();
+    o["outcome"] = "kept".into();
+    let e = evidence::verify(r.to_string().as_bytes(), Some(&key)).unwrap_err();
+    assert!(
+        e.to_string().contains("obligation `raise_receivable`"),
+        "{e}"
+    );
+    let mut r: serde_json::Value = serde_json::from_str(&report.json).unwrap();
+    r["entries"].as_array_mut().unwrap().remove(0);
+    let e = evidence::verify(r.to_string().as_bytes(), Some(&key)).unwrap_err();
+    assert!(e.to_string().contains("evaluation"), "{e}");
+    let mut r: serde_json::Value = serde_json::from_str(&report.json).unwrap();
+    let last = r["entries"].as_array().unwrap().len() - 1;
+    r["entries"][last]["decoded"]["actor"] = "someone-else".into();
+    let e = evidence::verify(r.to_string().as_bytes(), Some(&key)).unwrap_err();
+    assert!(e.to_string().contains("`decoded` part"), "{e}");
+    let e = evidence::verify(report.json.as_bytes(), Some("other+key+AAAA")).unwrap_err();
+    assert!(e.to_string().contains("different verifier key"), "{e}");
+    srv.stop().await;
+}
+
+/// The log's verifier key, as an officer fetches it.
+pub(crate) async fn ledger_key(url: &str, token: &str) -> String {
+    let mut l = client::connect_ledger(url, Some(token), None)
+        .await
+        .unwrap();
+    l.get_checkpoint(sovra_proto::ledger::v1::GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .verifier_key
+}
+
+fn fixture(name: &str) -> cpb::RegisterContractRequest {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/contracts");
+    let manifest = std::fs::read_to_string(dir.join(name)).unwrap();
+    let guest = sovra_contracts::manifest::guest_module_name(&manifest)
+        .map(|m| std::fs::read(dir.join(m)).unwrap())
+        .unwrap_or_default();
+    cpb::RegisterContractRequest {
+        manifest,
+        guest,
+        file_name: name.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marketing_withdrawal_cancels_pending_marketing_actions_and_stops_new_ones() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut adm = contracts(&srv.url, &env.admin).await;
+    adm.register_contract(fixture("marketing-follow-up.toml"))
+        .await
+        .unwrap();
+    adm.register_contract(shipped("poc-activation", &[]))
+        .await
+        .unwrap();
+    adm.register_contract(shipped("marketing-consent-stop", &[]))
+        .await
+        .unwrap();
+    put_customer(
+        &srv.url,
+        &env.service,
+        "cust-m",
+        &[("email", text("m@example.com"))],
+    )
+    .await;
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    led.record_consent(consent("cust-m", "marketing", true))
+        .await
+        .unwrap();
+    let mut svc = contracts(&srv.url, &env.service).await;
+    let follow = svc
+        .signal(signal("campaign_replied", "cust-m", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert_eq!(action(&follow, "follow_up").state, "ready");
+    // A customer-service obligation of the same customer is not marketing's.
+    let poc = svc
+        .signal(signal("poc_report_signed", "cust-m", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+
+    // The withdrawal: the pending marketing action is cancelled, the
+    // consent-stop contract runs (it cancels and tells marketing), and the
+    // customer-service obligations stay.
+    led.record_consent(consent("cust-m", "marketing", false))
+        .await
+        .unwrap();
+    let mut off = contracts(&srv.url, &env.officer).await;
+    let f = wait_instance(&mut off, follow.id, |i| {
+        action(i, "follow_up").state == "cancelled"
+    })
+    .await;
+    assert_eq!(f.state, "done");
+    let stop = wait_instance(&mut off, follow.id + 2, |i| {
+        i.contract == "marketing-consent-stop"
+    })
+    .await;
+    assert_eq!(stop.trigger, "consent_withdrawn:marketing");
+    assert_eq!(action(&stop, "cancel_marketing").state, "completed");
+    assert_eq!(action(&stop, "tell_marketing").state, "ready");
+    let p = wait_instance(&mut off, poc.id, |_| true).await;
+    assert!(p.actions.iter().all(|a| a.state == "ready"), "{p:?}");
+    // The cancellation is in the ledger, by the runtime, with why.
+    let entries = ledger_entries(&srv.url, &env.officer).await;
+    assert!(entries.iter().any(|(_, e)| e["kind"] == "contract_event"
+        && e["step"] == "cancelled"
+        && e["action"] == "follow_up"
+        && e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("consent for `marketing` withdrawn")));
+    // Completing the cancelled action is refused.
+    let got = take(&mut svc, 4, 60).await;
+    assert!(got.iter().all(|a| a.action_id != "follow_up"), "{got:?}");
+
+    // A new marketing signal: its action is denied by policy, never queued.
+    let denied = svc
+        .signal(signal("campaign_replied", "cust-m", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    let a = action(&denied, "follow_up");
+    assert_eq!(a.state, "denied");
+    assert!(
+        a.policies.iter().any(|p| p == "contract-consent-withdrawn"),
+        "{a:?}"
+    );
+    expect_code(
+        svc.complete_action(cpb::CompleteActionRequest {
+            handle: a.handle.clone(),
+        })
+        .await,
+        Code::FailedPrecondition,
+    );
+
+    // Erasure cancels the customer's remaining obligations.
+    let mut v = client::connect(&srv.url, Some(&env.admin), None)
+        .await
+        .unwrap();
+    v.erase_customer(pb::EraseCustomerRequest {
+        customer_id: "cust-m".into(),
+        reason: "request".into(),
+    })
+    .await
+    .unwrap();
+    let p = wait_instance(&mut off, poc.id, |i| {
+        i.actions.iter().all(|a| a.state == "cancelled")
+    })
+    .await;
+    assert_eq!(p.state, "done");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn government_exports_ask_three_approvals_and_hot_leads_alert_sales() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut adm = contracts(&srv.url, &env.admin).await;
+    adm.register_contract(shipped("gov-export-approvals", &[]))
+        .await
+        .unwrap();
+    adm.register_contract(shipped("lead-score-alert", &[]))
+        .await
+        .unwrap();
+    put_customer(
+        &srv.url,
+        &env.service,
+        "gov-big",
+        &[
+            ("customer_kind", text("government")),
+            ("contract_value", int(6_000_000)),
+        ],
+    )
+    .await;
+    put_customer(
+        &srv.url,
+        &env.service,
+        "gov-small",
+        &[
+            ("customer_kind", text("government")),
+            ("contract_value", int(10_000)),
+        ],
+    )
+    .await;
+    let mut svc = contracts(&srv.url, &env.service).await;
+    let big = svc
+        .signal(signal("export_requested", "gov-big", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert_eq!(big.state, "open", "{big:?}");
+    let a = action(&big, "three_approvals");
+    assert_eq!(a.kind, "request_approvals");
+    assert!(a.detail_json.contains("\"count\":3"), "{a:?}");
+    assert!(a.due_at_ms > 0);
+    let small = svc
+        .signal(signal("export_requested", "gov-small", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert_eq!(small.state, "not_met");
+    assert!(small.actions.is_empty());
+
+    // Lead scoring rests on consent: without it the alert is denied.
+    let mut led = client::connect_ledger(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    put_customer(
+        &srv.url,
+        &env.service,
+        "lead-1",
+        &[("email", text("l@example.com"))],
+    )
+    .await;
+    let mut hot = signal("lead_scored", "lead-1", "");
+    hot.attrs.insert("score".into(), int_attr(750));
+    let no_consent = svc
+        .signal(hot.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert_eq!(action(&no_consent, "alert_rep").state, "denied");
+    led.record_consent(consent("lead-1", "lead_scoring", true))
+        .await
+        .unwrap();
+    let alerted = svc
+        .signal(hot)
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    let a = action(&alerted, "alert_rep");
+    assert_eq!(a.state, "ready");
+    assert!(alerted.fuel_used > 0);
+    // Due 300 ms after the event.
+    assert!(a.due_at_ms - alerted.created_at_ms == 300, "{alerted:?}");
+    let mut cold = signal("lead_scored", "lead-1", "");
+    cold.attrs.insert("score".into(), int_attr(120));
+    let c = svc
+        .signal(cold)
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert!(c.actions.is_empty() && c.state == "done", "{c:?}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_guest_fails_its_instance_and_a_failing_connector_gets_retries_then_a_person() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut adm = contracts(&srv.url, &env.admin).await;
+    adm.register_contract(fixture("looping.toml"))
+        .await
+        .unwrap();
+    adm.register_contract(fixture("flaky-connector.toml"))
+        .await
+        .unwrap();
+    put_customer(
+        &srv.url,
+        &env.service,
+        "cust-f",
+        &[("email", text("f@example.com"))],
+    )
+    .await;
+    let mut svc = contracts(&srv.url, &env.service).await;
+    let looped = svc
+        .signal(signal("ping", "cust-f", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert_eq!(looped.state, "failed");
+    assert!(looped.failure.contains("fuel"), "{looped:?}");
+    assert!(looped.fuel_used >= 5000, "{looped:?}");
+    // The server is unaffected.
+    let ok = svc
+        .signal(signal("ticket_opened", "cust-f", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    let handle = format!("{}/open_ticket", ok.id);
+
+    // Three failures: retried with backoff twice, then a manual task.
+    let mut last = None;
+    for attempt in 1..=3 {
+        let got = take(&mut svc, 1, 60).await;
+        assert_eq!(got[0].handle, handle);
+        assert_eq!(got[0].attempt, attempt);
+        let out = svc
+            .fail_action(cpb::FailActionRequest {
+                handle: handle.clone(),
+                reason: "ticketing system down".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if attempt < 3 {
+            assert!(
+                out.retry_at_ms > 0 && out.fallback_handle.is_empty(),
+                "{out:?}"
+            );
+            assert_eq!(out.action.as_ref().unwrap().state, "waiting");
+            expect_code(
+                svc.complete_action(cpb::CompleteActionRequest {
+                    handle: handle.clone(),
+                })
+                .await,
+                Code::FailedPrecondition,
+            );
+        }
+        last = Some(out);
+    }
+    let out = last.unwrap();
+    assert_eq!(out.action.as_ref().unwrap().state, "failed");
+    assert_eq!(out.fallback_handle, format!("{}/manual.open_ticket", ok.id));
+    // Three failures in a row opened the breaker.
+    assert!(out.paused_until_ms > 0, "{out:?}");
+    let bad_reason = svc
+        .fail_action(cpb::FailActionRequest {
+            handle: out.fallback_handle.clone(),
+            reason: "a\u{202e}b".into(),
+        })
+        .await;
+    expect_code(bad_reason, Code::InvalidArgument);
+    // The manual task goes out while the contract is paused; a new action
+    // of it does not.
+    svc.signal(signal("ticket_opened", "cust-f", ""))
+        .await
+        .unwrap();
+    let got = take(&mut svc, 1, 60).await;
+    assert_eq!(got[0].handle, out.fallback_handle);
+    assert_eq!(got[0].kind, "create_task");
+    let mut s = svc
+        .watch_actions(cpb::WatchActionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), s.message())
+            .await
+            .is_err(),
+        "a paused contract's action was delivered"
+    );
+    // Bad requests to the outbox.
+    expect_code(
+        svc.watch_actions(cpb::WatchActionsRequest {
+            kinds: vec!["launch_missiles".into()],
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        svc.watch_actions(cpb::WatchActionsRequest {
+            lease_seconds: 100_000,
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+    );
+    let mut bad = signal("Not An Identifier", "cust-f", "");
+    expect_code(svc.signal(bad.clone()).await, Code::InvalidArgument);
+    bad.name = "ping".into();
+    bad.idempotency_key = "k".repeat(200);
+    expect_code(svc.signal(bad.clone()).await, Code::InvalidArgument);
+    bad.idempotency_key.clear();
+    bad.attrs.insert("x".into(), cpb::Value { kind: None });
+    expect_code(svc.signal(bad.clone()).await, Code::InvalidArgument);
+    bad.attrs.clear();
+    bad.attrs.insert(
+        "x".into(),
+        cpb::Value {
+            kind: Some(cpb::value::Kind::Text("y".repeat(300))),
+        },
+    );
+    expect_code(svc.signal(bad).await, Code::InvalidArgument);
+    srv.stop().await;
+}

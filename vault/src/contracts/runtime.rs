@@ -1,0 +1,2099 @@
+//! The contract runtime: triggers (signals and vault events), evaluation
+//! with the customer's fields as policy discloses them to the contract's
+//! `Workload` principal, the durable outbox, delivery to connectors,
+//! completions, retries, the circuit breaker, deadlines, escalation and
+//! cancellation.
+//!
+//! Guarantees:
+//! - Every step is a `contract_event` ledger entry (kind 10) under the
+//!   customer's pseudonym, appended before the runtime's records change;
+//!   a caller is answered only once both are durable.
+//! - Every action is decided by the policy set in force for the
+//!   contract's principal and purpose before it is queued; a denied action
+//!   is recorded (`action_denied`, with the determining policies) and
+//!   never delivered. A contract reads only the fields its manifest names,
+//!   as policy discloses them (plaintext, mask or nothing); a denied read
+//!   fails the instance and takes no action.
+//! - Delivery is at least once: an action is leased to one `WatchActions`
+//!   stream at a time and sent again when its lease runs out or after a
+//!   restart, until it is completed, failed for the last time or
+//!   cancelled. Exactly one completion is recorded: a second is refused,
+//!   also across a crash (at start, a completion or cancellation the
+//!   ledger holds and the outbox lacks is applied to the outbox).
+//! - Timers are keyed by due time and survive restarts; the loop wakes for
+//!   the earliest one (and at least every second).
+//! - An erasure cancels the customer's open actions; a withdrawal cancels
+//!   those of contracts acting for the withdrawn purpose.
+//!
+//! Does not guarantee:
+//! - that an escalation or an evaluation is recorded once when the process
+//!   dies between its ledger entry and the outbox write: the ledger may
+//!   then hold an entry the outbox does not reflect (an instance nobody
+//!   sees, or an escalation recorded twice). Completions are reconciled.
+//! - `write_field` and `submit_workload` actions are delivered to a
+//!   connector like the others; the vault does not take them itself yet.
+//! - the circuit breaker's state survives a restart (it is in memory).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use sovra_contracts::{Evaluation, Event, Manifest, Planned, Scalar, Trigger};
+use sovra_ledger::{Body, ContractEvent, ContractStep, Digest};
+use sovra_policy::{Action as PolicyAction, CustomerAttrs, Disclosure, PrincipalKind};
+use sovra_proto::contracts::v1 as pb;
+
+use crate::access::auth::Principal;
+use crate::access::policy;
+use crate::app::App;
+use crate::clock::now_ms;
+use crate::engine::contract_runtime::{
+    self as rt, action_key, actions_prefix, customer_action_key, customer_actions_prefix, decode,
+    encode, instance_key, instance_prefix, signal_key, ActionRec, InboxRec, InstanceRec, SignalRec,
+    NEXT_KEY, TIMER_DEADLINE, TIMER_RETRY,
+};
+use crate::engine::contracts::StoredContract;
+use crate::error::{Result, VaultError};
+use crate::schema::{FieldType, FieldValue};
+
+/// How long a delivered action is a stream's by default.
+pub const DEFAULT_LEASE_MS: i64 = 30_000;
+/// How long the circuit breaker keeps a contract paused.
+pub const BREAKER_PAUSE_MS: i64 = 30_000;
+/// Longest idempotency key.
+const MAX_KEY_LEN: usize = 128;
+/// Longest failure reason.
+const MAX_REASON: usize = 128;
+/// Instance ids reserved at a time (durably, before any is used), so that
+/// a crash never makes an id be used twice.
+const ID_BLOCK: u64 = 1024;
+/// Most timers fired per pass.
+const TIMER_BATCH: usize = 256;
+
+/// An action's place: tenant, instance and action id.
+type Place = (String, u64, String);
+
+#[derive(Debug, Clone)]
+struct Lease {
+    to: String,
+    until_ms: i64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Breaker {
+    failures: u32,
+    open_until_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct Ids {
+    next: u64,
+    reserved: u64,
+}
+
+struct Inner {
+    app: App,
+    // INVARIANT: every change of the runtime's records runs under this
+    // lock, so a check (is it completed? is this key used?) and the write
+    // that follows it see the same records.
+    lock: tokio::sync::Mutex<Ids>,
+    // Deliverable actions and their leases: an index of the outbox,
+    // rebuilt at start.
+    ready: Mutex<BTreeMap<Place, Option<Lease>>>,
+    changed: tokio::sync::watch::Sender<u64>,
+    // Set when the server stops: outbox streams end, so that a graceful
+    // shutdown does not wait for connectors to hang up.
+    closing: tokio::sync::watch::Sender<bool>,
+    breakers: Mutex<HashMap<(String, String), Breaker>>,
+    manifests: Mutex<HashMap<Vec<u8>, Arc<Manifest>>>,
+}
+
+/// The runtime (cheap to clone).
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Runtime")
+    }
+}
+
+/// A signal to send.
+#[derive(Debug, Clone, Default)]
+pub struct SignalRequest {
+    /// Its name.
+    pub name: String,
+    /// The customer.
+    pub customer_id: String,
+    /// Only this contract ("" for every one triggered).
+    pub contract: String,
+    /// The idempotency key ("" for none).
+    pub idempotency_key: String,
+    /// Its attributes.
+    pub attrs: BTreeMap<String, Scalar>,
+}
+
+/// What a trigger is about.
+struct About {
+    tenant: String,
+    customer: Option<String>,
+    cref: String,
+    subject: Digest,
+}
+
+/// Ledger entries and record writes of one step, applied together.
+#[derive(Default)]
+struct Batch {
+    bodies: Vec<Body>,
+    instances: Vec<(String, u64, InstanceRec, Option<usize>)>,
+    actions: Vec<(Place, ActionRec, Option<usize>, Option<usize>)>,
+    raw: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    now_ready: Vec<Place>,
+    not_ready: Vec<Place>,
+}
+
+impl Batch {
+    fn entry(&mut self, b: Body) -> usize {
+        self.bodies.push(b);
+        self.bodies.len() - 1
+    }
+}
+
+/// A stored contract in force, with its checked manifest.
+struct InForce {
+    stored: StoredContract,
+    manifest: Arc<Manifest>,
+}
+
+impl Runtime {
+    /// The runtime over the application layer; [`Runtime::start`] loads
+    /// its state.
+    pub fn new(app: App) -> Self {
+        let (changed, _) = tokio::sync::watch::channel(0);
+        let (closing, _) = tokio::sync::watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                app,
+                lock: tokio::sync::Mutex::new(Ids::default()),
+                ready: Mutex::new(BTreeMap::new()),
+                changed,
+                closing,
+                breakers: Mutex::new(HashMap::new()),
+                manifests: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn app(&self) -> &App {
+        &self.inner.app
+    }
+
+    /// Ends every outbox stream (the server is stopping).
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Loads the outbox at start: reconciles open actions with the ledger
+    /// (a completion or cancellation the ledger holds is applied), rebuilds
+    /// the ready index and what each tenant listens to. Returns the open
+    /// actions.
+    pub fn start(&self) -> Result<usize> {
+        let engine = &self.app().engine;
+        let ledger = &self.app().ledger;
+        let mut open = 0;
+        let mut fixes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut ready = Vec::new();
+        for (k, v) in engine.rt_scan(b"a")? {
+            let mut a: ActionRec = decode("an outbox action", &v)?;
+            if !a.is_open() {
+                continue;
+            }
+            let place = place_of_action_key(&k)?;
+            // The ledger is the truth: a step it holds that the outbox
+            // lacks (the process died between them) is applied now.
+            if let Some((step, index, actor)) = ledger_step(ledger, &place, &a)? {
+                tracing::warn!(
+                    instance = place.1,
+                    action = %place.2,
+                    entry = index,
+                    "the ledger recorded a step of this action that the outbox did not (a crash between them): applied"
+                );
+                match step {
+                    ContractStep::ActionCompleted => {
+                        a.state = "completed".into();
+                        a.completed_by = actor;
+                        a.last_entry = index;
+                    }
+                    _ => {
+                        a.state = "cancelled".into();
+                        a.last_entry = index;
+                    }
+                }
+                fixes.push((k.to_vec(), Some(encode(&a)?)));
+                fixes.push((
+                    customer_action_key(&place.0, &subject_bytes(&a.subject)?, place.1, &place.2),
+                    None,
+                ));
+                // Its timers, if any are left, find it closed and do
+                // nothing.
+                continue;
+            }
+            open += 1;
+            if a.state != "waiting" {
+                ready.push(place);
+            }
+        }
+        if !fixes.is_empty() {
+            engine.rt_write(&fixes)?;
+        }
+        {
+            let mut r = self.ready_lock();
+            for p in ready {
+                r.insert(p, None);
+            }
+        }
+        let mut tenants = HashSet::new();
+        for c in engine.all_contracts()? {
+            tenants.insert(c.tenant);
+        }
+        for t in tenants {
+            self.refresh_listening(&t)?;
+        }
+        Ok(open)
+    }
+
+    fn ready_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Place, Option<Lease>>> {
+        self.inner
+            .ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets which vault events `tenant`'s enabled contracts listen to.
+    pub fn refresh_listening(&self, tenant: &str) -> Result<()> {
+        let mut kinds = HashSet::new();
+        for c in self.in_force(tenant)? {
+            for (k, _) in &c.manifest.triggers {
+                if *k != Trigger::Signal {
+                    kinds.insert(k.as_str().to_owned());
+                }
+            }
+        }
+        // Cancellation on erasure and withdrawal needs the events even
+        // when no contract is triggered by them.
+        kinds.insert(Trigger::CustomerErased.as_str().to_owned());
+        kinds.insert(Trigger::ConsentWithdrawn.as_str().to_owned());
+        self.app()
+            .engine
+            .contract_hooks()
+            .set_listening(tenant, kinds);
+        Ok(())
+    }
+
+    /// The tenant's contracts in force: the latest version of each enabled
+    /// id.
+    fn in_force(&self, tenant: &str) -> Result<Vec<InForce>> {
+        let all = self.app().engine.contracts(tenant, None)?;
+        let mut latest: BTreeMap<String, StoredContract> = BTreeMap::new();
+        for c in all {
+            latest.insert(c.id.clone(), c);
+        }
+        let mut out = Vec::new();
+        for (_, c) in latest {
+            if c.record.disabled_entry != 0 {
+                continue;
+            }
+            let manifest = self.manifest(&c)?;
+            out.push(InForce {
+                stored: c,
+                manifest,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A stored contract's manifest, checked once per pin.
+    fn manifest(&self, c: &StoredContract) -> Result<Arc<Manifest>> {
+        let mut cache = self
+            .inner
+            .manifests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = cache.get(&c.record.sha256) {
+            return Ok(m.clone());
+        }
+        let wasm = (!c.record.wasm.is_empty()).then_some(c.record.wasm.as_slice());
+        let m = Manifest::parse(
+            &c.record.file_name,
+            &c.record.manifest,
+            wasm,
+            &sovra_contracts::AnyField,
+        )
+        .map_err(|e| {
+            VaultError::integrity(format!(
+                "contract `{}` v{}: its pinned manifest no longer checks ({e})",
+                c.id, c.version
+            ))
+        })?;
+        let m = Arc::new(m);
+        cache.insert(c.record.sha256.clone(), m.clone());
+        Ok(m)
+    }
+
+    // ----- signals -----
+
+    /// Sends a signal (see the proto's `Signal`).
+    pub async fn signal(&self, p: &Principal, s: SignalRequest) -> Result<pb::SignalResponse> {
+        self.app().authorize(p, PolicyAction::SignalContracts)?;
+        check_signal(&s)?;
+        let request = signal_digest(&s);
+        let mut ids = self.inner.lock.lock().await;
+        if !s.idempotency_key.is_empty() {
+            if let Some(v) = self
+                .app()
+                .engine
+                .rt_get(&signal_key(&p.tenant, &s.idempotency_key))?
+            {
+                let rec: SignalRec = decode("a signal's idempotency record", &v)?;
+                if now_ms().saturating_sub(rec.at_ms) < rt::SIGNAL_KEY_RETENTION_MS {
+                    if rec.request != request {
+                        return Err(VaultError::already_exists(
+                            "idempotency_key",
+                            "was used by another signal (another name, customer, contract or attributes) in the last 24 hours; use a new key",
+                        ));
+                    }
+                    drop(ids);
+                    let mut instances = Vec::new();
+                    for id in rec.instances {
+                        instances.push(self.instance(&p.tenant, id)?);
+                    }
+                    return Ok(pb::SignalResponse {
+                        instances,
+                        replayed: true,
+                    });
+                }
+            }
+        }
+        let contracts: Vec<InForce> = self
+            .in_force(&p.tenant)?
+            .into_iter()
+            .filter(|c| s.contract.is_empty() || c.stored.id == s.contract)
+            .collect();
+        if !s.contract.is_empty() && contracts.is_empty() {
+            let shown: String = s.contract.chars().take(64).collect();
+            return Err(VaultError::not_found(format!(
+                "contract `{shown}` (not registered, or disabled)"
+            )));
+        }
+        let (subject, cref, _) =
+            self.app()
+                .engine
+                .contract_customer(&p.tenant, &s.customer_id, &[0; 32])?;
+        let about = About {
+            tenant: p.tenant.clone(),
+            customer: Some(s.customer_id.clone()),
+            cref: hex::encode(cref.0),
+            subject,
+        };
+        let mut batch = Batch::default();
+        let mut started = Vec::new();
+        let at = now_ms();
+        for c in contracts
+            .iter()
+            .filter(|c| c.manifest.triggered_by(Trigger::Signal, &s.name))
+        {
+            let id = self.next_id(&mut ids).await?;
+            self.run_instance(
+                &mut batch,
+                id,
+                c,
+                &about,
+                Trigger::Signal,
+                &s.name,
+                &s.attrs,
+                at,
+                &p.name,
+            )?;
+            started.push(id);
+        }
+        if !s.idempotency_key.is_empty() {
+            batch.raw.push((
+                signal_key(&p.tenant, &s.idempotency_key),
+                Some(encode(&SignalRec {
+                    request,
+                    instances: started.clone(),
+                    at_ms: at,
+                })?),
+            ));
+        }
+        self.apply(batch)?;
+        drop(ids);
+        self.app().commit().await?;
+        self.publish();
+        let mut instances = Vec::new();
+        for id in started {
+            instances.push(self.instance(&p.tenant, id)?);
+        }
+        Ok(pb::SignalResponse {
+            instances,
+            replayed: false,
+        })
+    }
+
+    /// The next instance id, reserving a block durably first when needed.
+    async fn next_id(&self, ids: &mut Ids) -> Result<u64> {
+        if ids.next == 0 {
+            let stored = match self.app().engine.rt_get(NEXT_KEY)? {
+                Some(v) => <[u8; 8]>::try_from(&v[..])
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| {
+                        VaultError::integrity(
+                            "the instance id reservation in the vault's `contract_runtime` tree",
+                        )
+                    })?,
+                None => 1,
+            };
+            ids.next = stored.max(1);
+            ids.reserved = ids.next;
+        }
+        if ids.next >= ids.reserved {
+            let reserved = ids.next + ID_BLOCK;
+            self.app()
+                .engine
+                .rt_write(&[(NEXT_KEY.to_vec(), Some(reserved.to_be_bytes().to_vec()))])?;
+            self.app().engine.commit().await?;
+            ids.reserved = reserved;
+        }
+        let id = ids.next;
+        ids.next += 1;
+        Ok(id)
+    }
+
+    // ----- evaluation -----
+
+    /// Evaluates one contract on one event into `batch`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_instance(
+        &self,
+        batch: &mut Batch,
+        id: u64,
+        c: &InForce,
+        about: &About,
+        kind: Trigger,
+        name: &str,
+        attrs: &BTreeMap<String, Scalar>,
+        at_ms: i64,
+        actor: &str,
+    ) -> Result<()> {
+        let m = &c.manifest;
+        let principal = contract_principal(m);
+        let mut inst = InstanceRec {
+            contract: m.id.clone(),
+            version: m.version,
+            sha256: hex::encode(&c.stored.record.sha256),
+            trigger: format!("{}:{name}", kind.as_str()),
+            cref: about.cref.clone(),
+            subject: about.subject.to_hex(),
+            state: "open".into(),
+            failure: String::new(),
+            evaluated_entry: 0,
+            created_at_ms: at_ms,
+            fuel_used: 0,
+            actions: Vec::new(),
+        };
+        let pin = Digest::from_slice("pin", &c.stored.record.sha256)?;
+        let step = |step: ContractStep, action: &str, input: Digest, fuel: u64, detail: String| {
+            Body::ContractEvent(ContractEvent {
+                tenant: about.tenant.clone(),
+                subject: about.subject,
+                contract: m.id.clone(),
+                version: m.version,
+                contract_sha256: pin,
+                instance: id,
+                step,
+                action: action.to_owned(),
+                actor: actor.to_owned(),
+                input_sha256: input,
+                fuel_used: fuel,
+                detail,
+                lineage: Digest::default(),
+            })
+        };
+        // The customer's fields and policy attributes, as the contract's
+        // principal may see them.
+        let (fields, customer) = match self.read_for(about, m, &principal) {
+            Ok(v) => v,
+            Err(why) => {
+                inst.state = "failed".into();
+                inst.failure = why.clone();
+                let pos = batch.entry(step(
+                    ContractStep::Failed,
+                    "",
+                    Digest::default(),
+                    0,
+                    detail(&[
+                        ("trigger", inst.trigger.clone().into()),
+                        ("reason", why.into()),
+                    ]),
+                ));
+                batch
+                    .instances
+                    .push((about.tenant.clone(), id, inst, Some(pos)));
+                return Ok(());
+            }
+        };
+        let event = Event {
+            kind,
+            name: name.to_owned(),
+            at_ms,
+            attrs: attrs.clone(),
+            fields,
+        };
+        let evaluated = sovra_contracts::evaluate(m, &event, at_ms);
+        let input = self.keyed_input(about, &event, m)?;
+        let e: Evaluation = match evaluated {
+            Ok(e) => e,
+            Err(err) => {
+                let why = err.to_string();
+                inst.state = "failed".into();
+                inst.failure = why.clone();
+                let fuel = match &err {
+                    sovra_contracts::ContractError::Guest(g) => g.fuel_used(),
+                    _ => 0,
+                };
+                inst.fuel_used = fuel;
+                let pos = batch.entry(step(
+                    ContractStep::Failed,
+                    "",
+                    input,
+                    fuel,
+                    detail(&[
+                        ("trigger", inst.trigger.clone().into()),
+                        ("reason", why.into()),
+                    ]),
+                ));
+                batch
+                    .instances
+                    .push((about.tenant.clone(), id, inst, Some(pos)));
+                return Ok(());
+            }
+        };
+        inst.fuel_used = e.fuel_used;
+        let pos = batch.entry(step(
+            ContractStep::Evaluated,
+            "",
+            input,
+            e.fuel_used,
+            detail(&[
+                ("trigger", inst.trigger.clone().into()),
+                (
+                    "condition",
+                    serde_json::to_value(e.condition).unwrap_or_default(),
+                ),
+                ("actions", e.actions.len().into()),
+            ]),
+        ));
+        if e.condition == Some(false) || e.actions.is_empty() {
+            inst.state = if e.condition == Some(false) {
+                "not_met"
+            } else {
+                "done"
+            }
+            .into();
+            batch
+                .instances
+                .push((about.tenant.clone(), id, inst, Some(pos)));
+            return Ok(());
+        }
+        let active = self.app().policies.current();
+        let mut open = 0;
+        for planned in &e.actions {
+            inst.actions.push(planned.id.clone());
+            let decision = decide(
+                &active.policies,
+                &principal,
+                &about.tenant,
+                m,
+                planned,
+                &customer,
+            );
+            let place = (about.tenant.clone(), id, planned.id.clone());
+            let mut a = ActionRec {
+                contract: m.id.clone(),
+                version: m.version,
+                sha256: inst.sha256.clone(),
+                purpose: m.purpose.clone(),
+                kind: planned.kind.to_owned(),
+                detail: planned.detail.clone(),
+                cref: about.cref.clone(),
+                subject: about.subject.to_hex(),
+                due_ms: planned.due_ms.unwrap_or(0),
+                escalate_to: planned.escalate_to.clone().unwrap_or_default(),
+                state: "ready".into(),
+                failures: 0,
+                max_attempts: m.retry.max_attempts.max(1),
+                backoff_ms: m.retry.backoff_ms,
+                policies: decision.1.clone(),
+                queued_entry: 0,
+                delivered_to: String::new(),
+                completed_by: String::new(),
+                completed_at_ms: 0,
+                last_entry: 0,
+            };
+            if !decision.0 {
+                a.state = "denied".into();
+                let qp = batch.entry(step(
+                    ContractStep::ActionDenied,
+                    &planned.id,
+                    input,
+                    0,
+                    detail(&[
+                        ("kind", planned.kind.into()),
+                        ("policies", decision.1.join(",").into()),
+                    ]),
+                ));
+                batch.actions.push((place, a, Some(qp), None));
+                continue;
+            }
+            let qp = batch.entry(step(
+                ContractStep::ActionQueued,
+                &planned.id,
+                input,
+                0,
+                queued_detail(&a),
+            ));
+            if planned.kind == "cancel_actions" {
+                // The runtime takes it itself: the customer's open actions
+                // of that purpose are cancelled, then it is completed.
+                let purpose = planned.detail["purpose"].as_str().unwrap_or_default();
+                self.cancel_open(batch, about, Some(purpose), actor, id)?;
+                a.state = "completed".into();
+                a.completed_by = "sovra".into();
+                a.completed_at_ms = at_ms;
+                let cp = batch.entry(step(
+                    ContractStep::ActionCompleted,
+                    &planned.id,
+                    input,
+                    0,
+                    detail(&[("by", "sovra".into())]),
+                ));
+                batch.actions.push((place, a, Some(qp), Some(cp)));
+                continue;
+            }
+            open += 1;
+            if a.due_ms > 0 {
+                batch.raw.push((
+                    rt::timer_key(a.due_ms, &about.tenant, id, &planned.id),
+                    Some(vec![TIMER_DEADLINE]),
+                ));
+            }
+            batch.raw.push((
+                customer_action_key(&about.tenant, &about.subject.0, id, &planned.id),
+                Some(Vec::new()),
+            ));
+            batch.now_ready.push(place.clone());
+            batch.actions.push((place, a, Some(qp), None));
+        }
+        if open == 0 {
+            inst.state = "done".into();
+        }
+        batch
+            .instances
+            .push((about.tenant.clone(), id, inst, Some(pos)));
+        Ok(())
+    }
+
+    /// The fields `m` reads and the customer's policy attributes; `Err`
+    /// with the reason when policy denies a read.
+    fn read_for(
+        &self,
+        about: &About,
+        m: &Manifest,
+        principal: &sovra_policy::Principal,
+    ) -> std::result::Result<(BTreeMap<String, Scalar>, CustomerAttrs), String> {
+        let engine = &self.app().engine;
+        let Some(customer) = &about.customer else {
+            return Ok((BTreeMap::new(), CustomerAttrs::default()));
+        };
+        let schema = engine.schema();
+        let mut defs = policy::attribute_fields(schema);
+        for r in &m.reads {
+            if let Ok(d) = schema.field(r) {
+                if !defs.iter().any(|x| x.name == d.name) {
+                    defs.push(d);
+                }
+            }
+        }
+        let (_, values) = engine
+            .get(&about.tenant, customer, &defs)
+            .map_err(|e| format!("reading the customer's fields failed: {e}"))?;
+        let consent = self
+            .app()
+            .ledger
+            .consent_state(&about.subject)
+            .map_err(|e| format!("reading the consent state failed: {e}"))?;
+        let attrs = policy::customer_attrs(&values, consent);
+        if m.reads.is_empty() {
+            return Ok((BTreeMap::new(), attrs));
+        }
+        let read_defs: Vec<_> = defs.iter().filter(|d| m.reads.contains(&d.name)).collect();
+        let fattrs: Vec<&sovra_policy::FieldAttrs> = read_defs.iter().map(|d| &d.policy).collect();
+        let active = self.app().policies.current();
+        let decided = active
+            .policies
+            .scope(principal, &about.tenant, &attrs, &fattrs)
+            .and_then(|scope| {
+                active
+                    .policies
+                    .read_fields(&scope, &fattrs, &policy::context(&m.purpose, 0))
+            })
+            .map_err(|e| format!("the read decision failed: {e}"))?;
+        let mut out = BTreeMap::new();
+        for d in decided {
+            let Some(def) = read_defs.iter().find(|x| x.name == d.field) else {
+                continue;
+            };
+            let value = values.iter().find(|v| v.def.name == d.field);
+            match d.disclosure {
+                Disclosure::Denied => {
+                    return Err(format!(
+                        "policy denies the contract reading field `{}` for purpose `{}` ({})",
+                        d.field,
+                        m.purpose,
+                        d.determining().join(", ")
+                    ))
+                }
+                Disclosure::Plaintext => {
+                    if let Some(v) = value {
+                        out.insert(d.field.clone(), scalar(&v.value));
+                    }
+                }
+                Disclosure::Masked => match (value, def.ty) {
+                    (Some(v), FieldType::String) => {
+                        out.insert(d.field.clone(), Scalar::Str(def.mask.apply(&v.value)));
+                    }
+                    (None, _) => {}
+                    _ => {
+                        return Err(format!(
+                            "policy discloses field `{}` to the contract only masked for purpose `{}` ({}), and a mask is not a number",
+                            d.field,
+                            m.purpose,
+                            d.determining().join(", ")
+                        ))
+                    }
+                },
+            }
+        }
+        Ok((out, attrs))
+    }
+
+    /// The evaluation input's digest keyed under the customer's data key
+    /// (zero when there is no customer or it is erased).
+    fn keyed_input(&self, about: &About, event: &Event, m: &Manifest) -> Result<Digest> {
+        let Some(customer) = &about.customer else {
+            return Ok(Digest::default());
+        };
+        let seen = Event {
+            fields: event
+                .fields
+                .iter()
+                .filter(|(k, _)| m.reads.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..event.clone()
+        };
+        let (_, _, keyed) =
+            self.app()
+                .engine
+                .contract_customer(&about.tenant, customer, &seen.digest())?;
+        Ok(Digest(keyed))
+    }
+
+    /// Cancels the customer's open actions (of contracts acting for
+    /// `purpose` when given) into `batch`.
+    fn cancel_open(
+        &self,
+        batch: &mut Batch,
+        about: &About,
+        purpose: Option<&str>,
+        actor: &str,
+        by_instance: u64,
+    ) -> Result<usize> {
+        let engine = &self.app().engine;
+        let mut n = 0;
+        let mut touched: Vec<Place> = Vec::new();
+        for (k, _) in engine.rt_scan(&customer_actions_prefix(&about.tenant, &about.subject.0))? {
+            let place = place_of_customer_key(&k, &about.tenant)?;
+            let Some(v) = engine.rt_get(&action_key(&place.0, place.1, &place.2))? else {
+                batch.raw.push((k.to_vec(), None));
+                continue;
+            };
+            let mut a: ActionRec = decode("an outbox action", &v)?;
+            if !a.is_open() || purpose.is_some_and(|p| p != a.purpose) {
+                continue;
+            }
+            if batch.actions.iter().any(|(p, ..)| *p == place) {
+                continue;
+            }
+            a.state = "cancelled".into();
+            let pos = batch.entry(Body::ContractEvent(ContractEvent {
+                tenant: about.tenant.clone(),
+                subject: about.subject,
+                contract: a.contract.clone(),
+                version: a.version,
+                contract_sha256: Digest::from_hex(&a.sha256)?,
+                instance: place.1,
+                step: ContractStep::Cancelled,
+                action: place.2.clone(),
+                actor: actor.to_owned(),
+                input_sha256: Digest::default(),
+                fuel_used: 0,
+                detail: detail(&[
+                    (
+                        "why",
+                        match purpose {
+                            Some(p) => format!("consent for `{p}` withdrawn"),
+                            None => "customer erased".to_owned(),
+                        }
+                        .into(),
+                    ),
+                    ("by_instance", by_instance.into()),
+                ]),
+                lineage: Digest::default(),
+            }));
+            batch.raw.push((k.to_vec(), None));
+            if a.due_ms > 0 {
+                batch
+                    .raw
+                    .push((rt::timer_key(a.due_ms, &place.0, place.1, &place.2), None));
+            }
+            batch.not_ready.push(place.clone());
+            batch.actions.push((place.clone(), a, None, Some(pos)));
+            touched.push(place);
+            n += 1;
+        }
+        for place in touched {
+            self.close_instance_if_done(batch, &place)?;
+        }
+        Ok(n)
+    }
+
+    /// Appends the batch's entries, then writes its records (one logged
+    /// write). Not durable until `App::commit`.
+    fn apply(&self, mut batch: Batch) -> Result<()> {
+        let idx: Vec<u64> = if batch.bodies.is_empty() {
+            Vec::new()
+        } else {
+            self.app()
+                .ledger
+                .append(&batch.bodies)?
+                .into_iter()
+                .map(|a| a.index)
+                .collect()
+        };
+        let at = |p: Option<usize>| p.and_then(|p| idx.get(p).copied());
+        let mut writes = std::mem::take(&mut batch.raw);
+        for (tenant, id, mut inst, pos) in batch.instances {
+            if let Some(i) = at(pos) {
+                inst.evaluated_entry = i;
+            }
+            writes.push((instance_key(&tenant, id), Some(encode(&inst)?)));
+        }
+        for ((t, i, a), mut rec, queued, last) in batch.actions {
+            if let Some(q) = at(queued) {
+                rec.queued_entry = q;
+            }
+            if let Some(l) = at(last) {
+                rec.last_entry = l;
+            }
+            writes.push((action_key(&t, i, &a), Some(encode(&rec)?)));
+        }
+        self.app().engine.rt_write(&writes)?;
+        let mut r = self.ready_lock();
+        for p in batch.not_ready {
+            r.remove(&p);
+        }
+        for p in batch.now_ready {
+            r.insert(p, None);
+        }
+        Ok(())
+    }
+
+    fn publish(&self) {
+        self.inner.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    // ----- the loop: inbox and timers -----
+
+    /// Runs the inbox and the timers in a task of its own until every
+    /// other handle on the runtime is dropped (the server stopped): the
+    /// task holds it only while a pass runs.
+    pub fn spawn(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let wake = self.app().engine.contract_hooks().wake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let rt = Runtime { inner };
+                let wait = match rt.pass().await {
+                    Ok(true) => std::time::Duration::ZERO,
+                    Ok(false) => rt.until_next_timer(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "contract runtime pass failed; retrying in 1 s");
+                        std::time::Duration::from_secs(1)
+                    }
+                };
+                drop(rt);
+                if !wait.is_zero() {
+                    let _ = tokio::time::timeout(wait, wake.notified()).await;
+                }
+            }
+        });
+    }
+
+    fn until_next_timer(&self) -> std::time::Duration {
+        let now = now_ms();
+        let next = self
+            .app()
+            .engine
+            .next_timer()
+            .ok()
+            .flatten()
+            .unwrap_or(now + 1000);
+        let ms = (next - now).clamp(1, 1000);
+        std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(1000))
+    }
+
+    /// One pass: inbox records, then due timers. Returns whether it found
+    /// work (so the loop goes on at once).
+    pub async fn pass(&self) -> Result<bool> {
+        let inbox = self.app().engine.rt_scan(b"q")?;
+        let timers = self.app().engine.due_timers(now_ms(), TIMER_BATCH)?;
+        if inbox.is_empty() && timers.is_empty() {
+            return Ok(false);
+        }
+        let mut ids = self.inner.lock.lock().await;
+        let mut batch = Batch::default();
+        for (k, v) in inbox.iter().take(256) {
+            let rec: InboxRec = decode("an inbox record", v)?;
+            self.vault_event(&mut batch, &mut ids, &rec).await?;
+            batch.raw.push((k.to_vec(), None));
+        }
+        for t in &timers {
+            self.fire(&mut batch, t)?;
+        }
+        self.apply(batch)?;
+        drop(ids);
+        self.app().commit().await?;
+        self.publish();
+        Ok(true)
+    }
+
+    /// Runs the tenant's contracts on a vault event, after cancelling what
+    /// it cancels.
+    async fn vault_event(&self, batch: &mut Batch, ids: &mut Ids, rec: &InboxRec) -> Result<()> {
+        let Some(kind) = Trigger::parse(&rec.trigger) else {
+            return Ok(());
+        };
+        let engine = &self.app().engine;
+        let customer = if kind == Trigger::CustomerErased {
+            None
+        } else {
+            match engine.contract_customer_id(&rec.tenant, &rec.cref) {
+                Ok(c) => Some(c),
+                Err(VaultError::NotFound(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        };
+        let about = About {
+            tenant: rec.tenant.clone(),
+            customer,
+            cref: rec.cref.clone(),
+            subject: Digest::from_hex(&rec.subject)?,
+        };
+        match kind {
+            Trigger::CustomerErased => {
+                // Only an erasure the vault holds cancels (the record is
+                // written before the erasure).
+                if engine.contract_customer_id(&rec.tenant, &rec.cref).is_ok() {
+                    return Ok(());
+                }
+                self.cancel_open(batch, &about, None, "sovra", 0)?;
+            }
+            Trigger::ConsentWithdrawn => {
+                let withdrawn = self
+                    .app()
+                    .ledger
+                    .consent_state(&about.subject)?
+                    .into_iter()
+                    .any(|s| {
+                        s.purpose == rec.name && s.action == sovra_ledger::ConsentAction::Withdraw
+                    });
+                if !withdrawn {
+                    return Ok(());
+                }
+                self.cancel_open(batch, &about, Some(&rec.name), "sovra", 0)?;
+            }
+            _ => {}
+        }
+        let contracts = self.in_force(&rec.tenant)?;
+        for c in contracts
+            .iter()
+            .filter(|c| c.manifest.triggered_by(kind, &rec.name))
+        {
+            let id = self.next_id(ids).await?;
+            self.run_instance(
+                batch,
+                id,
+                c,
+                &about,
+                kind,
+                &rec.name,
+                &BTreeMap::new(),
+                rec.at_ms,
+                "sovra",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Fires one due timer into `batch`.
+    fn fire(&self, batch: &mut Batch, t: &rt::Timer) -> Result<()> {
+        batch.raw.push((t.key.clone(), None));
+        let place = (t.tenant.clone(), t.instance, t.action.clone());
+        let Some(v) = self
+            .app()
+            .engine
+            .rt_get(&action_key(&t.tenant, t.instance, &t.action))?
+        else {
+            return Ok(());
+        };
+        let mut a: ActionRec = decode("an outbox action", &v)?;
+        let subject = Digest::from_hex(&a.subject)?;
+        let pin = Digest::from_hex(&a.sha256)?;
+        let entry = |step: ContractStep, action: &str, d: String| {
+            Body::ContractEvent(ContractEvent {
+                tenant: t.tenant.clone(),
+                subject,
+                contract: a.contract.clone(),
+                version: a.version,
+                contract_sha256: pin,
+                instance: t.instance,
+                step,
+                action: action.to_owned(),
+                actor: "sovra".into(),
+                input_sha256: Digest::default(),
+                fuel_used: 0,
+                detail: d,
+                lineage: Digest::default(),
+            })
+        };
+        if t.kind == TIMER_RETRY {
+            if a.state != "waiting" {
+                return Ok(());
+            }
+            a.state = "ready".into();
+            let pos = batch.entry(entry(
+                ContractStep::ActionRetried,
+                &t.action,
+                detail(&[("attempt", (a.failures + 1).into())]),
+            ));
+            batch.now_ready.push(place.clone());
+            batch.actions.push((place, a, None, Some(pos)));
+            return Ok(());
+        }
+        // A deadline: an obligation not completed in time is escalated.
+        if !matches!(a.state.as_str(), "ready" | "waiting") {
+            return Ok(());
+        }
+        let target = if a.escalate_to.is_empty() {
+            format!("department:{}", self.department_of(&t.tenant, &a.contract))
+        } else {
+            a.escalate_to.clone()
+        };
+        a.state = "escalated".into();
+        let pos = batch.entry(entry(
+            ContractStep::Escalated,
+            &t.action,
+            detail(&[("to", target.clone().into()), ("due_ms", a.due_ms.into())]),
+        ));
+        // The escalation is itself an action for a connector: tell the
+        // target.
+        let esc_id = format!("escalate.{}", t.action);
+        let esc = ActionRec {
+            kind: "notify".into(),
+            detail: serde_json::json!({
+                "to": target,
+                "template": "obligation_missed",
+                "obligation": t.action,
+                "due_ms": a.due_ms,
+            }),
+            due_ms: 0,
+            escalate_to: String::new(),
+            state: "ready".into(),
+            failures: 0,
+            queued_entry: 0,
+            delivered_to: String::new(),
+            completed_by: String::new(),
+            completed_at_ms: 0,
+            last_entry: 0,
+            ..a.clone()
+        };
+        let qp = batch.entry(entry(
+            ContractStep::ActionQueued,
+            &esc_id,
+            queued_detail(&esc),
+        ));
+        let esc_place = (t.tenant.clone(), t.instance, esc_id.clone());
+        batch.raw.push((
+            customer_action_key(&t.tenant, &subject.0, t.instance, &esc_id),
+            Some(Vec::new()),
+        ));
+        batch.now_ready.push(esc_place.clone());
+        batch.actions.push((place, a, None, Some(pos)));
+        batch.actions.push((esc_place, esc, Some(qp), None));
+        Ok(())
+    }
+
+    fn department_of(&self, tenant: &str, contract: &str) -> String {
+        self.app()
+            .engine
+            .contracts(tenant, Some(contract))
+            .ok()
+            .and_then(|v| v.last().map(|c| c.record.department.clone()))
+            .unwrap_or_default()
+    }
+
+    // ----- delivery and confirmation -----
+
+    /// The next deliverable actions for a stream of `p`, leased to it.
+    pub fn take(
+        &self,
+        p: &Principal,
+        kinds: &[String],
+        contract: &str,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<pb::ActionDelivery>> {
+        let now = now_ms();
+        let candidates: Vec<Place> = {
+            let r = self.ready_lock();
+            r.iter()
+                .filter(|((t, ..), lease)| {
+                    *t == p.tenant && lease.as_ref().is_none_or(|l| l.until_ms <= now)
+                })
+                .map(|(k, _)| k.clone())
+                .take(max * 4)
+                .collect()
+        };
+        let mut out = Vec::new();
+        let mut delivered = Vec::new();
+        for place in candidates {
+            if out.len() >= max {
+                break;
+            }
+            let Some(v) = self
+                .app()
+                .engine
+                .rt_get(&action_key(&place.0, place.1, &place.2))?
+            else {
+                self.ready_lock().remove(&place);
+                continue;
+            };
+            let mut a: ActionRec = decode("an outbox action", &v)?;
+            if !matches!(a.state.as_str(), "ready" | "escalated") {
+                continue;
+            }
+            if (!kinds.is_empty() && !kinds.contains(&a.kind))
+                || (!contract.is_empty() && a.contract != contract)
+                || (self.paused(&place.0, &a.contract, now)
+                    && !place.2.starts_with("manual.")
+                    && !place.2.starts_with("escalate."))
+            {
+                continue;
+            }
+            let until = now + lease_ms;
+            {
+                let mut r = self.ready_lock();
+                match r.get_mut(&place) {
+                    Some(l) if l.as_ref().is_none_or(|l| l.until_ms <= now) => {
+                        *l = Some(Lease {
+                            to: p.name.clone(),
+                            until_ms: until,
+                        });
+                    }
+                    _ => continue,
+                }
+            }
+            let customer_id = if a.cref.is_empty() {
+                String::new()
+            } else {
+                self.app()
+                    .engine
+                    .contract_customer_id(&place.0, &a.cref)
+                    .unwrap_or_default()
+            };
+            if a.delivered_to != p.name {
+                a.delivered_to = p.name.clone();
+                delivered.push((action_key(&place.0, place.1, &place.2), Some(encode(&a)?)));
+            }
+            let mut action = action_view(&place, &a);
+            action.customer_id = customer_id;
+            out.push(pb::ActionDelivery {
+                action: Some(action),
+                lease_until_ms: until,
+            });
+        }
+        // Who it was sent to is written (not waited for: after a crash it
+        // is sent again anyway), so that only that principal completes it.
+        if !delivered.is_empty() {
+            self.app().engine.rt_write(&delivered)?;
+        }
+        Ok(out)
+    }
+
+    /// The outbox as a stream for a connector (see the proto's
+    /// `WatchActions`). The stream's task holds the runtime only while it
+    /// takes actions, and ends when the caller goes away.
+    pub fn watch(
+        &self,
+        p: &Principal,
+        kinds: Vec<String>,
+        contract: String,
+        lease_seconds: u32,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<pb::ActionDelivery>>> {
+        self.app().authorize(p, PolicyAction::HandleActions)?;
+        const KINDS: [&str; 7] = [
+            "notify",
+            "create_task",
+            "request_approvals",
+            "cancel_actions",
+            "read_fields",
+            "write_field",
+            "submit_workload",
+        ];
+        if kinds.len() > KINDS.len() {
+            return Err(VaultError::invalid(
+                "kinds",
+                format!("at most {} kinds", KINDS.len()),
+            ));
+        }
+        if let Some(k) = kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+            return Err(VaultError::invalid(
+                "kinds",
+                format!("unknown kind `{}`; one of {}", shown(k), KINDS.join(", ")),
+            ));
+        }
+        if contract.len() > 64 {
+            return Err(VaultError::invalid("contract", "at most 64 bytes"));
+        }
+        let lease_ms = match lease_seconds {
+            0 => DEFAULT_LEASE_MS,
+            s if s > 3600 => {
+                return Err(VaultError::invalid("lease_seconds", "at most 3600"));
+            }
+            s => i64::from(s) * 1000,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(32);
+        let weak = Arc::downgrade(&self.inner);
+        let mut changed = self.inner.changed.subscribe();
+        let mut closing = self.inner.closing.subscribe();
+        let p = p.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let rt = Runtime { inner };
+                let taken = rt.take(&p, &kinds, &contract, lease_ms, 16);
+                drop(rt);
+                let full = match taken {
+                    Ok(batch) => {
+                        let n = batch.len();
+                        for d in batch {
+                            if tx.send(Ok(d)).await.is_err() {
+                                return;
+                            }
+                        }
+                        n == 16
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if full {
+                    continue;
+                }
+                // New actions wake it; leases that ran out are found at
+                // least every second.
+                if *closing.borrow() {
+                    return;
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return; },
+                    _ = closing.changed() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {},
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn paused(&self, tenant: &str, contract: &str, now: i64) -> bool {
+        self.inner
+            .breakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(tenant.to_owned(), contract.to_owned()))
+            .is_some_and(|b| b.open_until_ms > now)
+    }
+
+    /// Loads an action for a confirmation by `p`: NOT_FOUND, ALREADY_EXISTS
+    /// (completed), FAILED_PRECONDITION (cancelled, denied, failed,
+    /// waiting), PERMISSION_DENIED (sent to someone else).
+    fn confirmable(&self, p: &Principal, handle: &str) -> Result<(Place, ActionRec)> {
+        let (instance, action) = parse_handle(handle)?;
+        let place = (p.tenant.clone(), instance, action);
+        let v = self
+            .app()
+            .engine
+            .rt_get(&action_key(&place.0, place.1, &place.2))?
+            .ok_or_else(|| VaultError::not_found(format!("action `{}`", shown(handle))))?;
+        let a: ActionRec = decode("an outbox action", &v)?;
+        match a.state.as_str() {
+            "completed" => return Err(VaultError::already_exists(
+                "action",
+                format!(
+                    "`{}` was completed by `{}` (ledger entry {}); a completion is recorded once",
+                    shown(handle),
+                    a.completed_by,
+                    a.last_entry
+                ),
+            )),
+            "cancelled" | "denied" | "failed" => {
+                return Err(VaultError::precondition(format!(
+                    "action `{}` is {} (ledger entry {}): there is nothing to confirm",
+                    shown(handle),
+                    a.state,
+                    if a.last_entry == 0 {
+                        a.queued_entry
+                    } else {
+                        a.last_entry
+                    }
+                )))
+            }
+            "waiting" => {
+                return Err(VaultError::precondition(format!(
+                    "action `{}` failed and waits for its retry; it will be delivered again",
+                    shown(handle)
+                )))
+            }
+            _ => {}
+        }
+        let leased_to = self
+            .ready_lock()
+            .get(&place)
+            .and_then(|l| l.as_ref().map(|l| l.to.clone()));
+        let sent_to = leased_to.unwrap_or_else(|| a.delivered_to.clone());
+        if sent_to != p.name {
+            return Err(crate::error::PermissionDeniedError::new(
+                &p.name,
+                p.role.as_str(),
+                if sent_to.is_empty() {
+                    format!(
+                        "confirm action `{}`: it was not delivered yet",
+                        shown(handle)
+                    )
+                } else {
+                    format!(
+                        "confirm action `{}`: it was sent to another principal",
+                        shown(handle)
+                    )
+                },
+            )
+            .into());
+        }
+        Ok((place, a))
+    }
+
+    /// Confirms an action (see the proto's `CompleteAction`).
+    pub async fn complete(&self, p: &Principal, handle: &str) -> Result<pb::ActionOutcome> {
+        self.app().authorize(p, PolicyAction::HandleActions)?;
+        let guard = self.inner.lock.lock().await;
+        let (place, mut a) = self.confirmable(p, handle)?;
+        let now = now_ms();
+        let late = a.due_ms > 0 && now > a.due_ms;
+        let subject = Digest::from_hex(&a.subject)?;
+        let mut batch = Batch::default();
+        let mut d = vec![("by", serde_json::Value::from(p.name.clone()))];
+        if late {
+            d.push(("late_ms", (now - a.due_ms).into()));
+        }
+        let pos = batch.entry(self.action_entry(
+            &place,
+            &a,
+            ContractStep::ActionCompleted,
+            &p.name,
+            detail(&d),
+        )?);
+        a.state = "completed".into();
+        a.completed_by = p.name.clone();
+        a.completed_at_ms = now;
+        batch.raw.push((
+            customer_action_key(&place.0, &subject.0, place.1, &place.2),
+            None,
+        ));
+        if a.due_ms > 0 {
+            batch
+                .raw
+                .push((rt::timer_key(a.due_ms, &place.0, place.1, &place.2), None));
+        }
+        batch.not_ready.push(place.clone());
+        self.breaker_reset(&place.0, &a.contract);
+        batch.actions.push((place.clone(), a, None, Some(pos)));
+        self.close_instance_if_done(&mut batch, &place)?;
+        self.apply(batch)?;
+        drop(guard);
+        self.app().commit().await?;
+        self.publish();
+        let a = self.action(&place)?;
+        Ok(pb::ActionOutcome {
+            entry: a.completed_entry(),
+            action: Some(action_view(&place, &a)),
+            late,
+            retry_at_ms: 0,
+            fallback_handle: String::new(),
+            paused_until_ms: 0,
+        })
+    }
+
+    /// Reports a failed action (see the proto's `FailAction`).
+    pub async fn fail(
+        &self,
+        p: &Principal,
+        handle: &str,
+        reason: &str,
+    ) -> Result<pb::ActionOutcome> {
+        self.app().authorize(p, PolicyAction::HandleActions)?;
+        if reason.len() > MAX_REASON
+            || reason
+                .chars()
+                .any(|c| c.is_control() || sovra_ledger::entry::is_bidi_control(c))
+        {
+            return Err(VaultError::invalid(
+                "reason",
+                format!(
+                    "at most {MAX_REASON} bytes, no control or bidirectional formatting characters"
+                ),
+            ));
+        }
+        let guard = self.inner.lock.lock().await;
+        let (place, mut a) = self.confirmable(p, handle)?;
+        let now = now_ms();
+        let subject = Digest::from_hex(&a.subject)?;
+        let mut batch = Batch::default();
+        a.failures += 1;
+        let gave_up = a.failures >= a.max_attempts;
+        let mut retry_at = 0;
+        let mut fallback = String::new();
+        let pos = batch.entry(self.action_entry(
+            &place,
+            &a,
+            ContractStep::ActionFailed,
+            &p.name,
+            detail(&[
+                ("reason", reason.into()),
+                ("attempt", a.failures.into()),
+                ("gave_up", gave_up.into()),
+            ]),
+        )?);
+        batch.not_ready.push(place.clone());
+        if gave_up {
+            // Three retries, then a person: a manual task replaces it.
+            a.state = "failed".into();
+            batch.raw.push((
+                customer_action_key(&place.0, &subject.0, place.1, &place.2),
+                None,
+            ));
+            if a.due_ms > 0 {
+                batch
+                    .raw
+                    .push((rt::timer_key(a.due_ms, &place.0, place.1, &place.2), None));
+            }
+            let assignee = if a.escalate_to.is_empty() {
+                format!("department:{}", self.department_of(&place.0, &a.contract))
+            } else {
+                a.escalate_to.clone()
+            };
+            let id = format!("manual.{}", place.2);
+            let manual = ActionRec {
+                kind: "create_task".into(),
+                detail: serde_json::json!({
+                    "assignee": assignee,
+                    "title": "manual_fallback",
+                    "replaces": place.2,
+                    "attempts": a.failures,
+                }),
+                due_ms: 0,
+                escalate_to: String::new(),
+                state: "ready".into(),
+                failures: 0,
+                queued_entry: 0,
+                delivered_to: String::new(),
+                completed_by: String::new(),
+                completed_at_ms: 0,
+                last_entry: 0,
+                ..a.clone()
+            };
+            let qp = batch.entry(
+                self.action_entry(
+                    &place,
+                    &manual,
+                    ContractStep::ActionQueued,
+                    "sovra",
+                    queued_detail(&manual),
+                )?
+                .with_action(&id),
+            );
+            let mplace = (place.0.clone(), place.1, id.clone());
+            batch.raw.push((
+                customer_action_key(&place.0, &subject.0, place.1, &id),
+                Some(Vec::new()),
+            ));
+            batch.now_ready.push(mplace.clone());
+            batch.actions.push((mplace, manual, Some(qp), None));
+            fallback = format!("{}/{id}", place.1);
+        } else {
+            a.state = "waiting".into();
+            let shift = a.failures.saturating_sub(1).min(16);
+            let backoff =
+                i64::try_from(a.backoff_ms.saturating_mul(1u64 << shift)).unwrap_or(i64::MAX / 2);
+            retry_at = now.saturating_add(backoff.max(1));
+            batch.raw.push((
+                rt::timer_key(retry_at, &place.0, place.1, &place.2),
+                Some(vec![TIMER_RETRY]),
+            ));
+        }
+        let paused = self.breaker_fail(&place.0, &a.contract, now);
+        batch.actions.push((place.clone(), a, None, Some(pos)));
+        self.apply(batch)?;
+        drop(guard);
+        self.app().commit().await?;
+        self.publish();
+        let a = self.action(&place)?;
+        Ok(pb::ActionOutcome {
+            entry: a.last_entry,
+            action: Some(action_view(&place, &a)),
+            late: false,
+            retry_at_ms: retry_at,
+            fallback_handle: fallback,
+            paused_until_ms: paused,
+        })
+    }
+
+    fn breaker_reset(&self, tenant: &str, contract: &str) {
+        self.inner
+            .breakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(tenant.to_owned(), contract.to_owned()));
+    }
+
+    /// Counts a failure; returns until when the contract is paused (0: not).
+    fn breaker_fail(&self, tenant: &str, contract: &str, now: i64) -> i64 {
+        let limit = self
+            .app()
+            .engine
+            .contracts(tenant, Some(contract))
+            .ok()
+            .and_then(|v| v.last().cloned())
+            .and_then(|c| self.manifest(&c).ok())
+            .map_or(5, |m| m.retry.breaker_failures.max(1));
+        let mut b = self
+            .inner
+            .breakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let e = b
+            .entry((tenant.to_owned(), contract.to_owned()))
+            .or_default();
+        e.failures += 1;
+        if e.failures >= limit {
+            e.failures = 0;
+            e.open_until_ms = now + BREAKER_PAUSE_MS;
+            tracing::warn!(
+                tenant = %tenant,
+                contract = %contract,
+                failures = limit,
+                "circuit breaker open: this contract's connector failed {limit} times in a row; its actions are not delivered for {} s",
+                BREAKER_PAUSE_MS / 1000
+            );
+            return e.open_until_ms;
+        }
+        if e.open_until_ms > now {
+            e.open_until_ms
+        } else {
+            0
+        }
+    }
+
+    fn action_entry(
+        &self,
+        place: &Place,
+        a: &ActionRec,
+        step: ContractStep,
+        actor: &str,
+        d: String,
+    ) -> Result<Body> {
+        Ok(Body::ContractEvent(ContractEvent {
+            tenant: place.0.clone(),
+            subject: Digest::from_hex(&a.subject)?,
+            contract: a.contract.clone(),
+            version: a.version,
+            contract_sha256: Digest::from_hex(&a.sha256)?,
+            instance: place.1,
+            step,
+            action: place.2.clone(),
+            actor: actor.to_owned(),
+            input_sha256: Digest::default(),
+            fuel_used: 0,
+            detail: d,
+            lineage: Digest::default(),
+        }))
+    }
+
+    /// Marks the instance `done` when none of its actions stays open.
+    fn close_instance_if_done(&self, batch: &mut Batch, place: &Place) -> Result<()> {
+        let engine = &self.app().engine;
+        let Some(v) = engine.rt_get(&instance_key(&place.0, place.1))? else {
+            return Ok(());
+        };
+        let mut inst: InstanceRec = decode("a contract instance", &v)?;
+        for (k, v) in engine.rt_scan(&actions_prefix(&place.0, place.1))? {
+            let p = place_of_action_key(&k)?;
+            let a: ActionRec = match batch.actions.iter().find(|(bp, ..)| *bp == p) {
+                Some((_, a, ..)) => a.clone(),
+                None => decode("an outbox action", &v)?,
+            };
+            if a.is_open() {
+                return Ok(());
+            }
+        }
+        if inst.state == "open" {
+            inst.state = "done".into();
+            batch
+                .raw
+                .push((instance_key(&place.0, place.1), Some(encode(&inst)?)));
+        }
+        Ok(())
+    }
+
+    fn action(&self, place: &Place) -> Result<ActionRec> {
+        let v = self
+            .app()
+            .engine
+            .rt_get(&action_key(&place.0, place.1, &place.2))?
+            .ok_or_else(|| VaultError::not_found(format!("action `{}/{}`", place.1, place.2)))?;
+        decode("an outbox action", &v)
+    }
+
+    // ----- reading -----
+
+    /// One instance with its actions.
+    pub fn instance(&self, tenant: &str, id: u64) -> Result<pb::Instance> {
+        let engine = &self.app().engine;
+        let v = engine
+            .rt_get(&instance_key(tenant, id))?
+            .ok_or_else(|| VaultError::not_found(format!("instance {id}")))?;
+        let inst: InstanceRec = decode("a contract instance", &v)?;
+        let mut actions = Vec::new();
+        for (k, v) in engine.rt_scan(&actions_prefix(tenant, id))? {
+            let place = place_of_action_key(&k)?;
+            let a: ActionRec = decode("an outbox action", &v)?;
+            actions.push(action_view(&place, &a));
+        }
+        Ok(instance_view(id, &inst, actions))
+    }
+
+    /// The tenant's instances (see the proto's `ListInstances`).
+    pub fn list(&self, p: &Principal, r: &pb::ListInstancesRequest) -> Result<Vec<pb::Instance>> {
+        self.app().authorize(p, PolicyAction::ReadContracts)?;
+        let limit = match r.limit {
+            0 => 100,
+            n if n > 1000 => {
+                return Err(VaultError::invalid("limit", "at most 1000"));
+            }
+            n => n as usize,
+        };
+        let cref = if r.customer_id.is_empty() {
+            None
+        } else {
+            crate::schema::validate_id(
+                "customer_id",
+                &r.customer_id,
+                crate::schema::MAX_CUSTOMER_ID_LEN,
+            )?;
+            Some(hex::encode(
+                self.app().engine.cref(&p.tenant, &r.customer_id).0,
+            ))
+        };
+        let mut out = Vec::new();
+        for (k, v) in self
+            .app()
+            .engine
+            .rt_scan_rev(&instance_prefix(&p.tenant), usize::MAX)?
+        {
+            let id = k
+                .get(k.len().saturating_sub(8)..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| {
+                    VaultError::integrity("an instance key in the vault's `contract_runtime` tree")
+                })?;
+            let inst: InstanceRec = decode("a contract instance", &v)?;
+            if (!r.contract.is_empty() && inst.contract != r.contract)
+                || cref.as_ref().is_some_and(|c| *c != inst.cref)
+                || (r.open_only && inst.state != "open")
+            {
+                continue;
+            }
+            out.push(self.instance(&p.tenant, id)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The instance record and the ledger entries of one instance (for the
+    /// evidence report).
+    pub fn instance_entries(
+        &self,
+        p: &Principal,
+        id: u64,
+    ) -> Result<(pb::Instance, Digest, Vec<u64>)> {
+        self.app().authorize(p, PolicyAction::ReadContracts)?;
+        let view = self.instance(&p.tenant, id)?;
+        let v = self
+            .app()
+            .engine
+            .rt_get(&instance_key(&p.tenant, id))?
+            .ok_or_else(|| VaultError::not_found(format!("instance {id}")))?;
+        let inst: InstanceRec = decode("a contract instance", &v)?;
+        let subject = Digest::from_hex(&inst.subject)?;
+        let ledger = &self.app().ledger;
+        let mut entries = Vec::new();
+        for i in ledger.subject_entries(&subject)? {
+            if i < inst.evaluated_entry {
+                continue;
+            }
+            if let Body::ContractEvent(ev) = ledger.entry(i)?.1.body {
+                if ev.instance == id && ev.contract == inst.contract && ev.tenant == p.tenant {
+                    entries.push(i);
+                }
+            }
+        }
+        Ok((view, subject, entries))
+    }
+
+    /// The evidence report of an instance (see the proto's `GetEvidence`).
+    pub async fn evidence(&self, p: &Principal, instance: u64) -> Result<super::evidence::Report> {
+        let (rt, p) = (self.clone(), p.clone());
+        tokio::task::spawn_blocking(move || {
+            super::evidence::build(&rt, &rt.app().ledger, &p, instance)
+        })
+        .await
+        .map_err(|_| VaultError::internal("the evidence task"))?
+    }
+
+    /// How many actions wait in the outbox (ready or leased).
+    pub fn outbox_len(&self) -> usize {
+        self.ready_lock().len()
+    }
+}
+
+/// `Body::ContractEvent` with another action id.
+trait WithAction {
+    fn with_action(self, id: &str) -> Self;
+}
+
+impl WithAction for Body {
+    fn with_action(mut self, id: &str) -> Self {
+        if let Body::ContractEvent(ev) = &mut self {
+            ev.action = id.to_owned();
+        }
+        self
+    }
+}
+
+impl ActionRec {
+    fn completed_entry(&self) -> u64 {
+        self.last_entry
+    }
+}
+
+/// The policy principal of a contract.
+pub fn contract_principal(m: &Manifest) -> sovra_policy::Principal {
+    sovra_policy::Principal {
+        kind: PrincipalKind::Workload,
+        name: m.id.clone(),
+        department: m.department.clone(),
+        purposes: [m.purpose.clone()].into(),
+    }
+}
+
+/// Decides one planned action for the contract's principal; returns
+/// whether it is allowed and the determining policies (or the error).
+pub fn decide(
+    pol: &sovra_policy::Policies,
+    principal: &sovra_policy::Principal,
+    tenant: &str,
+    m: &Manifest,
+    p: &Planned,
+    customer: &CustomerAttrs,
+) -> (bool, Vec<String>) {
+    // Cancelling is decided for the purpose it cancels (95-contracts.cedar).
+    let purpose = match p.kind {
+        "cancel_actions" => p.detail["purpose"].as_str().unwrap_or_default(),
+        _ => m.purpose.as_str(),
+    };
+    let ctx = policy::context(purpose, 0);
+    let action = match p.kind {
+        "notify" => PolicyAction::Notify,
+        "create_task" => PolicyAction::CreateTask,
+        "request_approvals" => PolicyAction::RequestApprovals,
+        "cancel_actions" => PolicyAction::CancelActions,
+        "submit_workload" => PolicyAction::SubmitJob,
+        // Reads are decided when they are made (`read_for`); a
+        // `read_fields` action only asks for them, and a write is decided
+        // per field by the connector's own call.
+        "read_fields" | "write_field" => PolicyAction::Notify,
+        other => {
+            return (
+                false,
+                vec![format!("error: no policy action for `{other}`")],
+            )
+        }
+    };
+    let decided = pol
+        .scope(principal, tenant, customer, &[])
+        .and_then(|scope| pol.decide(&scope, action, None, &ctx));
+    match decided {
+        Ok(d) => (d.allowed(), d.policies().to_vec()),
+        Err(e) => (false, vec![format!("error: {e}")]),
+    }
+}
+
+fn scalar(v: &FieldValue) -> Scalar {
+    match v {
+        FieldValue::Text(t) => Scalar::Str(t.clone()),
+        FieldValue::Integer(i) | FieldValue::Timestamp(i) => Scalar::Int(*i),
+    }
+}
+
+fn detail(pairs: &[(&str, serde_json::Value)]) -> String {
+    let m: serde_json::Map<String, serde_json::Value> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    serde_json::Value::Object(m).to_string()
+}
+
+fn queued_detail(a: &ActionRec) -> String {
+    let mut pairs = vec![("kind", serde_json::Value::from(a.kind.clone()))];
+    if a.due_ms > 0 {
+        pairs.push(("due_ms", a.due_ms.into()));
+    }
+    if !a.escalate_to.is_empty() {
+        pairs.push(("escalate_to", a.escalate_to.clone().into()));
+    }
+    pairs.push(("policies", a.policies.join(",").into()));
+    detail(&pairs)
+}
+
+fn shown(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// Parses `INSTANCE/ACTION_ID`.
+fn parse_handle(h: &str) -> Result<(u64, String)> {
+    let bad = || {
+        VaultError::invalid(
+            "handle",
+            format!(
+                "`{}` is not an action handle (`INSTANCE/ACTION_ID`, as WatchActions sent it)",
+                shown(h)
+            ),
+        )
+    };
+    let (i, a) = h.split_once('/').ok_or_else(bad)?;
+    let i: u64 = i.parse().map_err(|_| bad())?;
+    if a.is_empty()
+        || a.len() > 80
+        || !a
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    {
+        return Err(bad());
+    }
+    Ok((i, a.to_owned()))
+}
+
+fn place_of_action_key(k: &[u8]) -> Result<Place> {
+    let bad = || VaultError::integrity("an action key in the vault's `contract_runtime` tree");
+    let rest = k.get(1..).ok_or_else(bad)?;
+    let z = rest.iter().position(|b| *b == 0).ok_or_else(bad)?;
+    let tenant = std::str::from_utf8(&rest[..z])
+        .map_err(|_| bad())?
+        .to_owned();
+    let id = rest
+        .get(z + 1..z + 9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(bad)?;
+    let action = std::str::from_utf8(rest.get(z + 9..).ok_or_else(bad)?)
+        .map_err(|_| bad())?
+        .to_owned();
+    Ok((tenant, id, action))
+}
+
+fn place_of_customer_key(k: &[u8], tenant: &str) -> Result<Place> {
+    let bad =
+        || VaultError::integrity("a customer action key in the vault's `contract_runtime` tree");
+    let at = 1 + tenant.len() + 1 + 32;
+    let id = k
+        .get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(bad)?;
+    let action = std::str::from_utf8(k.get(at + 8..).ok_or_else(bad)?)
+        .map_err(|_| bad())?
+        .to_owned();
+    Ok((tenant.to_owned(), id, action))
+}
+
+fn subject_bytes(hex_subject: &str) -> Result<[u8; 32]> {
+    Ok(Digest::from_hex(hex_subject)?.0)
+}
+
+/// The latest completion or cancellation of an open action the ledger
+/// holds after it was queued: (step, entry, actor).
+fn ledger_step(
+    ledger: &sovra_ledger::Ledger,
+    place: &Place,
+    a: &ActionRec,
+) -> Result<Option<(ContractStep, u64, String)>> {
+    let subject = Digest::from_hex(&a.subject)?;
+    let mut found = None;
+    for i in ledger.subject_entries(&subject)? {
+        if i <= a.queued_entry.max(a.last_entry) {
+            continue;
+        }
+        if let Body::ContractEvent(ev) = ledger.entry(i)?.1.body {
+            if ev.tenant == place.0
+                && ev.instance == place.1
+                && ev.action == place.2
+                && matches!(
+                    ev.step,
+                    ContractStep::ActionCompleted | ContractStep::Cancelled
+                )
+            {
+                found = Some((ev.step, i, ev.actor));
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn check_signal(s: &SignalRequest) -> Result<()> {
+    if !sovra_contracts::manifest::is_identifier(&s.name) {
+        return Err(VaultError::invalid(
+            "name",
+            format!(
+                "`{}` is not an identifier ([a-z][a-z0-9_]*, at most 64 bytes)",
+                shown(&s.name)
+            ),
+        ));
+    }
+    crate::schema::validate_id(
+        "customer_id",
+        &s.customer_id,
+        crate::schema::MAX_CUSTOMER_ID_LEN,
+    )?;
+    if !s.contract.is_empty()
+        && !sovra_contracts::manifest::is_identifier(&s.contract.replace('-', "_"))
+    {
+        return Err(VaultError::invalid(
+            "contract",
+            format!("`{}` is not a contract id", shown(&s.contract)),
+        ));
+    }
+    if s.idempotency_key.len() > MAX_KEY_LEN
+        || s.idempotency_key
+            .chars()
+            .any(|c| c.is_control() || !c.is_ascii())
+    {
+        return Err(VaultError::invalid(
+            "idempotency_key",
+            format!("at most {MAX_KEY_LEN} printable ASCII bytes"),
+        ));
+    }
+    let e = Event {
+        kind: Trigger::Signal,
+        name: s.name.clone(),
+        at_ms: 0,
+        attrs: s.attrs.clone(),
+        fields: BTreeMap::new(),
+    };
+    e.check()
+        .map_err(|err| VaultError::invalid("attrs", err.to_string()))
+}
+
+fn signal_digest(s: &SignalRequest) -> String {
+    let v = serde_json::json!({
+        "name": s.name, "customer": s.customer_id, "contract": s.contract, "attrs": s.attrs,
+    });
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        v.to_string().as_bytes(),
+    ))
+}
+
+fn action_view(place: &Place, a: &ActionRec) -> pb::Action {
+    pb::Action {
+        handle: format!("{}/{}", place.1, place.2),
+        instance: place.1,
+        contract: a.contract.clone(),
+        action_id: place.2.clone(),
+        kind: a.kind.clone(),
+        detail_json: a.detail.to_string(),
+        customer_id: String::new(),
+        due_at_ms: a.due_ms,
+        escalate_to: a.escalate_to.clone(),
+        state: a.state.clone(),
+        attempt: a.failures + 1,
+        completed_by: a.completed_by.clone(),
+        completed_at_ms: a.completed_at_ms,
+        policies: a.policies.clone(),
+    }
+}
+
+fn instance_view(id: u64, i: &InstanceRec, actions: Vec<pb::Action>) -> pb::Instance {
+    pb::Instance {
+        id,
+        contract: i.contract.clone(),
+        version: i.version,
+        sha256: i.sha256.clone(),
+        trigger: i.trigger.clone(),
+        state: i.state.clone(),
+        failure: i.failure.clone(),
+        evaluated_entry: i.evaluated_entry,
+        created_at_ms: i.created_at_ms,
+        fuel_used: i.fuel_used,
+        actions,
+    }
+}
