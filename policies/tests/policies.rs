@@ -291,7 +291,8 @@ proptest! {
 
     /// Whatever the purpose string, principal name, department or customer
     /// attributes: partners never get plaintext, officers and admins never
-    /// read field values, and nobody but admins erases.
+    /// read field values, contracts read only for their purpose, and nobody
+    /// but admins erases.
     #[test]
     fn hostile_request_input_never_allows_what_roles_forbid(
         kind in kinds(),
@@ -315,8 +316,18 @@ proptest! {
         let d = pol.read_fields(&scope, &[&f], &ctx).unwrap();
         match kind {
             PrincipalKind::Partner => prop_assert_ne!(d[0].disclosure, Disclosure::Plaintext),
-            PrincipalKind::Officer | PrincipalKind::Admin | PrincipalKind::Workload => {
+            PrincipalKind::Officer | PrincipalKind::Admin => {
                 prop_assert_eq!(d[0].disclosure, Disclosure::Denied)
+            }
+            // A contract reads for its own purpose only, and sees a
+            // sensitive field in the clear only in the owning department.
+            PrincipalKind::Workload => {
+                if d[0].disclosure != Disclosure::Denied {
+                    prop_assert!(p.purposes.contains(&ctx.purpose));
+                }
+                if d[0].disclosure == Disclosure::Plaintext && f.sensitivity == "sensitive" {
+                    prop_assert_eq!(&p.department, &f.department);
+                }
             }
             PrincipalKind::Service => {}
         }

@@ -65,6 +65,62 @@ pub enum ContractCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Send a business signal about a customer to the tenant's contracts
+    /// (service): prints each instance it started and its actions.
+    Signal {
+        #[command(flatten)]
+        conn: Conn,
+        /// The signal's name (`poc_report_signed`).
+        name: String,
+        /// The customer it is about.
+        #[arg(long)]
+        customer: String,
+        /// Only this contract.
+        #[arg(long, default_value = "")]
+        contract: String,
+        /// An idempotency key: a retry with it starts nothing new.
+        #[arg(long, default_value = "")]
+        key: String,
+        /// An attribute, `NAME=VALUE` (an integer, `true`/`false`, or text); repeatable.
+        #[arg(long = "attr")]
+        attrs: Vec<String>,
+    },
+    /// List contract instances and their actions (service, officer or admin).
+    Instances {
+        #[command(flatten)]
+        conn: Conn,
+        /// Only this contract's.
+        #[arg(long, default_value = "")]
+        contract: String,
+        /// Only this customer's.
+        #[arg(long, default_value = "")]
+        customer: String,
+        /// Only instances with obligations outstanding.
+        #[arg(long)]
+        open: bool,
+        /// At most this many (newest first).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Export an instance's evidence report (verified before it is written),
+    /// or verify a report offline with `--verify`.
+    Evidence {
+        #[command(flatten)]
+        conn: Conn,
+        /// The instance to export.
+        #[arg(long, required_unless_present = "verify", conflicts_with = "verify")]
+        instance: Option<u64>,
+        /// Write the report here (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Verify this report offline instead (no server).
+        #[arg(long)]
+        verify: Option<PathBuf>,
+        /// The log's verifier key as you hold it (a file); without it the
+        /// report's own key is used, which proves integrity but not origin.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
     /// Check a manifest and its guest module offline (exit 1 naming file, line and problem).
     Validate {
         /// The manifest (TOML); its `[guest] module` is read from beside it.
@@ -102,30 +158,7 @@ pub enum ContractCmd {
 pub async fn run(cmd: ContractCmd) -> CmdResult {
     match cmd {
         ContractCmd::Register { conn, manifest } => register(&conn, &manifest).await,
-        ContractCmd::List { conn, all } => {
-            let mut c = connect_contracts(&conn).await?;
-            let r = c
-                .list_contracts(cpb::ListContractsRequest {
-                    include_disabled: all,
-                })
-                .await?
-                .into_inner();
-            if r.contracts.is_empty() {
-                println!("no contracts");
-            }
-            for k in &r.contracts {
-                println!(
-                    "{} v{}{} sha256 {} purpose {} triggers {}",
-                    k.id,
-                    k.version,
-                    if k.disabled { " (disabled)" } else { "" },
-                    k.sha256,
-                    k.purpose,
-                    k.triggers.join(",")
-                );
-            }
-            Ok(())
-        }
+        ContractCmd::List { conn, all } => list(&conn, all).await,
         ContractCmd::Show { conn, id, version } => {
             let mut c = connect_contracts(&conn).await?;
             let r = c
@@ -149,6 +182,39 @@ pub async fn run(cmd: ContractCmd) -> CmdResult {
             print_contract(&r);
             Ok(())
         }
+        ContractCmd::Signal {
+            conn,
+            name,
+            customer,
+            contract,
+            key,
+            attrs,
+        } => signal(&conn, name, customer, contract, key, &attrs).await,
+        ContractCmd::Instances {
+            conn,
+            contract,
+            customer,
+            open,
+            limit,
+        } => {
+            instances(
+                &conn,
+                cpb::ListInstancesRequest {
+                    contract,
+                    customer_id: customer,
+                    open_only: open,
+                    limit,
+                },
+            )
+            .await
+        }
+        ContractCmd::Evidence {
+            conn,
+            instance,
+            out,
+            verify,
+            key,
+        } => evidence(&conn, instance, out, verify, key).await,
         ContractCmd::Validate { manifest, schema } => {
             let m = load(&manifest, schema.as_deref())?;
             println!(
@@ -242,6 +308,205 @@ async fn register(conn: &Conn, manifest: &Path) -> CmdResult {
         .await?
         .into_inner();
     print_contract(&r);
+    Ok(())
+}
+
+/// Most `--attr` a signal carries.
+const MAX_ATTRS: usize = 32;
+
+async fn signal(
+    conn: &Conn,
+    name: String,
+    customer: String,
+    contract: String,
+    key: String,
+    attrs: &[String],
+) -> CmdResult {
+    if attrs.len() > MAX_ATTRS {
+        return Err(Failure::Usage(format!("at most {MAX_ATTRS} --attr")));
+    }
+    let mut map = std::collections::HashMap::new();
+    for a in attrs {
+        let (k, v) = a
+            .split_once('=')
+            .ok_or_else(|| Failure::Usage(format!("--attr `{a:.80}`: expected NAME=VALUE")))?;
+        let kind = if let Ok(i) = v.parse::<i64>() {
+            cpb::value::Kind::Integer(i)
+        } else if let Ok(b) = v.parse::<bool>() {
+            cpb::value::Kind::Boolean(b)
+        } else {
+            cpb::value::Kind::Text(v.to_owned())
+        };
+        map.insert(k.to_owned(), cpb::Value { kind: Some(kind) });
+    }
+    let mut c = connect_contracts(conn).await?;
+    let r = c
+        .signal(cpb::SignalRequest {
+            name,
+            customer_id: customer,
+            contract,
+            idempotency_key: key,
+            attrs: map,
+        })
+        .await?
+        .into_inner();
+    if r.replayed {
+        println!("replayed: this key was used before; nothing new was started");
+    }
+    if r.instances.is_empty() {
+        println!("no enabled contract is triggered by this signal");
+    }
+    for i in &r.instances {
+        print_instance(i);
+    }
+    Ok(())
+}
+
+async fn list(conn: &Conn, all: bool) -> CmdResult {
+    let mut c = connect_contracts(conn).await?;
+    let r = c
+        .list_contracts(cpb::ListContractsRequest {
+            include_disabled: all,
+        })
+        .await?
+        .into_inner();
+    if r.contracts.is_empty() {
+        println!("no contracts");
+    }
+    for k in &r.contracts {
+        println!(
+            "{} v{}{} sha256 {} purpose {} triggers {}",
+            k.id,
+            k.version,
+            if k.disabled { " (disabled)" } else { "" },
+            k.sha256,
+            k.purpose,
+            k.triggers.join(",")
+        );
+    }
+    Ok(())
+}
+
+async fn instances(conn: &Conn, req: cpb::ListInstancesRequest) -> CmdResult {
+    let mut c = connect_contracts(conn).await?;
+    let r = c.list_instances(req).await?.into_inner();
+    if r.instances.is_empty() {
+        println!("no instances");
+    }
+    for i in &r.instances {
+        print_instance(i);
+    }
+    Ok(())
+}
+
+fn print_instance(i: &cpb::Instance) {
+    println!(
+        "instance {} {} v{} {} {}{}",
+        i.id,
+        i.contract,
+        i.version,
+        i.trigger,
+        i.state,
+        if i.failure.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", i.failure)
+        }
+    );
+    for a in &i.actions {
+        println!(
+            "  {} {} {}{}{}",
+            a.handle,
+            a.kind,
+            a.state,
+            if a.due_at_ms > 0 {
+                format!(" due {}", a.due_at_ms)
+            } else {
+                String::new()
+            },
+            if a.completed_by.is_empty() {
+                String::new()
+            } else {
+                format!(" by {}", a.completed_by)
+            }
+        );
+    }
+}
+
+/// Largest evidence report `--verify` reads.
+const MAX_REPORT_FILE: u64 = sovra_vault::contracts::evidence::MAX_REPORT_BYTES as u64;
+
+async fn evidence(
+    conn: &Conn,
+    instance: Option<u64>,
+    out: Option<PathBuf>,
+    verify: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> CmdResult {
+    use sovra_vault::contracts::evidence;
+    let key = match &key {
+        Some(p) => Some(
+            String::from_utf8(read_file(p, 64 * 1024)?)
+                .map_err(|_| Failure::Usage(format!("{}: not UTF-8", p.display())))?,
+        ),
+        None => None,
+    };
+    let json = match (&verify, instance) {
+        (Some(path), _) => read_file(path, MAX_REPORT_FILE)?,
+        (None, Some(id)) => {
+            let mut c = connect_contracts(conn).await?;
+            c.get_evidence(cpb::GetEvidenceRequest { instance: id })
+                .await?
+                .into_inner()
+                .json
+                .into_bytes()
+        }
+        (None, None) => return Err(Failure::Usage("--instance or --verify".into())),
+    };
+    let v = evidence::verify(&json, key.as_deref()).map_err(|e| match e {
+        VaultError::InvalidArgument(_) => Failure::Usage(e.to_string()),
+        e => Failure::Verify(format!("REFUSED: {e}")),
+    })?;
+    if verify.is_none() {
+        match &out {
+            Some(p) => std::fs::write(p, &json)
+                .map_err(|e| Failure::Local(format!("{}: {e}", p.display())))?,
+            None => println!("{}", String::from_utf8_lossy(&json)),
+        }
+    }
+    if verify.is_some() || out.is_some() {
+        println!(
+            "OK: {} entries proven against a checkpoint of size {} ({})",
+            v.entries,
+            v.tree_size,
+            if v.key_pinned {
+                "your key"
+            } else {
+                "the report's own key: pin yours with --key to prove origin"
+            }
+        );
+        for o in &v.obligations {
+            let due = if o.due_ms > 0 {
+                format!("due {}", o.due_ms)
+            } else {
+                "no deadline".to_owned()
+            };
+            let mut line = format!("  {} ({}) {due}: {}", o.action, o.kind, o.outcome);
+            if o.at_ms > 0 {
+                line.push_str(&format!(" at {}", o.at_ms));
+            }
+            if !o.by.is_empty() {
+                line.push_str(&format!(" by {}", o.by));
+            }
+            if !o.escalated_to.is_empty() {
+                line.push_str(&format!(
+                    ", escalated to {} (entry {})",
+                    o.escalated_to, o.escalated_entry
+                ));
+            }
+            println!("{line}");
+        }
+    }
     Ok(())
 }
 

@@ -408,6 +408,46 @@ async fn the_table_holds_through_grpc() {
                     r => outcome(r),
                 }
             }
+            "Signal" => outcome(
+                ct.signal(cpb::SignalRequest {
+                    name: "ping".into(),
+                    customer_id: customer.clone(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+            "WatchActions" => outcome(ct.watch_actions(cpb::WatchActionsRequest::default()).await),
+            "ListInstances" => outcome(
+                ct.list_instances(cpb::ListInstancesRequest::default())
+                    .await,
+            ),
+            // An unknown action or instance: NOT_FOUND is past the policy
+            // check.
+            "CompleteAction" | "FailAction" | "GetEvidence" => {
+                let r = match row.rpc.as_str() {
+                    "CompleteAction" => ct
+                        .complete_action(cpb::CompleteActionRequest {
+                            handle: "999999/authz".into(),
+                        })
+                        .await
+                        .map(|_| ()),
+                    "FailAction" => ct
+                        .fail_action(cpb::FailActionRequest {
+                            handle: "999999/authz".into(),
+                            reason: String::new(),
+                        })
+                        .await
+                        .map(|_| ()),
+                    _ => ct
+                        .get_evidence(cpb::GetEvidenceRequest { instance: 999_999 })
+                        .await
+                        .map(|_| ()),
+                };
+                match r {
+                    Err(s) if s.code() == Code::NotFound => Ok("allow"),
+                    r => outcome(r),
+                }
+            }
             other => panic!("authz.table line {}: no executor for {other}", row.line),
         };
         match got {

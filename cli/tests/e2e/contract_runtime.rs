@@ -132,6 +132,12 @@ async fn poc_activation_runs_end_to_end_and_a_missed_deadline_escalates_across_a
     let other = cfg
         .add_principal_with("svc-2", Role::Service, "default", "sales", SERVICE_PURPOSES)
         .unwrap();
+    let beta = cfg
+        .add_principal_with("svc-beta", Role::Service, "beta", "sales", SERVICE_PURPOSES)
+        .unwrap();
+    let beta_officer = cfg
+        .add_principal("dpo-beta", Role::Officer, "beta")
+        .unwrap();
     sovra_vault::config::write_config(&cfg, &env.config_path).unwrap();
     let srv = env.start().await;
     let mut adm = contracts(&srv.url, &env.admin).await;
@@ -224,6 +230,34 @@ async fn poc_activation_runs_end_to_end_and_a_missed_deadline_escalates_across_a
         Code::PermissionDenied,
     );
     assert!(e.message().contains("sent to another principal"), "{e:?}");
+    // Another tenant sees none of it: its handle, instance and evidence
+    // are NOT_FOUND there, and its signals do not reach this tenant's
+    // contracts.
+    let mut b = contracts(&srv.url, &beta.token).await;
+    expect_code(
+        b.complete_action(cpb::CompleteActionRequest {
+            handle: format!("{id}/raise_receivable"),
+        })
+        .await,
+        Code::NotFound,
+    );
+    let mut bo = contracts(&srv.url, &beta_officer.token).await;
+    expect_code(
+        bo.get_evidence(cpb::GetEvidenceRequest { instance: id })
+            .await,
+        Code::NotFound,
+    );
+    assert!(bo
+        .list_instances(cpb::ListInstancesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .is_empty());
+    expect_code(
+        b.signal(signal("poc_report_signed", "cust-poc", "")).await,
+        Code::NotFound,
+    );
     expect_code(
         svc.complete_action(cpb::CompleteActionRequest {
             handle: "not a handle".into(),
@@ -693,4 +727,188 @@ async fn a_looping_guest_fails_its_instance_and_a_failing_connector_gets_retries
     );
     expect_code(svc.signal(bad).await, Code::InvalidArgument);
     srv.stop().await;
+}
+
+/// kill -9 while signals arrive, actions are outstanding, completions are
+/// being sent and timers are pending: after the restart every acknowledged
+/// instance and completion is there, no completion is recorded twice,
+/// what was delivered but not completed is delivered again, and the
+/// pending timers fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_actions_outstanding_and_timers_pending_loses_nothing_and_completes_once() {
+    use std::sync::{Arc, Mutex};
+    let env = Env::new();
+    let port = free_port();
+    let mut child = spawn_server(crate::SOVRA, &env, port).await;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut adm = contracts(&url, &env.admin).await;
+    adm.register_contract(shipped("poc-activation", &[("\"72h\"", "\"6s\"")]))
+        .await
+        .unwrap();
+    let mut v = client::connect(&url, Some(&env.service), None)
+        .await
+        .unwrap();
+    for i in 0..150 {
+        v.put_record(put(&format!("k-{i}"), &[("email", text("k@example.com"))]))
+            .await
+            .unwrap();
+    }
+    let acked_instances: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let acked_completions: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Signals, one after the other, until the process dies.
+    let signals = {
+        let (url, token, acked) = (url.clone(), env.service.clone(), acked_instances.clone());
+        tokio::spawn(async move {
+            let mut c = contracts(&url, &token).await;
+            for i in 0..150 {
+                match c
+                    .signal(signal(
+                        "poc_report_signed",
+                        &format!("k-{i}"),
+                        &format!("sig-{i}"),
+                    ))
+                    .await
+                {
+                    Ok(r) => acked.lock().unwrap().push(r.into_inner().instances[0].id),
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    // A connector completing every other delivery, until the process dies.
+    let connector = {
+        let (url, token, acked) = (url.clone(), env.service.clone(), acked_completions.clone());
+        tokio::spawn(async move {
+            let mut c = contracts(&url, &token).await;
+            let Ok(s) = c
+                .watch_actions(cpb::WatchActionsRequest {
+                    lease_seconds: 1,
+                    ..Default::default()
+                })
+                .await
+            else {
+                return;
+            };
+            let mut s = s.into_inner();
+            let mut n = 0;
+            while let Ok(Some(d)) = s.message().await {
+                n += 1;
+                let a = d.action.unwrap();
+                if n % 2 == 0 || a.action_id != "send_activation_link" {
+                    continue;
+                }
+                match c
+                    .complete_action(cpb::CompleteActionRequest {
+                        handle: a.handle.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => acked.lock().unwrap().push(a.handle),
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    // Killed while signals and completions are in flight.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let _ = signals.await;
+    let _ = connector.await;
+    let instances = acked_instances.lock().unwrap().clone();
+    let completions = acked_completions.lock().unwrap().clone();
+    assert!(
+        !instances.is_empty(),
+        "no signal was acknowledged before the kill"
+    );
+    eprintln!(
+        "acknowledged before the kill: {} instances, {} completions",
+        instances.len(),
+        completions.len()
+    );
+
+    let port = free_port();
+    let mut child = spawn_server(crate::SOVRA, &env, port).await;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut off = contracts(&url, &env.officer).await;
+    let all = off
+        .list_instances(cpb::ListInstancesRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    for id in &instances {
+        let i = all
+            .iter()
+            .find(|i| i.id == *id)
+            .unwrap_or_else(|| panic!("acknowledged instance {id} lost"));
+        assert_eq!(i.actions.len(), 3, "{i:?}");
+    }
+    for h in &completions {
+        let (id, a) = h.split_once('/').unwrap();
+        let i = all.iter().find(|i| i.id.to_string() == id).unwrap();
+        assert_eq!(
+            action(i, a).state,
+            "completed",
+            "acknowledged completion {h} lost"
+        );
+    }
+    // What is still open is delivered again, and can be completed once.
+    let open: usize = all
+        .iter()
+        .flat_map(|i| &i.actions)
+        .filter(|a| a.state == "ready")
+        .count();
+    let mut svc = contracts(&url, &env.service).await;
+    let again = take(&mut svc, open, 60).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for a in &again {
+        assert!(
+            seen.insert(a.handle.clone()),
+            "delivered twice to one stream: {}",
+            a.handle
+        );
+        assert!(
+            !completions.contains(&a.handle),
+            "a completed action was delivered again"
+        );
+    }
+    let first = again
+        .iter()
+        .find(|a| a.action_id == "open_delivery_task")
+        .unwrap();
+    svc.complete_action(cpb::CompleteActionRequest {
+        handle: first.handle.clone(),
+    })
+    .await
+    .unwrap();
+    // The pending timers fire after the restart: the rest escalate.
+    let last = *instances.last().unwrap();
+    wait_instance(&mut off, last, |i| {
+        action(i, "raise_receivable").state == "escalated"
+    })
+    .await;
+    // No completion is recorded twice in the ledger.
+    let entries = ledger_entries(&url, &env.officer).await;
+    let mut completed = std::collections::BTreeMap::new();
+    for (_, e) in &entries {
+        if e["kind"] == "contract_event" && e["step"] == "action_completed" {
+            *completed
+                .entry(format!(
+                    "{}/{}",
+                    e["instance"],
+                    e["action"].as_str().unwrap()
+                ))
+                .or_insert(0) += 1;
+        }
+    }
+    assert!(completed.values().all(|n| *n == 1), "{completed:?}");
+    for h in &completions {
+        assert_eq!(completed.get(h), Some(&1), "{h} not in the ledger once");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -160,6 +160,42 @@ impl Batch {
     }
 }
 
+/// What every entry of one instance's evaluation shares.
+struct StepCx<'a> {
+    about: &'a About,
+    m: &'a Manifest,
+    pin: Digest,
+    id: u64,
+    actor: &'a str,
+}
+
+impl StepCx<'_> {
+    fn body(
+        &self,
+        step: ContractStep,
+        action: &str,
+        input: Digest,
+        fuel: u64,
+        detail: String,
+    ) -> Body {
+        Body::ContractEvent(ContractEvent {
+            tenant: self.about.tenant.clone(),
+            subject: self.about.subject,
+            contract: self.m.id.clone(),
+            version: self.m.version,
+            contract_sha256: self.pin,
+            instance: self.id,
+            step,
+            action: action.to_owned(),
+            actor: self.actor.to_owned(),
+            input_sha256: input,
+            fuel_used: fuel,
+            detail,
+            lineage: Digest::default(),
+        })
+    }
+}
+
 /// A stored contract in force, with its checked manifest.
 struct InForce {
     stored: StoredContract,
@@ -503,43 +539,22 @@ impl Runtime {
             actions: Vec::new(),
         };
         let pin = Digest::from_slice("pin", &c.stored.record.sha256)?;
-        let step = |step: ContractStep, action: &str, input: Digest, fuel: u64, detail: String| {
-            Body::ContractEvent(ContractEvent {
-                tenant: about.tenant.clone(),
-                subject: about.subject,
-                contract: m.id.clone(),
-                version: m.version,
-                contract_sha256: pin,
-                instance: id,
-                step,
-                action: action.to_owned(),
-                actor: actor.to_owned(),
-                input_sha256: input,
-                fuel_used: fuel,
-                detail,
-                lineage: Digest::default(),
-            })
+        let cx = StepCx {
+            about,
+            m,
+            pin,
+            id,
+            actor,
+        };
+        let step = |s: ContractStep, action: &str, input: Digest, fuel: u64, d: String| {
+            cx.body(s, action, input, fuel, d)
         };
         // The customer's fields and policy attributes, as the contract's
         // principal may see them.
         let (fields, customer) = match self.read_for(about, m, &principal) {
             Ok(v) => v,
             Err(why) => {
-                inst.state = "failed".into();
-                inst.failure = why.clone();
-                let pos = batch.entry(step(
-                    ContractStep::Failed,
-                    "",
-                    Digest::default(),
-                    0,
-                    detail(&[
-                        ("trigger", inst.trigger.clone().into()),
-                        ("reason", why.into()),
-                    ]),
-                ));
-                batch
-                    .instances
-                    .push((about.tenant.clone(), id, inst, Some(pos)));
+                failed(batch, &cx, inst, why, Digest::default(), 0);
                 return Ok(());
             }
         };
@@ -555,27 +570,11 @@ impl Runtime {
         let e: Evaluation = match evaluated {
             Ok(e) => e,
             Err(err) => {
-                let why = err.to_string();
-                inst.state = "failed".into();
-                inst.failure = why.clone();
                 let fuel = match &err {
                     sovra_contracts::ContractError::Guest(g) => g.fuel_used(),
                     _ => 0,
                 };
-                inst.fuel_used = fuel;
-                let pos = batch.entry(step(
-                    ContractStep::Failed,
-                    "",
-                    input,
-                    fuel,
-                    detail(&[
-                        ("trigger", inst.trigger.clone().into()),
-                        ("reason", why.into()),
-                    ]),
-                ));
-                batch
-                    .instances
-                    .push((about.tenant.clone(), id, inst, Some(pos)));
+                failed(batch, &cx, inst, err.to_string(), input, fuel);
                 return Ok(());
             }
         };
@@ -618,82 +617,9 @@ impl Runtime {
                 planned,
                 &customer,
             );
-            let place = (about.tenant.clone(), id, planned.id.clone());
-            let mut a = ActionRec {
-                contract: m.id.clone(),
-                version: m.version,
-                sha256: inst.sha256.clone(),
-                purpose: m.purpose.clone(),
-                kind: planned.kind.to_owned(),
-                detail: planned.detail.clone(),
-                cref: about.cref.clone(),
-                subject: about.subject.to_hex(),
-                due_ms: planned.due_ms.unwrap_or(0),
-                escalate_to: planned.escalate_to.clone().unwrap_or_default(),
-                state: "ready".into(),
-                failures: 0,
-                max_attempts: m.retry.max_attempts.max(1),
-                backoff_ms: m.retry.backoff_ms,
-                policies: decision.1.clone(),
-                queued_entry: 0,
-                delivered_to: String::new(),
-                completed_by: String::new(),
-                completed_at_ms: 0,
-                last_entry: 0,
-            };
-            if !decision.0 {
-                a.state = "denied".into();
-                let qp = batch.entry(step(
-                    ContractStep::ActionDenied,
-                    &planned.id,
-                    input,
-                    0,
-                    detail(&[
-                        ("kind", planned.kind.into()),
-                        ("policies", decision.1.join(",").into()),
-                    ]),
-                ));
-                batch.actions.push((place, a, Some(qp), None));
-                continue;
+            if self.queue(batch, &cx, planned, decision, input, &inst.sha256, at_ms)? {
+                open += 1;
             }
-            let qp = batch.entry(step(
-                ContractStep::ActionQueued,
-                &planned.id,
-                input,
-                0,
-                queued_detail(&a),
-            ));
-            if planned.kind == "cancel_actions" {
-                // The runtime takes it itself: the customer's open actions
-                // of that purpose are cancelled, then it is completed.
-                let purpose = planned.detail["purpose"].as_str().unwrap_or_default();
-                self.cancel_open(batch, about, Some(purpose), actor, id)?;
-                a.state = "completed".into();
-                a.completed_by = "sovra".into();
-                a.completed_at_ms = at_ms;
-                let cp = batch.entry(step(
-                    ContractStep::ActionCompleted,
-                    &planned.id,
-                    input,
-                    0,
-                    detail(&[("by", "sovra".into())]),
-                ));
-                batch.actions.push((place, a, Some(qp), Some(cp)));
-                continue;
-            }
-            open += 1;
-            if a.due_ms > 0 {
-                batch.raw.push((
-                    rt::timer_key(a.due_ms, &about.tenant, id, &planned.id),
-                    Some(vec![TIMER_DEADLINE]),
-                ));
-            }
-            batch.raw.push((
-                customer_action_key(&about.tenant, &about.subject.0, id, &planned.id),
-                Some(Vec::new()),
-            ));
-            batch.now_ready.push(place.clone());
-            batch.actions.push((place, a, Some(qp), None));
         }
         if open == 0 {
             inst.state = "done".into();
@@ -702,6 +628,101 @@ impl Runtime {
             .instances
             .push((about.tenant.clone(), id, inst, Some(pos)));
         Ok(())
+    }
+
+    /// Queues (or records the denial of) one planned action; returns
+    /// whether it waits for a connector.
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &self,
+        batch: &mut Batch,
+        cx: &StepCx<'_>,
+        planned: &Planned,
+        decision: (bool, Vec<String>),
+        input: Digest,
+        sha256: &str,
+        at_ms: i64,
+    ) -> Result<bool> {
+        let (about, m, id, actor) = (cx.about, cx.m, cx.id, cx.actor);
+        let step = |s: ContractStep, action: &str, input: Digest, fuel: u64, d: String| {
+            cx.body(s, action, input, fuel, d)
+        };
+        let place = (about.tenant.clone(), id, planned.id.clone());
+        let mut a = ActionRec {
+            contract: m.id.clone(),
+            version: m.version,
+            sha256: sha256.to_owned(),
+            purpose: m.purpose.clone(),
+            kind: planned.kind.to_owned(),
+            detail: planned.detail.clone(),
+            cref: about.cref.clone(),
+            subject: about.subject.to_hex(),
+            due_ms: planned.due_ms.unwrap_or(0),
+            escalate_to: planned.escalate_to.clone().unwrap_or_default(),
+            state: "ready".into(),
+            failures: 0,
+            max_attempts: m.retry.max_attempts.max(1),
+            backoff_ms: m.retry.backoff_ms,
+            policies: decision.1.clone(),
+            queued_entry: 0,
+            delivered_to: String::new(),
+            completed_by: String::new(),
+            completed_at_ms: 0,
+            last_entry: 0,
+        };
+        if !decision.0 {
+            a.state = "denied".into();
+            let qp = batch.entry(step(
+                ContractStep::ActionDenied,
+                &planned.id,
+                input,
+                0,
+                detail(&[
+                    ("kind", planned.kind.into()),
+                    ("policies", decision.1.join(",").into()),
+                ]),
+            ));
+            batch.actions.push((place, a, Some(qp), None));
+            return Ok(false);
+        }
+        let qp = batch.entry(step(
+            ContractStep::ActionQueued,
+            &planned.id,
+            input,
+            0,
+            queued_detail(&a),
+        ));
+        if planned.kind == "cancel_actions" {
+            // The runtime takes it itself: the customer's open actions
+            // of that purpose are cancelled, then it is completed.
+            let purpose = planned.detail["purpose"].as_str().unwrap_or_default();
+            self.cancel_open(batch, about, Some(purpose), actor, id)?;
+            a.state = "completed".into();
+            a.completed_by = "sovra".into();
+            a.completed_at_ms = at_ms;
+            let cp = batch.entry(step(
+                ContractStep::ActionCompleted,
+                &planned.id,
+                input,
+                0,
+                detail(&[("by", "sovra".into())]),
+            ));
+            batch.actions.push((place, a, Some(qp), Some(cp)));
+            return Ok(false);
+        }
+        if a.due_ms > 0 {
+            batch.raw.push((
+                rt::timer_key(a.due_ms, &about.tenant, id, &planned.id),
+                Some(vec![TIMER_DEADLINE]),
+            ));
+        }
+        batch.raw.push((
+            customer_action_key(&about.tenant, &about.subject.0, id, &planned.id),
+            Some(Vec::new()),
+        ));
+        batch.now_ready.push(place.clone());
+        batch.actions.push((place, a, Some(qp), None));
+        Ok(true)
     }
 
     /// The fields `m` reads and the customer's policy attributes; `Err`
@@ -1366,15 +1387,17 @@ impl Runtime {
             .ok_or_else(|| VaultError::not_found(format!("action `{}`", shown(handle))))?;
         let a: ActionRec = decode("an outbox action", &v)?;
         match a.state.as_str() {
-            "completed" => return Err(VaultError::already_exists(
-                "action",
-                format!(
+            "completed" => {
+                return Err(VaultError::already_exists(
+                    "action",
+                    format!(
                     "`{}` was completed by `{}` (ledger entry {}); a completion is recorded once",
                     shown(handle),
                     a.completed_by,
                     a.last_entry
                 ),
-            )),
+                ))
+            }
             "cancelled" | "denied" | "failed" => {
                 return Err(VaultError::precondition(format!(
                     "action `{}` is {} (ledger entry {}): there is nothing to confirm",
@@ -1525,49 +1548,7 @@ impl Runtime {
                     .raw
                     .push((rt::timer_key(a.due_ms, &place.0, place.1, &place.2), None));
             }
-            let assignee = if a.escalate_to.is_empty() {
-                format!("department:{}", self.department_of(&place.0, &a.contract))
-            } else {
-                a.escalate_to.clone()
-            };
-            let id = format!("manual.{}", place.2);
-            let manual = ActionRec {
-                kind: "create_task".into(),
-                detail: serde_json::json!({
-                    "assignee": assignee,
-                    "title": "manual_fallback",
-                    "replaces": place.2,
-                    "attempts": a.failures,
-                }),
-                due_ms: 0,
-                escalate_to: String::new(),
-                state: "ready".into(),
-                failures: 0,
-                queued_entry: 0,
-                delivered_to: String::new(),
-                completed_by: String::new(),
-                completed_at_ms: 0,
-                last_entry: 0,
-                ..a.clone()
-            };
-            let qp = batch.entry(
-                self.action_entry(
-                    &place,
-                    &manual,
-                    ContractStep::ActionQueued,
-                    "sovra",
-                    queued_detail(&manual),
-                )?
-                .with_action(&id),
-            );
-            let mplace = (place.0.clone(), place.1, id.clone());
-            batch.raw.push((
-                customer_action_key(&place.0, &subject.0, place.1, &id),
-                Some(Vec::new()),
-            ));
-            batch.now_ready.push(mplace.clone());
-            batch.actions.push((mplace, manual, Some(qp), None));
-            fallback = format!("{}/{id}", place.1);
+            fallback = self.manual_task(&mut batch, &place, &a, &subject)?;
         } else {
             a.state = "waiting".into();
             let shift = a.failures.saturating_sub(1).min(16);
@@ -1594,6 +1575,60 @@ impl Runtime {
             fallback_handle: fallback,
             paused_until_ms: paused,
         })
+    }
+
+    /// Queues the manual task that replaces an action after its last
+    /// failure; returns its handle.
+    fn manual_task(
+        &self,
+        batch: &mut Batch,
+        place: &Place,
+        a: &ActionRec,
+        subject: &Digest,
+    ) -> Result<String> {
+        let assignee = if a.escalate_to.is_empty() {
+            format!("department:{}", self.department_of(&place.0, &a.contract))
+        } else {
+            a.escalate_to.clone()
+        };
+        let id = format!("manual.{}", place.2);
+        let manual = ActionRec {
+            kind: "create_task".into(),
+            detail: serde_json::json!({
+                "assignee": assignee,
+                "title": "manual_fallback",
+                "replaces": place.2,
+                "attempts": a.failures,
+            }),
+            due_ms: 0,
+            escalate_to: String::new(),
+            state: "ready".into(),
+            failures: 0,
+            queued_entry: 0,
+            delivered_to: String::new(),
+            completed_by: String::new(),
+            completed_at_ms: 0,
+            last_entry: 0,
+            ..a.clone()
+        };
+        let qp = batch.entry(
+            self.action_entry(
+                place,
+                &manual,
+                ContractStep::ActionQueued,
+                "sovra",
+                queued_detail(&manual),
+            )?
+            .with_action(&id),
+        );
+        let mplace = (place.0.clone(), place.1, id.clone());
+        batch.raw.push((
+            customer_action_key(&place.0, &subject.0, place.1, &id),
+            Some(Vec::new()),
+        ));
+        batch.now_ready.push(mplace.clone());
+        batch.actions.push((mplace, manual, Some(qp), None));
+        Ok(format!("{}/{id}", place.1))
     }
 
     fn breaker_reset(&self, tenant: &str, contract: &str) {
@@ -1835,6 +1870,34 @@ impl ActionRec {
     fn completed_entry(&self) -> u64 {
         self.last_entry
     }
+}
+
+/// Records a failed evaluation: the instance is `failed` with the reason
+/// (which never quotes a value), and a `failed` entry says why.
+fn failed(
+    batch: &mut Batch,
+    cx: &StepCx<'_>,
+    mut inst: InstanceRec,
+    why: String,
+    input: Digest,
+    fuel: u64,
+) {
+    inst.state = "failed".into();
+    inst.failure = why.clone();
+    inst.fuel_used = fuel;
+    let pos = batch.entry(cx.body(
+        ContractStep::Failed,
+        "",
+        input,
+        fuel,
+        detail(&[
+            ("trigger", inst.trigger.clone().into()),
+            ("reason", why.into()),
+        ]),
+    ));
+    batch
+        .instances
+        .push((cx.about.tenant.clone(), cx.id, inst, Some(pos)));
 }
 
 /// The policy principal of a contract.
