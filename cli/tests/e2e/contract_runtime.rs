@@ -912,3 +912,223 @@ async fn kill_9_with_actions_outstanding_and_timers_pending_loses_nothing_and_co
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Random manifests (purpose, department, fields read, actions) against
+/// random customers (consents granted and withdrawn, kind, contract
+/// value), through the real server: every read the contract makes and
+/// every action it takes is one the policy set allows its principal, and
+/// every one it denies is recorded as denied, never queued. The oracle is
+/// the policy crate asked directly, not the server's code.
+#[test]
+fn a_contract_never_reads_or_acts_beyond_what_policy_allows_its_principal() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use sovra_policy::{
+        Action, Context, CustomerAttrs, Disclosure, Policies, Principal, PrincipalKind,
+    };
+    use std::collections::BTreeSet;
+
+    const PURPOSES: [&str; 9] = [
+        "customer_service",
+        "sales_followup",
+        "marketing",
+        "lead_scoring",
+        "billing",
+        "fraud_prevention",
+        "legal_obligation",
+        "analytics",
+        "export",
+    ];
+    const DEPTS: [&str; 4] = ["sales", "finance", "legal", "marketing"];
+    const FIELDS: [&str; 6] = [
+        "email",
+        "national_id",
+        "budget",
+        "customer_kind",
+        "contract_value",
+        "company",
+    ];
+    const KINDS: [&str; 4] = ["notify", "create_task", "request_approvals", "cancel_actions"];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let env = Env::new();
+    let srv = rt.block_on(env.start());
+    let (adm0, svc0, led0, v0) = rt.block_on(async {
+        (
+            contracts(&srv.url, &env.admin).await,
+            contracts(&srv.url, &env.service).await,
+            client::connect_ledger(&srv.url, Some(&env.service), None)
+                .await
+                .unwrap(),
+            client::connect(&srv.url, Some(&env.service), None)
+                .await
+                .unwrap(),
+        )
+    });
+    let pol = Policies::embedded().unwrap();
+    let schema = sovra_vault::schema::Schema::default_crm();
+    let n = std::cell::Cell::new(0u32);
+    // (refused reads, actions allowed, actions denied): each must be seen.
+    let seen = std::cell::Cell::new((0u32, 0u32, 0u32));
+    let strategy = (
+        prop::sample::select(PURPOSES.to_vec()),
+        prop::sample::select(DEPTS.to_vec()),
+        prop::sample::subsequence(FIELDS.to_vec(), 0..3),
+        prop::collection::vec(
+            (prop::sample::select(KINDS.to_vec()), prop::sample::select(PURPOSES.to_vec())),
+            1..4,
+        ),
+        prop::sample::subsequence(PURPOSES.to_vec(), 0..4),
+        prop::sample::subsequence(PURPOSES.to_vec(), 0..3),
+        prop::sample::select(vec!["government", "enterprise", "individual"]),
+        prop::sample::select(vec![1_000i64, 6_000_000]),
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &strategy,
+            |(purpose, dept, reads, actions, granted, withdrawn, kind, value)| {
+                n.set(n.get() + 1);
+                let id = n.get();
+                let mut caps: BTreeSet<&str> = actions.iter().map(|(k, _)| *k).collect();
+                if !reads.is_empty() {
+                    caps.insert("read_fields");
+                }
+                let mut m = format!(
+                    "id = \"prop-{id}\"\nversion = 1\npurpose = \"{purpose}\"\ndepartment = \"{dept}\"\nreads = {reads:?}\ncapabilities = {:?}\n\n[[triggers]]\non = \"signal\"\nname = \"prop_{id}\"\n",
+                    caps.iter().collect::<Vec<_>>()
+                );
+                for (i, (k, p)) in actions.iter().enumerate() {
+                    m.push_str(&format!("\n[[actions]]\nid = \"a{i}\"\nkind = \"{k}\"\n"));
+                    m.push_str(match *k {
+                        "notify" => "to = \"department:ops\"\ntemplate = \"t\"\n",
+                        "create_task" => "assignee = \"department:ops\"\ntitle = \"t\"\n",
+                        "request_approvals" => "count = 2\nof = \"role:officer\"\n",
+                        _ => "",
+                    });
+                    if *k == "cancel_actions" {
+                        m.push_str(&format!("purpose = \"{p}\"\n"));
+                    }
+                }
+                let customer = format!("prop-cust-{id}");
+                let (mut adm, mut svc, mut led, mut v) =
+                    (adm0.clone(), svc0.clone(), led0.clone(), v0.clone());
+                let inst = rt.block_on(async {
+                    adm.register_contract(cpb::RegisterContractRequest {
+                        manifest: m.clone(),
+                        guest: Vec::new(),
+                        file_name: format!("prop-{id}.toml"),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("{m}\n{e:?}"));
+                    v.put_record(put(
+                        &customer,
+                        &[
+                            ("email", text("p@example.com")),
+                            ("national_id", text("11010519491231002X")),
+                            ("budget", int(250_000)),
+                            ("customer_kind", text(kind)),
+                            ("contract_value", int(value)),
+                            ("company", text("Acme")),
+                        ],
+                    ))
+                    .await
+                    .unwrap();
+                    for p in granted.iter().chain(&withdrawn) {
+                        led.record_consent(consent(&customer, p, true)).await.unwrap();
+                    }
+                    for p in &withdrawn {
+                        led.record_consent(consent(&customer, p, false)).await.unwrap();
+                    }
+                    svc.signal(signal(&format!("prop_{id}"), &customer, ""))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .instances
+                        .remove(0)
+                });
+                // The oracle.
+                let principal = Principal {
+                    kind: PrincipalKind::Workload,
+                    name: format!("prop-{id}"),
+                    department: dept.to_owned(),
+                    purposes: [purpose.to_owned()].into(),
+                };
+                let w: BTreeSet<String> = withdrawn.iter().map(|s| s.to_string()).collect();
+                let attrs = CustomerAttrs {
+                    consents: granted
+                        .iter()
+                        .map(|s| s.to_string())
+                        .filter(|s| !w.contains(s))
+                        .collect(),
+                    withdrawn: w,
+                    kind: kind.to_owned(),
+                    contract_value: value,
+                };
+                let ctx = |p: &str| Context {
+                    purpose: p.to_owned(),
+                    time_ms: 0,
+                    approvals: 0,
+                    cohort_size: 0,
+                };
+                let defs: Vec<_> = reads.iter().map(|f| schema.field(f).unwrap()).collect();
+                let fattrs: Vec<_> = defs.iter().map(|d| &d.policy).collect();
+                let scope = pol.scope(&principal, "default", &attrs, &fattrs).unwrap();
+                let disclosed = pol.read_fields(&scope, &fattrs, &ctx(purpose)).unwrap();
+                let read_refused = disclosed.iter().zip(&defs).any(|(d, def)| {
+                    d.disclosure == Disclosure::Denied
+                        || (d.disclosure == Disclosure::Masked
+                            && def.ty != sovra_vault::schema::FieldType::String)
+                });
+                if read_refused {
+                    let (r, a, d) = seen.get();
+                    seen.set((r + 1, a, d));
+                    prop_assert_eq!(&inst.state, "failed", "{}", m);
+                    prop_assert!(inst.failure.contains("policy"), "{:?}", inst);
+                    prop_assert!(inst.actions.is_empty());
+                    return Ok(());
+                }
+                prop_assert_ne!(&inst.state, "failed", "{:?}\n{}", inst, m);
+                for (i, (k, p)) in actions.iter().enumerate() {
+                    let a = action(&inst, &format!("a{i}"));
+                    let (act, purpose_of) = match *k {
+                        "notify" => (Action::Notify, purpose),
+                        "create_task" => (Action::CreateTask, purpose),
+                        "request_approvals" => (Action::RequestApprovals, purpose),
+                        _ => (Action::CancelActions, *p),
+                    };
+                    let allowed = pol
+                        .decide(&scope, act, None, &ctx(purpose_of))
+                        .unwrap()
+                        .allowed();
+                    let (r, al, d) = seen.get();
+                    seen.set(if allowed { (r, al + 1, d) } else { (r, al, d + 1) });
+                    if allowed {
+                        prop_assert!(
+                            a.state == "ready" || a.state == "completed",
+                            "{:?} allowed by policy but {}",
+                            a,
+                            a.state
+                        );
+                    } else {
+                        prop_assert_eq!(&a.state, "denied", "{:?}\n{}", a, m);
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    let (refused, allowed, denied) = seen.get();
+    assert!(
+        refused > 0 && allowed > 0 && denied > 0,
+        "the cases did not cover refused reads, allowed and denied actions: {:?}",
+        seen.get()
+    );
+    rt.block_on(srv.stop());
+}
