@@ -948,7 +948,12 @@ fn a_contract_never_reads_or_acts_beyond_what_policy_allows_its_principal() {
         "contract_value",
         "company",
     ];
-    const KINDS: [&str; 4] = ["notify", "create_task", "request_approvals", "cancel_actions"];
+    const KINDS: [&str; 4] = [
+        "notify",
+        "create_task",
+        "request_approvals",
+        "cancel_actions",
+    ];
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -978,7 +983,10 @@ fn a_contract_never_reads_or_acts_beyond_what_policy_allows_its_principal() {
         prop::sample::select(DEPTS.to_vec()),
         prop::sample::subsequence(FIELDS.to_vec(), 0..3),
         prop::collection::vec(
-            (prop::sample::select(KINDS.to_vec()), prop::sample::select(PURPOSES.to_vec())),
+            (
+                prop::sample::select(KINDS.to_vec()),
+                prop::sample::select(PURPOSES.to_vec()),
+            ),
             1..4,
         ),
         prop::sample::subsequence(PURPOSES.to_vec(), 0..4),
