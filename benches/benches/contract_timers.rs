@@ -4,6 +4,8 @@
 //! engine and its write-ahead log (not synced per operation: a commit is
 //! one fsync per group, measured elsewhere).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use sovra_vault::crypto::keys::RootKey;
 use sovra_vault::engine::contract_runtime::{timer_key, TIMER_DEADLINE};
