@@ -10,8 +10,7 @@ use clap::Subcommand;
 use sovra_contracts::{
     dry_run_decided, ActionDecision, CelType, ContractError, CustomerFacts, Manifest, Planned,
 };
-use sovra_policy::{Action, CustomerAttrs, Disclosure, Policies, Principal, PrincipalKind};
-use sovra_vault::access::policy::context;
+use sovra_policy::{CustomerAttrs, Policies};
 use sovra_vault::schema::Schema;
 use sovra_vault::VaultError;
 
@@ -520,80 +519,17 @@ pub(crate) fn decide(
     p: &Planned,
     c: &CustomerFacts,
 ) -> ActionDecision {
-    let principal = Principal {
-        kind: PrincipalKind::Workload,
-        name: m.id.clone(),
-        department: m.department.clone(),
-        purposes: [m.purpose.clone()].into(),
-    };
     let customer = CustomerAttrs {
         consents: c.consents.clone(),
         withdrawn: c.withdrawn.clone(),
         kind: c.kind.clone(),
         contract_value: c.contract_value,
     };
-    // Cancelling is decided for the purpose it cancels (95-contracts.cedar).
-    let purpose = match p.kind {
-        "cancel_actions" => p.detail["purpose"].as_str().unwrap_or_default(),
-        _ => m.purpose.as_str(),
-    };
-    let ctx = context(purpose, 0);
-    let field_names: Vec<String> = match p.kind {
-        "read_fields" => p.detail["fields"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|f| f.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        "write_field" => p.detail["field"]
-            .as_str()
-            .map(str::to_owned)
-            .into_iter()
-            .collect(),
-        _ => Vec::new(),
-    };
-    let decided = (|| -> Result<ActionDecision, String> {
-        let mut fields = Vec::new();
-        for f in &field_names {
-            fields.push(&schema.field(f).map_err(|e| e.to_string())?.policy);
-        }
-        let scope = pol
-            .scope(&principal, "default", &customer, &fields)
-            .map_err(|e| e.to_string())?;
-        let one = |a: Action, field: Option<&str>| -> Result<ActionDecision, String> {
-            let d = pol
-                .decide(&scope, a, field, &ctx)
-                .map_err(|e| e.to_string())?;
-            Ok(ActionDecision {
-                allowed: d.allowed(),
-                policies: d.policies().to_vec(),
-            })
-        };
-        match p.kind {
-            "notify" => one(Action::Notify, None),
-            "create_task" => one(Action::CreateTask, None),
-            "request_approvals" => one(Action::RequestApprovals, None),
-            "cancel_actions" => one(Action::CancelActions, None),
-            "submit_workload" => one(Action::SubmitJob, None),
-            "write_field" => one(Action::Write, field_names.first().map(String::as_str)),
-            "read_fields" => {
-                let ds = pol
-                    .read_fields(&scope, &fields, &ctx)
-                    .map_err(|e| e.to_string())?;
-                Ok(ActionDecision {
-                    allowed: ds.iter().all(|d| d.disclosure != Disclosure::Denied),
-                    policies: ds.iter().flat_map(|d| d.determining()).collect(),
-                })
-            }
-            other => Err(format!("no policy action for `{other}`")),
-        }
-    })();
-    decided.unwrap_or_else(|e| ActionDecision {
-        allowed: false,
-        policies: vec![format!("error: {e}")],
-    })
+    let principal = sovra_vault::contracts::runtime::contract_principal(m);
+    let (allowed, policies) = sovra_vault::contracts::runtime::decide(
+        pol, schema, &principal, "default", m, p, &customer,
+    );
+    ActionDecision { allowed, policies }
 }
 
 fn load(manifest: &Path, schema: Option<&Path>) -> Result<Manifest, Failure> {

@@ -23,7 +23,9 @@ use sovra_proto::sandbox::v1 as spb;
 use sovra_proto::vault::v1 as pb;
 use sovra_testkit::{KitError, PrincipalSpec};
 use sovra_vault::access::auth::Role;
-use sovra_vault::client::{self, Client, LedgerClient, LineageClient, SandboxClient};
+use sovra_vault::client::{
+    self, Client, ContractsClient, LedgerClient, LineageClient, SandboxClient,
+};
 use sovra_vault::lineage::{openlineage, view as lineage_view};
 use sovra_vault::synthetic;
 use sovra_vault::VaultError;
@@ -298,17 +300,32 @@ pub async fn run(opts: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<Dem
     demo.lineage_of(&c).await?;
     demo.erase(&c).await?;
     demo.export(&c, &opts.openlineage_out).await?;
-    let mut contracts = client::contracts_with_token(
-        client::channel(&url, None).await?,
-        Some(&dir.init.admin_token.token),
-    )?;
-    demo.contracts(&mut contracts).await?;
+    let contract_client = |token: &str| {
+        let url = url.clone();
+        let token = token.to_owned();
+        async move { client::contracts_with_token(client::channel(&url, None).await?, Some(&token)) }
+    };
+    let mut adm = contract_client(&dir.init.admin_token.token).await?;
+    let key = demo
+        .dpo
+        .get_checkpoint(sovra_proto::ledger::v1::GetCheckpointRequest {})
+        .await
+        .map_err(|e| demo_err("checkpoint", e))?
+        .into_inner()
+        .verifier_key;
+    demo.contracts(Contracts {
+        adm: &mut adm,
+        svc: contract_client(&service.token).await?,
+        dpo: contract_client(&officer.token).await?,
+        key,
+    })
+    .await?;
 
     srv.handle.shutdown().await?;
     let Demo { out, sum, .. } = demo;
     writeln!(
         out,
-        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores, a partner aggregate and a bootstrapped count equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events, {} CRM contracts registered ({} obligation escalated in the POC dry run).",
+        "Summary: {} written, {} rejected, {} revealed + {} masked fields, search ok, partner denied, {} consents ({} withdrawn, refusal and audit bundle verified), rotation re-wrapped {}, {} lead scores, a partner aggregate and a bootstrapped count equal to the plaintext reference, sandbox refusals verified, lineage shown, erasure verified, {} OpenLineage events, {} CRM contracts registered ({} POC obligation missed and escalated, its evidence verified offline).",
         sum.written, sum.rejected, sum.revealed, sum.masked, sum.consents, sum.withdrawn, sum.rewrapped, sum.lead_scores, sum.openlineage_events, sum.contracts_registered, sum.obligations_escalated
     )
     .map_err(io)?;
@@ -1087,82 +1104,253 @@ impl Demo<'_> {
 }
 
 impl Demo<'_> {
-    /// Step 11, CRM contracts: the admin registers the four shipped
-    /// contracts (each pinned and a ledger entry); the POC contract is
-    /// dry-run on its events with the default policies deciding each
-    /// action: one obligation is missed and escalated. The server does not
-    /// trigger contracts yet; this step says so.
-    async fn contracts(&mut self, c: &mut sovra_vault::client::ContractsClient) -> Result<()> {
+    /// Step 11, CRM contracts on the real runtime: the admin registers the
+    /// four shipped contracts (each pinned and a ledger entry), and a copy
+    /// of the POC contract with 2 s deadlines as its version 2; the CRM
+    /// backend signals `poc_report_signed`, takes the three actions from
+    /// the outbox and completes two; the third misses its deadline and is
+    /// escalated; the officer's evidence report is verified offline
+    /// against the log's key as the officer holds it.
+    async fn contracts(&mut self, c: Contracts<'_>) -> Result<()> {
         use sovra_proto::contracts::v1 as cpb;
+        let Contracts {
+            adm,
+            mut svc,
+            mut dpo,
+            key,
+        } = c;
         writeln!(
             self.out,
             "11. CRM contracts (contracts/crm/), registered by the admin:"
         )
         .map_err(io)?;
-        for s in sovra_contracts::crm::CONTRACTS {
-            let r = c
+        let poc = sovra_contracts::crm::CONTRACTS[0];
+        let fast = poc
+            .manifest
+            .replace("version = 1", "version = 2")
+            .replace("\"72h\"", "\"2s\"");
+        let mut all: Vec<(String, String, Option<&str>)> = sovra_contracts::crm::CONTRACTS
+            .iter()
+            .map(|s| (s.file.to_owned(), s.manifest.to_owned(), s.guest))
+            .collect();
+        all.push((poc.file.to_owned(), fast, None));
+        for (file, manifest, guest) in all {
+            let r = adm
                 .register_contract(cpb::RegisterContractRequest {
-                    manifest: s.manifest.into(),
-                    guest: s.guest.map(|g| g.as_bytes().to_vec()).unwrap_or_default(),
-                    file_name: s.file.into(),
+                    manifest,
+                    guest: guest.map(|g| g.as_bytes().to_vec()).unwrap_or_default(),
+                    file_name: file,
                 })
                 .await
                 .map_err(|e| demo_err("register a contract", e))?
                 .into_inner();
             writeln!(
                 self.out,
-                "    {} v{}: pin {}…, {}, ledger entry {}",
+                "    {} v{}: pin {}…, {}, ledger entry {}{}",
                 r.id,
                 r.version,
                 &r.sha256[..16],
                 r.triggers.join(", "),
-                r.registered_entry
+                r.registered_entry,
+                if r.version == 2 {
+                    " (the demo's copy: deadlines 2 s, not 72 h)"
+                } else {
+                    ""
+                }
             )
             .map_err(io)?;
             self.sum.contracts_registered += 1;
         }
-        let poc = sovra_contracts::crm::CONTRACTS[0];
-        let schema = sovra_vault::schema::Schema::default_crm();
-        let types = sovra_vault::contracts::field_types(&schema);
-        let m = sovra_contracts::Manifest::parse(poc.file, poc.manifest, None, &types)
-            .map_err(|e| DemoError::Failed(e.to_string()))?;
-        let pol = sovra_policy::Policies::embedded().map_err(VaultError::from)?;
-        let mut decide = |p: &sovra_contracts::Planned, f: &sovra_contracts::CustomerFacts| {
-            super::contract::decide(&pol, &schema, &m, p, f)
-        };
-        let report = sovra_contracts::dry_run_decided(&m, poc.events, None, Some(&mut decide))
-            .map_err(|e| DemoError::Failed(e.to_string()))?;
+        self.svc
+            .put_record(demo_put(
+                "demo-poc-customer",
+                &[("email", "poc@example.com")],
+            ))
+            .await
+            .map_err(|e| demo_err("store the POC customer", e))?;
+        let inst = svc
+            .signal(cpb::SignalRequest {
+                name: "poc_report_signed".into(),
+                customer_id: "demo-poc-customer".into(),
+                contract: String::new(),
+                idempotency_key: "demo-poc-1".into(),
+                attrs: Default::default(),
+            })
+            .await
+            .map_err(|e| demo_err("signal", e))?
+            .into_inner()
+            .instances
+            .into_iter()
+            .next()
+            .ok_or_else(|| DemoError::Failed("the POC signal started no instance".into()))?;
         writeln!(
             self.out,
-            "    dry run of {} (what the server will do once it triggers contracts; `sovra contract test` prints the same):",
-            m.id
+            "    crm-backend signals poc_report_signed: instance {} of {} v{}, {} actions queued (ledger entry {})",
+            inst.id,
+            inst.contract,
+            inst.version,
+            inst.actions.len(),
+            inst.evaluated_entry
         )
         .map_err(io)?;
-        for o in &report.obligations {
-            let to = o
-                .escalated_to
-                .as_deref()
-                .filter(|_| o.outcome == "escalated");
+        self.connector(&mut svc, inst.id).await?;
+        let escalated = self.wait_escalated(&mut dpo, inst.id).await?;
+        writeln!(self.out, "    {escalated}").map_err(io)?;
+        let report = dpo
+            .get_evidence(cpb::GetEvidenceRequest { instance: inst.id })
+            .await
+            .map_err(|e| demo_err("evidence", e))?
+            .into_inner();
+        let v = sovra_vault::contracts::evidence::verify(report.json.as_bytes(), Some(&key))?;
+        writeln!(
+            self.out,
+            "    evidence report of instance {} verified offline with the officer's key: {} entries proven against a checkpoint of size {}",
+            inst.id, v.entries, v.tree_size
+        )
+        .map_err(io)?;
+        for o in &v.obligations {
             writeln!(
                 self.out,
-                "    {} due {}: {}{}",
+                "      {} due {}: {}{}{}",
                 o.action,
                 o.due_ms,
                 o.outcome,
-                to.map(|t| format!(", escalated to {t}"))
-                    .unwrap_or_default()
+                if o.by.is_empty() {
+                    String::new()
+                } else {
+                    format!(" by {} at {}", o.by, o.at_ms)
+                },
+                if o.escalated_to.is_empty() {
+                    String::new()
+                } else {
+                    format!(", escalated to {}", o.escalated_to)
+                }
             )
             .map_err(io)?;
         }
-        self.sum.obligations_escalated = report
+        self.sum.obligations_escalated = v
             .obligations
             .iter()
             .filter(|o| o.outcome == "escalated")
             .count();
         check(
-            self.sum.contracts_registered == 4 && self.sum.obligations_escalated == 1,
-            "the four contracts registered and the POC's missed obligation escalated",
+            self.sum.contracts_registered == 5 && self.sum.obligations_escalated == 1,
+            "the contracts registered and the POC's missed obligation escalated, in verified evidence",
         )
+    }
+
+    /// The CRM backend as a connector: takes the instance's three actions
+    /// from the outbox and completes two of them.
+    async fn connector(&mut self, svc: &mut ContractsClient, instance: u64) -> Result<()> {
+        use sovra_proto::contracts::v1 as cpb;
+        let mut stream = svc
+            .watch_actions(cpb::WatchActionsRequest::default())
+            .await
+            .map_err(|e| demo_err("watch actions", e))?
+            .into_inner();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let d = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+                .await
+                .map_err(|_| DemoError::Failed("the outbox sent no action in 10 s".into()))?
+                .map_err(|e| demo_err("watch actions", e))?
+                .ok_or_else(|| DemoError::Failed("the outbox stream ended".into()))?;
+            if let Some(a) = d.action.filter(|a| a.instance == instance) {
+                got.push(a);
+            }
+        }
+        drop(stream);
+        for a in got.iter().filter(|a| a.action_id != "raise_receivable") {
+            let out = svc
+                .complete_action(cpb::CompleteActionRequest {
+                    handle: a.handle.clone(),
+                })
+                .await
+                .map_err(|e| demo_err("complete an action", e))?
+                .into_inner();
+            writeln!(
+                self.out,
+                "    the connector took {} ({}, for {}) and completed it: ledger entry {}",
+                a.action_id, a.kind, a.customer_id, out.entry
+            )
+            .map_err(io)?;
+        }
+        writeln!(
+            self.out,
+            "    raise_receivable is left undone; its 2 s deadline runs out…"
+        )
+        .map_err(io)?;
+        Ok(())
+    }
+
+    /// Waits (10 s at most) for the instance's missed obligation to be
+    /// escalated; says how.
+    async fn wait_escalated(&mut self, dpo: &mut ContractsClient, instance: u64) -> Result<String> {
+        use sovra_proto::contracts::v1 as cpb;
+        for _ in 0..100 {
+            let list = dpo
+                .list_instances(cpb::ListInstancesRequest {
+                    contract: "poc-activation".into(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| demo_err("list instances", e))?
+                .into_inner();
+            if let Some(i) = list.instances.iter().find(|i| i.id == instance) {
+                if let Some(e) = i
+                    .actions
+                    .iter()
+                    .find(|a| a.action_id == "escalate.raise_receivable")
+                {
+                    return Ok(format!(
+                        "the timer fired: raise_receivable escalated, and {} queued ({} to {})",
+                        e.action_id,
+                        e.kind,
+                        serde_json::from_str::<serde_json::Value>(&e.detail_json)
+                            .ok()
+                            .and_then(|d| d["to"].as_str().map(str::to_owned))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(DemoError::Failed(
+            "the missed obligation was not escalated within 10 s".into(),
+        ))
+    }
+}
+
+/// The contracts clients step 11 uses.
+struct Contracts<'a> {
+    adm: &'a mut ContractsClient,
+    svc: ContractsClient,
+    dpo: ContractsClient,
+    /// The log's verifier key as the officer holds it.
+    key: String,
+}
+
+/// A write of text fields, from the demo's web form.
+fn demo_put(customer: &str, fields: &[(&str, &str)]) -> pb::PutRecordRequest {
+    pb::PutRecordRequest {
+        customer_id: customer.into(),
+        fields: fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    pb::Value {
+                        kind: Some(pb::value::Kind::Text((*v).to_owned())),
+                    },
+                )
+            })
+            .collect(),
+        source: Some(pb::CollectionSource {
+            channel: "web_form".into(),
+            collector: "demo".into(),
+            consent_ref: String::new(),
+        }),
+        idempotency_key: String::new(),
     }
 }
 

@@ -288,11 +288,14 @@ fn demo_runs_end_to_end() {
     );
     assert!(std::fs::read_to_string(&export).unwrap().lines().count() >= 4);
     assert!(
-        out.contains("4 CRM contracts registered (1 obligation escalated in the POC dry run)"),
+        out.contains("5 CRM contracts registered (1 POC obligation missed and escalated, its evidence verified offline)"),
         "{out}"
     );
     assert!(
-        out.contains("raise_receivable due 1700259200000: escalated, escalated to department:customer_success_director"),
+        out.contains("verified offline with the officer's key")
+            && out.contains("escalated, escalated to department:customer_success_director")
+            && out.contains("send_activation_link due ")
+            && out.contains("kept by crm-backend"),
         "{out}"
     );
     let o = sovra(&["demo", "--customers", "0"], None, None);

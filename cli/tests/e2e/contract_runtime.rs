@@ -1140,3 +1140,157 @@ fn a_contract_never_reads_or_acts_beyond_what_policy_allows_its_principal() {
     );
     rt.block_on(srv.stop());
 }
+
+/// `sovra contract signal`, `instances` and `evidence` (export, and
+/// `--verify` offline with the key pinned) through the real binary; a
+/// tampered report exits 1 naming what failed, a report that is not one
+/// exits 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_signals_lists_exports_and_verifies_evidence() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut adm = contracts(&srv.url, &env.admin).await;
+    adm.register_contract(shipped("poc-activation", &[]))
+        .await
+        .unwrap();
+    put_customer(
+        &srv.url,
+        &env.service,
+        "cli-c",
+        &[("email", text("c@example.com"))],
+    )
+    .await;
+    let run = |args: &[&str], token: &str| {
+        let o = std::process::Command::new(crate::SOVRA)
+            .args(args)
+            .env("SOVRA_SERVER", &srv.url)
+            .env("SOVRA_TOKEN", token)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (code, out) = run(
+        &[
+            "contract",
+            "signal",
+            "poc_report_signed",
+            "--customer",
+            "cli-c",
+            "--key",
+            "k1",
+            "--attr",
+            "poc_id=41",
+        ],
+        &env.service,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("instance 1 poc-activation v1 signal:poc_report_signed open"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1/raise_receivable create_task ready due "),
+        "{out}"
+    );
+    let (_, out) = run(
+        &[
+            "contract",
+            "signal",
+            "poc_report_signed",
+            "--customer",
+            "cli-c",
+            "--key",
+            "k1",
+            "--attr",
+            "poc_id=41",
+        ],
+        &env.service,
+    );
+    assert!(out.contains("replayed"), "{out}");
+    let (code, out) = run(
+        &[
+            "contract",
+            "signal",
+            "poc_report_signed",
+            "--customer",
+            "cli-c",
+            "--attr",
+            "oops",
+        ],
+        &env.service,
+    );
+    assert_eq!(code, Some(64), "{out}");
+    let (code, out) = run(&["contract", "instances", "--open"], &env.officer);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("instance 1 poc-activation"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("evidence.json");
+    let key = dir.path().join("log.key");
+    std::fs::write(&key, ledger_key(&srv.url, &env.officer).await).unwrap();
+    let (code, out) = run(
+        &[
+            "contract",
+            "evidence",
+            "--instance",
+            "1",
+            "--out",
+            report.to_str().unwrap(),
+        ],
+        &env.officer,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("OK: 4 entries proven"), "{out}");
+    let (code, out) = run(
+        &[
+            "contract",
+            "evidence",
+            "--verify",
+            report.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("your key") && out.contains("raise_receivable (create_task) due "),
+        "{out}"
+    );
+    assert!(out.contains(": pending"), "{out}");
+    // Tampered: a pending obligation claimed kept.
+    let mut r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    r["obligations"][0]["outcome"] = "kept".into();
+    std::fs::write(&report, r.to_string()).unwrap();
+    let (code, out) = run(
+        &[
+            "contract",
+            "evidence",
+            "--verify",
+            report.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("REFUSED") && out.contains("obligation `"),
+        "{out}"
+    );
+    std::fs::write(&report, "{\"not\": \"a report\"}").unwrap();
+    let (code, out) = run(
+        &["contract", "evidence", "--verify", report.to_str().unwrap()],
+        "",
+    );
+    assert_eq!(code, Some(64), "{out}");
+    srv.stop().await;
+}

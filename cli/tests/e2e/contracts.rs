@@ -208,7 +208,7 @@ fn broken_manifests_guests_and_events_exit_non_zero_naming_file_and_line() {
     let o = sovra(&["contract", "validate", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        out(&o).contains("g.toml:10:13: condition: `>` cannot take (int, string)"),
+        out(&o).contains("g.toml:12:13: condition: `>` cannot take (int, string)"),
         "{}",
         out(&o)
     );

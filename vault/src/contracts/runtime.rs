@@ -611,6 +611,7 @@ impl Runtime {
             inst.actions.push(planned.id.clone());
             let decision = decide(
                 &active.policies,
+                self.app().engine.schema(),
                 &principal,
                 &about.tenant,
                 m,
@@ -1910,46 +1911,68 @@ pub fn contract_principal(m: &Manifest) -> sovra_policy::Principal {
     }
 }
 
-/// Decides one planned action for the contract's principal; returns
-/// whether it is allowed and the determining policies (or the error).
+/// Decides one planned action for the contract's principal, as the
+/// policy set says: `notify`, `create_task`, `request_approvals` and
+/// `cancel_actions` on the customer (cancelling with the purpose it
+/// cancels), `read_fields` (`read`/`reveal`) and `write_field` (`write`) on
+/// each field, `submit_workload` (`submit_job`) on the tenant. Returns
+/// whether it is allowed and the determining policies; an error is a
+/// denial (with the error as its reason).
 pub fn decide(
     pol: &sovra_policy::Policies,
+    schema: &crate::schema::Schema,
     principal: &sovra_policy::Principal,
     tenant: &str,
     m: &Manifest,
     p: &Planned,
     customer: &CustomerAttrs,
 ) -> (bool, Vec<String>) {
-    // Cancelling is decided for the purpose it cancels (95-contracts.cedar).
     let purpose = match p.kind {
         "cancel_actions" => p.detail["purpose"].as_str().unwrap_or_default(),
         _ => m.purpose.as_str(),
     };
     let ctx = policy::context(purpose, 0);
-    let action = match p.kind {
-        "notify" => PolicyAction::Notify,
-        "create_task" => PolicyAction::CreateTask,
-        "request_approvals" => PolicyAction::RequestApprovals,
-        "cancel_actions" => PolicyAction::CancelActions,
-        "submit_workload" => PolicyAction::SubmitJob,
-        // Reads are decided when they are made (`read_for`); a
-        // `read_fields` action only asks for them, and a write is decided
-        // per field by the connector's own call.
-        "read_fields" | "write_field" => PolicyAction::Notify,
-        other => {
-            return (
-                false,
-                vec![format!("error: no policy action for `{other}`")],
-            )
-        }
+    let field_names: Vec<&str> = match p.kind {
+        "read_fields" => p.detail["fields"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+            .unwrap_or_default(),
+        "write_field" => p.detail["field"].as_str().into_iter().collect(),
+        _ => Vec::new(),
     };
-    let decided = pol
-        .scope(principal, tenant, customer, &[])
-        .and_then(|scope| pol.decide(&scope, action, None, &ctx));
-    match decided {
-        Ok(d) => (d.allowed(), d.policies().to_vec()),
-        Err(e) => (false, vec![format!("error: {e}")]),
-    }
+    let decided = (|| -> std::result::Result<(bool, Vec<String>), String> {
+        let mut fields = Vec::new();
+        for f in &field_names {
+            fields.push(&schema.field(f).map_err(|e| e.to_string())?.policy);
+        }
+        let scope = pol
+            .scope(principal, tenant, customer, &fields)
+            .map_err(|e| e.to_string())?;
+        let one = |a: PolicyAction, field: Option<&str>| {
+            pol.decide(&scope, a, field, &ctx)
+                .map(|d| (d.allowed(), d.policies().to_vec()))
+                .map_err(|e| e.to_string())
+        };
+        match p.kind {
+            "notify" => one(PolicyAction::Notify, None),
+            "create_task" => one(PolicyAction::CreateTask, None),
+            "request_approvals" => one(PolicyAction::RequestApprovals, None),
+            "cancel_actions" => one(PolicyAction::CancelActions, None),
+            "submit_workload" => one(PolicyAction::SubmitJob, None),
+            "write_field" => one(PolicyAction::Write, field_names.first().copied()),
+            "read_fields" => {
+                let ds = pol
+                    .read_fields(&scope, &fields, &ctx)
+                    .map_err(|e| e.to_string())?;
+                Ok((
+                    ds.iter().all(|d| d.disclosure != Disclosure::Denied),
+                    ds.iter().flat_map(|d| d.determining()).collect(),
+                ))
+            }
+            other => Err(format!("no policy action for `{other}`")),
+        }
+    })();
+    decided.unwrap_or_else(|e| (false, vec![format!("error: {e}")]))
 }
 
 fn scalar(v: &FieldValue) -> Scalar {
