@@ -996,6 +996,7 @@ fn a_contract_never_reads_or_acts_beyond_what_policy_allows_its_principal() {
     );
     let mut runner = TestRunner::new(Config {
         cases: 48,
+        failure_persistence: None,
         ..Config::default()
     });
     runner
@@ -1293,4 +1294,141 @@ async fn the_cli_signals_lists_exports_and_verifies_evidence() {
     );
     assert_eq!(code, Some(64), "{out}");
     srv.stop().await;
+}
+
+/// Rewrites one record of the `contract_runtime` tree of a stopped server.
+fn tamper_runtime(env: &Env, prefix: u8, f: impl FnOnce(&mut serde_json::Value)) {
+    let db = open_raw(&env.data_dir());
+    let t = db.open_tree("contract_runtime").unwrap();
+    let (k, v) = t
+        .iter()
+        .map(|i| i.unwrap())
+        .find(|(k, v)| k[0] == prefix && v.starts_with(b"{"))
+        .unwrap();
+    let mut j: serde_json::Value = serde_json::from_slice(&v).unwrap();
+    f(&mut j);
+    t.insert(k, serde_json::to_vec(&j).unwrap()).unwrap();
+    db.flush().unwrap();
+}
+
+/// The outbox is not trusted: a completion the ledger does not hold, an
+/// instance pointed at another entry, a damaged record and a deleted
+/// action each refuse the start, naming the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_changed_on_disk_is_refused_at_start_naming_the_record() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut adm = contracts(&srv.url, &env.admin).await;
+    adm.register_contract(shipped("poc-activation", &[]))
+        .await
+        .unwrap();
+    put_customer(
+        &srv.url,
+        &env.service,
+        "t-c",
+        &[("email", text("t@example.com"))],
+    )
+    .await;
+    let mut svc = contracts(&srv.url, &env.service).await;
+    svc.signal(signal("poc_report_signed", "t-c", ""))
+        .await
+        .unwrap();
+    srv.stop().await;
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&env.data_dir(), copy.path());
+    let restore = || {
+        std::fs::remove_dir_all(env.data_dir()).unwrap();
+        copy_dir(copy.path(), &env.data_dir());
+    };
+
+    // A forged completion: the record says completed, the ledger does not.
+    tamper_runtime(&env, b'a', |a| {
+        a["state"] = "completed".into();
+        a["completed_by"] = "mallory".into();
+    });
+    let e = serve(&env.config())
+        .await
+        .err()
+        .expect("started on a forged completion")
+        .to_string();
+    assert!(
+        e.contains("outbox action 1/") && e.contains("says it is completed"),
+        "{e}"
+    );
+    restore();
+    // An instance pointed at another ledger entry.
+    tamper_runtime(&env, b'i', |i| i["evaluated_entry"] = 0.into());
+    let e = serve(&env.config())
+        .await
+        .err()
+        .expect("started on a forged instance")
+        .to_string();
+    assert!(
+        e.contains("contract instance 1 of tenant `default`") && e.contains("as its evaluation"),
+        "{e}"
+    );
+    restore();
+    // A record that does not decode.
+    {
+        let db = open_raw(&env.data_dir());
+        let t = db.open_tree("contract_runtime").unwrap();
+        let k = t
+            .iter()
+            .map(|i| i.unwrap().0)
+            .find(|k| k[0] == b'a')
+            .unwrap();
+        t.insert(k, &b"\x00garbage"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let e = serve(&env.config())
+        .await
+        .err()
+        .expect("started on a damaged record")
+        .to_string();
+    assert!(
+        e.contains("outbox action 1/") && e.contains("contract_runtime"),
+        "{e}"
+    );
+    restore();
+    // An action deleted.
+    {
+        let db = open_raw(&env.data_dir());
+        let t = db.open_tree("contract_runtime").unwrap();
+        let k = t
+            .iter()
+            .map(|i| i.unwrap().0)
+            .find(|k| k[0] == b'a')
+            .unwrap();
+        t.remove(k).unwrap();
+        db.flush().unwrap();
+    }
+    let e = serve(&env.config())
+        .await
+        .err()
+        .expect("started on a deleted action")
+        .to_string();
+    assert!(
+        e.contains("is missing from the vault's `contract_runtime` tree"),
+        "{e}"
+    );
+    restore();
+    // Restored, it starts and the instance is as it was.
+    let srv = env.start().await;
+    let mut off = contracts(&srv.url, &env.officer).await;
+    let i = wait_instance(&mut off, 1, |_| true).await;
+    assert!(i.actions.iter().all(|a| a.state == "ready"), "{i:?}");
+    srv.stop().await;
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &p);
+        } else {
+            std::fs::copy(e.path(), &p).unwrap();
+        }
+    }
 }

@@ -68,6 +68,8 @@ const MAX_REASON: usize = 128;
 const ID_BLOCK: u64 = 1024;
 /// Most timers fired per pass.
 const TIMER_BATCH: usize = 256;
+/// Most inbox records run per pass.
+const INBOX_BATCH: usize = 256;
 
 /// An action's place: tenant, instance and action id.
 type Place = (String, u64, String);
@@ -105,6 +107,9 @@ struct Inner {
     closing: tokio::sync::watch::Sender<bool>,
     breakers: Mutex<HashMap<(String, String), Breaker>>,
     manifests: Mutex<HashMap<Vec<u8>, Arc<Manifest>>>,
+    // Inbox records and timers the loop could not run (damaged): reported
+    // once and not run again by this process.
+    skip: Mutex<HashSet<Vec<u8>>>,
 }
 
 /// The runtime (cheap to clone).
@@ -217,6 +222,7 @@ impl Runtime {
                 closing,
                 breakers: Mutex::new(HashMap::new()),
                 manifests: Mutex::new(HashMap::new()),
+                skip: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -240,12 +246,14 @@ impl Runtime {
         let mut open = 0;
         let mut fixes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut ready = Vec::new();
+        self.check_instances()?;
         for (k, v) in engine.rt_scan(b"a")? {
-            let mut a: ActionRec = decode("an outbox action", &v)?;
+            let place = place_of_action_key(&k)?;
+            let mut a: ActionRec = decode(&action_name(&place), &v)?;
             if !a.is_open() {
+                check_action(ledger, &place, &a)?;
                 continue;
             }
-            let place = place_of_action_key(&k)?;
             // The ledger is the truth: a step it holds that the outbox
             // lacks (the process died between them) is applied now.
             if let Some((step, index, actor)) = ledger_step(ledger, &place, &a)? {
@@ -275,6 +283,7 @@ impl Runtime {
                 // nothing.
                 continue;
             }
+            check_action(ledger, &place, &a)?;
             open += 1;
             if a.state != "waiting" {
                 ready.push(place);
@@ -297,6 +306,42 @@ impl Runtime {
             self.refresh_listening(&t)?;
         }
         Ok(open)
+    }
+
+    /// Every instance record against the ledger: its evaluation entry is
+    /// its evaluation, and the actions it planned are in the outbox.
+    fn check_instances(&self) -> Result<()> {
+        let engine = &self.app().engine;
+        let ledger = &self.app().ledger;
+        for (k, v) in engine.rt_scan(b"i")? {
+            let (tenant, id) = split_instance_key(&k)?;
+            let name = format!("contract instance {id} of tenant `{tenant}`");
+            let inst: InstanceRec = decode(&name, &v)?;
+            let ok = match ledger_event(ledger, inst.evaluated_entry)? {
+                Some(ev) => {
+                    ev.tenant == tenant
+                        && ev.instance == id
+                        && ev.contract == inst.contract
+                        && ev.contract_sha256.to_hex() == inst.sha256
+                        && matches!(ev.step, ContractStep::Evaluated | ContractStep::Failed)
+                }
+                None => false,
+            };
+            if !ok {
+                return Err(VaultError::integrity(format!(
+                    "{name}: the vault's `contract_runtime` tree names ledger entry {} as its evaluation, but that entry is not (the record was altered, or the ledger replaced)",
+                    inst.evaluated_entry
+                )));
+            }
+            for a in &inst.actions {
+                if engine.rt_get(&action_key(&tenant, id, a))?.is_none() {
+                    return Err(VaultError::integrity(format!(
+                        "{name}: its action `{a}` is missing from the vault's `contract_runtime` tree (deleted, or the outbox restored from an older copy)"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn ready_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Place, Option<Lease>>> {
@@ -699,7 +744,7 @@ impl Runtime {
             let purpose = planned.detail["purpose"].as_str().unwrap_or_default();
             self.cancel_open(batch, about, Some(purpose), actor, id)?;
             a.state = "completed".into();
-            a.completed_by = "sovra".into();
+            a.completed_by = actor.to_owned();
             a.completed_at_ms = at_ms;
             let cp = batch.entry(step(
                 ContractStep::ActionCompleted,
@@ -992,26 +1037,75 @@ impl Runtime {
     /// One pass: inbox records, then due timers. Returns whether it found
     /// work (so the loop goes on at once).
     pub async fn pass(&self) -> Result<bool> {
-        let inbox = self.app().engine.rt_scan(b"q")?;
-        let timers = self.app().engine.due_timers(now_ms(), TIMER_BATCH)?;
+        let inbox = self.app().engine.rt_scan_limit(b"q", INBOX_BATCH + 64)?;
+        let timers = self.app().engine.due_timers(now_ms(), TIMER_BATCH + 64)?;
+        let skip = self.skipped();
+        let inbox: Vec<_> = inbox
+            .into_iter()
+            .filter(|(k, _)| !skip.contains(k.as_ref()))
+            .take(INBOX_BATCH)
+            .collect();
+        let timers: Vec<_> = timers
+            .into_iter()
+            .filter(|t| !skip.contains(&t.key))
+            .take(TIMER_BATCH)
+            .collect();
         if inbox.is_empty() && timers.is_empty() {
             return Ok(false);
         }
         let mut ids = self.inner.lock.lock().await;
-        let mut batch = Batch::default();
-        for (k, v) in inbox.iter().take(256) {
-            let rec: InboxRec = decode("an inbox record", v)?;
-            self.vault_event(&mut batch, &mut ids, &rec).await?;
-            batch.raw.push((k.to_vec(), None));
+        // Each record and timer in a batch of its own, applied when it
+        // succeeds (so the next sees what it changed), all made durable by
+        // one commit: a damaged one is reported and skipped, never a
+        // reason to stop the others.
+        for (k, v) in &inbox {
+            let mut one = Batch::default();
+            let done = match decode::<InboxRec>("an inbox record", v) {
+                Ok(rec) => self.vault_event(&mut one, &mut ids, &rec).await,
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(()) => {
+                    one.raw.push((k.to_vec(), None));
+                    self.apply(one)?;
+                }
+                Err(e) => self.skip(k, "an inbox record", &e),
+            }
         }
         for t in &timers {
-            self.fire(&mut batch, t)?;
+            let mut one = Batch::default();
+            match self.fire(&mut one, t) {
+                Ok(()) => self.apply(one)?,
+                Err(e) => self.skip(&t.key, "a timer", &e),
+            }
         }
-        self.apply(batch)?;
         drop(ids);
         self.app().commit().await?;
         self.publish();
         Ok(true)
+    }
+
+    fn skipped(&self) -> HashSet<Vec<u8>> {
+        self.inner
+            .skip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reports a record the loop cannot run and leaves it in place (it is
+    /// not run again by this process).
+    fn skip(&self, key: &[u8], what: &str, e: &VaultError) {
+        tracing::error!(
+            key = %hex::encode(key),
+            error = %e,
+            "the contract runtime cannot run {what} in the vault's `contract_runtime` tree; skipped (left in place)"
+        );
+        self.inner
+            .skip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.to_vec());
     }
 
     /// Runs the tenant's contracts on a vault event, after cancelling what
@@ -1982,12 +2076,37 @@ fn scalar(v: &FieldValue) -> Scalar {
     }
 }
 
+/// Longest `detail` a ledger entry holds.
+const MAX_DETAIL: usize = 256;
+
+/// A step's detail as compact JSON, within [`MAX_DETAIL`] bytes: long
+/// strings (a reason, a list of policies) are shortened, ending in `…`.
 fn detail(pairs: &[(&str, serde_json::Value)]) -> String {
-    let m: serde_json::Map<String, serde_json::Value> = pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect();
-    serde_json::Value::Object(m).to_string()
+    let render = |limit: usize| {
+        let m: serde_json::Map<String, serde_json::Value> = pairs
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    serde_json::Value::String(s) if s.chars().count() > limit => {
+                        let mut t: String = s.chars().take(limit).collect();
+                        t.push('…');
+                        serde_json::Value::String(t)
+                    }
+                    v => v.clone(),
+                };
+                ((*k).to_owned(), v)
+            })
+            .collect();
+        serde_json::Value::Object(m).to_string()
+    };
+    let mut limit = MAX_DETAIL;
+    loop {
+        let out = render(limit);
+        if out.len() <= MAX_DETAIL || limit == 0 {
+            return out;
+        }
+        limit = limit.saturating_sub((out.len() - MAX_DETAIL).max(8));
+    }
 }
 
 fn queued_detail(a: &ActionRec) -> String {
@@ -2061,6 +2180,84 @@ fn place_of_customer_key(k: &[u8], tenant: &str) -> Result<Place> {
         .map_err(|_| bad())?
         .to_owned();
     Ok((tenant.to_owned(), id, action))
+}
+
+fn action_name(place: &Place) -> String {
+    format!(
+        "outbox action {}/{} of tenant `{}`",
+        place.1, place.2, place.0
+    )
+}
+
+fn split_instance_key(k: &[u8]) -> Result<(String, u64)> {
+    let bad = || VaultError::integrity("an instance key in the vault's `contract_runtime` tree");
+    let rest = k.get(1..).ok_or_else(bad)?;
+    let z = rest.iter().position(|b| *b == 0).ok_or_else(bad)?;
+    let tenant = std::str::from_utf8(&rest[..z])
+        .map_err(|_| bad())?
+        .to_owned();
+    let id = rest
+        .get(z + 1..)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(bad)?;
+    Ok((tenant, id))
+}
+
+/// The `contract_event` at `index`, if that entry is one.
+fn ledger_event(ledger: &sovra_ledger::Ledger, index: u64) -> Result<Option<ContractEvent>> {
+    if index >= ledger.size() {
+        return Ok(None);
+    }
+    Ok(match ledger.entry(index)?.1.body {
+        Body::ContractEvent(ev) => Some(ev),
+        _ => None,
+    })
+}
+
+/// One outbox record against the ledger: the entry that queued it and the
+/// entry of its latest step are steps of this action, and its state is the
+/// one they say (a record claiming a completion the ledger does not hold
+/// is refused, naming the action).
+fn check_action(ledger: &sovra_ledger::Ledger, place: &Place, a: &ActionRec) -> Result<()> {
+    let of_this = |index: u64, steps: &[ContractStep]| -> Result<Option<ContractEvent>> {
+        Ok(ledger_event(ledger, index)?.filter(|ev| {
+            ev.tenant == place.0
+                && ev.instance == place.1
+                && ev.action == place.2
+                && ev.contract == a.contract
+                && ev.contract_sha256.to_hex() == a.sha256
+                && steps.contains(&ev.step)
+        }))
+    };
+    let refuse = |what: &str, index: u64| {
+        VaultError::integrity(format!(
+            "{}: the vault's `contract_runtime` tree says it is {} and names ledger entry {index} as its {what}, but that entry is not (the record was altered, or the ledger replaced)",
+            action_name(place),
+            a.state
+        ))
+    };
+    let queued: &[ContractStep] = if a.state == "denied" {
+        &[ContractStep::ActionDenied]
+    } else {
+        &[ContractStep::ActionQueued]
+    };
+    if of_this(a.queued_entry, queued)?.is_none() {
+        return Err(refuse("queuing", a.queued_entry));
+    }
+    let last: &[ContractStep] = match a.state.as_str() {
+        "completed" => &[ContractStep::ActionCompleted],
+        "cancelled" => &[ContractStep::Cancelled],
+        "failed" | "waiting" => &[ContractStep::ActionFailed],
+        "escalated" => &[ContractStep::Escalated],
+        "ready" if a.last_entry != 0 => &[ContractStep::ActionRetried],
+        "ready" | "denied" => return Ok(()),
+        _ => return Err(refuse("state", a.last_entry)),
+    };
+    match of_this(a.last_entry, last)? {
+        Some(ev) if a.state != "completed" || ev.actor == a.completed_by => Ok(()),
+        _ => Err(refuse("latest step", a.last_entry)),
+    }
 }
 
 fn subject_bytes(hex_subject: &str) -> Result<[u8; 32]> {
@@ -2181,5 +2378,41 @@ fn instance_view(id: u64, i: &InstanceRec, actions: Vec<pb::Action>) -> pb::Inst
         created_at_ms: i.created_at_ms,
         fuel_used: i.fuel_used,
         actions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_fit_a_ledger_entry() {
+        let long = "policy-".repeat(80);
+        let d = detail(&[
+            ("reason", long.clone().into()),
+            ("policies", long.into()),
+            ("attempt", 3.into()),
+        ]);
+        assert!(d.len() <= MAX_DETAIL, "{} bytes", d.len());
+        let v: serde_json::Value = serde_json::from_str(&d).unwrap();
+        assert_eq!(v["attempt"], 3);
+        assert!(v["reason"].as_str().unwrap().ends_with('…'));
+        let short = detail(&[("by", "svc".into())]);
+        assert_eq!(short, "{\"by\":\"svc\"}");
+    }
+
+    #[test]
+    fn handles_parse_or_are_refused() {
+        assert_eq!(
+            parse_handle("12/send_link").unwrap(),
+            (12, "send_link".into())
+        );
+        assert_eq!(
+            parse_handle("3/escalate.x_y").unwrap(),
+            (3, "escalate.x_y".into())
+        );
+        for bad in ["", "12", "/x", "x/y", "1/", "1/A", "1/a b", "-1/a", "1/a/b"] {
+            assert!(parse_handle(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -321,6 +321,19 @@ impl Engine {
         Ok(out)
     }
 
+    /// The first `limit` records under `prefix`, in key order.
+    pub fn rt_scan_limit(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(sled::IVec, sled::IVec)>> {
+        let mut out = Vec::new();
+        for item in self.store.contract_runtime.scan_prefix(prefix).take(limit) {
+            out.push(item?);
+        }
+        Ok(out)
+    }
+
     /// The newest `limit` records under `prefix`, newest first.
     pub fn rt_scan_rev(
         &self,
@@ -356,7 +369,14 @@ impl Engine {
         let mut out = Vec::new();
         for item in self.store.contract_runtime.range(b"t".to_vec()..end) {
             let (k, v) = item?;
-            out.push(decode_timer(&k, &v)?);
+            match decode_timer(&k, &v) {
+                Ok(t) => out.push(t),
+                // A damaged timer must not stop the others: it is reported
+                // and left where it is.
+                Err(e) => {
+                    tracing::error!(key = %hex::encode(&k), error = %e, "a timer that does not decode is skipped")
+                }
+            }
             if out.len() >= limit {
                 break;
             }
