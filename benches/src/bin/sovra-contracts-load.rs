@@ -108,56 +108,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let sent: Sent = Arc::default();
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..args.connections {
-        clients.push(client::connect_contracts(&url, Some(&token), None).await?);
-    }
-    let total = u64::from(args.rate) * (args.seconds + 1);
-    let warmup = u64::from(args.rate);
-    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
-    let start = Instant::now();
-    let mut measured: Vec<u64> = Vec::new();
     let measured_ids = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for i in 0..total {
-        // Open loop: each signal leaves at its time, whatever the replies.
-        let due = start + period.mul_f64(i as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let mut c = clients[(i as usize) % clients.len()].clone();
-        let (sent, errors, ids) = (sent.clone(), errors.clone(), measured_ids.clone());
-        let customer = format!("load-{}", (i as usize) % args.customers);
-        tasks.push(tokio::spawn(async move {
-            let at = Instant::now();
-            match c
-                .signal(cpb::SignalRequest {
-                    name: "poc_report_signed".into(),
-                    customer_id: customer,
-                    contract: "poc-activation".into(),
-                    idempotency_key: String::new(),
-                    attrs: Default::default(),
-                })
-                .await
-            {
-                Ok(r) => {
-                    if let Some(inst) = r.into_inner().instances.first() {
-                        sent.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(inst.id, at);
-                        if i >= warmup {
-                            ids.lock().unwrap_or_else(|e| e.into_inner()).push(inst.id);
-                        }
-                    }
-                }
-                Err(_) => {
-                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let sending = start.elapsed();
+    let (total, sending) = send(&args, &url, &token, &sent, &errors, &measured_ids).await?;
+    let mut measured: Vec<u64> = Vec::new();
     // Let the last deliveries arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
@@ -208,6 +161,66 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         e.handle.shutdown().await?;
     }
     Ok(())
+}
+
+/// Sends the signals, open loop, at `--rate` for one second of warm-up and
+/// `--seconds`; returns how many were sent and how long sending took.
+async fn send(
+    args: &Args,
+    url: &str,
+    token: &str,
+    sent: &Sent,
+    errors: &Arc<std::sync::atomic::AtomicU64>,
+    measured_ids: &Arc<Mutex<Vec<u64>>>,
+) -> Result<(u64, Duration), Box<dyn std::error::Error>> {
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        clients.push(client::connect_contracts(url, Some(token), None).await?);
+    }
+    let total = u64::from(args.rate) * (args.seconds + 1);
+    let warmup = u64::from(args.rate);
+    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        // Open loop: each signal leaves at its time, whatever the replies.
+        let due = start + period.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let mut c = clients[(i as usize) % clients.len()].clone();
+        let (sent, errors, ids) = (sent.clone(), errors.clone(), measured_ids.clone());
+        let customer = format!("load-{}", (i as usize) % args.customers);
+        tasks.push(tokio::spawn(async move {
+            let at = Instant::now();
+            match c
+                .signal(cpb::SignalRequest {
+                    name: "poc_report_signed".into(),
+                    customer_id: customer,
+                    contract: "poc-activation".into(),
+                    idempotency_key: String::new(),
+                    attrs: Default::default(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    if let Some(inst) = r.into_inner().instances.first() {
+                        sent.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(inst.id, at);
+                        if i >= warmup {
+                            ids.lock().unwrap_or_else(|e| e.into_inner()).push(inst.id);
+                        }
+                    }
+                }
+                Err(_) => {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok((total, start.elapsed()))
 }
 
 /// Registers the POC contract (when an admin token is given) and stores

@@ -1124,43 +1124,7 @@ impl Demo<'_> {
             "11. CRM contracts (contracts/crm/), registered by the admin:"
         )
         .map_err(io)?;
-        let poc = sovra_contracts::crm::CONTRACTS[0];
-        let fast = poc
-            .manifest
-            .replace("version = 1", "version = 2")
-            .replace("\"72h\"", "\"2s\"");
-        let mut all: Vec<(String, String, Option<&str>)> = sovra_contracts::crm::CONTRACTS
-            .iter()
-            .map(|s| (s.file.to_owned(), s.manifest.to_owned(), s.guest))
-            .collect();
-        all.push((poc.file.to_owned(), fast, None));
-        for (file, manifest, guest) in all {
-            let r = adm
-                .register_contract(cpb::RegisterContractRequest {
-                    manifest,
-                    guest: guest.map(|g| g.as_bytes().to_vec()).unwrap_or_default(),
-                    file_name: file,
-                })
-                .await
-                .map_err(|e| demo_err("register a contract", e))?
-                .into_inner();
-            writeln!(
-                self.out,
-                "    {} v{}: pin {}…, {}, ledger entry {}{}",
-                r.id,
-                r.version,
-                &r.sha256[..16],
-                r.triggers.join(", "),
-                r.registered_entry,
-                if r.version == 2 {
-                    " (the demo's copy: deadlines 2 s, not 72 h)"
-                } else {
-                    ""
-                }
-            )
-            .map_err(io)?;
-            self.sum.contracts_registered += 1;
-        }
+        self.register_all(adm).await?;
         self.svc
             .put_record(demo_put(
                 "demo-poc-customer",
@@ -1237,6 +1201,50 @@ impl Demo<'_> {
             self.sum.contracts_registered == 5 && self.sum.obligations_escalated == 1,
             "the contracts registered and the POC's missed obligation escalated, in verified evidence",
         )
+    }
+
+    /// Registers the four shipped contracts and the demo's copy of the POC
+    /// contract with 2 s deadlines (its version 2).
+    async fn register_all(&mut self, adm: &mut ContractsClient) -> Result<()> {
+        use sovra_proto::contracts::v1 as cpb;
+        let poc = sovra_contracts::crm::CONTRACTS[0];
+        let fast = poc
+            .manifest
+            .replace("version = 1", "version = 2")
+            .replace("\"72h\"", "\"2s\"");
+        let mut all: Vec<(String, String, Option<&str>)> = sovra_contracts::crm::CONTRACTS
+            .iter()
+            .map(|s| (s.file.to_owned(), s.manifest.to_owned(), s.guest))
+            .collect();
+        all.push((poc.file.to_owned(), fast, None));
+        for (file, manifest, guest) in all {
+            let r = adm
+                .register_contract(cpb::RegisterContractRequest {
+                    manifest,
+                    guest: guest.map(|g| g.as_bytes().to_vec()).unwrap_or_default(),
+                    file_name: file,
+                })
+                .await
+                .map_err(|e| demo_err("register a contract", e))?
+                .into_inner();
+            writeln!(
+                self.out,
+                "    {} v{}: pin {}…, {}, ledger entry {}{}",
+                r.id,
+                r.version,
+                &r.sha256[..16],
+                r.triggers.join(", "),
+                r.registered_entry,
+                if r.version == 2 {
+                    " (the demo's copy: deadlines 2 s, not 72 h)"
+                } else {
+                    ""
+                }
+            )
+            .map_err(io)?;
+            self.sum.contracts_registered += 1;
+        }
+        Ok(())
     }
 
     /// The CRM backend as a connector: takes the instance's three actions

@@ -174,6 +174,40 @@ async fn poc_activation_runs_end_to_end_and_a_missed_deadline_escalates_across_a
         .all(|a| a.state == "ready" && a.due_at_ms > 0));
     let id = inst.id;
 
+    // The contract's read of the email is in the customer's lineage, by
+    // the contract, for its purpose, anchored by the evaluation's entry.
+    let mut lin = client::connect_lineage(&srv.url, Some(&env.officer), None)
+        .await
+        .unwrap();
+    let acc = lin
+        .list_accesses(sovra_proto::lineage::v1::ListAccessesRequest {
+            customer_id: "cust-poc".into(),
+            field: "email".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .accesses;
+    let by_contract: Vec<_> = acc
+        .iter()
+        .filter_map(|a| a.activity.as_ref())
+        .filter(|a| a.agent == "poc-activation")
+        .collect();
+    assert_eq!(by_contract.len(), 1, "{acc:?}");
+    assert_eq!(by_contract[0].role, "contract");
+    assert_eq!(by_contract[0].purpose, "customer_service");
+    assert_eq!(
+        acc.iter()
+            .find(|a| a
+                .activity
+                .as_ref()
+                .is_some_and(|x| x.agent == "poc-activation"))
+            .unwrap()
+            .ledger_index,
+        inst.evaluated_entry
+    );
+
     // A retry with the same key is the same instance; another signal with
     // it is refused; an unknown contract and customer are NOT_FOUND.
     let again = svc
@@ -1431,4 +1465,80 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), &p).unwrap();
         }
     }
+}
+
+/// `write_field` is taken by the vault: the derived value is written to
+/// the customer's record with the contract as its lineage agent, the
+/// outbox and the ledger never hold it, and a write the policy denies (a
+/// sensitive field) is recorded denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_derived_field_is_written_by_the_vault_with_lineage_and_never_sent() {
+    let env = Env::new();
+    let srv = env.start().await;
+    let mut adm = contracts(&srv.url, &env.admin).await;
+    adm.register_contract(fixture("derive-region.toml"))
+        .await
+        .unwrap();
+    put_customer(
+        &srv.url,
+        &env.service,
+        "gov-1",
+        &[("company", text("Gov Works"))],
+    )
+    .await;
+    let mut svc = contracts(&srv.url, &env.service).await;
+    let i = svc
+        .signal(signal("company_checked", "gov-1", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    let set = action(&i, "set_region");
+    assert_eq!(set.state, "completed", "{i:?}");
+    assert!(!set.detail_json.contains("public_sector"), "{set:?}");
+    assert_eq!(action(&i, "set_secret").state, "denied", "{i:?}");
+    assert_eq!(i.state, "done");
+    // The value is in the record.
+    let mut v = client::connect(&srv.url, Some(&env.service), None)
+        .await
+        .unwrap();
+    let r = v
+        .get_fields(get("gov-1", &["region"], "customer_service"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        revealed(&r.fields[0]),
+        Some(&pb::value::Kind::Text("public_sector".into()))
+    );
+    // Its lineage names the contract; the ledger never holds the value.
+    let mut lin = client::connect_lineage(&srv.url, Some(&env.officer), None)
+        .await
+        .unwrap();
+    let l = lin
+        .get_field_lineage(sovra_proto::lineage::v1::GetFieldLineageRequest {
+            customer_id: "gov-1".into(),
+            field: "region".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(format!("{l:?}").contains("derive-region"), "{l:?}");
+    let entries = ledger_entries(&srv.url, &env.officer).await;
+    assert!(!entries
+        .iter()
+        .any(|(_, e)| e.to_string().contains("public_sector")));
+    // Nothing of it reaches a connector.
+    let mut s = svc
+        .watch_actions(cpb::WatchActionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1200), s.message())
+            .await
+            .is_err()
+    );
+    srv.stop().await;
 }

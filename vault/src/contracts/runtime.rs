@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use sovra_contracts::{Evaluation, Event, Manifest, Planned, Scalar, Trigger};
+use sovra_ledger::entry::Disclosure as LedgerDisclosure;
 use sovra_ledger::{Body, ContractEvent, ContractStep, Digest};
 use sovra_policy::{Action as PolicyAction, CustomerAttrs, Disclosure, PrincipalKind};
 use sovra_proto::contracts::v1 as pb;
@@ -163,6 +164,18 @@ impl Batch {
         self.bodies.push(b);
         self.bodies.len() - 1
     }
+}
+
+/// What `read_for` gives: the values the contract sees, the customer's
+/// policy attributes and the read's lineage (when it read anything).
+type Read = (BTreeMap<String, Scalar>, CustomerAttrs, Option<ReadLog>);
+
+/// What a contract read, for its lineage: (field, version, disclosure)
+/// and the determining policies.
+#[derive(Default)]
+struct ReadLog {
+    used: Vec<(String, u64, LedgerDisclosure)>,
+    policies: Vec<String>,
 }
 
 /// What every entry of one instance's evaluation shares.
@@ -596,11 +609,10 @@ impl Runtime {
         };
         // The customer's fields and policy attributes, as the contract's
         // principal may see them.
-        let (fields, customer) = match self.read_for(about, m, &principal) {
+        let (fields, customer, read) = match self.read_for(about, m, &principal) {
             Ok(v) => v,
             Err(why) => {
-                failed(batch, &cx, inst, why, Digest::default(), 0);
-                return Ok(());
+                return self.failed(batch, &cx, inst, why, Digest::default(), 0, None);
             }
         };
         let event = Event {
@@ -619,12 +631,11 @@ impl Runtime {
                     sovra_contracts::ContractError::Guest(g) => g.fuel_used(),
                     _ => 0,
                 };
-                failed(batch, &cx, inst, err.to_string(), input, fuel);
-                return Ok(());
+                return self.failed(batch, &cx, inst, err.to_string(), input, fuel, read);
             }
         };
         inst.fuel_used = e.fuel_used;
-        let pos = batch.entry(step(
+        let body = step(
             ContractStep::Evaluated,
             "",
             input,
@@ -637,7 +648,8 @@ impl Runtime {
                 ),
                 ("actions", e.actions.len().into()),
             ]),
-        ));
+        );
+        let pos = self.evaluation_entry(batch, about, m, read, body, &mut inst)?;
         if e.condition == Some(false) || e.actions.is_empty() {
             inst.state = if e.condition == Some(false) {
                 "not_met"
@@ -645,9 +657,7 @@ impl Runtime {
                 "done"
             }
             .into();
-            batch
-                .instances
-                .push((about.tenant.clone(), id, inst, Some(pos)));
+            batch.instances.push((about.tenant.clone(), id, inst, pos));
             return Ok(());
         }
         let active = self.app().policies.current();
@@ -670,10 +680,166 @@ impl Runtime {
         if open == 0 {
             inst.state = "done".into();
         }
+        batch.instances.push((about.tenant.clone(), id, inst, pos));
+        Ok(())
+    }
+
+    /// Records a failed evaluation: the instance is `failed` with the
+    /// reason (which never quotes a value), and a `failed` entry says why
+    /// (the anchor of the read's lineage when fields were read).
+    #[allow(clippy::too_many_arguments)]
+    fn failed(
+        &self,
+        batch: &mut Batch,
+        cx: &StepCx<'_>,
+        mut inst: InstanceRec,
+        why: String,
+        input: Digest,
+        fuel: u64,
+        read: Option<ReadLog>,
+    ) -> Result<()> {
+        inst.state = "failed".into();
+        inst.failure = why.clone();
+        inst.fuel_used = fuel;
+        let body = cx.body(
+            ContractStep::Failed,
+            "",
+            input,
+            fuel,
+            detail(&[
+                ("trigger", inst.trigger.clone().into()),
+                ("reason", why.into()),
+            ]),
+        );
+        let pos = self.evaluation_entry(batch, cx.about, cx.m, read, body, &mut inst)?;
         batch
             .instances
-            .push((about.tenant.clone(), id, inst, Some(pos)));
+            .push((cx.about.tenant.clone(), cx.id, inst, pos));
         Ok(())
+    }
+
+    /// Writes a contract's derived value to the customer's record (sealed
+    /// like every value, with its lineage: the contract as the agent, its
+    /// purpose and the policies that allowed it) and returns the write's
+    /// ledger entry. The write does not trigger `field_written` contracts
+    /// (no contract loops). The error never quotes the value.
+    fn write_field(
+        &self,
+        about: &About,
+        m: &Manifest,
+        policies: &[String],
+        field: &str,
+        value: &serde_json::Value,
+    ) -> std::result::Result<u64, String> {
+        use crate::schema::RawValue;
+        let customer = about
+            .customer
+            .as_ref()
+            .ok_or("there is no customer to write to")?;
+        let engine = &self.app().engine;
+        let schema = engine.schema();
+        let def = schema.field(field).map_err(|e| e.to_string())?;
+        let raw = match (value, def.ty) {
+            (serde_json::Value::String(t), FieldType::String) => RawValue::Text(t.clone()),
+            (serde_json::Value::Number(n), FieldType::Integer) => {
+                RawValue::Integer(n.as_i64().ok_or("the value is not a 64-bit integer")?)
+            }
+            (serde_json::Value::Number(n), FieldType::Timestamp) => {
+                RawValue::Timestamp(n.as_i64().ok_or("the value is not a 64-bit integer")?)
+            }
+            _ => {
+                return Err(format!(
+                    "the value computed for field `{field}` is not of its type"
+                ))
+            }
+        };
+        let v = schema.normalise(def, raw).map_err(|_| {
+            format!(
+                "the value computed for field `{field}` is not valid for it (its format or bounds)"
+            )
+        })?;
+        let agent =
+            crate::lineage::Agent::of(&m.id, "contract", m.purpose.clone(), policies.to_vec());
+        let source = crate::schema::Source {
+            channel: "contract".into(),
+            collector: m.id.clone(),
+            consent_ref: String::new(),
+        };
+        let ledger = &self.app().ledger;
+        let (tenant, actor) = (about.tenant.clone(), m.id.clone());
+        let written = std::cell::Cell::new(0u64);
+        engine
+            .put(
+                &about.tenant,
+                customer,
+                &[(def, v)],
+                &source,
+                crate::engine::WriteLineage {
+                    agent: &agent,
+                    transformed: &[],
+                    anchor: Box::new(|subject, hash, fields| {
+                        let i = crate::lineage::appended_index(ledger.append(&[
+                            Body::FieldsWritten(sovra_ledger::entry::Write {
+                                tenant,
+                                subject: *subject,
+                                actor,
+                                channel: "contract".into(),
+                                fields,
+                                lineage: *hash,
+                            }),
+                        ])?)?;
+                        written.set(i);
+                        Ok(i)
+                    }),
+                },
+                None,
+            )
+            .map_err(|e| format!("the write failed: {e}"))?;
+        Ok(written.get())
+    }
+
+    /// The evaluation's entry: appended with the batch, or, when the
+    /// contract read the customer's fields, appended now as the anchor of
+    /// the read's lineage activity (the customer's lineage shows the
+    /// contract's read, and the entry carries its hash). Returns the
+    /// entry's position in the batch (None when it was appended now; the
+    /// instance then holds its index).
+    fn evaluation_entry(
+        &self,
+        batch: &mut Batch,
+        about: &About,
+        m: &Manifest,
+        read: Option<ReadLog>,
+        body: Body,
+        inst: &mut InstanceRec,
+    ) -> Result<Option<usize>> {
+        let (Some(read), Some(customer)) = (read, &about.customer) else {
+            return Ok(Some(batch.entry(body)));
+        };
+        let mut activity =
+            crate::lineage::Agent::of(&m.id, "contract", m.purpose.clone(), read.policies)
+                .activity(
+                    sovra_proto::lineage::v1::ActivityKind::Reveal,
+                    &about.tenant,
+                );
+        activity.used = read
+            .used
+            .iter()
+            .map(|(f, v, d)| crate::lineage::read_usage(f, *v, *d))
+            .collect();
+        let ledger = &self.app().ledger;
+        let index =
+            self.app()
+                .engine
+                .record_access(&about.tenant, customer, activity, |_, hash| {
+                    let mut body = body;
+                    if let Body::ContractEvent(ev) = &mut body {
+                        ev.lineage = *hash;
+                    }
+                    crate::lineage::appended_index(ledger.append(&[body])?)
+                })?;
+        inst.evaluated_entry = index;
+        Ok(None)
     }
 
     /// Queues (or records the denial of) one planned action; returns
@@ -700,7 +866,11 @@ impl Runtime {
             sha256: sha256.to_owned(),
             purpose: m.purpose.clone(),
             kind: planned.kind.to_owned(),
-            detail: planned.detail.clone(),
+            // A derived value is never kept in the outbox or sent.
+            detail: match planned.kind {
+                "write_field" => serde_json::json!({ "field": planned.detail["field"] }),
+                _ => planned.detail.clone(),
+            },
             cref: about.cref.clone(),
             subject: about.subject.to_hex(),
             due_ms: planned.due_ms.unwrap_or(0),
@@ -738,6 +908,42 @@ impl Runtime {
             0,
             queued_detail(&a),
         ));
+        if planned.kind == "write_field" {
+            // The vault takes it itself: the value (derived from what the
+            // contract read) is written to the customer's record, sealed,
+            // with lineage, and never stored in the outbox or sent.
+            let field = planned.detail["field"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let (st, d) =
+                match self.write_field(about, m, &decision.1, &field, &planned.detail["value"]) {
+                    Ok(entry) => {
+                        a.state = "completed".into();
+                        a.completed_by = actor.to_owned();
+                        a.completed_at_ms = at_ms;
+                        (
+                            ContractStep::ActionCompleted,
+                            detail(&[("by", actor.into()), ("write_entry", entry.into())]),
+                        )
+                    }
+                    Err(why) => {
+                        a.state = "failed".into();
+                        a.failures = 1;
+                        (
+                            ContractStep::ActionFailed,
+                            detail(&[
+                                ("reason", why.into()),
+                                ("attempt", 1.into()),
+                                ("gave_up", true.into()),
+                            ]),
+                        )
+                    }
+                };
+            let lp = batch.entry(step(st, &planned.id, input, 0, d));
+            batch.actions.push((place, a, Some(qp), Some(lp)));
+            return Ok(false);
+        }
         if planned.kind == "cancel_actions" {
             // The runtime takes it itself: the customer's open actions
             // of that purpose are cancelled, then it is completed.
@@ -771,17 +977,18 @@ impl Runtime {
         Ok(true)
     }
 
-    /// The fields `m` reads and the customer's policy attributes; `Err`
-    /// with the reason when policy denies a read.
+    /// The fields `m` reads, the customer's policy attributes and what was
+    /// read (for its lineage); `Err` with the reason when policy denies a
+    /// read.
     fn read_for(
         &self,
         about: &About,
         m: &Manifest,
         principal: &sovra_policy::Principal,
-    ) -> std::result::Result<(BTreeMap<String, Scalar>, CustomerAttrs), String> {
+    ) -> std::result::Result<Read, String> {
         let engine = &self.app().engine;
         let Some(customer) = &about.customer else {
-            return Ok((BTreeMap::new(), CustomerAttrs::default()));
+            return Ok((BTreeMap::new(), CustomerAttrs::default(), None));
         };
         let schema = engine.schema();
         let mut defs = policy::attribute_fields(schema);
@@ -802,7 +1009,7 @@ impl Runtime {
             .map_err(|e| format!("reading the consent state failed: {e}"))?;
         let attrs = policy::customer_attrs(&values, consent);
         if m.reads.is_empty() {
-            return Ok((BTreeMap::new(), attrs));
+            return Ok((BTreeMap::new(), attrs, None));
         }
         let read_defs: Vec<_> = defs.iter().filter(|d| m.reads.contains(&d.name)).collect();
         let fattrs: Vec<&sovra_policy::FieldAttrs> = read_defs.iter().map(|d| &d.policy).collect();
@@ -817,6 +1024,7 @@ impl Runtime {
             })
             .map_err(|e| format!("the read decision failed: {e}"))?;
         let mut out = BTreeMap::new();
+        let mut log = ReadLog::default();
         for d in decided {
             let Some(def) = read_defs.iter().find(|x| x.name == d.field) else {
                 continue;
@@ -834,11 +1042,15 @@ impl Runtime {
                 Disclosure::Plaintext => {
                     if let Some(v) = value {
                         out.insert(d.field.clone(), scalar(&v.value));
+                        log.used.push((d.field.clone(), v.version, LedgerDisclosure::Plaintext));
                     }
+                    log.policies.extend(d.determining());
                 }
                 Disclosure::Masked => match (value, def.ty) {
                     (Some(v), FieldType::String) => {
                         out.insert(d.field.clone(), Scalar::Str(def.mask.apply(&v.value)));
+                        log.used.push((d.field.clone(), v.version, LedgerDisclosure::Masked));
+                        log.policies.extend(d.determining());
                     }
                     (None, _) => {}
                     _ => {
@@ -852,7 +1064,7 @@ impl Runtime {
                 },
             }
         }
-        Ok((out, attrs))
+        Ok((out, attrs, (!log.used.is_empty()).then_some(log)))
     }
 
     /// The evaluation input's digest keyed under the customer's data key
@@ -1965,34 +2177,6 @@ impl ActionRec {
     fn completed_entry(&self) -> u64 {
         self.last_entry
     }
-}
-
-/// Records a failed evaluation: the instance is `failed` with the reason
-/// (which never quotes a value), and a `failed` entry says why.
-fn failed(
-    batch: &mut Batch,
-    cx: &StepCx<'_>,
-    mut inst: InstanceRec,
-    why: String,
-    input: Digest,
-    fuel: u64,
-) {
-    inst.state = "failed".into();
-    inst.failure = why.clone();
-    inst.fuel_used = fuel;
-    let pos = batch.entry(cx.body(
-        ContractStep::Failed,
-        "",
-        input,
-        fuel,
-        detail(&[
-            ("trigger", inst.trigger.clone().into()),
-            ("reason", why.into()),
-        ]),
-    ));
-    batch
-        .instances
-        .push((cx.about.tenant.clone(), cx.id, inst, Some(pos)));
 }
 
 /// The policy principal of a contract.
