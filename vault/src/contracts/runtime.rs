@@ -623,7 +623,12 @@ impl Runtime {
             fields,
         };
         let evaluated = sovra_contracts::evaluate(m, &event, at_ms);
-        let input = self.keyed_input(about, &event, m)?;
+        let input = self.keyed_input(about, &event, m);
+        // The values read are plaintext: wiped here, as soon as they were
+        // evaluated (the `cel` crate's own copies are not reachable).
+        let mut event = event;
+        wipe(&mut event.fields);
+        let input = input?;
         let e: Evaluation = match evaluated {
             Ok(e) => e,
             Err(err) => {
@@ -716,6 +721,45 @@ impl Runtime {
             .instances
             .push((cx.about.tenant.clone(), cx.id, inst, pos));
         Ok(())
+    }
+
+    /// Takes a `write_field` action (see `write_field`): completed, or
+    /// failed with the reason; returns the step to record and its detail.
+    fn take_write(
+        &self,
+        cx: &StepCx<'_>,
+        planned: &Planned,
+        policies: &[String],
+        a: &mut ActionRec,
+        at_ms: i64,
+    ) -> (ContractStep, String) {
+        let field = planned.detail["field"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        match self.write_field(cx.about, cx.m, policies, &field, &planned.detail["value"]) {
+            Ok(entry) => {
+                a.state = "completed".into();
+                a.completed_by = cx.actor.to_owned();
+                a.completed_at_ms = at_ms;
+                (
+                    ContractStep::ActionCompleted,
+                    detail(&[("by", cx.actor.into()), ("write_entry", entry.into())]),
+                )
+            }
+            Err(why) => {
+                a.state = "failed".into();
+                a.failures = 1;
+                (
+                    ContractStep::ActionFailed,
+                    detail(&[
+                        ("reason", why.into()),
+                        ("attempt", 1.into()),
+                        ("gave_up", true.into()),
+                    ]),
+                )
+            }
+        }
     }
 
     /// Writes a contract's derived value to the customer's record (sealed
@@ -912,34 +956,7 @@ impl Runtime {
             // The vault takes it itself: the value (derived from what the
             // contract read) is written to the customer's record, sealed,
             // with lineage, and never stored in the outbox or sent.
-            let field = planned.detail["field"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let (st, d) =
-                match self.write_field(about, m, &decision.1, &field, &planned.detail["value"]) {
-                    Ok(entry) => {
-                        a.state = "completed".into();
-                        a.completed_by = actor.to_owned();
-                        a.completed_at_ms = at_ms;
-                        (
-                            ContractStep::ActionCompleted,
-                            detail(&[("by", actor.into()), ("write_entry", entry.into())]),
-                        )
-                    }
-                    Err(why) => {
-                        a.state = "failed".into();
-                        a.failures = 1;
-                        (
-                            ContractStep::ActionFailed,
-                            detail(&[
-                                ("reason", why.into()),
-                                ("attempt", 1.into()),
-                                ("gave_up", true.into()),
-                            ]),
-                        )
-                    }
-                };
+            let (st, d) = self.take_write(cx, planned, &decision.1, &mut a, at_ms);
             let lp = batch.entry(step(st, &planned.id, input, 0, d));
             batch.actions.push((place, a, Some(qp), Some(lp)));
             return Ok(false);
@@ -1073,19 +1090,24 @@ impl Runtime {
         let Some(customer) = &about.customer else {
             return Ok(Digest::default());
         };
-        let seen = Event {
+        let mut seen = Event {
+            kind: event.kind,
+            name: event.name.clone(),
+            at_ms: event.at_ms,
+            attrs: event.attrs.clone(),
             fields: event
                 .fields
                 .iter()
                 .filter(|(k, _)| m.reads.contains(k))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            ..event.clone()
         };
+        let digest = seen.digest();
+        wipe(&mut seen.fields);
         let (_, _, keyed) =
             self.app()
                 .engine
-                .contract_customer(&about.tenant, customer, &seen.digest())?;
+                .contract_customer(&about.tenant, customer, &digest)?;
         Ok(Digest(keyed))
     }
 
@@ -2251,6 +2273,15 @@ pub fn decide(
         }
     })();
     decided.unwrap_or_else(|e| (false, vec![format!("error: {e}")]))
+}
+
+/// Wipes the plaintext strings of values read.
+fn wipe(fields: &mut BTreeMap<String, Scalar>) {
+    for v in fields.values_mut() {
+        if let Scalar::Str(t) = v {
+            zeroize::Zeroize::zeroize(t);
+        }
+    }
 }
 
 fn scalar(v: &FieldValue) -> Scalar {
