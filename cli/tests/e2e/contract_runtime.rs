@@ -624,6 +624,39 @@ async fn government_exports_ask_three_approvals_and_hot_leads_alert_sales() {
         .instances
         .remove(0);
     assert!(c.actions.is_empty() && c.state == "done", "{c:?}");
+    // A connector of one kind gets only that kind, and one of one
+    // contract only that contract's.
+    let mut s = svc
+        .watch_actions(cpb::WatchActionsRequest {
+            kinds: vec!["notify".into()],
+            lease_seconds: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let d = s.message().await.unwrap().unwrap().action.unwrap();
+    assert_eq!(
+        (d.kind.as_str(), d.action_id.as_str()),
+        ("notify", "alert_rep")
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), s.message())
+            .await
+            .is_err()
+    );
+    drop(s);
+    let mut s = svc
+        .watch_actions(cpb::WatchActionsRequest {
+            contract: "gov-export-approvals".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let d = s.message().await.unwrap().unwrap().action.unwrap();
+    assert_eq!(d.action_id, "three_approvals");
+    drop(s);
     srv.stop().await;
 }
 

@@ -81,6 +81,15 @@ struct Lease {
     until_ms: i64,
 }
 
+/// A deliverable action in the ready index: what streams filter on, and
+/// its lease.
+#[derive(Debug, Clone)]
+struct Ready {
+    kind: String,
+    contract: String,
+    lease: Option<Lease>,
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Breaker {
     failures: u32,
@@ -101,7 +110,7 @@ struct Inner {
     lock: tokio::sync::Mutex<Ids>,
     // Deliverable actions and their leases: an index of the outbox,
     // rebuilt at start.
-    ready: Mutex<BTreeMap<Place, Option<Lease>>>,
+    ready: Mutex<BTreeMap<Place, Ready>>,
     changed: tokio::sync::watch::Sender<u64>,
     // Set when the server stops: outbox streams end, so that a graceful
     // shutdown does not wait for connectors to hang up.
@@ -299,7 +308,7 @@ impl Runtime {
             check_action(ledger, &place, &a)?;
             open += 1;
             if a.state != "waiting" {
-                ready.push(place);
+                ready.push((place, a.kind.clone(), a.contract.clone()));
             }
         }
         if !fixes.is_empty() {
@@ -307,8 +316,15 @@ impl Runtime {
         }
         {
             let mut r = self.ready_lock();
-            for p in ready {
-                r.insert(p, None);
+            for (p, kind, contract) in ready {
+                r.insert(
+                    p,
+                    Ready {
+                        kind,
+                        contract,
+                        lease: None,
+                    },
+                );
             }
         }
         let mut tenants = HashSet::new();
@@ -357,7 +373,7 @@ impl Runtime {
         Ok(())
     }
 
-    fn ready_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Place, Option<Lease>>> {
+    fn ready_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Place, Ready>> {
         self.inner
             .ready
             .lock()
@@ -1195,6 +1211,11 @@ impl Runtime {
         };
         let at = |p: Option<usize>| p.and_then(|p| idx.get(p).copied());
         let mut writes = std::mem::take(&mut batch.raw);
+        let info: HashMap<Place, (String, String)> = batch
+            .actions
+            .iter()
+            .map(|(p, a, ..)| (p.clone(), (a.kind.clone(), a.contract.clone())))
+            .collect();
         for (tenant, id, mut inst, pos) in batch.instances {
             if let Some(i) = at(pos) {
                 inst.evaluated_entry = i;
@@ -1216,7 +1237,16 @@ impl Runtime {
             r.remove(&p);
         }
         for p in batch.now_ready {
-            r.insert(p, None);
+            if let Some((kind, contract)) = info.get(&p).cloned() {
+                r.insert(
+                    p,
+                    Ready {
+                        kind,
+                        contract,
+                        lease: None,
+                    },
+                );
+            }
         }
         Ok(())
     }
@@ -1529,14 +1559,22 @@ impl Runtime {
         max: usize,
     ) -> Result<Vec<pb::ActionDelivery>> {
         let now = now_ms();
+        // Filtered on the index, so that actions this stream does not take
+        // never crowd out those it does.
         let candidates: Vec<Place> = {
             let r = self.ready_lock();
             r.iter()
-                .filter(|((t, ..), lease)| {
-                    *t == p.tenant && lease.as_ref().is_none_or(|l| l.until_ms <= now)
+                .filter(|((t, _, id), x)| {
+                    *t == p.tenant
+                        && x.lease.as_ref().is_none_or(|l| l.until_ms <= now)
+                        && (kinds.is_empty() || kinds.contains(&x.kind))
+                        && (contract.is_empty() || x.contract == contract)
+                        && (!self.paused(t, &x.contract, now)
+                            || id.starts_with("manual.")
+                            || id.starts_with("escalate."))
                 })
                 .map(|(k, _)| k.clone())
-                .take(max * 4)
+                .take(max * 2)
                 .collect()
         };
         let mut out = Vec::new();
@@ -1557,20 +1595,12 @@ impl Runtime {
             if !matches!(a.state.as_str(), "ready" | "escalated") {
                 continue;
             }
-            if (!kinds.is_empty() && !kinds.contains(&a.kind))
-                || (!contract.is_empty() && a.contract != contract)
-                || (self.paused(&place.0, &a.contract, now)
-                    && !place.2.starts_with("manual.")
-                    && !place.2.starts_with("escalate."))
-            {
-                continue;
-            }
             let until = now + lease_ms;
             {
                 let mut r = self.ready_lock();
                 match r.get_mut(&place) {
-                    Some(l) if l.as_ref().is_none_or(|l| l.until_ms <= now) => {
-                        *l = Some(Lease {
+                    Some(x) if x.lease.as_ref().is_none_or(|l| l.until_ms <= now) => {
+                        x.lease = Some(Lease {
                             to: p.name.clone(),
                             until_ms: until,
                         });
@@ -1750,7 +1780,7 @@ impl Runtime {
         let leased_to = self
             .ready_lock()
             .get(&place)
-            .and_then(|l| l.as_ref().map(|l| l.to.clone()));
+            .and_then(|x| x.lease.as_ref().map(|l| l.to.clone()));
         let sent_to = leased_to.unwrap_or_else(|| a.delivered_to.clone());
         if sent_to != p.name {
             return Err(crate::error::PermissionDeniedError::new(
