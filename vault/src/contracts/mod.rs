@@ -23,6 +23,7 @@
 //! any customer; it is reported when the ledger holds its registration.
 
 pub mod evidence;
+mod ready;
 pub mod runtime;
 
 use std::collections::BTreeMap;

@@ -72,23 +72,7 @@ const TIMER_BATCH: usize = 256;
 /// Most inbox records run per pass.
 const INBOX_BATCH: usize = 256;
 
-/// An action's place: tenant, instance and action id.
-type Place = (String, u64, String);
-
-#[derive(Debug, Clone)]
-struct Lease {
-    to: String,
-    until_ms: i64,
-}
-
-/// A deliverable action in the ready index: what streams filter on, and
-/// its lease.
-#[derive(Debug, Clone)]
-struct Ready {
-    kind: String,
-    contract: String,
-    lease: Option<Lease>,
-}
+use super::ready::{Meta, Place, ReadyIndex};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Breaker {
@@ -110,7 +94,7 @@ struct Inner {
     lock: tokio::sync::Mutex<Ids>,
     // Deliverable actions and their leases: an index of the outbox,
     // rebuilt at start.
-    ready: Mutex<BTreeMap<Place, Ready>>,
+    ready: Mutex<ReadyIndex>,
     changed: tokio::sync::watch::Sender<u64>,
     // Set when the server stops: outbox streams end, so that a graceful
     // shutdown does not wait for connectors to hang up.
@@ -239,7 +223,7 @@ impl Runtime {
             inner: Arc::new(Inner {
                 app,
                 lock: tokio::sync::Mutex::new(Ids::default()),
-                ready: Mutex::new(BTreeMap::new()),
+                ready: Mutex::new(ReadyIndex::default()),
                 changed,
                 closing,
                 breakers: Mutex::new(HashMap::new()),
@@ -317,14 +301,7 @@ impl Runtime {
         {
             let mut r = self.ready_lock();
             for (p, kind, contract) in ready {
-                r.insert(
-                    p,
-                    Ready {
-                        kind,
-                        contract,
-                        lease: None,
-                    },
-                );
+                r.insert(p, Meta { kind, contract });
             }
         }
         let mut tenants = HashSet::new();
@@ -373,7 +350,7 @@ impl Runtime {
         Ok(())
     }
 
-    fn ready_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Place, Ready>> {
+    fn ready_lock(&self) -> std::sync::MutexGuard<'_, ReadyIndex> {
         self.inner
             .ready
             .lock()
@@ -1238,14 +1215,7 @@ impl Runtime {
         }
         for p in batch.now_ready {
             if let Some((kind, contract)) = info.get(&p).cloned() {
-                r.insert(
-                    p,
-                    Ready {
-                        kind,
-                        contract,
-                        lease: None,
-                    },
-                );
+                r.insert(p, Meta { kind, contract });
             }
         }
         Ok(())
@@ -1561,21 +1531,17 @@ impl Runtime {
         let now = now_ms();
         // Filtered on the index, so that actions this stream does not take
         // never crowd out those it does.
+        let paused = self.paused_contracts(&p.tenant, now);
         let candidates: Vec<Place> = {
-            let r = self.ready_lock();
-            r.iter()
-                .filter(|((t, _, id), x)| {
-                    *t == p.tenant
-                        && x.lease.as_ref().is_none_or(|l| l.until_ms <= now)
-                        && (kinds.is_empty() || kinds.contains(&x.kind))
-                        && (contract.is_empty() || x.contract == contract)
-                        && (!self.paused(t, &x.contract, now)
-                            || id.starts_with("manual.")
-                            || id.starts_with("escalate."))
-                })
-                .map(|(k, _)| k.clone())
-                .take(max * 2)
-                .collect()
+            let mut r = self.ready_lock();
+            r.release_expired(now);
+            r.candidates(&p.tenant, max * 2, |(_, _, id), m| {
+                (kinds.is_empty() || kinds.contains(&m.kind))
+                    && (contract.is_empty() || m.contract == contract)
+                    && (!paused.contains(&m.contract)
+                        || id.starts_with("manual.")
+                        || id.starts_with("escalate."))
+            })
         };
         let mut out = Vec::new();
         let mut delivered = Vec::new();
@@ -1597,15 +1563,8 @@ impl Runtime {
             }
             let until = now + lease_ms;
             {
-                let mut r = self.ready_lock();
-                match r.get_mut(&place) {
-                    Some(x) if x.lease.as_ref().is_none_or(|l| l.until_ms <= now) => {
-                        x.lease = Some(Lease {
-                            to: p.name.clone(),
-                            until_ms: until,
-                        });
-                    }
-                    _ => continue,
+                if !self.ready_lock().lease(&place, &p.name, until) {
+                    continue;
                 }
             }
             let customer_id = if a.cref.is_empty() {
@@ -1724,13 +1683,16 @@ impl Runtime {
         Ok(rx)
     }
 
-    fn paused(&self, tenant: &str, contract: &str, now: i64) -> bool {
+    /// The tenant's contracts whose breaker is open at `now`.
+    fn paused_contracts(&self, tenant: &str, now: i64) -> HashSet<String> {
         self.inner
             .breakers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&(tenant.to_owned(), contract.to_owned()))
-            .is_some_and(|b| b.open_until_ms > now)
+            .iter()
+            .filter(|((t, _), b)| t == tenant && b.open_until_ms > now)
+            .map(|((_, c), _)| c.clone())
+            .collect()
     }
 
     /// Loads an action for a confirmation by `p`: NOT_FOUND, ALREADY_EXISTS
@@ -1777,10 +1739,7 @@ impl Runtime {
             }
             _ => {}
         }
-        let leased_to = self
-            .ready_lock()
-            .get(&place)
-            .and_then(|x| x.lease.as_ref().map(|l| l.to.clone()));
+        let leased_to = self.ready_lock().holder(&place).map(str::to_owned);
         let sent_to = leased_to.unwrap_or_else(|| a.delivered_to.clone());
         if sent_to != p.name {
             return Err(crate::error::PermissionDeniedError::new(
