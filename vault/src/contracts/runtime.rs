@@ -1473,25 +1473,16 @@ impl Runtime {
         // The escalation is itself an action for a connector: tell the
         // target.
         let esc_id = format!("escalate.{}", t.action);
-        let esc = ActionRec {
-            kind: "notify".into(),
-            detail: serde_json::json!({
+        let esc = follow_up(
+            &a,
+            "notify",
+            serde_json::json!({
                 "to": target,
                 "template": "obligation_missed",
                 "obligation": t.action,
                 "due_ms": a.due_ms,
             }),
-            due_ms: 0,
-            escalate_to: String::new(),
-            state: "ready".into(),
-            failures: 0,
-            queued_entry: 0,
-            delivered_to: String::new(),
-            completed_by: String::new(),
-            completed_at_ms: 0,
-            last_entry: 0,
-            ..a.clone()
-        };
+        );
         let qp = batch.entry(entry(
             ContractStep::ActionQueued,
             &esc_id,
@@ -1910,25 +1901,16 @@ impl Runtime {
             a.escalate_to.clone()
         };
         let id = format!("manual.{}", place.2);
-        let manual = ActionRec {
-            kind: "create_task".into(),
-            detail: serde_json::json!({
+        let manual = follow_up(
+            a,
+            "create_task",
+            serde_json::json!({
                 "assignee": assignee,
                 "title": "manual_fallback",
                 "replaces": place.2,
                 "attempts": a.failures,
             }),
-            due_ms: 0,
-            escalate_to: String::new(),
-            state: "ready".into(),
-            failures: 0,
-            queued_entry: 0,
-            delivered_to: String::new(),
-            completed_by: String::new(),
-            completed_at_ms: 0,
-            last_entry: 0,
-            ..a.clone()
-        };
+        );
         let qp = batch.entry(
             self.action_entry(
                 place,
@@ -2262,6 +2244,26 @@ pub fn decide(
         }
     })();
     decided.unwrap_or_else(|e| (false, vec![format!("error: {e}")]))
+}
+
+/// A new action that follows `a` (its escalation, or the manual task
+/// after its last failure): same contract, customer and purpose, ready,
+/// no deadline.
+fn follow_up(a: &ActionRec, kind: &str, detail: serde_json::Value) -> ActionRec {
+    ActionRec {
+        kind: kind.into(),
+        detail,
+        due_ms: 0,
+        escalate_to: String::new(),
+        state: "ready".into(),
+        failures: 0,
+        queued_entry: 0,
+        delivered_to: String::new(),
+        completed_by: String::new(),
+        completed_at_ms: 0,
+        last_entry: 0,
+        ..a.clone()
+    }
 }
 
 /// Wipes the plaintext strings of values read.
