@@ -254,7 +254,7 @@ impl Runtime {
         let mut ready = Vec::new();
         self.check_instances()?;
         for (k, v) in engine.rt_scan(b"a")? {
-            let place = place_of_action_key(&k)?;
+            let place = rt::split_action_key(&k)?;
             let mut a: ActionRec = decode(&action_name(&place), &v)?;
             if !a.is_open() {
                 check_action(ledger, &place, &a)?;
@@ -320,7 +320,7 @@ impl Runtime {
         let engine = &self.app().engine;
         let ledger = &self.app().ledger;
         for (k, v) in engine.rt_scan(b"i")? {
-            let (tenant, id) = split_instance_key(&k)?;
+            let (tenant, id) = rt::split_instance_key(&k)?;
             let name = format!("contract instance {id} of tenant `{tenant}`");
             let inst: InstanceRec = decode(&name, &v)?;
             let ok = match ledger_event(ledger, inst.evaluated_entry)? {
@@ -1118,7 +1118,7 @@ impl Runtime {
         let mut n = 0;
         let mut touched: Vec<Place> = Vec::new();
         for (k, _) in engine.rt_scan(&customer_actions_prefix(&about.tenant, &about.subject.0))? {
-            let place = place_of_customer_key(&k, &about.tenant)?;
+            let place = rt::split_customer_action_key(&k, &about.tenant)?;
             let Some(v) = engine.rt_get(&action_key(&place.0, place.1, &place.2))? else {
                 batch.raw.push((k.to_vec(), None));
                 continue;
@@ -2010,7 +2010,7 @@ impl Runtime {
         };
         let mut inst: InstanceRec = decode("a contract instance", &v)?;
         for (k, v) in engine.rt_scan(&actions_prefix(&place.0, place.1))? {
-            let p = place_of_action_key(&k)?;
+            let p = rt::split_action_key(&k)?;
             let a: ActionRec = match batch.actions.iter().find(|(bp, ..)| *bp == p) {
                 Some((_, a, ..)) => a.clone(),
                 None => decode("an outbox action", &v)?,
@@ -2048,7 +2048,7 @@ impl Runtime {
         let inst: InstanceRec = decode("a contract instance", &v)?;
         let mut actions = Vec::new();
         for (k, v) in engine.rt_scan(&actions_prefix(tenant, id))? {
-            let place = place_of_action_key(&k)?;
+            let place = rt::split_action_key(&k)?;
             let a: ActionRec = decode("an outbox action", &v)?;
             actions.push(action_view(&place, &a));
         }
@@ -2083,13 +2083,7 @@ impl Runtime {
             .engine
             .rt_scan_rev(&instance_prefix(&p.tenant), usize::MAX)?
         {
-            let id = k
-                .get(k.len().saturating_sub(8)..)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| {
-                    VaultError::integrity("an instance key in the vault's `contract_runtime` tree")
-                })?;
+            let (_, id) = rt::split_instance_key(&k)?;
             let inst: InstanceRec = decode("a contract instance", &v)?;
             if (!r.contract.is_empty() && inst.contract != r.contract)
                 || cref.as_ref().is_some_and(|c| *c != inst.cref)
@@ -2355,59 +2349,11 @@ fn parse_handle(h: &str) -> Result<(u64, String)> {
     Ok((i, a.to_owned()))
 }
 
-fn place_of_action_key(k: &[u8]) -> Result<Place> {
-    let bad = || VaultError::integrity("an action key in the vault's `contract_runtime` tree");
-    let rest = k.get(1..).ok_or_else(bad)?;
-    let z = rest.iter().position(|b| *b == 0).ok_or_else(bad)?;
-    let tenant = std::str::from_utf8(&rest[..z])
-        .map_err(|_| bad())?
-        .to_owned();
-    let id = rest
-        .get(z + 1..z + 9)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(bad)?;
-    let action = std::str::from_utf8(rest.get(z + 9..).ok_or_else(bad)?)
-        .map_err(|_| bad())?
-        .to_owned();
-    Ok((tenant, id, action))
-}
-
-fn place_of_customer_key(k: &[u8], tenant: &str) -> Result<Place> {
-    let bad =
-        || VaultError::integrity("a customer action key in the vault's `contract_runtime` tree");
-    let at = 1 + tenant.len() + 1 + 32;
-    let id = k
-        .get(at..at + 8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(bad)?;
-    let action = std::str::from_utf8(k.get(at + 8..).ok_or_else(bad)?)
-        .map_err(|_| bad())?
-        .to_owned();
-    Ok((tenant.to_owned(), id, action))
-}
-
 fn action_name(place: &Place) -> String {
     format!(
         "outbox action {}/{} of tenant `{}`",
         place.1, place.2, place.0
     )
-}
-
-fn split_instance_key(k: &[u8]) -> Result<(String, u64)> {
-    let bad = || VaultError::integrity("an instance key in the vault's `contract_runtime` tree");
-    let rest = k.get(1..).ok_or_else(bad)?;
-    let z = rest.iter().position(|b| *b == 0).ok_or_else(bad)?;
-    let tenant = std::str::from_utf8(&rest[..z])
-        .map_err(|_| bad())?
-        .to_owned();
-    let id = rest
-        .get(z + 1..)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(bad)?;
-    Ok((tenant, id))
 }
 
 /// The `contract_event` at `index`, if that entry is one.

@@ -476,35 +476,74 @@ impl Engine {
     }
 }
 
-fn decode_timer(k: &[u8], v: &[u8]) -> Result<Timer> {
-    let bad = || damaged("a timer");
-    let due = k
-        .get(1..9)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(bad)?;
-    let rest = k.get(9..).ok_or_else(bad)?;
+/// `tenant 0 id(u64 BE) rest` of a key (after its prefix bytes).
+fn split_tenant_id<'k>(k: &'k [u8], skip: usize, what: &str) -> Result<(String, u64, &'k [u8])> {
+    let bad = || damaged(what);
+    let rest = k.get(skip..).ok_or_else(bad)?;
     let z = rest.iter().position(|b| *b == 0).ok_or_else(bad)?;
     let tenant = std::str::from_utf8(&rest[..z])
         .map_err(|_| bad())?
         .to_owned();
-    let inst = rest
+    let id = rest
         .get(z + 1..z + 9)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)
         .ok_or_else(bad)?;
-    let action = std::str::from_utf8(rest.get(z + 9..).ok_or_else(bad)?)
-        .map_err(|_| bad())?
-        .to_owned();
-    let kind = *v.first().ok_or_else(bad)?;
+    Ok((tenant, id, rest.get(z + 9..).ok_or_else(bad)?))
+}
+
+fn utf8(b: &[u8], what: &str) -> Result<String> {
+    std::str::from_utf8(b)
+        .map(str::to_owned)
+        .map_err(|_| damaged(what))
+}
+
+/// (tenant, instance, action) of an action key.
+pub fn split_action_key(k: &[u8]) -> Result<(String, u64, String)> {
+    let what = "an action key";
+    let (tenant, id, action) = split_tenant_id(k, 1, what)?;
+    Ok((tenant, id, utf8(action, what)?))
+}
+
+/// (tenant, instance) of an instance key.
+pub fn split_instance_key(k: &[u8]) -> Result<(String, u64)> {
+    let what = "an instance key";
+    match split_tenant_id(k, 1, what)? {
+        (tenant, id, []) => Ok((tenant, id)),
+        _ => Err(damaged(what)),
+    }
+}
+
+/// (tenant, instance, action) of a customer's open-action key of `tenant`.
+pub fn split_customer_action_key(k: &[u8], tenant: &str) -> Result<(String, u64, String)> {
+    let what = "a customer action key";
+    let at = 1 + tenant.len() + 1 + 32;
+    let id = k
+        .get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| damaged(what))?;
+    let action = utf8(k.get(at + 8..).ok_or_else(|| damaged(what))?, what)?;
+    Ok((tenant.to_owned(), id, action))
+}
+
+fn decode_timer(k: &[u8], v: &[u8]) -> Result<Timer> {
+    let what = "a timer";
+    let due = k
+        .get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| damaged(what))?;
+    let (tenant, instance, action) = split_tenant_id(k, 9, what)?;
+    let kind = *v.first().ok_or_else(|| damaged(what))?;
     if kind != TIMER_DEADLINE && kind != TIMER_RETRY {
-        return Err(bad());
+        return Err(damaged(what));
     }
     Ok(Timer {
-        due_ms: i64::try_from(due).map_err(|_| bad())?,
+        due_ms: i64::try_from(due).map_err(|_| damaged(what))?,
         tenant,
-        instance: inst,
-        action,
+        instance,
+        action: utf8(action, what)?,
         kind,
         key: k.to_vec(),
     })
@@ -525,6 +564,19 @@ mod tests {
             (1_000_000, "a", 0, "y")
         );
         assert!(decode_timer(&b, &[9]).is_err());
+        assert_eq!(
+            split_action_key(&action_key("t", 7, "x.y")).unwrap(),
+            ("t".into(), 7, "x.y".into())
+        );
+        assert_eq!(
+            split_instance_key(&instance_key("t", 7)).unwrap(),
+            ("t".into(), 7)
+        );
+        assert!(split_instance_key(&action_key("t", 7, "x")).is_err());
+        assert_eq!(
+            split_customer_action_key(&customer_action_key("t", &[1; 32], 3, "a"), "t").unwrap(),
+            ("t".into(), 3, "a".into())
+        );
         assert!(decode_timer(&b[..5], &[1]).is_err());
     }
 }
