@@ -87,6 +87,15 @@ impl ReadyIndex {
             .collect()
     }
 
+    /// Frees a leased `place` at once (its stream went away before it was
+    /// sent).
+    pub(crate) fn unlease(&mut self, place: &Place) {
+        if let Some((meta, l)) = self.leased.remove(place) {
+            self.expiry.remove(&(l.until_ms, place.clone()));
+            self.free.insert(place.clone(), meta);
+        }
+    }
+
     /// Leases a free `place` to `to` until `until_ms`; false when it is not
     /// free (another stream took it, or it left the index).
     pub(crate) fn lease(&mut self, place: &Place, to: &str, until_ms: i64) -> bool {
@@ -146,6 +155,10 @@ mod tests {
         assert_eq!(r.len(), 4);
         r.release_expired(1_000);
         assert_eq!(r.len(), 4);
+        assert!(r.lease(&p(3), "svc", 70));
+        r.unlease(&p(3));
+        assert_eq!(r.holder(&p(3)), None);
+        assert_eq!(r.candidates("t", 10, |_, _| true).len(), 4);
         assert!(r.lease(&p(2), "svc", 70));
         r.insert(p(2), m("notify"));
         assert_eq!(r.holder(&p(2)), None);

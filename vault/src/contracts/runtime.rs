@@ -1637,14 +1637,36 @@ impl Runtime {
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
+                // A stream whose caller went away takes nothing.
+                if tx.is_closed() {
+                    return;
+                }
                 let rt = Runtime { inner };
                 let taken = rt.take(&p, &kinds, &contract, lease_ms, 16);
                 drop(rt);
                 let full = match taken {
                     Ok(batch) => {
                         let n = batch.len();
-                        for d in batch {
-                            if tx.send(Ok(d)).await.is_err() {
+                        let mut left = batch.into_iter();
+                        while let Some(d) = left.next() {
+                            if let Err(e) = tx.send(Ok(d)).await {
+                                // What was leased to this stream and not
+                                // sent goes back at once, not when its
+                                // lease runs out.
+                                if let Some(inner) = weak.upgrade() {
+                                    let mut r = inner
+                                        .ready
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                                    for d in std::iter::once(e.0).chain(left.map(Ok)) {
+                                        if let Ok(pb::ActionDelivery {
+                                            action: Some(a), ..
+                                        }) = d
+                                        {
+                                            r.unlease(&(p.tenant.clone(), a.instance, a.action_id));
+                                        }
+                                    }
+                                }
                                 return;
                             }
                         }
