@@ -1093,13 +1093,17 @@ fn replay_wal(
     // log (its files were flushed at every commit): it starts the log here,
     // and the log must hold none of its entries, or the ledger's files were
     // deleted or replaced under it.
-    let legacy = flushed.is_none();
+    // A log kept in PostgreSQL holds every record from LSN 0: an empty
+    // ledger view beside it (a new server, or a cache that was cleared) is
+    // built again from the log, and every entry is checked as it is.
+    let rebuild = flushed.is_none() && wal.is_postgres() && head.size == 0;
+    let legacy = flushed.is_none() && !rebuild;
     let (from, flushed_size) = flushed.unwrap_or((wal.first_lsn(), head.size));
     let log_end = wal.durable_lsn()?;
     if from > log_end {
         return Err(LedgerError::integrity(format!(
             "the ledger's files were flushed at LSN {from} of the write-ahead log, which ends at LSN {log_end}: the log in {} was deleted or restored from an older copy",
-            wal.dir().display()
+            wal.place()
         )));
     }
     let mut logged_end = flushed_size;

@@ -151,7 +151,7 @@ pub async fn spawn_server(bin: impl AsRef<OsStr>, env: &Env, port: u16) -> std::
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..200 {
+    for _ in 0..600 {
         if let Ok(mut c) = client::connect(&url, Some(&env.service), None).await {
             if c.describe_schema(sovra_proto::vault::v1::DescribeSchemaRequest {})
                 .await
@@ -162,8 +162,16 @@ pub async fn spawn_server(bin: impl AsRef<OsStr>, env: &Env, port: u16) -> std::
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!(
-        "server did not come up; log in {}",
-        env.dir.path().display()
-    );
+    let log = std::fs::read_to_string(env.dir.path().join(format!("serve-{port}.log")))
+        .unwrap_or_default();
+    let tail: String = log
+        .lines()
+        .rev()
+        .take(20)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    panic!("server did not come up in 30 s; the end of its log:\n{tail}");
 }

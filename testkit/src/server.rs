@@ -7,7 +7,7 @@ use std::path::Path;
 
 use sovra_vault::access::auth::{IssuedToken, Role};
 use sovra_vault::app::setup::{self, Initialised};
-use sovra_vault::config::{self, default_tenant, Config};
+use sovra_vault::config::{self, default_tenant, Config, StorageConfig};
 use sovra_vault::server::{self, ServerHandle};
 use sovra_vault::VaultError;
 
@@ -63,11 +63,57 @@ impl DataDir {
     }
 }
 
+/// The variable naming the PostgreSQL database the kit's data directories
+/// keep their log in (`postgres://USER@HOST:PORT/DB`); unset: the embedded
+/// default. `.ci/postgres start` prints it.
+pub const POSTGRES_ENV: &str = "SOVRA_TEST_POSTGRES";
+/// The variable naming the file with that database's password.
+pub const POSTGRES_PASSWORD_FILE_ENV: &str = "SOVRA_TEST_POSTGRES_PASSWORD_FILE";
+
+/// Whether the kit's data directories keep their log in PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var_os(POSTGRES_ENV).is_some_and(|v| !v.is_empty())
+}
+
+/// True (after saying so on stderr) when the kit's data directories keep
+/// their log in PostgreSQL: for the tests that alter, delete or restore
+/// the data directory's *files* (the log, `shred.slots`), which that
+/// backend does not have. `cli/tests/e2e/postgres.rs` alters the database
+/// instead.
+pub fn file_backend_only(why: &str) -> bool {
+    if on_postgres() {
+        eprintln!("not run on PostgreSQL: {why}");
+        return true;
+    }
+    false
+}
+
+/// The storage a new kit data directory uses: with [`POSTGRES_ENV`] set,
+/// PostgreSQL in a schema of its own (so tests never share a log);
+/// otherwise the embedded default.
+pub fn kit_storage() -> StorageConfig {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(url) = std::env::var(POSTGRES_ENV).ok().filter(|v| !v.is_empty()) else {
+        return StorageConfig::default();
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    StorageConfig {
+        postgres: Some(url),
+        password_file: std::env::var_os(POSTGRES_PASSWORD_FILE_ENV).map(Into::into),
+        schema: Some(format!("t{}_{nanos}_{n}", std::process::id())),
+        lease_wait_ms: None,
+    }
+}
+
 /// Initialises a temporary data directory (listening on port 0, so a
-/// server picks a free port) and adds `principals` to it.
+/// server picks a free port) and adds `principals` to it; its log is kept
+/// where [`kit_storage`] says.
 pub fn data_dir(principals: &[PrincipalSpec<'_>]) -> Result<DataDir, KitError> {
     let dir = tempfile::tempdir().map_err(KitError::TempDir)?;
-    let init = setup::init(dir.path(), "127.0.0.1:0")?;
+    let init = setup::init_with(dir.path(), "127.0.0.1:0", kit_storage())?;
     let mut cfg = Config::load(&init.config_path)?;
     let tokens = principals
         .iter()

@@ -67,6 +67,10 @@ pub struct Config {
     /// defaults follow the machine's cores).
     #[serde(default, skip_serializing_if = "is_default_admission")]
     pub sandbox: AdmissionConfig,
+    /// Where the log is kept: the data directory (the default) or
+    /// PostgreSQL (`[storage] postgres = "postgres://…"`).
+    #[serde(default, skip_serializing_if = "StorageConfig::is_embedded")]
+    pub storage: StorageConfig,
     /// Who may call, by token hash.
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
@@ -122,6 +126,45 @@ fn default_origin() -> String {
 }
 fn default_checkpoint_interval_ms() -> u64 {
     1000
+}
+
+/// The environment variable that holds the PostgreSQL password when no
+/// `password_file` is set.
+pub const POSTGRES_PASSWORD_ENV: &str = "SOVRA_POSTGRES_PASSWORD";
+
+/// Storage settings (`[storage]`). Without `postgres`, everything is in
+/// the data directory (sled views of its write-ahead log). With it, the
+/// log and the shred pads are kept in PostgreSQL, one group commit per
+/// transaction, and the data directory holds only views rebuilt from the
+/// log when lost (see docs/postgres.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `postgres://USER@HOST:PORT/DATABASE`, without a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<String>,
+    /// A file (0600) holding the password; otherwise
+    /// `SOVRA_POSTGRES_PASSWORD`, otherwise none (trust or peer auth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// The schema the tables go in (`sovra` by default): one vault per
+    /// schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// How long a server waits for the sequencer lease another server holds
+    /// before giving up, in milliseconds; absent: as long as it takes (a
+    /// standby).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_wait_ms: Option<u64>,
+}
+
+/// The schema used when `[storage] schema` is absent.
+pub const DEFAULT_POSTGRES_SCHEMA: &str = "sovra";
+
+impl StorageConfig {
+    fn is_embedded(&self) -> bool {
+        self.postgres.is_none() && self.password_file.is_none() && self.schema.is_none()
+    }
 }
 
 /// One principal.
@@ -308,14 +351,23 @@ impl Config {
     /// The data directory's write-ahead log (`wal/` in it), reporting a
     /// torn tail it cut.
     pub fn open_wal(&self) -> Result<std::sync::Arc<sovra_wal::Wal>> {
+        let opts = sovra_wal::WalOptions {
+            max_commit_delay: std::time::Duration::from_micros(self.commit_delay_us),
+            ..sovra_wal::WalOptions::default()
+        };
+        if let Some(target) = self.postgres_target()? {
+            tracing::info!(target = %target.shown(), "opening the log in PostgreSQL");
+            let wait = self
+                .storage
+                .lease_wait_ms
+                .map(std::time::Duration::from_millis);
+            let lock = self.resolve(&self.data_dir).join("postgres.lock");
+            let opened = sovra_wal::Wal::open_postgres(&target, opts, wait, Some(&lock))
+                .map_err(|e| VaultError::config("[storage] postgres", e.to_string()))?;
+            return Ok(std::sync::Arc::new(opened.wal));
+        }
         let dir = self.resolve(&self.data_dir).join("wal");
-        let opened = sovra_wal::Wal::open(
-            &dir,
-            sovra_wal::WalOptions {
-                max_commit_delay: std::time::Duration::from_micros(self.commit_delay_us),
-                ..sovra_wal::WalOptions::default()
-            },
-        )?;
+        let opened = sovra_wal::Wal::open(&dir, opts)?;
         if let Some(t) = &opened.torn {
             tracing::warn!(
                 segment = %t.segment.display(),
@@ -326,6 +378,44 @@ impl Config {
             );
         }
         Ok(std::sync::Arc::new(opened.wal))
+    }
+
+    /// The PostgreSQL database and schema `[storage]` names, with its
+    /// password read from `password_file` or the environment; `None` for
+    /// the embedded default.
+    pub fn postgres_target(&self) -> Result<Option<sovra_wal::PgTarget>> {
+        let st = &self.storage;
+        let Some(url) = &st.postgres else {
+            if st.password_file.is_some() || st.schema.is_some() {
+                return Err(VaultError::config(
+                    "[storage]",
+                    "password_file and schema need `postgres = \"postgres://USER@HOST:PORT/DB\"`",
+                ));
+            }
+            return Ok(None);
+        };
+        let password = match &st.password_file {
+            Some(f) => {
+                let path = self.resolve(f);
+                let text =
+                    zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                        VaultError::config(
+                            path.display().to_string(),
+                            format!("cannot read the PostgreSQL password file: {e}"),
+                        )
+                    })?);
+                Some(zeroize::Zeroizing::new(
+                    text.trim_end_matches(['\n', '\r']).to_owned(),
+                ))
+            }
+            None => std::env::var(POSTGRES_PASSWORD_ENV)
+                .ok()
+                .map(zeroize::Zeroizing::new),
+        };
+        let schema = st.schema.as_deref().unwrap_or(DEFAULT_POSTGRES_SCHEMA);
+        sovra_wal::PgTarget::new(url, password.as_deref().map(String::as_str), schema)
+            .map(Some)
+            .map_err(|e| VaultError::config("[storage] postgres", e.to_string()))
     }
 
     /// Opens the ledger over `wal`.
@@ -410,6 +500,7 @@ impl Config {
     /// principals yet.
     pub fn for_new_dir(dir: &Path, listen: &str, origin: String) -> Config {
         Config {
+            storage: StorageConfig::default(),
             listen: listen.into(),
             data_dir: default_data_dir(),
             schema: Some("schema.toml".into()),

@@ -30,11 +30,13 @@
 pub mod error;
 pub mod frame;
 mod log;
+pub mod postgres;
 
 pub use error::{CorruptError, InvalidArgumentError, IoError, Result, WalError};
 pub use log::{
     Intent, Opened, TornTail, Wal, WalOptions, DEFAULT_MAX_COMMIT_DELAY, MAX_COMMIT_DELAY,
 };
+pub use postgres::PgTarget;
 
 /// The first byte of every record names its owner, so one log serves every
 /// view of a data directory.

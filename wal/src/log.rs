@@ -66,13 +66,16 @@ pub struct Opened {
     pub torn: Option<TornTail>,
 }
 
-struct Segment {
+pub(crate) struct Segment {
     path: PathBuf,
     first: u64,
 }
 
 struct Pending {
     buf: Vec<u8>,
+    /// Pad writes staged for the next group (PostgreSQL only; see
+    /// [`Wal::stage_pad`]).
+    pads: Vec<PadWrite>,
     /// LSN of the next record appended.
     next: u64,
     closing: bool,
@@ -104,36 +107,77 @@ type BeforeWrite = Box<dyn Fn() -> std::result::Result<(), String> + Send + Sync
 
 const FLOOR_FILE: &str = "floor";
 
-struct Shared {
-    dir: PathBuf,
+/// Where the log's groups go.
+pub(crate) enum Backing {
+    /// Segment files in a directory.
+    Files {
+        dir: PathBuf,
+        segments: Mutex<Vec<Segment>>,
+        segment_bytes: u64,
+    },
+    /// One row per group in a PostgreSQL table (see `postgres.rs`).
+    Postgres(Box<crate::postgres::PgShared>),
+}
+
+/// A pad write staged for the next group: a slot's new pad, or `None` to
+/// delete it (erasure).
+pub(crate) struct PadWrite {
+    pub(crate) slot: u64,
+    pub(crate) pad: Option<zeroize::Zeroizing<[u8; 32]>>,
+}
+
+pub(crate) struct Shared {
+    /// The log's place, for messages: a directory, or a database and schema.
+    place: String,
+    pub(crate) backing: Backing,
     before_write: Mutex<Option<BeforeWrite>>,
     pending: Mutex<Pending>,
     work: Condvar,
     durable: Mutex<Durable>,
     synced: Condvar,
     watch: tokio::sync::watch::Sender<u64>,
-    segments: Mutex<Vec<Segment>>,
-    segment_bytes: u64,
     max_commit_delay: Duration,
 }
 
-/// The write-ahead log of one data directory.
+/// The write-ahead log of one data directory, or of one PostgreSQL schema.
 pub struct Wal {
     shared: Arc<Shared>,
     thread: Option<thread::JoinHandle<()>>,
-    /// Held open with an exclusive lock: one process per log.
-    _lock: File,
+    /// Segment files: held open with an exclusive lock, one process per
+    /// log (PostgreSQL: the sequencer lease is the commit thread's).
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for Wal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Wal({})", self.shared.dir.display())
+        write!(f, "Wal({})", self.shared.place)
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves whole values behind.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Opens (creating it and its directory) and locks `path` exclusively.
+fn lock_exclusive(path: &Path) -> Result<File> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| WalError::io(parent, "create", &e))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| WalError::io(path, "open", &e))?;
+    fs2::FileExt::try_lock_exclusive(&file).map_err(|e| {
+        WalError::io(
+            path,
+            "lock (is another `sovra serve` using this data directory?)",
+            &e,
+        )
+    })?;
+    Ok(file)
 }
 
 fn segment_name(first: u64) -> String {
@@ -190,20 +234,7 @@ impl Wal {
         std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, "create", &e))?;
         // INVARIANT: taken before anything is read, so a second process
         // can never take a live log's tail for a torn one and cut it.
-        let lock_path = dir.join("lock");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| WalError::io(&lock_path, "open", &e))?;
-        fs2::FileExt::try_lock_exclusive(&lock_file).map_err(|e| {
-            WalError::io(
-                &lock_path,
-                "lock (is another `sovra serve` using this data directory?)",
-                &e,
-            )
-        })?;
+        let lock_file = lock_exclusive(&dir.join("lock"))?;
         let opts = WalOptions {
             floor: opts.floor.max(read_floor(dir)?),
             ..opts
@@ -224,46 +255,151 @@ impl Wal {
             .map_err(|e| WalError::io(dir, "stat the last segment", &e))?
             .len()
             .max(size);
-        let (watch, _) = tokio::sync::watch::channel(next);
-        let shared = Arc::new(Shared {
-            dir: dir.to_owned(),
-            before_write: Mutex::new(None),
-            pending: Mutex::new(Pending {
-                buf: Vec::new(),
-                next,
-                closing: false,
-                working: 0,
-                joined: 0,
-            }),
-            work: Condvar::new(),
-            durable: Mutex::new(Durable {
-                lsn: next,
-                failed: None,
-            }),
-            synced: Condvar::new(),
-            watch,
-            segments: Mutex::new(segments),
-            segment_bytes: opts.segment_bytes,
-            max_commit_delay: opts.max_commit_delay,
-        });
+        let shared = Shared::new(
+            dir.display().to_string(),
+            Backing::Files {
+                dir: dir.to_owned(),
+                segments: Mutex::new(segments),
+                segment_bytes: opts.segment_bytes,
+            },
+            next,
+            opts.max_commit_delay,
+        );
         let s = shared.clone();
+        let mut sink = FileSink {
+            file,
+            size,
+            allocated,
+        };
         let thread = thread::Builder::new()
             .name("sovra-wal".into())
-            .spawn(move || commit_loop(&s, file, size, allocated))
+            .spawn(move || commit_loop(&s, &mut sink))
             .map_err(|e| WalError::io(dir, "start the commit thread", &e))?;
+        Ok(Opened {
+            wal: Wal {
+                shared,
+                thread: Some(thread),
+                _lock: Some(lock_file),
+            },
+            torn,
+        })
+    }
+
+    /// Opens the log kept in PostgreSQL (see `postgres.rs`): connects,
+    /// takes the schema's sequencer lease (waiting for it at most
+    /// `lease_wait`, or for as long as another server holds it), creates
+    /// the tables a new schema lacks, and checks that the log's rows end
+    /// where its head says.
+    ///
+    /// `local_lock`, if given, is a file locked first (exclusively, held
+    /// while the log is open): the views a server keeps beside the log are
+    /// its own, so a second server on the same directory is refused at
+    /// once instead of waiting for the lease.
+    pub fn open_postgres(
+        target: &crate::postgres::PgTarget,
+        opts: WalOptions,
+        lease_wait: Option<Duration>,
+        local_lock: Option<&Path>,
+    ) -> Result<Opened> {
+        if opts.max_commit_delay > MAX_COMMIT_DELAY {
+            return Err(WalError::invalid(format!(
+                "a commit delay of {:?} is over the {MAX_COMMIT_DELAY:?} limit",
+                opts.max_commit_delay
+            )));
+        }
+        let lock_file = match local_lock {
+            Some(path) => Some(lock_exclusive(path)?),
+            None => None,
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let t = target.clone();
+        let max_commit_delay = opts.max_commit_delay;
+        let thread = thread::Builder::new()
+            .name("sovra-wal-pg".into())
+            .spawn(move || {
+                let mut sink = match crate::postgres::PgSink::open(&t, lease_wait) {
+                    Ok(sink) => sink,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let shared = Shared::new(
+                    t.shown().to_owned(),
+                    Backing::Postgres(Box::new(crate::postgres::PgShared::new(t.clone()))),
+                    sink.end(),
+                    max_commit_delay,
+                );
+                if ready_tx.send(Ok(shared.clone())).is_err() {
+                    return;
+                }
+                commit_loop(&shared, &mut sink);
+            })
+            .map_err(|e| WalError::failed(format!("cannot start the log's commit thread: {e}")))?;
+        let shared = match ready_rx.recv() {
+            Ok(Ok(shared)) => shared,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(WalError::failed(
+                    "the log's commit thread stopped while opening",
+                ));
+            }
+        };
         Ok(Opened {
             wal: Wal {
                 shared,
                 thread: Some(thread),
                 _lock: lock_file,
             },
-            torn,
+            torn: None,
         })
     }
 
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
+    /// Where the log is, for messages: its directory, or its database and
+    /// schema (never a password).
+    pub fn place(&self) -> &str {
+        &self.shared.place
+    }
+
+    /// Whether the log is kept in PostgreSQL: it then holds every record
+    /// from LSN 0 (nothing is retired), so a view that was lost can be
+    /// built again from it.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.shared.backing, Backing::Postgres(_))
+    }
+
+    /// Stages a pad write for the next group (PostgreSQL only): the pad
+    /// rows change in the same transaction as the group's frames, so a pad
+    /// is durable with (or before) the first frame that depends on it, and
+    /// an erased slot's row is deleted with its erasure. A pad staged after
+    /// the last append waits for the next one.
+    pub fn stage_pad(&self, slot: u64, pad: Option<zeroize::Zeroizing<[u8; 32]>>) -> Result<()> {
+        if !self.is_postgres() {
+            return Err(WalError::invalid(
+                "pads are staged only in a log kept in PostgreSQL",
+            ));
+        }
+        let mut p = lock(&self.shared.pending);
+        if p.closing {
+            return Err(WalError::failed("the log is closing"));
+        }
+        p.pads.push(PadWrite { slot, pad });
+        Ok(())
+    }
+
+    /// Every pad row (PostgreSQL only), by slot; a row that is not 32
+    /// bytes is damage, refused naming its slot.
+    pub fn load_pads(&self) -> Result<Vec<(u64, zeroize::Zeroizing<[u8; 32]>)>> {
+        match &self.shared.backing {
+            Backing::Postgres(pg) => pg.load_pads(),
+            Backing::Files { .. } => Err(WalError::invalid(
+                "pads are kept in PostgreSQL only by a log kept there",
+            )),
+        }
     }
 
     /// Sets a step the commit thread runs before it writes each group (for
@@ -280,6 +416,8 @@ impl Wal {
     /// views and those are on disk: from the next open, damage below `lsn`
     /// is never taken for a torn tail. Written atomically (a temporary file
     /// renamed over the last).
+    /// PostgreSQL: nothing to record (a group is one transaction, so
+    /// there is never a torn tail to tell from damage).
     pub fn record_floor(&self, lsn: u64) -> Result<()> {
         let durable = self.durable_lsn()?;
         if lsn > durable {
@@ -287,7 +425,9 @@ impl Wal {
                 "floor {lsn} is beyond the durable end {durable}"
             )));
         }
-        let dir = &self.shared.dir;
+        let Backing::Files { dir, .. } = &self.shared.backing else {
+            return Ok(());
+        };
         let tmp = dir.join("floor.tmp");
         let mut b = lsn.to_be_bytes().to_vec();
         b.extend_from_slice(&crc32c::crc32c(&b).to_be_bytes());
@@ -389,9 +529,13 @@ impl Wal {
         }
     }
 
-    /// The LSN of the oldest record still held.
+    /// The LSN of the oldest record still held (PostgreSQL: 0, nothing is
+    /// retired).
     pub fn first_lsn(&self) -> u64 {
-        lock(&self.shared.segments).first().map_or(0, |s| s.first)
+        match &self.shared.backing {
+            Backing::Files { segments, .. } => lock(segments).first().map_or(0, |s| s.first),
+            Backing::Postgres(_) => 0,
+        }
     }
 
     /// Calls `f` with every durable record from `from` on, in order. Reads
@@ -399,14 +543,18 @@ impl Wal {
     /// here too.
     pub fn replay(&self, from: u64, mut f: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
         let end = self.durable_lsn()?;
+        let (dir, segments) = match &self.shared.backing {
+            Backing::Files { dir, segments, .. } => (dir, segments),
+            Backing::Postgres(pg) => return pg.replay(from, end, &mut f),
+        };
         let first = self.first_lsn();
         if from < first {
             return Err(WalError::corrupt(format!(
                 "{}: records from LSN {from} are needed but the log starts at LSN {first}",
-                self.shared.dir.display()
+                dir.display()
             )));
         }
-        let paths: Vec<(PathBuf, u64)> = lock(&self.shared.segments)
+        let paths: Vec<(PathBuf, u64)> = lock(segments)
             .iter()
             .map(|s| (s.path.clone(), s.first))
             .collect();
@@ -449,16 +597,20 @@ impl Wal {
         if seen < end {
             return Err(WalError::corrupt(format!(
                 "{}: durable records {seen}..{end} are missing",
-                self.shared.dir.display()
+                dir.display()
             )));
         }
         Ok(end)
     }
 
     /// Deletes every segment whose records all lie below `lsn` (never the
-    /// segment being written). Returns how many were deleted.
+    /// segment being written). Returns how many were deleted. PostgreSQL:
+    /// none (the log there is what other servers and rebuilt views read).
     pub fn retire_below(&self, lsn: u64) -> Result<usize> {
-        let mut segs = lock(&self.shared.segments);
+        let Backing::Files { dir, segments, .. } = &self.shared.backing else {
+            return Ok(0);
+        };
+        let mut segs = lock(segments);
         let mut n = 0;
         while segs.len() > 1 && segs.get(1).is_some_and(|s| s.first <= lsn) {
             let s = segs.remove(0);
@@ -467,7 +619,7 @@ impl Wal {
         }
         drop(segs);
         if n > 0 {
-            sync_dir(&self.shared.dir)?;
+            sync_dir(dir)?;
         }
         Ok(n)
     }
@@ -702,10 +854,145 @@ fn hold_group<'a>(s: &'a Shared, mut p: MutexGuard<'a, Pending>) -> MutexGuard<'
     p
 }
 
-/// The group-commit thread: writes what is pending, syncs once, wakes the
-/// waiters; starts a new segment when the current one is full.
-fn commit_loop(s: &Shared, mut file: File, mut size: u64, mut allocated: u64) {
+/// Where the commit thread writes its groups.
+pub(crate) trait Sink {
+    /// Makes `group` (the encoded frames of LSNs `first..end`) and the
+    /// staged `pads` durable, all or nothing as far as the caller can
+    /// tell: an error fails the log.
+    fn write(
+        &mut self,
+        s: &Shared,
+        group: &[u8],
+        first: u64,
+        end: u64,
+        pads: &mut Vec<PadWrite>,
+    ) -> Result<()>;
+
+    /// Runs after a group is durable and its waiters woken (a file log
+    /// starts a new segment here); an error fails the log from here on.
+    fn after(&mut self, _s: &Shared, _end: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The segment being written.
+struct FileSink {
+    file: File,
+    size: u64,
+    allocated: u64,
+}
+
+impl Sink for FileSink {
+    fn write(
+        &mut self,
+        s: &Shared,
+        group: &[u8],
+        _first: u64,
+        _end: u64,
+        _pads: &mut Vec<PadWrite>,
+    ) -> Result<()> {
+        let Backing::Files { segments, .. } = &s.backing else {
+            return Err(WalError::failed("a file sink on a log kept elsewhere"));
+        };
+        let path = lock(segments)
+            .last()
+            .map(|x| x.path.clone())
+            .unwrap_or_default();
+        // INVARIANT: `size` is where the last frame ends; groups are
+        // written there, over zeros written ahead, so a sync writes
+        // the group and not the file's size (except when extending).
+        self.allocated = preallocate(
+            &self.file,
+            &path,
+            self.allocated,
+            self.size + group.len() as u64,
+        )?;
+        self.file
+            .write_all_at(group, self.size)
+            .map_err(|e| WalError::io(&path, "write", &e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| WalError::io(&path, "fdatasync", &e))?;
+        self.size += group.len() as u64;
+        Ok(())
+    }
+
+    fn after(&mut self, s: &Shared, end: u64) -> Result<()> {
+        let Backing::Files {
+            dir,
+            segments,
+            segment_bytes,
+        } = &s.backing
+        else {
+            return Ok(());
+        };
+        if self.size < *segment_bytes {
+            return Ok(());
+        }
+        // The full segment keeps no preallocated tail (zeros would read
+        // as a clean end anyway, so this need not be synced, and a
+        // failure loses nothing: it is reported, not fatal).
+        if let Err(e) = self.file.set_len(self.size) {
+            let path = lock(segments).last().map(|x| x.path.clone());
+            tracing::warn!(
+                segment = %path.unwrap_or_default().display(),
+                error = %e,
+                "cannot cut a full write-ahead log segment to its last frame; its zeros stay"
+            );
+        }
+        let seg = create_segment(dir, end)?;
+        let f = open_segment(&seg.path)?;
+        // INVARIANT: the new segment starts at `end`, and every record
+        // below `end` is in the synced segment before it. Appends made
+        // meanwhile are still pending, so they go to the new file.
+        lock(segments).push(seg);
+        self.file = f;
+        self.size = SEGMENT_HEADER as u64;
+        self.allocated = self.size;
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn new(place: String, backing: Backing, next: u64, max_commit_delay: Duration) -> Arc<Shared> {
+        let (watch, _) = tokio::sync::watch::channel(next);
+        Arc::new(Shared {
+            place,
+            backing,
+            before_write: Mutex::new(None),
+            pending: Mutex::new(Pending {
+                buf: Vec::new(),
+                pads: Vec::new(),
+                next,
+                closing: false,
+                working: 0,
+                joined: 0,
+            }),
+            work: Condvar::new(),
+            durable: Mutex::new(Durable {
+                lsn: next,
+                failed: None,
+            }),
+            synced: Condvar::new(),
+            watch,
+            max_commit_delay,
+        })
+    }
+
+    /// Fails the log: nothing more is accepted until a restart.
+    fn fail(&self, e: &WalError, end: u64) {
+        tracing::error!(error = %e, place = %self.place, "the write-ahead log failed; nothing more is accepted until a restart");
+        lock(&self.durable).failed = Some(e.to_string());
+        self.synced.notify_all();
+        self.watch.send_replace(end);
+    }
+}
+
+/// The group-commit thread: writes what is pending as one group (one
+/// sync, or one transaction), then wakes the waiters.
+fn commit_loop(s: &Shared, sink: &mut dyn Sink) {
     let mut buf = Vec::new();
+    let mut pads = Vec::new();
     loop {
         let end = {
             let mut p = lock(&s.pending);
@@ -721,78 +1008,29 @@ fn commit_loop(s: &Shared, mut file: File, mut size: u64, mut allocated: u64) {
             p = hold_group(s, p);
             p.joined = 0;
             std::mem::swap(&mut buf, &mut p.buf);
+            std::mem::swap(&mut pads, &mut p.pads);
             p.next
         };
+        // Only this thread moves the durable LSN: the group starts there.
+        let first = lock(&s.durable).lsn;
         let r = (|| -> Result<()> {
             if let Some(f) = lock(&s.before_write).as_ref() {
                 f().map_err(|e| WalError::failed(format!("before writing a group: {e}")))?;
             }
-            let path = lock(&s.segments)
-                .last()
-                .map(|x| x.path.clone())
-                .unwrap_or_default();
-            // INVARIANT: `size` is where the last frame ends; groups are
-            // written there, over zeros written ahead, so a sync writes
-            // the group and not the file's size (except when extending).
-            allocated = preallocate(&file, &path, allocated, size + buf.len() as u64)?;
-            file.write_all_at(&buf, size)
-                .map_err(|e| WalError::io(&path, "write", &e))?;
-            file.sync_data()
-                .map_err(|e| WalError::io(&path, "fdatasync", &e))?;
-            size += buf.len() as u64;
-            Ok(())
+            sink.write(s, &buf, first, end, &mut pads)
         })();
         buf.clear();
-        let failed = r.err().map(|e| e.to_string());
-        {
-            let mut d = lock(&s.durable);
-            match &failed {
-                Some(e) => {
-                    tracing::error!(error = %e, "the write-ahead log failed; nothing more is accepted until a restart");
-                    d.failed = Some(e.clone());
-                }
-                None => d.lsn = end,
-            }
-        }
-        s.synced.notify_all();
-        s.watch.send_replace(end);
-        if failed.is_some() {
+        pads.clear();
+        if let Err(e) = r {
+            s.fail(&e, end);
             return;
         }
-        if size >= s.segment_bytes {
-            // The full segment keeps no preallocated tail (zeros would read
-            // as a clean end anyway, so this need not be synced, and a
-            // failure loses nothing: it is reported, not fatal).
-            if let Err(e) = file.set_len(size) {
-                let path = lock(&s.segments).last().map(|x| x.path.clone());
-                tracing::warn!(
-                    segment = %path.unwrap_or_default().display(),
-                    error = %e,
-                    "cannot cut a full write-ahead log segment to its last frame; its zeros stay"
-                );
-            }
-            match create_segment(&s.dir, end).and_then(|seg| {
-                let f = open_segment(&seg.path)?;
-                Ok((seg, f))
-            }) {
-                Ok((seg, f)) => {
-                    // INVARIANT: the new segment starts at `end`, and every
-                    // record below `end` is in the synced segment before it.
-                    // Appends made meanwhile are still pending, so they go
-                    // to the new file.
-                    lock(&s.segments).push(seg);
-                    file = f;
-                    size = SEGMENT_HEADER as u64;
-                    allocated = size;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start a new write-ahead log segment");
-                    lock(&s.durable).failed = Some(e.to_string());
-                    s.synced.notify_all();
-                    s.watch.send_replace(end);
-                    return;
-                }
-            }
+        lock(&s.durable).lsn = end;
+        s.synced.notify_all();
+        s.watch.send_replace(end);
+        if let Err(e) = sink.after(s, end) {
+            s.fail(&e, end);
+            return;
         }
     }
 }
@@ -804,6 +1042,7 @@ mod tests {
     fn pending(working: usize, joined: usize, bytes: usize, closing: bool) -> Pending {
         Pending {
             buf: vec![0; bytes],
+            pads: Vec::new(),
             next: 0,
             closing,
             working,

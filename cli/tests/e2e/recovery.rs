@@ -160,6 +160,9 @@ async fn readable(url: &str, env: &Env, customer: &str) -> Result<usize, tonic::
 
 #[tokio::test]
 async fn a_lost_truncated_zeroed_or_altered_pad_file_refuses_to_start_and_erases_nothing() {
+    if file_backend_only("it alters shred.slots") {
+        return;
+    }
     let env = Env::new();
     three_customers(&env).await;
     let good = std::fs::read(slots_path(&env)).unwrap();
@@ -231,6 +234,11 @@ async fn an_interrupted_erasure_is_completed_at_start() {
 
 #[tokio::test]
 async fn an_older_copy_of_the_vault_files_gets_the_ledgers_erasures_again() {
+    if file_backend_only(
+        "the views are caches there: the log, kept whole, brings an older copy up to date",
+    ) {
+        return;
+    }
     let env = Env::new();
     three_customers(&env).await;
     let before = copy_vault_files(&env, true);
@@ -257,6 +265,11 @@ async fn an_older_copy_of_the_vault_files_gets_the_ledgers_erasures_again() {
 /// the ledger entry, rather than serving ann's old phone number as current.
 #[tokio::test]
 async fn values_older_than_the_ledgers_versions_are_refused_not_served() {
+    if file_backend_only(
+        "the views are caches there: the log, kept whole, brings an older copy up to date",
+    ) {
+        return;
+    }
     let env = Env::new();
     three_customers(&env).await;
     let before = copy_vault_files(&env, true);
@@ -319,6 +332,11 @@ async fn consents_of(url: &str, env: &Env, customer: &str) -> usize {
 
 #[tokio::test]
 async fn an_older_ledger_is_brought_up_to_date_by_the_log_and_a_deleted_one_refuses() {
+    if file_backend_only(
+        "the views are caches there: a deleted ledger view is built again from the log",
+    ) {
+        return;
+    }
     let env = Env::new();
     three_customers(&env).await;
     let ledger = env.data_dir().join("ledger");
@@ -340,6 +358,9 @@ async fn an_older_ledger_is_brought_up_to_date_by_the_log_and_a_deleted_one_refu
 
 #[tokio::test]
 async fn an_older_deleted_or_damaged_log_refuses_to_start_and_a_torn_tail_is_cut() {
+    if file_backend_only("it alters the log's segment files") {
+        return;
+    }
     let env = Env::new();
     three_customers(&env).await;
     let wal = env.data_dir().join("wal");

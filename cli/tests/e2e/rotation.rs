@@ -16,10 +16,11 @@ const CUSTOMERS: usize = 3000;
 fn open_engine(env: &Env) -> Arc<Engine> {
     let cfg = env.config();
     Arc::new(
-        Engine::open(
+        Engine::open_over(
             &env.data_dir(),
             cfg.load_root_key().unwrap(),
             cfg.load_schema().unwrap(),
+            cfg.open_wal().unwrap(),
         )
         .unwrap(),
     )

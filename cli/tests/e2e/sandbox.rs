@@ -992,10 +992,8 @@ async fn pending_feature_values_survive_kill_9_and_the_next_job_sums_them() {
         child.kill().unwrap();
         child.wait().unwrap();
         let dir = env.data_dir();
-        let wal = sovra_wal::Wal::open(&dir.join("wal"), sovra_wal::WalOptions::default())
-            .unwrap()
-            .wal;
-        let store = sovra_vault::store::Store::open(&dir, std::sync::Arc::new(wal)).unwrap();
+        let wal = env.config().open_wal().unwrap();
+        let store = sovra_vault::store::Store::open(&dir, wal).unwrap();
         store.flush().unwrap();
         drop(store);
         let db = open_raw(&dir);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use sovra_ledger::LogKey;
 
 use crate::access::auth::{IssuedToken, Role};
-use crate::config::{default_tenant, write_config, Config};
+use crate::config::{default_tenant, write_config, Config, StorageConfig};
 use crate::crypto::keys::RootKey;
 use crate::engine::Engine;
 use crate::error::{Result, VaultError};
@@ -37,6 +37,12 @@ pub struct Initialised {
 /// later get theirs at the server's next start). Refuses a
 /// directory that already holds a configuration or key.
 pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
+    init_with(dir, listen, StorageConfig::default())
+}
+
+/// [`init`] with the log kept where `storage` says: with PostgreSQL, its
+/// schema must hold no log yet (one vault per schema).
+pub fn init_with(dir: &Path, listen: &str, storage: StorageConfig) -> Result<Initialised> {
     // Whatever the caller's umask: every file 0600, every directory 0700.
     crate::files::private_umask();
     let shown = dir.display().to_string();
@@ -52,12 +58,23 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
         listen,
         format!("sovra.local/ledger/{}", hex::encode(suffix)),
     );
+    cfg.storage = storage;
     let config_path = dir.join("config.toml");
     let root_key = cfg.resolve(&cfg.root_key_file);
     if config_path.exists() || root_key.exists() {
         return Err(VaultError::config(
             &shown,
             "already initialised (config.toml or root.key exists); refusing to overwrite",
+        ));
+    }
+    let wal = cfg.open_wal()?;
+    if wal.durable_lsn()? > 0 {
+        return Err(VaultError::config(
+            "[storage]",
+            format!(
+                "{} already holds a vault's log; initialise a new vault in another schema",
+                wal.place()
+            ),
         ));
     }
     RootKey::generate().write_new(&root_key)?;
@@ -71,10 +88,11 @@ pub fn init(dir: &Path, listen: &str) -> Result<Initialised> {
     let verifier_key = LogKey::load_file(&cfg.ledger.origin, &ledger_key)?.verifier_key();
     // The store is opened once, to make the key, and closed (flushed)
     // before `sovra serve` opens it.
-    let engine = Engine::open(
+    let engine = Engine::open_over(
         &cfg.resolve(&cfg.data_dir),
         cfg.load_root_key()?,
         cfg.load_schema()?,
+        wal,
     )?;
     let fhe_key = !engine.schema().feature_catalog().is_empty();
     if fhe_key {

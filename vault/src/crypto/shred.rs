@@ -15,6 +15,14 @@
 //! [`ShredSlots::sync`] makes every pad written or zeroed before it durable.
 //! A zero slot means "free or erased".
 //!
+//! With the log kept in PostgreSQL the pads are rows of the log's `pads`
+//! table instead, held in memory (zeroized on drop) and written in the
+//! same transaction as the group whose frames first depend on them; an
+//! erasure deletes the row. PostgreSQL keeps a deleted row's old version
+//! until vacuum, and in its own WAL, replicas and backups: SECURITY.md says
+//! what an erasure guarantees on that backend. A missing row reads as a
+//! zero pad, which start-up accepts only for an erasure the ledger holds.
+//!
 //! Does not guarantee: physical overwrite below the file system. A
 //! copy-on-write file system (btrfs, ZFS), a snapshot, or an SSD's flash
 //! translation layer may keep the old block; SECURITY.md says how to deploy
@@ -86,12 +94,18 @@ struct Free {
     next: u64,
 }
 
-/// The slot file.
+/// Every pad held in memory by slot (`None`: free or erased).
+type PadRows = Mutex<Vec<Option<Pad>>>;
+
+/// The slot file, or the pads of a log kept in PostgreSQL.
 pub struct ShredSlots {
-    file: File,
+    file: Option<File>,
+    /// PostgreSQL: the log that writes the rows, and every pad by slot.
+    rows: Option<(std::sync::Arc<sovra_wal::Wal>, PadRows)>,
     free: Mutex<Free>,
     dirty: AtomicBool,
     created: bool,
+    place: String,
 }
 
 impl std::fmt::Debug for ShredSlots {
@@ -165,14 +179,87 @@ impl ShredSlots {
         // an acknowledged write; it is overwritten by the next allocation.
         let next = len.saturating_sub(HEADER) / PAD_LEN as u64;
         Ok(ShredSlots {
-            file,
+            file: Some(file),
+            rows: None,
             free: Mutex::new(Free {
                 list: Vec::new(),
                 next,
             }),
             dirty: AtomicBool::new(false),
             created,
+            place: shown,
         })
+    }
+
+    /// The pads of a log kept in PostgreSQL: every row read now, and kept
+    /// in memory; changes go out with the log's next group.
+    pub fn in_postgres(wal: std::sync::Arc<sovra_wal::Wal>) -> Result<ShredSlots> {
+        let loaded = wal.load_pads()?;
+        let next = loaded.last().map_or(0, |(s, _)| s + 1);
+        let mut pads: Vec<Option<Pad>> = Vec::new();
+        for (slot, pad) in loaded {
+            let i = usize::try_from(slot)
+                .ok()
+                .filter(|i| *i < (1 << 32))
+                .ok_or_else(|| {
+                    VaultError::integrity(format!("pads row {slot} of {}", wal.place()))
+                })?;
+            if pads.len() <= i {
+                pads.resize_with(i + 1, || None);
+            }
+            pads[i] = (pad.iter().any(|&b| b != 0)).then(|| Pad(*pad));
+        }
+        let place = format!("the pads table of {}", wal.place());
+        Ok(ShredSlots {
+            file: None,
+            created: pads.is_empty(),
+            rows: Some((wal, Mutex::new(pads))),
+            free: Mutex::new(Free {
+                list: Vec::new(),
+                next,
+            }),
+            dirty: AtomicBool::new(false),
+            place,
+        })
+    }
+
+    /// Where the pads are, for messages: the slot file, or the table.
+    pub fn place(&self) -> &str {
+        &self.place
+    }
+
+    /// Whether the pads are rows in PostgreSQL.
+    pub fn in_database(&self) -> bool {
+        self.rows.is_some()
+    }
+
+    fn file(&self) -> Result<&File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| VaultError::internal("shred slots: no slot file"))
+    }
+
+    /// Sets a slot's pad in memory and stages its row (PostgreSQL).
+    fn set_row(&self, slot: u64, pad: Option<Pad>) -> Result<()> {
+        let Some((wal, rows)) = &self.rows else {
+            return Err(VaultError::internal("shred slots: no pads table"));
+        };
+        let i = usize::try_from(slot).map_err(|_| VaultError::internal("slot out of range"))?;
+        wal.stage_pad(slot, pad.as_ref().map(|p| zeroize::Zeroizing::new(p.0)))?;
+        let mut rows = rows.lock().unwrap_or_else(|p| p.into_inner());
+        if rows.len() <= i {
+            rows.resize_with(i + 1, || None);
+        }
+        rows[i] = pad;
+        Ok(())
+    }
+
+    /// A copy of a slot's pad held in memory (PostgreSQL).
+    fn row(&self, slot: u64) -> Option<Pad> {
+        let (_, rows) = self.rows.as_ref()?;
+        let rows = rows.lock().unwrap_or_else(|p| p.into_inner());
+        let i = usize::try_from(slot).ok()?;
+        rows.get(i)?.as_ref().map(|p| Pad(p.0))
     }
 
     /// Whether this open found the file empty or absent (and so wrote its
@@ -183,12 +270,17 @@ impl ShredSlots {
 
     /// What `slot` holds, telling a slot beyond the end of the file (lost)
     /// from a zero one (free or erased).
+    /// In PostgreSQL a slot is never missing: a row that is not there
+    /// reads as zero, which start-up accepts only for a recorded erasure.
     pub fn state(&self, slot: u64) -> Result<SlotState> {
+        if self.rows.is_some() {
+            return Ok(self.row(slot).map_or(SlotState::Zero, SlotState::Pad));
+        }
         if slot >= self.len() {
             return Ok(SlotState::Missing);
         }
         let mut pad = Pad([0u8; PAD_LEN]);
-        match read_at(&self.file, &mut pad.0, offset(slot)) {
+        match read_at(self.file()?, &mut pad.0, offset(slot)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Ok(SlotState::Missing)
@@ -231,7 +323,11 @@ impl ShredSlots {
         };
         let mut pad = Pad([0u8; PAD_LEN]);
         OsRng.fill_bytes(&mut pad.0);
-        write_at(&self.file, &pad.0, offset(slot)).map_err(Self::io_err)?;
+        if self.rows.is_some() {
+            self.set_row(slot, Some(Pad(pad.0)))?;
+            return Ok((slot, pad));
+        }
+        write_at(self.file()?, &pad.0, offset(slot)).map_err(Self::io_err)?;
         self.dirty.store(true, Ordering::Release);
         Ok((slot, pad))
     }
@@ -239,11 +335,14 @@ impl ShredSlots {
     /// The pad in `slot`, or `None` if the slot is zero (erased or free) or
     /// beyond the end of the file.
     pub fn read(&self, slot: u64) -> Result<Option<Pad>> {
+        if self.rows.is_some() {
+            return Ok(self.row(slot));
+        }
         if slot >= self.len() {
             return Ok(None);
         }
         let mut pad = Pad([0u8; PAD_LEN]);
-        match read_at(&self.file, &mut pad.0, offset(slot)) {
+        match read_at(self.file()?, &mut pad.0, offset(slot)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(Self::io_err(e)),
@@ -257,11 +356,15 @@ impl ShredSlots {
 
     /// Overwrites `slot` with zeros. Durable after the next sync. The slot is
     /// not reusable until [`ShredSlots::release`].
+    /// PostgreSQL: the row is deleted with the log's next group.
     pub fn shred(&self, slot: u64) -> Result<()> {
+        if self.rows.is_some() {
+            return self.set_row(slot, None);
+        }
         if slot >= self.len() {
             return Ok(());
         }
-        write_at(&self.file, &[0u8; PAD_LEN], offset(slot)).map_err(Self::io_err)?;
+        write_at(self.file()?, &[0u8; PAD_LEN], offset(slot)).map_err(Self::io_err)?;
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }
@@ -274,8 +377,12 @@ impl ShredSlots {
 
     /// fsyncs the file if anything was written since the last sync.
     pub fn sync(&self) -> Result<()> {
+        let Some(file) = &self.file else {
+            // PostgreSQL: the rows are written with the log's groups.
+            return Ok(());
+        };
         if self.dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.file.sync_data() {
+            if let Err(e) = file.sync_data() {
                 self.dirty.store(true, Ordering::Release);
                 return Err(Self::io_err(e));
             }

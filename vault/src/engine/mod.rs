@@ -370,6 +370,17 @@ impl Engine {
     pub fn open(dir: &Path, root: RootKey, schema: Schema) -> Result<Engine> {
         let wal =
             Arc::new(sovra_wal::Wal::open(&dir.join("wal"), sovra_wal::WalOptions::default())?.wal);
+        Engine::open_over(dir, root, schema, wal)
+    }
+
+    /// [`Engine::open`] over a log the caller opened (in the data
+    /// directory or in PostgreSQL), without a ledger.
+    pub fn open_over(
+        dir: &Path,
+        root: RootKey,
+        schema: Schema,
+        wal: Arc<sovra_wal::Wal>,
+    ) -> Result<Engine> {
         let engine = Engine::open_with(dir, root, schema, wal, || Ok(()))?;
         engine.recover(&NoLedger::default())?;
         Ok(engine)

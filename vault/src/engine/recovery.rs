@@ -119,14 +119,13 @@ impl Engine {
     /// was lost or damaged.
     pub fn recover(&self, facts: &dyn ErasureFacts) -> Result<Recovered> {
         let scan = self.scan_keys(facts)?;
-        let path = self.store.dir.join("shred.slots");
-        let shown = path.display().to_string();
+        let shown = self.store.slots.place().to_owned();
         if scan.keys > 0 && self.store.slots.was_created() {
             return Err(VaultError::config(
                 &shown,
                 format!(
-                    "the file was missing, but {} customers' data keys reference pads in it: a lost pad file \
-                     is not an erasure; nothing was changed: restore shred.slots from the backup taken with this database",
+                    "the pads were missing (no file, or an empty table), but {} customers' data keys reference pads in it: a lost pad file \
+                     is not an erasure; nothing was changed: restore the pads (shred.slots, or the pads table) from the backup taken with this database",
                     scan.keys
                 ),
             ));
@@ -137,7 +136,7 @@ impl Engine {
                 format!(
                     "{} customers' pads lie beyond the end of the file (it holds {} slots; missing: slot {}): \
                      it was truncated or replaced by an older copy; a lost pad is not an erasure; nothing was \
-                     changed: restore shred.slots from the backup taken with this database",
+                     changed: restore the pads (shred.slots, or the pads table) from the backup taken with this database",
                     scan.missing.len(),
                     self.store.slots.len(),
                     named(&scan.missing)
@@ -149,7 +148,7 @@ impl Engine {
                 &shown,
                 format!(
                     "the pad in slot {} does not match the check value stored with its data key: the file was \
-                     altered or swapped; nothing was changed: restore shred.slots from the backup taken with this database",
+                     altered or swapped; nothing was changed: restore the pads (shred.slots, or the pads table) from the backup taken with this database",
                     named(&scan.bad_check)
                 ),
             ));
@@ -175,7 +174,7 @@ impl Engine {
                 format!(
                     "the pad in slot {} is zero, but the ledger records no erasure of its customer: the file \
                      was altered or restored from another copy; a zero pad is not an erasure; nothing was \
-                     changed: restore shred.slots from the backup taken with this database",
+                     changed: restore the pads (shred.slots, or the pads table) from the backup taken with this database",
                     named(&unexplained)
                 ),
             ));

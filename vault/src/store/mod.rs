@@ -295,12 +295,21 @@ impl Store {
         let contracts = db.open_tree("contracts")?;
         let contract_runtime = db.open_tree("contract_runtime")?;
         // Opened after sled, whose lock keeps a second server out.
-        let slots = Arc::new(ShredSlots::open(&dir.join("shred.slots"))?);
-        // INVARIANT: pads are written before the frame that references
-        // them is appended, and synced before any group is written, so a
-        // durable data key never references a pad that is not.
-        let s = slots.clone();
-        wal.set_before_write(move || s.sync().map_err(|e| e.to_string()));
+        let slots = if wal.is_postgres() {
+            // INVARIANT: a pad's row is staged before the frame that
+            // references it is appended, so it is written in that frame's
+            // group's transaction or an earlier one.
+            Arc::new(ShredSlots::in_postgres(wal.clone())?)
+        } else {
+            Arc::new(ShredSlots::open(&dir.join("shred.slots"))?)
+        };
+        if !slots.in_database() {
+            // INVARIANT: pads are written before the frame that references
+            // them is appended, and synced before any group is written, so
+            // a durable data key never references a pad that is not.
+            let s = slots.clone();
+            wal.set_before_write(move || s.sync().map_err(|e| e.to_string()));
+        }
         let writer = Writer::new(db.clone(), wal.clone());
         let store = Store {
             db,
@@ -333,6 +342,10 @@ impl Store {
             // A vault from before the log (flushed at every commit) starts
             // it here; only an empty log may meet it.
             None if durable == wal.first_lsn() => durable,
+            // A log kept in PostgreSQL holds every write from LSN 0: an
+            // empty view beside it (a new server, or a cache that was
+            // cleared) is built again from it.
+            None if wal.is_postgres() && self.view_is_empty() => 0,
             None => {
                 return Err(VaultError::config(
                     self.dir.display().to_string(),
@@ -345,7 +358,7 @@ impl Store {
         };
         if from > durable {
             return Err(VaultError::config(
-                wal.dir().display().to_string(),
+                wal.place().to_owned(),
                 format!(
                     "the vault database in {} holds the log up to LSN {from} but the log ends at LSN {durable}: \
                      the log was deleted or restored from an older copy; nothing was changed",
@@ -363,6 +376,24 @@ impl Store {
         }
         self.flush_view()?;
         Ok(())
+    }
+
+    /// Whether no tree holds anything (a view never written).
+    fn view_is_empty(&self) -> bool {
+        [
+            &self.records,
+            &self.data_keys,
+            &self.index,
+            &self.meta,
+            &self.lineage,
+            &self.features,
+            &self.feature_blocks,
+            &self.idempotency,
+            &self.contracts,
+            &self.contract_runtime,
+        ]
+        .iter()
+        .all(|t| t.is_empty())
     }
 
     /// The ledger entries recorded as anchoring no write (their write
