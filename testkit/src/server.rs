@@ -104,7 +104,7 @@ pub fn kit_storage() -> StorageConfig {
         postgres: Some(url),
         password_file: std::env::var_os(POSTGRES_PASSWORD_FILE_ENV).map(Into::into),
         schema: Some(format!("t{}_{nanos}_{n}", std::process::id())),
-        lease_wait_ms: None,
+        ..StorageConfig::default()
     }
 }
 

@@ -151,6 +151,18 @@ pub struct StorageConfig {
     /// schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
+    /// Where the shred pads are kept: `file` (the default: `pads_file`,
+    /// overwritten in place, so an erasure leaves no copy of the pad in
+    /// PostgreSQL's history) or `postgres` (rows of the log's `pads`
+    /// table: a standby that takes the lease has them without a shared
+    /// volume, but PostgreSQL keeps a deleted row's old version in its
+    /// heap until vacuum, in its WAL, replicas and backups; SECURITY.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pads: Option<String>,
+    /// The pad file (default `<data_dir>/shred.slots`); for a standby, a
+    /// volume that moves with the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pads_file: Option<PathBuf>,
     /// How long a server waits for the sequencer lease another server holds
     /// before giving up, in milliseconds; absent: as long as it takes (a
     /// standby).
@@ -163,7 +175,7 @@ pub const DEFAULT_POSTGRES_SCHEMA: &str = "sovra";
 
 impl StorageConfig {
     fn is_embedded(&self) -> bool {
-        self.postgres.is_none() && self.password_file.is_none() && self.schema.is_none()
+        *self == StorageConfig::default()
     }
 }
 
@@ -386,7 +398,7 @@ impl Config {
     pub fn postgres_target(&self) -> Result<Option<sovra_wal::PgTarget>> {
         let st = &self.storage;
         let Some(url) = &st.postgres else {
-            if st.password_file.is_some() || st.schema.is_some() {
+            if st.password_file.is_some() || st.schema.is_some() || st.lease_wait_ms.is_some() {
                 return Err(VaultError::config(
                     "[storage]",
                     "password_file and schema need `postgres = \"postgres://USER@HOST:PORT/DB\"`",
@@ -416,6 +428,30 @@ impl Config {
         sovra_wal::PgTarget::new(url, password.as_deref().map(String::as_str), schema)
             .map(Some)
             .map_err(|e| VaultError::config("[storage] postgres", e.to_string()))
+    }
+
+    /// Where the shred pads are (`[storage] pads`, `pads_file`).
+    pub fn pad_place(&self) -> Result<crate::store::PadPlace> {
+        let st = &self.storage;
+        match st.pads.as_deref() {
+            None | Some("file") => Ok(crate::store::PadPlace::File(match &st.pads_file {
+                Some(p) => self.resolve(p),
+                None => self.resolve(&self.data_dir).join("shred.slots"),
+            })),
+            Some("postgres") if st.postgres.is_none() => Err(VaultError::config(
+                "[storage] pads",
+                "`pads = \"postgres\"` needs `postgres = \"postgres://…\"`",
+            )),
+            Some("postgres") if st.pads_file.is_some() => Err(VaultError::config(
+                "[storage] pads",
+                "`pads_file` is for `pads = \"file\"`",
+            )),
+            Some("postgres") => Ok(crate::store::PadPlace::Database),
+            Some(other) => Err(VaultError::config(
+                "[storage] pads",
+                format!("{other:?} is not a pad place: use \"file\" or \"postgres\""),
+            )),
+        }
     }
 
     /// Opens the ledger over `wal`.

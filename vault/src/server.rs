@@ -248,7 +248,8 @@ async fn open(cfg: &Config) -> Result<(App, ViewTask)> {
     let wal = cfg.open_wal()?;
     let ledger = Arc::new(cfg.open_ledger(wal.clone())?);
     let data_dir = cfg.resolve(&cfg.data_dir);
-    let engine = Arc::new(Engine::open_with(&data_dir, root, schema, wal, || {
+    let pads = cfg.pad_place()?;
+    let engine = Arc::new(Engine::open_with(&data_dir, root, schema, wal, &pads, || {
         match ledger.size() {
             0 => Ok(()),
             n => Err(VaultError::config(

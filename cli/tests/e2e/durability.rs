@@ -109,21 +109,115 @@ async fn acknowledged_writes_survive_sigkill() {
 
 /// What the clients were told was done, across the rounds.
 #[derive(Default)]
-struct Acked {
+pub(crate) struct Acked {
     /// (customer, purchase_count) of each acknowledged write.
-    writes: Vec<(String, i64)>,
+    pub(crate) writes: Vec<(String, i64)>,
     /// (customer, reads acknowledged) of the read customers.
-    reads: std::collections::BTreeMap<String, usize>,
+    pub(crate) reads: std::collections::BTreeMap<String, usize>,
     /// (index, entry bytes) of each acknowledged consent.
-    consents: Vec<(u64, Vec<u8>)>,
+    pub(crate) consents: Vec<(u64, Vec<u8>)>,
     /// The largest checkpoint a receipt carried.
-    checkpoint: Option<sovra_ledger::SignedCheckpoint>,
+    pub(crate) checkpoint: Option<sovra_ledger::SignedCheckpoint>,
     /// Why each client stopped (the kill, or a failure to report).
-    stopped: Vec<String>,
+    pub(crate) stopped: Vec<String>,
+}
+
+/// Starts three writers (write, then read back) and three consent
+/// recorders against `url`, and returns once each kind has gone on for at
+/// least 60 more acknowledged calls; the tasks run on until their server
+/// dies.
+pub(crate) async fn mixed_load(
+    url: &str,
+    env: &Env,
+    acked: &Arc<Mutex<Acked>>,
+    round: u32,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let start = {
+        let a = acked.lock().unwrap();
+        (
+            a.writes.len(),
+            a.consents.len(),
+            a.reads.values().sum::<usize>(),
+        )
+    };
+    let mut tasks = Vec::new();
+    for w in 0..3 {
+        let (acked, url, token) = (acked.clone(), url.to_owned(), env.service.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = sovra_vault::client::connect(&url, Some(&token), None)
+                .await
+                .unwrap();
+            for i in 0i64.. {
+                let id = format!("r{round}-w{w}-{i}");
+                // Within the field's range 0..=1,000,000.
+                let count = i64::from(round) * 300_000 + w * 100_000 + i % 100_000;
+                if let Err(e) = c
+                    .put_record(put(&id, &[("purchase_count", int(count))]))
+                    .await
+                {
+                    acked.lock().unwrap().stopped.push(format!("put: {e}"));
+                    return;
+                }
+                acked.lock().unwrap().writes.push((id.clone(), count));
+                // Read it back: an audited, lineage-recorded read.
+                if let Err(e) = c.get_fields(get(&id, &["purchase_count"], "billing")).await {
+                    acked.lock().unwrap().stopped.push(format!("read: {e}"));
+                    return;
+                }
+                *acked.lock().unwrap().reads.entry(id).or_default() += 1;
+            }
+        }));
+    }
+    for w in 0..3 {
+        let (acked, url, token) = (acked.clone(), url.to_owned(), env.service.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut l = sovra_vault::client::connect_ledger(&url, Some(&token), None)
+                .await
+                .unwrap();
+            for i in 0.. {
+                let req = consent(&format!("c{round}-{w}-{i}"), "marketing", i % 2 == 0);
+                let r = match l.record_consent(req).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        acked.lock().unwrap().stopped.push(format!("consent: {e}"));
+                        return;
+                    }
+                };
+                let r = r.into_inner();
+                let (_, cp) =
+                    sovra_ledger::verify_receipt(&r.entry, r.proof.as_bytes(), &r.verifier_key)
+                        .unwrap();
+                let mut a = acked.lock().unwrap();
+                a.consents.push((r.index, r.entry));
+                if a.checkpoint.as_ref().is_none_or(|c| c.size < cp.size) {
+                    a.checkpoint = Some(cp);
+                }
+            }
+        }));
+    }
+    // Until every kind of work has gone on for a while, then SIGKILL.
+    let began = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let a = acked.lock().unwrap();
+        assert!(
+            began.elapsed() < Duration::from_secs(120),
+            "round {round}: the load stalled; clients stopped: {:?}",
+            a.stopped
+        );
+        let reads: usize = a.reads.values().sum();
+        if a.writes.len() >= start.0 + 60
+            && a.consents.len() >= start.1 + 60
+            && reads >= start.2 + 60
+        {
+            break;
+        }
+    }
+    tasks
 }
 
 /// Checks, on a restarted server, everything acknowledged before the kills.
-async fn check_acknowledged(url: &str, env: &Env, acked: &Acked) {
+pub(crate) async fn check_acknowledged(url: &str, env: &Env, acked: &Acked) {
     use sovra_proto::ledger::v1 as lpb;
     use sovra_proto::lineage::v1 as lin;
     let mut c = sovra_vault::client::connect(url, Some(&env.service), None)
@@ -225,87 +319,7 @@ async fn acknowledged_work_survives_three_kills_under_mixed_load() {
             check_acknowledged(&url, &env, &snapshot).await;
             *acked.lock().unwrap() = snapshot;
         }
-        let start = {
-            let a = acked.lock().unwrap();
-            (
-                a.writes.len(),
-                a.consents.len(),
-                a.reads.values().sum::<usize>(),
-            )
-        };
-        let mut tasks = Vec::new();
-        for w in 0..3 {
-            let (acked, url, token) = (acked.clone(), url.clone(), env.service.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut c = sovra_vault::client::connect(&url, Some(&token), None)
-                    .await
-                    .unwrap();
-                for i in 0i64.. {
-                    let id = format!("r{round}-w{w}-{i}");
-                    // Within the field's range 0..=1,000,000.
-                    let count = i64::from(round) * 300_000 + w * 100_000 + i % 100_000;
-                    if let Err(e) = c
-                        .put_record(put(&id, &[("purchase_count", int(count))]))
-                        .await
-                    {
-                        acked.lock().unwrap().stopped.push(format!("put: {e}"));
-                        return;
-                    }
-                    acked.lock().unwrap().writes.push((id.clone(), count));
-                    // Read it back: an audited, lineage-recorded read.
-                    if let Err(e) = c.get_fields(get(&id, &["purchase_count"], "billing")).await {
-                        acked.lock().unwrap().stopped.push(format!("read: {e}"));
-                        return;
-                    }
-                    *acked.lock().unwrap().reads.entry(id).or_default() += 1;
-                }
-            }));
-        }
-        for w in 0..3 {
-            let (acked, url, token) = (acked.clone(), url.clone(), env.service.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut l = sovra_vault::client::connect_ledger(&url, Some(&token), None)
-                    .await
-                    .unwrap();
-                for i in 0.. {
-                    let req = consent(&format!("c{round}-{w}-{i}"), "marketing", i % 2 == 0);
-                    let r = match l.record_consent(req).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            acked.lock().unwrap().stopped.push(format!("consent: {e}"));
-                            return;
-                        }
-                    };
-                    let r = r.into_inner();
-                    let (_, cp) =
-                        sovra_ledger::verify_receipt(&r.entry, r.proof.as_bytes(), &r.verifier_key)
-                            .unwrap();
-                    let mut a = acked.lock().unwrap();
-                    a.consents.push((r.index, r.entry));
-                    if a.checkpoint.as_ref().is_none_or(|c| c.size < cp.size) {
-                        a.checkpoint = Some(cp);
-                    }
-                }
-            }));
-        }
-        // Until every kind of work has gone on for a while, then SIGKILL.
-        let began = std::time::Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let a = acked.lock().unwrap();
-            assert!(
-                began.elapsed() < Duration::from_secs(120),
-                "round {round}: the load stalled; clients stopped: {:?}",
-                a.stopped
-            );
-            let reads: usize = a.reads.values().sum();
-            if a.writes.len() >= start.0 + 60
-                && a.consents.len() >= start.1 + 60
-                && reads >= start.2 + 60
-            {
-                break;
-            }
-        }
+        let tasks = mixed_load(&url, &env, &acked, round).await;
         child.kill().unwrap();
         child.wait().unwrap();
         for t in tasks {

@@ -22,6 +22,7 @@ mod integrity;
 mod ledger;
 mod lineage;
 mod policy;
+mod postgres;
 mod recovery;
 mod refused_reads;
 mod rotation;

@@ -21,6 +21,7 @@ fn open_engine(env: &Env) -> Arc<Engine> {
             cfg.load_root_key().unwrap(),
             cfg.load_schema().unwrap(),
             cfg.open_wal().unwrap(),
+            &cfg.pad_place().unwrap(),
         )
         .unwrap(),
     )

@@ -93,6 +93,7 @@ pub fn init_with(dir: &Path, listen: &str, storage: StorageConfig) -> Result<Ini
         cfg.load_root_key()?,
         cfg.load_schema()?,
         wal,
+        &cfg.pad_place()?,
     )?;
     let fhe_key = !engine.schema().feature_catalog().is_empty();
     if fhe_key {

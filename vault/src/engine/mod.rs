@@ -47,7 +47,7 @@ use crate::crypto::shred::Pad;
 use crate::error::{Result, VaultError};
 use crate::lineage::{self, Agent, Anchor, LineageStore, Page};
 use crate::schema::{FieldDef, FieldValue, Schema};
-use crate::store::{self, Store, StoredField};
+use crate::store::{self, PadPlace, Store, StoredField};
 use sovra_ledger::{Digest, Ledger, Pseudonym};
 use sovra_proto::lineage::v1 as lpb;
 
@@ -276,8 +276,12 @@ fn check_root_key(
                     "this vault has no root key check value (made by an older version): storing the current key's; a wrong key would have shown as DATA_LOSS on reads"
                 );
             }
-            store.meta.insert(ROOT_CHECK_KEY, check.as_slice())?;
-            store.db.flush()?;
+            // Through the log, so that a view built again from it (a log
+            // kept in PostgreSQL) has the check value too.
+            store
+                .writer
+                .insert(&store.meta, ROOT_CHECK_KEY, check.as_slice())?;
+            store.flush()?;
             Ok(())
         }
     }
@@ -304,8 +308,11 @@ fn check_key_format(store: &Store, dir: &Path) -> Result<()> {
     match store.meta.get(KEY_FORMAT_KEY)? {
         Some(v) if v.as_ref() == [KEY_FORMAT] => Ok(()),
         None if store.data_keys.is_empty() => {
-            store.meta.insert(KEY_FORMAT_KEY, &[KEY_FORMAT][..])?;
-            store.db.flush()?;
+            // Through the log, as the root key check value.
+            store
+                .writer
+                .insert(&store.meta, KEY_FORMAT_KEY, [KEY_FORMAT])?;
+            store.flush()?;
             Ok(())
         }
         Some(v) if v.as_ref() == [3] => {
@@ -370,7 +377,7 @@ impl Engine {
     pub fn open(dir: &Path, root: RootKey, schema: Schema) -> Result<Engine> {
         let wal =
             Arc::new(sovra_wal::Wal::open(&dir.join("wal"), sovra_wal::WalOptions::default())?.wal);
-        Engine::open_over(dir, root, schema, wal)
+        Engine::open_over(dir, root, schema, wal, &PadPlace::File(dir.join("shred.slots")))
     }
 
     /// [`Engine::open`] over a log the caller opened (in the data
@@ -380,8 +387,9 @@ impl Engine {
         root: RootKey,
         schema: Schema,
         wal: Arc<sovra_wal::Wal>,
+        pads: &PadPlace,
     ) -> Result<Engine> {
-        let engine = Engine::open_with(dir, root, schema, wal, || Ok(()))?;
+        let engine = Engine::open_with(dir, root, schema, wal, pads, || Ok(()))?;
         engine.recover(&NoLedger::default())?;
         Ok(engine)
     }
@@ -396,9 +404,10 @@ impl Engine {
         root: RootKey,
         schema: Schema,
         wal: Arc<sovra_wal::Wal>,
+        pads: &PadPlace,
         on_new: impl FnOnce() -> Result<()>,
     ) -> Result<Engine> {
-        let store = Arc::new(Store::open(dir, wal)?);
+        let store = Arc::new(Store::open_at(dir, wal, pads)?);
         let keyring = Arc::new(KeyRing::new(root));
         check_root_key(&store, &keyring, dir, on_new)?;
         check_key_format(&store, dir)?;

@@ -256,10 +256,29 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Where the shred pads are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PadPlace {
+    /// A slot file overwritten in place (`shred.slots`): the default, on
+    /// either backend; an erasure leaves no copy of the pad anywhere Sovra
+    /// wrote.
+    File(std::path::PathBuf),
+    /// Rows of the PostgreSQL log's `pads` table, written with its groups:
+    /// every server that takes the sequencer lease has them, but a deleted
+    /// row survives in PostgreSQL's history (SECURITY.md).
+    Database,
+}
+
 impl Store {
-    /// Opens (or creates) the database under `dir`, a view of `wal`: the
-    /// writes the log holds beyond the view's position are applied again.
+    /// Opens (or creates) the database under `dir`, a view of `wal`, with
+    /// the pads in `dir/shred.slots`: the writes the log holds beyond the
+    /// view's position are applied again.
     pub fn open(dir: &std::path::Path, wal: Arc<Wal>) -> Result<Store> {
+        Store::open_at(dir, wal, &PadPlace::File(dir.join("shred.slots")))
+    }
+
+    /// [`Store::open`] with the pads where `pads` says.
+    pub fn open_at(dir: &std::path::Path, wal: Arc<Wal>, pads: &PadPlace) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| {
             VaultError::config(
                 dir.display().to_string(),
@@ -295,13 +314,20 @@ impl Store {
         let contracts = db.open_tree("contracts")?;
         let contract_runtime = db.open_tree("contract_runtime")?;
         // Opened after sled, whose lock keeps a second server out.
-        let slots = if wal.is_postgres() {
+        let slots = match pads {
             // INVARIANT: a pad's row is staged before the frame that
             // references it is appended, so it is written in that frame's
             // group's transaction or an earlier one.
-            Arc::new(ShredSlots::in_postgres(wal.clone())?)
-        } else {
-            Arc::new(ShredSlots::open(&dir.join("shred.slots"))?)
+            PadPlace::Database if wal.is_postgres() => {
+                Arc::new(ShredSlots::in_postgres(wal.clone())?)
+            }
+            PadPlace::Database => {
+                return Err(VaultError::config(
+                    "[storage] pads",
+                    "pads can be kept in the database only with `postgres` set",
+                ))
+            }
+            PadPlace::File(path) => Arc::new(ShredSlots::open(path)?),
         };
         if !slots.in_database() {
             // INVARIANT: pads are written before the frame that references
