@@ -249,8 +249,14 @@ async fn open(cfg: &Config) -> Result<(App, ViewTask)> {
     let ledger = Arc::new(cfg.open_ledger(wal.clone())?);
     let data_dir = cfg.resolve(&cfg.data_dir);
     let pads = cfg.pad_place()?;
-    let engine = Arc::new(Engine::open_with(&data_dir, root, schema, wal, &pads, || {
-        match ledger.size() {
+    let engine = Arc::new(Engine::open_with(
+        &data_dir,
+        root,
+        schema,
+        wal,
+        &pads,
+        || {
+            match ledger.size() {
             0 => Ok(()),
             n => Err(VaultError::config(
                 data_dir.display().to_string(),
@@ -260,7 +266,8 @@ async fn open(cfg: &Config) -> Result<(App, ViewTask)> {
                 ),
             )),
         }
-    })?);
+        },
+    )?);
     // Before anything reads or writes: faults refuse here, naming the file;
     // erasures the ledger records are completed or applied again.
     recovery::reconcile(&engine, &ledger, &data_dir, &data_dir.join("ledger"))?;

@@ -91,11 +91,16 @@ async fn write_some(url: &str, env: &Env, n: usize) {
         let id = format!("pg-{i}");
         c.put_record(put(
             &id,
-            &[("phone", text(&format!("1380000{i:04}"))), ("purchase_count", int(i as i64))],
+            &[
+                ("phone", text(&format!("1380000{i:04}"))),
+                ("purchase_count", int(i as i64)),
+            ],
         ))
         .await
         .unwrap();
-        l.record_consent(consent(&id, "marketing", true)).await.unwrap();
+        l.record_consent(consent(&id, "marketing", true))
+            .await
+            .unwrap();
     }
 }
 
@@ -175,7 +180,10 @@ async fn a_stopped_servers_database_altered_is_refused_naming_what() {
     let out = serve_refused(&env.config_path);
     assert!(out.contains("older copy"), "{out}");
     // Rows deleted under the head: refused at open, naming both ends.
-    sql(&env, "UPDATE SCHEMA.head SET end_lsn = (SELECT end_lsn FROM SCHEMA.saved_head)");
+    sql(
+        &env,
+        "UPDATE SCHEMA.head SET end_lsn = (SELECT end_lsn FROM SCHEMA.saved_head)",
+    );
     let out = serve_refused(&env.config_path);
     assert!(
         out.contains("the head says the log ends at LSN") && out.contains("rows were deleted"),
@@ -223,7 +231,10 @@ async fn the_views_are_caches_rebuilt_from_the_database() {
 
     let srv = env.start().await;
     for i in [0usize, 17, 29] {
-        assert_eq!(read_count(&srv.url, &env, &format!("pg-{i}")).await, i as i64);
+        assert_eq!(
+            read_count(&srv.url, &env, &format!("pg-{i}")).await,
+            i as i64
+        );
     }
     // The rebuilt ledger extends what a client saw before: no fork.
     let after = checkpoint(&srv.url, &env).await;
@@ -239,8 +250,14 @@ async fn the_views_are_caches_rebuilt_from_the_database() {
         .await
         .unwrap()
         .into_inner();
-    sovra_ledger::verify_consistency(before.size, after.size, &p.hashes, &before.root, &after.root)
-        .unwrap();
+    sovra_ledger::verify_consistency(
+        before.size,
+        after.size,
+        &p.hashes,
+        &before.root,
+        &after.root,
+    )
+    .unwrap();
     let entries = ledger_entries(&srv.url, &env.officer).await;
     let idx: Vec<u64> = entries.iter().map(|(i, _)| *i).collect();
     assert_eq!(idx, (0..idx.len() as u64).collect::<Vec<_>>(), "no gap");
@@ -343,7 +360,10 @@ async fn the_sequencer_killed_under_load_hands_over_with_no_gap_no_fork_no_lost_
     let mut up = false;
     for _ in 0..600 {
         if let Ok(mut c) = sovra_vault::client::connect(&url_b, Some(&env.service), None).await {
-            if c.describe_schema(pb::DescribeSchemaRequest {}).await.is_ok() {
+            if c.describe_schema(pb::DescribeSchemaRequest {})
+                .await
+                .is_ok()
+            {
                 up = true;
                 break;
             }
@@ -411,10 +431,13 @@ async fn erasure_scan_of_the_clusters_files_and_wal() {
         srv.stop().await;
         // The victim's pad, read as an attacker with the disk would.
         let pads_before: Vec<Vec<u8>> = if pads_in_db {
-            sql(&env, "SELECT encode(pad, 'hex') FROM SCHEMA.pads ORDER BY slot")
-                .into_iter()
-                .map(|v| v.unwrap())
-                .collect()
+            sql(
+                &env,
+                "SELECT encode(pad, 'hex') FROM SCHEMA.pads ORDER BY slot",
+            )
+            .into_iter()
+            .map(|v| v.unwrap())
+            .collect()
         } else {
             Vec::new()
         };
@@ -435,11 +458,13 @@ async fn erasure_scan_of_the_clusters_files_and_wal() {
         // Flush PostgreSQL's buffers to its files, so the scan sees them.
         sql(&env, "CHECKPOINT");
         let pad: Vec<u8> = if pads_in_db {
-            let after: Vec<Vec<u8>> =
-                sql(&env, "SELECT encode(pad, 'hex') FROM SCHEMA.pads ORDER BY slot")
-                    .into_iter()
-                    .map(|v| v.unwrap())
-                    .collect();
+            let after: Vec<Vec<u8>> = sql(
+                &env,
+                "SELECT encode(pad, 'hex') FROM SCHEMA.pads ORDER BY slot",
+            )
+            .into_iter()
+            .map(|v| v.unwrap())
+            .collect();
             let gone: Vec<&Vec<u8>> = pads_before.iter().filter(|p| !after.contains(p)).collect();
             assert_eq!(gone.len(), 1, "one pad row deleted by the erasure");
             hex::decode(gone[0]).unwrap()
@@ -467,16 +492,26 @@ async fn erasure_scan_of_the_clusters_files_and_wal() {
         for (i, n) in needles[..needles.len() - 1].iter().enumerate() {
             let what = String::from_utf8_lossy(n);
             assert_eq!(clear[i], Vec::<PathBuf>::new(), "{what} in the cluster");
-            assert_eq!(in_dir[i], Vec::<PathBuf>::new(), "{what} in the server's directory");
+            assert_eq!(
+                in_dir[i],
+                Vec::<PathBuf>::new(),
+                "{what} in the server's directory"
+            );
         }
         eprintln!("pads in the database: {pads_in_db}; the erased pad is in {pad_found:?}");
-        assert_eq!(in_dir[needles.len() - 1], Vec::<PathBuf>::new(), "the pad in the server's directory");
+        assert_eq!(
+            in_dir[needles.len() - 1],
+            Vec::<PathBuf>::new(),
+            "the pad in the server's directory"
+        );
         if pads_in_db {
             // What SECURITY.md says remains with `pads = "postgres"`: the
             // deleted row's pad is still in PostgreSQL's WAL (and so in
             // its archives, replicas and backups) after the erasure.
             assert!(
-                pad_found.iter().any(|p| p.starts_with(cluster.join("pg_wal"))),
+                pad_found
+                    .iter()
+                    .any(|p| p.starts_with(cluster.join("pg_wal"))),
                 "SECURITY.md says the pad stays in the WAL; found in {pad_found:?}"
             );
             // `VACUUM FULL` rewrites the table's file: the pad leaves the
@@ -495,7 +530,11 @@ async fn erasure_scan_of_the_clusters_files_and_wal() {
             // With the pads in the server's slot file (the default), the
             // database never held the pad: nothing there recovers the
             // erased customer, even with the root key.
-            assert_eq!(pad_found, &Vec::<PathBuf>::new(), "the pad reached PostgreSQL");
+            assert_eq!(
+                pad_found,
+                &Vec::<PathBuf>::new(),
+                "the pad reached PostgreSQL"
+            );
         }
     }
 }
@@ -533,4 +572,97 @@ fn storage_settings_are_checked() {
         assert!(e.contains(needle), "{text}: {e}");
         assert!(!e.contains("secret"), "{e}");
     }
+}
+
+/// `sovra init --postgres …` makes a vault whose log is in the database;
+/// the configuration names the database without its password; a second
+/// vault in the same schema and a URL with a password are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sovra_init_on_postgres_then_serve() {
+    if no_postgres() {
+        return;
+    }
+    let url = std::env::var(POSTGRES_ENV).unwrap();
+    let pw_file = std::env::var(POSTGRES_PASSWORD_FILE_ENV).unwrap();
+    let pw = std::fs::read_to_string(&pw_file).unwrap();
+    let schema = format!("cli_{}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let init = |dir: &Path, url: &str| {
+        std::process::Command::new(SOVRA)
+            .args(["init", "--dir"])
+            .arg(dir)
+            .args(["--listen", &listen, "--postgres", url])
+            .args(["--postgres-password-file", &pw_file])
+            .args(["--postgres-schema", &schema, "--pads", "postgres"])
+            .output()
+            .unwrap()
+    };
+    let dir = tmp.path().join("a");
+    let o = init(&dir, &url);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("in PostgreSQL"), "{out}");
+    let admin = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("sovra_")
+                .map(|t| format!("sovra_{t}"))
+        })
+        .unwrap();
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(cfg.contains("[storage]") && cfg.contains(&schema), "{cfg}");
+    assert!(
+        !cfg.contains(pw.trim()),
+        "the password is not in the configuration"
+    );
+
+    // A second vault in the same schema, and a URL with a password.
+    let o = init(&tmp.path().join("b"), &url);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("already holds a vault"),
+        "{err}"
+    );
+    let o = init(
+        &tmp.path().join("c"),
+        &url.replacen("://sovra@", "://sovra:hunter2@", 1),
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("holds a password"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let log = std::fs::File::create(tmp.path().join("serve.log")).unwrap();
+    let mut child = std::process::Command::new(SOVRA)
+        .args(["serve", "--config"])
+        .arg(dir.join("config.toml"))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let server = format!("http://{listen}");
+    let mut up = false;
+    for _ in 0..300 {
+        if let Ok(mut c) = sovra_vault::client::connect(&server, Some(&admin), None).await {
+            if c.describe_schema(pb::DescribeSchemaRequest {})
+                .await
+                .is_ok()
+            {
+                up = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        up,
+        "{}",
+        std::fs::read_to_string(tmp.path().join("serve.log")).unwrap_or_default()
+    );
 }

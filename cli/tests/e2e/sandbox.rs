@@ -993,9 +993,12 @@ async fn pending_feature_values_survive_kill_9_and_the_next_job_sums_them() {
         child.wait().unwrap();
         let dir = env.data_dir();
         let cfg = env.config();
-        let store =
-            sovra_vault::store::Store::open_at(&dir, cfg.open_wal().unwrap(), &cfg.pad_place().unwrap())
-                .unwrap();
+        let store = sovra_vault::store::Store::open_at(
+            &dir,
+            cfg.open_wal().unwrap(),
+            &cfg.pad_place().unwrap(),
+        )
+        .unwrap();
         store.flush().unwrap();
         drop(store);
         let db = open_raw(&dir);

@@ -377,7 +377,13 @@ impl Engine {
     pub fn open(dir: &Path, root: RootKey, schema: Schema) -> Result<Engine> {
         let wal =
             Arc::new(sovra_wal::Wal::open(&dir.join("wal"), sovra_wal::WalOptions::default())?.wal);
-        Engine::open_over(dir, root, schema, wal, &PadPlace::File(dir.join("shred.slots")))
+        Engine::open_over(
+            dir,
+            root,
+            schema,
+            wal,
+            &PadPlace::File(dir.join("shred.slots")),
+        )
     }
 
     /// [`Engine::open`] over a log the caller opened (in the data
