@@ -5,7 +5,7 @@
 #
 #   cargo build --release -p sovra-cli -p sovra-benches --bins
 #   eval "$(.ci/postgres start)"          # or set SOVRA_TEST_POSTGRES{,_PASSWORD_FILE}
-#   bash benches/postgres.sh
+#   bash benches/postgres.sh        # SECS=10; SKIP_SOVRA=1 runs only the peer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=target/release
