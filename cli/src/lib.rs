@@ -7,7 +7,8 @@ pub mod commands;
 pub mod common;
 
 use commands::{
-    audit, consent, contract, demo, init, job, keys, lineage, policy, records, serve, token,
+    audit, consent, contract, demo, init, job, keys, lineage, migrate, policy, records, serve,
+    token,
 };
 use common::Conn;
 
@@ -29,6 +30,10 @@ pub enum Cmd {
     Init(init::InitArgs),
     /// Run the gRPC server.
     Serve(serve::ServeArgs),
+    /// Copy a vault to another storage (a data directory into PostgreSQL, or
+    /// back), checking the ledger's root and a sample of decrypted values on
+    /// both sides.
+    Migrate(migrate::MigrateArgs),
     /// Manage principals' tokens in a configuration file (restart the server to apply).
     Token {
         #[command(subcommand)]

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sovra_cli::commands::{
-    audit, consent, contract, demo, init, job, keys, lineage, policy, records, serve, token,
+    audit, consent, contract, demo, init, job, keys, lineage, migrate, policy, records, serve,
+    token,
 };
 use sovra_cli::common::CmdResult;
 use sovra_cli::{Cli, Cmd};
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
 async fn run(cmd: Cmd) -> CmdResult {
     match cmd {
         Cmd::Init(a) => init::run(a),
+        Cmd::Migrate(a) => migrate::run(a),
         Cmd::Serve(a) => {
             // The configuration names the log format, so logging starts
             // once it is read (a bad file is reported on plain stderr).

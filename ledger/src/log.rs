@@ -616,6 +616,32 @@ impl Ledger {
             items.push((entry, bytes));
         }
         let out = apply_entries(&self.inner, &mut head, items)?;
+        self.log_appended(&mut head, &out)?;
+        Ok(out)
+    }
+
+    /// Appends entries made by another copy of this log (`sovra migrate`),
+    /// byte for byte: each must decode and continue the log (its index and
+    /// the previous entry's leaf hash), or nothing of the call is applied.
+    /// Not durable until [`Ledger::commit`].
+    pub fn import(&self, entries: &[Vec<u8>]) -> Result<()> {
+        let mut head = self.head();
+        let mut items = Vec::with_capacity(entries.len());
+        for bytes in entries {
+            let e = Entry::decode(bytes).map_err(|e| {
+                LedgerError::integrity(format!(
+                    "an entry to import at {}: {e}",
+                    head.size + items.len() as u64
+                ))
+            })?;
+            items.push((e, bytes.clone()));
+        }
+        let out = apply_entries(&self.inner, &mut head, items)?;
+        self.log_appended(&mut head, &out)
+    }
+
+    /// Logs appended entries in the write-ahead log, if there is one.
+    fn log_appended(&self, head: &mut Head, out: &[Appended]) -> Result<()> {
         if let Some(wal) = &self.inner.wal {
             // INVARIANT: logged under the head lock, so the log holds the
             // ledger's entries in sequence order.
@@ -632,7 +658,7 @@ impl Ledger {
             head.lsn = wal.append(&refs)?;
             *self.inner.logged.lock().unwrap_or_else(|p| p.into_inner()) = (head.lsn, head.size);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Makes the ledger's own files current and records the log position

@@ -11,7 +11,7 @@ use sovra_vault::access::auth::Role;
 use sovra_vault::client::{self, Client};
 use sovra_vault::config::{self, Config};
 
-use crate::server::{data_dir, serve, PrincipalSpec, Running};
+use crate::server::{data_dir_on, serve, PrincipalSpec, Running};
 
 /// The purposes the test service principal may declare.
 pub const SERVICE_PURPOSES: &[&str] = &[
@@ -51,28 +51,37 @@ impl Default for Env {
 }
 
 impl Env {
-    /// A fresh directory and its principals.
+    /// A fresh directory and its principals, on the kit's storage
+    /// ([`crate::kit_storage`]).
     pub fn new() -> Env {
-        let d = data_dir(&[
-            PrincipalSpec {
-                name: "svc",
-                role: Role::Service,
-                department: "sales",
-                purposes: SERVICE_PURPOSES,
-            },
-            PrincipalSpec {
-                name: "dpo",
-                role: Role::Officer,
-                department: "compliance",
-                purposes: &[],
-            },
-            PrincipalSpec {
-                name: "partner",
-                role: Role::Partner,
-                department: "partners",
-                purposes: &["lead_scoring"],
-            },
-        ])
+        Env::on(crate::kit_storage())
+    }
+
+    /// [`Env::new`] with the log kept where `storage` says.
+    pub fn on(storage: config::StorageConfig) -> Env {
+        let d = data_dir_on(
+            &[
+                PrincipalSpec {
+                    name: "svc",
+                    role: Role::Service,
+                    department: "sales",
+                    purposes: SERVICE_PURPOSES,
+                },
+                PrincipalSpec {
+                    name: "dpo",
+                    role: Role::Officer,
+                    department: "compliance",
+                    purposes: &[],
+                },
+                PrincipalSpec {
+                    name: "partner",
+                    role: Role::Partner,
+                    department: "partners",
+                    purposes: &["lead_scoring"],
+                },
+            ],
+            storage,
+        )
         .unwrap();
         let [service, officer, partner] = &d.tokens[..] else {
             panic!("three principals asked for, {} made", d.tokens.len());

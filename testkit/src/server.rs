@@ -112,8 +112,16 @@ pub fn kit_storage() -> StorageConfig {
 /// server picks a free port) and adds `principals` to it; its log is kept
 /// where [`kit_storage`] says.
 pub fn data_dir(principals: &[PrincipalSpec<'_>]) -> Result<DataDir, KitError> {
+    data_dir_on(principals, kit_storage())
+}
+
+/// [`data_dir`] with the log kept where `storage` says.
+pub fn data_dir_on(
+    principals: &[PrincipalSpec<'_>],
+    storage: StorageConfig,
+) -> Result<DataDir, KitError> {
     let dir = tempfile::tempdir().map_err(KitError::TempDir)?;
-    let init = setup::init_with(dir.path(), "127.0.0.1:0", kit_storage())?;
+    let init = setup::init_with(dir.path(), "127.0.0.1:0", storage)?;
     let mut cfg = Config::load(&init.config_path)?;
     let tokens = principals
         .iter()

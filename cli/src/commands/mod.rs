@@ -8,6 +8,7 @@ pub mod init;
 pub mod job;
 pub mod keys;
 pub mod lineage;
+pub mod migrate;
 pub mod policy;
 pub mod records;
 pub mod serve;

@@ -666,3 +666,131 @@ async fn sovra_init_on_postgres_then_serve() {
         std::fs::read_to_string(tmp.path().join("serve.log")).unwrap_or_default()
     );
 }
+
+fn migrate(from: &Env, to: &Env) -> std::process::Output {
+    std::process::Command::new(SOVRA)
+        .args(["migrate", "--sample", "50", "--from"])
+        .arg(&from.config_path)
+        .arg("--to")
+        .arg(&to.config_path)
+        .output()
+        .unwrap()
+}
+
+fn with_storage(env: &Env, storage: sovra_vault::config::StorageConfig) {
+    let mut cfg = env.config();
+    cfg.storage = storage;
+    write_config(&cfg, &env.config_path).unwrap();
+}
+
+/// `sovra migrate`: a data directory into PostgreSQL and back; the same
+/// ledger root, the same values, the erased customer still erased; a
+/// destination that is not empty, or another root key, refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_a_data_directory_into_postgres_and_back() {
+    if no_postgres() {
+        return;
+    }
+    let a = Env::on(sovra_vault::config::StorageConfig::default());
+    let srv = a.start().await;
+    write_some(&srv.url, &a, 30).await;
+    let mut adm = srv.client(Some(&a.admin)).await;
+    adm.erase_customer(pb::EraseCustomerRequest {
+        customer_id: "pg-7".into(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    let before = checkpoint(&srv.url, &a).await;
+    srv.stop().await;
+
+    // Into PostgreSQL, pads there too.
+    let b = standby_of(&a);
+    with_storage(
+        &b,
+        sovra_vault::config::StorageConfig {
+            pads: Some("postgres".into()),
+            ..kit_storage()
+        },
+    );
+    let o = migrate(&a, &b);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("the same root at size"), "{out}");
+    assert!(out.contains("customers decrypted on both sides"), "{out}");
+
+    let srv = b.start().await;
+    assert_eq!(read_count(&srv.url, &b, "pg-13").await, 13);
+    let mut c = srv.client(Some(&b.service)).await;
+    let e = c
+        .get_fields(get("pg-7", &["purchase_count"], "billing"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::NotFound,
+        "erased stays erased: {e:?}"
+    );
+    let after = checkpoint(&srv.url, &b).await;
+    let mut l = sovra_vault::client::connect_ledger(&srv.url, Some(&b.officer), None)
+        .await
+        .unwrap();
+    let p = l
+        .get_consistency_proof(lpb::GetConsistencyProofRequest {
+            from_size: before.size,
+            to_size: after.size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    sovra_ledger::verify_consistency(
+        before.size,
+        after.size,
+        &p.hashes,
+        &before.root,
+        &after.root,
+    )
+    .unwrap();
+    srv.stop().await;
+
+    // A destination that already holds a vault is refused.
+    let o = migrate(&a, &b);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("already holds"),
+        "{err}"
+    );
+
+    // And back into a data directory.
+    let c = standby_of(&a);
+    with_storage(&c, sovra_vault::config::StorageConfig::default());
+    let o = migrate(&b, &c);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let srv = c.start().await;
+    assert_eq!(read_count(&srv.url, &c, "pg-29").await, 29);
+    srv.stop().await;
+
+    // Another root key: refused before anything is opened.
+    let d = standby_of(&a);
+    with_storage(&d, kit_storage());
+    std::fs::write(
+        d.dir.path().join("root.key"),
+        format!("{}\n", "ab".repeat(32)),
+    )
+    .unwrap();
+    let o = migrate(&a, &d);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("different root keys"),
+        "{err}"
+    );
+}

@@ -28,6 +28,7 @@ use crate::error::{Result, VaultError};
 pub mod audit;
 pub mod keys;
 pub mod lineage;
+pub mod migrate;
 pub mod policies;
 pub mod records;
 pub mod recovery;

@@ -104,7 +104,9 @@ pub struct ShredSlots {
     rows: Option<(std::sync::Arc<sovra_wal::Wal>, PadRows)>,
     free: Mutex<Free>,
     dirty: AtomicBool,
-    created: bool,
+    /// The file or table was empty at open (cleared once a migration puts
+    /// pads into it).
+    created: AtomicBool,
     place: String,
 }
 
@@ -186,7 +188,7 @@ impl ShredSlots {
                 next,
             }),
             dirty: AtomicBool::new(false),
-            created,
+            created: AtomicBool::new(created),
             place: shown,
         })
     }
@@ -212,7 +214,7 @@ impl ShredSlots {
         let place = format!("the pads table of {}", wal.place());
         Ok(ShredSlots {
             file: None,
-            created: pads.is_empty(),
+            created: AtomicBool::new(pads.is_empty()),
             rows: Some((wal, Mutex::new(pads))),
             free: Mutex::new(Free {
                 list: Vec::new(),
@@ -265,7 +267,7 @@ impl ShredSlots {
     /// Whether this open found the file empty or absent (and so wrote its
     /// header): with data keys beside it, the pads were lost.
     pub fn was_created(&self) -> bool {
-        self.created
+        self.created.load(Ordering::Acquire)
     }
 
     /// What `slot` holds, telling a slot beyond the end of the file (lost)
@@ -365,6 +367,23 @@ impl ShredSlots {
             return Ok(());
         }
         write_at(self.file()?, &[0u8; PAD_LEN], offset(slot)).map_err(Self::io_err)?;
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes `pad` into `slot` (a copy of another vault's slot, by
+    /// `sovra migrate`: wrapped keys name their slot). Durable after the
+    /// next sync (PostgreSQL: with the log's next group).
+    pub fn put(&self, slot: u64, pad: &Pad) -> Result<()> {
+        self.created.store(false, Ordering::Release);
+        {
+            let mut f = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            f.next = f.next.max(slot.saturating_add(1));
+        }
+        if self.rows.is_some() {
+            return self.set_row(slot, Some(Pad(pad.0)));
+        }
+        write_at(self.file()?, &pad.0, offset(slot)).map_err(Self::io_err)?;
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }

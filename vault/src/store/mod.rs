@@ -462,6 +462,44 @@ impl Store {
         Ok(at)
     }
 
+    /// Copies every tree's keys and values, and every pad, into `dst` (a
+    /// new, empty store: `sovra migrate`), through `dst`'s writer, so that
+    /// they are in its log; the view bookkeeping (`wal-applied`) stays.
+    /// Returns (writes, pads). Not durable until `dst` is flushed.
+    pub(crate) fn copy_into(&self, dst: &Store) -> Result<(u64, u64)> {
+        let pairs = [
+            (&self.records, &dst.records),
+            (&self.data_keys, &dst.data_keys),
+            (&self.index, &dst.index),
+            (&self.meta, &dst.meta),
+            (&self.lineage, &dst.lineage),
+            (&self.features, &dst.features),
+            (&self.feature_blocks, &dst.feature_blocks),
+            (&self.idempotency, &dst.idempotency),
+            (&self.contracts, &dst.contracts),
+            (&self.contract_runtime, &dst.contract_runtime),
+        ];
+        let mut pads = 0;
+        for slot in 0..self.slots.len() {
+            if let Some(p) = self.slots.read(slot)? {
+                dst.slots.put(slot, &p)?;
+                pads += 1;
+            }
+        }
+        let mut writes = 0;
+        for (from, to) in pairs {
+            for item in from.iter() {
+                let (k, v) = item?;
+                if std::ptr::eq(from, &self.meta) && k.as_ref() == WAL_APPLIED_KEY {
+                    continue;
+                }
+                dst.writer.insert(to, &k, &v)?;
+                writes += 1;
+            }
+        }
+        Ok((writes, pads))
+    }
+
     /// The write-ahead log.
     pub(crate) fn wal(&self) -> &Arc<Wal> {
         self.writer.wal()
