@@ -351,7 +351,9 @@ fn apply_row(
 /// The commit thread's connection, holding the lease.
 pub(crate) struct PgSink {
     target: PgTarget,
-    client: Client,
+    /// `None` once a group failed: the connection, and with it the lease,
+    /// is given up, so a standby can take over.
+    client: Option<Client>,
     end: u64,
     insert: Statement,
     advance: Statement,
@@ -460,7 +462,7 @@ impl PgSink {
         let del_pad = prep(&mut client, format!("DELETE FROM {s}.pads WHERE slot = $1"))?;
         Ok(PgSink {
             target: t.clone(),
-            client,
+            client: Some(client),
             end,
             insert,
             advance,
@@ -484,6 +486,25 @@ impl Sink for PgSink {
         end: u64,
         pads: &mut Vec<PadWrite>,
     ) -> Result<()> {
+        let r = self.write_group(group, first, end, pads);
+        if r.is_err() {
+            // The log accepts nothing more after a failed group; closing
+            // the session releases the lease at once, so a standby takes
+            // over instead of waiting for this process to exit.
+            self.client = None;
+        }
+        r
+    }
+}
+
+impl PgSink {
+    fn write_group(
+        &mut self,
+        group: &[u8],
+        first: u64,
+        end: u64,
+        pads: &mut Vec<PadWrite>,
+    ) -> Result<()> {
         if first != self.end {
             return Err(WalError::failed(format!(
                 "{}: a group from LSN {first}, but the log ends at {}",
@@ -494,8 +515,11 @@ impl Sink for PgSink {
         let (Ok(first_i), Ok(end_i)) = (i64::try_from(first), i64::try_from(end)) else {
             return Err(WalError::failed("an LSN beyond PostgreSQL's BIGINT"));
         };
-        let mut tx = self
+        let client = self
             .client
+            .as_mut()
+            .ok_or_else(|| WalError::failed(format!("{}: the log failed earlier", t.shown)))?;
+        let mut tx = client
             .transaction()
             .map_err(|e| t.err("begin a group", &e))?;
         for p in pads.drain(..) {

@@ -233,3 +233,20 @@ fn bad_targets_are_refused_and_never_show_a_password() {
     }
     assert!(!err.contains("wrong-password-x"), "{err}");
 }
+
+#[test]
+fn a_failed_group_gives_the_lease_up_at_once() {
+    let Some(t) = target("giveup") else { return };
+    let a = open(&t, None).unwrap();
+    let e = a.append(&[b"x"]).unwrap();
+    a.wait_durable_blocking(e).unwrap();
+    // The next group fails (its head was moved); `a` stays open, yet a
+    // standby gets the lease without waiting for it to close.
+    sql(&t, "UPDATE SCHEMA.head SET end_lsn = end_lsn + 1");
+    let e = a.append(&[b"y"]).unwrap();
+    assert!(a.wait_durable_blocking(e).is_err());
+    sql(&t, "UPDATE SCHEMA.head SET end_lsn = end_lsn - 1");
+    let b = open(&t, Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(b.durable_lsn().unwrap(), 1);
+    drop(a);
+}
