@@ -289,6 +289,7 @@ async fn open(cfg: &Config) -> Result<(App, ViewTask)> {
             cfg.policy_dir(),
             ledger.clone(),
             &engine.store().meta,
+            engine.store().wal().is_postgres(),
         )
         .await?,
     );

@@ -55,9 +55,14 @@ use crate::log::{PadWrite, Shared, Sink};
 /// Rows read per query when replaying.
 const REPLAY_BATCH: i64 = 512;
 
-/// The first key of the sequencer lease's advisory lock ("Sovr"); the
-/// second is the CRC32C of the schema's name.
-const LEASE_CLASS: i32 = 0x536f_7672;
+/// The sequencer lease's advisory lock key: 64 bits from the schema's
+/// name (two CRC32Cs under different prefixes), so that two schemas'
+/// servers do not share a lease by accident.
+fn lease_key(schema: &str) -> i64 {
+    let hi = crc32c::crc32c_append(crc32c::crc32c(b"sovra-lease-1\0"), schema.as_bytes());
+    let lo = crc32c::crc32c_append(crc32c::crc32c(b"sovra-lease-2\0"), schema.as_bytes());
+    i64::from_be_bytes(((u64::from(hi) << 32) | u64::from(lo)).to_be_bytes())
+}
 
 /// A database and schema to keep the log in. The password is given apart
 /// from the URL (from a file or the environment) and never shown.
@@ -108,8 +113,17 @@ impl PgTarget {
             config.password(p);
         }
         config.application_name("sovra");
-        // `CREATE … IF NOT EXISTS` notices are not news.
-        config.options("-c client_min_messages=warning");
+        // `CREATE … IF NOT EXISTS` notices are not news; the operator's
+        // own options stay.
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c client_min_messages=warning"),
+            _ => "-c client_min_messages=warning".to_owned(),
+        };
+        config.options(&options);
+        // A dead database is noticed by the client too (a dead client is
+        // noticed by the server's own `tcp_keepalives_*`: docs/postgres.md).
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
         config.connect_timeout(Duration::from_secs(10));
         let hosts: Vec<String> = config
             .get_hosts()
@@ -366,12 +380,24 @@ impl PgSink {
     /// end), makes the tables a new schema lacks and reads the head.
     pub(crate) fn open(t: &PgTarget, lease_wait: Option<Duration>) -> Result<PgSink> {
         let mut client = t.connect()?;
-        let key = crc32c::crc32c(t.schema.as_bytes()) as i32;
+        let sync: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .map_err(|e| t.err("read synchronous_commit", &e))?
+            .get(0);
+        if sync == "off" {
+            // INVARIANT: a commit returns only once durable, or an
+            // acknowledged write could be lost with the database.
+            return Err(WalError::invalid(format!(
+                "{}: synchronous_commit is off for this role or database: a commit would return before it is durable; set it to on",
+                t.shown
+            )));
+        }
+        let key = lease_key(&t.schema);
         let started = Instant::now();
         let mut told = false;
         loop {
             let got: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&LEASE_CLASS, &key])
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
                 .map_err(|e| t.err("take the sequencer lease", &e))?
                 .get(0);
             if got {

@@ -250,3 +250,13 @@ fn a_failed_group_gives_the_lease_up_at_once() {
     assert_eq!(b.durable_lsn().unwrap(), 1);
     drop(a);
 }
+
+#[test]
+fn a_database_that_would_acknowledge_before_it_is_durable_is_refused() {
+    let Some((url, pw)) = env() else { return };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{sep}options=-c%20synchronous_commit%3Doff");
+    let t = PgTarget::new(&url, pw.as_deref(), &schema("sync")).unwrap();
+    let err = open(&t, None).unwrap_err().to_string();
+    assert!(err.contains("synchronous_commit is off"), "{err}");
+}

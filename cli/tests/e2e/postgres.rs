@@ -163,6 +163,15 @@ async fn a_stopped_servers_database_altered_is_refused_naming_what() {
     );
     let out = serve_refused(&env.config_path);
     assert!(out.contains("does not match the check value"), "{out}");
+    // A row with a slot number no vault reaches: damage, refused (and no
+    // memory taken for the slots below it).
+    sql(
+        &env,
+        "DELETE FROM SCHEMA.pads; INSERT INTO SCHEMA.pads SELECT * FROM SCHEMA.saved_pads;
+         INSERT INTO SCHEMA.pads VALUES (5000000000, '\\x0202020202020202020202020202020202020202020202020202020202020202')",
+    );
+    let out = serve_refused(&env.config_path);
+    assert!(out.contains("pads row 5000000000"), "{out}");
     sql(
         &env,
         "DELETE FROM SCHEMA.pads; INSERT INTO SCHEMA.pads SELECT * FROM SCHEMA.saved_pads",

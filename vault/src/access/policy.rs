@@ -62,14 +62,23 @@ use crate::clock::now_ms;
 impl PolicyHolder {
     /// Puts `policies` in force, recording it in the ledger first if it is
     /// not the set the previous start recorded (kept in `meta`).
+    ///
+    /// With `shared_log` (a log kept in PostgreSQL, which other servers
+    /// write too) the set is recorded at every start: this server's `meta`
+    /// knows only what it recorded, not what a server before it reloaded.
     pub async fn start(
         policies: Policies,
         dir: Option<PathBuf>,
         ledger: Arc<Ledger>,
         meta: &sled::Tree,
+        shared_log: bool,
     ) -> Result<PolicyHolder> {
         let hash = policies.sha256_hex();
-        let recorded = meta.get(META_KEY)?;
+        let recorded = if shared_log {
+            None
+        } else {
+            meta.get(META_KEY)?
+        };
         let ledger_index = if recorded.as_deref() == Some(hash.as_bytes()) {
             None
         } else {
@@ -361,4 +370,14 @@ pub fn reason(ids: impl IntoIterator<Item = String>) -> String {
         out.push_str(&id);
     }
     out
+}
+
+#[cfg(test)]
+mod view_only {
+    /// The key this module writes outside the log is one `sovra migrate`
+    /// leaves out.
+    #[test]
+    fn the_recorded_policy_hash_is_view_bookkeeping() {
+        assert!(crate::store::VIEW_ONLY_META_KEYS.contains(&super::META_KEY));
+    }
 }

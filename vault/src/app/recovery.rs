@@ -286,3 +286,12 @@ pub fn reconcile(
     engine.store().flush()?;
     Ok(recovered)
 }
+
+#[cfg(test)]
+mod view_only {
+    /// The anchor is written outside the log: `sovra migrate` leaves it out.
+    #[test]
+    fn the_anchor_is_view_bookkeeping() {
+        assert!(crate::store::VIEW_ONLY_META_KEYS.contains(&super::ANCHOR_KEY));
+    }
+}

@@ -94,8 +94,8 @@ struct Free {
     next: u64,
 }
 
-/// Every pad held in memory by slot (`None`: free or erased).
-type PadRows = Mutex<Vec<Option<Pad>>>;
+/// Every pad held in memory, by slot (a slot not there: free or erased).
+type PadRows = Mutex<std::collections::BTreeMap<u64, Pad>>;
 
 /// The slot file, or the pads of a log kept in PostgreSQL.
 pub struct ShredSlots {
@@ -197,20 +197,21 @@ impl ShredSlots {
     /// in memory; changes go out with the log's next group.
     pub fn in_postgres(wal: std::sync::Arc<sovra_wal::Wal>) -> Result<ShredSlots> {
         let loaded = wal.load_pads()?;
-        let next = loaded.last().map_or(0, |(s, _)| s + 1);
-        let mut pads: Vec<Option<Pad>> = Vec::new();
-        for (slot, pad) in loaded {
-            let i = usize::try_from(slot)
-                .ok()
-                .filter(|i| *i < (1 << 32))
-                .ok_or_else(|| {
-                    VaultError::integrity(format!("pads row {slot} of {}", wal.place()))
-                })?;
-            if pads.len() <= i {
-                pads.resize_with(i + 1, || None);
-            }
-            pads[i] = (pad.iter().any(|&b| b != 0)).then(|| Pad(*pad));
+        // As many slots as a slot file of 128 GiB holds: beyond is damage.
+        if let Some((slot, _)) = loaded.iter().find(|(s, _)| *s >= 1 << 32) {
+            return Err(VaultError::integrity(format!(
+                "pads row {slot} of {} (slot numbers stay below 2^32)",
+                wal.place()
+            )));
         }
+        let next = loaded.last().map_or(0, |(s, _)| s.saturating_add(1));
+        // A map, not a vector indexed by slot: a row with a huge slot
+        // number costs one entry, not memory up to it.
+        let pads: std::collections::BTreeMap<u64, Pad> = loaded
+            .into_iter()
+            .filter(|(_, pad)| pad.iter().any(|&b| b != 0))
+            .map(|(slot, pad)| (slot, Pad(*pad)))
+            .collect();
         let place = format!("the pads table of {}", wal.place());
         Ok(ShredSlots {
             file: None,
@@ -246,13 +247,12 @@ impl ShredSlots {
         let Some((wal, rows)) = &self.rows else {
             return Err(VaultError::internal("shred slots: no pads table"));
         };
-        let i = usize::try_from(slot).map_err(|_| VaultError::internal("slot out of range"))?;
         wal.stage_pad(slot, pad.as_ref().map(|p| zeroize::Zeroizing::new(p.0)))?;
         let mut rows = rows.lock().unwrap_or_else(|p| p.into_inner());
-        if rows.len() <= i {
-            rows.resize_with(i + 1, || None);
-        }
-        rows[i] = pad;
+        match pad {
+            Some(p) => rows.insert(slot, p),
+            None => rows.remove(&slot),
+        };
         Ok(())
     }
 
@@ -260,12 +260,12 @@ impl ShredSlots {
     fn row(&self, slot: u64) -> Option<Pad> {
         let (_, rows) = self.rows.as_ref()?;
         let rows = rows.lock().unwrap_or_else(|p| p.into_inner());
-        let i = usize::try_from(slot).ok()?;
-        rows.get(i)?.as_ref().map(|p| Pad(p.0))
+        rows.get(&slot).map(|p| Pad(p.0))
     }
 
     /// Whether this open found the file empty or absent (and so wrote its
-    /// header): with data keys beside it, the pads were lost.
+    /// header), or the pads table empty: with data keys beside it, the pads
+    /// were lost.
     pub fn was_created(&self) -> bool {
         self.created.load(Ordering::Acquire)
     }

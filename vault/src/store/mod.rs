@@ -250,6 +250,13 @@ pub struct Store {
 /// bookkeeping, written outside the log.
 const WAL_APPLIED_KEY: &[u8] = b"wal-applied";
 
+/// The `meta` keys written outside the log: what this view (this server's
+/// data directory) recorded, never copied into another vault's log by
+/// `sovra migrate`. `access/policy.rs` and `app/recovery.rs` test that
+/// their keys are listed.
+pub(crate) const VIEW_ONLY_META_KEYS: &[&[u8]] =
+    &[WAL_APPLIED_KEY, b"policy_sha256", b"ledger-anchor"];
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
@@ -406,20 +413,10 @@ impl Store {
 
     /// Whether no tree holds anything (a view never written).
     fn view_is_empty(&self) -> bool {
-        [
-            &self.records,
-            &self.data_keys,
-            &self.index,
-            &self.meta,
-            &self.lineage,
-            &self.features,
-            &self.feature_blocks,
-            &self.idempotency,
-            &self.contracts,
-            &self.contract_runtime,
-        ]
-        .iter()
-        .all(|t| t.is_empty())
+        self.db
+            .tree_names()
+            .iter()
+            .all(|n| self.db.open_tree(n).is_ok_and(|t| t.is_empty()))
     }
 
     /// The ledger entries recorded as anchoring no write (their write
@@ -467,18 +464,6 @@ impl Store {
     /// they are in its log; the view bookkeeping (`wal-applied`) stays.
     /// Returns (writes, pads). Not durable until `dst` is flushed.
     pub(crate) fn copy_into(&self, dst: &Store) -> Result<(u64, u64)> {
-        let pairs = [
-            (&self.records, &dst.records),
-            (&self.data_keys, &dst.data_keys),
-            (&self.index, &dst.index),
-            (&self.meta, &dst.meta),
-            (&self.lineage, &dst.lineage),
-            (&self.features, &dst.features),
-            (&self.feature_blocks, &dst.feature_blocks),
-            (&self.idempotency, &dst.idempotency),
-            (&self.contracts, &dst.contracts),
-            (&self.contract_runtime, &dst.contract_runtime),
-        ];
         let mut pads = 0;
         for slot in 0..self.slots.len() {
             if let Some(p) = self.slots.read(slot)? {
@@ -487,13 +472,21 @@ impl Store {
             }
         }
         let mut writes = 0;
-        for (from, to) in pairs {
+        // Every tree the database has, not a list: a tree added later is
+        // copied too.
+        for name in self.db.tree_names() {
+            let from = self.db.open_tree(&name)?;
+            if from.is_empty() {
+                continue;
+            }
+            let meta = name.as_ref() == b"meta";
+            let to = dst.db.open_tree(&name)?;
             for item in from.iter() {
                 let (k, v) = item?;
-                if std::ptr::eq(from, &self.meta) && k.as_ref() == WAL_APPLIED_KEY {
+                if meta && VIEW_ONLY_META_KEYS.contains(&k.as_ref()) {
                     continue;
                 }
-                dst.writer.insert(to, &k, &v)?;
+                dst.writer.insert(&to, &k, &v)?;
                 writes += 1;
             }
         }
