@@ -124,8 +124,9 @@ impl Engine {
             return Err(VaultError::config(
                 &shown,
                 format!(
-                    "the pads were missing (no file, or an empty table), but {} customers' data keys reference pads in it: a lost pad file \
-                     is not an erasure; nothing was changed: restore the pads (shred.slots, or the pads table) from the backup taken with this database",
+                    "the {} was missing, but {} customers' data keys reference pads in it: lost pads are \
+                     not an erasure; nothing was changed: restore the pads (shred.slots, or the pads table) from the backup taken with this database",
+                    if self.store.slots.in_database() { "table's every row" } else { "file" },
                     scan.keys
                 ),
             ));
