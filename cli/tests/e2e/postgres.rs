@@ -131,6 +131,32 @@ async fn checkpoint(url: &str, env: &Env) -> sovra_ledger::SignedCheckpoint {
     sovra_ledger::verify_checkpoint(cp.note.as_bytes(), &cp.verifier_key).unwrap()
 }
 
+/// The server's log extends `before` (a checkpoint a client saw): its
+/// checkpoint is at least as large and a consistency proof verifies.
+async fn assert_extends(url: &str, env: &Env, before: &sovra_ledger::SignedCheckpoint) {
+    let after = checkpoint(url, env).await;
+    assert!(after.size >= before.size);
+    let mut l = sovra_vault::client::connect_ledger(url, Some(&env.officer), None)
+        .await
+        .unwrap();
+    let p = l
+        .get_consistency_proof(lpb::GetConsistencyProofRequest {
+            from_size: before.size,
+            to_size: after.size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    sovra_ledger::verify_consistency(
+        before.size,
+        after.size,
+        &p.hashes,
+        &before.root,
+        &after.root,
+    )
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_servers_database_altered_is_refused_naming_what() {
     if no_postgres() {
@@ -246,27 +272,7 @@ async fn the_views_are_caches_rebuilt_from_the_database() {
         );
     }
     // The rebuilt ledger extends what a client saw before: no fork.
-    let after = checkpoint(&srv.url, &env).await;
-    assert!(after.size >= before.size);
-    let mut l = sovra_vault::client::connect_ledger(&srv.url, Some(&env.officer), None)
-        .await
-        .unwrap();
-    let p = l
-        .get_consistency_proof(lpb::GetConsistencyProofRequest {
-            from_size: before.size,
-            to_size: after.size,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    sovra_ledger::verify_consistency(
-        before.size,
-        after.size,
-        &p.hashes,
-        &before.root,
-        &after.root,
-    )
-    .unwrap();
+    assert_extends(&srv.url, &env, &before).await;
     let entries = ledger_entries(&srv.url, &env.officer).await;
     let idx: Vec<u64> = entries.iter().map(|(i, _)| *i).collect();
     assert_eq!(idx, (0..idx.len() as u64).collect::<Vec<_>>(), "no gap");
@@ -744,26 +750,7 @@ async fn migrate_a_data_directory_into_postgres_and_back() {
         tonic::Code::NotFound,
         "erased stays erased: {e:?}"
     );
-    let after = checkpoint(&srv.url, &b).await;
-    let mut l = sovra_vault::client::connect_ledger(&srv.url, Some(&b.officer), None)
-        .await
-        .unwrap();
-    let p = l
-        .get_consistency_proof(lpb::GetConsistencyProofRequest {
-            from_size: before.size,
-            to_size: after.size,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    sovra_ledger::verify_consistency(
-        before.size,
-        after.size,
-        &p.hashes,
-        &before.root,
-        &after.root,
-    )
-    .unwrap();
+    assert_extends(&srv.url, &b, &before).await;
     srv.stop().await;
 
     // A destination that already holds a vault is refused.
@@ -802,4 +789,30 @@ async fn migrate_a_data_directory_into_postgres_and_back() {
         !o.status.success() && err.contains("different root keys"),
         "{err}"
     );
+}
+
+/// `sovra migrate` with a configuration that is not there, or a sample out
+/// of range: a clear error, nothing opened.
+#[test]
+fn migrate_refuses_bad_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope/config.toml");
+    let o = std::process::Command::new(SOVRA)
+        .args(["migrate", "--from"])
+        .arg(&missing)
+        .arg("--to")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("cannot read configuration"),
+        "{err}"
+    );
+    let o = std::process::Command::new(SOVRA)
+        .args(["migrate", "--sample", "0", "--from", "a", "--to", "b"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && err.contains("--sample"), "{err}");
 }
