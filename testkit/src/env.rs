@@ -145,6 +145,24 @@ pub fn set_listen(env: &Env, port: u16) {
     config::write_config(&cfg, &env.config_path).unwrap();
 }
 
+/// Whether a server at `url` answers an authenticated call (`token`)
+/// within `within`, polled every 50 ms.
+pub async fn serving(url: &str, token: &str, within: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + within;
+    while std::time::Instant::now() < until {
+        if let Ok(mut c) = client::connect(url, Some(token), None).await {
+            if c.describe_schema(sovra_proto::vault::v1::DescribeSchemaRequest {})
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Starts `BIN serve` (the real `sovra` binary: a test of the package that
 /// builds it has its path in `CARGO_BIN_EXE_sovra`) as a process on `port`
 /// and waits until it answers. The caller kills and waits for it.
@@ -160,27 +178,12 @@ pub async fn spawn_server(bin: impl AsRef<OsStr>, env: &Env, port: u16) -> std::
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..600 {
-        if let Ok(mut c) = client::connect(&url, Some(&env.service), None).await {
-            if c.describe_schema(sovra_proto::vault::v1::DescribeSchemaRequest {})
-                .await
-                .is_ok()
-            {
-                return child;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    if serving(&url, &env.service, std::time::Duration::from_secs(30)).await {
+        return child;
     }
     let log = std::fs::read_to_string(env.dir.path().join(format!("serve-{port}.log")))
         .unwrap_or_default();
-    let tail: String = log
-        .lines()
-        .rev()
-        .take(20)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
     panic!("server did not come up in 30 s; the end of its log:\n{tail}");
 }

@@ -372,19 +372,7 @@ async fn the_sequencer_killed_under_load_hands_over_with_no_gap_no_fork_no_lost_
 
     // The standby takes the lease and serves every acknowledged write,
     // read and consent; its log extends the last checkpoint a client saw.
-    let mut up = false;
-    for _ in 0..600 {
-        if let Ok(mut c) = sovra_vault::client::connect(&url_b, Some(&env.service), None).await {
-            if c.describe_schema(pb::DescribeSchemaRequest {})
-                .await
-                .is_ok()
-            {
-                up = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let up = serving(&url_b, &env.service, Duration::from_secs(30)).await;
     assert!(
         up,
         "the standby did not take over: {}",
@@ -660,19 +648,7 @@ async fn sovra_init_on_postgres_then_serve() {
         .spawn()
         .unwrap();
     let server = format!("http://{listen}");
-    let mut up = false;
-    for _ in 0..300 {
-        if let Ok(mut c) = sovra_vault::client::connect(&server, Some(&admin), None).await {
-            if c.describe_schema(pb::DescribeSchemaRequest {})
-                .await
-                .is_ok()
-            {
-                up = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let up = serving(&server, &admin, Duration::from_secs(15)).await;
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
